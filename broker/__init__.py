@@ -1,0 +1,1 @@
+"""BlockLLM broker."""

@@ -1,0 +1,39 @@
+"""Shared pieces of the CLI modules: the error type the entry point turns into one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line `error: ...`, exit code `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def default_zoo_dir() -> Path:
+    """$BLOCKLLM_ZOO, else ~/.cache/blockllm/zoo (environment read only in the CLI layer)."""
+    env = os.environ.get("BLOCKLLM_ZOO")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "blockllm" / "zoo"
+
+
+zoo_option = click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Zoo directory [default: $BLOCKLLM_ZOO or ~/.cache/blockllm/zoo].",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def echo_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))

