@@ -1,0 +1,298 @@
+"""THE wire schema of BlockLLM: every message type, the kind byte, error codes, the version.
+
+A message on the wire is `[kind: 1 byte][header: msgpack array][tensor frames...]`. Each
+message is a frozen dataclass encoded as the msgpack array of its fields in declaration order.
+Fields are only ever appended, each new one with a default, so a shorter array from an older
+peer decodes to the defaults. No pickle anywhere. Tensors are described by `TensorMeta` in the
+header and travel as raw frames (see `frames.py`).
+
+Peers: clients, workers and the planner are DEALERs connected to the broker's one ROUTER.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+# Upper bounds every decoder enforces (a hostile peer cannot make us allocate more).
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSOR_BYTES = 1 << 30
+MAX_FRAMES = 16
+
+
+class Kind(bytes, enum.Enum):
+    """First frame of every message; one byte, dispatched without decoding the header."""
+
+    # worker -> broker
+    READY = b"R"
+    RESULT = b"O"
+    DEAD = b"D"
+    # both ways between broker and worker (ping-pong liveness; carries load facts)
+    HEARTBEAT = b"H"
+    # broker -> worker
+    FORWARD = b"F"
+    RELEASE = b"C"
+    LOAD_STAGE = b"L"
+    UNLOAD_STAGE = b"U"
+    # client -> broker
+    GENERATE = b"G"
+    CANCEL = b"X"
+    STATUS_REQUEST = b"Q"
+    # broker -> client
+    TOKEN = b"T"
+    STATUS = b"S"
+    # anyone -> anyone
+    ERROR = b"E"
+
+
+class ErrorCode(str, enum.Enum):
+    """Typed error codes, end to end (client exceptions carry them)."""
+
+    BAD_REQUEST = "BAD_REQUEST"
+    UNKNOWN_MODEL = "UNKNOWN_MODEL"
+    OVERLOADED = "OVERLOADED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    NO_ROUTE = "NO_ROUTE"
+    WORKER_LOST = "WORKER_LOST"
+    KV_MISS = "KV_MISS"
+    CACHE_FULL = "CACHE_FULL"
+    QUEUE_FULL = "QUEUE_FULL"
+    UNKNOWN_STAGE = "UNKNOWN_STAGE"
+    PROTOCOL_VERSION = "PROTOCOL_VERSION"
+    INTERNAL = "INTERNAL"
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded: unknown kind, bad header, wrong frame count or size."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Describes one tensor frame: dtype name (a torch dtype attribute) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StageRef:
+    """A stage a worker hosts: content key, and which model positions [start, end) it covers."""
+
+    key: str
+    model: str
+    start: int
+    end: int
+    nbytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Worker -> broker after start-up (and after every reconnect): the facts it serves with."""
+
+    KIND: ClassVar[Kind] = Kind.READY
+    protocol_version: int
+    name: str
+    pid: int
+    host: str
+    device: str
+    stages: tuple[StageRef, ...] = ()
+    kv_total_bytes: int = 0
+    kv_free_bytes: int = 0
+    max_batch_size: int = 0
+    free_slots: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Ping-pong liveness. From a worker it carries its load facts; from the broker, nothing."""
+
+    KIND: ClassVar[Kind] = Kind.HEARTBEAT
+    kv_free_bytes: int = 0
+    free_slots: int = 0
+    queue_depths: dict[str, int] = field(default_factory=dict)
+    rss_bytes: int = 0
+    steps: int = 0
+    step_ms_p50: float = 0.0
+    step_ms_p95: float = 0.0
+    mean_batch: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """Worker -> broker: 'I am exiting' (fatal error or shutdown); fail my requests now."""
+
+    KIND: ClassVar[Kind] = Kind.DEAD
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Broker -> worker: run `stage_keys` (in order) for one request's new positions.
+
+    Tensor 0 is the input: int64 token ids [T] when the first stage starts with the embedding,
+    else the hidden states [T, D]. `past_len` positions are already in the worker's KV.
+    """
+
+    KIND: ClassVar[Kind] = Kind.FORWARD
+    request_id: str
+    step: int
+    stage_keys: tuple[str, ...]
+    past_len: int
+    max_total_len: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    tensors: tuple[TensorMeta, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Worker -> broker: the output of one Forward: a hidden-state tensor, or a sampled token."""
+
+    KIND: ClassVar[Kind] = Kind.RESULT
+    request_id: str
+    step: int
+    token_id: int = -1
+    logprob: float = 0.0
+    tensors: tuple[TensorMeta, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Broker -> worker: the request is over (or moved); free its KV in every stage."""
+
+    KIND: ClassVar[Kind] = Kind.RELEASE
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStage:
+    """Broker/planner -> worker: host positions [start, end) of `model` (answered by READY)."""
+
+    KIND: ClassVar[Kind] = Kind.LOAD_STAGE
+    model: str
+    start: int
+    end: int
+    max_batch_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadStage:
+    """Broker/planner -> worker: drain then drop a stage (answered by READY)."""
+
+    KIND: ClassVar[Kind] = Kind.UNLOAD_STAGE
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    """Client -> broker: generate for `prompt` (text) or `input_ids`; tokens stream back."""
+
+    KIND: ClassVar[Kind] = Kind.GENERATE
+    request_id: str
+    model: str
+    prompt: str | None = None
+    input_ids: tuple[int, ...] | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    timeout_s: float = 0.0
+    resume_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Client -> broker: stop this request (its KV is freed)."""
+
+    KIND: ClassVar[Kind] = Kind.CANCEL
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client -> broker: ask for the cluster status."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS_REQUEST
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """Broker -> client: one generated token of a request, with its incremental text."""
+
+    KIND: ClassVar[Kind] = Kind.TOKEN
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Broker -> client: `{"workers": [...], "models": {...}, ...}` as a msgpack map."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS
+    request_id: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A typed failure of one request (or of a peer's message when request_id is empty)."""
+
+    KIND: ClassVar[Kind] = Kind.ERROR
+    request_id: str
+    code: str
+    message: str
+    retryable: bool = False
+    step: int = -1
+
+
+Message = (
+    Ready
+    | Heartbeat
+    | Dead
+    | Forward
+    | Result
+    | Release
+    | LoadStage
+    | UnloadStage
+    | Generate
+    | Cancel
+    | StatusRequest
+    | Token
+    | Status
+    | Error
+)
+
+MESSAGES: dict[Kind, type] = {
+    cls.KIND: cls
+    for cls in (
+        Ready,
+        Heartbeat,
+        Dead,
+        Forward,
+        Result,
+        Release,
+        LoadStage,
+        UnloadStage,
+        Generate,
+        Cancel,
+        StatusRequest,
+        Token,
+        Status,
+        Error,
+    )
+}
+
+# Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
+TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT})
