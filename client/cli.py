@@ -36,6 +36,7 @@ def _register() -> None:
         ("blockllm.client.cli_models", "models"),
         ("blockllm.client.cli_bench", "bench"),
         ("blockllm.client.cli_serve", "commands"),
+        ("blockllm.client.cli_client", "commands"),
     ):
         try:
             mod = importlib.import_module(module)
