@@ -275,3 +275,28 @@ class Zoo:
         from blockllm.zoo.maintenance import collect_garbage
 
         return collect_garbage(self)
+
+    def measure_equivalence(
+        self,
+        *,
+        prompts: int = 8,
+        seq_len: int = 32,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> Any:
+        """Measure and store equivalence of unmeasured block pairs; an EquivResult."""
+        from blockllm.zoo.equiv import measure_all
+
+        return measure_all(self, prompts=prompts, seq_len=seq_len, force=force, progress=progress)
+
+    def equivalences(self) -> list[Any]:
+        """Every stored EquivalenceRecord (see zoo/equiv.py)."""
+        from blockllm.zoo.equiv import EquivalenceStore
+
+        return EquivalenceStore(self).all()
+
+    def equivalence(self, original: str, substitute: str) -> Any:
+        """The EquivalenceRecord for substituting `substitute` for `original`, or None."""
+        from blockllm.zoo.equiv import EquivalenceStore
+
+        return EquivalenceStore(self).get(check_block_id(original), check_block_id(substitute))
