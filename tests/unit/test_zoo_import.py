@@ -1,0 +1,180 @@
+"""Importer: explicit key map and shape checks, shards, dtypes, tying, export, dedup, du."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from blockllm.zoo import CheckpointError, UnsupportedModelError, Zoo
+
+from tests.unit.test_zoo_support import finetune, read_tensors, rewrite_checkpoint
+
+
+def _assert_roundtrip(zoo: Zoo, name: str, src, out) -> None:
+    from transformers import AutoModelForCausalLM
+
+    zoo.export(name, out)
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    model = AutoModelForCausalLM.from_pretrained(out)
+    got = model.state_dict()
+    want = read_tensors(src)
+    for key, t in want.items():
+        assert got[key].dtype == t.dtype, key
+        assert torch.equal(got[key], t), key
+    if model.config.tie_word_embeddings:
+        assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_export_roundtrip(tmp_path, tiny_checkpoint, family):
+    from transformers import AutoTokenizer
+
+    src = tiny_checkpoint(family)
+    zoo = Zoo(tmp_path / "zoo")
+    zoo.import_checkpoint(src, "m")
+    _assert_roundtrip(zoo, "m", src, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("a test").input_ids == AutoTokenizer.from_pretrained(src)("a test").input_ids
+    if family == "qwen2":  # tied + q/k/v bias
+        assert "lm_head.weight" not in zoo.load_block(zoo.manifest("m").chain[-1])
+        assert "self_attn.q_proj.bias" in zoo.load_block(zoo.manifest("m").chain[1])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_dtypes_preserved(tmp_path, tiny_checkpoint, dtype):
+    src = tiny_checkpoint("llama", dtype=dtype)
+    zoo = Zoo(tmp_path / "zoo")
+    m = zoo.import_checkpoint(src, "m")
+    assert m.dtype == dtype
+    assert all(t.dtype == getattr(torch, dtype) for t in zoo.load_block(m.chain[1]).values())
+    _assert_roundtrip(zoo, "m", src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_sharded_checkpoint(tmp_path, tiny_checkpoint, with_index):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoint("llama")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    if not with_index:
+        (sharded / "model.safetensors.index.json").unlink()
+    zoo = Zoo(tmp_path / "zoo")
+    a = zoo.import_checkpoint(src, "single")
+    b = zoo.import_checkpoint(sharded, "sharded")
+    assert a.chain == b.chain
+    assert len(b.source["files"]) > 2
+
+
+def test_finetune_dedups_untouched_layers_and_du(tmp_path, tiny_checkpoint):
+    src = tiny_checkpoint("llama", layers=6)
+    ft = finetune(src, tmp_path / "ft", {2: 1e-2, 3: 1e-2})
+    zoo = Zoo(tmp_path / "zoo")
+    base = zoo.import_checkpoint(src, "base")
+    tuned = zoo.import_checkpoint(ft, "ft")
+    same = [p for p in range(8) if base.chain[p] == tuned.chain[p]]
+    assert same == [0, 1, 2, 5, 6, 7]  # positions 3, 4 are layers 2, 3
+    usage = zoo.du()
+    sizes = {p.stem: p.stat().st_size for p in zoo.iter_block_files()}
+    layer_bytes = sizes[tuned.chain[3]] + sizes[tuned.chain[4]]
+    base_bytes = sum(sizes[b] for b in base.chain)
+    assert usage["logical_bytes"] == 2 * base_bytes
+    assert usage["blocks"] == 10 and usage["shared_blocks"] == 6
+    assert usage["models"]["ft"]["unique_bytes"] == layer_bytes
+    assert usage["models"]["base"]["logical_bytes"] == base_bytes
+    unique_total = base_bytes + layer_bytes
+    assert abs(usage["physical_bytes"] - unique_total) <= 0.05 * unique_total
+    assert usage["physical_bytes"] < 0.7 * usage["logical_bytes"]
+
+
+def test_unsupported_architecture_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    zoo = Zoo(tmp_path / "zoo")
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2' is not supported"):
+        zoo.import_checkpoint(tmp_path / "gpt2", "g")
+
+
+def _edited(tmp_path, tiny_checkpoint, edit) -> tuple[Zoo, object]:
+    src = tiny_checkpoint("llama")
+    tensors = read_tensors(src)
+    edit(tensors)
+    return Zoo(tmp_path / "zoo"), rewrite_checkpoint(src, tmp_path / "bad", tensors)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            "missing tensor model.layers.1.mlp.up_proj.weight",
+        ),
+        (lambda t: t.pop("lm_head.weight"), "missing tensor lm_head.weight"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}),
+            r"model.layers.0.self_attn.k_proj.weight has shape \[64, 64\], config implies \[32, 64\]",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}),
+            "unexpected tensor model.layers.0.extra.weight",
+        ),
+        (
+            lambda t: t.update({"model.layers.9.input_layernorm.weight": torch.zeros(64)}),
+            "unexpected tensor model.layers.9.input_layernorm.weight",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.float16)}),
+            "mixed dtypes",
+        ),
+    ],
+)
+def test_bad_tensors_are_named_and_nothing_is_written(tmp_path, tiny_checkpoint, edit, match):
+    zoo, bad = _edited(tmp_path, tiny_checkpoint, edit)
+    with pytest.raises(CheckpointError, match=match):
+        zoo.import_checkpoint(bad, "m")
+    assert list(zoo.iter_block_files()) == [] and zoo.list_models() == []
+
+
+def test_missing_folder_and_config(tmp_path, tiny_checkpoint):
+    zoo = Zoo(tmp_path / "zoo")
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        zoo.import_checkpoint(tmp_path / "nowhere", "m")
+    src = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "noconfig")
+    (src / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json not found"):
+        zoo.import_checkpoint(src, "m")
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="intermediate_size"):
+        zoo.import_checkpoint(src, "m")
+
+
+def test_tied_checkpoint_that_stores_lm_head(tmp_path, tiny_checkpoint):
+    src = tiny_checkpoint("qwen2")
+    tensors = read_tensors(src)
+    embed = tensors["model.embed_tokens.weight"]
+    zoo = Zoo(tmp_path / "zoo")
+    ref = zoo.import_checkpoint(src, "ref")
+    dup = rewrite_checkpoint(src, tmp_path / "dup", {**tensors, "lm_head.weight": embed.clone()})
+    assert zoo.import_checkpoint(dup, "dup").chain == ref.chain  # stored once, same blocks
+    differs = {**tensors, "lm_head.weight": embed + 1}
+    bad = rewrite_checkpoint(src, tmp_path / "differs", differs)
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight differs"):
+        zoo.import_checkpoint(bad, "bad")
+
+
+def test_checkpoint_without_tokenizer_or_generation(tmp_path, tiny_checkpoint):
+    src = tiny_checkpoint("mistral")
+    bare = rewrite_checkpoint(src, tmp_path / "bare", read_tensors(src))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (bare / name).unlink()
+    zoo = Zoo(tmp_path / "zoo")
+    m = zoo.import_checkpoint(bare, "bare")
+    assert m.tokenizer is None and m.generation == {}
+    assert zoo.tokenizer_dir("bare") is None
