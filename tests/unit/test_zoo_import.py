@@ -119,7 +119,7 @@ def _edited(tmp_path, tiny_checkpoint, edit) -> tuple[Zoo, object]:
         (lambda t: t.pop("lm_head.weight"), "missing tensor lm_head.weight"),
         (
             lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}),
-            r"model.layers.0.self_attn.k_proj.weight has shape \[64, 64\], config implies \[32, 64\]",
+            r"k_proj.weight has shape \[64, 64\], config implies \[32, 64\]",
         ),
         (
             lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}),
