@@ -68,6 +68,8 @@ class Zoo:
             raise ZooError(f"zoo path {self.root} exists and is not a directory")
         for sub in ("blocks", "models", "tokenizers", "equivalence", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for lock in ("collect.lock", "manifests.lock"):
+            (self.root / "locks" / lock).touch(exist_ok=True)
 
     def __repr__(self) -> str:
         return f"Zoo({str(self.root)!r})"
