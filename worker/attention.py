@@ -1,0 +1,227 @@
+"""Ragged batched attention over the paged KV pool, plugged into HF decoder layers.
+
+A stage runs all new tokens of a step flattened as ONE sequence `[1, N, D]` through each HF
+decoder layer, so projections and MLPs see no padding. Two hooks make the HF layer paged and
+ragged without subclassing it:
+- `PagedCacheView` is passed as `past_key_values`: the layer calls its `update(k, v,
+  layer_idx)`, which writes the new keys/values into the request's pages.
+- `paged_attention` is registered with transformers' AttentionInterface as "blockllm" (the
+  config of our layers says `_attn_implementation = "blockllm"`); it receives q and the step's
+  `StepBatch` through the layer's **kwargs and computes each request's attention against its
+  own keys only: all single-token rows in one padded sdpa call, each prefill on its own.
+All index tensors and masks are built once per stage step (`StepBatch`), not per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from blockllm.worker.kv_cache import KVPool
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "blockllm"
+STEP_KWARG = "blockllm_step"
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Q, K] bool: causal (key at or before the query), within `window` if one is set.
+
+    HF's sliding window: query q sees key k iff q - window < k <= q.
+    """
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One multi-token item in the flattened batch: rows [offset, offset + n) of N."""
+
+    offset: int
+    n: int
+    past: int
+    gather: torch.Tensor | None  # [L, pages] page ids when past > 0 (keys come from the pool)
+    page_size: int
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """[1, 1, n, S] bool (True = attend), or None when plain causal attention is exact."""
+        if window is not None and window >= self.past + self.n:
+            window = None  # the window covers the whole sequence: no effect
+        if window is None and self.gather is None:
+            return None
+        if window not in self._masks:
+            s = self.n if self.gather is None else self.gather.shape[1] * self.page_size
+            q_pos = torch.arange(self.past, self.past + self.n, device=device)  # [n]
+            k_pos = torch.arange(s, device=device)  # [S]
+            # keys at positions >= past + n are unwritten page slots: causality hides them
+            self._masks[window] = _visible(q_pos, k_pos, window)[None, None]  # [1, 1, n, S]
+        return self._masks[window]
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """Per-step metadata of one stage, shared by all of its layers."""
+
+    pool: KVPool
+    layer0: int  # HF layer index of the stage's first layer
+    write_idx: torch.Tensor  # [L, N] flat pool slot (page * page_size + offset) per new token
+    n_decode: int  # rows [0, n_decode) are single-token items
+    dec_gather: torch.Tensor | None  # [L, n_decode * Pmax] page ids (padded)
+    dec_lens: torch.Tensor | None  # [n_decode] keys per decode row (past + 1)
+    prefills: list[PrefillSpan]
+    positions: torch.Tensor  # [N] absolute position of each new token
+    _dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def dec_mask(self, window: int | None) -> torch.Tensor:
+        """[n_decode, 1, 1, S] bool: key j is visible to row b (built once per window size)."""
+        mask = self._dec_masks.get(window)
+        if mask is None:
+            assert self.dec_gather is not None and self.dec_lens is not None
+            s = self.dec_gather.shape[1] // self.n_decode * self.pool.page_size
+            keys = torch.arange(s, device=self.dec_lens.device)  # [S]
+            mask = keys[None, :] < self.dec_lens[:, None]  # [B, S]
+            if window is not None:  # the query of row b sits at position dec_lens[b] - 1
+                mask &= keys[None, :] > (self.dec_lens[:, None] - 1 - window)
+            mask = mask[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
+            self._dec_masks[window] = mask
+        return mask
+
+
+class PagedCacheView:
+    """The `past_key_values` our HF layers see: `update` writes new K/V into the pool."""
+
+    def __init__(self, batch: StepBatch) -> None:
+        self.batch = batch
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch
+        slots = b.write_idx[layer_idx - b.layer0]  # [N]
+        pool = b.pool
+        # k: [1, Hkv, N, Dh] -> [N, Hkv, Dh]; pool: [pages, page, Hkv, Dh] -> [slots, Hkv, Dh]
+        hkv, dh = key_states.shape[1], key_states.shape[3]
+        pool.k.view(-1, hkv, dh).index_copy_(0, slots, key_states[0].transpose(0, 1))
+        pool.v.view(-1, hkv, dh).index_copy_(0, slots, value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+
+def _gather(pool: torch.Tensor, pages: torch.Tensor, rows: int) -> torch.Tensor:
+    """Keys/values of `rows` requests from their pages: [rows, Hkv, S, Dh] (one copy)."""
+    got = pool.index_select(0, pages)  # [rows * P, page, Hkv, Dh]
+    # [rows * P, page, Hkv, Dh] -> [rows, P * page, Hkv, Dh] -> [rows, Hkv, S, Dh] (a view)
+    return got.view(rows, -1, got.shape[2], got.shape[3]).transpose(1, 2)
+
+
+def _decode(module, q: torch.Tensor, b: StepBatch, local: int, window, scaling) -> torch.Tensor:
+    """All single-token rows in one sdpa call: returns [n_decode, H, Dh]."""
+    nd, n_rep = b.n_decode, module.num_key_value_groups
+    assert b.dec_gather is not None
+    pages = b.dec_gather[local]  # [nd * Pmax]
+    k = _gather(b.pool.k, pages, nd)  # [nd, Hkv, S, Dh]
+    v = _gather(b.pool.v, pages, nd)
+    # q: [1, H, N, Dh] -> [H, nd, Dh] -> [nd, H, Dh] -> [nd, Hkv, n_rep, Dh] (GQA as rows,
+    # as HF's pack_gqa: the n_rep query heads of a KV head attend as n_rep query rows)
+    qd = q[0, :, :nd].transpose(0, 1).reshape(nd, k.shape[1], n_rep, q.shape[-1])
+    out = F.scaled_dot_product_attention(qd, k, v, attn_mask=b.dec_mask(window), scale=scaling)
+    return out.reshape(nd, -1, q.shape[-1])  # [nd, Hkv, n_rep, Dh] -> [nd, H, Dh]
+
+
+def _prefill(q, k_new, v_new, b: StepBatch, span: PrefillSpan, local: int, window, scaling):
+    """One multi-token item: returns [1, H, n, Dh]."""
+    o, n = span.offset, span.n
+    qs = q[:, :, o : o + n]  # [1, H, n, Dh]
+    if span.gather is None:
+        k = k_new[:, :, o : o + n]  # [1, Hkv, n, Dh]: the item's keys are all new
+        v = v_new[:, :, o : o + n]
+    else:
+        k = _gather(b.pool.k, span.gather[local], 1)  # [1, Hkv, S, Dh]
+        v = _gather(b.pool.v, span.gather[local], 1)
+    mask = span.mask(window, q.device)
+    return F.scaled_dot_product_attention(
+        qs, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+    )
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The "blockllm" attention: q [1, H, N, Dh] -> out [1, N, H, Dh] (HF's convention)."""
+    b: StepBatch = kwargs[STEP_KWARG]
+    local = module.layer_idx - b.layer0
+    if b.n_decode == query.shape[2]:  # decode-only step: no output buffer to assemble
+        out = _decode(module, query, b, local, sliding_window, scaling)
+        return out[None], None  # [nd, H, Dh] -> [1, N, H, Dh]
+    if b.n_decode == 0 and len(b.prefills) == 1:
+        out = _prefill(query, key, value, b, b.prefills[0], local, sliding_window, scaling)
+        return out.transpose(1, 2), None  # [1, H, N, Dh] -> [1, N, H, Dh]
+    n, h, dh = query.shape[2], query.shape[1], query.shape[3]
+    out = query.new_empty(1, n, h, dh)  # [1, N, H, Dh]
+    if b.n_decode:
+        out[0, : b.n_decode] = _decode(module, query, b, local, sliding_window, scaling)
+    for span in b.prefills:
+        res = _prefill(query, key, value, b, span, local, sliding_window, scaling)  # [1, H, n, Dh]
+        out[:, span.offset : span.offset + span.n] = res.transpose(1, 2)
+    return out, None
+
+
+def plan_step(
+    pool: KVPool, layer0: int, n_layers: int, items: list[tuple[torch.Tensor, int, int]]
+) -> StepBatch:
+    """Index tensors and masks of one stage step, shared by all its layers.
+
+    `items` are (page table [L, P], past_len, n_new) in batch order: single-token items
+    first. Their new tokens are the rows of the flattened batch in that order.
+    """
+    page = pool.page_size
+    device = pool.k.device
+    positions, writes, prefills = [], [], []
+    dec_pages: list[torch.Tensor] = []
+    dec_lens: list[int] = []
+    offset = 0
+    for pages, past, n in items:
+        pos = torch.arange(past, past + n, device=device)  # [n]
+        positions.append(pos)
+        writes.append(pages[:, pos // page] * page + pos % page)  # [L, n] flat slots
+        used = -(-(past + n) // page)  # pages holding keys 0 .. past + n - 1
+        if n == 1:
+            assert not prefills, "single-token items come first"
+            dec_pages.append(pages[:, :used])
+            dec_lens.append(past + 1)
+        else:
+            gather = pages[:, :used] if past > 0 else None
+            prefills.append(PrefillSpan(offset, n, past, gather, page))
+        offset += n
+    dec_gather = None
+    if dec_pages:
+        p_max = max(t.shape[1] for t in dec_pages)
+        # padding pages point at page 0: read, then masked out by dec_mask
+        table = torch.zeros(n_layers, len(dec_pages), p_max, dtype=torch.int64, device=device)
+        for i, t in enumerate(dec_pages):
+            table[:, i, : t.shape[1]] = t
+        dec_gather = table.view(n_layers, -1)  # [L, nd, Pmax] -> [L, nd * Pmax]
+    return StepBatch(
+        pool=pool,
+        layer0=layer0,
+        write_idx=torch.cat(writes, dim=1),  # [L, N]
+        n_decode=len(dec_lens),
+        dec_gather=dec_gather,
+        dec_lens=torch.tensor(dec_lens, device=device) if dec_lens else None,
+        prefills=prefills,
+        positions=torch.cat(positions),  # [N]
+    )
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

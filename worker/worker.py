@@ -1,0 +1,396 @@
+"""Worker: stages loaded from the zoo + the KV shard + a batch queue per stage; no sockets.
+
+`step()` drains ready work: for each stage with work, in chain order (by start position), ONE
+batched forward runs all items now at that stage, prefills and single-token decodes of
+different requests (and tenants) together; each item then moves on to the next stage of its
+list within the same step, and items at the end of their list become WorkResults. The
+process wrapper (worker/proc.py) owns the sockets and calls this from its compute thread;
+nothing here is thread-safe. See docs/internals.md, "Engine API".
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from blockllm.worker.attention import plan_step
+from blockllm.worker.batch_queue import BatchQueue
+from blockllm.worker.blocks import BlockCache, Family, StageModel, resolve_family
+from blockllm.worker.errors import (
+    BadRequest,
+    ErrorCode,
+    KVMiss,
+    QueueFull,
+    UnknownStage,
+    WorkerError,
+)
+from blockllm.worker.items import (
+    SamplingParams,
+    StageInfo,
+    WorkerConfig,
+    WorkItem,
+    WorkResult,
+    check_span,
+    stage_key,
+)
+from blockllm.worker.kv_cache import KVCacheManager, KVStats
+from blockllm.worker.sampling import GREEDY, sample
+
+__all__ = [
+    "ErrorCode",
+    "QueueFull",
+    "SamplingParams",
+    "StageInfo",
+    "WorkItem",
+    "WorkResult",
+    "Worker",
+    "WorkerConfig",
+    "WorkerStats",
+    "stage_key",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """A snapshot of the engine's load. Before the KV pool exists, its bytes are the budget."""
+
+    kv_total_bytes: int
+    kv_free_bytes: int
+    kv_used_bytes: int
+    free_slots: int  # free places in all stage queues together
+    queue_depths: dict[str, int]  # stage key -> items queued
+    weight_bytes: int  # distinct block bytes held in memory
+    steps: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A submitted item on its way through its stages within one step."""
+
+    item: WorkItem
+    x: torch.Tensor  # tokens [T] or hidden [T, D] on the worker's device
+    n: int  # T
+    at: int = 0  # index into item.stage_keys of the stage it is at
+    sampling: SamplingParams = GREEDY
+
+
+@dataclass(slots=True)
+class _Stage:
+    info: StageInfo
+    model: StageModel
+    queue: BatchQueue[_Entry]
+    blocks: list[str]  # block ids acquired (released on unload)
+
+
+class Worker:
+    """Hosts stages and runs them batched. Compute-thread only (see module docstring)."""
+
+    def __init__(self, zoo: Any, config: WorkerConfig | None = None) -> None:
+        self.zoo = zoo
+        self.config = config or WorkerConfig()
+        self.device = torch.device(self.config.device)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        self.kv = KVCacheManager(self.config.kv_budget_bytes, self.config.page_size)
+        self.blocks = BlockCache(self._load_block)
+        self._stages: dict[str, _Stage] = {}
+        self._families: dict[str, Family] = {}
+        self._deferred: list[WorkResult] = []  # results produced outside step()
+        self._step_no = 0
+
+    # -- stages --------------------------------------------------------------------------
+    def _load_block(self, block_id: str) -> dict[str, torch.Tensor]:
+        return self.zoo.load_block(block_id, device=self.device, verify=self.config.verify_blocks)
+
+    def load_stage(self, model: str, start: int, end: int) -> StageInfo:
+        """Load chain positions [start, end) of `model`; a stage already loaded under the same
+        content key is reused (its `models` gains `model`). Raises BadRequest, ZooError."""
+        m = self.zoo.manifest(model)
+        check_span(len(m.chain), start, end)
+        key = stage_key(m, start, end)
+        if key in self._stages:
+            st = self._stages[key]
+            if model not in st.info.models:
+                st.info = replace(st.info, models=(*st.info.models, model))
+            return st.info
+        family = self._family(m)
+        acquired: list[str] = []
+        try:
+            blocks = {}
+            for pos in range(start, end):
+                blocks[pos] = self.blocks.acquire(m.chain[pos])
+                acquired.append(m.chain[pos])
+            tied = None
+            if end == len(m.chain) and m.tie_word_embeddings:
+                tied = self.blocks.acquire(m.chain[0])
+                acquired.append(m.chain[0])
+            stage_model = StageModel(family, start, end, blocks, tied, self.device)
+            if stage_model.layers:
+                self.kv.ensure_pool(family.kv_geometry(stage_model.dtype, self.device))
+        except BaseException:
+            for bid in acquired:
+                self.blocks.release(bid)
+            raise
+        info = StageInfo(
+            key=key,
+            model=model,
+            start=start,
+            end=end,
+            nbytes=sum(self.blocks.nbytes(b) for b in set(acquired)),
+            dtype=str(stage_model.dtype).removeprefix("torch."),
+            device=str(self.device),
+            num_layers=len(stage_model.layers),
+            chain_len=len(m.chain),
+            block_ids=tuple(m.chain[start:end]),
+            models=(model,),
+        )
+        c = self.config
+        queue: BatchQueue[_Entry] = BatchQueue(
+            c.queue_capacity, c.max_batch_size, c.max_batch_tokens
+        )
+        self._stages[key] = _Stage(info, stage_model, queue, acquired)
+        logger.info("[stage] loaded %s [%d, %d) as %s", model, start, end, key[:12])
+        return info
+
+    def _family(self, m: Any) -> Family:
+        fp = m.fingerprint  # manifests from the importer carry one
+        if not fp:
+            from blockllm.zoo.families import fingerprint
+
+            fp = fingerprint(m.config)
+        if fp not in self._families:
+            self._families[fp] = resolve_family(m.model_type, m.config)
+        return self._families[fp]
+
+    def unload_stage(self, key: str) -> None:
+        """Drop a stage: its queued items fail UNKNOWN_STAGE (next step), its KV and weights
+        (unless another stage shares them) are freed. Raises UnknownStage."""
+        st = self._stage(key)
+        for e in st.queue.remove_if(lambda e: True):
+            self._deferred.append(_error(e.item, UnknownStage(f"stage {key} was unloaded")))
+        del self._stages[key]
+        self.kv.free_stage(key)
+        for bid in st.blocks:
+            self.blocks.release(bid)
+        logger.info("[stage] unloaded %s", key[:12])
+
+    def stages(self) -> list[StageInfo]:
+        return [st.info for st in self._stages.values()]
+
+    def _stage(self, key: str) -> _Stage:
+        st = self._stages.get(key)
+        if st is None:
+            raise UnknownStage(f"stage {key!r} is not loaded on this worker")
+        return st
+
+    # -- requests ------------------------------------------------------------------------
+    def submit(self, item: WorkItem) -> None:
+        """Validate and enqueue into the first stage's bounded queue.
+
+        Raises UnknownStage, BadRequest (shapes, ids, lengths, stage order) or QueueFull.
+        """
+        stages = self._check_route(item)
+        first, last = stages[0], stages[-1]
+        x = self._check_input(item, first)
+        n = x.shape[0]
+        total = item.max_total_len or item.past_len + n
+        if isinstance(item.past_len, bool) or not isinstance(item.past_len, int):
+            raise BadRequest(f"past_len must be an integer, got {item.past_len!r}")
+        if item.past_len < 0 or total < item.past_len + n:
+            raise BadRequest(
+                f"past_len {item.past_len} + {n} new tokens exceeds max_total_len {total}"
+            )
+        sampling = GREEDY
+        if last.info.has_head:
+            sampling = (item.sampling or GREEDY).validate()
+        if any(
+            item.request_id in {e.item.request_id for e in s.queue.entries()}
+            for s in self._stages.values()
+        ):
+            raise BadRequest(f"request {item.request_id!r} already has an item queued")
+        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling)
+        first.queue.push(entry, n)
+
+    def _check_route(self, item: WorkItem) -> list[_Stage]:
+        if not item.stage_keys:
+            raise BadRequest("a work item needs at least one stage key")
+        stages = [self._stage(k) for k in item.stage_keys]
+        for a, b in itertools.pairwise(stages):
+            if a.info.end != b.info.start or a.model.family is not b.model.family:
+                raise BadRequest(
+                    f"stages {a.info.key[:12]} [{a.info.start}, {a.info.end}) and "
+                    f"{b.info.key[:12]} [{b.info.start}, {b.info.end}) are not consecutive"
+                )
+        return stages
+
+    def _check_input(self, item: WorkItem, first: _Stage) -> torch.Tensor:
+        cfg = first.model.family.config
+        if first.info.has_embed:
+            t = item.tokens
+            if t is None or item.hidden is not None:
+                raise BadRequest("the first stage embeds: send token ids, not hidden states")
+            if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.int64, torch.int32):
+                raise BadRequest(f"tokens must be int64 [T] with T >= 1, got {t.dtype} {t.shape}")
+            if int(t.min()) < 0 or int(t.max()) >= cfg.vocab_size:
+                raise BadRequest(f"token ids must be in [0, {cfg.vocab_size})")
+            return t.to(self.device, torch.int64)
+        h = item.hidden
+        if h is None or item.tokens is not None:
+            raise BadRequest("the first stage does not embed: send hidden states, not tokens")
+        if h.dim() != 2 or h.shape[0] == 0 or h.shape[1] != cfg.hidden_size:
+            raise BadRequest(f"hidden must be [T, {cfg.hidden_size}], got {tuple(h.shape)}")
+        if not h.is_floating_point():
+            raise BadRequest(f"hidden must be floating point, got {h.dtype}")
+        return h.to(self.device, first.model.dtype)
+
+    def release(self, request_id: str) -> None:
+        """Forget a request: free its KV in every stage and drop its queued items."""
+        self.kv.free_request(request_id)
+        for st in self._stages.values():
+            st.queue.remove_if(lambda e: e.item.request_id == request_id)
+
+    def kv_stats(self) -> KVStats:
+        return self.kv.stats()
+
+    def stats(self) -> WorkerStats:
+        """Load facts for READY / heartbeats (cheap; compute thread)."""
+        kv = self.kv.stats()
+        total, free = kv.total_bytes, kv.free_bytes
+        if self.kv.pool is None:  # allocated with the first stage that has layers
+            total = free = self.config.kv_budget_bytes
+        return WorkerStats(
+            kv_total_bytes=total,
+            kv_free_bytes=free,
+            kv_used_bytes=kv.used_bytes,
+            free_slots=sum(st.queue.free_slots for st in self._stages.values()),
+            queue_depths={k: len(st.queue) for k, st in self._stages.items()},
+            weight_bytes=self.blocks.total_bytes,
+            steps=self._step_no,
+        )
+
+    def queued(self) -> int:
+        """Items waiting in all stage queues (plus results produced outside a step)."""
+        return sum(len(st.queue) for st in self._stages.values()) + len(self._deferred)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[WorkResult]:
+        """Run every stage with ready work once, in chain order; return finished items."""
+        self._step_no += 1
+        results, self._deferred = self._deferred, []
+        # requests about to run are never evicted to make room for others
+        protected = {e.item.request_id for st in self._stages.values() for e in st.queue.entries()}
+        arrivals: dict[str, list[_Entry]] = {}
+        ran: set[str] = set()
+        with torch.inference_mode():
+            while (key := self._next_stage(arrivals, ran)) is not None:
+                ran.add(key)
+                st = self._stages[key]
+                entries = arrivals.pop(key, [])
+                busy = sum(e.n for e in entries)
+                for e in st.queue.take(len(entries), busy):
+                    try:
+                        self._admit(e, protected)
+                        entries.append(e)
+                    except WorkerError as err:
+                        results.append(_error(e.item, err))
+                if entries:
+                    self._run(st, entries, arrivals, results)
+        assert not arrivals, "an item advanced to a stage that already ran this step"
+        return results
+
+    def _next_stage(self, arrivals: dict[str, list[_Entry]], ran: set[str]) -> str | None:
+        """The not-yet-run stage with work that comes first in chain order."""
+        ready = [
+            k for k, st in self._stages.items() if k not in ran and (arrivals.get(k) or st.queue)
+        ]
+        return min(ready, key=lambda k: (self._stages[k].info.start, k), default=None)
+
+    def _admit(self, e: _Entry, protected: set[str]) -> None:
+        """Check (past_len > 0) or reserve (past_len == 0) KV in every stage of the item's
+        list, all or nothing. Raises KVMiss, CacheFull, BadRequest, UnknownStage."""
+        item = e.item
+        stages = [self._stage(k) for k in item.stage_keys]
+        with_kv = [st for st in stages if st.model.layers]
+        if not with_kv:
+            return
+        if item.past_len > 0:
+            for st in with_kv:
+                seq = self.kv.get(st.info.key, item.request_id)
+                if seq is None or seq.length != item.past_len:
+                    held = "none" if seq is None else f"{seq.length} tokens"
+                    raise KVMiss(
+                        f"stage {st.info.key[:12]} holds no KV of {item.request_id!r} at"
+                        f" {item.past_len} tokens (holds {held}): replay it"
+                    )
+                if item.past_len + e.n > seq.capacity:
+                    raise BadRequest(
+                        f"{item.past_len + e.n} tokens exceed the {seq.capacity} reserved"
+                    )
+            return
+        for st in with_kv:  # a restart drops what the request held before
+            self.kv.free(st.info.key, item.request_id)
+        need = sum(self.kv.pages_for(len(st.model.layers), item.max_total_len) for st in with_kv)
+        self.kv.make_room(need, protected | {item.request_id})
+        for st in with_kv:
+            layers = len(st.model.layers)
+            self.kv.reserve(st.info.key, item.request_id, layers, item.max_total_len, self._step_no)
+
+    def _run(
+        self,
+        st: _Stage,
+        entries: list[_Entry],
+        arrivals: dict[str, list[_Entry]],
+        results: list[WorkResult],
+    ) -> None:
+        """One batched forward of `entries` through stage `st`; route or finish each entry."""
+        entries.sort(key=lambda e: e.n != 1)  # stable: single-token items first
+        h = self._forward(st, entries)
+        if st.info.has_head:
+            # only each request's last position goes through the head
+            last = torch.tensor([e.n for e in entries], device=h.device).cumsum(0) - 1
+            logits = st.model.logits(h[last])  # [B, D] -> [B, V]
+            positions = [e.item.past_len + e.n for e in entries]
+            tokens, logprobs = sample(logits, [e.sampling for e in entries], positions)
+            for e, tok, lp in zip(entries, tokens, logprobs, strict=True):
+                results.append(WorkResult(e.item.request_id, e.item.step, None, tok, lp))
+            return
+        for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
+            e.at += 1
+            if e.at < len(e.item.stage_keys):
+                e.x = out
+                arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
+            else:
+                results.append(WorkResult(e.item.request_id, e.item.step, hidden=out))
+
+    def _forward(self, st: _Stage, entries: list[_Entry]) -> torch.Tensor:
+        """Stage input of all entries flattened -> stage output hidden [N, D]."""
+        model = st.model
+        x = torch.cat([e.x for e in entries]) if len(entries) > 1 else entries[0].x
+        h = model.embed(x) if st.info.has_embed else x  # [N] -> [N, D] | [N, D]
+        if not model.layers:
+            return h
+        seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
+        assert all(s is not None for s in seqs), "admitted items hold KV in every stage"
+        pool = self.kv.pool
+        assert pool is not None
+        plan = plan_step(
+            pool,
+            model.layer0,
+            len(model.layers),
+            [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
+        )
+        h = model.run_layers(h, plan)
+        for s, e in zip(seqs, entries, strict=True):
+            s.length = e.item.past_len + e.n  # type: ignore[union-attr]
+            s.last_used = self._step_no  # type: ignore[union-attr]
+        return h
+
+
+def _error(item: WorkItem, err: WorkerError) -> WorkResult:
+    logger.debug("[item] %s step %d failed %s: %s", item.request_id, item.step, err.code, err)
+    return WorkResult(item.request_id, item.step, error=err.code, message=err.message)
