@@ -1,0 +1,235 @@
+"""Placement and routing, pure functions (no sockets, no clock): which stages each worker loads,
+and which hops a request of a model takes through the stages workers host.
+
+Chain positions follow docs/internals.md: 0 = embed, 1..L = decoder layers, L+1 = head. A
+stage is a run [start, end) of positions; its key is `stage_key(manifest, start, end)`, so a
+stage serves every model whose key over that span is the same (shared blocks, batched across
+tenants).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+Stage = tuple[str, int, int]  # (model name, start, end)
+KeyOf = Callable[[str, int, int], "str | None"]
+
+
+class ManifestLike(Protocol):
+    """What placement reads of a `blockllm.zoo.ModelManifest`."""
+
+    name: str
+    chain: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def block_bytes(self) -> tuple[int, ...]: ...
+
+
+class StageLike(Protocol):
+    """What routing reads of an advertised stage (`protocol.StageRef`)."""
+
+    key: str
+    start: int
+    end: int
+
+
+class Hop(NamedTuple):
+    """One hop of a route: a worker and the stages it runs in one step, in chain order."""
+
+    worker: Hashable
+    stage_keys: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What routing needs to know of a worker: its stages, its load, whether it may be used."""
+
+    stages: Sequence[StageLike]
+    load: float = 0.0
+    available: bool = True
+
+
+# -- static placement --------------------------------------------------------------------------
+
+
+def static_placement(manifests: Sequence[ManifestLike], n_workers: int) -> list[list[Stage]]:
+    """For each of `n_workers` workers, the (model, start, end) stages it should load.
+
+    Models are grouped into families (same fingerprint and chain length); each family's chain
+    positions are split into `n_workers` contiguous spans balanced by the bytes of the distinct
+    blocks at each position (by their count when sizes are unknown). Within a span, a stage
+    boundary falls wherever the grouping of models by block id changes, so a run shared by
+    several models is one stage (listed once, under its first model's name) and each
+    model-specific run is its own stage. Worker i gets span i of every family.
+    """
+    if n_workers < 1:
+        raise ValueError("n_workers must be >= 1")
+    plan: list[list[Stage]] = [[] for _ in range(n_workers)]
+    for family in _families(manifests):
+        weights = [_position_weight(family, p) for p in range(len(family[0].chain))]
+        for worker, (lo, hi) in enumerate(balanced_spans(weights, n_workers)):
+            plan[worker].extend(_stages_in_span(family, lo, hi))
+    return plan
+
+
+def _families(manifests: Sequence[ManifestLike]) -> list[list[ManifestLike]]:
+    groups: dict[tuple[str, int], list[ManifestLike]] = {}
+    for m in sorted(manifests, key=lambda m: m.name):
+        groups.setdefault((m.fingerprint, len(m.chain)), []).append(m)
+    return list(groups.values())
+
+
+def _position_weight(family: Sequence[ManifestLike], p: int) -> float:
+    """Bytes of the distinct blocks at position p (1 per distinct block when sizes unknown)."""
+    sizes: dict[str, float] = {}
+    for m in family:
+        known = m.block_bytes
+        sizes[m.chain[p]] = float(known[p]) if len(known) == len(m.chain) else 1.0
+    return sum(sizes.values())
+
+
+def balanced_spans(weights: Sequence[float], n: int) -> list[tuple[int, int]]:
+    """Split positions 0..len-1 into n contiguous [lo, hi) spans minimising the heaviest span.
+
+    Spans are never empty while there are at least n positions; extra workers get (len, len).
+    """
+    size = len(weights)
+    parts = min(n, size)
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: the smallest max-span weight splitting the first i positions into k spans
+    best = [[inf] * (size + 1) for _ in range(parts + 1)]
+    cut = [[0] * (size + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, size + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds = [size]
+    for k in range(parts, 0, -1):
+        bounds.append(cut[k][bounds[-1]])
+    bounds.reverse()
+    spans = list(itertools.pairwise(bounds))
+    return spans + [(size, size)] * (n - parts)
+
+
+def _block_at(m: ManifestLike, p: int) -> tuple[str, ...]:
+    """What position p computes: its block, and for a tied head also the embedding it reuses."""
+    if p == len(m.chain) - 1 and getattr(m, "tie_word_embeddings", False):
+        return (m.chain[p], m.chain[0])
+    return (m.chain[p],)
+
+
+def _grouping(family: Sequence[ManifestLike], p: int) -> tuple[tuple[str, ...], ...]:
+    """The models of a family grouped by what they compute at position p (canonical order)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m in family:
+        groups.setdefault(_block_at(m, p), []).append(m.name)
+    return tuple(sorted(tuple(g) for g in groups.values()))
+
+
+def _stages_in_span(family: Sequence[ManifestLike], lo: int, hi: int) -> list[Stage]:
+    stages: list[Stage] = []
+    start = lo
+    for p in range(lo, hi + 1):
+        if p == hi or (p > start and _grouping(family, p) != _grouping(family, start)):
+            if p > start:
+                stages.extend((group[0], start, p) for group in _grouping(family, start))
+            start = p
+    return stages
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+def find_route(
+    model: str,
+    chain_len: int,
+    workers_view: Mapping[Hashable, WorkerView],
+    key_of: KeyOf,
+) -> list[Hop] | None:
+    """Hops covering positions 0..chain_len-1 of `model` in order, or None when none exists.
+
+    Only stages whose key equals `key_of(model, start, end)` serve the model. The cost is
+    lexicographic: fewest hops (staying on one worker), then the lowest summed load of the
+    hops' workers, then the fewest stages. Workers with `available=False` are skipped. Ties
+    go to the worker that sorts first, so the answer is deterministic.
+    """
+    if chain_len < 1:
+        return None
+    edges = _usable_stages(model, chain_len, workers_view, key_of)
+    # DAG over (position, last worker): positions only increase, so one pass in order
+    Cost = tuple[int, float, int]
+    best: dict[tuple[int, Any], tuple[Cost, Any, Any]] = {(0, None): ((0, 0.0, 0), None, None)}
+    for pos in range(chain_len):
+        states = [(s, v) for s, v in best.items() if s[0] == pos]
+        for (_, last), ((hops, load, n), _, _) in states:
+            for worker, stage in edges.get(pos, ()):
+                new_hop = worker != last
+                cost = (
+                    hops + new_hop,
+                    load + (workers_view[worker].load if new_hop else 0.0),
+                    n + 1,
+                )
+                state = (stage.end, worker)
+                if state not in best or cost < best[state][0]:
+                    best[state] = (cost, (pos, last), stage)
+    finals = [(v[0], _order(s[1]), s) for s, v in best.items() if s[0] == chain_len]
+    if not finals:
+        return None
+    return _backtrack(best, min(finals, key=lambda f: (f[0], f[1]))[2])
+
+
+def _order(worker: Hashable) -> str:
+    return repr(worker)
+
+
+def _usable_stages(
+    model: str,
+    chain_len: int,
+    workers_view: Mapping[Hashable, WorkerView],
+    key_of: KeyOf,
+) -> dict[int, list[tuple[Hashable, StageLike]]]:
+    """Start position -> [(worker, stage)] of the stages that serve `model`."""
+    keys: dict[tuple[int, int], str | None] = {}
+    edges: dict[int, list[tuple[Hashable, StageLike]]] = {}
+    for worker in sorted(workers_view, key=_order):
+        view = workers_view[worker]
+        if not view.available:
+            continue
+        for stage in view.stages:
+            if not 0 <= stage.start < stage.end <= chain_len:
+                continue
+            span = (stage.start, stage.end)
+            if span not in keys:
+                keys[span] = key_of(model, *span)
+            if keys[span] is not None and keys[span] == stage.key:
+                edges.setdefault(stage.start, []).append((worker, stage))
+    return edges
+
+
+def _backtrack(best: dict, state: tuple[int, Any]) -> list[Hop]:
+    pieces: list[tuple[Hashable, StageLike]] = []
+    while best[state][1] is not None:
+        _, prev, stage = best[state]
+        pieces.append((state[1], stage))
+        state = prev
+    pieces.reverse()
+    hops: list[Hop] = []
+    for worker, stage in pieces:
+        span = (stage.start, stage.end)
+        if hops and hops[-1].worker == worker:
+            last = hops[-1]
+            hops[-1] = Hop(worker, (*last.stage_keys, stage.key), (*last.spans, span))
+        else:
+            hops.append(Hop(worker, (stage.key,), (span,)))
+    return hops
