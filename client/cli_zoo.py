@@ -62,11 +62,10 @@ def import_cmd(path: Path, name: str, force: bool, zoo_dir: Path | None, as_json
     """Import the local HF checkpoint folder PATH as model NAME."""
     z = _open(zoo_dir)
     with _errors():
-        before = z.du()["physical_bytes"]
         m = z.import_checkpoint(
             path, name, _progress(f"[import {name}] block", as_json), force=force
         )
-        added = z.du()["physical_bytes"] - before
+    added = m.source["written_bytes"]  # blocks this import wrote (the rest were deduped)
     info = {
         "name": m.name,
         "model_type": m.model_type,

@@ -149,22 +149,24 @@ def _check_tied_head(ckpt: Checkpoint, embed: torch.Tensor) -> None:
 
 def _write_blocks(
     zoo: Zoo, ckpt: Checkpoint, lay: Layout, progress: Progress | None
-) -> tuple[list[str], list[int]]:
+) -> tuple[list[str], list[int], int]:
     chain: list[str] = []
     sizes: list[int] = []
+    written = 0
     total = len(lay.positions)
     for p, specs in enumerate(lay.positions):
         tensors = {s.rel: ckpt.get(s.hf_key) for s in specs}
         if p == 0 and lay.tie_word_embeddings:
             _check_tied_head(ckpt, tensors["embed_tokens.weight"])
-        bid, nbytes = zoo.put_block(tensors)
+        stored = zoo.put_block(tensors)
         del tensors  # one block in memory at a time
-        chain.append(bid)
-        sizes.append(nbytes)
-        logger.debug("[import] %s -> %s", position_name(p, lay.num_layers), bid[:12])
+        chain.append(stored.id)
+        sizes.append(stored.nbytes)
+        written += stored.nbytes if stored.written else 0
+        logger.debug("[import] %s -> %s", position_name(p, lay.num_layers), stored.id[:12])
         if progress is not None:
             progress(p + 1, total)
-    return chain, sizes
+    return chain, sizes, written
 
 
 def import_checkpoint(
@@ -186,7 +188,7 @@ def import_checkpoint(
             "[import] %s: %s %s, %d blocks", name, lay.model_type, dtype, len(lay.positions)
         )
         with zoo.shared_lock():  # gc may not run until our manifest references the blocks
-            chain, sizes = _write_blocks(zoo, ckpt, lay, progress)
+            chain, sizes, written = _write_blocks(zoo, ckpt, lay, progress)
             m = ModelManifest(
                 name=name,
                 model_type=lay.model_type,
@@ -202,6 +204,7 @@ def import_checkpoint(
                     "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "blockllm_version": blockllm_version(),
                     "block_bytes": sizes,
+                    "written_bytes": written,
                 },
                 fingerprint=fingerprint(config),
             )

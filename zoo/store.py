@@ -22,13 +22,17 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from blockllm.zoo.errors import IntegrityError, UnknownModelError, ZooError
 from blockllm.zoo.fsutil import atomic_install_dir, atomic_write, atomic_write_bytes, flocked
 from blockllm.zoo.hashing import block_id, files_digest
 from blockllm.zoo.manifest import ModelManifest, validate_name
+
+if TYPE_CHECKING:
+    from blockllm.zoo.equiv import EquivalenceRecord, EquivResult
+    from blockllm.zoo.maintenance import GcReport, VerifyReport
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,12 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 Progress = Callable[[int, int], None]
+
+
+class StoredBlock(NamedTuple):
+    id: str
+    nbytes: int  # size of the block file
+    written: bool  # False: it was already present (dedup)
 
 
 class ModelExistsError(ZooError):
@@ -107,8 +117,8 @@ class Zoo:
             if sub.is_dir():
                 yield from sorted(sub.glob("*.safetensors"))
 
-    def put_block(self, tensors: Mapping[str, torch.Tensor]) -> tuple[str, int]:
-        """Store a block unless already present (the dedup); returns (id, file bytes).
+    def put_block(self, tensors: Mapping[str, torch.Tensor]) -> StoredBlock:
+        """Store a block unless already present (the dedup).
 
         The caller holds `shared_lock()` until a manifest references the block.
         """
@@ -116,12 +126,13 @@ class Zoo:
 
         bid = block_id(tensors)
         path = self.block_path(bid)
-        if not path.is_file():
+        written = not path.is_file()
+        if written:
             path.parent.mkdir(exist_ok=True)
             data = {k: v.contiguous() for k, v in tensors.items()}
             atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
             logger.debug("[block] wrote %s (%d bytes)", bid, path.stat().st_size)
-        return bid, path.stat().st_size
+        return StoredBlock(bid, path.stat().st_size, written)
 
     def load_block(
         self, block_id: str, device: str | torch.device = "cpu", verify: bool = True
@@ -266,13 +277,13 @@ class Zoo:
 
         return disk_usage(self)
 
-    def verify(self) -> Any:
+    def verify(self) -> VerifyReport:
         """Re-hash every block and tokenizer; a VerifyReport (see zoo/maintenance.py)."""
         from blockllm.zoo.maintenance import verify
 
         return verify(self)
 
-    def gc(self) -> Any:
+    def gc(self) -> GcReport:
         """Remove unreferenced blocks/tokenizers and stale temp files; a GcReport."""
         from blockllm.zoo.maintenance import collect_garbage
 
@@ -285,19 +296,19 @@ class Zoo:
         seq_len: int = 32,
         force: bool = False,
         progress: Progress | None = None,
-    ) -> Any:
+    ) -> EquivResult:
         """Measure and store equivalence of unmeasured block pairs; an EquivResult."""
         from blockllm.zoo.equiv import measure_all
 
         return measure_all(self, prompts=prompts, seq_len=seq_len, force=force, progress=progress)
 
-    def equivalences(self) -> list[Any]:
+    def equivalences(self) -> list[EquivalenceRecord]:
         """Every stored EquivalenceRecord (see zoo/equiv.py)."""
         from blockllm.zoo.equiv import EquivalenceStore
 
         return EquivalenceStore(self).all()
 
-    def equivalence(self, original: str, substitute: str) -> Any:
+    def equivalence(self, original: str, substitute: str) -> EquivalenceRecord | None:
         """The EquivalenceRecord for substituting `substitute` for `original`, or None."""
         from blockllm.zoo.equiv import EquivalenceStore
 

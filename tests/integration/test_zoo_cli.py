@@ -41,7 +41,9 @@ def test_import_ls_du_verify_export_rm_gc(run, tmp_path, tiny_checkpoint):
     assert "imported base: llama float32, 6 layers" in res.stdout
     assert "[import base] block 8/8" in res.stderr
     res = _ok(run("import", str(ft), "--name", "ft", "--json"))
-    assert res.stderr == "" and json.loads(res.stdout)["layers"] == 6
+    info = json.loads(res.stdout)
+    assert res.stderr == "" and info["layers"] == 6
+    assert 0 < info["added_bytes"] < info["logical_bytes"] / 3  # only the 2 tuned layers
 
     usage = json.loads(_ok(run("du", "--json")).stdout)
     assert {"logical_bytes", "physical_bytes", "blocks", "shared_blocks", "models"} <= set(usage)

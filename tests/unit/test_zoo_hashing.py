@@ -52,12 +52,13 @@ def test_id_depends_on_name_dtype_shape_and_bytes():
 def test_put_block_is_idempotent_and_named_by_id(tmp_path):
     zoo = Zoo(tmp_path)
     b = _block()
-    bid, n = zoo.put_block(b)
+    bid, n, written = zoo.put_block(b)
+    assert written
     assert bid == block_id(b)
     path = zoo.block_path(bid)
     assert path == tmp_path / "blocks" / bid[:2] / f"{bid}.safetensors"
     mtime = path.stat().st_mtime_ns
-    assert zoo.put_block(dict(reversed(list(b.items())))) == (bid, n)
+    assert zoo.put_block(dict(reversed(list(b.items())))) == (bid, n, False)
     assert path.stat().st_mtime_ns == mtime  # present: not rewritten
     got = zoo.load_block(bid)
     assert set(got) == set(b) and all(torch.equal(got[k], b[k]) for k in b)
