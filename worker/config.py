@@ -1,0 +1,78 @@
+"""Configuration of one worker process (`WorkerProc` / `run_worker_process`).
+
+The engine (`worker.worker.WorkerConfig`) configures the compute; this adds what the process
+needs around it: where the broker is, which stages to load at start, liveness timing, and the
+test-only fault hook. The CLI builds one of these from flags; nothing below reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+class FaultMode(str, enum.Enum):
+    """What the test-only fault hook does once `fault_after_steps` steps have run."""
+
+    EXIT = "exit"  # os._exit(FAULT_EXIT_CODE): a crash, no DEAD, no cleanup (like SIGKILL)
+    RAISE = "raise"  # raise InjectedFault in the compute loop: the fatal path (DEAD, exit 1)
+
+
+# Exit codes of a worker process (documented in `blockllm worker --help`).
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_FAULT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """A stage to load at start: chain positions [start, end) of `model`."""
+
+    model: str
+    start: int
+    end: int
+
+    @classmethod
+    def parse(cls, text: str) -> StageSpec:
+        """`model:start-end` (chain positions, end exclusive) -> StageSpec; ValueError if bad."""
+        model, sep, span = text.rpartition(":")
+        lo, dash, hi = span.partition("-")
+        if not sep or not model or not dash or not lo.isdigit() or not hi.isdigit():
+            raise ValueError(f"bad stage {text!r}: expected MODEL:START-END, e.g. base:0-3")
+        start, end = int(lo), int(hi)
+        if end <= start:
+            raise ValueError(f"bad stage {text!r}: END must be greater than START")
+        return cls(model, start, end)
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.start}-{self.end}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerProcConfig:
+    """Everything one worker process needs; frozen, passed down explicitly (and pickled by
+    multiprocessing's spawn to reach the child)."""
+
+    broker: str  # the broker's ROUTER endpoint, e.g. tcp://127.0.0.1:5555
+    zoo_dir: str
+    stages: tuple[StageSpec, ...] = ()
+    device: str = "cpu"
+    kv_budget_bytes: int = 256 * MiB
+    max_batch_size: int = 32
+    max_batch_tokens: int = 4096
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    name: str = ""  # also the DEALER identity; "" -> "<host>-<pid>"
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3  # broker silent for interval * liveness -> reconnect
+    reconnect_max_s: float = 16.0  # cap of the exponential reconnect backoff
+    grace_s: float = 10.0  # on SIGTERM/SIGINT: finish in-flight work for at most this long
+    input_queue_size: int = 1024  # FORWARDs beyond this are refused with QUEUE_FULL
+    dead_linger_ms: int = 2000  # how long close() may take to get DEAD / last results out
+    keys_dir: str | None = None  # CurveZMQ keys (blockllm keys gen); None -> plain TCP
+    # Test-only fault injection (STYLE 7.9): after this many engine steps that did work.
+    fault_after_steps: int | None = None
+    fault_mode: FaultMode = FaultMode.RAISE
+    log_level: str = "WARNING"

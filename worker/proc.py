@@ -1,0 +1,632 @@
+"""WorkerProc: the worker process around the engine — one IO thread, one compute loop.
+
+    broker ROUTER ◄──DEALER── _IOThread ──inbox (SimpleQueue)──► compute loop (main thread)
+                              (socket owner)  ◄──outbox + wake pipe──  Worker.step() results
+
+The IO thread owns the DEALER socket (sockets are used only by the thread that made them): it
+receives and validates messages (`frames.decode`), copies tensors out of the zmq frames, and
+hands them to the compute loop through a queue bounded by `input_queue_size` (a FORWARD beyond
+it is answered QUEUE_FULL at once); it encodes and sends whatever the compute loop queues
+(zero-copy; the queued tensors stay referenced by zmq until sent). It keeps the broker
+liveness: a HEARTBEAT with load facts every interval, and a broker silent for
+`interval * liveness` makes it reconnect with capped exponential backoff, after which the
+compute loop drops all KV and sends READY again (the broker replays those requests).
+
+The main thread runs the engine (`Worker`): it drains the inbox (blocking when idle: no busy
+spin), submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages.
+
+Lifecycle (STYLE 7.8): SIGTERM/SIGINT only set a flag and wake the loop; the loop stops taking
+new work, finishes in-flight items for up to `grace_s`, sends DEAD("shutdown") and exits 0. A
+fatal error is logged with its traceback, DEAD(reason) is sent with linger so it leaves, and
+the process exits 1. The test-only `fault_after_steps` hook exits 3 (crash) or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+import zmq
+from blockllm.broker import frames
+from blockllm.broker.protocol import (
+    PROTOCOL_VERSION,
+    Dead,
+    Error,
+    ErrorCode,
+    Forward,
+    Heartbeat,
+    Kind,
+    LoadStage,
+    Message,
+    ProtocolError,
+    Ready,
+    Release,
+    Result,
+    StageRef,
+    UnloadStage,
+)
+from blockllm.broker.sockets import make_socket
+from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
+from blockllm.worker.errors import WorkerError
+from blockllm.worker.items import SamplingParams, WorkItem
+
+logger = logging.getLogger(__name__)
+
+# Engine error codes a broker answers by replaying/rerouting (the request itself is fine).
+RETRYABLE = frozenset(
+    {ErrorCode.KV_MISS, ErrorCode.CACHE_FULL, ErrorCode.QUEUE_FULL, ErrorCode.WORKER_LOST}
+)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook (`fault_after_steps`, mode RAISE)."""
+
+
+class IOThreadFailed(RuntimeError):
+    """The IO thread died; the worker cannot talk to the broker any more."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reset:
+    """Inbox marker from the IO thread: reconnected, drop all KV and send READY again."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    """Inbox marker: wake the compute loop (shutdown requested)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """Inbox marker: the IO thread died with `error`."""
+
+    error: BaseException
+
+
+Inbound = tuple[Message, list[torch.Tensor]] | _Reset | _Wake | _Failed
+Outbound = tuple[Message, tuple[torch.Tensor, ...]]
+
+
+class _IOThread(threading.Thread):
+    """Owns the DEALER to the broker. `send` and `stop` may be called from any thread."""
+
+    def __init__(
+        self,
+        cfg: WorkerProcConfig,
+        identity: bytes,
+        inbox: queue.SimpleQueue[Inbound],
+        facts: Callable[[], Heartbeat],
+    ) -> None:
+        super().__init__(name="worker-io", daemon=True)
+        self.cfg = cfg
+        self.identity = identity
+        self.inbox = inbox
+        self.facts = facts
+        self.outbox: queue.SimpleQueue[Outbound] = queue.SimpleQueue()
+        self.bad_messages = 0
+        self.reconnects = 0
+        self.dropped = 0
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._curve = None
+        if cfg.keys_dir:  # fail at start-up, not at the first reconnect
+            from blockllm.broker.security import load_client_keys
+
+            self._curve = load_client_keys(cfg.keys_dir)
+
+    # -- any thread ------------------------------------------------------------------------
+    def send(self, msg: Message, tensors: tuple[torch.Tensor, ...] = ()) -> None:
+        """Queue a message for the broker (tensors are kept referenced until zmq sent them)."""
+        self.outbox.put((msg, tensors))
+        self._wake()
+
+    def stop(self) -> None:
+        """Flush what is queued, close the socket (with linger) and end the thread."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # A full pipe already holds wake-ups: the thread will wake.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    # -- the IO thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the compute loop turns this into the fatal path
+            logger.exception("[dead] worker IO thread failed")
+            self.inbox.put(_Failed(e))
+        finally:
+            if self._sock is not None:
+                self._sock.close(linger=self.cfg.dead_linger_ms)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def connect(self) -> zmq.Socket:
+        sock = make_socket(
+            self._ctx,
+            zmq.DEALER,
+            self.cfg.broker,
+            bind=False,
+            identity=self.identity,
+            linger_ms=self.cfg.dead_linger_ms,
+            curve=self._curve,
+        )
+        return sock
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        self._sock = self.connect()
+        interval = cfg.heartbeat_interval_s
+        heard = time.monotonic()
+        next_beat = heard + interval
+        backoff = interval
+        while True:
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+            if events.get(self._sock):
+                self._receive_all()
+                heard = time.monotonic()
+                backoff = interval
+            self._flush()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send(frames.encode(self.facts()))
+                next_beat = now + interval
+            if now - heard > interval * cfg.liveness:
+                self._reconnect(backoff)
+                heard = time.monotonic()
+                next_beat = heard
+                backoff = min(backoff * 2, cfg.reconnect_max_s)
+
+    def _reconnect(self, backoff: float) -> None:
+        """Broker silent: drop the socket (and what it queued), wait, connect afresh."""
+        assert self._sock is not None
+        logger.warning(
+            "[dead] broker %s silent for %.1f s; reconnecting in %.1f s",
+            self.cfg.broker,
+            self.cfg.heartbeat_interval_s * self.cfg.liveness,
+            backoff,
+        )
+        self._sock.close(linger=0)
+        self._sock = None
+        # A backoff, not a synchronisation: stop() still ends it at once through the pipe.
+        zmq.select([self._wake_r], [], [], backoff)
+        self._sock = self.connect()
+        self.reconnects += 1
+        self.inbox.put(_Reset())
+
+    def _receive_all(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._dispatch(parts)
+
+    def _dispatch(self, parts: list[zmq.Frame]) -> None:
+        try:
+            msg, views = frames.decode(parts)
+        except ProtocolError as e:
+            self.bad_messages += 1
+            logger.warning(
+                "dropped a bad message from the broker (%d so far): %s", self.bad_messages, e
+            )
+            return
+        if msg.KIND is Kind.HEARTBEAT:
+            return  # liveness only: the receive itself refreshed it
+        if msg.KIND is Kind.FORWARD and self.inbox.qsize() >= self.cfg.input_queue_size:
+            assert isinstance(msg, Forward)
+            err = Error(
+                msg.request_id,
+                ErrorCode.QUEUE_FULL.value,
+                "worker input queue full",
+                retryable=True,
+                step=msg.step,
+            )
+            self._send(frames.encode(err))
+            return
+        # Copy out of the zmq frames now: a live view would pin the whole message.
+        self.inbox.put((msg, [v.clone() for v in views]))
+
+    def _send(self, parts: list[frames.Buffer]) -> None:
+        """Send without blocking: a broker that stopped reading must not wedge liveness."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            logger.warning(
+                "broker not reading: dropped a %r message (%d so far)",
+                bytes(parts[0]),
+                self.dropped,
+            )
+
+    def _flush(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                msg, tensors = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send(frames.encode(msg, tensors))
+
+
+class WorkerProc:
+    """The compute loop around one engine `Worker`; call from the process's main thread.
+
+    `start()` loads the configured stages and announces READY; `run()` serves until a stop is
+    requested (returns the exit code) and raises on a fatal error; `fail(reason)` and `close()`
+    are the fatal path and the teardown.
+    """
+
+    def __init__(self, cfg: WorkerProcConfig, engine: Any = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.engine = engine
+        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.stop_requested = False
+        self._stages: dict[str, StageRef] = {}
+        self._inflight: dict[str, str] = {}  # request id -> first stage of its queued item
+        self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
+        self._steps = 0
+        self._step_ms: deque[float] = deque(maxlen=512)
+        self._batch: deque[int] = deque(maxlen=512)
+        self._facts = Heartbeat()
+        self._facts_at = 0.0
+        self._proc = psutil.Process()
+        self.io = _IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
+        self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
+            Kind.FORWARD: self._handle_forward,
+            Kind.RELEASE: self._handle_release,
+            Kind.LOAD_STAGE: self._handle_load_stage,
+            Kind.UNLOAD_STAGE: self._handle_unload_stage,
+            Kind.ERROR: self._handle_error,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Signal-handler safe: set the flag and wake the loop (SimpleQueue.put is reentrant)."""
+        self.stop_requested = True
+        self.inbox.put(_Wake())
+
+    def start(self) -> None:
+        """Build the engine, load the configured stages, then connect and send READY.
+
+        Connecting after the (possibly slow) load keeps the broker from expecting liveness of
+        a worker that cannot serve yet; a failure before that sends DEAD on its own socket.
+        """
+        if self.engine is None:
+            self.engine = build_engine(self.cfg)
+        for spec in self.cfg.stages:
+            self._load(spec.model, spec.start, spec.end)
+        self._refresh_facts()
+        self.io.start()
+        self._send_ready()
+        logger.info(
+            "[ready] worker %s pid %d serving %s via %s",
+            self.name,
+            os.getpid(),
+            ", ".join(str(s) for s in self.cfg.stages) or "no stages",
+            self.cfg.broker,
+        )
+
+    def run(self) -> int:
+        """Serve until a stop is requested; returns the exit code. Raises on a fatal error."""
+        deadline: float | None = None
+        while True:
+            if self.stop_requested and deadline is None:
+                deadline = time.monotonic() + self.cfg.grace_s
+                logger.info(
+                    "[shutdown] worker %s draining %d requests", self.name, len(self._inflight)
+                )
+            busy = self.engine.queued() > 0
+            if deadline is not None and (not busy or time.monotonic() >= deadline):
+                break
+            self._drain_inbox(block=not busy)
+            if self.engine.queued():
+                self._step()
+            self._refresh_facts()
+        if self.engine.queued():
+            logger.warning(
+                "[shutdown] worker %s: %d requests unfinished after %.1f s grace",
+                self.name,
+                len(self._inflight),
+                self.cfg.grace_s,
+            )
+        self.io.send(Dead("shutdown"))
+        logger.info("[shutdown] worker %s stopped", self.name)
+        return EXIT_OK
+
+    def fail(self, reason: str) -> None:
+        """Fatal path: DEAD(reason) to the broker, with linger so it leaves before exit."""
+        if self.io.is_alive():
+            self.io.send(Dead(reason))
+            return
+        # No IO thread (not started yet, or dead): one fresh socket just for the sentinel.
+        sock = self.io.connect()
+        sock.send_multipart(frames.encode(Dead(reason)), copy=False)
+        sock.close(linger=self.cfg.dead_linger_ms)
+
+    def close(self) -> None:
+        """Stop the IO thread (flushing what is queued), then drop the engine's memory."""
+        if self.io.is_alive():
+            self.io.stop()
+            self.io.join(timeout=self.cfg.dead_linger_ms / 1000 + 5)
+        self.engine = None
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _drain_inbox(self, *, block: bool) -> None:
+        """Handle every queued message; wait for the first one (up to a beat) when idle."""
+        timeout = self.cfg.heartbeat_interval_s
+        while True:
+            try:
+                item = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, _Wake):
+                continue
+            if isinstance(item, _Reset):
+                self._reset()
+                continue
+            if isinstance(item, _Failed):
+                raise IOThreadFailed(f"IO thread failed: {item.error!r}") from item.error
+            msg, tensors = item
+            handler = self._handlers.get(msg.KIND)
+            if handler is None:
+                logger.warning("worker %s ignores a %s message", self.name, msg.KIND.name)
+                continue
+            handler(msg, tensors)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        results = self.engine.step()
+        if not results:
+            return
+        self._steps += 1
+        self._step_ms.append((time.perf_counter() - t0) * 1000)
+        self._batch.append(len(results))
+        for r in results:
+            self._answer(r)
+        self._maybe_fault()
+
+    def _answer(self, r: Any) -> None:
+        self._inflight.pop(r.request_id, None)
+        if r.error is not None:
+            code = ErrorCode(getattr(r.error, "value", r.error))
+            self.io.send(
+                Error(
+                    r.request_id,
+                    code.value,
+                    r.message or code.value,
+                    retryable=code in RETRYABLE,
+                    step=r.step,
+                )
+            )
+        elif r.token_id is not None:
+            logprob = float(r.logprob) if r.logprob is not None else 0.0
+            self.io.send(Result(r.request_id, r.step, int(r.token_id), logprob))
+        else:
+            hidden = r.hidden.detach()
+            if hidden.device.type != "cpu":
+                hidden = hidden.to("cpu")
+            hidden = hidden.contiguous()
+            self.io.send(Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,))
+
+    def _maybe_fault(self) -> None:
+        """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
+        if self.cfg.fault_after_steps is None or self._steps < self.cfg.fault_after_steps:
+            return
+        if self.cfg.fault_mode is FaultMode.EXIT:
+            logger.error("[dead] worker %s: injected crash after %d steps", self.name, self._steps)
+            os._exit(EXIT_FAULT)
+        raise InjectedFault(f"injected fault after {self._steps} steps")
+
+    # -- handlers (compute thread) -----------------------------------------------------------
+    def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
+        if self.stop_requested:  # draining: no new work; the broker reroutes it
+            self._refuse(msg, ErrorCode.WORKER_LOST, "worker is shutting down", retryable=True)
+            return
+        if len(tensors) != 1:
+            self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
+            return
+        x = tensors[0] if self.cfg.device == "cpu" else tensors[0].to(self.cfg.device)
+        is_ids = x.dtype == torch.int64  # token ids enter the embedding; anything else is hidden
+        item = WorkItem(
+            request_id=msg.request_id,
+            step=msg.step,
+            stage_keys=tuple(msg.stage_keys),
+            past_len=msg.past_len,
+            tokens=x if is_ids else None,
+            hidden=None if is_ids else x,
+            max_total_len=msg.max_total_len,
+            sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+        )
+        try:
+            self.engine.submit(item)
+        except WorkerError as e:
+            self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
+            return
+        except Exception as e:  # a peer's item must never take the worker down
+            logger.exception("worker %s: submit of %s failed", self.name, msg.request_id)
+            self._refuse(msg, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return
+        self._inflight[msg.request_id] = msg.stage_keys[0]
+        self._known.add(msg.request_id)
+
+    def _refuse(
+        self, msg: Forward, code: ErrorCode, message: str, retryable: bool | None = False
+    ) -> None:
+        retry = code in RETRYABLE if retryable is None else retryable
+        self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
+
+    def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
+        self.engine.release(msg.request_id)
+        self._inflight.pop(msg.request_id, None)
+        self._known.discard(msg.request_id)
+
+    def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
+        try:
+            self._load(msg.model, msg.start, msg.end)
+        except Exception as e:
+            logger.exception(
+                "worker %s: cannot load %s:%d-%d", self.name, msg.model, msg.start, msg.end
+            )
+            code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
+            self.io.send(Error("", str(code), f"load {msg.model}:{msg.start}-{msg.end}: {e}"))
+        self._send_ready()
+
+    def _handle_unload_stage(self, msg: UnloadStage, _tensors: list[torch.Tensor]) -> None:
+        if msg.key in self._stages:
+            self.engine.unload_stage(msg.key)
+            del self._stages[msg.key]
+        else:
+            self.io.send(Error("", ErrorCode.UNKNOWN_STAGE.value, f"no stage {msg.key}"))
+        self._send_ready()
+
+    def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
+        if msg.code == ErrorCode.PROTOCOL_VERSION.value:
+            raise RuntimeError(f"broker rejected this worker: {msg.message}")
+        logger.warning("worker %s: broker error %s: %s", self.name, msg.code, msg.message)
+
+    # -- state shared with the broker --------------------------------------------------------
+    def _load(self, model: str, start: int, end: int) -> None:
+        info = self.engine.load_stage(model, start, end)
+        self._stages[info.key] = StageRef(info.key, model, start, end, int(info.nbytes))
+        logger.info(
+            "worker %s loaded %s:%d-%d (%d bytes)", self.name, model, start, end, info.nbytes
+        )
+
+    def _reset(self) -> None:
+        """After a reconnect the broker replays everything: drop all KV, announce again."""
+        for rid in self._known:
+            self.engine.release(rid)
+        logger.info(
+            "[ready] worker %s reconnected; dropped %d requests", self.name, len(self._known)
+        )
+        self._known.clear()
+        self._inflight.clear()
+        self._send_ready()
+
+    def _send_ready(self) -> None:
+        kv_total, kv_free, free_slots, _depths = engine_load(self.engine, self._inflight)
+        self.io.send(
+            Ready(
+                protocol_version=PROTOCOL_VERSION,
+                name=self.name,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                device=self.cfg.device,
+                stages=tuple(self._stages.values()),
+                kv_total_bytes=kv_total,
+                kv_free_bytes=kv_free,
+                max_batch_size=self.cfg.max_batch_size,
+                free_slots=free_slots,
+            )
+        )
+
+    def _refresh_facts(self) -> None:
+        """Publish a load snapshot for the IO thread's heartbeats (at most twice a beat)."""
+        now = time.monotonic()
+        if now - self._facts_at < self.cfg.heartbeat_interval_s / 2:
+            return
+        self._facts_at = now
+        _total, kv_free, free_slots, depths = engine_load(self.engine, self._inflight)
+        ms = sorted(self._step_ms)
+        self._facts = Heartbeat(
+            kv_free_bytes=kv_free,
+            free_slots=free_slots,
+            queue_depths=depths,
+            rss_bytes=self._proc.memory_info().rss,
+            steps=self._steps,
+            step_ms_p50=ms[len(ms) // 2] if ms else 0.0,
+            step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
+            mean_batch=sum(self._batch) / len(self._batch) if self._batch else 0.0,
+        )
+
+    def _current_facts(self) -> Heartbeat:
+        """The IO thread's view: the latest snapshot (one reference read, no engine access)."""
+        return self._facts
+
+
+def engine_load(engine: Any, inflight: dict[str, str]) -> tuple[int, int, int, dict[str, int]]:
+    """(kv_total_bytes, kv_free_bytes, free_slots, queued items per first stage key).
+
+    `free_slots` is the credit the broker dispatches against: items the engine's stage queues
+    still take before `submit` raises QueueFull.
+    """
+    kv = engine.kv_stats()
+    free_slots = max(0, engine.config.queue_capacity - engine.queued())
+    return kv.total_bytes, kv.free_bytes, free_slots, dict(Counter(inflight.values()))
+
+
+def build_engine(cfg: WorkerProcConfig) -> Any:
+    """The engine `Worker` over the zoo at `cfg.zoo_dir` (imported here: torch-heavy)."""
+    from blockllm.worker.worker import Worker, WorkerConfig
+    from blockllm.zoo import Zoo
+
+    return Worker(
+        Zoo(cfg.zoo_dir),
+        WorkerConfig(
+            device=cfg.device,
+            kv_budget_bytes=cfg.kv_budget_bytes,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            threads=cfg.threads,
+        ),
+    )
+
+
+def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
+    """SIGTERM/SIGINT -> stop() (main thread only; elsewhere the caller owns signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda _signum, _frame: stop())
+    return previous
+
+
+def run_worker_process(cfg: WorkerProcConfig) -> int:
+    """Entry point of one worker process: serve until SIGTERM/SIGINT; returns the exit code
+    (0 after a graceful stop, 1 after a fatal error, which also sends DEAD)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    proc = WorkerProc(cfg)
+    previous = _install_stop_handlers(proc.request_stop)
+    try:
+        proc.start()
+        return proc.run()
+    except Exception as e:
+        logger.exception("[dead] worker %s failed", proc.name)
+        proc.fail(f"{type(e).__name__}: {e}")
+        return EXIT_FATAL
+    finally:
+        proc.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
