@@ -1,0 +1,67 @@
+"""BrokerConfig: everything the broker process is started with (one frozen dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Broker settings; the CLI parses flags into this and calls `run_broker_process(cfg)`.
+
+    The bound endpoint (the real one: `tcp://127.0.0.1:0` becomes the port the OS chose) is
+    reported, once the socket is bound and the zoo read, to whichever of these is set:
+    - `ready_file`: the endpoint is written to this path atomically (temp file + rename), so
+      a launcher polling for the file never reads a partial line;
+    - `ready_conn`: a `multiprocessing.connection.Connection` (the sending end of a
+      `Pipe(duplex=False)` given to a spawned child); the endpoint is sent as UTF-8 bytes with
+      `send_bytes` (no pickle) and the connection is closed.
+    It is also logged as `[ready] broker listening on ...`.
+    """
+
+    bind: str = DEFAULT_BIND
+    zoo_dir: str | None = None
+    # ping-pong liveness: a worker silent for heartbeat_s * liveness is purged
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    # limits (typed errors: OVERLOADED, BAD_REQUEST, TIMEOUT)
+    max_waiting: int = 256
+    default_timeout_s: float = 300.0
+    max_new_tokens_limit: int = 4096
+    max_prompt_tokens: int = 8192
+    # fail-over
+    max_replays: int = 16
+    ban_base_s: float = 0.1
+    ban_max_s: float = 5.0
+    # fallback EOS when a model's generation config and config name none
+    eos_token_id: int | None = None
+    # the unknown-model path re-reads the zoo at most this often
+    reload_min_interval_s: float = 1.0
+    # poll timeout of the event loop: deadlines and pings are checked at least this often
+    tick_s: float = 0.05
+    # SIGTERM: running requests get this long to finish before they fail
+    drain_timeout_s: float = 5.0
+    # how the bound endpoint is reported (see the class docstring)
+    ready_file: str | None = None
+    ready_conn: Any = None
+    # when started as a child: the launcher's pid (arms PR_SET_PDEATHSIG on Linux)
+    parent_pid: int | None = None
+    log_level: str = "INFO"
+    # CurveZMQ: a keys folder (`blockllm keys gen DIR`); None = plain TCP
+    keys_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.liveness < 1:
+            raise ValueError("heartbeat_s must be > 0 and liveness >= 1")
+        if self.max_waiting < 0 or self.max_new_tokens_limit < 1 or self.max_prompt_tokens < 1:
+            raise ValueError("max_waiting >= 0, max_new_tokens_limit >= 1, max_prompt_tokens >= 1")
+        if self.default_timeout_s <= 0 or self.tick_s <= 0:
+            raise ValueError("default_timeout_s and tick_s must be > 0")
+
+    @property
+    def expiry_s(self) -> float:
+        """How long a silent worker stays registered."""
+        return self.heartbeat_s * self.liveness
