@@ -1,1 +1,30 @@
-"""BlockLLM client."""
+"""BlockLLM client: `Client` (sync, thread-safe), `AsyncClient` (asyncio), typed errors."""
+
+from blockllm.client.aio import AsyncClient
+from blockllm.client.client import Client
+from blockllm.client.core import Completion, TokenEvent
+from blockllm.client.errors import (
+    BadRequest,
+    BlockLLMError,
+    BrokerUnavailable,
+    ConnectionFailed,
+    Overloaded,
+    RequestFailed,
+    Timeout,
+    UnknownModel,
+)
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "BlockLLMError",
+    "BrokerUnavailable",
+    "Client",
+    "Completion",
+    "ConnectionFailed",
+    "Overloaded",
+    "RequestFailed",
+    "Timeout",
+    "TokenEvent",
+    "UnknownModel",
+]

@@ -1,0 +1,328 @@
+"""The asyncio client: one DEALER (zmq.asyncio), one reader task, many concurrent coroutines.
+
+    async with AsyncClient("tcp://127.0.0.1:5555") as c:
+        await c.wait_ready(models=["base"], timeout=60)
+        out = await c.generate("base", prompt="Hello", max_new_tokens=32)
+        async for ev in c.stream("base", prompt="Hello"):
+            ...
+
+All of it runs on one event loop (the one that first uses the client): a reader task delivers
+replies by request_id into bounded per-request asyncio queues (`Demux`, shared with the sync
+client), and a watcher task follows the connection (requests of a dropped connection are
+resumed on the next one, or fail with BrokerUnavailable after `connect_timeout`). Not
+thread-safe: use it from its event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from blockllm.broker import frames
+from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
+from blockllm.client.core import (
+    CONNECTION_LOST,
+    MONITOR_EVENTS,
+    Accumulator,
+    Completion,
+    Demux,
+    TokenEvent,
+    build_generate,
+    connect_dealer,
+    load_client_keys,
+    new_request_id,
+    no_reply,
+    not_ready,
+    open_dealer,
+    reply_error,
+    require_covered,
+    to_event,
+    unreachable,
+)
+from blockllm.client.errors import BlockLLMError, ConnectionFailed, Overloaded, Timeout
+from zmq.utils.monitor import parse_monitor_message
+
+logger = logging.getLogger(__name__)
+
+CLOSE_LINGER_MS = 100  # lets the CANCELs of in-flight requests leave on close
+
+
+async def _send(sock: zmq.asyncio.Socket, msg: Any) -> bool:
+    """Send without waiting; False when the HWM is reached (the broker is not reading)."""
+    try:
+        await sock.send_multipart(frames.encode(msg), flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    return True
+
+
+async def _read_loop(sock: zmq.asyncio.Socket, demux: Demux) -> None:
+    """Reader task (module-level, so a pending task does not keep the client alive)."""
+    try:
+        while True:
+            demux.on_frames(await sock.recv_multipart(copy=False))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.exception("[dead] asyncio client reader for %s failed", demux.addr)
+        why = f"client reader failed: {e!r}"
+        demux.fail_all(lambda: ConnectionFailed(why))
+
+
+async def _watch_loop(monitor: zmq.asyncio.Socket, sock: zmq.asyncio.Socket, demux: Demux) -> None:
+    """Watcher task: connection up / down / handshake failures from the socket monitor."""
+    while True:
+        event = parse_monitor_message(await monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            for msg in demux.on_connected():
+                await _send(sock, msg)
+        elif event == zmq.EVENT_DISCONNECTED:
+            for rid in demux.on_disconnected():
+                await _send(sock, Cancel(rid))  # queued: the GENERATE may not have left
+        else:
+            demux.on_handshake_failed(zmq.Event(event).name)
+
+
+def _abandon(tasks: list[asyncio.Task[None]], ctx: zmq.asyncio.Context) -> None:
+    """weakref.finalize of an AsyncClient never closed: stop its tasks, drop its sockets."""
+    for task in tasks:
+        with contextlib.suppress(RuntimeError):  # its loop may be closed already
+            task.cancel()
+    with contextlib.suppress(Exception):
+        ctx.destroy(linger=0)
+
+
+class AsyncClient:
+    """asyncio BlockLLM client; same arguments and errors as `Client`."""
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        timeout: float | None = None,
+        keys_dir: str | os.PathLike[str] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        curve = load_client_keys(keys_dir) if keys_dir is not None else None
+        self.demux = Demux(addr)
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._sock = open_dealer(self._ctx, addr, curve)
+            self._monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
+            connect_dealer(self._sock, addr)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _abandon, self._tasks, self._ctx)
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.addr!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        self._ensure_tasks()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure_tasks(self) -> None:
+        if self._closed:
+            raise ConnectionFailed(f"client for {self.addr} is closed")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(_read_loop(self._sock, self.demux)))
+            self._tasks.append(loop.create_task(_watch_loop(self._monitor, self._sock, self.demux)))
+
+    async def close(self) -> None:
+        """Fail in-flight requests (ConnectionFailed), cancel them, close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        rids = self.demux.fail_all(lambda: ConnectionFailed(f"client for {self.addr} was closed"))
+        for rid in rids:
+            await _send(self._sock, Cancel(rid))
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS if rids else 0)
+        self._ctx.term()
+        self._finalizer.detach()
+
+    # ---- requests ------------------------------------------------------------------------
+    async def _submit(self, msg: Generate | StatusRequest, maxsize: int) -> asyncio.Queue[Any]:
+        self._ensure_tasks()
+        q: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.demux.add(msg, q.put_nowait)
+        if not await _send(self._sock, msg):
+            self.demux.remove(msg.request_id)
+            raise Overloaded(f"send queue to the broker at {self.addr} is full")
+        return q
+
+    async def _next(
+        self, q: asyncio.Queue[Any], t0: float, timeout: float | None, grace: bool
+    ) -> Any:
+        """As Client._next: the next item, Timeout, or BrokerUnavailable."""
+        getter = asyncio.ensure_future(q.get())  # kept across slices: no item is lost
+        try:
+            while True:
+                if getter.done() and getter.result() is CONNECTION_LOST:
+                    getter = asyncio.ensure_future(q.get())
+                now = time.monotonic()
+                left = None if timeout is None else t0 + timeout - now
+                if left is not None and left <= 0:
+                    raise no_reply(self.demux, timeout or 0.0)
+                if grace and not self.demux.connected:
+                    since = max(t0, self.demux.disconnected_since)
+                    if now - since > self.connect_timeout:
+                        raise unreachable(self.demux, now - since)
+                    left = 0.1 if left is None else min(left, 0.1)
+                done, _ = await asyncio.wait({getter}, timeout=left)
+                if done and getter.result() is not CONNECTION_LOST:
+                    return getter.result()
+        finally:
+            getter.cancel()
+
+    async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The broker's STATUS body; raises Timeout / BrokerUnavailable."""
+        msg = StatusRequest(new_request_id())
+        q = await self._submit(msg, 2)
+        try:
+            item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
+        except BlockLLMError:
+            self.demux.remove(msg.request_id)
+            raise
+        err = reply_error(item)
+        if err is not None:
+            raise err
+        return dict(item.body)
+
+    async def wait_ready(
+        self, models: Sequence[str] | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """As Client.wait_ready: poll STATUS until the models are covered."""
+        t0 = time.monotonic()
+        waiting: list[str] | None = None  # None until the broker has answered once
+        while True:
+            left = t0 + timeout - time.monotonic()
+            if left > 0:
+                try:
+                    body = await self.status(timeout=left)
+                except Timeout:
+                    if waiting is None:
+                        raise
+                    body = None
+                if body is not None:
+                    waiting = require_covered(body, models)
+                    if not waiting:
+                        return body
+                left = t0 + timeout - time.monotonic()
+            if left <= 0:
+                raise not_ready(self.addr, timeout, waiting)
+            await asyncio.sleep(min(0.2, left))
+
+    def stream(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """`async for ev in c.stream(...)`; BadRequest at once for bad arguments, the request is
+        sent on the first iteration; leaving the loop early cancels it."""
+        timeout = self.timeout if timeout is None else timeout
+        msg = build_generate(
+            model,
+            prompt,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            timeout=timeout,
+        )
+        return self._events(msg, timeout)
+
+    async def _events(self, msg: Generate, timeout: float | None) -> AsyncIterator[TokenEvent]:
+        tokens = self._tokens(msg, timeout)
+        try:
+            async for tok in tokens:
+                yield to_event(tok)
+        finally:  # leaving early closes (cancels) the request now, not at garbage collection
+            await tokens.aclose()
+
+    async def _tokens(self, msg: Generate, timeout: float | None) -> AsyncIterator[Token]:
+        t0 = time.monotonic()
+        q = await self._submit(msg, msg.max_new_tokens + 2)
+        finished = False
+        try:
+            while not finished:
+                item = await self._next(q, t0, timeout, grace=True)
+                err = reply_error(item)
+                if err is not None:
+                    finished = True
+                    raise err
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            wire_id = None if finished else self.demux.remove(msg.request_id)
+            if wire_id is not None and not self._closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    await _send(self._sock, Cancel(wire_id))
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generate to the end; raises as `Client.generate` does."""
+        timeout = self.timeout if timeout is None else timeout
+        msg = build_generate(
+            model,
+            prompt,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            timeout=timeout,
+        )
+        acc = Accumulator()
+        tokens = self._tokens(msg, timeout)
+        try:
+            async for tok in tokens:
+                acc.add(tok)
+        finally:
+            await tokens.aclose()
+        return acc.completion()
+
+
+__all__ = ["AsyncClient"]

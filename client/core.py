@@ -1,0 +1,394 @@
+"""Pieces shared by the sync and asyncio clients: result types, request validation, the pure
+reply demultiplexer (`Demux`, no sockets), key loading and the DEALER socket set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import zmq
+from blockllm.broker import frames
+from blockllm.broker.protocol import (
+    Error,
+    Generate,
+    ProtocolError,
+    Status,
+    StatusRequest,
+    Token,
+)
+from blockllm.broker.sockets import CurveKeys, make_socket
+from blockllm.client.errors import (
+    BadRequest,
+    BlockLLMError,
+    BrokerUnavailable,
+    ConnectionFailed,
+    Timeout,
+    UnknownModel,
+    error_from,
+)
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_IVL_MS = 1000  # ZMTP ping; a broker host that vanishes is noticed after the timeout
+HEARTBEAT_TIMEOUT_MS = 5000
+# What the IO side watches: a finished handshake is "connected" (also under CurveZMQ).
+MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token: `text` is the new text it completes ("" while a multi-byte
+    character is pending); `finish_reason` is None until the last event ("stop"/"length")."""
+
+    token_id: int
+    text: str
+    index: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished generation: generated ids, their text, "stop" or "length"."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int | None = None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_generate(
+    model: str,
+    prompt: str | None,
+    input_ids: Sequence[int] | None,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    timeout: float | None,
+) -> Generate:
+    """A validated GENERATE message; raises BadRequest locally for bad arguments."""
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model must be a non-empty string")
+    if (prompt is None) == (input_ids is None):
+        raise BadRequest("give exactly one of prompt= or input_ids=")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest(f"prompt must be a str, got {type(prompt).__name__}")
+    ids: tuple[int, ...] | None = None
+    if input_ids is not None:
+        ids = tuple(input_ids)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadRequest("input_ids must be a non-empty sequence of ints")
+        if min(ids) < 0:
+            raise BadRequest("input_ids must be >= 0")
+    checks = (
+        (isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+        (temperature >= 0.0, "temperature must be >= 0"),
+        (isinstance(top_k, int) and top_k >= 0, "top_k must be an int >= 0"),
+        (0.0 < top_p <= 1.0, "top_p must be in (0, 1]"),
+        (isinstance(seed, int), "seed must be an int"),
+        (timeout is None or timeout > 0, "timeout must be > 0 seconds (or None)"),
+    )
+    for ok, what in checks:
+        if not ok:
+            raise BadRequest(what)
+    return Generate(
+        request_id=new_request_id(),
+        model=model,
+        prompt=prompt,
+        input_ids=ids,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=float(top_p),
+        seed=seed,
+        timeout_s=float(timeout or 0.0),
+    )
+
+
+def load_client_keys(keys_dir: str | os.PathLike[str]) -> CurveKeys:
+    """CurveZMQ keys from `DIR/client.key_secret` (ours) and `DIR/broker.key` (the broker's
+    public key), the zmq.auth certificate files; raises ConnectionFailed if absent."""
+    import zmq.auth
+
+    d = Path(keys_dir)
+    mine, theirs = d / "client.key_secret", d / "broker.key"
+    for p in (mine, theirs):
+        if not p.is_file():
+            raise ConnectionFailed(
+                f"--keys {d}: {p.name} not found (expected zmq.auth certificates "
+                "client.key_secret and broker.key in that folder)"
+            )
+    public, secret = zmq.auth.load_certificate(str(mine))
+    server_public, _ = zmq.auth.load_certificate(str(theirs))
+    if secret is None:
+        raise ConnectionFailed(f"--keys {d}: {mine} holds no secret key")
+    return CurveKeys(public=public, secret=secret, server_public=server_public)
+
+
+def open_dealer(ctx: zmq.Context, addr: str, curve: CurveKeys | None) -> zmq.Socket:
+    """The client's DEALER (random identity, linger 0, ZMTP heartbeats), not yet connected:
+    attach a monitor, then `connect_dealer`. Raises ConnectionFailed.
+
+    Connection options only apply to connects made after they are set, and make_socket connects
+    at once: so it is given a never-bound inproc endpoint, dropped again before the real connect.
+    """
+    identity = f"client-{uuid.uuid4().hex[:16]}".encode()
+    placeholder = f"inproc://blockllm-client-{uuid.uuid4().hex}"
+    try:
+        sock = make_socket(
+            ctx, zmq.DEALER, placeholder, bind=False, identity=identity, linger_ms=0, curve=curve
+        )
+    except zmq.ZMQError as e:
+        raise ConnectionFailed(f"cannot create a socket for {addr}: {e}") from None
+    sock.disconnect(placeholder)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    return sock
+
+
+def connect_dealer(sock: zmq.Socket, addr: str) -> None:
+    try:
+        sock.connect(addr)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise ConnectionFailed(f"cannot connect to broker at {addr!r}: {e}") from None
+
+
+class _ConnectionLost:
+    """Queued to a waiting request when its connection drops (not a reply: wait on)."""
+
+    def __repr__(self) -> str:
+        return "CONNECTION_LOST"
+
+
+CONNECTION_LOST = _ConnectionLost()
+Sink = Callable[[Any], None]  # non-blocking put of Token | Error | Status | BlockLLMError
+
+
+@dataclass(slots=True)
+class _Pending:
+    sink: Sink
+    msg: Generate | StatusRequest  # as last sent: its request_id is the id on the wire now
+    epoch: int | None  # the connection it went out on; None: not connected when sent
+    lost: bool = False  # its connection dropped: re-send (resume) on the next one
+    received: list[int] = field(default_factory=list)  # token ids delivered so far
+
+
+@dataclass
+class Demux:
+    """Pure routing of broker replies to per-request sinks, and the connection's state.
+
+    A request is keyed by the id the caller got (its first wire id). When the connection drops,
+    its requests are kept and, on the next connection, sent again under a fresh wire id with
+    `resume_ids` = the tokens already delivered (the broker continues from there; the old id is
+    cancelled, so a broker that survived a network blip does not stream twice). Token indices
+    are counted here, so they stay 0, 1, 2, ... across a resume.
+
+    No sockets: the sync IO thread and the asyncio tasks drive it. Not thread-safe: only the
+    owning IO thread / event loop calls its methods (other threads only read the state)."""
+
+    addr: str
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    wire: dict[str, str] = field(default_factory=dict)  # wire request_id -> key
+    epoch: int = 0
+    connected: bool = False
+    disconnected_since: float = field(default_factory=time.monotonic)
+    handshake_error: str | None = None
+    dropped: int = 0
+    resumed: int = 0
+
+    def add(self, msg: Generate | StatusRequest, sink: Sink) -> None:
+        epoch = self.epoch if self.connected else None
+        self.pending[msg.request_id] = _Pending(sink, msg, epoch)
+        self.wire[msg.request_id] = msg.request_id
+
+    def remove(self, key: str) -> str | None:
+        """Forget a request; its current wire id (to CANCEL), None if it was not pending."""
+        p = self.pending.pop(key, None)
+        if p is None:
+            return None
+        self.wire.pop(p.msg.request_id, None)
+        return p.msg.request_id
+
+    def on_frames(self, raw: Sequence[Any]) -> None:
+        """Deliver one received message; undecodable or unexpected ones are counted, dropped."""
+        try:
+            msg = frames.decode_header(raw)
+        except ProtocolError as e:
+            self.dropped += 1
+            logger.warning("[drop] undecodable message from broker %s: %s", self.addr, e)
+            return
+        if isinstance(msg, Token):
+            self._deliver(msg.request_id, msg, terminal=msg.finish_reason is not None)
+        elif isinstance(msg, (Error, Status)):
+            if isinstance(msg, Error) and not msg.request_id:
+                logger.warning("[error] broker %s: %s %s", self.addr, msg.code, msg.message)
+                return
+            self._deliver(msg.request_id, msg, terminal=True)
+        else:
+            self.dropped += 1
+            logger.debug("[drop] unexpected %s from broker", type(msg).__name__)
+
+    def _deliver(self, wire_id: str, item: Any, *, terminal: bool) -> None:
+        key = self.wire.get(wire_id)
+        if key is None:  # finished, cancelled, timed out or resumed already: a late reply
+            self.dropped += 1
+            logger.debug("[drop] reply for unknown request %s", wire_id)
+            return
+        p = self.pending[key]
+        if terminal:
+            self.remove(key)
+        if isinstance(item, Token):
+            item = replace(item, request_id=key, index=len(p.received))
+            p.received.append(item.token_id)
+        self.put(p, item)
+
+    def put(self, p: _Pending, item: Any) -> None:
+        try:
+            p.sink(item)
+        except (queue.Full, asyncio.QueueFull):
+            # The queue holds max_new_tokens + 2 items: only a misbehaving peer overflows it.
+            self.dropped += 1
+            logger.warning("[drop] reply queue full for request %s", p.msg.request_id)
+
+    def on_connected(self) -> list[Generate | StatusRequest]:
+        """A new connection: the messages to send again on it (requests lost with the last)."""
+        self.epoch += 1
+        self.connected = True
+        self.handshake_error = None
+        resend: list[Generate | StatusRequest] = []
+        for key, p in self.pending.items():
+            if p.lost:
+                self.wire.pop(p.msg.request_id, None)
+                p.msg = _resumed(p.msg, p.received)
+                self.wire[p.msg.request_id] = key
+                resend.append(p.msg)
+                p.lost = False
+                p.epoch = self.epoch
+            elif p.epoch is None:  # queued in the socket before this connection: sent on it
+                p.epoch = self.epoch
+        self.resumed += len(resend)
+        logger.info("[connect] broker %s (connection %d)", self.addr, self.epoch)
+        if resend:
+            logger.info("[resume] %d requests re-sent to broker %s", len(resend), self.addr)
+        return resend
+
+    def on_disconnected(self) -> list[str]:
+        """Mark the requests of the lost connection for a resume; their wire ids (to CANCEL)."""
+        if not self.connected:
+            return []
+        self.connected = False
+        self.disconnected_since = time.monotonic()
+        lost = [p for p in self.pending.values() if p.epoch == self.epoch]
+        for p in lost:
+            p.lost = True
+            self.put(p, CONNECTION_LOST)  # wakes a waiter so it starts counting connect_timeout
+        logger.warning("[disconnect] broker %s: %d requests wait to resume", self.addr, len(lost))
+        return [p.msg.request_id for p in lost]
+
+    def on_handshake_failed(self, what: str) -> None:
+        self.handshake_error = f"handshake with the broker at {self.addr} failed ({what})"
+        logger.warning("[connect] %s", self.handshake_error)
+
+    def fail_all(self, make_error: Callable[[], BlockLLMError]) -> list[str]:
+        """Fail every pending request; their wire ids (to CANCEL)."""
+        wire_ids = []
+        for key in list(self.pending):
+            p = self.pending[key]
+            wire_ids.append(self.remove(key) or key)
+            self.put(p, make_error())
+        return wire_ids
+
+
+def _resumed(msg: Generate | StatusRequest, received: list[int]) -> Generate | StatusRequest:
+    if isinstance(msg, Generate):
+        return replace(msg, request_id=new_request_id(), resume_ids=tuple(received))
+    return replace(msg, request_id=new_request_id())
+
+
+def reply_error(item: Any) -> BlockLLMError | None:
+    """The exception a queued item stands for, or None for a Token / Status."""
+    if isinstance(item, Error):
+        return error_from(item.code, item.message, item.retryable)
+    if isinstance(item, BlockLLMError):
+        return item
+    return None
+
+
+def no_reply(demux: Demux, waited: float) -> Timeout:
+    """The Timeout for a request with no (final) reply; says whether we ever connected."""
+    if demux.connected:
+        why = "connected, but the broker did not answer in time"
+    else:
+        why = demux.handshake_error or "not connected: is the broker running at that address?"
+    return Timeout(f"no reply from the broker at {demux.addr} within {waited:.1f} s ({why})")
+
+
+def unreachable(demux: Demux, waited: float) -> BrokerUnavailable:
+    why = demux.handshake_error or "is the broker running at that address?"
+    return BrokerUnavailable(f"broker at {demux.addr} unreachable for {waited:.1f} s ({why})")
+
+
+def not_ready(addr: str, timeout: float, waiting: list[str] | None) -> Timeout:
+    """wait_ready's Timeout: the models still not covered, or the broker that never answered."""
+    if waiting is None:
+        return Timeout(f"broker at {addr} did not answer within {timeout:.1f} s")
+    return Timeout(f"models not covered by workers after {timeout:.1f} s: {', '.join(waiting)}")
+
+
+def require_covered(status: dict[str, Any], models: Sequence[str] | None) -> list[str]:
+    """Names among `models` (all known if None) not yet covered; UnknownModel if unknown."""
+    known = status.get("models")
+    known = known if isinstance(known, dict) else {}
+    names = list(known) if models is None else list(models)
+    missing = [m for m in names if m not in known]
+    if missing:
+        raise UnknownModel(f"unknown model(s): {', '.join(missing)} (known: {sorted(known)})")
+    return [m for m in names if not (isinstance(known[m], dict) and known[m].get("covered"))]
+
+
+def to_event(t: Token) -> TokenEvent:
+    return TokenEvent(t.token_id, t.text, t.index, t.finish_reason)
+
+
+@dataclass
+class Accumulator:
+    """Builds a Completion from TOKEN messages (sync and async clients)."""
+
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int | None = None
+
+    def add(self, t: Token) -> None:
+        self.ids.append(t.token_id)
+        self.texts.append(t.text)
+        self.finish_reason = t.finish_reason or self.finish_reason
+        if t.prompt_tokens:
+            self.prompt_tokens = t.prompt_tokens
+
+    def completion(self) -> Completion:
+        return Completion(self.ids, "".join(self.texts), self.finish_reason, self.prompt_tokens)
+
+
+__all__ = ["Accumulator", "Completion", "Demux", "TokenEvent", "build_generate"]
