@@ -1,0 +1,542 @@
+"""The client (sync, asyncio, CLI) against a stand-in broker: a real ROUTER socket on
+tcp://127.0.0.1:0 in a thread, speaking the real protocol (broker.frames / broker.protocol).
+
+The stand-in answers GENERATE for model "base" with a few TOKENs (token ids derived from the
+seed, so concurrent requests can be told apart), ERROR(code) for model "err-<CODE>",
+ERROR(UNKNOWN_MODEL) for any other name, nothing for model "silent", and STATUS_REQUEST with
+its `status_body`. Model "vanish" gets one token, then the stand-in closes its socket (a
+crashed broker). Every wait is bounded; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+from blockllm.broker import frames
+from blockllm.broker.protocol import (
+    Cancel,
+    Error,
+    ErrorCode,
+    Generate,
+    Status,
+    StatusRequest,
+    Token,
+)
+from blockllm.broker.sockets import bound_endpoint, make_socket
+from blockllm.client import (
+    AsyncClient,
+    BadRequest,
+    BlockLLMError,
+    BrokerUnavailable,
+    Client,
+    Completion,
+    ConnectionFailed,
+    Overloaded,
+    RequestFailed,
+    Timeout,
+    TokenEvent,
+    UnknownModel,
+)
+from blockllm.client.cli_common import CliError
+from blockllm.client.errors import error_from
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.timeout(20)
+
+PIECES = ["He", "llo", ",", "", " wörld", "!"]  # "" = a multi-byte character still pending
+COVERED = {"workers": [], "models": {"base": {"covered": True, "routes": []}}}
+
+
+class StandIn:
+    """A ROUTER peer in a thread that answers like the broker does (see the module doc)."""
+
+    def __init__(
+        self, status_body: dict[str, Any] | None = None, endpoint: str = "", vanish: bool = True
+    ) -> None:
+        self.vanish = vanish
+        self.status_body = status_body if status_body is not None else COVERED
+        self.status_hook: Any = None  # called with the request count, may return a body
+        self.received: queue.Queue[Any] = queue.Queue()
+        self.status_requests = 0
+        self._ctx = zmq.Context()
+        self._sock = make_socket(self._ctx, zmq.ROUTER, endpoint or "tcp://127.0.0.1:0", bind=True)
+        self.addr = bound_endpoint(self._sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(20):
+                continue
+            ident, *raw = self._sock.recv_multipart()
+            msg, _ = frames.decode(raw)
+            self.received.put(msg)
+            if self._answer(ident, msg) == "vanish":
+                break
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def _send(self, ident: bytes, msg: Any) -> None:
+        self._sock.send_multipart([ident, *frames.encode(msg)])
+
+    def _answer(self, ident: bytes, msg: Any) -> str | None:
+        if isinstance(msg, StatusRequest):
+            self.status_requests += 1
+            body = self.status_hook(self.status_requests) if self.status_hook else None
+            self._send(ident, Status(msg.request_id, body or self.status_body))
+        elif isinstance(msg, Generate):
+            return self._generate(ident, msg)
+        return None
+
+    def _generate(self, ident: bytes, g: Generate) -> str | None:
+        rid = g.request_id
+        if g.model == "silent":
+            return None
+        if g.model.startswith("err-"):
+            code = g.model.removeprefix("err-")
+            self._send(ident, Error(rid, code, f"stand-in {code}", code == "WORKER_LOST"))
+            return None
+        if g.model == "drip":  # two tokens, then nothing more (a stalled generation)
+            for i in range(2):
+                self._send(ident, Token(rid, i, i, PIECES[i]))
+            return None
+        if g.model not in ("base", "vanish"):
+            self._send(ident, Error(rid, ErrorCode.UNKNOWN_MODEL.value, f"no model {g.model!r}"))
+            return None
+        n_prompt = len(g.input_ids) if g.input_ids is not None else len(g.prompt or "")
+        n = min(g.max_new_tokens, len(PIECES))
+        for i in range(len(g.resume_ids), n):
+            last = i == n - 1
+            reason = ("length" if n == g.max_new_tokens else "stop") if last else None
+            self._send(ident, Token(rid, i, g.seed * 100 + i, PIECES[i], reason, n_prompt))
+            if g.model == "vanish" and self.vanish:
+                return "vanish"
+        return None
+
+    def next_message(self, kind: type, timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.received.get(timeout=max(0.0, deadline - time.monotonic()))
+            if isinstance(msg, kind):
+                return msg
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def peer() -> Iterator[StandIn]:
+    p = StandIn()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def client(peer: StandIn) -> Iterator[Client]:
+    with Client(peer.addr, timeout=10) as c:
+        yield c
+
+
+# ---- sync client ---------------------------------------------------------------------------
+
+
+def test_generate_returns_completion(client: Client) -> None:
+    out = client.generate("base", prompt="Hello", max_new_tokens=4, seed=2)
+    assert out == Completion([200, 201, 202, 203], "Hello,", "length", 5)
+
+
+def test_generate_input_ids_and_stop(client: Client, peer: StandIn) -> None:
+    out = client.generate("base", input_ids=[1, 2, 3], max_new_tokens=32)
+    assert out.token_ids == list(range(6))
+    assert out.text == "".join(PIECES)
+    assert out.finish_reason == "stop"
+    assert out.prompt_tokens == 3
+    sent = peer.next_message(Generate)
+    assert sent.input_ids == (1, 2, 3) and sent.prompt is None and sent.timeout_s == 10.0
+
+
+def test_stream_events_concatenate(client: Client) -> None:
+    events = list(client.stream("base", prompt="Hi", max_new_tokens=6))
+    assert all(isinstance(e, TokenEvent) for e in events)
+    assert [e.index for e in events] == list(range(6))
+    assert "".join(e.text for e in events) == "".join(PIECES)
+    assert events[3].text == ""
+    assert [e.finish_reason for e in events] == [None] * 5 + ["length"]
+
+
+def test_stream_timeout_sends_cancel(client: Client, peer: StandIn) -> None:
+    # "silent" never answers: the first next() times out, and the generator's close cancels it
+    events = client.stream("silent", prompt="Hi", timeout=0.3)
+    sent = peer.next_message(Generate)
+    with pytest.raises(Timeout):
+        next(events)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
+def test_stream_break_cancels(client: Client, peer: StandIn) -> None:
+    events = client.stream("drip", prompt="Hi")
+    for ev in events:
+        assert ev.text == "He"
+        break
+    events.close()
+    sent = peer.next_message(Generate)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
+def test_sixteen_threads_share_one_client(client: Client) -> None:
+    results: dict[int, Completion] = {}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            results[seed] = client.generate("base", prompt="x", max_new_tokens=5, seed=seed)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert sorted(results) == list(range(16))
+    for seed, out in results.items():
+        assert out.token_ids == [seed * 100 + i for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("UNKNOWN_MODEL", UnknownModel),
+        ("BAD_REQUEST", BadRequest),
+        ("OVERLOADED", Overloaded),
+        ("TIMEOUT", Timeout),
+        ("WORKER_LOST", RequestFailed),
+        ("NO_ROUTE", RequestFailed),
+        ("INTERNAL", RequestFailed),
+        ("SOMETHING_NEW", RequestFailed),
+    ],
+)
+def test_error_codes_map_to_classes(client: Client, code: str, cls: type) -> None:
+    with pytest.raises(cls) as info:
+        client.generate(f"err-{code}", prompt="x")
+    assert info.value.code == code
+    assert info.value.message == f"stand-in {code}"
+    assert info.value.retryable == (code == "WORKER_LOST")
+    assert isinstance(info.value, BlockLLMError)
+
+
+def test_unknown_model(client: Client) -> None:
+    with pytest.raises(UnknownModel, match="nope"):
+        client.generate("nope", prompt="x")
+
+
+def test_error_from_is_typed() -> None:
+    e = error_from("NO_ROUTE", "no worker holds layer 3", True)
+    assert type(e) is RequestFailed and e.code == "NO_ROUTE" and e.retryable
+    assert isinstance(error_from("TIMEOUT", "late"), TimeoutError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"prompt": "a", "input_ids": [1]},
+        {"input_ids": []},
+        {"input_ids": [1, -2]},
+        {"prompt": "a", "max_new_tokens": 0},
+        {"prompt": "a", "top_p": 0.0},
+        {"prompt": "a", "temperature": -1.0},
+    ],
+)
+def test_bad_arguments_fail_locally(client: Client, peer: StandIn, kwargs: dict) -> None:
+    with pytest.raises(BadRequest):
+        client.generate("base", **kwargs)
+    assert peer.received.empty()
+
+
+def test_client_timeout_when_peer_silent(client: Client, peer: StandIn) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(Timeout, match=re.escape(peer.addr)):
+        client.generate("silent", prompt="x", timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    sent = peer.next_message(Generate)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
+def test_no_broker_is_a_clear_timeout() -> None:
+    dead = StandIn()
+    addr = dead.addr
+    dead.close()  # nothing listens there now
+    with Client(addr) as c:
+        with pytest.raises(Timeout, match="not connected") as info:
+            c.generate("base", prompt="x", timeout=0.3)
+        assert addr in str(info.value)
+        with pytest.raises(Timeout):
+            c.status(timeout=0.3)
+
+
+def test_unreachable_broker_without_deadline() -> None:
+    dead = StandIn()
+    dead.close()
+    with Client(dead.addr, connect_timeout=0.3) as c, pytest.raises(BrokerUnavailable) as info:
+        c.generate("base", prompt="x")
+    assert isinstance(info.value, Timeout) and isinstance(info.value, ConnectionError)
+    assert dead.addr in str(info.value)
+
+
+def test_broker_lost_mid_stream_fails_after_connect_timeout() -> None:
+    p = StandIn()
+    with Client(p.addr, connect_timeout=0.5) as c:
+        events = c.stream("vanish", prompt="x", max_new_tokens=4)
+        assert next(events).token_id == 0
+        t0 = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="unreachable"):
+            next(events)
+        assert time.monotonic() - t0 < 3
+    p.close()
+
+
+def test_broker_restart_resumes_the_stream() -> None:
+    first = StandIn()
+    with Client(first.addr, timeout=10) as c:
+        events = c.stream("vanish", prompt="Hello", max_new_tokens=4, seed=1)
+        got = [next(events)]  # then the stand-in dies
+        original = first.next_message(Generate)
+        first.close()
+        second = StandIn(endpoint=first.addr, vanish=False)  # the broker comes back
+        try:
+            got += list(events)
+            resumed = second.next_message(Generate)
+        finally:
+            second.close()
+    assert resumed.resume_ids == (100,)
+    assert resumed.request_id != original.request_id
+    assert (resumed.model, resumed.prompt, resumed.max_new_tokens) == ("vanish", "Hello", 4)
+    assert [e.index for e in got] == [0, 1, 2, 3]
+    assert [e.token_id for e in got] == [100, 101, 102, 103]
+    assert "".join(e.text for e in got) == "Hello,"
+    assert got[-1].finish_reason == "length"
+
+
+def test_wait_ready_until_covered(client: Client, peer: StandIn) -> None:
+    uncovered = {"workers": [], "models": {"base": {"covered": False}}}
+    peer.status_hook = lambda n: uncovered if n < 3 else None
+    body = client.wait_ready(models=["base"], timeout=5)
+    assert body["models"]["base"]["covered"] is True
+    assert peer.status_requests == 3
+
+
+def test_wait_ready_timeout_names_models(client: Client, peer: StandIn) -> None:
+    peer.status_body = {"workers": [], "models": {"a": {"covered": True}, "b": {"covered": 0}}}
+    with pytest.raises(Timeout, match=r"not covered.*: b$"):
+        client.wait_ready(models=["a", "b"], timeout=0.5)
+
+
+def test_wait_ready_unknown_model(client: Client) -> None:
+    with pytest.raises(UnknownModel, match="zzz"):
+        client.wait_ready(models=["base", "zzz"], timeout=5)
+
+
+def test_status_body(client: Client) -> None:
+    assert client.status() == COVERED
+
+
+def test_closed_client_raises(peer: StandIn) -> None:
+    c = Client(peer.addr)
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(ConnectionFailed, match="closed"):
+        c.generate("base", prompt="x")
+
+
+def test_close_fails_waiting_requests(peer: StandIn) -> None:
+    c = Client(peer.addr)
+    events = c.stream("silent", prompt="x")
+    peer.next_message(Generate)
+    threading.Timer(0.2, c.close).start()
+    with pytest.raises(ConnectionFailed, match="closed"):
+        next(events)
+
+
+def test_finalizer_closes_socket(peer: StandIn) -> None:
+    c = Client(peer.addr)
+    thread = c._transport.thread
+    del c
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_bad_address() -> None:
+    with pytest.raises(ConnectionFailed, match="cannot connect"):
+        Client("nonsense://x")
+
+
+def test_missing_keys(tmp_path) -> None:
+    with pytest.raises(ConnectionFailed, match=r"client\.key_secret"):
+        Client("tcp://127.0.0.1:1", keys_dir=tmp_path)
+
+
+# ---- asyncio client ------------------------------------------------------------------------
+
+
+def test_async_generate_stream_gather(peer: StandIn) -> None:
+    async def main() -> None:
+        async with AsyncClient(peer.addr, timeout=10) as c:
+            out = await c.generate("base", prompt="Hello", max_new_tokens=3, seed=1)
+            assert out == Completion([100, 101, 102], "Hello,", "length", 5)
+            text = [ev.text async for ev in c.stream("base", prompt="Hi", max_new_tokens=6)]
+            assert "".join(text) == "".join(PIECES)
+            outs = await asyncio.gather(
+                *(c.generate("base", prompt="x", max_new_tokens=4, seed=s) for s in range(16))
+            )
+            for s, o in enumerate(outs):
+                assert o.token_ids == [s * 100 + i for i in range(4)]
+            assert (await c.status())["models"]["base"]["covered"]
+            await c.wait_ready(models=["base"], timeout=5)
+
+    asyncio.run(main())
+
+
+def test_async_errors_and_timeout(peer: StandIn) -> None:
+    async def main() -> None:
+        async with AsyncClient(peer.addr) as c:
+            with pytest.raises(UnknownModel):
+                await c.generate("nope", prompt="x")
+            with pytest.raises(Overloaded):
+                await c.generate("err-OVERLOADED", prompt="x")
+            with pytest.raises(BadRequest):
+                c.stream("base")
+            with pytest.raises(Timeout, match=re.escape(peer.addr)):
+                await c.generate("silent", prompt="x", timeout=0.3)
+        sent = peer.next_message(Generate)
+        while sent.model != "silent":
+            sent = peer.next_message(Generate)
+        assert peer.next_message(Cancel).request_id == sent.request_id
+
+    asyncio.run(main())
+
+
+def test_async_stream_break_cancels(peer: StandIn) -> None:
+    async def main() -> None:
+        async with AsyncClient(peer.addr, timeout=10) as c:
+            stream = c.stream("drip", prompt="x", max_new_tokens=6)
+            async for _ev in stream:
+                break
+            await stream.aclose()
+            assert not c.demux.pending
+
+    asyncio.run(main())
+    sent = peer.next_message(Generate)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, stdin: str | None = None) -> Any:
+    from blockllm.client.cli import cli  # here: a broken sibling CLI module fails only these
+
+    return CliRunner().invoke(cli, list(args), input=stdin)
+
+
+def cli_error(result: Any) -> CliError:
+    """The CliError the `blockllm` entry point prints as one `error: ...` line."""
+    assert isinstance(result.exception, CliError), result.output
+    return result.exception
+
+
+def test_cli_generate_json(peer: StandIn) -> None:
+    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--max-tokens", "3",
+                "--seed", "4", "--json", "Hello")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {
+        "token_ids": [400, 401, 402],
+        "text": "Hello,",
+        "finish_reason": "length",
+    }
+
+
+def test_cli_generate_streams_text(peer: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOCKLLM_BROKER", peer.addr)
+    r = run_cli("generate", "--model", "base", "--max-tokens", "6", "-", stdin="Hello\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "".join(PIECES) + "\n"
+    assert peer.next_message(Generate).prompt == "Hello"
+
+
+def test_cli_generate_input_ids_and_sampling(peer: StandIn) -> None:
+    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "5,6,7",
+                "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    g = peer.next_message(Generate)
+    assert (g.input_ids, g.temperature, g.top_k, g.top_p) == ((5, 6, 7), 0.7, 40, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("model", "exit_code"), [("nope", 3), ("err-BAD_REQUEST", 5), ("err-NO_ROUTE", 1)]
+)
+def test_cli_generate_error_exit_codes(peer: StandIn, model: str, exit_code: int) -> None:
+    r = run_cli("generate", "--broker", peer.addr, "--model", model, "x")
+    e = cli_error(r)
+    assert e.exit_code == exit_code
+    assert "\n" not in str(e)
+
+
+def test_cli_generate_timeout(peer: StandIn) -> None:
+    r = run_cli("generate", "--broker", peer.addr, "--model", "silent", "--timeout", "0.3", "x")
+    e = cli_error(r)
+    assert e.exit_code == 4 and peer.addr in str(e)
+
+
+def test_cli_generate_usage_errors(peer: StandIn) -> None:
+    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "1,x")
+    assert r.exit_code == 2
+    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "1", "hi")
+    assert r.exit_code == 2
+
+
+def test_cli_status_json_and_table(peer: StandIn) -> None:
+    peer.status_body = {
+        "workers": [
+            {"name": "w0", "pid": 42, "host": "node1", "stages": [
+                {"key": "k", "model": "base", "start": 0, "end": 3}],
+             "queue_depths": {"k": 2}, "kv_total_bytes": 4 << 20, "kv_free_bytes": 1 << 20,
+             "rss_bytes": 300 << 20},
+        ],
+        "models": {"base": {"covered": True, "routes": [{"worker": "w0", "stages": ["k"]}]}},
+    }  # fmt: skip
+    r = run_cli("status", "--broker", peer.addr, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == peer.status_body
+    r = run_cli("status", "--broker", peer.addr)
+    assert r.exit_code == 0, r.output
+    assert "w0" in r.stdout and "node1" in r.stdout and "base[0,3)" in r.stdout
+    assert "3M/4M" in r.stdout and "300M" in r.stdout
+
+
+def test_cli_status_not_covered_is_unhealthy(peer: StandIn) -> None:
+    peer.status_body = {"workers": [], "models": {"base": {"covered": False}}}
+    r = run_cli("status", "--broker", peer.addr, "--json")
+    assert json.loads(r.stdout)["models"]["base"]["covered"] is False
+    e = cli_error(r)
+    assert e.exit_code == 1 and "base" in str(e)
+
+
+def test_cli_status_unreachable() -> None:
+    dead = StandIn()
+    dead.close()
+    r = run_cli("status", "--broker", dead.addr, "--timeout", "0.3")
+    e = cli_error(r)
+    assert e.exit_code == 4 and dead.addr in str(e)
