@@ -1,0 +1,461 @@
+"""Process supervision for `blockllm serve` (and the multi-process tests): one pattern for all.
+
+STYLE 7.8, in order:
+1. children start with `multiprocessing.get_context("spawn")` (torch is not fork-safe);
+2. a child's first lines arm PR_SET_PDEATHSIG (SIGTERM: it drains and exits when the launcher
+   dies, even by SIGKILL) and re-check `os.getppid()` against the pid read before spawning, name
+   the process, configure logging, start their own process group (a terminal's Ctrl-C reaches
+   only the launcher, which stops the children in order), then call `run_<name>_process(cfg)`;
+3. handshake: the broker reports its bound endpoint through a one-way pipe (UTF-8 bytes, no
+   pickle); workers are ready when the broker's STATUS lists them and covers every model;
+   both waits are bounded and fail with an actionable message, and a child that dies while we
+   wait is reported at once;
+4. a monitor thread watches the children's sentinels and reports any that exits unexpectedly;
+5. cleanup is the module-level `shutdown(procs, timeout)` (terminate -> join until the deadline
+   -> kill the process tree with psutil), registered with `weakref.finalize` on the
+   `Launcher`; teardown order is workers first, then the broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+SPAWN = multiprocessing.get_context("spawn")
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
+WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
+
+
+class LaunchError(RuntimeError):
+    """A child did not come up (or died); the message says which one and what to do."""
+
+
+# -- the child side ---------------------------------------------------------------------------
+
+
+def arm_parent_death(expected_ppid: int) -> None:
+    """Ask the kernel for SIGTERM when our parent dies (Linux), then close the race: if the
+    parent died before we armed, exit now. Call first thing in a spawned child."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm` and `top` show (Linux; at most 15 bytes)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: str) -> None:
+    """Entry point of every spawned child: arm, name, log, then run `target(cfg)`."""
+    arm_parent_death(parent_pid)
+    os.setpgid(0, 0)  # own process group: terminal signals go to the launcher only
+    set_process_name(f"blockllm-{name}")
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    module, _, func = target.partition(":")
+    run = getattr(importlib.import_module(module), func)
+    sys.exit(int(run(cfg) or 0))
+
+
+# -- cleanup ----------------------------------------------------------------------------------
+
+
+def shutdown(procs: Sequence[BaseProcess], timeout: float) -> None:
+    """Stop `procs`: SIGTERM all, join until `timeout`, then SIGKILL each survivor's tree.
+
+    Module-level (weakref.finalize must not hold the launcher alive); safe to call twice.
+    """
+    alive = [p for p in procs if p.pid is not None and p.exitcode is None]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        if p.exitcode is None:
+            logger.warning("[shutdown] %s (pid %s) ignored SIGTERM; killing it", p.name, p.pid)
+            kill_tree(p.pid)
+            p.join(5)
+
+
+def kill_tree(pid: int | None) -> None:
+    """SIGKILL a process and every descendant (children first found, then the root)."""
+    if pid is None:
+        return
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(family, timeout=5)
+
+
+def _shutdown_groups(groups: Sequence[Sequence[BaseProcess]], timeout: float) -> None:
+    for group in groups:
+        shutdown(group, timeout)
+
+
+# -- the launcher -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """A child that exited while it was expected to run."""
+
+    name: str
+    pid: int | None
+    exitcode: int | None
+
+    def __str__(self) -> str:
+        code = self.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+        return f"{self.name} (pid {self.pid}) exited unexpectedly ({how})"
+
+
+class Launcher:
+    """Starts and supervises the broker and worker processes of one machine.
+
+    Call from the main thread (PR_SET_PDEATHSIG fires when the *thread* that spawned a child
+    exits). `on_death(death)` runs in the monitor thread for every unexpected exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_level: str = "WARNING",
+        stop_timeout: float = 15.0,
+        on_death: Callable[[Death], None] | None = None,
+    ) -> None:
+        self.log_level = log_level
+        self.stop_timeout = stop_timeout
+        self.on_death = on_death
+        self.broker: BaseProcess | None = None
+        self.endpoint: str | None = None
+        self.workers: dict[str, BaseProcess] = {}
+        self.deaths: list[Death] = []
+        self._brokers: list[BaseProcess] = []
+        self._workers: list[BaseProcess] = []
+        self._stopping = threading.Event()
+        self._expected: set[int] = set()  # id() of children whose exit is not a failure
+        self._monitor: threading.Thread | None = None
+        # Workers first, then the broker: the lists are filled in place as children start.
+        self._finalizer = weakref.finalize(
+            self, _shutdown_groups, [self._workers, self._brokers], stop_timeout
+        )
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- starting ----------------------------------------------------------------------------
+    def _spawn(self, name: str, target: str, cfg: Any) -> BaseProcess:
+        proc = SPAWN.Process(
+            target=_child_main,
+            args=(target, cfg, os.getpid(), name, self.log_level),
+            name=name,
+            daemon=False,  # workers may not be daemons' children; we stop them ourselves
+        )
+        proc.start()
+        logger.info("started %s (pid %d)", name, proc.pid)
+        return proc
+
+    def start_broker(self, cfg: Any, ready_timeout: float = 60.0) -> str:
+        """Start the broker; return its bound endpoint once it reports it (LaunchError if not)."""
+        recv, send = SPAWN.Pipe(duplex=False)
+        cfg = replace(cfg, ready_conn=send, parent_pid=os.getpid())
+        self.broker = self._spawn("broker", BROKER_TARGET, cfg)
+        self._brokers.append(self.broker)
+        send.close()  # ours; the child holds its own copy: EOF when it dies
+        try:
+            ready = multiprocessing.connection.wait([recv, self.broker.sentinel], ready_timeout)
+            if recv in ready:
+                with contextlib.suppress(EOFError):  # EOF: it died before reporting
+                    self.endpoint = recv.recv_bytes().decode()
+        finally:
+            recv.close()
+        if self.endpoint is None:
+            code = self.broker.exitcode
+            what = f"exited with code {code}" if code is not None else "not ready"
+            raise LaunchError(
+                f"broker {what} after {ready_timeout:.0f} s binding {cfg.bind}; see its log above"
+                " (is the address in use? raise --ready-timeout if the zoo is slow to read)"
+            )
+        logger.info("[ready] broker at %s", self.endpoint)
+        self._start_monitor()
+        return self.endpoint
+
+    def start_worker(self, name: str, cfg: Any) -> BaseProcess:
+        """Start one worker process (`cfg`: a WorkerProcConfig); readiness: `wait_ready`."""
+        proc = self._spawn(name, WORKER_TARGET, cfg)
+        self.workers[name] = proc
+        self._workers.append(proc)
+        self._start_monitor()
+        return proc
+
+    def wait_ready(
+        self,
+        models: Sequence[str] | None,
+        timeout: float,
+        describe: dict[str, str] | None = None,
+        keys_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Poll the broker's STATUS until every started worker is registered and every model
+        in `models` is covered; returns the last status. LaunchError naming what is missing,
+        or the child that died meanwhile."""
+        from blockllm.client.client import Client
+        from blockllm.client.core import require_covered
+        from blockllm.client.errors import BlockLLMError
+
+        assert self.endpoint is not None, "start_broker first"
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        missing: list[str] = list(self.workers)
+        uncovered: list[str] = list(models or [])
+        with Client(self.endpoint, keys_dir=keys_dir) as client:
+            while True:
+                self._raise_if_died(describe)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(BlockLLMError):
+                    body = client.status(timeout=min(left, 5.0))
+                    names = {w.get("name") for w in body.get("workers", [])}
+                    missing = [n for n in self.workers if n not in names]
+                    uncovered = require_covered(body, models) if models is not None else []
+                    if not missing and not uncovered:
+                        return body
+                # A bounded poll interval that ends early when a child dies.
+                sentinels = [p.sentinel for p in self._children() if p.exitcode is None]
+                multiprocessing.connection.wait(sentinels, timeout=min(0.1, max(left, 0)))
+        parts = [f"workers not registered: {', '.join(missing)}"] if missing else []
+        if uncovered:
+            parts.append(f"models not covered: {', '.join(uncovered)}")
+        detail = "; ".join(parts) or "broker did not answer STATUS"
+        loading = "".join(f"\n  {n}: {d}" for n, d in (describe or {}).items() if n in missing)
+        raise LaunchError(
+            f"not ready after {timeout:.0f} s ({detail}){loading}\nworkers load their stages from"
+            " the zoo and verify block hashes first: raise --ready-timeout if that is slow"
+        )
+
+    def _raise_if_died(self, describe: dict[str, str] | None) -> None:
+        for p in self._children():
+            if p.exitcode is not None and id(p) not in self._expected:
+                what = (describe or {}).get(p.name or "", "")
+                raise LaunchError(
+                    f"{Death(p.name or '?', p.pid, p.exitcode)} while starting"
+                    f"{f' ({what})' if what else ''}; see its log above"
+                )
+
+    def _children(self) -> list[BaseProcess]:
+        return [*self._brokers, *self._workers]
+
+    # -- monitoring --------------------------------------------------------------------------
+    def _start_monitor(self) -> None:
+        if self._monitor is None:
+            self._monitor = threading.Thread(
+                target=self._watch, name="launcher-monitor", daemon=True
+            )
+            self._monitor.start()
+
+    def _watch(self) -> None:
+        """Monitor thread: wait on the sentinels; report every unexpected exit once."""
+        reported: set[int] = set()
+        while not self._stopping.is_set():
+            pending = [p for p in self._children() if id(p) not in reported]
+            for p in pending:
+                if p.exitcode is None:
+                    continue
+                reported.add(id(p))
+                if self._stopping.is_set() or id(p) in self._expected:
+                    continue
+                death = Death(p.name or "?", p.pid, p.exitcode)
+                self.deaths.append(death)
+                logger.error("[dead] %s", death)
+                if self.on_death is not None:
+                    self.on_death(death)
+            live = [p.sentinel for p in pending if p.exitcode is None]
+            multiprocessing.connection.wait(live, timeout=1.0)
+
+    # -- stopping ----------------------------------------------------------------------------
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop everything: workers first (they drain and send DEAD), then the broker."""
+        self._stopping.set()
+        t = self.stop_timeout if timeout is None else timeout
+        logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
+        shutdown(self._workers, t)
+        shutdown(self._brokers, t)
+        self._finalizer.detach()
+        if self._monitor is not None:
+            self._monitor.join(timeout=2.0)
+
+    def kill_worker(self, name: str, sig: int) -> None:
+        """Send `sig` to one worker whose exit is then expected (not reported as a death)."""
+        p = self.workers[name]
+        self._expected.add(id(p))
+        assert p.pid is not None
+        os.kill(p.pid, sig)
+
+
+# -- blockllm serve ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """One machine's cluster: a broker and `workers` workers over the zoo at `zoo_dir`.
+
+    `broker` (a BrokerConfig) and `worker` (a WorkerProcConfig) are templates: the launcher
+    fills in the endpoint, each worker's name, stages and thread count.
+    """
+
+    zoo_dir: str
+    broker: Any
+    worker: Any
+    workers: int = 2
+    models: tuple[str, ...] = ()  # () = every model in the zoo
+    threads: int | None = None  # per worker; None = the usable cores split across workers
+    ready_timeout_s: float = 120.0
+    log_level: str = "WARNING"
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What `run_serve` announces once everything is ready."""
+
+    endpoint: str
+    models: tuple[str, ...]
+    workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while the cluster was still starting."""
+
+
+def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """(models served, stages of each worker) by static placement over the zoo's manifests."""
+    from blockllm.broker.placement import static_placement
+    from blockllm.worker.config import StageSpec
+    from blockllm.zoo import Zoo
+
+    zoo = Zoo(cfg.zoo_dir)
+    known = zoo.list_models()
+    models = cfg.models or tuple(known)
+    unknown = [m for m in models if m not in known]
+    if not models or unknown:
+        have = ", ".join(known) or "none"
+        what = f"unknown models {', '.join(unknown)}" if unknown else "no models"
+        raise LaunchError(
+            f"{what} in zoo {cfg.zoo_dir} (it has: {have}); import one with "
+            "`blockllm zoo import PATH --name NAME`"
+        )
+    plan = static_placement([zoo.manifest(m) for m in models], cfg.workers)
+    return tuple(models), [tuple(StageSpec(*s) for s in stages) for stages in plan]
+
+
+def default_threads(workers: int) -> int:
+    """torch threads per worker: the usable cores split evenly (at least one each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
+    """Start the cluster, call `announce` once it is ready, run until SIGINT/SIGTERM (-> 0)
+    or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
+    130 when interrupted while starting. Main thread only (signal handlers)."""
+    models, plan = plan_workers(cfg)
+    wake_r, wake_w = os.pipe()
+    state = {"serving": False, "stop": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        state["stop"] = True
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"s")
+        if not state["serving"]:
+            raise Interrupted(signal.Signals(signum).name)
+
+    def on_death(_death: Death) -> None:
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"d")
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+    launcher = Launcher(log_level=cfg.log_level, on_death=on_death)
+    try:
+        serving = _start_cluster(launcher, cfg, models, plan)
+        state["serving"] = True
+        if state["stop"]:
+            return 0
+        announce(serving)
+        while not state["stop"] and not launcher.deaths:
+            multiprocessing.connection.wait([wake_r])
+            os.read(wake_r, 64)
+        if launcher.deaths:
+            logger.error("[shutdown] stopping: %s", "; ".join(map(str, launcher.deaths)))
+            return 1
+        logger.info("[shutdown] signal received; stopping")
+        return 0
+    except Interrupted as e:
+        logger.warning("[shutdown] %s while starting; stopping", e)
+        return 130
+    finally:
+        state["serving"] = True  # no Interrupted from here on: the teardown must finish
+        launcher.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _start_cluster(
+    launcher: Launcher, cfg: ServeConfig, models: tuple[str, ...], plan: list[tuple[Any, ...]]
+) -> Serving:
+    endpoint = launcher.start_broker(cfg.broker, cfg.ready_timeout_s)
+    threads = cfg.threads or default_threads(sum(1 for p in plan if p))
+    describe: dict[str, str] = {}
+    for i, stages in enumerate(plan):
+        if not stages:
+            continue  # more workers than chain positions
+        name = f"worker-{i}"
+        wcfg = replace(cfg.worker, broker=endpoint, name=name, stages=stages, threads=threads)
+        launcher.start_worker(name, wcfg)
+        describe[name] = "stages " + ", ".join(map(str, stages))
+    launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
+    workers = tuple(
+        (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
+        for name, p in launcher.workers.items()
+    )
+    return Serving(endpoint, models, workers)
