@@ -1,0 +1,236 @@
+"""The request life cycle of the Broker: route with credit, step hop by hop, emit tokens,
+finish, replay and fail. A base class of `Broker` (broker.py), pure like it: no sockets, no
+clock, every method returns the messages to send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Hashable, Mapping
+from typing import Any, NamedTuple
+
+from blockllm.broker.config import BrokerConfig
+from blockllm.broker.models import ModelSpec
+from blockllm.broker.placement import Hop, WorkerView, find_route
+from blockllm.broker.protocol import (
+    Error,
+    ErrorCode,
+    Forward,
+    Message,
+    Release,
+    TensorMeta,
+    Token,
+)
+from blockllm.broker.requests import RequestState, token_frame
+from blockllm.broker.workers import WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+class Out(NamedTuple):
+    """One message to send: to `peer` (a ROUTER identity), `msg`, then `frames` as they are."""
+
+    peer: bytes
+    msg: Message
+    frames: tuple[Any, ...] = ()
+
+
+def error_code(code: str) -> ErrorCode:
+    """A protocol ErrorCode for a peer's code string (INTERNAL when it is not one)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+class RequestFlow:
+    """Routing, dispatch and the per-request state machine (Broker's loop thread only)."""
+
+    cfg: BrokerConfig
+    models: dict[str, ModelSpec]
+    workers: dict[bytes, WorkerState]
+    requests: dict[str, RequestState]
+    waiting: deque[str]
+    by_client: dict[tuple[bytes, str], str]
+    counters: dict[str, int]
+
+    def key_of(self, model: str, start: int, end: int) -> str | None:
+        raise NotImplementedError
+
+    # -- routing ---------------------------------------------------------------------------
+    def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
+        """The best route of `model` over `views`, or None."""
+        spec = self.models.get(model)
+        if spec is None:
+            return None
+        return find_route(model, spec.chain_len, views, self.key_of)
+
+    def covered(self, model: str) -> bool:
+        """Whether live workers (banned or busy alike) cover the whole chain of `model`."""
+        views = {p: WorkerView(w.stages, w.load()) for p, w in self.workers.items()}
+        return self.route(model, views) is not None
+
+    def _kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
+        """KV bytes the request reserves on each worker of `route` (estimate)."""
+        need: dict[bytes, int] = {}
+        per_token = req.spec.kv_bytes_per_token_layer * req.max_total_len
+        for hop in route:
+            layers = sum(req.spec.decoder_layers_in(a, b) for a, b in hop.spans)
+            need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
+        return need
+
+    def _route_with_credit(self, req: RequestState, now: float) -> list[Hop] | None:
+        """A route over workers with credit, avoiding the request's failed workers if possible.
+
+        A route whose worker lacks the KV bytes is retried without that worker.
+        """
+        for avoid in (req.avoid, set()):
+            excluded = set(avoid)
+            while True:
+                views = {
+                    peer: WorkerView(
+                        w.stages,
+                        w.load(),
+                        peer not in excluded and not w.banned(now) and w.credit_slots() >= 1,
+                    )
+                    for peer, w in self.workers.items()
+                }
+                route = self.route(req.model, views)
+                if route is None:
+                    break
+                need = self._kv_need(req, route)
+                short = [p for p, n in need.items() if not self.workers[p].can_take(n)]
+                if not short:
+                    return route
+                excluded.update(short)
+            if not avoid:
+                break
+        return None
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _dispatch(self, now: float) -> list[Out]:
+        """Start every waiting request that has a route with credit now, in arrival order."""
+        out: list[Out] = []
+        failed_at: dict[str, int] = {}  # model -> smallest max_total_len that found no route
+        still: deque[str] = deque()
+        while self.waiting:
+            rid = self.waiting.popleft()
+            req = self.requests[rid]
+            if req.max_total_len >= failed_at.get(req.model, 1 << 62):
+                still.append(rid)
+                continue
+            route = self._route_with_credit(req, now)
+            if route is None:
+                failed_at[req.model] = min(req.max_total_len, failed_at.get(req.model, 1 << 62))
+                still.append(rid)
+                continue
+            for peer, nbytes in self._kv_need(req, route).items():
+                self.workers[peer].inflight[rid] = nbytes
+            req.route = route
+            out.append(self._start_step(req))
+        self.waiting = still
+        return out
+
+    def _forward(self, req: RequestState, hop: Hop, tensors: tuple[TensorMeta, ...]) -> Forward:
+        return Forward(
+            request_id=req.rid,
+            step=req.step,
+            stage_keys=hop.stage_keys,
+            past_len=req.past_len,
+            max_total_len=req.max_total_len,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
+            tensors=tensors,
+        )
+
+    def _start_step(self, req: RequestState) -> Out:
+        """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""
+        assert req.route
+        ids, req.past_len = req.step_input()
+        req.step += 1
+        req.hop = 0
+        meta, frame = token_frame(ids)
+        hop = req.route[0]
+        return Out(hop.worker, self._forward(req, hop, (meta,)), (frame,))
+
+    # -- tokens and the end of a request -----------------------------------------------------
+    def _on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
+        """The last hop sampled `token_id`: stream it, then finish or start the next step."""
+        req.generated.append(token_id)
+        req.prefill = False
+        self.counters["tokens"] += 1
+        text = req.detok.push(token_id) if req.detok else ""
+        finish = None
+        if token_id in req.spec.eos_ids:
+            finish = "stop"
+        elif len(req.generated) >= req.max_new_tokens:
+            finish = "length"
+        if finish is not None and req.detok is not None:
+            text += req.detok.finish()
+        token = Token(
+            req.client_rid, len(req.generated) - 1, token_id, text, finish, len(req.prompt)
+        )
+        out = [Out(req.client, token)]
+        if finish is None:
+            return [*out, self._start_step(req)]
+        self.counters["completed"] += 1
+        return out + self._finish(req, None)
+
+    def _finish(self, req: RequestState, final: Out | None) -> list[Out]:
+        """Forget the request: RELEASE its hops, return its credit, send `final` if any."""
+        out = [final] if final is not None else []
+        out += self._release(req)
+        self.requests.pop(req.rid, None)
+        self.by_client.pop((req.client, req.client_rid), None)
+        if req.route is None and req.rid in self.waiting:
+            self.waiting.remove(req.rid)
+        return out
+
+    def _release(self, req: RequestState) -> list[Out]:
+        """RELEASE to every live worker of the route, and return their credit."""
+        out = []
+        for peer in req.workers():
+            worker = self.workers.get(peer)
+            if worker is not None:
+                worker.inflight.pop(req.rid, None)
+                out.append(Out(peer, Release(req.rid)))
+        req.route = None
+        return out
+
+    def _fail(
+        self, req: RequestState, code: ErrorCode, message: str, retryable: bool = False
+    ) -> list[Out]:
+        """End the request with a typed error to its client."""
+        self.counters["failed"] += 1
+        if code is ErrorCode.TIMEOUT or code is ErrorCode.NO_ROUTE:
+            self.counters["timeouts"] += 1
+        logger.info("request %s (%s) failed: %s %s", req.client_rid, req.rid, code.value, message)
+        error = Error(req.client_rid, code.value, message, retryable, req.step)
+        return self._finish(req, Out(req.client, error))
+
+    def _replay(self, req: RequestState, now: float, failed: bytes, why: str) -> list[Out]:
+        """Move the request off its route: release, route again later, re-prefill everything.
+
+        The client sees only a delay: the generated tokens are kept and not re-sent.
+        """
+        out = self._release(req)
+        req.replays += 1
+        req.prefill = True
+        req.last_failure = why
+        req.avoid.add(failed)
+        self.counters["replays"] += 1
+        if req.replays > self.cfg.max_replays:
+            text = f"gave up after {req.replays - 1} replays; last: {why}"
+            return out + self._fail(req, ErrorCode.WORKER_LOST, text, retryable=True)
+        logger.info(
+            "[replay] request %s (%s) after %d tokens: %s",
+            req.client_rid,
+            req.rid,
+            len(req.generated),
+            why,
+        )
+        self.waiting.appendleft(req.rid)
+        return out

@@ -1,0 +1,102 @@
+"""The STATUS body: plain msgpack-able data about workers, models, requests and counters.
+
+Shape (DESIGN section 4 and `blockllm status --json` rely on workers[].pid/host/stages and
+models):
+    {"workers": [{"name", "pid", "host", "device", "stages": [{"key", "model", "start", "end",
+                  "nbytes"}], "queue_depths", "kv_free_bytes", "kv_total_bytes", "free_slots",
+                  "credit_slots", "inflight", "max_batch_size", "rss_bytes", "alive",
+                  "banned_s", "steps", "step_ms_p50", "step_ms_p95", "mean_batch",
+                  "expires_in_s"}],
+     "models": {name: {"layers", "covered", "route": [[worker_name, [[start, end], ...]], ...]
+                       | None, "running", "waiting"}},
+     "requests": {"running", "waiting"},
+     "counters": {name: n for name in COUNTERS}}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from blockllm.broker.placement import Hop, WorkerView
+
+if TYPE_CHECKING:
+    from blockllm.broker.broker import Broker
+    from blockllm.broker.workers import WorkerState
+
+COUNTERS = (
+    "requests",
+    "completed",
+    "failed",
+    "rejected",
+    "overloaded",
+    "timeouts",
+    "cancelled",
+    "tokens",
+    "replays",
+    "bad_messages",
+    "stale_results",
+    "dropped_sends",
+    "workers_expired",
+    "unknown_worker_messages",
+    "internal_errors",
+)
+
+
+def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
+    return {
+        "name": w.name,
+        "pid": w.pid,
+        "host": w.host,
+        "device": w.device,
+        "stages": [
+            {"key": s.key, "model": s.model, "start": s.start, "end": s.end, "nbytes": s.nbytes}
+            for s in w.stages
+        ],
+        "queue_depths": dict(w.queue_depths),
+        "kv_free_bytes": w.kv_free_bytes,
+        "kv_total_bytes": w.kv_total_bytes,
+        "free_slots": w.free_slots,
+        "credit_slots": w.credit_slots(),
+        "inflight": len(w.inflight),
+        "max_batch_size": w.max_batch_size,
+        "rss_bytes": w.rss_bytes,
+        "alive": True,  # expired workers are purged, not listed
+        "banned_s": round(max(0.0, w.banned_until - now), 3),
+        "steps": w.steps,
+        "step_ms_p50": w.step_ms_p50,
+        "step_ms_p95": w.step_ms_p95,
+        "mean_batch": w.mean_batch,
+        "expires_in_s": round(max(0.0, w.expires_at - now), 3),
+    }
+
+
+def _route_entry(b: Broker, route: list[Hop]) -> list[list[Any]]:
+    return [[b.workers[h.worker].name, [list(span) for span in h.spans]] for h in route]
+
+
+def model_entry(b: Broker, name: str, now: float) -> dict[str, Any]:
+    spec = b.models[name]
+    unbanned = {p: WorkerView(w.stages, w.load(), not w.banned(now)) for p, w in b.workers.items()}
+    route = b.route(name, unbanned)
+    if route is None:  # show the route banned workers give, if only bans are in the way
+        route = b.route(name, {p: WorkerView(w.stages, w.load()) for p, w in b.workers.items()})
+    mine = [r for r in b.requests.values() if r.model == name]
+    return {
+        "layers": spec.num_layers,
+        "covered": route is not None,
+        "route": None if route is None else _route_entry(b, route),
+        "running": sum(1 for r in mine if r.route is not None),
+        "waiting": sum(1 for r in mine if r.route is None),
+    }
+
+
+def status_body(b: Broker, now: float) -> dict[str, Any]:
+    running = sum(1 for r in b.requests.values() if r.route is not None)
+    return {
+        "workers": [
+            worker_entry(w, now) for w in sorted(b.workers.values(), key=lambda w: w.registered_at)
+        ],
+        "models": {name: model_entry(b, name, now) for name in sorted(b.models)},
+        "requests": {"running": running, "waiting": len(b.requests) - running},
+        "counters": dict(b.counters),
+    }

@@ -1,0 +1,130 @@
+"""WorkerState: what the broker knows of one worker, and its credit (free slots, KV bytes).
+
+Credit: the worker reports `free_slots` and `kv_free_bytes` in READY and every HEARTBEAT.
+Between reports the broker counts what it dispatched or released since the last one, so a
+burst of requests cannot overrun a worker that has not reported yet:
+    credit = reported - (in flight now - in flight at the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from blockllm.broker.protocol import Heartbeat, Ready, StageRef
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """One registered worker (keyed by its ROUTER identity). Broker loop thread only."""
+
+    identity: bytes
+    name: str
+    pid: int
+    host: str
+    device: str
+    stages: tuple[StageRef, ...]
+    expires_at: float
+    registered_at: float
+    kv_total_bytes: int = 0
+    kv_free_bytes: int = 0
+    free_slots: int = 0
+    max_batch_size: int = 0
+    queue_depths: dict[str, int] = field(default_factory=dict)
+    rss_bytes: int = 0
+    steps: int = 0
+    step_ms_p50: float = 0.0
+    step_ms_p95: float = 0.0
+    mean_batch: float = 0.0
+    last_recv: float = 0.0
+    last_ping: float = 0.0
+    # request id -> KV bytes reserved for it on this worker (estimate)
+    inflight: dict[str, int] = field(default_factory=dict)
+    base_inflight: int = 0
+    base_reserved: int = 0
+    banned_until: float = 0.0
+    ban_count: int = 0
+
+    @classmethod
+    def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
+        w = cls(
+            identity=identity,
+            name=msg.name,
+            pid=msg.pid,
+            host=msg.host,
+            device=msg.device,
+            stages=msg.stages,
+            expires_at=now + expiry_s,
+            registered_at=now,
+            last_recv=now,
+        )
+        w.apply_ready(msg)
+        return w
+
+    def apply_ready(self, msg: Ready) -> None:
+        """Take a (re-)READY's facts; the stage list is replaced."""
+        self.name, self.pid, self.host, self.device = msg.name, msg.pid, msg.host, msg.device
+        self.stages = msg.stages
+        self.kv_total_bytes = msg.kv_total_bytes
+        self.max_batch_size = msg.max_batch_size
+        self._report(msg.free_slots, msg.kv_free_bytes)
+
+    def apply_heartbeat(self, msg: Heartbeat) -> None:
+        self.queue_depths = dict(msg.queue_depths)
+        self.rss_bytes = msg.rss_bytes
+        self.steps = msg.steps
+        self.step_ms_p50 = msg.step_ms_p50
+        self.step_ms_p95 = msg.step_ms_p95
+        self.mean_batch = msg.mean_batch
+        self._report(msg.free_slots, msg.kv_free_bytes)
+
+    def _report(self, free_slots: int, kv_free_bytes: int) -> None:
+        self.free_slots = free_slots
+        self.kv_free_bytes = kv_free_bytes
+        self.base_inflight = len(self.inflight)
+        self.base_reserved = sum(self.inflight.values())
+
+    def touch(self, now: float, expiry_s: float) -> None:
+        """Any inbound message proves the worker alive."""
+        self.last_recv = now
+        self.expires_at = now + expiry_s
+
+    # -- credit --------------------------------------------------------------------------
+    def credit_slots(self) -> int:
+        return self.free_slots - (len(self.inflight) - self.base_inflight)
+
+    def credit_bytes(self) -> int:
+        return self.kv_free_bytes - (sum(self.inflight.values()) - self.base_reserved)
+
+    def can_take(self, kv_bytes: int) -> bool:
+        """Whether one more request needing `kv_bytes` here fits its advertised credit.
+
+        A worker that advertises no KV total (0) is limited by slots only.
+        """
+        if self.credit_slots() < 1:
+            return False
+        return self.kv_total_bytes <= 0 or self.credit_bytes() >= kv_bytes
+
+    def load(self) -> float:
+        """Busy fraction of its slots plus a small weight for queued work (lower is better)."""
+        busy = len(self.inflight)
+        capacity = busy + max(0, self.credit_slots())
+        queued = sum(v for v in self.queue_depths.values() if v > 0)
+        return (busy / capacity if capacity else 1.0) + 0.001 * queued
+
+    # -- bans (CACHE_FULL / QUEUE_FULL back-off) -------------------------------------------
+    def ban(self, now: float, base_s: float, max_s: float) -> float:
+        """Exclude this worker from new routes for an exponentially growing while."""
+        self.ban_count += 1
+        seconds = min(max_s, base_s * 2 ** min(self.ban_count - 1, 30))
+        self.banned_until = now + seconds
+        return seconds
+
+    def banned(self, now: float) -> bool:
+        return now < self.banned_until
+
+    def stage_keys(self) -> frozenset[str]:
+        return frozenset(s.key for s in self.stages)
+
+    def drop_stages(self, keys: frozenset[str]) -> None:
+        """Forget stages the worker said it does not host (UNKNOWN_STAGE); READY restores."""
+        self.stages = tuple(s for s in self.stages if s.key not in keys)
