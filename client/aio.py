@@ -125,6 +125,7 @@ class AsyncClient:
             self._ctx.destroy(linger=0)
             raise
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _abandon, self._tasks, self._ctx)
 
@@ -141,16 +142,22 @@ class AsyncClient:
     def _ensure_tasks(self) -> None:
         if self._closed:
             raise ConnectionFailed(f"client for {self.addr} is closed")
+        loop = asyncio.get_running_loop()
         if not self._tasks:
-            loop = asyncio.get_running_loop()
+            self._loop = loop
             self._tasks.append(loop.create_task(_read_loop(self._sock, self.demux)))
             self._tasks.append(loop.create_task(_watch_loop(self._monitor, self._sock, self.demux)))
+        elif loop is not self._loop:
+            raise ConnectionFailed("an AsyncClient serves one event loop: make one per loop")
 
     async def close(self) -> None:
         """Fail in-flight requests (ConnectionFailed), cancel them, close the sockets."""
         if self._closed:
             return
         self._closed = True
+        if self._tasks and asyncio.get_running_loop() is not self._loop:
+            self._finalizer()  # its loop is gone: drop everything without awaiting
+            return
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

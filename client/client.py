@@ -138,11 +138,10 @@ class _Transport:
 
     def _on_wake(self, sock: zmq.Socket) -> bool:
         """Run queued commands; False when asked to stop."""
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
+        handlers = {"send": self._send_request, "cancel": self._cancel, "forget": self._forget}
         while True:
             try:
                 op, a, b = self._cmds.get_nowait()
@@ -150,14 +149,15 @@ class _Transport:
                 return True
             if op == "stop":
                 return False
-            if op == "send":
-                self._send_request(sock, a, b)
-            elif op == "cancel":
-                wire_id = self.demux.remove(a)
-                if wire_id is not None:
-                    self._send(sock, Cancel(wire_id))
-            elif op == "forget":
-                self.demux.remove(a)
+            handlers[op](sock, a, b)
+
+    def _cancel(self, sock: zmq.Socket, key: str, _: Any) -> None:
+        wire_id = self.demux.remove(key)
+        if wire_id is not None:  # still running at the broker
+            self._send(sock, Cancel(wire_id))
+
+    def _forget(self, _sock: zmq.Socket, key: str, _: Any) -> None:
+        self.demux.remove(key)
 
     def _send_request(self, sock: zmq.Socket, msg: Generate | StatusRequest, sink: Sink) -> None:
         self.demux.add(msg, sink)
@@ -207,9 +207,10 @@ class _Transport:
                 b(closed())
         rids = self.demux.fail_all(closed)
         if rids and error is None:
-            for rid in rids:
-                self._send(sock, Cancel(rid))
-            sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+            with contextlib.suppress(zmq.ZMQError):
+                for rid in rids:
+                    self._send(sock, Cancel(rid))
+                sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         sock.disable_monitor()
         monitor.close(linger=0)
         sock.close()
