@@ -135,35 +135,32 @@ class Measurer:
         self._host: str | None = None
 
     def _load_host(self, name: str) -> None:
-        from blockllm.zoo.hfmodel import block_module, build_hf_model, calibration_ids, run_capture
+        from blockllm.zoo.hfmodel import build_hf_model, calibration_ids, trace
 
         if self._host == name:
             return
         m = self.zoo.manifest(name)
         model = build_hf_model(self.zoo, m)
         ids, source = calibration_ids(self.zoo, m, self.prompts, self.seq_len, self.seed)
-        modules = {p: block_module(model, p, m.num_layers) for p in range(len(m.chain))}
-        logits, outs = run_capture(model, ids, modules)
         self._host = name
         self.m, self.model, self.ids, self.source = m, model, ids, source
-        self.modules, self.base_logits, self.base_outs = modules, logits, outs
+        self.base = trace(model, ids)
+        self.base_logp = torch.log_softmax(self.base.logits, dim=-1)
 
     def measure(self, host: str, position: int, substitute: str) -> EquivalenceRecord:
         """Score substituting block `substitute` at `position` of model `host`."""
-        from blockllm.zoo.hfmodel import run_capture, substituted
+        from blockllm.zoo.hfmodel import run_from, substituted
 
         self._load_host(host)
         tensors = self.zoo.load_block(substitute)
         with substituted(self.model, self.m, position, tensors):
-            logits, outs = run_capture(self.model, self.ids, {position: self.modules[position]})
-        ref = self.base_outs[position]
-        rel = (
-            torch.linalg.vector_norm(outs[position] - ref) / torch.linalg.vector_norm(ref)
-        ).item()
-        logp = torch.log_softmax(self.base_logits, dim=-1)
-        logq = torch.log_softmax(logits, dim=-1)
+            logits, out = run_from(self.model, self.base, position, self.ids)
+        ref = self.base.outputs[position]
+        diff = torch.linalg.vector_norm(out - ref)
+        rel = (diff / torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
+        logp, logq = self.base_logp, torch.log_softmax(logits, dim=-1)
         kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean().item()
-        agree = (self.base_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
+        agree = (self.base.logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
         return EquivalenceRecord(
             original=self.m.chain[position],
             substitute=substitute,

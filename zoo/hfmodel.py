@@ -1,6 +1,8 @@
-"""A zoo model as a transformers model, and calibration inputs for measuring it.
+"""A zoo model as a transformers model, calibration inputs, and block-substitution runs.
 
 Used by equivalence measurement (zoo/equiv.py); the serving engine has its own loader.
+A substitution at chain position p only changes what runs from p on, so `run_from` replays
+the baseline's recorded inputs of block p and recomputes the suffix, not the whole model.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from blockllm.zoo.errors import IntegrityError
@@ -34,16 +38,21 @@ CALIBRATION_TEXT = (
 def build_hf_model(zoo: Zoo, m: ModelManifest) -> torch.nn.Module:
     """AutoModelForCausalLM built from the manifest's config and blocks, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     kwargs = {k: v for k, v in m.config.items() if k != "model_type"}
     config = AutoConfig.for_model(m.model_type, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m.dtype))
+    with no_init_weights():  # every parameter is overwritten below: skip random init
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m.dtype))
+    model.tie_weights()  # no_init_weights also skips the tying post_init would do
     result = model.load_state_dict(hf_state_dict(zoo, m), strict=False)
     allowed = {"lm_head.weight"} if m.tie_word_embeddings else set()
     if set(result.missing_keys) - allowed or result.unexpected_keys:
         raise IntegrityError(
             f"model {m.name!r}: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
         )
+    if m.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise IntegrityError(f"model {m.name!r}: lm_head is not tied to the embedding")
     return model.eval()
 
 
@@ -71,15 +80,6 @@ def calibration_ids(
     return torch.randint(0, vocab, (prompts, seq_len), generator=gen), "random"
 
 
-def block_module(model: torch.nn.Module, position: int, num_layers: int) -> torch.nn.Module:
-    """The module whose output is the block's output: embed, a decoder layer, or lm_head."""
-    if position == 0:
-        return model.model.embed_tokens
-    if position <= num_layers:
-        return model.model.layers[position - 1]
-    return model.lm_head
-
-
 @contextmanager
 def substituted(
     model: torch.nn.Module, m: ModelManifest, position: int, tensors: Mapping[str, torch.Tensor]
@@ -100,23 +100,67 @@ def substituted(
                 p.copy_(saved[rel])
 
 
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Trace:
+    """A baseline run: logits, each block's output, and what each decoder layer was called with."""
+
+    logits: torch.Tensor  # float32 [B, T, V]
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> output (float32)
+    layer_calls: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
+    norm_input: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def run_capture(
-    model: torch.nn.Module, ids: torch.Tensor, modules: Mapping[int, torch.nn.Module]
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """(logits float32 [B, T, V], output of each module keyed like `modules`)."""
-    captured: dict[int, torch.Tensor] = {}
+def trace(model: torch.nn.Module, ids: torch.Tensor) -> Trace:
+    """Run the model once, recording every block's output and every layer's inputs."""
+    inner, layers = model.model, model.model.layers
+    outputs: dict[int, torch.Tensor] = {}
+    calls: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    norm_in: list[torch.Tensor] = []
 
-    def hook(key: int):
-        def fn(_mod, _args, out):
-            captured[key] = (out[0] if isinstance(out, tuple) else out).detach().float()
+    def keep(pos: int):
+        return lambda _m, _a, out: outputs.__setitem__(pos, _first(out).detach().float())
 
-        return fn
-
-    handles = [mod.register_forward_hook(hook(k)) for k, mod in modules.items()]
+    handles = [inner.embed_tokens.register_forward_hook(keep(0))]
+    for i, layer in enumerate(layers):
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda _m, args, kwargs: calls.append((args[0], dict(kwargs))), with_kwargs=True
+            )
+        )
+        handles.append(layer.register_forward_hook(keep(i + 1)))
+    handles.append(inner.norm.register_forward_pre_hook(lambda _m, args: norm_in.append(args[0])))
     try:
         logits = model(input_ids=ids, use_cache=False).logits.float()
     finally:
         for h in handles:
             h.remove()
-    return logits, captured
+    outputs[len(layers) + 1] = logits
+    if len(calls) != len(layers) or len(norm_in) != 1:
+        raise IntegrityError("unexpected model structure while tracing (layer calls differ)")
+    return Trace(logits, outputs, calls, norm_in[0])
+
+
+@torch.no_grad()
+def run_from(
+    model: torch.nn.Module, base: Trace, position: int, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, output of block `position`) recomputing only the blocks from `position` on."""
+    inner, n = model.model, len(model.model.layers)
+    if position == 0:  # the embedding (and a tied head): the whole model
+        got = trace(model, ids)
+        return got.logits, got.outputs[0]
+    if position <= n:
+        hidden, kwargs = base.layer_calls[position - 1]
+        hidden = _first(inner.layers[position - 1](hidden, **kwargs))
+        block_out = hidden.float()
+        for i in range(position, n):
+            hidden = _first(inner.layers[i](hidden, **base.layer_calls[i][1]))
+        logits = model.lm_head(inner.norm(hidden)).float()
+        return logits, block_out
+    logits = model.lm_head(inner.norm(base.norm_input)).float()
+    return logits, logits

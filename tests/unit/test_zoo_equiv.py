@@ -72,3 +72,32 @@ def test_records_are_kept_skipped_and_pruned(family_zoo):
     family_zoo.remove("heavy")
     assert family_zoo.gc().removed_equivalence == 4  # every record naming heavy's block
     assert len(family_zoo.equivalences()) == 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_suffix_rerun_matches_full_forward(tmp_path, tiny_checkpoint, family):
+    """run_from (replaying recorded layer inputs) equals a full forward under substitution."""
+    import torch
+    from blockllm.zoo.hfmodel import build_hf_model, run_from, substituted, trace
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoint(family)
+    zoo = Zoo(tmp_path / "zoo")
+    m = zoo.import_checkpoint(src, "m")
+    model = build_hf_model(zoo, m)
+    ids = torch.randint(
+        0, m.config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3)
+    )
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    base = trace(model, ids)
+    for position, bid in enumerate(m.chain):
+        scaled = {k: v * 1.05 for k, v in zoo.load_block(bid).items()}
+        with substituted(model, m, position, scaled), torch.no_grad():
+            logits, _out = run_from(model, base, position, ids)
+            full = model(input_ids=ids).logits.float()
+        torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(logits, base.logits)
+    with torch.no_grad():  # every substitution was undone
+        assert torch.equal(model(input_ids=ids).logits.float(), base.logits)
