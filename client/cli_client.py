@@ -6,7 +6,6 @@ Exit codes: 0 ok; 1 request failed (or, for status, a model not covered by worke
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -210,7 +209,7 @@ def _stage_text(st: Any) -> str:
 
 
 def _worker_row(w: dict[str, Any]) -> list[str]:
-    queues = w.get("queue_depths", w.get("queues", {}))
+    queues = w.get("queue_depths", {})
     queued = sum(queues.values()) if isinstance(queues, dict) else queues
     kv_total, kv_free = w.get("kv_total_bytes"), w.get("kv_free_bytes")
     kv = (
@@ -218,26 +217,34 @@ def _worker_row(w: dict[str, Any]) -> list[str]:
         if isinstance(kv_total, int) and isinstance(kv_free, int)
         else "-"
     )
-    stages = " ".join(_stage_text(s) for s in w.get("stages", ())) or "-"
+    p50 = w.get("step_ms_p50")
     return [
         str(w.get("name", "-")),
         str(w.get("pid", "-")),
         str(w.get("host", "-")),
+        str(w.get("device", "-")),
         str(queued if queued is not None else "-"),
         kv,
         _mib(w.get("rss_bytes")),
-        stages,
+        f"{p50:.1f}" if isinstance(p50, (int, float)) else "-",
+        " ".join(_stage_text(s) for s in w.get("stages", ())) or "-",
     ]
 
 
 def _route_text(route: Any) -> str:
-    if isinstance(route, list):
-        return " -> ".join(_route_text(h) for h in route)
-    if isinstance(route, dict):
-        who = route.get("worker", route.get("name", "?"))
-        stages = route.get("stages")
-        return f"{who}{_route_text(stages)}" if stages else str(who)
-    return str(route)
+    """[[worker, [[start, end], ...]], ...] -> "w0[0,16) -> w1[16,32)"."""
+    if not isinstance(route, list) or not route:
+        return "-"
+    hops = []
+    for hop in route:
+        if isinstance(hop, list) and len(hop) == 2 and isinstance(hop[1], list):
+            spans = "+".join(
+                f"[{sp[0]},{sp[1]})" for sp in hop[1] if isinstance(sp, list) and len(sp) == 2
+            )
+            hops.append(f"{hop[0]}{spans}")
+        else:
+            hops.append(str(hop))
+    return " -> ".join(hops)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -246,26 +253,34 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             for r in [header, *rows]]  # fmt: skip
 
 
+def _model_row(name: str, m: Any) -> list[str]:
+    m = m if isinstance(m, dict) else {}
+    return [
+        str(name),
+        "yes" if m.get("covered") else "NO",
+        str(m.get("running", "-")),
+        str(m.get("waiting", "-")),
+        _route_text(m.get("route")),
+    ]
+
+
 def render_status(broker: str, body: dict[str, Any]) -> str:
-    """The STATUS body as two tables (unknown fields are shown as '-')."""
+    """The STATUS body as two tables (fields a broker does not send are shown as '-')."""
     workers = [w for w in body.get("workers", []) if isinstance(w, dict)]
     models = body.get("models", {})
     models = models if isinstance(models, dict) else {}
-    lines = [f"broker {broker}: {len(workers)} workers, {len(models)} models", ""]
-    lines += _table(
-        ["WORKER", "PID", "HOST", "QUEUED", "KV USED", "RSS", "STAGES"],
-        [_worker_row(w) for w in workers],
-    )
-    rows = []
-    for name, m in models.items():
-        m = m if isinstance(m, dict) else {}
-        covered = "yes" if m.get("covered") else "NO"
-        route = m.get("routes", m.get("route"))
-        rows.append([str(name), covered, _route_text(route) if route else "-"])
-    lines += ["", *_table(["MODEL", "COVERED", "ROUTE"], rows)]
-    extra = {k: v for k, v in body.items() if k not in ("workers", "models")}
-    if extra:
-        lines += ["", json.dumps(extra, sort_keys=True, default=str)]
+    lines = [f"broker {broker}: {len(workers)} workers, {len(models)} models"]
+    requests = body.get("requests")
+    if isinstance(requests, dict):
+        running, waiting = requests.get("running"), requests.get("waiting")
+        lines[0] += f", requests running {running} waiting {waiting}"
+    header = ["WORKER", "PID", "HOST", "DEVICE", "QUEUED", "KV USED", "RSS", "STEP MS", "STAGES"]
+    lines += ["", *_table(header, [_worker_row(w) for w in workers])]
+    rows = [_model_row(name, m) for name, m in models.items()]
+    lines += ["", *_table(["MODEL", "COVERED", "RUNNING", "WAITING", "ROUTE"], rows)]
+    counters = body.get("counters")
+    if isinstance(counters, dict) and any(counters.values()):
+        lines += ["", "counters: " + " ".join(f"{k}={v}" for k, v in counters.items() if v)]
     return "\n".join(lines)
 
 

@@ -508,22 +508,26 @@ def test_cli_generate_usage_errors(peer: StandIn) -> None:
 
 
 def test_cli_status_json_and_table(peer: StandIn) -> None:
+    # the shape of broker/status.py
     peer.status_body = {
         "workers": [
-            {"name": "w0", "pid": 42, "host": "node1", "stages": [
-                {"key": "k", "model": "base", "start": 0, "end": 3}],
+            {"name": "w0", "pid": 42, "host": "node1", "device": "cpu", "stages": [
+                {"key": "k", "model": "base", "start": 0, "end": 3, "nbytes": 10}],
              "queue_depths": {"k": 2}, "kv_total_bytes": 4 << 20, "kv_free_bytes": 1 << 20,
-             "rss_bytes": 300 << 20},
+             "rss_bytes": 300 << 20, "step_ms_p50": 12.5},
         ],
-        "models": {"base": {"covered": True, "routes": [{"worker": "w0", "stages": ["k"]}]}},
+        "models": {"base": {"layers": 2, "covered": True, "route": [["w0", [[0, 3]]]],
+                            "running": 1, "waiting": 0}},
+        "requests": {"running": 1, "waiting": 0},
+        "counters": {"requests": 7, "failed": 0},
     }  # fmt: skip
     r = run_cli("status", "--broker", peer.addr, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == peer.status_body
     r = run_cli("status", "--broker", peer.addr)
     assert r.exit_code == 0, r.output
-    assert "w0" in r.stdout and "node1" in r.stdout and "base[0,3)" in r.stdout
-    assert "3M/4M" in r.stdout and "300M" in r.stdout
+    for text in ("w0", "node1", "base[0,3)", "3M/4M", "300M", "12.5", "w0[0,3)", "requests=7"):
+        assert text in r.stdout, text
 
 
 def test_cli_status_not_covered_is_unhealthy(peer: StandIn) -> None:
