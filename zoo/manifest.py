@@ -73,7 +73,7 @@ class ModelManifest:
             doc = json.loads(text)
             if doc.get("format") != MANIFEST_FORMAT:
                 raise IntegrityError(f"{where}: unsupported manifest format {doc.get('format')!r}")
-            return cls(
+            m = cls(
                 name=doc["name"],
                 model_type=doc["model_type"],
                 config=doc["config"],
@@ -85,5 +85,9 @@ class ModelManifest:
                 source=doc.get("source") or {},
                 fingerprint=doc.get("fingerprint", ""),
             )
+            layers = m.config["num_hidden_layers"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{where}: malformed manifest ({e})") from e
+        if len(m.chain) != layers + 2:
+            raise IntegrityError(f"{where}: chain of {len(m.chain)} blocks for {layers} layers")
+        return m

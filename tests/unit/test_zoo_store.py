@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,22 @@ def test_load_block_detects_corruption(tmp_path, tiny_checkpoint):
     path.unlink()
     with pytest.raises(IntegrityError, match="missing"):
         zoo.load_block(m.chain[1])
+
+
+def test_malformed_manifest_is_an_integrity_error(tmp_path, tiny_checkpoint):
+    zoo = Zoo(tmp_path)
+    m = zoo.import_checkpoint(tiny_checkpoint("llama"), "m")
+    path = tmp_path / "models" / "m.json"
+    doc = json.loads(path.read_text())
+    doc["chain"] = doc["chain"][:-1]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="chain of"):
+        zoo.manifest("m")
+    path.write_text("{not json")
+    with pytest.raises(IntegrityError, match="malformed manifest"):
+        zoo.manifest("m")
+    report = zoo.verify()
+    assert [(b.kind, b.id) for b in report.bad] == [("manifest", "m")]
+    with pytest.raises(IntegrityError):
+        zoo.gc()  # cannot know what a broken manifest references: delete nothing
+    assert all(zoo.has_block(b) for b in m.chain)
