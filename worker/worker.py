@@ -66,6 +66,8 @@ class WorkerStats:
     queue_depths: dict[str, int]  # stage key -> items queued
     weight_bytes: int  # distinct block bytes held in memory
     steps: int
+    forwards: dict[str, int]  # stage key -> batched forwards run so far
+    items: dict[str, int]  # stage key -> items those forwards carried
 
 
 @dataclass(slots=True)
@@ -85,6 +87,8 @@ class _Stage:
     model: StageModel
     queue: BatchQueue[_Entry]
     blocks: list[str]  # block ids acquired (released on unload)
+    forwards: int = 0
+    items: int = 0
 
 
 class Worker:
@@ -271,6 +275,8 @@ class Worker:
             queue_depths={k: len(st.queue) for k, st in self._stages.items()},
             weight_bytes=self.blocks.total_bytes,
             steps=self._step_no,
+            forwards={k: st.forwards for k, st in self._stages.items()},
+            items={k: st.items for k, st in self._stages.items()},
         )
 
     def queued(self) -> int:
@@ -349,6 +355,8 @@ class Worker:
     ) -> None:
         """One batched forward of `entries` through stage `st`; route or finish each entry."""
         entries.sort(key=lambda e: e.n != 1)  # stable: single-token items first
+        st.forwards += 1
+        st.items += len(entries)
         h = self._forward(st, entries)
         if st.info.has_head:
             # only each request's last position goes through the head

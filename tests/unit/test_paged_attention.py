@@ -1,0 +1,93 @@
+"""Ragged paged attention against a naive per-request reference (random tensors, no model)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from blockllm.worker.attention import PagedCacheView, paged_attention, plan_step
+from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
+
+H, HKV, DH, PAGE, LAYERS = 4, 2, 8, 4, 2
+
+
+def reference(q, k, v, window):
+    """q [H, n, Dh] at the last n positions of k, v [Hkv, S, Dh] -> [n, H, Dh]."""
+    n, s = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // HKV, 0), v.repeat_interleave(H // HKV, 0)
+    scores = q @ k.transpose(1, 2) / math.sqrt(DH)  # [H, n, S]
+    q_pos = torch.arange(s - n, s)[:, None]
+    k_pos = torch.arange(s)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1)  # [H, n, Dh] -> [n, H, Dh]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_ragged_batch_matches_reference(window: int | None) -> None:
+    torch.manual_seed(0)
+    geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
+    kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.ensure_pool(geo)
+    kv.pool._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
+    # (past, new) per item: decodes first (one with an empty past), then prefills
+    shapes = [(9, 1), (0, 1), (4, 1), (0, 6), (7, 5), (2, 2)]
+    items, full_k, full_v = [], [], []
+    for i, (past, n) in enumerate(shapes):
+        seq = kv.reserve("s", f"r{i}", LAYERS, past + n, step=0)
+        k, v = torch.randn(HKV, past + n, DH), torch.randn(HKV, past + n, DH)
+        for t in range(past):  # the past is already in the pool
+            page, off = seq.pages[1, t // PAGE], t % PAGE
+            pool.k[page, off], pool.v[page, off] = k[:, t], v[:, t]
+        items.append((seq.pages, past, n))
+        full_k.append(k)
+        full_v.append(v)
+    batch = plan_step(pool, layer0=5, n_layers=LAYERS, items=items)
+    assert batch.n_decode == 3 and batch.positions.tolist()[:3] == [9, 0, 4]
+    # the new tokens of all items, flattened: [1, Hkv, N, Dh]
+    new_k = torch.cat([k[:, p:] for k, (_, p, _) in zip(full_k, items, strict=True)], 1)[None]
+    new_v = torch.cat([v[:, p:] for v, (_, p, _) in zip(full_v, items, strict=True)], 1)[None]
+    n_total = new_k.shape[2]
+    q = torch.randn(1, H, n_total, DH)
+    module = SimpleNamespace(layer_idx=6, num_key_value_groups=H // HKV)  # local layer 1
+    k_out, v_out = PagedCacheView(batch).update(new_k, new_v, 6)
+    assert k_out is new_k and v_out is new_v
+    out, _ = paged_attention(
+        module, q, new_k, new_v, None, scaling=DH**-0.5, sliding_window=window, blockllm_step=batch
+    )
+    assert out.shape == (1, n_total, H, DH)
+    row = 0
+    for (_past, n), k, v in zip(shapes, full_k, full_v, strict=True):
+        want = reference(q[0, :, row : row + n], k, v, window)
+        torch.testing.assert_close(out[0, row : row + n], want, rtol=1e-5, atol=1e-5)
+        row += n
+    # update() wrote every new token of layer 1 into its page, and nothing into layer 0's
+    seq = kv.get("s", "r4")
+    assert torch.equal(pool.k[seq.pages[1, 7 // PAGE], 7 % PAGE], full_k[4][:, 7])
+    assert not pool.k[seq.pages[0]].any()
+
+
+def test_single_prefill_and_decode_only_fast_paths() -> None:
+    torch.manual_seed(1)
+    geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
+    kv = KVCacheManager(16 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.ensure_pool(geo)
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=H // HKV)
+    seq = kv.reserve("s", "r", 1, 8, step=0)
+    k, v, q = torch.randn(HKV, 6, DH), torch.randn(HKV, 6, DH), torch.randn(1, H, 6, DH)
+    batch = plan_step(pool, 0, 1, [(seq.pages, 0, 5)])  # prefill 5 tokens
+    PagedCacheView(batch).update(k[None, :, :5], v[None, :, :5], 0)
+    out, _ = paged_attention(
+        module, q[:, :, :5], k[None, :, :5], v[None, :, :5], None, blockllm_step=batch
+    )
+    torch.testing.assert_close(out[0], reference(q[0, :, :5], k[:, :5], v[:, :5], None))
+    batch = plan_step(pool, 0, 1, [(seq.pages, 5, 1)])  # then decode the 6th
+    PagedCacheView(batch).update(k[None, :, 5:], v[None, :, 5:], 0)
+    out, _ = paged_attention(
+        module, q[:, :, 5:], k[None, :, 5:], v[None, :, 5:], None, blockllm_step=batch
+    )
+    torch.testing.assert_close(out[0], reference(q[0, :, 5:], k, v, None))
