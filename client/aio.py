@@ -52,7 +52,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 logger = logging.getLogger(__name__)
 
-CLOSE_LINGER_MS = 100  # lets the CANCELs of in-flight requests leave on close
+CLOSE_LINGER_MS = 100  # bounded: lets the last CANCELs leave on close
 
 
 async def _send(sock: zmq.asyncio.Socket, msg: Any) -> bool:
@@ -166,7 +166,8 @@ class AsyncClient:
             await _send(self._sock, Cancel(rid))
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
-        self._sock.close(linger=CLOSE_LINGER_MS if rids else 0)
+        # Not 0: the CANCELs just sent (here, or by a stream closed right before) must leave.
+        self._sock.close(linger=CLOSE_LINGER_MS)
         self._ctx.term()
         self._finalizer.detach()
 
@@ -293,7 +294,7 @@ class AsyncClient:
                 yield item
         finally:
             wire_id = None if finished else self.demux.remove(msg.request_id)
-            if wire_id is not None and not self._closed:
+            if wire_id is not None and not self._sock.closed:  # also while close() runs
                 with contextlib.suppress(zmq.ZMQError):
                     await _send(self._sock, Cancel(wire_id))
 

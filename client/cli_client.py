@@ -198,7 +198,7 @@ def status(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) ->
 
 
 def _mib(n: Any) -> str:
-    return f"{n / (1 << 20):.0f}M" if isinstance(n, (int, float)) and n else "-"
+    return f"{n / (1 << 20):.0f}M" if isinstance(n, (int, float)) else "-"
 
 
 def _stage_text(st: Any) -> str:

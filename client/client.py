@@ -59,7 +59,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger(__name__)
 
-CLOSE_LINGER_MS = 100  # lets the CANCELs of in-flight requests leave when a client closes
+CLOSE_LINGER_MS = 100  # bounded: lets the last CANCELs leave when a client closes
 
 
 class _Transport:
@@ -206,11 +206,11 @@ class _Transport:
             if op == "send":
                 b(closed())
         rids = self.demux.fail_all(closed)
-        if rids and error is None:
-            with contextlib.suppress(zmq.ZMQError):
-                for rid in rids:
-                    self._send(sock, Cancel(rid))
-                sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        with contextlib.suppress(zmq.ZMQError):
+            for rid in rids if error is None else ():
+                self._send(sock, Cancel(rid))
+            # Not 0: the CANCELs just sent (here, or by a stream closed right before) must leave.
+            sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
         sock.disable_monitor()
         monitor.close(linger=0)
         sock.close()

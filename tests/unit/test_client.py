@@ -194,6 +194,15 @@ def test_stream_break_cancels(client: Client, peer: StandIn) -> None:
     assert peer.next_message(Cancel).request_id == sent.request_id
 
 
+def test_cancel_sent_right_before_close_leaves(peer: StandIn) -> None:
+    with Client(peer.addr) as c:
+        events = c.stream("drip", prompt="Hi")
+        next(events)
+        events.close()
+    sent = peer.next_message(Generate)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
 def test_sixteen_threads_share_one_client(client: Client) -> None:
     results: dict[int, Completion] = {}
     errors: list[BaseException] = []
@@ -436,6 +445,17 @@ def test_async_stream_break_cancels(peer: StandIn) -> None:
                 break
             await stream.aclose()
             assert not c.demux.pending
+
+    asyncio.run(main())
+    sent = peer.next_message(Generate)
+    assert peer.next_message(Cancel).request_id == sent.request_id
+
+
+def test_async_break_then_close_still_cancels(peer: StandIn) -> None:
+    async def main() -> None:
+        async with AsyncClient(peer.addr, timeout=10) as c:
+            async for _ev in c.stream("drip", prompt="x"):
+                break  # no aclose(): the generator is finalized while the client closes
 
     asyncio.run(main())
     sent = peer.next_message(Generate)
