@@ -1,0 +1,280 @@
+"""BrokerProc: the broker's IO (one ROUTER, one thread, a zmq.Poller loop) around the pure
+Broker, and `run_broker_process(cfg)`, the process entry point.
+
+The loop only moves bytes: it reads `[identity, kind, header, tensor frames...]` with
+`recv_multipart(copy=False)`, decodes the kind and header (`frames.decode_header`; tensor frames
+are never decoded, only their byte sizes checked against the header), hands the message to the
+Broker, and sends what the Broker returns, passing received tensor frames on as they are.
+Sends never block: a full peer queue (EAGAIN) or a vanished peer (EHOSTUNREACH, from
+ROUTER_MANDATORY) goes back to the Broker as `send_failed` / `peer_lost`.
+
+Shutdown: SIGTERM/SIGINT (or `request_shutdown()` from any thread) sets a flag and writes to a
+self-pipe the poller watches; the loop then refuses new work, lets running requests finish for
+`drain_timeout_s`, fails the rest, and returns. A fatal error is logged and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+from blockllm.broker import frames
+from blockllm.broker.broker import Broker, Out
+from blockllm.broker.config import BrokerConfig
+from blockllm.broker.models import ZooCatalog
+from blockllm.broker.protocol import (
+    MAX_TENSOR_BYTES,
+    TENSOR_KINDS,
+    Error,
+    ErrorCode,
+    Message,
+    ProtocolError,
+)
+from blockllm.broker.sockets import bound_endpoint, make_socket
+
+logger = logging.getLogger(__name__)
+
+RECV_BATCH = 256  # messages read per poll wake-up before timers get a turn
+CLOSE_LINGER_MS = 1000  # the last errors to clients get this long to leave
+
+
+def check_tensor_frames(msg: Message, body: Sequence[Any]) -> None:
+    """ProtocolError unless every tensor frame has the byte size its header meta says."""
+    if msg.KIND not in TENSOR_KINDS:
+        return
+    for meta, frame in zip(msg.tensors, body[2:], strict=True):
+        want = frames.tensor_nbytes(meta)
+        if want > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor of {want} bytes exceeds the limit")
+        got = len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
+        if got != want:
+            raise ProtocolError(f"tensor frame has {got} bytes, header says {want}")
+
+
+class BrokerProc:
+    """Owns the context, the ROUTER and the wake-up pipe; `run()` on the thread that built it.
+
+    `request_shutdown()` is the only method another thread or a signal handler may call.
+    """
+
+    def __init__(self, cfg: BrokerConfig, broker: Broker | None = None) -> None:
+        self.cfg = cfg
+        catalog = ZooCatalog(cfg.zoo_dir, cfg.eos_token_id) if cfg.zoo_dir else dict
+        self.broker = broker or Broker(cfg, catalog, now=time.monotonic())
+        self.ctx = zmq.Context()
+        self._auth: Any = None
+        self.sock: zmq.Socket | None = None
+        self.endpoint = ""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.shutdown_requested = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def bind(self) -> str:
+        """Bind the ROUTER; returns the real endpoint (tcp://127.0.0.1:0 -> the chosen port)."""
+        curve = None
+        if self.cfg.keys_dir:
+            from blockllm.broker.security import load_server_keys, start_authenticator
+
+            # the authenticator must run before the bind, or every CURVE client gets in
+            self._auth = start_authenticator(self.ctx, self.cfg.keys_dir)
+            curve = load_server_keys(self.cfg.keys_dir)
+        self.sock = make_socket(self.ctx, zmq.ROUTER, self.cfg.bind, bind=True, curve=curve)
+        self.endpoint = bound_endpoint(self.sock)
+        return self.endpoint
+
+    def request_shutdown(self) -> None:
+        """Ask the loop to drain and stop; async-signal-safe (a flag and a pipe write)."""
+        self.shutdown_requested = True
+        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is already pending
+            os.write(self._wake_w, b"\0")
+
+    def close(self) -> None:
+        """Close the socket before terminating the context (term blocks on open sockets)."""
+        if self.sock is not None:
+            self.sock.close(linger=CLOSE_LINGER_MS)
+            self.sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def run(self) -> None:
+        """The event loop; returns after a requested shutdown has drained."""
+        if self.sock is None:
+            self.bind()
+        assert self.sock is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_tick = 0.0
+        drain_until: float | None = None
+        while True:
+            timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+            if self.sock in events:
+                self._recv_batch()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._send(self.broker.tick(now))
+                next_tick = now + self.cfg.tick_s
+            if self.shutdown_requested:
+                if drain_until is None:
+                    drain_until = self._begin_shutdown(now)
+                if self.broker.idle or now >= drain_until:
+                    self._send(self.broker.abort_all(now, "broker shut down"))
+                    logger.info("[shutdown] broker stopped (%s)", self._summary())
+                    return
+
+    def _begin_shutdown(self, now: float) -> float:
+        running = len(self.broker.requests)
+        logger.info(
+            "[shutdown] draining %d requests (up to %.1fs)", running, self.cfg.drain_timeout_s
+        )
+        self._send(self.broker.begin_shutdown(now))
+        return now + self.cfg.drain_timeout_s
+
+    def _summary(self) -> str:
+        c = self.broker.counters
+        return ", ".join(f"{k}={c[k]}" for k in ("requests", "completed", "failed", "replays"))
+
+    # -- messages ------------------------------------------------------------------------------
+    def _recv_batch(self) -> None:
+        assert self.sock is not None
+        for _ in range(RECV_BATCH):
+            try:
+                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(parts)
+
+    def _on_message(self, parts: list[zmq.Frame]) -> None:
+        """Decode the envelope of one message and let the Broker handle it; never raises."""
+        peer = parts[0].bytes
+        body = parts[1:]
+        now = time.monotonic()
+        try:
+            msg = frames.decode_header(body)
+            check_tensor_frames(msg, body)
+        except ProtocolError as e:
+            self._send(self.broker.bad_message(peer, str(e), now))
+            return
+        try:
+            outs = self.broker.handle(peer, msg, tuple(body[2:]), now)
+        except Exception:  # a bug must cost one message, not the broker
+            logger.exception("internal error handling %s from %r", msg.KIND.name, peer)
+            self.broker.counters["internal_errors"] += 1
+            rid = getattr(msg, "request_id", "")
+            outs = [Out(peer, Error(rid, ErrorCode.INTERNAL.value, "internal broker error"))]
+        self._send(outs)
+
+    def _send(self, outs: list[Out]) -> None:
+        """Send without blocking; failures go back to the Broker, whose answers are sent too."""
+        assert self.sock is not None
+        queue = deque(outs)
+        while queue:
+            out = queue.popleft()
+            try:
+                wire = frames.encode_passthrough(out.msg, out.frames)
+            except (ValueError, TypeError, OverflowError):  # a broker bug: drop the message
+                logger.exception("cannot encode %s for %r", out.msg.KIND.name, out.peer)
+                self.broker.counters["internal_errors"] += 1
+                continue
+            try:
+                self.sock.send_multipart([out.peer, *wire], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                logger.debug("send to %r would block: %s dropped", out.peer, out.msg.KIND.name)
+                queue.extend(self.broker.send_failed(out.peer, out.msg, time.monotonic()))
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                logger.info("[dead] peer %r unreachable", out.peer)
+                queue.extend(self.broker.peer_lost(out.peer, time.monotonic()))
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+def _arm_parent_death(parent_pid: int | None) -> None:
+    """Linux: SIGTERM when the launcher dies; then make sure it had not died already."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"broker: parent {parent_pid} exited before the broker started")
+
+
+def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
+    """Tell the launcher the bound endpoint (see BrokerConfig)."""
+    logger.info("[ready] broker listening on %s", endpoint)
+    if cfg.ready_file:
+        path = Path(cfg.ready_file)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(endpoint + "\n")
+        os.replace(tmp, path)  # a reader sees the whole line or no file
+    if cfg.ready_conn is not None:
+        cfg.ready_conn.send_bytes(endpoint.encode())
+        cfg.ready_conn.close()
+
+
+def _install_signals(proc: BrokerProc) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; the caller uses request_shutdown()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        proc.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def run_broker_process(cfg: BrokerConfig) -> None:
+    """Entry point (a spawned child or the `blockllm broker` command): serve until SIGTERM.
+
+    Returns normally (exit code 0) after a clean shutdown; on a fatal error logs it and exits
+    with code 1. The launcher learns the endpoint through `cfg.ready_file` / `cfg.ready_conn`;
+    if the broker fails before binding, `ready_conn` is closed without a message.
+    """
+    _arm_parent_death(cfg.parent_pid)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=cfg.log_level,
+            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        )
+    proc: BrokerProc | None = None
+    try:
+        proc = BrokerProc(cfg)
+        _install_signals(proc)
+        endpoint = proc.bind()
+        _report_ready(cfg, endpoint)
+        proc.run()
+    except Exception:
+        logger.exception("[shutdown] broker failed")
+        raise SystemExit(1) from None
+    finally:
+        if cfg.ready_conn is not None:
+            with contextlib.suppress(OSError):
+                cfg.ready_conn.close()
+        if proc is not None:
+            proc.close()
