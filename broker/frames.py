@@ -215,3 +215,17 @@ def decode(frames: Sequence[Any]) -> tuple[Message, list[torch.Tensor]]:
         _check(len(buf) == want, f"tensor frame has {len(buf)} bytes, header says {want}")
         tensors.append(tensor_from_frame(buf, meta))
     return msg, tensors
+
+
+def encode_passthrough(msg: Message, tensor_frames: Sequence[Any]) -> list[Any]:
+    """Frames for `msg` whose tensor frames are passed on as received (the broker forwards the
+    `zmq.Frame` objects of a RESULT as the next FORWARD's input: never decoded, never copied).
+
+    `msg.tensors` must describe them (the header's metas travel with the frames unchanged).
+    """
+    metas = getattr(msg, "tensors", ())
+    if len(metas) != len(tensor_frames):
+        n = len(tensor_frames)
+        raise ValueError(f"{type(msg).__name__} describes {len(metas)} tensors, got {n} frames")
+    header = msgpack.packb(_to_wire(msg), use_bin_type=True)
+    return [msg.KIND.value, header, *tensor_frames]
