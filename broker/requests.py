@@ -101,7 +101,7 @@ def _check_sampling(msg: Generate) -> None:
         raise bad(f"timeout_s must be >= 0 (0: the broker's default), got {msg.timeout_s}")
 
 
-def prompt_ids(msg: Generate, spec: ModelSpec) -> tuple[int, ...]:
+def prompt_ids(msg: Generate, spec: ModelSpec, cfg: BrokerConfig) -> tuple[int, ...]:
     """The prompt as token ids: `input_ids`, or the text tokenized as a HF user would."""
     if msg.prompt is not None and msg.input_ids is not None:
         raise bad("give either prompt or input_ids, not both")
@@ -109,6 +109,8 @@ def prompt_ids(msg: Generate, spec: ModelSpec) -> tuple[int, ...]:
         return msg.input_ids
     if not msg.prompt:
         raise bad("empty prompt")
+    if len(msg.prompt) > 64 * cfg.max_prompt_tokens:  # refuse before paying for tokenizing
+        raise bad(f"prompt of {len(msg.prompt)} characters exceeds the prompt limit")
     if spec.tokenizer is None:
         raise bad(f"model {spec.name!r} has no tokenizer in the zoo: send input_ids")
     return tuple(int(t) for t in spec.tokenizer(msg.prompt).input_ids)
@@ -119,7 +121,7 @@ def validate(msg: Generate, spec: ModelSpec, cfg: BrokerConfig) -> tuple[int, ..
     _check_sampling(msg)
     if not 1 <= msg.max_new_tokens <= cfg.max_new_tokens_limit:
         raise bad(f"max_new_tokens must be in [1, {cfg.max_new_tokens_limit}]")
-    ids = prompt_ids(msg, spec)
+    ids = prompt_ids(msg, spec, cfg)
     if not ids:
         raise bad("empty prompt")
     if len(ids) > cfg.max_prompt_tokens:
