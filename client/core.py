@@ -307,8 +307,11 @@ class Demux:
         return [p.msg.request_id for p in lost]
 
     def on_handshake_failed(self, what: str) -> None:
-        self.handshake_error = f"handshake with the broker at {self.addr} failed ({what})"
-        logger.warning("[connect] %s", self.handshake_error)
+        """zmq retries by itself: warn once per kind of failure, not at every retry."""
+        msg = f"handshake with the broker at {self.addr} failed: {what}; check the keys"
+        if msg != self.handshake_error:
+            logger.warning("[connect] %s", msg)
+        self.handshake_error = msg
 
     def fail_all(self, make_error: Callable[[], BlockLLMError]) -> list[str]:
         """Fail every pending request; their wire ids (to CANCEL)."""

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ from blockllm.broker.protocol import (
     StatusRequest,
     Token,
 )
-from blockllm.broker.sockets import bound_endpoint, make_socket
+from blockllm.broker.sockets import CurveKeys, bound_endpoint, make_socket
 from blockllm.client import (
     AsyncClient,
     BadRequest,
@@ -60,7 +61,11 @@ class StandIn:
     """A ROUTER peer in a thread that answers like the broker does (see the module doc)."""
 
     def __init__(
-        self, status_body: dict[str, Any] | None = None, endpoint: str = "", vanish: bool = True
+        self,
+        status_body: dict[str, Any] | None = None,
+        endpoint: str = "",
+        vanish: bool = True,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.vanish = vanish
         self.status_body = status_body if status_body is not None else COVERED
@@ -68,7 +73,8 @@ class StandIn:
         self.received: queue.Queue[Any] = queue.Queue()
         self.status_requests = 0
         self._ctx = zmq.Context()
-        self._sock = make_socket(self._ctx, zmq.ROUTER, endpoint or "tcp://127.0.0.1:0", bind=True)
+        ep = endpoint or "tcp://127.0.0.1:0"
+        self._sock = make_socket(self._ctx, zmq.ROUTER, ep, bind=True, curve=curve)
         self.addr = bound_endpoint(self._sock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -392,9 +398,34 @@ def test_bad_address() -> None:
         Client("nonsense://x")
 
 
-def test_missing_keys(tmp_path) -> None:
+def test_missing_keys(tmp_path: Path) -> None:
     with pytest.raises(ConnectionFailed, match=r"client\.key_secret"):
         Client("tcp://127.0.0.1:1", keys_dir=tmp_path)
+
+
+def _keys(folder: Path) -> CurveKeys:
+    """zmq.auth certificates as `blockllm keys gen` writes them; the broker's pair."""
+    import zmq.auth
+
+    folder.mkdir(exist_ok=True)
+    zmq.auth.create_certificates(folder, "broker")
+    zmq.auth.create_certificates(folder, "client")
+    public, secret = zmq.auth.load_certificate(folder / "broker.key_secret")
+    return CurveKeys(public=public, secret=secret)
+
+
+def test_curve_keys(tmp_path: Path) -> None:
+    server = _keys(tmp_path / "keys")
+    p = StandIn(curve=server)
+    try:
+        with Client(p.addr, keys_dir=tmp_path / "keys", timeout=5) as c:
+            assert c.generate("base", prompt="Hi", max_new_tokens=2).text == "Hello"
+        _keys(tmp_path / "other")  # a client that trusts another broker key: no handshake
+        other = Client(p.addr, keys_dir=tmp_path / "other")
+        with other, pytest.raises(Timeout, match=r"handshake .* failed"):
+            other.generate("base", prompt="Hi", timeout=0.5)
+    finally:
+        p.close()
 
 
 # ---- asyncio client ------------------------------------------------------------------------
