@@ -195,7 +195,8 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
         if v.get(key) is not None:
             fields[key] = v[key]  # fmt: skip
     if v.get("keys"):
-        fields["curve"] = _check_keys(load_server_keys, v["keys"])
+        _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
+        fields["keys_dir"] = str(v["keys"])
     fields.update(overrides)
     try:
         return BrokerConfig(**fields)

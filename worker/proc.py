@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +118,7 @@ class _IOThread(threading.Thread):
         self.bad_messages = 0
         self.reconnects = 0
         self.dropped = 0
+        self._pinged = False
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -171,35 +172,39 @@ class _IOThread(threading.Thread):
         return sock
 
     def _loop(self) -> None:
+        """Ping-pong liveness, mirroring the broker (which pings a worker it has not heard
+        from for a beat): answer every ping with our load facts; while the broker is talking
+        to us anyway, also report the facts once a beat (so they stay fresh under load); a
+        broker silent for `interval * liveness` is presumed gone -> reconnect."""
         cfg = self.cfg
-        self._sock = self.connect()
         interval = cfg.heartbeat_interval_s
-        heard = time.monotonic()
-        next_beat = heard + interval
+        self._sock = self.connect()
+        heard = beat = time.monotonic()
         backoff = interval
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._sock, zmq.POLLIN)
         while True:
-            poller = zmq.Poller()
-            poller.register(self._sock, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
-            timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
-            events = dict(poller.poll(timeout_ms))
+            wake_at = min(beat + interval, heard + interval * cfg.liveness)
+            events = dict(poller.poll(max(0.0, wake_at - time.monotonic()) * 1000 + 1))
             if self._wake_r in events:
                 os.read(self._wake_r, 4096)
-            if events.get(self._sock):
-                self._receive_all()
+            if events.get(self._sock) and self._receive_all():
                 heard = time.monotonic()
                 backoff = interval
             self._flush()
             if self._stopping:
                 return
             now = time.monotonic()
-            if now >= next_beat:
+            if self._pinged or (now - beat >= interval and now - heard < interval):
+                self._pinged = False
                 self._send(frames.encode(self.facts()))
-                next_beat = now + interval
+                beat = now
             if now - heard > interval * cfg.liveness:
+                poller.unregister(self._sock)
                 self._reconnect(backoff)
-                heard = time.monotonic()
-                next_beat = heard
+                poller.register(self._sock, zmq.POLLIN)
+                heard = beat = time.monotonic()
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
 
     def _reconnect(self, backoff: float) -> None:
@@ -219,13 +224,16 @@ class _IOThread(threading.Thread):
         self.reconnects += 1
         self.inbox.put(_Reset())
 
-    def _receive_all(self) -> None:
+    def _receive_all(self) -> bool:
+        """Handle every message waiting on the socket; whether there was any."""
         assert self._sock is not None
+        got = False
         while True:
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return got
+            got = True
             self._dispatch(parts)
 
     def _dispatch(self, parts: list[zmq.Frame]) -> None:
@@ -238,7 +246,8 @@ class _IOThread(threading.Thread):
             )
             return
         if msg.KIND is Kind.HEARTBEAT:
-            return  # liveness only: the receive itself refreshed it
+            self._pinged = True  # answered with our load facts (the pong)
+            return
         if msg.KIND is Kind.FORWARD and self.inbox.qsize() >= self.cfg.input_queue_size:
             assert isinstance(msg, Forward)
             err = Error(
@@ -291,7 +300,6 @@ class WorkerProc:
         self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.stop_requested = False
         self._stages: dict[str, StageRef] = {}
-        self._inflight: dict[str, str] = {}  # request id -> first stage of its queued item
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
         self._steps = 0
         self._step_ms: deque[float] = deque(maxlen=512)
@@ -342,11 +350,13 @@ class WorkerProc:
             if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + self.cfg.grace_s
                 logger.info(
-                    "[shutdown] worker %s draining %d requests", self.name, len(self._inflight)
+                    "[shutdown] worker %s draining %d requests", self.name, self.engine.queued()
                 )
             busy = self.engine.queued() > 0
             if deadline is not None and (not busy or time.monotonic() >= deadline):
                 break
+            if not busy:  # about to wait: make the facts a ping gets while idle exact
+                self._refresh_facts(force=True)
             self._drain_inbox(block=not busy)
             if self.engine.queued():
                 self._step()
@@ -355,7 +365,7 @@ class WorkerProc:
             logger.warning(
                 "[shutdown] worker %s: %d requests unfinished after %.1f s grace",
                 self.name,
-                len(self._inflight),
+                self.engine.queued(),
                 self.cfg.grace_s,
             )
         self.io.send(Dead("shutdown"))
@@ -411,12 +421,13 @@ class WorkerProc:
         self._steps += 1
         self._step_ms.append((time.perf_counter() - t0) * 1000)
         self._batch.append(len(results))
+        # Facts first: a ping answered after these results must not predate them.
+        self._refresh_facts(force=not self.engine.queued())
         for r in results:
             self._answer(r)
         self._maybe_fault()
 
     def _answer(self, r: Any) -> None:
-        self._inflight.pop(r.request_id, None)
         if r.error is not None:
             code = ErrorCode(getattr(r.error, "value", r.error))
             self.io.send(
@@ -476,7 +487,6 @@ class WorkerProc:
             logger.exception("worker %s: submit of %s failed", self.name, msg.request_id)
             self._refuse(msg, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
             return
-        self._inflight[msg.request_id] = msg.stage_keys[0]
         self._known.add(msg.request_id)
 
     def _refuse(
@@ -487,7 +497,6 @@ class WorkerProc:
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
         self.engine.release(msg.request_id)
-        self._inflight.pop(msg.request_id, None)
         self._known.discard(msg.request_id)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
@@ -512,6 +521,11 @@ class WorkerProc:
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
             raise RuntimeError(f"broker rejected this worker: {msg.message}")
+        if msg.code == ErrorCode.WORKER_LOST.value and not msg.request_id:
+            # The broker does not know us (it restarted, or purged us): start over.
+            logger.warning("worker %s: broker says %r; registering again", self.name, msg.message)
+            self._reset()
+            return
         logger.warning("worker %s: broker error %s: %s", self.name, msg.code, msg.message)
 
     # -- state shared with the broker --------------------------------------------------------
@@ -530,11 +544,10 @@ class WorkerProc:
             "[ready] worker %s reconnected; dropped %d requests", self.name, len(self._known)
         )
         self._known.clear()
-        self._inflight.clear()
         self._send_ready()
 
     def _send_ready(self) -> None:
-        kv_total, kv_free, free_slots, _depths = engine_load(self.engine, self._inflight)
+        kv_total, kv_free, free_slots, _depths = engine_load(self.engine)
         self.io.send(
             Ready(
                 protocol_version=PROTOCOL_VERSION,
@@ -550,13 +563,13 @@ class WorkerProc:
             )
         )
 
-    def _refresh_facts(self) -> None:
-        """Publish a load snapshot for the IO thread's heartbeats (at most twice a beat)."""
+    def _refresh_facts(self, *, force: bool = False) -> None:
+        """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""
         now = time.monotonic()
-        if now - self._facts_at < self.cfg.heartbeat_interval_s / 2:
+        if not force and now - self._facts_at < self.cfg.heartbeat_interval_s / 2:
             return
         self._facts_at = now
-        _total, kv_free, free_slots, depths = engine_load(self.engine, self._inflight)
+        _total, kv_free, free_slots, depths = engine_load(self.engine)
         ms = sorted(self._step_ms)
         self._facts = Heartbeat(
             kv_free_bytes=kv_free,
@@ -574,15 +587,14 @@ class WorkerProc:
         return self._facts
 
 
-def engine_load(engine: Any, inflight: dict[str, str]) -> tuple[int, int, int, dict[str, int]]:
-    """(kv_total_bytes, kv_free_bytes, free_slots, queued items per first stage key).
+def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
+    """(kv_total_bytes, kv_free_bytes, free_slots, queue depth per stage key) of the engine.
 
     `free_slots` is the credit the broker dispatches against: items the engine's stage queues
     still take before `submit` raises QueueFull.
     """
-    kv = engine.kv_stats()
-    free_slots = max(0, engine.config.queue_capacity - engine.queued())
-    return kv.total_bytes, kv.free_bytes, free_slots, dict(Counter(inflight.values()))
+    s = engine.stats()
+    return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
 
 
 def build_engine(cfg: WorkerProcConfig) -> Any:
