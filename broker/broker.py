@@ -349,15 +349,17 @@ class Broker(RequestFlow):
             prompt = validate(msg, spec, self.cfg)
         except RequestError as e:
             return error(e.code, e.message, e.retryable)
-        if len(self.waiting) >= self.cfg.max_waiting:
-            self.counters["overloaded"] += 1
-            return error(ErrorCode.OVERLOADED, f"{len(self.waiting)} requests waiting", True)
         req = self._new_request(peer, msg, spec, prompt, now)
         self.requests[req.rid] = req
         self.by_client[(peer, msg.request_id)] = req.rid
         self.waiting.append(req.rid)
+        out = self._dispatch(now)
+        if req.route is None and len(self.waiting) > self.cfg.max_waiting:
+            self._finish(req, None)  # it could not start and the queue is full
+            self.counters["overloaded"] += 1
+            return error(ErrorCode.OVERLOADED, f"{len(self.waiting)} requests waiting", True)
         self.counters["requests"] += 1
-        return []
+        return out
 
     def _new_request(
         self, peer: bytes, msg: Generate, spec: ModelSpec, prompt: tuple[int, ...], now: float

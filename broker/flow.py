@@ -80,11 +80,13 @@ class RequestFlow:
             need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
         return need
 
-    def _route_with_credit(self, req: RequestState, now: float) -> list[Hop] | None:
-        """A route over workers with credit, avoiding the request's failed workers if possible.
+    def _route_with_credit(self, req: RequestState, now: float) -> tuple[list[Hop] | None, bool]:
+        """A route over workers with credit, avoiding the request's failed workers if possible,
+        and whether KV bytes (which depend on the request's length) were what was missing.
 
         A route whose worker lacks the KV bytes is retried without that worker.
         """
+        bytes_short = False
         for avoid in (req.avoid, set()):
             excluded = set(avoid)
             while True:
@@ -102,11 +104,12 @@ class RequestFlow:
                 need = self._kv_need(req, route)
                 short = [p for p, n in need.items() if not self.workers[p].can_take(n)]
                 if not short:
-                    return route
+                    return route, bytes_short
+                bytes_short = True
                 excluded.update(short)
             if not avoid:
                 break
-        return None
+        return None, bytes_short
 
     # -- dispatch --------------------------------------------------------------------------
     def _dispatch(self, now: float) -> list[Out]:
@@ -120,9 +123,11 @@ class RequestFlow:
             if req.max_total_len >= failed_at.get(req.model, 1 << 62):
                 still.append(rid)
                 continue
-            route = self._route_with_credit(req, now)
+            route, bytes_short = self._route_with_credit(req, now)
             if route is None:
-                failed_at[req.model] = min(req.max_total_len, failed_at.get(req.model, 1 << 62))
+                # without a route for lack of slots, no request of the model has one: skip them
+                limit = req.max_total_len if bytes_short else 0
+                failed_at[req.model] = min(limit, failed_at.get(req.model, 1 << 62))
                 still.append(rid)
                 continue
             for peer, nbytes in self._kv_need(req, route).items():

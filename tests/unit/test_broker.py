@@ -399,6 +399,14 @@ def test_overloaded_when_waiting_queue_is_full() -> None:
     assert h.generate("r1") == [] and h.generate("r2") == []
     err = only(h.generate("r3"), Error).msg
     assert err.code == ErrorCode.OVERLOADED.value and err.retryable
+    assert len(h.broker.requests) == 2
+
+
+def test_no_waiting_room_still_admits_what_can_start() -> None:
+    h = Harness(max_waiting=0)
+    h.ready(W0, [("base", 0, 6)], slots=1)
+    assert only(h.generate("r1"), Forward, W0)
+    assert only(h.generate("r2"), Error).msg.code == ErrorCode.OVERLOADED.value
 
 
 def test_credits_limit_dispatch(h: Harness) -> None:
