@@ -238,11 +238,13 @@ def test_fake_workers_round_trip_over_sockets(
     start_broker: Callable[..., BrokerChild], tiny_zoo: Path
 ) -> None:
     """Two DEALERs act as workers for the tiny model (positions [0, 3) and [3, L+2)): the
-    broker forwards the hidden frame byte-exact, streams the token, and releases both."""
+    broker forwards the hidden frame byte-exact, streams the token, and releases both; on
+    SIGTERM a running request fails after the drain and the broker exits 0."""
     from blockllm.worker.items import stage_key
     from blockllm.zoo import Zoo
 
-    broker = start_broker(heartbeat_s=30.0)  # the fake workers do not answer pings
+    # the fake workers do not answer pings; SIGTERM gives running requests half a second
+    broker = start_broker(heartbeat_s=30.0, drain_timeout_s=0.5)
     m = Zoo(tiny_zoo).manifest("tiny")
     n = len(m.chain)
     spans = {b"wa": (0, 3), b"wb": (3, n)}
@@ -275,4 +277,11 @@ def test_fake_workers_round_trip_over_sockets(
     for sock in workers.values():
         rel, _ = recv_kind(sock, Release)
         assert rel.request_id == fwd.request_id
+    # SIGTERM while a request runs: it fails (retryable) after the drain, its hops are freed
+    client.send_multipart(frames.encode(Generate("r2", "tiny", None, (5, 6), 4)))
+    fwd, _ = recv_kind(workers[b"wa"], Forward)
+    os.kill(broker.proc.pid, signal.SIGTERM)
+    err, _ = recv_kind(client, Error)
+    assert (err.request_id, err.code, err.retryable) == ("r2", "INTERNAL", True)
+    assert recv_kind(workers[b"wa"], Release)[0].request_id == fwd.request_id
     assert broker.stop() == 0
