@@ -262,7 +262,8 @@ class Broker(RequestFlow):
 
     def _lose_worker(self, worker: WorkerState, now: float, why: str) -> list[Out]:
         """Purge a worker and replay every request routed through it."""
-        logger.warning("[dead] worker %s pid %s: %s", worker.name, worker.pid, why)
+        level = logging.INFO if why == "DEAD: shutdown" else logging.WARNING  # a clean stop
+        logger.log(level, "[dead] worker %s pid %s: %s", worker.name, worker.pid, why)
         self.workers.pop(worker.identity, None)
         out: list[Out] = []
         for req in self._requests_on(worker.identity):

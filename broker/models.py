@@ -103,8 +103,11 @@ class ZooCatalog:
             try:
                 manifest = self._zoo.manifest(name)
                 tokenizer = self._tokenizer(self._zoo.tokenizer_dir(name))
-            except (ZooError, OSError, ValueError) as e:
+            except ZooError as e:
                 logger.warning("[models] skipping %s: %s", name, e)
+                continue
+            except Exception:  # e.g. a tokenizer transformers cannot load: skip just this one
+                logger.exception("[models] skipping %s", name)
                 continue
             specs[name] = spec_from_manifest(manifest, tokenizer, self._eos_fallback)
         return specs
