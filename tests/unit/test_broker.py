@@ -492,3 +492,16 @@ def test_shutdown_fails_waiting_and_refuses_new(h: Harness) -> None:
     assert only(outs, Error).msg.code == ErrorCode.OVERLOADED.value
     assert only(h.generate("r2"), Error).msg.code == ErrorCode.OVERLOADED.value
     assert h.broker.idle
+
+
+def test_zoo_catalog_reads_models(tiny_checkpoint, tmp_path) -> None:
+    from blockllm.broker.models import ZooCatalog
+    from blockllm.zoo import Zoo
+
+    Zoo(tmp_path).import_checkpoint(tiny_checkpoint("llama"), "tiny")
+    specs = ZooCatalog(tmp_path, eos_fallback=7)()
+    s = specs["tiny"]
+    assert (s.chain_len, s.vocab_size, s.eos_ids) == (LAYERS + 2, VOCAB, frozenset({EOS}))
+    assert s.kv_bytes_per_token_layer == 2 * 2 * 16 * 4  # K and V, 2 kv heads x 16, fp32
+    assert s.tokenizer("hello").input_ids
+    assert stage_key(s.manifest, 0, 3) == stage_key(Zoo(tmp_path).manifest("tiny"), 0, 3)
