@@ -72,9 +72,22 @@ class StepBatch:
     n_decode: int  # rows [0, n_decode) are single-token items
     dec_gather: torch.Tensor | None  # [L, n_decode * Pmax] page ids (padded)
     dec_lens: torch.Tensor | None  # [n_decode] keys per decode row (past + 1)
+    dec_uniform: int  # the common length of all decode rows, or 0 if they differ
     prefills: list[PrefillSpan]
     positions: torch.Tensor  # [N] absolute position of each new token
     _dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def dec_keys(self, window: int | None) -> tuple[int, int, torch.Tensor | None]:
+        """(lo, hi, mask): decode rows attend to gathered keys [lo, hi) under `mask`.
+
+        When every row has the same length, slicing replaces the mask (faster kernels).
+        """
+        if self.dec_uniform:
+            hi = self.dec_uniform
+            lo = max(0, hi - window) if window is not None else 0
+            return lo, hi, None
+        mask = self.dec_mask(window)
+        return 0, mask.shape[-1], mask
 
     def dec_mask(self, window: int | None) -> torch.Tensor:
         """[n_decode, 1, 1, S] bool: key j is visible to row b (built once per window size)."""
@@ -127,7 +140,10 @@ def _decode(module, q: torch.Tensor, b: StepBatch, local: int, window, scaling) 
     # q: [1, H, N, Dh] -> [H, nd, Dh] -> [nd, H, Dh] -> [nd, Hkv, n_rep, Dh] (GQA as rows,
     # as HF's pack_gqa: the n_rep query heads of a KV head attend as n_rep query rows)
     qd = q[0, :, :nd].transpose(0, 1).reshape(nd, k.shape[1], n_rep, q.shape[-1])
-    out = F.scaled_dot_product_attention(qd, k, v, attn_mask=b.dec_mask(window), scale=scaling)
+    lo, hi, mask = b.dec_keys(window)
+    if hi - lo != k.shape[2]:
+        k, v = k[:, :, lo:hi], v[:, :, lo:hi]  # [nd, Hkv, S, Dh] -> [nd, Hkv, hi - lo, Dh]
+    out = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(nd, -1, q.shape[-1])  # [nd, Hkv, n_rep, Dh] -> [nd, H, Dh]
 
 
@@ -219,6 +235,7 @@ def plan_step(
         n_decode=len(dec_lens),
         dec_gather=dec_gather,
         dec_lens=torch.tensor(dec_lens, device=device) if dec_lens else None,
+        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 else 0,
         prefills=prefills,
         positions=torch.cat(positions),  # [N]
     )

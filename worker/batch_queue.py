@@ -13,6 +13,7 @@ Entries are opaque to the queue; it only knows each one's token count.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -61,7 +62,7 @@ class BatchQueue(Generic[E]):
             raise QueueFull(f"stage queue full ({self.capacity} queued)")
         self._slots.append(_Slot(entry, n_tokens))
 
-    def remove_if(self, pred) -> list[E]:
+    def remove_if(self, pred: Callable[[E], bool]) -> list[E]:
         """Drop and return the entries for which `pred(entry)` is true."""
         dropped = [s.entry for s in self._slots if pred(s.entry)]
         if dropped:

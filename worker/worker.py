@@ -105,6 +105,7 @@ class Worker:
         self._stages: dict[str, _Stage] = {}
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
+        self._queued: set[str] = set()  # request ids with an item in some stage queue
         self._step_no = 0
 
     # -- stages --------------------------------------------------------------------------
@@ -176,6 +177,7 @@ class Worker:
         (unless another stage shares them) are freed. Raises UnknownStage."""
         st = self._stage(key)
         for e in st.queue.remove_if(lambda e: True):
+            self._queued.discard(e.item.request_id)
             self._deferred.append(_error(e.item, UnknownStage(f"stage {key} was unloaded")))
         del self._stages[key]
         self.kv.free_stage(key)
@@ -212,13 +214,11 @@ class Worker:
         sampling = GREEDY
         if last.info.has_head:
             sampling = (item.sampling or GREEDY).validate()
-        if any(
-            item.request_id in {e.item.request_id for e in s.queue.entries()}
-            for s in self._stages.values()
-        ):
+        if item.request_id in self._queued:
             raise BadRequest(f"request {item.request_id!r} already has an item queued")
         entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling)
         first.queue.push(entry, n)
+        self._queued.add(item.request_id)
 
     def _check_route(self, item: WorkItem) -> list[_Stage]:
         if not item.stage_keys:
@@ -257,6 +257,7 @@ class Worker:
         self.kv.free_request(request_id)
         for st in self._stages.values():
             st.queue.remove_if(lambda e: e.item.request_id == request_id)
+        self._queued.discard(request_id)
 
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
@@ -289,7 +290,7 @@ class Worker:
         self._step_no += 1
         results, self._deferred = self._deferred, []
         # requests about to run are never evicted to make room for others
-        protected = {e.item.request_id for st in self._stages.values() for e in st.queue.entries()}
+        protected = set(self._queued)
         arrivals: dict[str, list[_Entry]] = {}
         ran: set[str] = set()
         with torch.inference_mode():
@@ -299,6 +300,7 @@ class Worker:
                 entries = arrivals.pop(key, [])
                 busy = sum(e.n for e in entries)
                 for e in st.queue.take(len(entries), busy):
+                    self._queued.discard(e.item.request_id)
                     try:
                         self._admit(e, protected)
                         entries.append(e)

@@ -27,15 +27,18 @@ def reference(q, k, v, window):
     return (scores.softmax(-1) @ v).transpose(0, 1)  # [H, n, Dh] -> [n, H, Dh]
 
 
+RAGGED = [(9, 1), (0, 1), (4, 1), (0, 6), (7, 5), (2, 2)]  # decodes (one with no past) first
+UNIFORM = [(6, 1), (6, 1), (6, 1), (3, 4)]  # equal decode lengths: sliced instead of masked
+
+
+@pytest.mark.parametrize("shapes", [RAGGED, UNIFORM], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_ragged_batch_matches_reference(window: int | None) -> None:
+def test_ragged_batch_matches_reference(window: int | None, shapes) -> None:
     torch.manual_seed(0)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
     kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
     pool = kv.ensure_pool(geo)
     kv.pool._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
-    # (past, new) per item: decodes first (one with an empty past), then prefills
-    shapes = [(9, 1), (0, 1), (4, 1), (0, 6), (7, 5), (2, 2)]
     items, full_k, full_v = [], [], []
     for i, (past, n) in enumerate(shapes):
         seq = kv.reserve("s", f"r{i}", LAYERS, past + n, step=0)
@@ -47,7 +50,8 @@ def test_ragged_batch_matches_reference(window: int | None) -> None:
         full_k.append(k)
         full_v.append(v)
     batch = plan_step(pool, layer0=5, n_layers=LAYERS, items=items)
-    assert batch.n_decode == 3 and batch.positions.tolist()[:3] == [9, 0, 4]
+    decodes = [past for past, n in shapes if n == 1]
+    assert batch.n_decode == len(decodes) and batch.positions.tolist()[: len(decodes)] == decodes
     # the new tokens of all items, flattened: [1, Hkv, N, Dh]
     new_k = torch.cat([k[:, p:] for k, (_, p, _) in zip(full_k, items, strict=True)], 1)[None]
     new_v = torch.cat([v[:, p:] for v, (_, p, _) in zip(full_v, items, strict=True)], 1)[None]
@@ -66,8 +70,10 @@ def test_ragged_batch_matches_reference(window: int | None) -> None:
         torch.testing.assert_close(out[0, row : row + n], want, rtol=1e-5, atol=1e-5)
         row += n
     # update() wrote every new token of layer 1 into its page, and nothing into layer 0's
-    seq = kv.get("s", "r4")
-    assert torch.equal(pool.k[seq.pages[1, 7 // PAGE], 7 % PAGE], full_k[4][:, 7])
+    last, (past, n) = len(shapes) - 1, shapes[-1]
+    seq = kv.get("s", f"r{last}")
+    t = past + n - 1
+    assert torch.equal(pool.k[seq.pages[1, t // PAGE], t % PAGE], full_k[last][:, t])
     assert not pool.k[seq.pages[0]].any()
 
 
