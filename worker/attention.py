@@ -130,7 +130,14 @@ def _gather(pool: torch.Tensor, pages: torch.Tensor, rows: int) -> torch.Tensor:
     return got.view(rows, -1, got.shape[2], got.shape[3]).transpose(1, 2)
 
 
-def _decode(module, q: torch.Tensor, b: StepBatch, local: int, window, scaling) -> torch.Tensor:
+def _decode(
+    module: torch.nn.Module,
+    q: torch.Tensor,
+    b: StepBatch,
+    local: int,
+    window: int | None,
+    scaling: float | None,
+) -> torch.Tensor:
     """All single-token rows in one sdpa call: returns [n_decode, H, Dh]."""
     nd, n_rep = b.n_decode, module.num_key_value_groups
     assert b.dec_gather is not None
@@ -147,7 +154,16 @@ def _decode(module, q: torch.Tensor, b: StepBatch, local: int, window, scaling) 
     return out.reshape(nd, -1, q.shape[-1])  # [nd, Hkv, n_rep, Dh] -> [nd, H, Dh]
 
 
-def _prefill(q, k_new, v_new, b: StepBatch, span: PrefillSpan, local: int, window, scaling):
+def _prefill(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    b: StepBatch,
+    span: PrefillSpan,
+    local: int,
+    window: int | None,
+    scaling: float | None,
+) -> torch.Tensor:
     """One multi-token item: returns [1, H, n, Dh]."""
     o, n = span.offset, span.n
     qs = q[:, :, o : o + n]  # [1, H, n, Dh]
@@ -188,7 +204,8 @@ def paged_attention(
     if b.n_decode:
         out[0, : b.n_decode] = _decode(module, query, b, local, sliding_window, scaling)
     for span in b.prefills:
-        res = _prefill(query, key, value, b, span, local, sliding_window, scaling)  # [1, H, n, Dh]
+        res = _prefill(query, key, value, b, span, local, sliding_window, scaling)
+        # res: [1, H, n, Dh] -> [1, n, H, Dh], rows [offset, offset + n) of the batch
         out[:, span.offset : span.offset + span.n] = res.transpose(1, 2)
     return out, None
 

@@ -212,7 +212,7 @@ class StageModel:
         """hidden [N, D] through the stage's decoder layers (KV written into the pool)."""
         assert self.rotary is not None
         x = h[None]  # [N, D] -> [1, N, D]: the whole batch as one ragged sequence
-        # cos, sin: [1, N, Dh] from per-token absolute positions
+        # positions: [N] -> [1, N]; cos, sin: [1, N, Dh] from per-token absolute positions
         pos_emb = self.rotary(x, batch.positions[None])
         cache = PagedCacheView(batch)
         kwargs = {STEP_KWARG: batch}

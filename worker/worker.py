@@ -369,6 +369,7 @@ class Worker:
             for e, tok, lp in zip(entries, tokens, logprobs, strict=True):
                 results.append(WorkResult(e.item.request_id, e.item.step, None, tok, lp))
             return
+        # h: [N, D] -> one [T_i, D] view per entry, in batch order
         for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
             e.at += 1
             if e.at < len(e.item.stage_keys):
