@@ -1,16 +1,14 @@
 """WorkerProc: the worker process around the engine — one IO thread, one compute loop.
 
-    broker ROUTER ◄──DEALER── _IOThread ──inbox (SimpleQueue)──► compute loop (main thread)
+    broker ROUTER ◄──DEALER── IOThread ──inbox (SimpleQueue)──► compute loop (main thread)
                               (socket owner)  ◄──outbox + wake pipe──  Worker.step() results
 
-The IO thread owns the DEALER socket (sockets are used only by the thread that made them): it
-receives and validates messages (`frames.decode`), copies tensors out of the zmq frames, and
-hands them to the compute loop through a queue bounded by `input_queue_size` (a FORWARD beyond
-it is answered QUEUE_FULL at once); it encodes and sends whatever the compute loop queues
-(zero-copy; the queued tensors stay referenced by zmq until sent). It keeps the broker
-liveness: a HEARTBEAT with load facts every interval, and a broker silent for
-`interval * liveness` makes it reconnect with capped exponential backoff, after which the
-compute loop drops all KV and sends READY again (the broker replays those requests).
+The IO thread (`proc_io.IOThread`) owns the DEALER socket (sockets are used only by the thread
+that made them): it validates messages, copies tensors out of the zmq frames into a bounded
+inbox, sends what the compute loop queues (zero-copy), answers the broker's pings with the
+latest load facts, and reconnects (capped exponential backoff) when the broker is silent for
+`interval * liveness`, after which the compute loop drops all KV and sends READY again (the
+broker replays those requests).
 
 The main thread runs the engine (`Worker`): it drains the inbox (blocking when idle: no busy
 spin), submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages.
@@ -23,7 +21,6 @@ the process exits 1. The test-only `fault_after_steps` hook exits 3 (crash) or r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -33,12 +30,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import torch
-import zmq
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
@@ -49,18 +44,16 @@ from blockllm.broker.protocol import (
     Heartbeat,
     Kind,
     LoadStage,
-    Message,
-    ProtocolError,
     Ready,
     Release,
     Result,
     StageRef,
     UnloadStage,
 )
-from blockllm.broker.sockets import make_socket
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError
 from blockllm.worker.items import SamplingParams, WorkItem
+from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, Reset, Wake
 
 logger = logging.getLogger(__name__)
 
@@ -72,217 +65,6 @@ RETRYABLE = frozenset(
 
 class InjectedFault(RuntimeError):
     """Raised by the test-only fault hook (`fault_after_steps`, mode RAISE)."""
-
-
-class IOThreadFailed(RuntimeError):
-    """The IO thread died; the worker cannot talk to the broker any more."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Reset:
-    """Inbox marker from the IO thread: reconnected, drop all KV and send READY again."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Wake:
-    """Inbox marker: wake the compute loop (shutdown requested)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    """Inbox marker: the IO thread died with `error`."""
-
-    error: BaseException
-
-
-Inbound = tuple[Message, list[torch.Tensor]] | _Reset | _Wake | _Failed
-Outbound = tuple[Message, tuple[torch.Tensor, ...]]
-
-
-class _IOThread(threading.Thread):
-    """Owns the DEALER to the broker. `send` and `stop` may be called from any thread."""
-
-    def __init__(
-        self,
-        cfg: WorkerProcConfig,
-        identity: bytes,
-        inbox: queue.SimpleQueue[Inbound],
-        facts: Callable[[], Heartbeat],
-    ) -> None:
-        super().__init__(name="worker-io", daemon=True)
-        self.cfg = cfg
-        self.identity = identity
-        self.inbox = inbox
-        self.facts = facts
-        self.outbox: queue.SimpleQueue[Outbound] = queue.SimpleQueue()
-        self.bad_messages = 0
-        self.reconnects = 0
-        self.dropped = 0
-        self._pinged = False
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._ctx = zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
-        self._curve = None
-        if cfg.keys_dir:  # fail at start-up, not at the first reconnect
-            from blockllm.broker.security import load_client_keys
-
-            self._curve = load_client_keys(cfg.keys_dir)
-
-    # -- any thread ------------------------------------------------------------------------
-    def send(self, msg: Message, tensors: tuple[torch.Tensor, ...] = ()) -> None:
-        """Queue a message for the broker (tensors are kept referenced until zmq sent them)."""
-        self.outbox.put((msg, tensors))
-        self._wake()
-
-    def stop(self) -> None:
-        """Flush what is queued, close the socket (with linger) and end the thread."""
-        self._stopping = True
-        self._wake()
-
-    def _wake(self) -> None:
-        # A full pipe already holds wake-ups: the thread will wake.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
-
-    # -- the IO thread -----------------------------------------------------------------------
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:  # the compute loop turns this into the fatal path
-            logger.exception("[dead] worker IO thread failed")
-            self.inbox.put(_Failed(e))
-        finally:
-            if self._sock is not None:
-                self._sock.close(linger=self.cfg.dead_linger_ms)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-
-    def connect(self) -> zmq.Socket:
-        sock = make_socket(
-            self._ctx,
-            zmq.DEALER,
-            self.cfg.broker,
-            bind=False,
-            identity=self.identity,
-            linger_ms=self.cfg.dead_linger_ms,
-            curve=self._curve,
-        )
-        return sock
-
-    def _loop(self) -> None:
-        """Ping-pong liveness, mirroring the broker (which pings a worker it has not heard
-        from for a beat): answer every ping with our load facts; while the broker is talking
-        to us anyway, also report the facts once a beat (so they stay fresh under load); a
-        broker silent for `interval * liveness` is presumed gone -> reconnect."""
-        cfg = self.cfg
-        interval = cfg.heartbeat_interval_s
-        self._sock = self.connect()
-        heard = beat = time.monotonic()
-        backoff = interval
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(self._sock, zmq.POLLIN)
-        while True:
-            wake_at = min(beat + interval, heard + interval * cfg.liveness)
-            events = dict(poller.poll(max(0.0, wake_at - time.monotonic()) * 1000 + 1))
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
-            if events.get(self._sock) and self._receive_all():
-                heard = time.monotonic()
-                backoff = interval
-            self._flush()
-            if self._stopping:
-                return
-            now = time.monotonic()
-            if self._pinged or (now - beat >= interval and now - heard < interval):
-                self._pinged = False
-                self._send(frames.encode(self.facts()))
-                beat = now
-            if now - heard > interval * cfg.liveness:
-                poller.unregister(self._sock)
-                self._reconnect(backoff)
-                poller.register(self._sock, zmq.POLLIN)
-                heard = beat = time.monotonic()
-                backoff = min(backoff * 2, cfg.reconnect_max_s)
-
-    def _reconnect(self, backoff: float) -> None:
-        """Broker silent: drop the socket (and what it queued), wait, connect afresh."""
-        assert self._sock is not None
-        logger.warning(
-            "[dead] broker %s silent for %.1f s; reconnecting in %.1f s",
-            self.cfg.broker,
-            self.cfg.heartbeat_interval_s * self.cfg.liveness,
-            backoff,
-        )
-        self._sock.close(linger=0)
-        self._sock = None
-        # A backoff, not a synchronisation: stop() still ends it at once through the pipe.
-        zmq.select([self._wake_r], [], [], backoff)
-        self._sock = self.connect()
-        self.reconnects += 1
-        self.inbox.put(_Reset())
-
-    def _receive_all(self) -> bool:
-        """Handle every message waiting on the socket; whether there was any."""
-        assert self._sock is not None
-        got = False
-        while True:
-            try:
-                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return got
-            got = True
-            self._dispatch(parts)
-
-    def _dispatch(self, parts: list[zmq.Frame]) -> None:
-        try:
-            msg, views = frames.decode(parts)
-        except ProtocolError as e:
-            self.bad_messages += 1
-            logger.warning(
-                "dropped a bad message from the broker (%d so far): %s", self.bad_messages, e
-            )
-            return
-        if msg.KIND is Kind.HEARTBEAT:
-            self._pinged = True  # answered with our load facts (the pong)
-            return
-        if msg.KIND is Kind.FORWARD and self.inbox.qsize() >= self.cfg.input_queue_size:
-            assert isinstance(msg, Forward)
-            err = Error(
-                msg.request_id,
-                ErrorCode.QUEUE_FULL.value,
-                "worker input queue full",
-                retryable=True,
-                step=msg.step,
-            )
-            self._send(frames.encode(err))
-            return
-        # Copy out of the zmq frames now: a live view would pin the whole message.
-        self.inbox.put((msg, [v.clone() for v in views]))
-
-    def _send(self, parts: list[frames.Buffer]) -> None:
-        """Send without blocking: a broker that stopped reading must not wedge liveness."""
-        assert self._sock is not None
-        try:
-            self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.dropped += 1
-            logger.warning(
-                "broker not reading: dropped a %r message (%d so far)",
-                bytes(parts[0]),
-                self.dropped,
-            )
-
-    def _flush(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                msg, tensors = self.outbox.get_nowait()
-            except queue.Empty:
-                return
-            self._send(frames.encode(msg, tensors))
 
 
 class WorkerProc:
@@ -307,7 +89,7 @@ class WorkerProc:
         self._facts = Heartbeat()
         self._facts_at = 0.0
         self._proc = psutil.Process()
-        self.io = _IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
+        self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
@@ -320,7 +102,7 @@ class WorkerProc:
     def request_stop(self) -> None:
         """Signal-handler safe: set the flag and wake the loop (SimpleQueue.put is reentrant)."""
         self.stop_requested = True
-        self.inbox.put(_Wake())
+        self.inbox.put(Wake())
 
     def start(self) -> None:
         """Build the engine, load the configured stages, then connect and send READY.
@@ -399,12 +181,12 @@ class WorkerProc:
             except queue.Empty:
                 return
             block = False
-            if isinstance(item, _Wake):
+            if isinstance(item, Wake):
                 continue
-            if isinstance(item, _Reset):
+            if isinstance(item, Reset):
                 self._reset()
                 continue
-            if isinstance(item, _Failed):
+            if isinstance(item, Failed):
                 raise IOThreadFailed(f"IO thread failed: {item.error!r}") from item.error
             msg, tensors = item
             handler = self._handlers.get(msg.KIND)
