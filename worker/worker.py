@@ -204,10 +204,12 @@ class Worker:
         first, last = stages[0], stages[-1]
         x = self._check_input(item, first)
         n = x.shape[0]
+        for name in ("past_len", "max_total_len", "step"):
+            value = getattr(item, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequest(f"{name} must be an integer >= 0, got {value!r}")
         total = item.max_total_len or item.past_len + n
-        if isinstance(item.past_len, bool) or not isinstance(item.past_len, int):
-            raise BadRequest(f"past_len must be an integer, got {item.past_len!r}")
-        if item.past_len < 0 or total < item.past_len + n:
+        if total < item.past_len + n:
             raise BadRequest(
                 f"past_len {item.past_len} + {n} new tokens exceeds max_total_len {total}"
             )

@@ -553,3 +553,53 @@ def test_greedy_matches_hf_on_cuda(tiny_zoo) -> None:
     hops = cuts_to_hops(zoo, "m", [[0, 2], [2, 6]], w={"device": "cuda"})
     outs = Driver(hops, eos_ids(zoo, "m")).add(*reqs).run()
     assert_matches_hf(ckpt, reqs, outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# typed refusals
+
+
+def test_submit_refuses_bad_items_with_typed_errors(tiny_zoo) -> None:
+    from blockllm.worker.errors import BadRequest, QueueFull, UnknownStage
+
+    zoo, _ckpt = tiny_zoo("llama")
+    w = Worker(zoo, WorkerConfig(kv_budget_bytes=1 << 20, queue_capacity=2))
+    a, b, c = (w.load_stage("m", lo, hi).key for lo, hi in ((0, 2), (2, 4), (4, 6)))
+    ids = torch.tensor([3, 4, 5])
+
+    def item(**kw) -> WorkItem:
+        base = dict(request_id="r", step=0, stage_keys=(a, b), past_len=0, tokens=ids)
+        return WorkItem(**{**base, **kw})
+
+    bad = [
+        item(stage_keys=()),
+        item(stage_keys=(a, c)),  # not consecutive
+        item(tokens=None, hidden=torch.zeros(3, 64)),  # the first stage embeds
+        item(stage_keys=(b,), tokens=ids),  # ...and this one does not
+        item(stage_keys=(b,), tokens=None, hidden=torch.zeros(3, 65)),
+        item(tokens=torch.tensor([3, 100_000])),  # id outside the vocab
+        item(tokens=torch.tensor([[3]])),
+        item(past_len=-1),
+        item(past_len=True),
+        item(max_total_len=2),  # less than past_len + T
+        item(stage_keys=(a, b, c), sampling=SamplingParams(temperature=-1.0)),
+    ]
+    for it in bad:
+        with pytest.raises(BadRequest) as e:
+            w.submit(it)
+        assert e.value.code == ErrorCode.BAD_REQUEST
+    with pytest.raises(UnknownStage):
+        w.submit(item(stage_keys=("nope",)))
+    w.submit(item())
+    with pytest.raises(BadRequest, match="already has an item queued"):
+        w.submit(item())
+    w.submit(item(request_id="s"))
+    with pytest.raises(QueueFull):
+        w.submit(item(request_id="t"))
+    assert w.stats().queue_depths[a] == 2 and w.stats().free_slots == 4
+    w.unload_stage(b)  # queued items routed through it fail, typed, at the next step
+    assert {(r.request_id, r.error) for r in w.step()} == {
+        ("r", ErrorCode.UNKNOWN_STAGE),
+        ("s", ErrorCode.UNKNOWN_STAGE),
+    }
+    assert w.kv_stats().used_bytes == 0
