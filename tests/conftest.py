@@ -50,12 +50,22 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_smollm2(out, dtype="float32")
 
 
+def _infrastructure_pids() -> set[int]:
+    """Helper processes multiprocessing keeps for the whole run (never ours to reap)."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {pid} if pid else set()
+
+
 @pytest.fixture(autouse=True)
 def _reap_children() -> Iterator[None]:
     """Any child process a test leaves running is terminated, then killed, after it."""
-    yield
     me = psutil.Process()
-    children = me.children(recursive=True)
+    before = {c.pid for c in me.children(recursive=True)}
+    yield
+    keep = before | _infrastructure_pids()
+    children = [c for c in me.children(recursive=True) if c.pid not in keep]
     for child in children:
         try:
             child.terminate()
