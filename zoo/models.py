@@ -41,6 +41,9 @@ DTYPES = ("float32", "bfloat16")
 # python modules the GGUF loader needs beyond our own dependencies
 GGUF_DEPS = ("gguf", "accelerate")
 _MARKER_FORMAT = 1
+# config keys the GGUF loader adds (or that save_pretrained re-derives): not carried over
+_GGUF_CONFIG_LEFTOVERS = ("quantization_config", "_name_or_path", "_model_name_or_path")
+_GGUF_CONFIG_LEFTOVERS += ("transformers_version", "dtype", "torch_dtype", "architectures")
 # tokens that end an assistant turn in common chat templates (besides the tokenizer's eos)
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
 # files of a checkpoint that are weights or config: written by save_pretrained, never copied
@@ -108,16 +111,19 @@ def _staging_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # works for files and folders alike
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_nonempty_folder(out: Path) -> bool:
+    """Whether `out` holds something; raises ModelBuildError when it is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise ModelBuildError(f"{out} exists and is not a folder")
+    return out.is_dir() and any(out.iterdir())
 
 
 def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
@@ -126,10 +132,10 @@ def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
     With `replace`, an existing `out` is first moved aside and deleted after the swap.
     Raises ModelBuildError when `out` holds something and `replace` is false.
     """
-    _fsync_tree(tmp)
-    if out.exists() and not out.is_dir():
-        raise ModelBuildError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    for path in tmp.iterdir():
+        _fsync(path)
+    _fsync(tmp)
+    if _is_nonempty_folder(out):
         if not replace:
             raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
@@ -138,11 +144,7 @@ def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)  # rename(2) replaces an empty folder atomically
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(out.parent)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -221,15 +223,7 @@ def _plain_llama(loaded: Any, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = loaded.config.to_dict()
-    for key in (
-        "quantization_config",
-        "_name_or_path",
-        "_model_name_or_path",
-        "transformers_version",
-        "dtype",
-        "torch_dtype",
-        "architectures",
-    ):
+    for key in _GGUF_CONFIG_LEFTOVERS:
         cfg.pop(key, None)
     if cfg.get("model_type") != "llama":
         raise ModelBuildError(f"expected a llama GGUF, got model_type {cfg.get('model_type')!r}")
@@ -299,7 +293,7 @@ def convert_smollm2(
     if _cached(out, source, dtype):
         _note(progress, f"{out} already holds SmolLM2 ({dtype}); nothing to do")
         return out
-    if out.is_dir() and any(out.iterdir()) and _read_marker(out) is None:
+    if _is_nonempty_folder(out) and _read_marker(out) is None:
         raise ModelBuildError(f"{out} is not empty and is not a SmolLM2 conversion; remove it")
     _require_gguf_deps()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -509,7 +503,7 @@ def finetune(
         raise ModelBuildError("steps and batch size must be >= 1, seq len >= 2, lr > 0")
     if out.resolve() == base.resolve():
         raise ModelBuildError("the output folder must differ from the base checkpoint")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if _is_nonempty_folder(out) and not overwrite:
         raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
     start = time.monotonic()
     span = None if full else layers
