@@ -209,6 +209,7 @@ class Launcher:
         finally:
             recv.close()
         if self.endpoint is None:
+            self.broker.join(2.0)  # the pipe closed: it is exiting, learn its code
             code = self.broker.exitcode
             what = f"exited with code {code}" if code is not None else "not ready"
             raise LaunchError(
@@ -382,8 +383,35 @@ def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...
             f"{what} in zoo {cfg.zoo_dir} (it has: {have}); import one with "
             "`blockllm zoo import PATH --name NAME`"
         )
-    plan = static_placement([zoo.manifest(m) for m in models], cfg.workers)
+    plan = static_placement([ComputeWeighted(zoo.manifest(m)) for m in models], cfg.workers)
     return tuple(models), [tuple(StageSpec(*s) for s in stages) for stages in plan]
+
+
+class ComputeWeighted:
+    """A manifest whose `block_bytes` estimate each position's compute per token, so that
+    `static_placement` (which balances `block_bytes`) balances the pipeline's step times.
+
+    Stored bytes mislead at both ends of a chain: the embedding is a lookup (a big block,
+    almost no compute), while the head's lm_head matmul costs vocab x hidden multiply-adds
+    per token even when it is tied (a tiny stored block). Decoder layers cost their weights.
+    """
+
+    def __init__(self, manifest: Any) -> None:
+        self._m = manifest
+        self.name = manifest.name
+        self.chain = manifest.chain
+        self.fingerprint = manifest.fingerprint
+
+    @property
+    def block_bytes(self) -> tuple[int, ...]:
+        stored = tuple(self._m.block_bytes)
+        if len(stored) != len(self.chain):
+            return stored  # sizes unknown: placement balances by block count
+        cfg = self._m.config
+        itemsize = 2 if self._m.dtype in ("bfloat16", "float16") else 4
+        lm_head = int(cfg.get("vocab_size", 0)) * int(cfg.get("hidden_size", 0)) * itemsize
+        embed = max(1, int(cfg.get("hidden_size", 0)) * itemsize)  # one row read per token
+        return (embed, *stored[1:-1], stored[-1] + (lm_head if self._m.tie_word_embeddings else 0))
 
 
 def default_threads(workers: int) -> int:

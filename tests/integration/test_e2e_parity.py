@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from blockllm.broker.placement import static_placement
+from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
 
 from tests.integration.cluster import (
@@ -42,9 +43,9 @@ def zoo(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 def placed(zoo: Path, models: tuple[str, ...], n_workers: int) -> dict[str, list[str]]:
     """The workers `blockllm serve` would start: {name: ["model:start-end", ...]}."""
-    z = Zoo(zoo)
-    plan = static_placement([z.manifest(m) for m in models], n_workers)
-    return {f"w{i}": [f"{m}:{a}-{b}" for m, a, b in stages] for i, stages in enumerate(plan)}
+    cfg = ServeConfig(str(zoo), None, None, workers=n_workers, models=models)
+    _models, plan = plan_workers(cfg)
+    return {f"w{i}": [str(s) for s in stages] for i, stages in enumerate(plan) if stages}
 
 
 def test_finetuned_pair_shares_stages(zoo: Path):
