@@ -286,6 +286,8 @@ def convert_smollm2(
     """
     out = Path(out_dir)
     torch_dtype = _torch_dtype(dtype)
+    if _is_nonempty_folder(out) and _read_marker(out) is None:
+        raise ModelBuildError(f"{out} is not empty and is not a SmolLM2 conversion; remove it")
     gguf = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
     if not gguf.is_file():
         raise ModelBuildError(f"GGUF file {gguf} not found")
@@ -293,8 +295,6 @@ def convert_smollm2(
     if _cached(out, source, dtype):
         _note(progress, f"{out} already holds SmolLM2 ({dtype}); nothing to do")
         return out
-    if _is_nonempty_folder(out) and _read_marker(out) is None:
-        raise ModelBuildError(f"{out} is not empty and is not a SmolLM2 conversion; remove it")
     _require_gguf_deps()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
