@@ -2,7 +2,7 @@
 
 A keys directory (`blockllm keys gen DIR`) holds
 
-    broker.key, broker.key_secret   the broker's pair (servers: the broker's ROUTER, stats PUB)
+    broker.key, broker.key_secret   the broker's pair (for the sockets the broker binds)
     client.key, client.key_secret   the pair workers, the planner and clients present
     authorized/*.key                public keys the broker admits (client.key is copied there)
 
@@ -68,8 +68,8 @@ def _check_key(key: bytes | None, path: Path, what: str) -> bytes:
         raise KeysError(f"{path}: no valid CurveZMQ {what} key (corrupt or not a key file)")
     try:
         z85.decode(key)
-    except ValueError as e:
-        raise KeysError(f"{path}: malformed {what} key ({e})") from None
+    except (ValueError, KeyError):  # KeyError: a character outside the Z85 alphabet
+        raise KeysError(f"{path}: malformed {what} key (not Z85 text)") from None
     return key
 
 

@@ -196,6 +196,9 @@ def test_clear_errors_for_missing_and_corrupt_keys(tmp_path: Path, keys_dir: Pat
     (keys_dir / "client.key_secret").write_text('curve\n    public-key = "short"\n')
     with pytest.raises(security.KeysError, match=r"client\.key_secret: no valid CurveZMQ public"):
         security.load_client_keys(keys_dir)
+    (keys_dir / "client.key_secret").write_text(f'curve\n    public-key = "{"~" * 40}"\n')
+    with pytest.raises(security.KeysError, match="not Z85"):
+        security.load_client_keys(keys_dir)
     (keys_dir / "authorized").rename(tmp_path / "moved")
     with pytest.raises(security.KeysError, match="authorized: missing"):
         security.start_authenticator(zmq.Context.instance(), keys_dir)
