@@ -24,11 +24,8 @@ from tests.integration.cluster import (
     cluster,
     hf_greedy,
     make_zoo,
-    stop_resource_tracker,  # noqa: F401 - fixture
     worker_config,
 )
-
-pytestmark = pytest.mark.usefixtures("stop_resource_tracker")
 
 PROMPT = [11, 23, 5, 77, 140, 9]
 LONG = 240  # new tokens: long enough that a kill after the first few lands mid-generation

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import torch
 import zmq
 from blockllm.broker import frames
@@ -27,18 +26,6 @@ from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 FAST_BEAT = 0.25  # liveness interval of test clusters: a lost worker is noticed in ~1 s
 SLOW_BEAT = 10.0  # for workers of a FakeBroker, which does not ping
-
-
-@pytest.fixture
-def stop_resource_tracker() -> Iterator[None]:
-    """Stop multiprocessing's resource tracker (a child that spawn starts, which ignores
-    SIGTERM) cleanly after a test, instead of the 5 s the reaper waits before killing it."""
-    yield
-    from multiprocessing import resource_tracker
-
-    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
-        stop()
 
 
 def make_zoo(root: Path, checkpoints: Mapping[str, Path]) -> Path:

@@ -8,6 +8,7 @@ shares its untouched blocks, under concurrent requests of different lengths.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,13 @@ from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
 
 from tests.integration.cluster import (
+    Cluster,
     cluster,
     hf_greedy,
     hf_tokenize,
     make_zoo,
     perturbed_copy,
-    stop_resource_tracker,  # noqa: F401 - fixture
 )
-
-pytestmark = pytest.mark.usefixtures("stop_resource_tracker")
 
 MODELS = ("llama", "llama-ft", "qwen")
 
@@ -57,8 +56,15 @@ def test_finetuned_pair_shares_stages(zoo: Path):
     assert positions == [0, 1, 2, 3, 3, 4, 4, 5]
 
 
+@pytest.fixture(scope="module")
+def served(zoo: Path) -> Iterator[Cluster]:
+    """All three models served at once by the 2 workers `blockllm serve` would start."""
+    with cluster(zoo, placed(zoo, MODELS, 2), MODELS) as c:
+        yield c
+
+
 def test_concurrent_requests_match_hf_for_two_families_and_a_finetuned_pair(
-    zoo: Path, checkpoints: dict[str, Path]
+    served: Cluster, checkpoints: dict[str, Path]
 ):
     # 8 requests at once, of different prompt lengths and lengths to generate
     jobs = [
@@ -72,7 +78,7 @@ def test_concurrent_requests_match_hf_for_two_families_and_a_finetuned_pair(
     )
     got: list[list[int] | None] = [None] * len(jobs)
     errors: list[BaseException] = []
-    with cluster(zoo, placed(zoo, MODELS, 2), MODELS) as c, c.client(timeout=120) as client:
+    with served.client(timeout=120) as client:
         start = threading.Barrier(len(jobs))
 
         def run(i: int) -> None:
@@ -94,18 +100,19 @@ def test_concurrent_requests_match_hf_for_two_families_and_a_finetuned_pair(
         assert client.status()["counters"]["completed"] >= len(jobs)
 
 
-def test_streamed_text_equals_generated_text_and_hf(zoo: Path, checkpoints: dict[str, Path]):
+@pytest.mark.parametrize("model", ["qwen", "llama", "llama-ft"])
+def test_streamed_text_equals_generated_text_and_hf(
+    served: Cluster, checkpoints: dict[str, Path], model: str
+):
     prompt = "Return a new dictionary"
-    models = ("qwen", "llama")
-    with cluster(zoo, placed(zoo, models, 2), models) as c, c.client(timeout=60) as client:
-        for model in ("qwen", "llama"):
-            ids = hf_tokenize(checkpoints[model], prompt)
-            want = hf_greedy(checkpoints[model], ids, 24)
-            events = list(client.stream(model, prompt=prompt, max_new_tokens=24))
-            whole = client.generate(model, prompt=prompt, max_new_tokens=24)
-            assert [e.token_id for e in events] == want == whole.token_ids
-            assert "".join(e.text for e in events) == whole.text
-            assert events[-1].finish_reason == whole.finish_reason
+    ids = hf_tokenize(checkpoints[model], prompt)
+    want = hf_greedy(checkpoints[model], ids, 24)
+    with served.client(timeout=60) as client:
+        events = list(client.stream(model, prompt=prompt, max_new_tokens=24))
+        whole = client.generate(model, prompt=prompt, max_new_tokens=24)
+    assert [e.token_id for e in events] == want == whole.token_ids
+    assert "".join(e.text for e in events) == whole.text
+    assert events[-1].finish_reason == whole.finish_reason
 
 
 @pytest.mark.slow

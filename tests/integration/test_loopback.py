@@ -37,11 +37,8 @@ from tests.integration.cluster import (
     hf_greedy,
     hf_tokenize,
     make_zoo,
-    stop_resource_tracker,  # noqa: F401 - fixture
     worker_config,
 )
-
-pytestmark = pytest.mark.usefixtures("stop_resource_tracker")
 
 PROMPT_IDS = [5, 17, 42, 99, 7]
 NEW_TOKENS = 12
