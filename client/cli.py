@@ -37,6 +37,7 @@ def _register() -> None:
         ("blockllm.client.cli_bench", "bench"),
         ("blockllm.client.cli_serve", "commands"),
         ("blockllm.client.cli_client", "commands"),
+        ("blockllm.client.cli_keys", "keys"),
     ):
         try:
             mod = importlib.import_module(module)
