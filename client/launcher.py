@@ -123,7 +123,10 @@ def kill_tree(pid: int | None) -> None:
     psutil.wait_procs(family, timeout=5)
 
 
-def _shutdown_groups(groups: Sequence[Sequence[BaseProcess]], timeout: float) -> None:
+def _shutdown_groups(
+    groups: Sequence[Sequence[BaseProcess]], timeout: float, stopping: threading.Event
+) -> None:
+    stopping.set()  # the monitor reports no deaths from here on
     for group in groups:
         shutdown(group, timeout)
 
@@ -169,11 +172,15 @@ class Launcher:
         self._brokers: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
         self._stopping = threading.Event()
+        # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
+        # threads polling one child can make one of them see None for a dead child.
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
         self._expected: set[int] = set()  # id() of children whose exit is not a failure
         self._monitor: threading.Thread | None = None
         # Workers first, then the broker: the lists are filled in place as children start.
         self._finalizer = weakref.finalize(
-            self, _shutdown_groups, [self._workers, self._brokers], stop_timeout
+            self, _shutdown_groups, [self._workers, self._brokers], stop_timeout, self._stopping
         )
 
     def __enter__(self) -> Launcher:
@@ -209,8 +216,7 @@ class Launcher:
         finally:
             recv.close()
         if self.endpoint is None:
-            self.broker.join(2.0)  # the pipe closed: it is exiting, learn its code
-            code = self.broker.exitcode
+            code = self.wait_exit(self.broker, 2.0)  # the pipe closed: it is exiting
             what = f"exited with code {code}" if code is not None else "not ready"
             raise LaunchError(
                 f"broker {what} after {ready_timeout:.0f} s binding {cfg.bind}; see its log above"
@@ -261,7 +267,7 @@ class Launcher:
                     if not missing and not uncovered:
                         return body
                 # A bounded poll interval that ends early when a child dies.
-                sentinels = [p.sentinel for p in self._children() if p.exitcode is None]
+                sentinels = [p.sentinel for p in self._children() if self.exitcode(p) is None]
                 multiprocessing.connection.wait(sentinels, timeout=min(0.1, max(left, 0)))
         parts = [f"workers not registered: {', '.join(missing)}"] if missing else []
         if uncovered:
@@ -275,10 +281,11 @@ class Launcher:
 
     def _raise_if_died(self, describe: dict[str, str] | None) -> None:
         for p in self._children():
-            if p.exitcode is not None and id(p) not in self._expected:
+            code = self.exitcode(p)
+            if code is not None and id(p) not in self._expected:
                 what = (describe or {}).get(p.name or "", "")
                 raise LaunchError(
-                    f"{Death(p.name or '?', p.pid, p.exitcode)} while starting"
+                    f"{Death(p.name or '?', p.pid, code)} while starting"
                     f"{f' ({what})' if what else ''}; see its log above"
                 )
 
@@ -298,31 +305,58 @@ class Launcher:
         reported: set[int] = set()
         while not self._stopping.is_set():
             pending = [p for p in self._children() if id(p) not in reported]
+            live = []
             for p in pending:
-                if p.exitcode is None:
+                code = self.exitcode(p)
+                if code is None:
+                    live.append(p.sentinel)
                     continue
                 reported.add(id(p))
                 if self._stopping.is_set() or id(p) in self._expected:
                     continue
-                death = Death(p.name or "?", p.pid, p.exitcode)
+                death = Death(p.name or "?", p.pid, code)
                 self.deaths.append(death)
                 logger.error("[dead] %s", death)
                 if self.on_death is not None:
                     self.on_death(death)
-            live = [p.sentinel for p in pending if p.exitcode is None]
-            multiprocessing.connection.wait(live, timeout=1.0)
+            # timeout: children started meanwhile join the watch within a second
+            ready = multiprocessing.connection.wait([*live, self._wake_r], timeout=1.0)
+            for p in pending:
+                if p.sentinel in ready:
+                    self.wait_exit(p, 5.0)
+
+    def exitcode(self, p: BaseProcess) -> int | None:
+        """`p.exitcode`, serialised with the monitor thread (see `_lock`)."""
+        with self._lock:
+            return p.exitcode
+
+    def wait_exit(self, p: BaseProcess | str, timeout: float) -> int | None:
+        """Wait up to `timeout` s for a child (or worker name) to exit; its exit code or None."""
+        proc = self.workers[p] if isinstance(p, str) else p
+        if not multiprocessing.connection.wait([proc.sentinel], timeout):
+            return None
+        # The sentinel fires when the child's files close, a moment before it can be reaped:
+        # join() then waits for that moment (a non-blocking poll could still see None).
+        with self._lock:
+            proc.join(timeout)
+            return proc.exitcode
 
     # -- stopping ----------------------------------------------------------------------------
     def stop(self, timeout: float | None = None) -> None:
         """Stop everything: workers first (they drain and send DEAD), then the broker."""
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._monitor is not None:  # before shutdown(): it polls the children itself
+            self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
         logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
         shutdown(self._workers, t)
         shutdown(self._brokers, t)
         self._finalizer.detach()
-        if self._monitor is not None:
-            self._monitor.join(timeout=2.0)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def kill_worker(self, name: str, sig: int) -> None:
         """Send `sig` to one worker whose exit is then expected (not reported as a death)."""

@@ -93,17 +93,14 @@ def test_fault_hook_raise_sends_dead_and_exits_nonzero(zoo: Path):
             proc = launcher.start_worker("w0", cfg)
             peer, ready, _ = broker.recv_kind({Kind.READY}, timeout=60)
             key, x, past = ready.stages[0].key, torch.tensor(PROMPT), 0
-            for step in range(5):
+            for step in range(3):  # three steps are answered...
                 fwd = Forward("r", step, (key,), past, 64, tensors=(frames.meta_of(x),))
                 broker.send(peer, fwd, [x])
-                _, msg, _ = broker.recv_kind({Kind.RESULT, Kind.DEAD})
-                if isinstance(msg, Dead):
-                    break
+                _, msg, _ = broker.recv_kind({Kind.RESULT})
                 past, x = past + len(x), torch.tensor([msg.token_id])
-            assert isinstance(msg, Dead) and "InjectedFault" in msg.reason
-            assert step == 3  # three steps answered, then the fault
-            proc.join(30)
-            assert proc.exitcode == EXIT_FATAL
+            _, dead, _ = broker.recv_kind({Kind.DEAD})  # ...then the fault: DEAD, exit 1
+            assert isinstance(dead, Dead) and "InjectedFault" in dead.reason
+            assert launcher.wait_exit(proc, 30) == EXIT_FATAL
     finally:
         broker.close()
 
@@ -121,8 +118,7 @@ def test_fault_hook_exit_is_a_crash(zoo: Path):
             x = torch.tensor(PROMPT)
             fwd = Forward("r", 0, (ready.stages[0].key,), 0, 64, tensors=(frames.meta_of(x),))
             broker.send(peer, fwd, [x])
-            proc.join(30)
-            assert proc.exitcode == EXIT_FAULT
+            assert launcher.wait_exit(proc, 30) == EXIT_FAULT
             assert [d.name for d in launcher.deaths] in ([], ["w0"])  # reported, if seen yet
     finally:
         broker.close()

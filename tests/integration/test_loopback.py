@@ -118,8 +118,7 @@ def test_worker_ready_forward_heartbeat_and_sigterm(zoo: Path, llama: Path, fake
         proc.terminate()  # SIGTERM: drain, DEAD("shutdown"), exit 0
         _, dead, _ = fake_broker.recv_kind({Kind.DEAD})
         assert isinstance(dead, Dead) and dead.reason == "shutdown"
-        proc.join(30)
-        assert proc.exitcode == 0
+        assert launcher.wait_exit(proc, 30) == 0
         assert not launcher.deaths
 
 
@@ -196,5 +195,4 @@ def test_sigint_to_a_worker_is_a_clean_stop(zoo: Path, fake_broker):
         launcher.kill_worker("w0", signal.SIGINT)
         _, dead, _ = fake_broker.recv_kind({Kind.DEAD})
         assert dead.reason == "shutdown"
-        proc.join(30)
-        assert proc.exitcode == 0
+        assert launcher.wait_exit(proc, 30) == 0
