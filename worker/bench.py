@@ -3,13 +3,14 @@
 Both engines decode the same ragged batch of prompts greedily on the same checkpoint, in the
 same process: ours as one full-chain stage of a `Worker` (paged KV, ragged batch, no padding),
 HF as `AutoModelForCausalLM` with a `DynamicCache` over a left-padded batch. Timed decode
-steps alternate between the two in short chunks, so background load on the machine hits both
-alike; the result is tokens per second of each and their ratio.
+steps alternate between the two, so background load on the machine hits both alike; each is
+rated by its median step time (tokens/s = batch / median step); ratio = ours / HF.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +36,6 @@ class StageBenchConfig:
     steps: int = 16  # timed decode steps per engine and batch size
     dtype: str = "float32"
     threads: int | None = None  # torch.set_num_threads; None = torch's default
-    chunk: int = 2  # consecutive steps of one engine before switching to the other
     warmup: int = 2
     prompt_lens: tuple[int, int] = (16, 128)  # ragged prompt lengths drawn from [lo, hi]
     seed: int = 0
@@ -119,17 +119,18 @@ class _HF:
         self.next = out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def _timed(run: Callable[[], None], n: int) -> float:
+def _step_time(run: Callable[[], None]) -> float:
     t0 = time.perf_counter()
-    for _ in range(n):
-        run()
+    run()
     return time.perf_counter() - t0
 
 
 def bench_batch(
     cfg: StageBenchConfig, worker: Worker, key: str, hf: Any, batch: int
 ) -> dict[str, Any]:
-    """One batch size: prefill both engines, warm up, then alternate timed decode chunks."""
+    """One batch size: prefill both engines, warm up, then time decode steps alternately
+    (one step each, the order flipped every step) and rate each engine by its median step:
+    load spikes from other processes hit single steps, not the median."""
     vocab = int(hf.config.vocab_size)
     prompts = _prompts(cfg, batch, vocab)
     total = max(len(p) for p in prompts) + cfg.warmup + cfg.steps + 1
@@ -137,23 +138,24 @@ def bench_batch(
     for _ in range(cfg.warmup):
         ours.step()
         theirs.step()
-    t_ours = t_hf = 0.0
-    done = 0
-    while done < cfg.steps:
-        n = min(cfg.chunk, cfg.steps - done)
-        t_ours += _timed(ours.step, n)
-        t_hf += _timed(theirs.step, n)
-        done += n
+    t_ours: list[float] = []
+    t_hf: list[float] = []
+    for i in range(cfg.steps):
+        if i % 2:
+            t_hf.append(_step_time(theirs.step))
+            t_ours.append(_step_time(ours.step))
+        else:
+            t_ours.append(_step_time(ours.step))
+            t_hf.append(_step_time(theirs.step))
     ours.close()
-    tokens = batch * cfg.steps
-    ours_tps, hf_tps = tokens / t_ours, tokens / t_hf
+    med_ours, med_hf = statistics.median(t_ours), statistics.median(t_hf)
     return {
         "batch": batch,
-        "blockllm_tok_s": round(ours_tps, 2),
-        "hf_tok_s": round(hf_tps, 2),
-        "ratio": round(ours_tps / hf_tps, 3),
-        "blockllm_ms_per_step": round(1000 * t_ours / cfg.steps, 2),
-        "hf_ms_per_step": round(1000 * t_hf / cfg.steps, 2),
+        "blockllm_tok_s": round(batch / med_ours, 2),
+        "hf_tok_s": round(batch / med_hf, 2),
+        "ratio": round(med_hf / med_ours, 3),
+        "blockllm_ms_per_step": round(1000 * med_ours, 2),
+        "hf_ms_per_step": round(1000 * med_hf, 2),
         "prompt_lens": [len(p) for p in prompts],
     }
 

@@ -38,11 +38,14 @@ def sample(
     logits = logits.float()
     # logprob = logit - logsumexp: one pass over V instead of a full log_softmax
     lse = torch.logsumexp(logits, dim=-1)  # [B, V] -> [B]
-    tokens = torch.argmax(logits, dim=-1)  # [B]; replaced below for sampled rows
-    for row, (p, pos) in enumerate(zip(params, positions, strict=True)):
-        if not p.greedy:
-            tokens[row] = _draw(logits[row], p, pos)
-    chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # [B, 1] -> [B]
+    # max() gives the greedy token and its logit in one pass (argmax alone is slower on CPU);
+    # ties resolve to the first index, as argmax (and HF's greedy) does
+    chosen, tokens = logits.max(dim=-1)  # [B], [B]
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    for row in sampled:
+        tokens[row] = _draw(logits[row], params[row], positions[row])
+    if sampled:
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # [B, 1] -> [B]
     return tokens.tolist(), (chosen - lse).tolist()
 
 

@@ -99,3 +99,8 @@ def test_bad_params_are_bad_request(params: SamplingParams) -> None:
 def test_position_seed_is_stable() -> None:
     assert position_seed(1, 2) == position_seed(1, 2) != position_seed(2, 1)
     assert 0 <= position_seed(-5, 10**9) < 2**63
+
+
+def test_greedy_ties_pick_the_first_index_like_argmax() -> None:
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    assert sample(x, [GREEDY] * 2, [0, 0])[0] == x.argmax(-1).tolist() == [1, 0]
