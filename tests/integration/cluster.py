@@ -128,6 +128,7 @@ def cluster(
     On exit everything is stopped (workers first), and no child process may be left.
     """
     launcher = Launcher(log_level="WARNING", stop_timeout=15.0)
+    started: list[psutil.Process] = []
     try:
         bcfg = BrokerConfig(
             bind="tcp://127.0.0.1:0", zoo_dir=str(zoo), heartbeat_s=FAST_BEAT, **(broker or {})
@@ -136,24 +137,13 @@ def cluster(
         for name, stages in workers.items():
             kw = (worker_kw or {}).get(name, {})
             launcher.start_worker(name, worker_config(endpoint, zoo, name, stages, **kw))
+        started = [psutil.Process(p.pid) for p in launcher._children() if p.pid]
         launcher.wait_ready(list(models), ready_timeout)
         yield Cluster(launcher, endpoint, zoo)
     finally:
         launcher.stop()
-    assert not leftover_children(), f"processes left running: {leftover_children()}"
-
-
-def leftover_children() -> list[psutil.Process]:
-    """Our live descendants, except multiprocessing's resource tracker (spawn's helper)."""
-    from multiprocessing import resource_tracker
-
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    live = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.pid != tracker and p.status() != psutil.STATUS_ZOMBIE:
-                live.append(p)
-    return live
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes left running: {alive}"
 
 
 class FakeBroker:
