@@ -91,9 +91,10 @@ def stage(
     if as_json:
         echo_json(doc)
         return
+    load = doc["load_average"]
     click.echo(
         f"stage engine vs HF: {doc['model']} {doc['dtype']}, {doc['threads']} threads,"
-        f" {doc['steps']} decode steps"
+        f" {doc['steps']} decode steps (load average {load[0]} -> {load[1]})"
     )
     click.echo(f"{'batch':>5}  {'blockllm tok/s':>14}  {'hf tok/s':>9}  {'ratio':>6}")
     for r in doc["results"]:

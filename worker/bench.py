@@ -10,6 +10,7 @@ rated by its median step time (tokens/s = batch / median step); ratio = ours / H
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -176,6 +177,7 @@ def run_stage_bench(cfg: StageBenchConfig, progress: Progress | None = None) -> 
     from transformers import AutoModelForCausalLM
 
     note = progress or (lambda _msg: None)
+    load_before = os.getloadavg()[0]
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
@@ -204,5 +206,8 @@ def run_stage_bench(cfg: StageBenchConfig, progress: Progress | None = None) -> 
         "dtype": cfg.dtype,
         "threads": torch.get_num_threads(),
         "steps": cfg.steps,
+        # other processes on the machine skew timings (OpenMP threads spin-wait for a core):
+        # the 1-minute load average before and after tells whether a run was quiet
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }

@@ -603,3 +603,26 @@ def test_submit_refuses_bad_items_with_typed_errors(tiny_zoo) -> None:
         ("s", ErrorCode.UNKNOWN_STAGE),
     }
     assert w.kv_stats().used_bytes == 0
+
+
+def test_bench_stage_json_shape(tiny_checkpoint) -> None:
+    import json
+
+    from blockllm.client.cli import cli
+    from click.testing import CliRunner
+
+    ckpt = tiny_checkpoint("qwen2")
+    args = ["bench", "stage", "--model-dir", str(ckpt), "--batches", "1,3", "--steps", "2"]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["bench"], doc["model"], doc["dtype"]) == ("stage", ckpt.name, "float32")
+    assert [r["batch"] for r in doc["results"]] == [1, 3]
+    for r in doc["results"]:
+        assert r["blockllm_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["ratio"] > 0
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and "ratio" in table.stdout
+    bad = CliRunner().invoke(
+        cli, ["bench", "stage", "--model-dir", str(ckpt), "--dtype", "bfloat16"]
+    )
+    assert bad.exit_code != 0
