@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from blockllm.broker import status as status_mod
+from blockllm.broker.commands import Commands
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out, RequestFlow, error_code
 from blockllm.broker.models import Catalog, ModelSpec
@@ -34,6 +35,7 @@ from blockllm.broker.protocol import (
     Heartbeat,
     Kind,
     Message,
+    PlannedRoute,
     Ready,
     Result,
     Status,
@@ -41,6 +43,7 @@ from blockllm.broker.protocol import (
     Token,
 )
 from blockllm.broker.requests import RequestError, RequestState, validate
+from blockllm.broker.stats import Metrics, stats_body
 from blockllm.broker.text import IncrementalDetokenizer
 from blockllm.broker.workers import WorkerState
 
@@ -57,12 +60,24 @@ def _default_stage_key() -> StageKeyFn:
     return stage_key
 
 
-class Broker(RequestFlow):
+class ChainView:
+    """A manifest seen through an assembled chain (SET_CHAIN): what `stage_key` reads."""
+
+    def __init__(self, manifest: Any, chain: tuple[str, ...]) -> None:
+        self.chain = chain
+        self.name = manifest.name
+        self.fingerprint = getattr(manifest, "fingerprint", "")
+        self.config = getattr(manifest, "config", {})
+        self.tie_word_embeddings = getattr(manifest, "tie_word_embeddings", False)
+
+
+class Broker(Commands, RequestFlow):
     """Registries of workers and requests, and every protocol handler. Loop thread only.
 
     Public: `handle`, `bad_message`, `tick`, `peer_lost`, `send_failed`, `begin_shutdown`,
-    `abort_all`, `reload`, `status`, `idle`; attributes `workers`, `requests`, `waiting`,
-    `models`, `counters`. No method raises on peer input: bad input is answered or counted.
+    `abort_all`, `reload`, `status`, `stats`, `idle`; attributes `workers`, `requests`,
+    `waiting`, `models`, `counters`, `metrics`, `preferred` (the planner's routes), `chains`
+    (assembled chains). No method raises on peer input: bad input is answered or counted.
     """
 
     def __init__(
@@ -85,7 +100,14 @@ class Broker(RequestFlow):
         self._ids = itertools.count(1)
         self._keys: dict[tuple[str, int, int], str | None] = {}
         self._last_reload = now
+        self.metrics = Metrics()
+        self.preferred: dict[str, tuple[PlannedRoute, ...]] = {}
+        self.routes_gen = 0
+        self.move_gen = 0
+        self.chains: dict[str, tuple[str, ...]] = {}
+        self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
         self._handlers: dict[Kind, Callable[[bytes, Any, Sequence[Any], float], list[Out]]] = {
+            **self.command_handlers(),
             Kind.READY: self._handle_ready,
             Kind.HEARTBEAT: self._handle_heartbeat,
             Kind.DEAD: self._handle_dead,
@@ -134,7 +156,7 @@ class Broker(RequestFlow):
             ):
                 w.last_ping = now
                 out.append(Out(w.identity, Heartbeat()))
-        return out + self._dispatch(now)
+        return out + self._drain_tick(now) + self._dispatch(now)
 
     def peer_lost(self, peer: bytes, now: float) -> list[Out]:
         """The transport says `peer` is gone (EHOSTUNREACH): drop it as a worker and client."""
@@ -190,6 +212,10 @@ class Broker(RequestFlow):
         """The STATUS body (see broker/status.py)."""
         return status_mod.status_body(self, now)
 
+    def stats(self, now: float) -> dict[str, Any]:
+        """The STATS body the broker publishes for the planner (see broker/stats.py)."""
+        return stats_body(self, now)
+
     # -- workers -----------------------------------------------------------------------------
     def _handle_ready(
         self, peer: bytes, msg: Ready, frames: Sequence[Any], now: float
@@ -232,7 +258,8 @@ class Broker(RequestFlow):
     def _check_keys(self, msg: Ready) -> None:
         """Warn when a stage's key is not what this broker computes (it would never route)."""
         for s in msg.stages:
-            key = self.key_of(s.model, s.start, s.end) if s.model in self.models else s.key
+            spec = self.models.get(s.model)
+            key = s.key if spec is None else self._own_key(spec, s.start, s.end)
             if key != s.key:
                 logger.warning(
                     "[ready] %s: stage %s[%d:%d] key differs from the broker's stage_key",
@@ -314,6 +341,9 @@ class Broker(RequestFlow):
     ) -> list[Out]:
         worker = self.workers.get(peer)
         req = self.requests.get(msg.request_id)
+        if worker is not None and not msg.request_id:  # about a command (LOAD_STAGE, ...)
+            worker.last_error = f"{msg.code}: {msg.message}"[:300]
+            logger.warning("worker %s: %s", worker.name, worker.last_error)
         if worker is None or req is None or peer not in req.workers():
             logger.debug("error from %r ignored: %s %s", peer, msg.code, msg.message)
             self.counters["stale_results"] += 1
@@ -360,6 +390,7 @@ class Broker(RequestFlow):
             self.counters["overloaded"] += 1
             return error(ErrorCode.OVERLOADED, f"{len(self.waiting)} requests waiting", True)
         self.counters["requests"] += 1
+        self.metrics.on_request(spec.name, now)
         return out
 
     def _new_request(
@@ -411,12 +442,25 @@ class Broker(RequestFlow):
         return self.models.get(want) if want is not None else None
 
     def key_of(self, model: str, start: int, end: int) -> str | None:
-        """stage_key(model's manifest, start, end), memoized; None for an unknown model/span."""
+        """stage_key over the chain `model` is served with (its own, or the assembled one of
+        SET_CHAIN), memoized; None for an unknown model or span."""
         k = (model, start, end)
         if k not in self._keys:
             spec = self.models.get(model)
+            manifest = None if spec is None else spec.manifest
+            if manifest is not None and model in self.chains:
+                manifest = ChainView(manifest, self.chains[model])
             try:
-                self._keys[k] = None if spec is None else self._stage_key(spec.manifest, start, end)
+                self._keys[k] = None if spec is None else self._stage_key(manifest, start, end)
             except Exception:  # a span the model does not have
                 self._keys[k] = None
         return self._keys[k]
+
+    def _own_key(self, spec: ModelSpec, start: int, end: int) -> str | None:
+        """stage_key over the model's own chain (what a worker loading it computes)."""
+        if spec.name not in self.chains:
+            return self.key_of(spec.name, start, end)
+        try:
+            return self._stage_key(spec.manifest, start, end)
+        except Exception:
+            return None

@@ -52,6 +52,12 @@ class BrokerConfig:
     log_level: str = "INFO"
     # CurveZMQ: a keys folder (`blockllm keys gen DIR`); None = plain TCP
     keys_dir: str | None = None
+    # STATS PUB socket for the planner: None = the host of `bind` on a port the OS picks
+    # (reported in STATUS as "stats_endpoint"); "" = publish nothing
+    stats_bind: str | None = None
+    stats_interval_s: float = 0.5
+    # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
+    unload_drain_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.liveness < 1:
@@ -60,6 +66,8 @@ class BrokerConfig:
             raise ValueError("max_waiting >= 0, max_new_tokens_limit >= 1, max_prompt_tokens >= 1")
         if self.default_timeout_s <= 0 or self.tick_s <= 0:
             raise ValueError("default_timeout_s and tick_s must be > 0")
+        if self.stats_interval_s <= 0 or self.unload_drain_s < 0:
+            raise ValueError("stats_interval_s must be > 0 and unload_drain_s >= 0")
 
     @property
     def expiry_s(self) -> float:

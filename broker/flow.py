@@ -18,11 +18,14 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Message,
+    PlannedRoute,
     Release,
     TensorMeta,
     Token,
 )
 from blockllm.broker.requests import RequestState, token_frame
+from blockllm.broker.rewire import best_planned, same_route
+from blockllm.broker.stats import Metrics
 from blockllm.broker.workers import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -54,21 +57,33 @@ class RequestFlow:
     waiting: deque[str]
     by_client: dict[tuple[bytes, str], str]
     counters: dict[str, int]
+    metrics: Metrics
+    # SET_ROUTES: the planner's preferred routes per model; bumped on every change
+    preferred: dict[str, tuple[PlannedRoute, ...]]
+    routes_gen: int
+    move_gen: int  # the last routes_gen that asked running requests to move
 
     def key_of(self, model: str, start: int, end: int) -> str | None:
         raise NotImplementedError
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
-        """The best route of `model` over `views`, or None."""
+        """The best route of `model` over `views`: a planner-preferred one if one resolves,
+        else the fewest-hops, least-loaded one (placement.find_route); None if none exists."""
         spec = self.models.get(model)
         if spec is None:
             return None
+        planned = self.preferred.get(model)
+        if planned:
+            by_name = {w.name: p for p, w in self.workers.items()}
+            hops = best_planned(model, planned, by_name, views, self.key_of)
+            if hops is not None:
+                return hops
         return find_route(model, spec.chain_len, views, self.key_of)
 
     def covered(self, model: str) -> bool:
         """Whether live workers (banned or busy alike) cover the whole chain of `model`."""
-        views = {p: WorkerView(w.stages, w.load()) for p, w in self.workers.items()}
+        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.workers.items()}
         return self.route(model, views) is not None
 
     def _kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
@@ -92,7 +107,7 @@ class RequestFlow:
             while True:
                 views = {
                     peer: WorkerView(
-                        w.stages,
+                        w.live_stages(),
                         w.load(),
                         peer not in excluded and not w.banned(now) and w.credit_slots() >= 1,
                     )
@@ -133,6 +148,7 @@ class RequestFlow:
             for peer, nbytes in self._kv_need(req, route).items():
                 self.workers[peer].inflight[rid] = nbytes
             req.route = route
+            req.routed_gen = self.routes_gen
             out.append(self._start_step(req))
         self.waiting = still
         return out
@@ -167,6 +183,8 @@ class RequestFlow:
         req.generated.append(token_id)
         req.prefill = False
         self.counters["tokens"] += 1
+        self.metrics.on_token(req.model, now, req.created, req.last_token_at)
+        req.last_token_at = now
         text = req.detok.push(token_id) if req.detok else ""
         finish = None
         if token_id in req.spec.eos_ids:
@@ -180,9 +198,39 @@ class RequestFlow:
         )
         out = [Out(req.client, token)]
         if finish is None:
+            if self._should_move(req, now):
+                return out + self._move(req)
             return [*out, self._start_step(req)]
         self.counters["completed"] += 1
+        self.metrics.on_complete(req.model)
         return out + self._finish(req, None)
+
+    # -- live rewiring: between two steps, a request may move to a better route -------------
+    def _should_move(self, req: RequestState, now: float) -> bool:
+        """Whether the request should leave its route before its next step: a stage of it is
+        being drained, or the planner asked running requests to move (SET_ROUTES with
+        move_running) since it was routed; and a different route with credit exists now."""
+        assert req.route is not None
+        draining = any(
+            (w := self.workers.get(h.worker)) is not None and set(h.stage_keys) & set(w.draining)
+            for h in req.route
+        )
+        if not draining and not (self.move_gen > req.routed_gen and self.preferred.get(req.model)):
+            return False
+        req.routed_gen = self.routes_gen  # decide once per change of the planner's routes
+        route, _ = self._route_with_credit(req, now)
+        return route is not None and not same_route(route, req.route)
+
+    def _move(self, req: RequestState) -> list[Out]:
+        """Release the request's hops and route it again (a prefill of everything so far):
+        nothing is lost or sent twice, the client sees one slower token."""
+        out = self._release(req)
+        req.prefill = True
+        self.counters["moved"] += 1
+        logger.info("[rewire] request %s (%s) moves after %d tokens", req.client_rid, req.rid,
+                    len(req.generated))  # fmt: skip
+        self.waiting.appendleft(req.rid)
+        return out
 
     def _finish(self, req: RequestState, final: Out | None) -> list[Out]:
         """Forget the request: RELEASE its hops, return its credit, send `final` if any."""

@@ -39,6 +39,7 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Message,
     ProtocolError,
+    Stats,
 )
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
@@ -46,6 +47,17 @@ logger = logging.getLogger(__name__)
 
 RECV_BATCH = 256  # messages read per poll wake-up before timers get a turn
 CLOSE_LINGER_MS = 1000  # the last errors to clients get this long to leave
+STATS_HWM = 4  # a slow subscriber loses old snapshots, never slows the broker
+
+
+def stats_endpoint_for(cfg: BrokerConfig) -> str:
+    """Where the STATS PUB binds: `cfg.stats_bind`, or the host of `cfg.bind` on port 0."""
+    if cfg.stats_bind is not None:
+        return cfg.stats_bind
+    if not cfg.bind.startswith("tcp://"):
+        return ""
+    host = cfg.bind.removeprefix("tcp://").rsplit(":", 1)[0]
+    return f"tcp://{host}:0"
 
 
 def check_tensor_frames(msg: Message, body: Sequence[Any]) -> None:
@@ -74,7 +86,9 @@ class BrokerProc:
         self.ctx = zmq.Context()
         self._auth: Any = None
         self.sock: zmq.Socket | None = None
+        self.pub: zmq.Socket | None = None
         self.endpoint = ""
+        self._stats_seq = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -92,6 +106,11 @@ class BrokerProc:
             curve = load_server_keys(self.cfg.keys_dir)
         self.sock = make_socket(self.ctx, zmq.ROUTER, self.cfg.bind, bind=True, curve=curve)
         self.endpoint = bound_endpoint(self.sock)
+        stats = stats_endpoint_for(self.cfg)
+        if stats:
+            self.pub = make_socket(self.ctx, zmq.PUB, stats, bind=True, hwm=STATS_HWM, curve=curve)
+            self.broker.stats_endpoint = bound_endpoint(self.pub)
+            logger.info("[ready] broker stats on %s", self.broker.stats_endpoint)
         return self.endpoint
 
     def request_shutdown(self) -> None:
@@ -105,6 +124,9 @@ class BrokerProc:
         if self.sock is not None:
             self.sock.close(linger=CLOSE_LINGER_MS)
             self.sock = None
+        if self.pub is not None:
+            self.pub.close(linger=0)
+            self.pub = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -121,10 +143,10 @@ class BrokerProc:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_tick = 0.0
+        next_tick = next_stats = 0.0
         drain_until: float | None = None
         while True:
-            timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+            timeout_ms = max(0.0, min(next_tick, next_stats) - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if self._wake_r in events:
                 with contextlib.suppress(OSError):
@@ -135,6 +157,9 @@ class BrokerProc:
             if now >= next_tick:
                 self._send(self.broker.tick(now))
                 next_tick = now + self.cfg.tick_s
+            if now >= next_stats:
+                self._publish(now)
+                next_stats = now + self.cfg.stats_interval_s
             if self.shutdown_requested:
                 if drain_until is None:
                     drain_until = self._begin_shutdown(now)
@@ -150,6 +175,21 @@ class BrokerProc:
         )
         self._send(self.broker.begin_shutdown(now))
         return now + self.cfg.drain_timeout_s
+
+    def _publish(self, now: float) -> None:
+        """One STATS snapshot on the PUB socket; dropped, never queued, when nobody keeps up."""
+        if self.pub is None:
+            return
+        self._stats_seq += 1
+        try:
+            body = self.broker.stats(now)
+            wire = frames.encode(Stats(self._stats_seq, body))
+        except Exception:  # a stats bug must not take the broker down
+            logger.exception("cannot build the stats snapshot")
+            self.broker.counters["internal_errors"] += 1
+            return
+        with contextlib.suppress(zmq.Again):
+            self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
 
     def _summary(self) -> str:
         c = self.broker.counters

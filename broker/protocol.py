@@ -46,6 +46,15 @@ class Kind(bytes, enum.Enum):
     STATUS = b"S"
     # anyone -> anyone
     ERROR = b"E"
+    # planner (or an operator tool) -> broker: commands, each answered by an ACK
+    SET_ROUTES = b"W"
+    SET_BATCH = b"B"
+    SET_CHAIN = b"A"
+    RELOAD = b"Z"
+    # broker -> planner: the answer to a command
+    ACK = b"K"
+    # broker PUB socket -> planner SUB: the periodic statistics snapshot
+    STATS = b"Y"
 
 
 class ErrorCode(str, enum.Enum):
@@ -104,6 +113,8 @@ class Ready:
     kv_free_bytes: int = 0
     max_batch_size: int = 0
     free_slots: int = 0
+    # weights + KV the worker may use (0: not limited by the worker; the planner's default)
+    memory_budget_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,10 @@ class Heartbeat:
     step_ms_p50: float = 0.0
     step_ms_p95: float = 0.0
     mean_batch: float = 0.0
+    # distinct block bytes held; per stage key: max batch size now, mean batch lately
+    weight_bytes: int = 0
+    stage_batch_limits: dict[str, int] = field(default_factory=dict)
+    stage_mean_batch: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,21 +187,35 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class LoadStage:
-    """Broker/planner -> worker: host positions [start, end) of `model` (answered by READY)."""
+    """Broker/planner -> worker: host positions [start, end) of `model` (answered by READY).
+
+    From a planner, `worker` names the target worker: the broker forwards the command to it
+    and answers the planner with an ACK carrying `command_id`.
+    """
 
     KIND: ClassVar[Kind] = Kind.LOAD_STAGE
     model: str
     start: int
     end: int
     max_batch_size: int = 0
+    worker: str = ""
+    command_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class UnloadStage:
-    """Broker/planner -> worker: drain then drop a stage (answered by READY)."""
+    """Broker/planner -> worker: drain then drop a stage (answered by READY).
+
+    From a planner, `worker` names the target: the broker stops routing new requests through
+    the stage, moves running ones off it at their next step where it can, and forwards the
+    command once no request uses the stage (or after `drain_s`, 0 = the broker's default).
+    """
 
     KIND: ClassVar[Kind] = Kind.UNLOAD_STAGE
     key: str
+    worker: str = ""
+    command_id: str = ""
+    drain_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +286,92 @@ class Error:
     step: int = -1
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedHop:
+    """One hop of a planned route: a worker (by name) and the chain spans it runs."""
+
+    worker: str
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRoute:
+    """A route the planner prefers for a model; requests spread over routes by `weight`."""
+
+    hops: tuple[PlannedHop, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SetRoutes:
+    """Planner -> broker: preferred routes per model (replacing all earlier ones).
+
+    Applied when a request is routed (start, replay) and, with `move_running`, at a running
+    request's next step when its route is not one of its model's preferred routes: it moves by
+    a replay (prefill of prompt + generated tokens) onto a preferred route, between tokens.
+    A preferred route that is not hosted (or has no credit) now is skipped; with none left the
+    broker routes by itself. A model absent from `routes` has no preference.
+    """
+
+    KIND: ClassVar[Kind] = Kind.SET_ROUTES
+    command_id: str
+    routes: dict[str, tuple[PlannedRoute, ...]] = field(default_factory=dict)
+    move_running: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetBatch:
+    """Planner -> broker -> worker: the max batch size of one stage (key) of `worker`."""
+
+    KIND: ClassVar[Kind] = Kind.SET_BATCH
+    command_id: str
+    worker: str
+    key: str
+    max_batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetChain:
+    """Planner -> broker: serve `model` with `chain` (block ids; () = its own chain).
+
+    Adaptive chain assembly: blocks the planner substituted with equivalent ones (within the
+    model's tolerance) that other models' stages already host. Routing matches stage keys
+    computed over this chain; running requests keep the route they have.
+    """
+
+    KIND: ClassVar[Kind] = Kind.SET_CHAIN
+    command_id: str
+    model: str
+    chain: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """Operator/planner -> broker: re-read the zoo's models now (answered by an ACK)."""
+
+    KIND: ClassVar[Kind] = Kind.RELOAD
+    command_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Broker -> the sender of a command: done (or forwarded), or why not."""
+
+    KIND: ClassVar[Kind] = Kind.ACK
+    command_id: str
+    ok: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`)."""
+
+    KIND: ClassVar[Kind] = Kind.STATS
+    seq: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
 Message = (
     Ready
     | Heartbeat
@@ -272,6 +387,12 @@ Message = (
     | Token
     | Status
     | Error
+    | SetRoutes
+    | SetBatch
+    | SetChain
+    | Reload
+    | Ack
+    | Stats
 )
 
 MESSAGES: dict[Kind, type] = {
@@ -291,8 +412,26 @@ MESSAGES: dict[Kind, type] = {
         Token,
         Status,
         Error,
+        SetRoutes,
+        SetBatch,
+        SetChain,
+        Reload,
+        Ack,
+        Stats,
     )
 }
+
+# Commands a planner (any peer that is not a worker) may send the broker.
+COMMAND_KINDS = frozenset(
+    {
+        Kind.LOAD_STAGE,
+        Kind.UNLOAD_STAGE,
+        Kind.SET_ROUTES,
+        Kind.SET_BATCH,
+        Kind.SET_CHAIN,
+        Kind.RELOAD,
+    }
+)
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
 TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT})

@@ -57,6 +57,8 @@ class RequestState:
     replays: int = 0
     avoid: set[bytes] = field(default_factory=set)
     last_failure: str = ""
+    routed_gen: int = 0  # the broker's routes generation when this route was chosen
+    last_token_at: float = 0.0  # when the last token was emitted (0: none yet)
 
     @property
     def model(self) -> str:

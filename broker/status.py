@@ -7,10 +7,15 @@ models):
                   "credit_slots", "inflight", "max_batch_size", "rss_bytes", "alive",
                   "banned_s", "steps", "step_ms_p50", "step_ms_p95", "mean_batch",
                   "expires_in_s"}],
-     "models": {name: {"layers", "covered", "route": [[worker_name, [[start, end], ...]], ...]
-                       | None, "running", "waiting"}},
+     "models": {name: {"layers", "chain_len", "covered", "route": [[worker_name, [[start, end],
+                       ...]], ...] | None, "running", "waiting", "planned_routes": [[route,
+                       weight], ...], "substitutions": [{"position", "block", "from"}]}},
      "requests": {"running", "waiting"},
-     "counters": {name: n for name in COUNTERS}}
+     "counters": {name: n for name in COUNTERS},
+     "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none)}
+    (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
+    "stage_mean_batch", "draining" and "last_error" for the planner)
+"The chain really served" is the model's own chain with `substitutions` applied.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ COUNTERS = (
     "workers_expired",
     "unknown_worker_messages",
     "internal_errors",
+    "moved",
+    "commands",
+    "hedges",
+    "hedges_won",
 )
 
 
@@ -67,6 +76,12 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "step_ms_p95": w.step_ms_p95,
         "mean_batch": w.mean_batch,
         "expires_in_s": round(max(0.0, w.expires_at - now), 3),
+        "memory_budget_bytes": w.memory_budget_bytes,
+        "weight_bytes": w.weight_bytes,
+        "stage_batch_limits": dict(w.stage_batch_limits),
+        "stage_mean_batch": dict(w.stage_mean_batch),
+        "draining": sorted(w.draining),
+        "last_error": w.last_error,
     }
 
 
@@ -76,17 +91,26 @@ def _route_entry(b: Broker, route: list[Hop]) -> list[list[Any]]:
 
 def model_entry(b: Broker, name: str, now: float) -> dict[str, Any]:
     spec = b.models[name]
-    unbanned = {p: WorkerView(w.stages, w.load(), not w.banned(now)) for p, w in b.workers.items()}
+    unbanned = {
+        p: WorkerView(w.live_stages(), w.load(), not w.banned(now)) for p, w in b.workers.items()
+    }
     route = b.route(name, unbanned)
     if route is None:  # show the route banned workers give, if only bans are in the way
-        route = b.route(name, {p: WorkerView(w.stages, w.load()) for p, w in b.workers.items()})
+        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in b.workers.items()}
+        route = b.route(name, views)
     mine = [r for r in b.requests.values() if r.model == name]
     return {
         "layers": spec.num_layers,
+        "chain_len": spec.chain_len,
         "covered": route is not None,
         "route": None if route is None else _route_entry(b, route),
         "running": sum(1 for r in mine if r.route is not None),
         "waiting": sum(1 for r in mine if r.route is None),
+        "planned_routes": [
+            [[[h.worker, [list(sp) for sp in h.spans]] for h in r.hops], r.weight]
+            for r in b.preferred.get(name, ())
+        ],
+        "substitutions": b.substitutions(name),
     }
 
 
@@ -99,4 +123,5 @@ def status_body(b: Broker, now: float) -> dict[str, Any]:
         "models": {name: model_entry(b, name, now) for name in sorted(b.models)},
         "requests": {"running": running, "waiting": len(b.requests) - running},
         "counters": dict(b.counters),
+        "stats_endpoint": b.stats_endpoint,
     }

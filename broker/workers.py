@@ -43,6 +43,14 @@ class WorkerState:
     base_reserved: int = 0
     banned_until: float = 0.0
     ban_count: int = 0
+    # planner facts: memory budget (READY), weights held and per-stage batching (HEARTBEAT)
+    memory_budget_bytes: int = 0
+    weight_bytes: int = 0
+    stage_batch_limits: dict[str, int] = field(default_factory=dict)
+    stage_mean_batch: dict[str, float] = field(default_factory=dict)
+    # stage key -> when its drain ends: no new routes use it; then UNLOAD_STAGE is sent
+    draining: dict[str, float] = field(default_factory=dict)
+    last_error: str = ""
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
@@ -66,6 +74,9 @@ class WorkerState:
         self.stages = msg.stages
         self.kv_total_bytes = msg.kv_total_bytes
         self.max_batch_size = msg.max_batch_size
+        self.memory_budget_bytes = msg.memory_budget_bytes
+        keys = self.stage_keys()
+        self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
 
     def apply_heartbeat(self, msg: Heartbeat) -> None:
@@ -75,6 +86,9 @@ class WorkerState:
         self.step_ms_p50 = msg.step_ms_p50
         self.step_ms_p95 = msg.step_ms_p95
         self.mean_batch = msg.mean_batch
+        self.weight_bytes = msg.weight_bytes
+        self.stage_batch_limits = dict(msg.stage_batch_limits)
+        self.stage_mean_batch = dict(msg.stage_mean_batch)
         self._report(msg.free_slots, msg.kv_free_bytes)
 
     def _report(self, free_slots: int, kv_free_bytes: int) -> None:
@@ -124,6 +138,12 @@ class WorkerState:
 
     def stage_keys(self) -> frozenset[str]:
         return frozenset(s.key for s in self.stages)
+
+    def live_stages(self) -> tuple[StageRef, ...]:
+        """The stages new routes may use: all but those being drained for an unload."""
+        if not self.draining:
+            return self.stages
+        return tuple(s for s in self.stages if s.key not in self.draining)
 
     def drop_stages(self, keys: frozenset[str]) -> None:
         """Forget stages the worker said it does not host (UNKNOWN_STAGE); READY restores."""

@@ -75,4 +75,8 @@ class WorkerProcConfig:
     # Test-only fault injection (STYLE 7.9): after this many engine steps that did work.
     fault_after_steps: int | None = None
     fault_mode: FaultMode = FaultMode.RAISE
+    # Test-only: every engine step that did work takes this much longer (a straggler).
+    fault_step_delay_s: float = 0.0
     log_level: str = "WARNING"
+    # weights + KV this worker may hold, advertised to the planner (0: the planner's default)
+    memory_budget_bytes: int = 0

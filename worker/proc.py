@@ -47,6 +47,7 @@ from blockllm.broker.protocol import (
     Ready,
     Release,
     Result,
+    SetBatch,
     StageRef,
     UnloadStage,
 )
@@ -87,6 +88,8 @@ class WorkerProc:
         self._step_ms: deque[float] = deque(maxlen=512)
         self._batch: deque[int] = deque(maxlen=512)
         self._facts = Heartbeat()
+        self._stage_counts: dict[str, tuple[int, int]] = {}  # key -> (forwards, items) seen
+        self._stage_mean: dict[str, float] = {}
         self._facts_at = 0.0
         self._proc = psutil.Process()
         self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
@@ -95,6 +98,7 @@ class WorkerProc:
             Kind.RELEASE: self._handle_release,
             Kind.LOAD_STAGE: self._handle_load_stage,
             Kind.UNLOAD_STAGE: self._handle_unload_stage,
+            Kind.SET_BATCH: self._handle_set_batch,
             Kind.ERROR: self._handle_error,
         }
 
@@ -139,9 +143,14 @@ class WorkerProc:
                 break
             if not busy:  # about to wait: make the facts a ping gets while idle exact
                 self._refresh_facts(force=True)
+            _t = time.perf_counter()
             self._drain_inbox(block=not busy)
+            _w = time.perf_counter() - _t
+            _q = self.engine.queued()
             if self.engine.queued():
+                _t = time.perf_counter()
                 self._step()
+                logger.warning("DBG wait %.1fms queued %d step %.1fms", _w*1000, _q, (time.perf_counter()-_t)*1000)
             self._refresh_facts()
         if self.engine.queued():
             logger.warning(
@@ -200,6 +209,8 @@ class WorkerProc:
         results = self.engine.step()
         if not results:
             return
+        if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
+            time.sleep(self.cfg.fault_step_delay_s)
         self._steps += 1
         self._step_ms.append((time.perf_counter() - t0) * 1000)
         self._batch.append(len(results))
@@ -283,7 +294,9 @@ class WorkerProc:
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
         try:
-            self._load(msg.model, msg.start, msg.end)
+            key = self._load(msg.model, msg.start, msg.end)
+            if msg.max_batch_size > 0:
+                self.engine.set_max_batch_size(key, msg.max_batch_size)
         except Exception as e:
             logger.exception(
                 "worker %s: cannot load %s:%d-%d", self.name, msg.model, msg.start, msg.end
@@ -300,6 +313,15 @@ class WorkerProc:
             self.io.send(Error("", ErrorCode.UNKNOWN_STAGE.value, f"no stage {msg.key}"))
         self._send_ready()
 
+    def _handle_set_batch(self, msg: SetBatch, _tensors: list[torch.Tensor]) -> None:
+        try:
+            self.engine.set_max_batch_size(msg.key, msg.max_batch_size)
+        except WorkerError as e:
+            self.io.send(Error("", e.code.value, f"set batch of {msg.key[:12]}: {e.message}"))
+            return
+        logger.info("worker %s: stage %s max batch %d", self.name, msg.key[:12], msg.max_batch_size)
+        self._refresh_facts(force=True)
+
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
             raise RuntimeError(f"broker rejected this worker: {msg.message}")
@@ -311,12 +333,14 @@ class WorkerProc:
         logger.warning("worker %s: broker error %s: %s", self.name, msg.code, msg.message)
 
     # -- state shared with the broker --------------------------------------------------------
-    def _load(self, model: str, start: int, end: int) -> None:
+    def _load(self, model: str, start: int, end: int) -> str:
         info = self.engine.load_stage(model, start, end)
-        self._stages[info.key] = StageRef(info.key, model, start, end, int(info.nbytes))
+        if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
+            self._stages[info.key] = StageRef(info.key, model, start, end, int(info.nbytes))
         logger.info(
             "worker %s loaded %s:%d-%d (%d bytes)", self.name, model, start, end, info.nbytes
         )
+        return info.key
 
     def _reset(self) -> None:
         """After a reconnect the broker replays everything: drop all KV, announce again."""
@@ -342,6 +366,7 @@ class WorkerProc:
                 kv_free_bytes=kv_free,
                 max_batch_size=self.cfg.max_batch_size,
                 free_slots=free_slots,
+                memory_budget_bytes=self.cfg.memory_budget_bytes,
             )
         )
 
@@ -362,7 +387,29 @@ class WorkerProc:
             step_ms_p50=ms[len(ms) // 2] if ms else 0.0,
             step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
             mean_batch=sum(self._batch) / len(self._batch) if self._batch else 0.0,
+            **self._stage_facts(),
         )
+
+    def _stage_facts(self) -> dict[str, Any]:
+        """Weight bytes, per-stage batch limits and mean batch since the last snapshot."""
+        s = self.engine.stats()
+        limits = getattr(self.engine, "batch_limits", dict)()
+        for key, forwards in s.forwards.items():
+            items = s.items.get(key, 0)
+            f0, i0 = self._stage_counts.get(key, (0, 0))
+            if forwards < f0:  # unloaded and loaded again: its counters restarted
+                f0, i0 = 0, 0
+            if forwards > f0:
+                self._stage_mean[key] = (items - i0) / (forwards - f0)
+            self._stage_counts[key] = (forwards, items)
+        for gone in set(self._stage_mean) - set(s.forwards):
+            del self._stage_mean[gone]
+            self._stage_counts.pop(gone, None)
+        return {
+            "weight_bytes": s.weight_bytes,
+            "stage_batch_limits": dict(limits),
+            "stage_mean_batch": dict(self._stage_mean),
+        }
 
     def _current_facts(self) -> Heartbeat:
         """The IO thread's view: the latest snapshot (one reference read, no engine access)."""

@@ -188,6 +188,20 @@ class Worker:
     def stages(self) -> list[StageInfo]:
         return [st.info for st in self._stages.values()]
 
+    def set_max_batch_size(self, key: str, max_batch_size: int) -> None:
+        """Items per batched forward of one stage from the next step on (the planner tunes it).
+
+        Raises UnknownStage, BadRequest (not an integer >= 1)."""
+        st = self._stage(key)
+        ok = isinstance(max_batch_size, int) and not isinstance(max_batch_size, bool)
+        if not ok or max_batch_size < 1:
+            raise BadRequest(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        st.queue.max_batch_size = max_batch_size
+
+    def batch_limits(self) -> dict[str, int]:
+        """Stage key -> its max batch size now."""
+        return {k: st.queue.max_batch_size for k, st in self._stages.items()}
+
     def _stage(self, key: str) -> _Stage:
         st = self._stages.get(key)
         if st is None:

@@ -460,7 +460,7 @@ def test_heartbeat_from_unknown_worker_asks_for_ready(h: Harness) -> None:
 def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
     body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
-    assert set(body) == {"workers", "models", "requests", "counters"}
+    assert set(body) == {"workers", "models", "requests", "counters", "stats_endpoint"}
     w = body["workers"][0]
     for key in ("name", "pid", "host", "device", "stages", "queue_depths", "kv_free_bytes"):
         assert key in w
@@ -475,10 +475,13 @@ def test_status_body_shape(split: Harness) -> None:
     base = body["models"]["base"]
     assert base == {
         "layers": LAYERS,
+        "chain_len": LAYERS + 2,
         "covered": True,
         "route": [["w0", [[0, 3]]], ["w1", [[3, 4], [4, 6]]]],
         "running": 1,
         "waiting": 0,
+        "planned_routes": [],
+        "substitutions": [],
     }
     assert body["requests"] == {"running": 1, "waiting": 0}
     assert body["counters"]["requests"] == 1 and "bad_messages" in body["counters"]

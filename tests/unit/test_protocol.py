@@ -39,6 +39,30 @@ SAMPLES = [
     Token("r2", 0, 5, "he", None, 3),
     Status("s1", {"workers": [{"pid": 1}], "models": {}}),
     Error("r2", "BAD_REQUEST", "nope", False, 3),
+    Ready(1, "w0", 1, "h", "cpu", (), 100, 50, 8, 4, 1 << 30),
+    Heartbeat(10, 2, {"k1": 3}, 1000, 5, 1.5, 2.5, 3.0, 77, {"k1": 8}, {"k1": 2.5}),
+    protocol.LoadStage("base", 0, 5, 16, "w1", "c1"),
+    protocol.UnloadStage("k1", "w1", "c2", 3.0),
+    protocol.SetRoutes(
+        "c3",
+        {
+            "base": (
+                protocol.PlannedRoute(
+                    (
+                        protocol.PlannedHop("w0", ((0, 3),)),
+                        protocol.PlannedHop("w1", ((3, 4), (4, 6))),
+                    ),
+                    2.0,
+                ),
+            )
+        },
+        True,
+    ),
+    protocol.SetBatch("c4", "w0", "k1", 8),
+    protocol.SetChain("c5", "ft", ("a" * 64, "b" * 64)),
+    protocol.Reload("c6"),
+    protocol.Ack("c6", True, "3 models"),
+    protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
 ]
 
 

@@ -1,0 +1,223 @@
+"""Commands of a planner (or an operator tool) to the Broker: a base class of `Broker`, pure.
+
+Any peer that is not a registered worker may send them; each is answered by an ACK with its
+`command_id`:
+- LOAD_STAGE / SET_BATCH (`worker` named): forwarded to that worker; it answers the broker with
+  READY (its new stage list) or an ERROR, which the next stats show (`last_error`).
+- UNLOAD_STAGE (`worker` named): the stage is drained first: new routes stop using it at once,
+  running requests move off it at their next step when another route has credit, and the
+  command reaches the worker once no request uses the stage, or when the drain time is over.
+- SET_ROUTES: the planner's preferred routes per model (see broker/rewire.py).
+- SET_CHAIN: serve a model through an assembled chain (equivalent blocks substituted).
+- RELOAD: re-read the zoo's models now.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from blockllm.broker.config import BrokerConfig
+from blockllm.broker.flow import Out
+from blockllm.broker.models import ModelSpec
+from blockllm.broker.protocol import (
+    Ack,
+    Kind,
+    LoadStage,
+    Reload,
+    SetBatch,
+    SetChain,
+    SetRoutes,
+    UnloadStage,
+)
+from blockllm.broker.requests import RequestState
+from blockllm.broker.rewire import check_planned
+from blockllm.broker.workers import WorkerState
+
+logger = logging.getLogger(__name__)
+
+BLOCK_ID = re.compile(r"[0-9a-f]{64}")
+Handler = Callable[[bytes, Any, Sequence[Any], float], list[Out]]
+
+
+class Commands:
+    """Command handlers and stage draining (Broker's loop thread only)."""
+
+    cfg: BrokerConfig
+    models: dict[str, ModelSpec]
+    workers: dict[bytes, WorkerState]
+    requests: dict[str, RequestState]
+    counters: dict[str, int]
+    preferred: dict[str, tuple[Any, ...]]
+    routes_gen: int
+    move_gen: int
+    chains: dict[str, tuple[str, ...]]
+    _keys: dict[tuple[str, int, int], str | None]
+
+    def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
+        raise NotImplementedError
+
+    def reload(self, now: float = 0.0) -> None:
+        raise NotImplementedError
+
+    def key_of(self, model: str, start: int, end: int) -> str | None:
+        raise NotImplementedError
+
+    def command_handlers(self) -> dict[Kind, Handler]:
+        return {
+            Kind.LOAD_STAGE: self._handle_load_stage,
+            Kind.UNLOAD_STAGE: self._handle_unload_stage,
+            Kind.SET_ROUTES: self._handle_set_routes,
+            Kind.SET_BATCH: self._handle_set_batch,
+            Kind.SET_CHAIN: self._handle_set_chain,
+            Kind.RELOAD: self._handle_reload,
+        }
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _ack(self, peer: bytes, command_id: str, ok: bool, message: str = "") -> list[Out]:
+        self.counters["commands"] += 1
+        level = logging.INFO if ok else logging.WARNING
+        logger.log(level, "[command] %s %s: %s", command_id, "ok" if ok else "refused", message)
+        return [Out(peer, Ack(command_id, ok, message[:500]))]
+
+    def _named(self, name: str) -> WorkerState | None:
+        for w in self.workers.values():
+            if w.name == name:
+                return w
+        return None
+
+    def _target(self, peer: bytes, msg: Any, now: float) -> WorkerState | list[Out]:
+        """The worker a command names, or the answer refusing the command."""
+        if peer in self.workers:
+            return self.bad_message(peer, f"a worker sent {msg.KIND.name}", now)
+        worker = self._named(msg.worker) if msg.worker else None
+        if worker is None:
+            return self._ack(peer, msg.command_id, False, f"no live worker {msg.worker!r}")
+        return worker
+
+    # -- handlers --------------------------------------------------------------------------
+    def _handle_load_stage(
+        self, peer: bytes, msg: LoadStage, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        worker = self._target(peer, msg, now)
+        if not isinstance(worker, WorkerState):
+            return worker
+        key = self.key_of(msg.model, msg.start, msg.end)
+        if key is not None:
+            worker.draining.pop(key, None)  # loading a stage being drained keeps it
+        what = f"load {msg.model}:{msg.start}-{msg.end} on {worker.name}"
+        fwd = LoadStage(msg.model, msg.start, msg.end, msg.max_batch_size)
+        return [Out(worker.identity, fwd), *self._ack(peer, msg.command_id, True, what)]
+
+    def _handle_unload_stage(
+        self, peer: bytes, msg: UnloadStage, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        worker = self._target(peer, msg, now)
+        if not isinstance(worker, WorkerState):
+            return worker
+        if msg.key not in worker.stage_keys():
+            return self._ack(peer, msg.command_id, False, f"{worker.name} has no stage {msg.key}")
+        drain = msg.drain_s if msg.drain_s > 0 else self.cfg.unload_drain_s
+        worker.draining.setdefault(msg.key, now + drain)
+        return self._ack(peer, msg.command_id, True, f"draining {msg.key[:12]} on {worker.name}")
+
+    def _handle_set_batch(
+        self, peer: bytes, msg: SetBatch, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        worker = self._target(peer, msg, now)
+        if not isinstance(worker, WorkerState):
+            return worker
+        if msg.key not in worker.stage_keys() or msg.max_batch_size < 1:
+            text = f"{worker.name}: no stage {msg.key} or batch size {msg.max_batch_size} < 1"
+            return self._ack(peer, msg.command_id, False, text)
+        what = f"batch {msg.max_batch_size} for {msg.key[:12]} on {worker.name}"
+        return [Out(worker.identity, msg), *self._ack(peer, msg.command_id, True, what)]
+
+    def _handle_set_routes(
+        self, peer: bytes, msg: SetRoutes, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        if peer in self.workers:
+            return self.bad_message(peer, "a worker sent SET_ROUTES", now)
+        for model, routes in msg.routes.items():
+            spec = self.models.get(model)
+            for route in routes if spec is not None else ():
+                why = check_planned(route, spec.chain_len)
+                if why is not None:
+                    return self._ack(peer, msg.command_id, False, f"{model}: {why}")
+        self.preferred = {m: tuple(r) for m, r in msg.routes.items() if r}
+        self.routes_gen += 1
+        if msg.move_running:
+            self.move_gen = self.routes_gen
+        n = sum(len(r) for r in self.preferred.values())
+        return self._ack(peer, msg.command_id, True, f"{n} routes for {len(self.preferred)} models")
+
+    def _handle_set_chain(
+        self, peer: bytes, msg: SetChain, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        if peer in self.workers:
+            return self.bad_message(peer, "a worker sent SET_CHAIN", now)
+        spec = self.models.get(msg.model)
+        if spec is None:
+            return self._ack(peer, msg.command_id, False, f"unknown model {msg.model!r}")
+        if msg.chain and (
+            len(msg.chain) != spec.chain_len or not all(BLOCK_ID.fullmatch(b) for b in msg.chain)
+        ):
+            text = f"a chain of {spec.chain_len} block ids expected for {msg.model}"
+            return self._ack(peer, msg.command_id, False, text)
+        own = tuple(getattr(spec.manifest, "chain", ()))
+        if not msg.chain or msg.chain == own:
+            self.chains.pop(msg.model, None)
+        else:
+            self.chains[msg.model] = tuple(msg.chain)
+        self._keys.clear()
+        n = len(self.substitutions(msg.model))
+        return self._ack(peer, msg.command_id, True, f"{msg.model}: {n} blocks substituted")
+
+    def _handle_reload(
+        self, peer: bytes, msg: Reload, frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        if peer in self.workers:
+            return self.bad_message(peer, "a worker sent RELOAD", now)
+        self.reload(now)
+        for model in [m for m in self.chains if m not in self.models]:
+            del self.chains[model]
+        return self._ack(peer, msg.command_id, True, ",".join(sorted(self.models)))
+
+    # -- draining and assembled chains -------------------------------------------------------
+    def _drain_tick(self, now: float) -> list[Out]:
+        """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up)."""
+        out: list[Out] = []
+        for w in self.workers.values():
+            for key, deadline in list(w.draining.items()):
+                used = any(
+                    h.worker == w.identity and key in h.stage_keys
+                    for r in self.requests.values()
+                    for h in r.route or ()
+                )
+                if used and now < deadline:
+                    continue
+                del w.draining[key]
+                w.stages = tuple(s for s in w.stages if s.key != key)  # its READY confirms
+                logger.info("[rewire] unloading %s from %s", key[:12], w.name)
+                out.append(Out(w.identity, UnloadStage(key)))
+        return out
+
+    def substitutions(self, model: str) -> list[dict[str, Any]]:
+        """Positions where `model` is served by another block than its own, and whose it is."""
+        chain = self.chains.get(model)
+        spec = self.models.get(model)
+        if not chain or spec is None:
+            return []
+        own = tuple(getattr(spec.manifest, "chain", ()))
+        subs = []
+        for pos, (mine, used) in enumerate(zip(own, chain, strict=False)):
+            if mine != used:
+                owner = next(
+                    (n for n, s in sorted(self.models.items())
+                     if len(s.manifest.chain) > pos and s.manifest.chain[pos] == used),
+                    None,
+                )  # fmt: skip
+                subs.append({"position": pos, "block": used, "from": owner})
+        return subs

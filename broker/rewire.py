@@ -1,0 +1,85 @@
+"""Planner-preferred routes (SET_ROUTES), resolved against what workers host now. Pure.
+
+A `PlannedRoute` names workers and chain spans; the broker turns it into `Hop`s (worker
+identity, stage keys) when every hop's worker is live, available in the view it is given, and
+advertises the stage key of each span for the model. Among the routes that resolve, the one
+with the lowest summed load of its workers per unit of weight wins, so requests spread over
+replicas in proportion to the weights the planner gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+
+from blockllm.broker.placement import Hop, WorkerView
+from blockllm.broker.protocol import PlannedRoute
+
+KeyOf = Callable[[str, int, int], "str | None"]
+
+
+def check_planned(route: PlannedRoute, chain_len: int) -> str | None:
+    """Why a planned route cannot cover a chain of `chain_len` positions, or None if it can."""
+    if not route.hops:
+        return "a route needs at least one hop"
+    if not route.weight > 0:
+        return f"route weight must be > 0, got {route.weight}"
+    pos = 0
+    for hop in route.hops:
+        if not hop.worker or not hop.spans:
+            return "every hop needs a worker and at least one span"
+        for start, end in hop.spans:
+            if start != pos or end <= start:
+                return f"span [{start}, {end}) does not continue the chain at {pos}"
+            pos = end
+    if pos != chain_len:
+        return f"the route ends at position {pos}, the chain has {chain_len}"
+    return None
+
+
+def resolve(
+    model: str,
+    route: PlannedRoute,
+    by_name: Mapping[str, Hashable],
+    views: Mapping[Hashable, WorkerView],
+    key_of: KeyOf,
+) -> list[Hop] | None:
+    """The hops of `route` over `views`, or None when a hop is not hosted or not available."""
+    hops: list[Hop] = []
+    for hop in route.hops:
+        peer = by_name.get(hop.worker)
+        view = views.get(peer) if peer is not None else None
+        if view is None or not view.available:
+            return None
+        hosted = {s.key for s in view.stages}
+        keys = tuple(key_of(model, start, end) for start, end in hop.spans)
+        if any(k is None or k not in hosted for k in keys):
+            return None
+        hops.append(Hop(peer, keys, tuple(hop.spans)))  # type: ignore[arg-type]
+    return hops
+
+
+def best_planned(
+    model: str,
+    routes: Sequence[PlannedRoute],
+    by_name: Mapping[str, Hashable],
+    views: Mapping[Hashable, WorkerView],
+    key_of: KeyOf,
+) -> list[Hop] | None:
+    """The resolvable planned route of least load per weight (ties: the first listed)."""
+    best: tuple[float, list[Hop]] | None = None
+    for route in routes:
+        hops = resolve(model, route, by_name, views, key_of)
+        if hops is None:
+            continue
+        workers = dict.fromkeys(h.worker for h in hops)
+        score = (sum(views[w].load for w in workers) + 1e-3) / route.weight
+        if best is None or score < best[0]:
+            best = (score, hops)
+    return None if best is None else best[1]
+
+
+def same_route(a: Sequence[Hop] | None, b: Sequence[Hop] | None) -> bool:
+    """Whether two routes run the same stages on the same workers."""
+    if a is None or b is None:
+        return a is b
+    return [(h.worker, h.stage_keys) for h in a] == [(h.worker, h.stage_keys) for h in b]

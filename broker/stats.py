@@ -1,0 +1,94 @@
+"""What the broker publishes to the planner: per-model demand and latency, per-worker load.
+
+`Metrics` (pure, fed by the Broker's request flow) keeps bounded, time-windowed samples per
+model: request arrivals and tokens (rates), time to first token and time per output token
+(percentiles over the last `window_s`, so a recovery shows within that window). `stats_body`
+is the STATS message body: the STATUS body (workers with their stages, queues, batching, KV,
+RSS; models with coverage and routes) plus, per model, `rate_rps`, `token_rate`,
+`ttft_ms_p50/p95`, `tpot_ms_p50/p95`, `completed`, and the broker's `time` (monotonic s) and
+`interval_s`. The broker process publishes it on its PUB socket every `stats_interval_s`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blockllm.broker.broker import Broker
+
+MAX_SAMPLES = 4096  # per model and kind: memory stays bounded whatever the load
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values` by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass(slots=True)
+class ModelMetrics:
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    tokens: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    ttft_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    tpot_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    completed: int = 0
+
+
+class Metrics:
+    """Per-model samples over a sliding window. Broker loop thread only."""
+
+    def __init__(self, window_s: float = 20.0, rate_window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.rate_window_s = rate_window_s
+        self.models: dict[str, ModelMetrics] = {}
+
+    def _of(self, model: str) -> ModelMetrics:
+        m = self.models.get(model)
+        if m is None:
+            m = self.models[model] = ModelMetrics()
+        return m
+
+    def on_request(self, model: str, now: float) -> None:
+        self._of(model).arrivals.append(now)
+
+    def on_token(self, model: str, now: float, created: float, last_token_at: float) -> None:
+        """A token was emitted; the first of a request gives a TTFT, the others a TPOT."""
+        m = self._of(model)
+        m.tokens.append(now)
+        if last_token_at <= 0:
+            m.ttft_ms.append((now, (now - created) * 1000))
+        else:
+            m.tpot_ms.append((now, (now - last_token_at) * 1000))
+
+    def on_complete(self, model: str) -> None:
+        self._of(model).completed += 1
+
+    def model_stats(self, model: str, now: float) -> dict[str, Any]:
+        m = self.models.get(model) or ModelMetrics()
+        since = now - self.window_s
+        rate_since = now - self.rate_window_s
+        ttft = [v for t, v in m.ttft_ms if t >= since]
+        tpot = [v for t, v in m.tpot_ms if t >= since]
+        return {
+            "rate_rps": sum(1 for t in m.arrivals if t >= rate_since) / self.rate_window_s,
+            "token_rate": sum(1 for t in m.tokens if t >= rate_since) / self.rate_window_s,
+            "ttft_ms_p50": round(percentile(ttft, 0.5), 3),
+            "ttft_ms_p95": round(percentile(ttft, 0.95), 3),
+            "tpot_ms_p50": round(percentile(tpot, 0.5), 3),
+            "tpot_ms_p95": round(percentile(tpot, 0.95), 3),
+            "completed": m.completed,
+        }
+
+
+def stats_body(b: Broker, now: float) -> dict[str, Any]:
+    """The STATS body: the STATUS body plus demand and latency per model (module docstring)."""
+    body = b.status(now)
+    for name, entry in body["models"].items():
+        entry.update(b.metrics.model_stats(name, now))
+    body["time"] = now
+    body["interval_s"] = b.cfg.stats_interval_s
+    return body
