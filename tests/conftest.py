@@ -3,6 +3,7 @@ cleanup of any child process a test leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,13 +68,9 @@ def _reap_children() -> Iterator[None]:
     keep = before | _infrastructure_pids()
     children = [c for c in me.children(recursive=True) if c.pid not in keep]
     for child in children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _gone, alive = psutil.wait_procs(children, timeout=5)
     for child in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass

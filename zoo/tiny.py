@@ -22,9 +22,27 @@ def local_corpus() -> tuple[str, ...]:
     import importlib
 
     names = (
-        "json", "os", "re", "string", "textwrap", "collections", "functools", "itertools",
-        "pathlib", "argparse", "logging", "subprocess", "threading", "typing", "dataclasses",
-        "inspect", "unittest", "email", "http.client", "urllib.parse", "csv", "heapq",
+        "json",
+        "os",
+        "re",
+        "string",
+        "textwrap",
+        "collections",
+        "functools",
+        "itertools",
+        "pathlib",
+        "argparse",
+        "logging",
+        "subprocess",
+        "threading",
+        "dataclasses",
+        "inspect",
+        "unittest",
+        "email",
+        "http.client",
+        "urllib.parse",
+        "csv",
+        "heapq",
     )
     texts: list[str] = []
     for name in names:
