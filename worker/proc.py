@@ -58,6 +58,10 @@ from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, R
 
 logger = logging.getLogger(__name__)
 
+# Step latency and batch facts describe the steps of the last this many seconds (0 when idle),
+# so a planner sees a straggler recover.
+FACTS_WINDOW_S = 10.0
+
 # Engine error codes a broker answers by replaying/rerouting (the request itself is fine).
 RETRYABLE = frozenset(
     {ErrorCode.KV_MISS, ErrorCode.CACHE_FULL, ErrorCode.QUEUE_FULL, ErrorCode.WORKER_LOST}
@@ -85,8 +89,8 @@ class WorkerProc:
         self._stages: dict[str, StageRef] = {}
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
         self._steps = 0
-        self._step_ms: deque[float] = deque(maxlen=512)
-        self._batch: deque[int] = deque(maxlen=512)
+        # (monotonic time, step ms, batch) of recent steps: facts cover the last FACTS_WINDOW_S
+        self._recent: deque[tuple[float, float, int]] = deque(maxlen=512)
         self._facts = Heartbeat()
         self._stage_counts: dict[str, tuple[int, int]] = {}  # key -> (forwards, items) seen
         self._stage_mean: dict[str, float] = {}
@@ -143,14 +147,9 @@ class WorkerProc:
                 break
             if not busy:  # about to wait: make the facts a ping gets while idle exact
                 self._refresh_facts(force=True)
-            _t = time.perf_counter()
             self._drain_inbox(block=not busy)
-            _w = time.perf_counter() - _t
-            _q = self.engine.queued()
             if self.engine.queued():
-                _t = time.perf_counter()
                 self._step()
-                logger.warning("DBG wait %.1fms queued %d step %.1fms", _w*1000, _q, (time.perf_counter()-_t)*1000)
             self._refresh_facts()
         if self.engine.queued():
             logger.warning(
@@ -212,8 +211,7 @@ class WorkerProc:
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
         self._steps += 1
-        self._step_ms.append((time.perf_counter() - t0) * 1000)
-        self._batch.append(len(results))
+        self._recent.append((time.monotonic(), (time.perf_counter() - t0) * 1000, len(results)))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
@@ -377,7 +375,8 @@ class WorkerProc:
             return
         self._facts_at = now
         _total, kv_free, free_slots, depths = engine_load(self.engine)
-        ms = sorted(self._step_ms)
+        recent = [r for r in self._recent if r[0] >= now - FACTS_WINDOW_S]
+        ms = sorted(r[1] for r in recent)
         self._facts = Heartbeat(
             kv_free_bytes=kv_free,
             free_slots=free_slots,
@@ -386,7 +385,7 @@ class WorkerProc:
             steps=self._steps,
             step_ms_p50=ms[len(ms) // 2] if ms else 0.0,
             step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
-            mean_batch=sum(self._batch) / len(self._batch) if self._batch else 0.0,
+            mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
             **self._stage_facts(),
         )
 
