@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from blockllm.client.cli_common import CliError, echo_json, json_option
 
 PROMPT = "The history of the Roman Empire began when"
@@ -74,6 +75,7 @@ def _prompt_ids(cfg: PipelineBenchConfig) -> list[int]:
 def inprocess_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict[int, float]:
     """tokens/s of the engine (one Worker, all stages, this process) for each stream count."""
     import torch
+
     from blockllm.worker.items import WorkerConfig
     from blockllm.worker.worker import Worker
     from blockllm.zoo import Zoo
@@ -98,6 +100,7 @@ def inprocess_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dic
 def _engine_generate(engine: Any, key: str, prompt: Any, streams: int, new: int):
     """Greedy-generate `new` tokens for `streams` copies of `prompt`, batched in each step."""
     import torch
+
     from blockllm.worker.items import WorkItem
 
     rids = [f"b{streams}-{i}" for i in range(streams)]

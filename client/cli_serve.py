@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from blockllm.broker.cluster_config import (
     EXIT_CONFIG,
     ClusterConfig,

@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 import torch
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
     Error,

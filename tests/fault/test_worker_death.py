@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import Dead, Forward, Kind
 from blockllm.client.errors import BlockLLMError
 from blockllm.client.launcher import Launcher
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, FaultMode
-
 from tests.integration.cluster import (
     SLOW_BEAT,
     FakeBroker,

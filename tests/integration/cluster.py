@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import torch
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import Message

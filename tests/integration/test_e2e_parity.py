@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from blockllm.broker.placement import static_placement
 from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
-
 from tests.integration.cluster import (
     Cluster,
     cluster,

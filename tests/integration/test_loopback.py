@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
@@ -29,7 +30,6 @@ from blockllm.broker.protocol import (
 from blockllm.client.launcher import Launcher
 from blockllm.worker.items import stage_key
 from blockllm.zoo import Zoo
-
 from tests.integration.cluster import (
     SLOW_BEAT,
     FakeBroker,
