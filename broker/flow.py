@@ -6,7 +6,7 @@ clock, every method returns the messages to send.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ from blockllm.broker.protocol import (
     Token,
 )
 from blockllm.broker.requests import RequestState, token_frame
-from blockllm.broker.rewire import best_planned, same_route
+from blockllm.broker.rewire import best_planned, same_route, signature
 from blockllm.broker.stats import Metrics
 from blockllm.broker.workers import WorkerState
 
@@ -76,7 +76,10 @@ class RequestFlow:
         planned = self.preferred.get(model)
         if planned:
             by_name = {w.name: p for p, w in self.workers.items()}
-            hops = best_planned(model, planned, by_name, views, self.key_of)
+            running = Counter(
+                signature(r.route) for r in self.requests.values() if r.model == model and r.route
+            )
+            hops = best_planned(model, planned, by_name, views, self.key_of, running)
             if hops is not None:
                 return hops
         return find_route(model, spec.chain_len, views, self.key_of)

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 import torch
+
 from blockllm.broker.protocol import (
     MAX_FRAMES,
     MAX_HEADER_BYTES,

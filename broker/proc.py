@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig

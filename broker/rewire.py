@@ -3,18 +3,26 @@
 A `PlannedRoute` names workers and chain spans; the broker turns it into `Hop`s (worker
 identity, stage keys) when every hop's worker is live, available in the view it is given, and
 advertises the stage key of each span for the model. Among the routes that resolve, the one
-with the lowest summed load of its workers per unit of weight wins, so requests spread over
-replicas in proportion to the weights the planner gave.
+with the fewest running requests per unit of weight wins (`(running + 1) / weight`), so
+requests spread over replicas in proportion to the weights the planner gave, whatever else the
+workers run; workers without credit are not in the views at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 from blockllm.broker.placement import Hop, WorkerView
 from blockllm.broker.protocol import PlannedRoute
 
 KeyOf = Callable[[str, int, int], "str | None"]
+Signature = tuple[tuple[Any, tuple[str, ...]], ...]
+
+
+def signature(hops: Sequence[Hop]) -> Signature:
+    """What identifies a route: its (worker, stage keys) hops."""
+    return tuple((h.worker, h.stage_keys) for h in hops)
 
 
 def check_planned(route: PlannedRoute, chain_len: int) -> str | None:
@@ -64,15 +72,16 @@ def best_planned(
     by_name: Mapping[str, Hashable],
     views: Mapping[Hashable, WorkerView],
     key_of: KeyOf,
+    running: Mapping[Signature, int],
 ) -> list[Hop] | None:
-    """The resolvable planned route of least load per weight (ties: the first listed)."""
+    """The resolvable planned route with the fewest running requests per weight (ties: the
+    first listed); `running` counts the model's requests on each route signature."""
     best: tuple[float, list[Hop]] | None = None
     for route in routes:
         hops = resolve(model, route, by_name, views, key_of)
         if hops is None:
             continue
-        workers = dict.fromkeys(h.worker for h in hops)
-        score = (sum(views[w].load for w in workers) + 1e-3) / route.weight
+        score = (running.get(signature(hops), 0) + 1) / route.weight
         if best is None or score < best[0]:
             best = (score, hops)
     return None if best is None else best[1]
@@ -82,4 +91,4 @@ def same_route(a: Sequence[Hop] | None, b: Sequence[Hop] | None) -> bool:
     """Whether two routes run the same stages on the same workers."""
     if a is None or b is None:
         return a is b
-    return [(h.worker, h.stage_keys) for h in a] == [(h.worker, h.stage_keys) for h in b]
+    return signature(a) == signature(b)

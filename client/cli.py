@@ -38,6 +38,7 @@ def _register() -> None:
         ("blockllm.client.cli_serve", "commands"),
         ("blockllm.client.cli_client", "commands"),
         ("blockllm.client.cli_keys", "keys"),
+        ("blockllm.client.cli_planner", "commands"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -44,6 +44,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
+PLANNER_TARGET = "blockllm.broker.planner_proc:run_planner_process"
 
 
 class LaunchError(RuntimeError):
@@ -171,6 +172,7 @@ class Launcher:
         self.deaths: list[Death] = []
         self._brokers: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
+        self._planners: list[BaseProcess] = []
         self._stopping = threading.Event()
         # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
         # threads polling one child can make one of them see None for a dead child.
@@ -178,9 +180,10 @@ class Launcher:
         self._wake_r, self._wake_w = os.pipe()
         self._expected: set[int] = set()  # id() of children whose exit is not a failure
         self._monitor: threading.Thread | None = None
-        # Workers first, then the broker: the lists are filled in place as children start.
+        # The planner, workers, then the broker: the lists are filled as children start.
+        groups = [self._planners, self._workers, self._brokers]
         self._finalizer = weakref.finalize(
-            self, _shutdown_groups, [self._workers, self._brokers], stop_timeout, self._stopping
+            self, _shutdown_groups, groups, stop_timeout, self._stopping
         )
 
     def __enter__(self) -> Launcher:
@@ -231,6 +234,13 @@ class Launcher:
         proc = self._spawn(name, WORKER_TARGET, cfg)
         self.workers[name] = proc
         self._workers.append(proc)
+        self._start_monitor()
+        return proc
+
+    def start_planner(self, cfg: Any) -> BaseProcess:
+        """Start the planner process (`cfg`: a PlannerConfig whose `broker` is set)."""
+        proc = self._spawn("planner", PLANNER_TARGET, cfg)
+        self._planners.append(proc)
         self._start_monitor()
         return proc
 
@@ -290,7 +300,7 @@ class Launcher:
                 )
 
     def _children(self) -> list[BaseProcess]:
-        return [*self._brokers, *self._workers]
+        return [*self._brokers, *self._workers, *self._planners]
 
     # -- monitoring --------------------------------------------------------------------------
     def _start_monitor(self) -> None:
@@ -351,6 +361,7 @@ class Launcher:
             self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
         logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
+        shutdown(self._planners, t)  # first: it must not react to the workers leaving
         shutdown(self._workers, t)
         shutdown(self._brokers, t)
         self._finalizer.detach()
@@ -385,6 +396,7 @@ class ServeConfig:
     threads: int | None = None  # per worker; None = the usable cores split across workers
     ready_timeout_s: float = 120.0
     log_level: str = "WARNING"
+    planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +528,8 @@ def _start_cluster(
         launcher.start_worker(name, wcfg)
         describe[name] = "stages " + ", ".join(map(str, stages))
     launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
+    if cfg.planner is not None:  # it refines the static placement from the live stats
+        launcher.start_planner(replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir))
     workers = tuple(
         (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
         for name, p in launcher.workers.items()

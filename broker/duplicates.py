@@ -1,0 +1,211 @@
+"""Speculative duplicates of stragglers: part of the Planner's policy (pure).
+
+A worker is a straggler when its recent step latency (p50 over the last seconds, from its
+heartbeats) is above `dup_step_ms`, or above `dup_factor` x the median of the other busy
+workers' (and above `dup_min_ms`). Then the stages the target placement gives it are loaded
+on a healthy helper (the one needing the fewest new bytes, then the least queued); once they
+are there, every planned route through the straggler gets a twin through the helper, and the
+straggler's routes keep only `probe_weight` of the new requests (enough to see it recover);
+running requests move at their next step (SET_ROUTES with move_running). When the straggler
+has been healthy for `dup_hold_s`, the twins go, and the planner unloads the helper's
+duplicate stages the target does not need.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.protocol import Message, PlannedHop, PlannedRoute, SetRoutes
+
+if TYPE_CHECKING:
+    from blockllm.broker.planner import Planner, WorkerFacts
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Dup:
+    """The duplicate of one straggler's stages on a helper."""
+
+    slow: str
+    helper: str
+    stages: dict[Key, tuple[str, int, int]] = field(default_factory=dict)  # on the helper
+    since: float = 0.0
+    routed: bool = False
+    healthy_since: float | None = None
+
+
+def stragglers(workers: Mapping[str, WorkerFacts], cfg: PlannerConfig) -> set[str]:
+    """Names of the workers whose recent step latency marks them as stragglers."""
+    busy = {n: w.step_ms_p50 for n, w in workers.items() if w.step_ms_p50 > 0}
+    slow = set()
+    for name, ms in busy.items():
+        others = [v for n, v in busy.items() if n != name]
+        absolute = cfg.dup_step_ms > 0 and ms > cfg.dup_step_ms
+        relative = bool(others) and ms > max(
+            cfg.dup_min_ms, cfg.dup_factor * statistics.median(others)
+        )
+        if absolute or relative:
+            slow.add(name)
+    return slow
+
+
+class Duplicates:
+    """Duplicates being launched, serving, or retired (Planner's loop only)."""
+
+    def __init__(self, cfg: PlannerConfig) -> None:
+        self.cfg = cfg
+        self.active: dict[str, Dup] = {}
+        self.launched = 0
+        self.retired = 0
+
+    @property
+    def slow(self) -> set[str]:
+        return set(self.active)
+
+    def stage_keys(self) -> set[Key]:
+        return {k for d in self.active.values() for k in d.stages}
+
+    def step(
+        self, planner: Planner, workers: Mapping[str, WorkerFacts], now: float
+    ) -> list[Message]:
+        if not self.cfg.duplicates or planner.target is None:
+            return []
+        slow_now = stragglers(workers, self.cfg)
+        out: list[Message] = []
+        for name in sorted(slow_now - set(self.active)):
+            self._launch(planner, workers, name, now)
+        changed = False
+        for dup in list(self.active.values()):
+            if dup.slow not in workers or dup.helper not in workers:
+                del self.active[dup.slow]  # a lost worker: the re-placement takes over
+                changed = True
+                continue
+            out += self._progress(planner, workers, dup, now)
+            changed |= self._maybe_retire(dup, workers, slow_now, now)
+        if changed:
+            out.append(SetRoutes(planner.command_id(), planner.routes(), False))
+        return out
+
+    def _launch(
+        self, planner: Planner, workers: Mapping[str, WorkerFacts], slow: str, now: float
+    ) -> None:
+        assert planner.target is not None
+        stages = planner.target.plan.stages.get(slow) or []
+        if not stages:
+            return
+        helpers = [w for n, w in workers.items() if n != slow and n not in self.active]
+        best = None
+        for w in helpers:
+            resident = planner._resident(w)
+            new = {
+                b
+                for owner, s, e in stages
+                for b in tuple(planner.manifests[owner].chain)[s:e]
+                if b not in resident
+            }
+            nbytes = sum(_block_bytes(planner, b) for b in new)
+            if nbytes + w.weight_bytes > w.capacity:
+                continue
+            rank = (nbytes, w.queued, w.name)
+            if best is None or rank < best[0]:
+                best = (rank, w)
+        if best is None:
+            logger.warning("[planner] straggler %s: no worker can host a duplicate", slow)
+            return
+        helper = best[1].name
+        dup = Dup(slow, helper, since=now)
+        for owner, s, e in stages:
+            key = planner._key(owner, s, e)
+            if key is not None:
+                dup.stages[(helper, key)] = (owner, s, e)
+        self.active[slow] = dup
+        self.launched += 1
+        logger.warning(
+            "[planner] straggler %s (step p50 %.0f ms): duplicating %d stages on %s",
+            slow,
+            workers[slow].step_ms_p50,
+            len(stages),
+            helper,
+        )
+
+    def _progress(
+        self, planner: Planner, workers: Mapping[str, WorkerFacts], dup: Dup, now: float
+    ) -> list[Message]:
+        """Load the duplicate's missing stages; route through it once all are there."""
+        hosted = set(workers[dup.helper].stages)
+        missing = [k for k in dup.stages if k[1] not in hosted]
+        out: list[Message] = []
+        for k in missing:
+            out += planner._load(k, dup.stages[k], workers, now)
+        if not missing and not dup.routed:
+            dup.routed = True
+            logger.info("[planner] duplicate of %s on %s serving", dup.slow, dup.helper)
+            out.append(SetRoutes(planner.command_id(), planner.routes(), True))
+        return out
+
+    def _maybe_retire(
+        self, dup: Dup, workers: Mapping[str, WorkerFacts], slow_now: set[str], now: float
+    ) -> bool:
+        fresh = workers[dup.slow].step_ms_p50 > 0  # it ran steps lately (probe traffic)
+        if dup.slow in slow_now or not fresh or not dup.routed:
+            dup.healthy_since = None
+            return False
+        if dup.healthy_since is None:
+            dup.healthy_since = now
+        if now - dup.healthy_since < self.cfg.dup_hold_s:
+            return False
+        logger.info(
+            "[planner] %s healthy again: retiring its duplicate on %s", dup.slow, dup.helper
+        )
+        del self.active[dup.slow]
+        self.retired += 1
+        return True
+
+    def adjust(
+        self, routes: dict[str, tuple[PlannedRoute, ...]]
+    ) -> dict[str, tuple[PlannedRoute, ...]]:
+        """Routes with a twin through the helper for every route through a routed straggler."""
+        for dup in self.active.values():
+            if not dup.routed:
+                continue
+            for model, rs in list(routes.items()):
+                new: list[PlannedRoute] = []
+                for r in rs:
+                    if all(h.worker != dup.slow for h in r.hops):
+                        new.append(r)
+                        continue
+                    twin = _merge(
+                        replace(h, worker=dup.helper) if h.worker == dup.slow else h for h in r.hops
+                    )
+                    new.append(replace(r, weight=r.weight * self.cfg.probe_weight))
+                    if all(t.hops != twin for t in new):
+                        new.append(PlannedRoute(twin, r.weight))
+                routes[model] = tuple(new)
+        return routes
+
+
+def _merge(hops: Iterable[PlannedHop]) -> tuple[PlannedHop, ...]:
+    """Consecutive hops on one worker become one hop (one message, one step)."""
+    merged: list[PlannedHop] = []
+    for h in hops:
+        if merged and merged[-1].worker == h.worker:
+            merged[-1] = PlannedHop(h.worker, (*merged[-1].spans, *h.spans))
+        else:
+            merged.append(h)
+    return tuple(merged)
+
+
+def _block_bytes(planner: Planner, block: str) -> int:
+    for m in planner.manifests.values():
+        for b, n in zip(m.chain, m.block_bytes, strict=False):
+            if b == block:
+                return int(n)
+    return 0

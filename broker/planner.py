@@ -1,0 +1,391 @@
+"""Planner: the cluster's policy, a pure control loop (no sockets, no clock; STYLE 7.1).
+
+`Planner.on_stats(body, now)` takes one STATS snapshot of the broker (broker/stats.py) and
+returns the commands to send it (broker/commands.py). It keeps a **target** placement
+(broker/plan.py) and reconciles the cluster towards it:
+1. **When to (re)plan**: a model not covered, a worker lost or joined, a model added or
+   removed, or, at most every `replan_interval_s`, demand that changed the replicas each model
+   should have. An idle cluster whose models are all covered keeps the placement it started
+   with (no demand, nothing to improve).
+2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
+   budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
+   loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
+   drains) last, so no model loses its route on the way.
+3. **Stragglers** (broker/duplicates.py): a worker much slower than the others gets its stages
+   duplicated on a healthy worker and its routes moved there (running requests move at their
+   next step); the duplicate is retired once the worker is healthy again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockllm.broker.assembly import assemble
+from blockllm.broker.duplicates import Duplicates
+from blockllm.broker.placement import WorkerView, find_route
+from blockllm.broker.plan import ModelInfo, Placement, WorkerInfo, place, replica_targets
+from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.protocol import (
+    LoadStage,
+    Message,
+    PlannedRoute,
+    SetChain,
+    SetRoutes,
+    StageRef,
+    UnloadStage,
+)
+
+logger = logging.getLogger(__name__)
+
+Catalog = Callable[[], tuple[Mapping[str, Any], list[Any]]]  # -> (manifests, equivalences)
+Key = tuple[str, str]  # (worker name, stage key)
+
+
+@dataclass
+class WorkerFacts:
+    """One worker of a STATS snapshot, as the planner reads it."""
+
+    name: str
+    stages: dict[str, StageRef]
+    capacity: float
+    step_ms_p50: float = 0.0
+    steps: int = 0
+    queued: int = 0
+    draining: frozenset[str] = frozenset()
+    weight_bytes: int = 0
+
+    @classmethod
+    def parse(cls, w: Mapping[str, Any], default_memory: int) -> WorkerFacts:
+        stages = {
+            s["key"]: StageRef(s["key"], s["model"], s["start"], s["end"], s.get("nbytes", 0))
+            for s in w.get("stages", ())
+        }
+        budget = w.get("memory_budget_bytes") or default_memory
+        capacity = budget - w.get("kv_total_bytes", 0) if budget else math.inf
+        queues = w.get("queue_depths") or {}
+        return cls(
+            name=w["name"],
+            stages=stages,
+            capacity=float(capacity),
+            step_ms_p50=float(w.get("step_ms_p50") or 0.0),
+            steps=int(w.get("steps") or 0),
+            queued=sum(queues.values()),
+            draining=frozenset(w.get("draining") or ()),
+            weight_bytes=int(w.get("weight_bytes") or 0),
+        )
+
+
+@dataclass
+class Target:
+    """The placement being applied, and how far it got."""
+
+    plan: Placement
+    workers: frozenset[str]
+    models: frozenset[str]
+    replicas: dict[str, int]
+    chains: dict[str, tuple[str, ...]]
+    at: float
+    stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
+    routes_sent: bool = False
+
+
+class Planner:
+    """Policy of the cluster (module docstring). Feed it every STATS body; send what it returns.
+
+    Single-threaded; never raises on a malformed snapshot entry (it is skipped and logged).
+    """
+
+    def __init__(self, cfg: PlannerConfig, catalog: Catalog) -> None:
+        self.cfg = cfg
+        self._catalog = catalog
+        self.manifests: dict[str, Any] = {}
+        self.equivalences: list[Any] = []
+        self.demand: dict[str, float] = {}
+        self.target: Target | None = None
+        self.chains_sent: dict[str, tuple[str, ...]] = {}
+        self.pending_loads: dict[Key, tuple[float, int]] = {}  # -> (retry at, tries)
+        self.pending_unloads: dict[Key, float] = {}
+        self.duplicates = Duplicates(cfg)
+        self._ids = itertools.count(1)
+        self._last_time: float | None = None
+        self._last_catalog = -math.inf
+        self.replans = 0
+
+    def command_id(self) -> str:
+        return f"p{next(self._ids)}"
+
+    # -- the loop --------------------------------------------------------------------------
+    def on_stats(self, body: Mapping[str, Any], now: float) -> list[Message]:
+        """Commands for one snapshot (module docstring)."""
+        workers = self._parse_workers(body)
+        models: Mapping[str, Any] = body.get("models") or {}
+        self._refresh_catalog(models, now)
+        self._update_demand(models, now)
+        served = sorted(m for m in models if m in self.manifests)
+        why = self._replan_reason(workers, models, served, now)
+        out: list[Message] = []
+        if why is not None:
+            self._adopt(workers, served, now, why)
+        if self.target is not None:
+            out += self._reconcile(workers, now)
+            out += self.duplicates.step(self, workers, now)
+        return out
+
+    def _parse_workers(self, body: Mapping[str, Any]) -> dict[str, WorkerFacts]:
+        workers = {}
+        for w in body.get("workers") or ():
+            try:
+                facts = WorkerFacts.parse(w, self.cfg.worker_memory_bytes)
+            except (KeyError, TypeError, ValueError) as e:
+                logger.warning("[planner] skipping a malformed worker entry: %r", e)
+                continue
+            workers[facts.name] = facts
+        return workers
+
+    def _refresh_catalog(self, models: Mapping[str, Any], now: float) -> None:
+        """Re-read the zoo when the broker serves models the planner has not seen (rate-limited)."""
+        if set(models) <= set(self.manifests) and self.manifests:
+            return
+        if now - self._last_catalog < self.cfg.catalog_interval_s:
+            return
+        self._last_catalog = now
+        try:
+            manifests, equivalences = self._catalog()
+        except Exception:  # a zoo being written: try again later
+            logger.exception("[planner] reading the zoo failed")
+            return
+        self.manifests, self.equivalences = dict(manifests), list(equivalences)
+
+    def _update_demand(self, models: Mapping[str, Any], now: float) -> None:
+        """Demand per model: tokens/s (and waiting requests), smoothed with a half-life."""
+        dt = 0.0 if self._last_time is None else max(0.0, now - self._last_time)
+        self._last_time = now
+        keep = 0.5 ** (dt / self.cfg.demand_halflife_s) if dt else 0.0
+        for name, m in models.items():
+            seen = float(m.get("token_rate") or 0.0) + float(m.get("waiting") or 0)
+            old = self.demand.get(name, seen)
+            self.demand[name] = keep * old + (1 - keep) * seen
+        for name in [n for n in self.demand if n not in models]:
+            del self.demand[name]
+
+    # -- planning ----------------------------------------------------------------------------
+    def _hot(self) -> bool:
+        return sum(self.demand.values()) >= self.cfg.min_demand
+
+    def _replan_reason(
+        self,
+        workers: Mapping[str, WorkerFacts],
+        models: Mapping[str, Any],
+        served: list[str],
+        now: float,
+    ) -> str | None:
+        t = self.target
+        uncovered = [m for m in served if not (models.get(m) or {}).get("covered")]
+        if not workers or not served:
+            return None
+        if t is None:
+            if uncovered:
+                return f"not covered: {', '.join(uncovered)}"
+            return "demand" if self._hot() else None
+        if t.workers != frozenset(workers):
+            return "workers changed"
+        if t.models != frozenset(served):
+            return "models changed"
+        due = now - t.at >= self.cfg.replan_interval_s and self._hot()
+        if due and self._replica_targets(served, len(workers)) != t.replicas:
+            return "demand changed"
+        return None
+
+    def _replica_targets(self, served: list[str], n_workers: int) -> dict[str, int]:
+        infos = [ModelInfo(m, (), (), demand=self._demand_of(m)) for m in served]
+        targets = replica_targets(infos, n_workers)
+        if not self.cfg.replicate:
+            return dict.fromkeys(targets, 1)
+        return targets
+
+    def _demand_of(self, model: str) -> float:
+        return self.demand.get(model, 0.0) if self._hot() else 0.0
+
+    def _adopt(
+        self, workers: Mapping[str, WorkerFacts], served: list[str], now: float, why: str
+    ) -> None:
+        chains = {m: assemble(self, m) for m in served}
+        infos = [self._model_info(m, chains[m]) for m in served]
+        infos = [i for i in infos if i is not None]
+        nodes = [
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)))
+            for w in workers.values()
+            if w.name not in self.duplicates.slow
+        ] or [
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
+        ]
+        plan = place(infos, nodes, max_replicas=None if self.cfg.replicate else 1)
+        target = Target(
+            plan=plan,
+            workers=frozenset(workers),
+            models=frozenset(served),
+            replicas=self._replica_targets(served, len(workers)),
+            chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
+            at=now,
+        )
+        for w, stages in plan.stages.items():
+            for owner, s, e in stages:
+                key = self._key(owner, s, e)
+                if key is not None:
+                    target.stage_keys[(w, key)] = (owner, s, e)
+        self.target = target
+        self.replans += 1
+        hops = ", ".join(f"{m}:{len(r)}x{plan.hops(m)}" for m, r in sorted(plan.replicas.items()))
+        logger.info("[planner] new placement (%s): replicas x hops %s", why, hops or "-")
+        if plan.uncovered:
+            logger.warning("[planner] cannot place %s within the budgets", plan.uncovered)
+
+    def _model_info(self, name: str, chain: tuple[str, ...]) -> ModelInfo | None:
+        m = self.manifests.get(name)
+        if m is None:
+            return None
+        owners = tuple(self._owner(name, p, b) for p, b in enumerate(chain))
+        sizes = tuple(self._block_size(owners[p], p) for p in range(len(chain)))
+        return ModelInfo(
+            name=name,
+            chain=chain,
+            block_bytes=sizes,
+            fingerprint=m.fingerprint,
+            tied=bool(m.tie_word_embeddings),
+            demand=self._demand_of(name),
+            owners=owners,
+            compute=compute_weights(m),
+        )
+
+    def _owner(self, name: str, p: int, block: str) -> str:
+        """A model whose own chain has `block` at p (the model itself when it does)."""
+        if tuple(self.manifests[name].chain)[p] == block:
+            return name
+        for other in sorted(self.manifests):
+            if tuple(self.manifests[other].chain)[p] == block:
+                return other
+        return name
+
+    def _block_size(self, owner: str, p: int) -> int:
+        sizes = tuple(self.manifests[owner].block_bytes)
+        return int(sizes[p]) if p < len(sizes) else 0
+
+    def _resident(self, w: WorkerFacts) -> set[str]:
+        blocks: set[str] = set()
+        for s in w.stages.values():
+            m = self.manifests.get(s.model)
+            if m is not None:
+                chain = tuple(m.chain)
+                blocks.update(chain[s.start : s.end])
+                if s.end == len(chain) and m.tie_word_embeddings:
+                    blocks.add(chain[0])
+        return blocks
+
+    def _key(self, model: str, start: int, end: int) -> str | None:
+        from blockllm.worker.items import stage_key
+
+        m = self.manifests.get(model)
+        try:
+            return None if m is None else stage_key(m, start, end)
+        except Exception:
+            return None
+
+    # -- reconciling ---------------------------------------------------------------------------
+    def _reconcile(self, workers: Mapping[str, WorkerFacts], now: float) -> list[Message]:
+        t = self.target
+        assert t is not None
+        have = {(w.name, k) for w in workers.values() for k in w.stages}
+        for k in [k for k in self.pending_loads if k in have or k[0] not in workers]:
+            del self.pending_loads[k]
+        for k in [
+            k for k in self.pending_unloads if k not in have or now >= self.pending_unloads[k]
+        ]:
+            del self.pending_unloads[k]
+        out: list[Message] = []
+        missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
+        for k in missing:
+            out += self._load(k, t.stage_keys[k], workers, now)
+        given_up = [
+            k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
+        ]
+        if len(given_up) == len(missing) and not t.routes_sent:
+            out += self._send_routes(t)
+        if t.routes_sent and not missing:
+            out += self._unload_extra(workers, have, now)
+        return out
+
+    def _load(
+        self, k: Key, stage: tuple[str, int, int], workers: Mapping[str, WorkerFacts], now: float
+    ) -> list[Message]:
+        retry_at, tries = self.pending_loads.get(k, (0.0, 0))
+        if now < retry_at or tries > self.cfg.load_tries:
+            return []
+        if tries == self.cfg.load_tries:
+            logger.warning("[planner] giving up loading %s on %s", stage, k[0])
+            self.pending_loads[k] = (math.inf, tries + 1)
+            return []
+        self.pending_loads[k] = (now + self.cfg.load_timeout_s, tries + 1)
+        owner, s, e = stage
+        logger.info("[planner] load %s:%d-%d on %s", owner, s, e, k[0])
+        return [LoadStage(owner, s, e, 0, k[0], self.command_id())]
+
+    def routes(self) -> dict[str, tuple[PlannedRoute, ...]]:
+        """The target's routes with the duplicates' changes (what SET_ROUTES sends)."""
+        assert self.target is not None
+        return self.duplicates.adjust(dict(self.target.plan.routes))
+
+    def _send_routes(self, t: Target, move_running: bool = False) -> list[Message]:
+        out: list[Message] = []
+        for model in sorted(set(t.chains) | set(self.chains_sent)):
+            chain = t.chains.get(model, ())
+            if self.chains_sent.get(model, ()) != chain and model in self.manifests:
+                out.append(SetChain(self.command_id(), model, chain))
+                self.chains_sent[model] = chain
+        out.append(SetRoutes(self.command_id(), self.routes(), move_running))
+        t.routes_sent = True
+        return out
+
+    def _unload_extra(
+        self, workers: Mapping[str, WorkerFacts], have: set[Key], now: float
+    ) -> list[Message]:
+        """Unload stages neither the target nor a duplicate needs, one model's cover kept."""
+        t = self.target
+        assert t is not None
+        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        out: list[Message] = []
+        for k in sorted(have - keep):
+            w = workers[k[0]]
+            if k in self.pending_unloads or k[1] in w.draining:
+                continue
+            self.pending_unloads[k] = now + self.cfg.drain_s + self.cfg.load_timeout_s
+            logger.info("[planner] unload %s from %s", w.stages[k[1]], k[0])
+            out.append(UnloadStage(k[1], k[0], self.command_id(), self.cfg.drain_s))
+        return out
+
+    def covered(self, model: str, workers: Mapping[str, WorkerFacts]) -> bool:
+        """Whether `workers`' stages cover `model`'s own chain (routing as the broker does)."""
+        m = self.manifests.get(model)
+        if m is None:
+            return False
+        views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
+        return find_route(model, len(m.chain), views, self._key) is not None
+
+
+def compute_weights(manifest: Any) -> tuple[float, ...]:
+    """Work per token at each chain position: a decoder layer its weight bytes, the embedding a
+    row read, the head its norm plus the lm_head matmul (also when tied to the embedding)."""
+    sizes = [float(b) for b in manifest.block_bytes]
+    if len(sizes) != len(manifest.chain):
+        return ()
+    cfg = manifest.config or {}
+    itemsize = 2 if manifest.dtype in ("bfloat16", "float16") else 4
+    hidden = float(cfg.get("hidden_size", 0)) * itemsize
+    sizes[0] = max(1.0, hidden)
+    if manifest.tie_word_embeddings:
+        sizes[-1] += float(cfg.get("vocab_size", 0)) * hidden
+    return tuple(sizes)

@@ -1,0 +1,55 @@
+"""PlannerConfig: everything the planner process is started with (one frozen dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """Planner settings; the CLI parses flags into this and calls `run_planner_process(cfg)`.
+
+    Memory: a worker may hold `memory_budget_bytes` (its own, from READY) or, when it gives
+    none, `worker_memory_bytes` (0: unlimited) of weights + KV; the placement fits each
+    worker's weights into that budget minus its KV pool.
+    """
+
+    broker: str = DEFAULT_BROKER
+    stats: str = ""  # the broker's STATS endpoint; "" = ask the broker (STATUS)
+    zoo_dir: str | None = None
+    keys_dir: str | None = None
+    worker_memory_bytes: int = 0
+    # placement
+    replan_interval_s: float = 5.0  # demand-driven re-placement at most this often
+    min_demand: float = 0.5  # tokens/s over all models before demand decides placement
+    demand_halflife_s: float = 5.0
+    replicate: bool = True  # replicate hot models across workers (else one replica each)
+    catalog_interval_s: float = 1.0  # re-read the zoo at most this often (unknown models)
+    load_timeout_s: float = 60.0  # a LOAD_STAGE not visible after this is sent again
+    load_tries: int = 3
+    drain_s: float = 30.0  # requests get this long to leave a stage being unloaded
+    # speculative duplicates of stragglers
+    duplicates: bool = True
+    dup_factor: float = 3.0  # step p50 > factor x the other workers' median: a straggler
+    dup_min_ms: float = 20.0  # ... and above this
+    dup_step_ms: float = 1000.0  # step p50 above this: a straggler whatever the others do
+    dup_hold_s: float = 10.0  # healthy this long: its duplicate is retired
+    probe_weight: float = 0.05  # share of new requests a straggler keeps (to see it recover)
+    # adaptive chain assembly: (model, KL tolerance) pairs; a model absent is served exactly
+    tolerance: tuple[tuple[str, float], ...] = ()
+    # process
+    log_level: str = "INFO"
+    parent_pid: int | None = None
+    ready_timeout_s: float = 60.0  # how long to wait for the broker at start
+    extra: Any = None
+
+    def __post_init__(self) -> None:
+        if self.replan_interval_s <= 0 or self.demand_halflife_s <= 0:
+            raise ValueError("replan_interval_s and demand_halflife_s must be > 0")
+        if self.dup_factor <= 1 or not 0 < self.probe_weight <= 1:
+            raise ValueError("dup_factor must be > 1 and probe_weight in (0, 1]")
+        if any(kl < 0 for _, kl in self.tolerance):
+            raise ValueError("tolerances are KL values >= 0")

@@ -1,0 +1,135 @@
+"""`blockllm planner` (the planner process) and `blockllm reload` (re-read the zoo): thin click.
+
+Exit codes: 0 ok (planner: clean stop on SIGTERM/SIGINT); 1 failure (no answer, refused,
+fatal error); 2 usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from blockllm.client.cli_client import broker_option, keys_option
+from blockllm.client.cli_common import CliError, echo_json, json_option, zoo_option
+
+
+def parse_tolerances(values: Any) -> tuple[tuple[str, float], ...]:
+    """("model=KL", ...) -> ((model, KL), ...); click.BadParameter naming a bad one."""
+    out = []
+    for text in values or ():
+        name, sep, value = str(text).partition("=")
+        try:
+            kl = float(value)
+        except ValueError:
+            kl = -1.0
+        if not sep or not name or kl < 0:
+            raise click.BadParameter(
+                f"{text!r}: expected MODEL=KL with KL >= 0", param_hint="--tolerance"
+            )
+        out.append((name, kl))
+    return tuple(out)
+
+
+def planner_options(f: Any) -> Any:
+    """The policy flags `planner` and `serve` share."""
+    options = [
+        click.option("--tolerance", "tolerances", multiple=True, metavar="MODEL=KL",
+                     help="Let MODEL be served through equivalent blocks (`blockllm zoo equiv`) "
+                     "whose summed KL stays within KL. Repeatable. Default: exact chains."),
+        click.option("--replicate/--no-replicate", default=True, show_default=True,
+                     help="Replicate hot models across workers in proportion to demand."),
+        click.option("--duplicates/--no-duplicates", default=True, show_default=True,
+                     help="Duplicate a straggler worker's stages on a healthy one."),
+        click.option("--replan-interval", type=click.FloatRange(min=0.1), default=5.0,
+                     show_default=True, help="Seconds between demand-driven re-placements."),
+        click.option("--dup-step-ms", type=click.FloatRange(min=0.0), default=1000.0,
+                     show_default=True, help="A worker whose recent step p50 exceeds this is a "
+                     "straggler (also: 3x slower than the others)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
+    """A PlannerConfig from parsed flags (`planner_options` and friends)."""
+    from blockllm.broker.planner_config import PlannerConfig
+
+    fields: dict[str, Any] = {
+        "tolerance": parse_tolerances(values.get("tolerances")),
+        "replicate": values.get("replicate", True),
+        "duplicates": values.get("duplicates", True),
+        "replan_interval_s": values.get("replan_interval", 5.0),
+        "dup_step_ms": values.get("dup_step_ms", 1000.0),
+    }
+    fields.update(overrides)
+    try:
+        return PlannerConfig(**fields)
+    except ValueError as e:
+        raise CliError(f"bad planner settings: {e}") from None
+
+
+@click.command()
+@broker_option
+@click.option("--stats", default="", help="The broker's STATS endpoint [default: ask the broker].")
+@zoo_option
+@click.option("--worker-memory", "worker_memory", default="0",
+              help="Weights + KV a worker may hold when it advertises no budget (bytes or "
+              "2GiB; 0: unlimited).")  # fmt: skip
+@planner_options
+@keys_option
+def planner(**params: Any) -> None:
+    """Run the planner process: subscribe to the broker's stats and place stages, set routes,
+    duplicate stragglers and restore coverage after failures, by commands to the broker.
+
+    SIGTERM/SIGINT stop it (exit 0); the cluster keeps serving with what is placed.
+    """
+    from blockllm.broker.cluster_config import parse_size
+    from blockllm.broker.planner_proc import run_planner_process
+    from blockllm.client.cli_common import default_zoo_dir
+
+    try:
+        memory = parse_size(params["worker_memory"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--worker-memory") from None
+    cfg = planner_config(
+        params,
+        broker=params["broker"],
+        stats=params["stats"],
+        zoo_dir=str(params["zoo_dir"] or default_zoo_dir()),
+        keys_dir=str(params["keys_dir"]) if params["keys_dir"] else None,
+        worker_memory_bytes=memory,
+    )
+    sys.exit(run_planner_process(cfg))
+
+
+@click.command()
+@broker_option
+@json_option
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the broker's answer.")  # fmt: skip
+@keys_option
+def reload(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
+    """Make the broker re-read the zoo: models imported since are served once the planner has
+    placed them; removed ones stop being accepted (running requests finish)."""
+    from blockllm.broker.planner_proc import send_command
+    from blockllm.broker.protocol import Reload
+    from blockllm.client.core import new_request_id
+
+    try:
+        ack = send_command(broker, Reload(new_request_id()), timeout, str(keys_dir or "") or None)
+    except TimeoutError as e:
+        raise CliError(str(e)) from None
+    if not ack.ok:
+        raise CliError(f"reload refused: {ack.message}")
+    models = [m for m in ack.message.split(",") if m]
+    if as_json:
+        echo_json({"models": models})
+    else:
+        click.echo(f"broker {broker}: {len(models)} models: {', '.join(models) or '-'}")
+
+
+commands = [planner, reload]

@@ -1,0 +1,154 @@
+"""The planner process against a real broker and workers: live rewiring under load, failure
+re-placement, straggler duplicates, equivalence-assembled chains and models that come later.
+
+Every wait polls STATUS (or a stream) with a deadline; greedy output is checked against HF.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockllm.broker.planner_config import PlannerConfig
+from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo
+
+PROMPTS = [[11, 23, 5, 77, 140, 9], [3, 14, 15, 92, 65], [27, 18, 28, 18, 28, 45, 90], [99, 1]]
+FAST = {"stats_interval_s": 0.2}
+
+
+def planner_cfg(c: Cluster, **kw: Any) -> PlannerConfig:
+    fields: dict[str, Any] = {
+        "broker": c.endpoint,
+        "zoo_dir": str(c.zoo),
+        "replan_interval_s": 1.0,
+        "demand_halflife_s": 1.0,
+        "catalog_interval_s": 0.2,
+        "load_timeout_s": 30.0,
+        "drain_s": 5.0,
+        "log_level": "WARNING",
+    }
+    fields.update(kw)
+    return PlannerConfig(**fields)
+
+
+def wait_status(c: Cluster, pred: Callable[[dict], bool], timeout: float, what: str) -> dict:
+    """Poll STATUS until pred(body) holds; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    with c.client() as client:
+        while True:
+            body = client.status(timeout=5)
+            if pred(body):
+                return body
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s: {body}"
+            pause.wait(0.05)  # a polling interval, not a synchronisation
+
+
+def hops(body: dict, model: str) -> int | None:
+    route = body["models"][model]["route"]
+    return None if route is None else len(route)
+
+
+def spans(body: dict, model: str) -> list[tuple[int, int]]:
+    """Every stage of `model` in the cluster, as (start, end), sorted."""
+    return sorted(span for found in hosts(body, model).values() for span in found)
+
+
+def hosts(body: dict, model: str) -> dict[str, list[tuple[int, int]]]:
+    return {
+        w["name"]: [(s["start"], s["end"]) for s in w["stages"] if s["model"] == model]
+        for w in body["workers"]
+    }
+
+
+class Streams:
+    """Concurrent streams of greedy requests; results and errors collected per request."""
+
+    def __init__(self, c: Cluster, jobs: list[tuple[str, list[int], int]]) -> None:
+        self.jobs = jobs
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.errors: list[BaseException] = []
+        self.started = threading.Barrier(len(jobs) + 1)
+        self._client = c.client(timeout=120)
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(len(jobs))]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        model, ids, n = self.jobs[i]
+        try:
+            stream = self._client.stream(model, input_ids=ids, max_new_tokens=n, timeout=90)
+            for k, ev in enumerate(stream):
+                self.tokens[i].append(ev.token_id)
+                if k == 2:
+                    self.started.wait(30)
+        except BaseException as e:  # reported by join()
+            self.errors.append(e)
+            self.started.abort()
+
+    def join(self) -> list[list[int]]:
+        for t in self._threads:
+            t.join(120)
+        self._client.close()
+        assert not self.errors, self.errors
+        return self.tokens
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def want(llama: Path) -> dict[tuple[int, ...], list[int]]:
+    return {tuple(p): hf_greedy(llama, p, 160) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
+
+
+@pytest.fixture(scope="module")
+def split(zoo: Path) -> Iterator[Cluster]:
+    """m split over two workers (2 hops), as static placement starts it, plus the planner."""
+    with cluster(zoo, {"w0": ["m:0-3"], "w1": ["m:3-6"]}, ["m"], broker=FAST) as c:
+        c.launcher.start_planner(planner_cfg(c, replicate=False, min_demand=0.5))
+        yield c
+
+
+def test_demand_rewires_running_requests_to_one_hop_and_output_stays_exact(
+    split: Cluster, want: dict
+):
+    assert hops(wait_status(split, lambda b: True, 5, "status"), "m") == 2
+    jobs = [("m", p, 160) for p in PROMPTS]
+    streams = Streams(split, jobs)
+    streams.started.wait(60)  # every request is running on the 2-hop route...
+    # ...when demand makes the planner place the whole chain on one worker
+    body = wait_status(split, lambda b: hops(b, "m") == 1, 30, "one-hop placement")
+    got = streams.join()
+    assert got == [want[tuple(p)] for p in PROMPTS]
+    # the old split stages were drained (running requests moved at a step boundary) and gone
+    body = wait_status(split, lambda b: spans(b, "m") == [(0, 6)], 30, "old stages gone")
+    assert body["counters"]["failed"] == 0
+    assert body["counters"]["moved"] >= 1  # requests really moved while generating
+    assert body["models"]["m"]["planned_routes"]
+
+
+def test_sigkill_under_load_replaces_the_stages_and_loses_no_request(split: Cluster, want: dict):
+    (host,) = [w for w, spans in hosts(split.client().status(), "m").items() if spans]
+    jobs = [("m", p, 160) for p in PROMPTS]
+    streams = Streams(split, jobs)
+    streams.started.wait(60)
+    split.launcher.kill_worker(host, signal.SIGKILL)  # the only worker hosting m
+    got = streams.join()
+    assert got == [want[tuple(p)] for p in PROMPTS]  # nothing lost, nothing repeated
+    body = wait_status(split, lambda b: b["models"]["m"]["covered"], 30, "coverage")
+    assert [w["name"] for w in body["workers"]] == [n for n in ("w0", "w1") if n != host]
+    assert body["counters"]["replays"] >= 1 and body["counters"]["failed"] == 0
