@@ -1,7 +1,7 @@
 """`blockllm serve`, `blockllm broker`, `blockllm worker`: start processes (thin click layer).
 
-`serve` runs a whole single-machine cluster in the foreground (broker + N workers, placement
-by `broker.placement.static_placement` until the planner exists); `broker` and `worker` run one
+`serve` runs a whole single-machine cluster in the foreground (broker + N workers placed by
+`broker.placement.static_placement`, then the planner, which refines that placement live); `broker` and `worker` run one
 process each, as the systemd units do. Every command takes `--config FILE`: the cluster TOML
 (`deploy/cluster.example.toml`, read with tomllib); flags given on the command line override it.
 
@@ -28,6 +28,7 @@ from blockllm.broker.cluster_config import (
     parse_size,
 )
 from blockllm.client.cli_common import CliError, default_zoo_dir, zoo_option
+from blockllm.client.cli_planner import planner_config, planner_options
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,10 @@ def _models(value: str | None) -> tuple[str, ...]:
     is_flag=True,
     help='Announce as one JSON line: {"broker": ADDR, "models": [...], "workers": [...]}.',
 )
+@click.option("--planner/--no-planner", "with_planner", default=True, show_default=True,
+              help="Run the planner: it places stages by demand, moves them off failed or "
+              "slow workers, and assembles chains within --tolerance.")  # fmt: skip
+@planner_options
 @keys_option
 def serve(**params: Any) -> None:
     """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.
@@ -351,12 +356,20 @@ def serve(**params: Any) -> None:
         threads=values.get("threads"),
         ready_timeout_s=values["ready_timeout"],
         log_level=_log_level(),
+        planner=_planner_config(values, worker_cfg.keys_dir),
     )
     try:
         code = run_serve(cfg, lambda s: _announce(s, values["as_json"]))
     except LaunchError as e:
         raise CliError(str(e)) from None
     sys.exit(code)
+
+
+def _planner_config(values: dict[str, Any], keys_dir: str | None) -> Any:
+    """The planner `serve` starts (None with --no-planner); broker and zoo are filled in."""
+    if not values.get("with_planner", True):
+        return None
+    return planner_config(values, keys_dir=keys_dir, log_level=_log_level())
 
 
 def _announce(s: Any, as_json: bool) -> None:
