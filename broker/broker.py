@@ -23,6 +23,7 @@ from blockllm.broker import status as status_mod
 from blockllm.broker.commands import Commands
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out, RequestFlow, error_code
+from blockllm.broker.hedge import Hedging
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
@@ -42,7 +43,7 @@ from blockllm.broker.protocol import (
     StatusRequest,
     Token,
 )
-from blockllm.broker.requests import RequestError, RequestState, validate
+from blockllm.broker.requests import RequestError, RequestState, split_wire_id, validate
 from blockllm.broker.stats import Metrics, stats_body
 from blockllm.broker.text import IncrementalDetokenizer
 from blockllm.broker.workers import WorkerState
@@ -71,7 +72,7 @@ class ChainView:
         self.tie_word_embeddings = getattr(manifest, "tie_word_embeddings", False)
 
 
-class Broker(Commands, RequestFlow):
+class Broker(Commands, Hedging, RequestFlow):
     """Registries of workers and requests, and every protocol handler. Loop thread only.
 
     Public: `handle`, `bad_message`, `tick`, `peer_lost`, `send_failed`, `begin_shutdown`,
@@ -156,7 +157,7 @@ class Broker(Commands, RequestFlow):
             ):
                 w.last_ping = now
                 out.append(Out(w.identity, Heartbeat()))
-        return out + self._drain_tick(now) + self._dispatch(now)
+        return out + self._drain_tick(now) + self._hedge_tick(now) + self._dispatch(now)
 
     def peer_lost(self, peer: bytes, now: float) -> list[Out]:
         """The transport says `peer` is gone (EHOSTUNREACH): drop it as a worker and client."""
@@ -293,7 +294,13 @@ class Broker(Commands, RequestFlow):
         logger.log(level, "[dead] worker %s pid %s: %s", worker.name, worker.pid, why)
         self.workers.pop(worker.identity, None)
         out: list[Out] = []
+        for req in self.requests.values():  # a hedged attempt through it is dropped
+            if req.shadow is not None and worker.identity in {h.worker for h in req.shadow.route}:
+                out += self._drop_shadow(req)
         for req in self._requests_on(worker.identity):
+            if req.shadow is not None:  # the hedged attempt carries on: no replay
+                out += self._promote(req)
+                continue
             out += self._replay(req, now, worker.identity, f"worker {worker.name} lost ({why})")
         return out
 
@@ -301,18 +308,30 @@ class Broker(Commands, RequestFlow):
         return [r for r in self.requests.values() if peer in r.workers()]
 
     # -- results and worker errors ---------------------------------------------------------
-    def _current(self, peer: bytes, rid: str, step: int) -> RequestState | None:
+    def _current(self, peer: bytes, wire: str, step: int) -> RequestState | None:
         """The request a worker's answer belongs to, if it is the answer being waited for."""
+        rid, attempt = split_wire_id(wire)
         req = self.requests.get(rid)
         if req is None or req.route is None or peer not in self.workers:
             return None
-        if step != req.step or req.route[req.hop].worker != peer:
+        if attempt != req.attempt or step != req.step or req.route[req.hop].worker != peer:
             return None
         return req
+
+    def _shadow_of(self, peer: bytes, wire: str) -> RequestState | None:
+        """The request whose hedged attempt `wire` is (from a live worker), if any."""
+        rid, attempt = split_wire_id(wire)
+        req = self.requests.get(rid)
+        if req is None or req.shadow is None or peer not in self.workers:
+            return None
+        return req if req.shadow.attempt == attempt else None
 
     def _handle_result(
         self, peer: bytes, msg: Result, frames: Sequence[Any], now: float
     ) -> list[Out]:
+        shadowed = self._shadow_of(peer, msg.request_id)
+        if shadowed is not None:
+            return self._shadow_result(shadowed, peer, msg, frames, now)
         req = self._current(peer, msg.request_id, msg.step)
         if req is None:
             self.counters["stale_results"] += 1
@@ -324,6 +343,7 @@ class Broker(Commands, RequestFlow):
             if len(msg.tensors) != 1:
                 return self._misbehaved(req, peer, now, "RESULT mid-route without one tensor")
             req.hop += 1
+            req.hop_sent_at = now
             hop = req.route[req.hop]
             fwd = self._forward(req, hop, tuple(msg.tensors))
             return [Out(hop.worker, fwd, tuple(frames))]
@@ -340,10 +360,16 @@ class Broker(Commands, RequestFlow):
         self, peer: bytes, msg: Error, frames: Sequence[Any], now: float
     ) -> list[Out]:
         worker = self.workers.get(peer)
-        req = self.requests.get(msg.request_id)
         if worker is not None and not msg.request_id:  # about a command (LOAD_STAGE, ...)
             worker.last_error = f"{msg.code}: {msg.message}"[:300]
             logger.warning("worker %s: %s", worker.name, worker.last_error)
+        shadowed = self._shadow_of(peer, msg.request_id)
+        if shadowed is not None:
+            return self._shadow_error(shadowed, msg)
+        rid, attempt = split_wire_id(msg.request_id)
+        req = self.requests.get(rid)
+        if req is not None and attempt != req.attempt:
+            req = None  # an answer to an attempt that lost its race
         if worker is None or req is None or peer not in req.workers():
             logger.debug("error from %r ignored: %s %s", peer, msg.code, msg.message)
             self.counters["stale_results"] += 1

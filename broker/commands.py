@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out
@@ -56,14 +56,16 @@ class Commands:
     chains: dict[str, tuple[str, ...]]
     _keys: dict[tuple[str, int, int], str | None]
 
-    def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Broker
 
-    def reload(self, now: float = 0.0) -> None:
-        raise NotImplementedError
+        def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
+            raise NotImplementedError
 
-    def key_of(self, model: str, start: int, end: int) -> str | None:
-        raise NotImplementedError
+        def reload(self, now: float = 0.0) -> None:
+            raise NotImplementedError
+
+        def key_of(self, model: str, start: int, end: int) -> str | None:
+            raise NotImplementedError
 
     def command_handlers(self) -> dict[Kind, Handler]:
         return {

@@ -58,6 +58,10 @@ class BrokerConfig:
     stats_interval_s: float = 0.5
     # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
     unload_drain_s: float = 30.0
+    # hedging: a decode hop late by max(hedge_after_s, hedge_factor x the fastest worker's
+    # step p50) is re-sent on a route avoiding its worker; first answer wins (0: never)
+    hedge_after_s: float = 0.5
+    hedge_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.liveness < 1:

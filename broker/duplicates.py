@@ -37,6 +37,8 @@ class Dup:
     slow: str
     helper: str
     stages: dict[Key, tuple[str, int, int]] = field(default_factory=dict)  # on the helper
+    # the routes through the straggler when there is no target placement (from the stats)
+    base_routes: dict[str, PlannedRoute] = field(default_factory=dict)
     since: float = 0.0
     routed: bool = False
     healthy_since: float | None = None
@@ -74,14 +76,19 @@ class Duplicates:
         return {k for d in self.active.values() for k in d.stages}
 
     def step(
-        self, planner: Planner, workers: Mapping[str, WorkerFacts], now: float
+        self,
+        planner: Planner,
+        workers: Mapping[str, WorkerFacts],
+        routes: Mapping[str, PlannedRoute],
+        now: float,
     ) -> list[Message]:
-        if not self.cfg.duplicates or planner.target is None:
+        """Commands for one snapshot; `routes`: each model's current route (from the stats)."""
+        if not self.cfg.duplicates:
             return []
         slow_now = stragglers(workers, self.cfg)
         out: list[Message] = []
         for name in sorted(slow_now - set(self.active)):
-            self._launch(planner, workers, name, now)
+            self._launch(planner, workers, routes, name, now)
         changed = False
         for dup in list(self.active.values()):
             if dup.slow not in workers or dup.helper not in workers:
@@ -95,10 +102,17 @@ class Duplicates:
         return out
 
     def _launch(
-        self, planner: Planner, workers: Mapping[str, WorkerFacts], slow: str, now: float
+        self,
+        planner: Planner,
+        workers: Mapping[str, WorkerFacts],
+        routes: Mapping[str, PlannedRoute],
+        slow: str,
+        now: float,
     ) -> None:
-        assert planner.target is not None
-        stages = planner.target.plan.stages.get(slow) or []
+        if planner.target is not None:
+            stages = list(planner.target.plan.stages.get(slow) or [])
+        else:  # no placement of its own yet: what the straggler hosts now
+            stages = [(s.model, s.start, s.end) for s in workers[slow].stages.values()]
         if not stages:
             return
         helpers = [w for n, w in workers.items() if n != slow and n not in self.active]
@@ -121,7 +135,8 @@ class Duplicates:
             logger.warning("[planner] straggler %s: no worker can host a duplicate", slow)
             return
         helper = best[1].name
-        dup = Dup(slow, helper, since=now)
+        via = {m: r for m, r in routes.items() if any(h.worker == slow for h in r.hops)}
+        dup = Dup(slow, helper, base_routes=via, since=now)
         for owner, s, e in stages:
             key = planner._key(owner, s, e)
             if key is not None:
@@ -172,10 +187,13 @@ class Duplicates:
     def adjust(
         self, routes: dict[str, tuple[PlannedRoute, ...]]
     ) -> dict[str, tuple[PlannedRoute, ...]]:
-        """Routes with a twin through the helper for every route through a routed straggler."""
+        """Routes with a twin through the helper for every route through a routed straggler
+        (the target's routes, or, for a model without any, the route it had at the launch)."""
         for dup in self.active.values():
             if not dup.routed:
                 continue
+            for model, route in dup.base_routes.items():
+                routes.setdefault(model, (route,))
             for model, rs in list(routes.items()):
                 new: list[PlannedRoute] = []
                 for r in rs:

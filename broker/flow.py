@@ -23,7 +23,7 @@ from blockllm.broker.protocol import (
     TensorMeta,
     Token,
 )
-from blockllm.broker.requests import RequestState, token_frame
+from blockllm.broker.requests import RequestState, token_frame, wire_id
 from blockllm.broker.rewire import best_planned, same_route, signature
 from blockllm.broker.stats import Metrics
 from blockllm.broker.workers import WorkerState
@@ -98,15 +98,16 @@ class RequestFlow:
             need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
         return need
 
-    def _route_with_credit(self, req: RequestState, now: float) -> tuple[list[Hop] | None, bool]:
-        """A route over workers with credit, avoiding the request's failed workers if possible,
-        and whether KV bytes (which depend on the request's length) were what was missing.
-
-        A route whose worker lacks the KV bytes is retried without that worker.
+    def _route_with_credit(
+        self, req: RequestState, now: float, exclude: frozenset[bytes] = frozenset()
+    ) -> tuple[list[Hop] | None, bool]:
+        """A route over workers with credit, avoiding the request's failed workers if possible
+        (and `exclude` always), and whether KV bytes (which depend on the request's length)
+        were what was missing. A route whose worker lacks the KV bytes is retried without it.
         """
         bytes_short = False
         for avoid in (req.avoid, set()):
-            excluded = set(avoid)
+            excluded = set(avoid) | exclude
             while True:
                 views = {
                     peer: WorkerView(
@@ -149,19 +150,26 @@ class RequestFlow:
                 still.append(rid)
                 continue
             for peer, nbytes in self._kv_need(req, route).items():
-                self.workers[peer].inflight[rid] = nbytes
+                self.workers[peer].inflight[req.wire_id] = nbytes
             req.route = route
             req.routed_gen = self.routes_gen
-            out.append(self._start_step(req))
+            out.append(self._start_step(req, now))
         self.waiting = still
         return out
 
-    def _forward(self, req: RequestState, hop: Hop, tensors: tuple[TensorMeta, ...]) -> Forward:
+    def _forward(
+        self,
+        req: RequestState,
+        hop: Hop,
+        tensors: tuple[TensorMeta, ...],
+        wire: str | None = None,
+        past_len: int | None = None,
+    ) -> Forward:
         return Forward(
-            request_id=req.rid,
+            request_id=req.wire_id if wire is None else wire,
             step=req.step,
             stage_keys=hop.stage_keys,
-            past_len=req.past_len,
+            past_len=req.past_len if past_len is None else past_len,
             max_total_len=req.max_total_len,
             temperature=req.temperature,
             top_k=req.top_k,
@@ -170,9 +178,10 @@ class RequestFlow:
             tensors=tensors,
         )
 
-    def _start_step(self, req: RequestState) -> Out:
+    def _start_step(self, req: RequestState, now: float) -> Out:
         """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""
         assert req.route
+        req.hop_sent_at = now
         ids, req.past_len = req.step_input()
         req.step += 1
         req.hop = 0
@@ -183,6 +192,7 @@ class RequestFlow:
     # -- tokens and the end of a request -----------------------------------------------------
     def _on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
         """The last hop sampled `token_id`: stream it, then finish or start the next step."""
+        lost_race = self._drop_shadow(req)  # this step is done: a hedged attempt lost
         req.generated.append(token_id)
         req.prefill = False
         self.counters["tokens"] += 1
@@ -199,11 +209,11 @@ class RequestFlow:
         token = Token(
             req.client_rid, len(req.generated) - 1, token_id, text, finish, len(req.prompt)
         )
-        out = [Out(req.client, token)]
+        out = [Out(req.client, token), *lost_race]
         if finish is None:
             if self._should_move(req, now):
                 return out + self._move(req)
-            return [*out, self._start_step(req)]
+            return [*out, self._start_step(req, now)]
         self.counters["completed"] += 1
         self.metrics.on_complete(req.model)
         return out + self._finish(req, None)
@@ -214,6 +224,8 @@ class RequestFlow:
         being drained, or the planner asked running requests to move (SET_ROUTES with
         move_running) since it was routed; and a different route with credit exists now."""
         assert req.route is not None
+        if req.shadow is not None:
+            return False
         draining = any(
             (w := self.workers.get(h.worker)) is not None and set(h.stage_keys) & set(w.draining)
             for h in req.route
@@ -246,15 +258,26 @@ class RequestFlow:
         return out
 
     def _release(self, req: RequestState) -> list[Out]:
-        """RELEASE to every live worker of the route, and return their credit."""
-        out = []
-        for peer in req.workers():
-            worker = self.workers.get(peer)
-            if worker is not None:
-                worker.inflight.pop(req.rid, None)
-                out.append(Out(peer, Release(req.rid)))
+        """RELEASE to every live worker of the route (and of a hedged attempt), and return
+        their credit."""
+        out = self._drop_shadow(req)
+        out += self._release_route(req.route, req.wire_id)
         req.route = None
         return out
+
+    def _release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
+        out = []
+        for peer in dict.fromkeys(h.worker for h in route or ()):
+            worker = self.workers.get(peer)  # type: ignore[call-overload]
+            if worker is not None:
+                worker.inflight.pop(wire, None)
+                out.append(Out(peer, Release(wire)))  # type: ignore[arg-type]
+        return out
+
+    def _drop_shadow(self, req: RequestState) -> list[Out]:
+        """Forget a hedged attempt: RELEASE its workers (its late answers are dropped)."""
+        sh, req.shadow = req.shadow, None
+        return [] if sh is None else self._release_route(sh.route, wire_id(req.rid, sh.attempt))
 
     def _fail(
         self, req: RequestState, code: ErrorCode, message: str, retryable: bool = False

@@ -33,6 +33,7 @@ from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import (
     LoadStage,
     Message,
+    PlannedHop,
     PlannedRoute,
     SetChain,
     SetRoutes,
@@ -133,7 +134,7 @@ class Planner:
             self._adopt(workers, served, now, why)
         if self.target is not None:
             out += self._reconcile(workers, now)
-            out += self.duplicates.step(self, workers, now)
+        out += self.duplicates.step(self, workers, current_routes(models), now)
         return out
 
     def _parse_workers(self, body: Mapping[str, Any]) -> dict[str, WorkerFacts]:
@@ -336,8 +337,8 @@ class Planner:
 
     def routes(self) -> dict[str, tuple[PlannedRoute, ...]]:
         """The target's routes with the duplicates' changes (what SET_ROUTES sends)."""
-        assert self.target is not None
-        return self.duplicates.adjust(dict(self.target.plan.routes))
+        planned = dict(self.target.plan.routes) if self.target is not None else {}
+        return self.duplicates.adjust(planned)
 
     def _send_routes(self, t: Target, move_running: bool = False) -> list[Message]:
         out: list[Message] = []
@@ -374,6 +375,22 @@ class Planner:
             return False
         views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
         return find_route(model, len(m.chain), views, self._key) is not None
+
+
+def current_routes(models: Mapping[str, Any]) -> dict[str, PlannedRoute]:
+    """Each model's route in a STATS body (`[[worker, [[start, end], ...]], ...]`)."""
+    routes = {}
+    for name, m in models.items():
+        hops = m.get("route") if isinstance(m, Mapping) else None
+        if not hops:
+            continue
+        try:
+            routes[name] = PlannedRoute(
+                tuple(PlannedHop(w, tuple((int(a), int(b)) for a, b in spans)) for w, spans in hops)
+            )
+        except (TypeError, ValueError):
+            continue
+    return routes
 
 
 def compute_weights(manifest: Any) -> tuple[float, ...]:

@@ -27,6 +27,29 @@ def bad(message: str) -> RequestError:
     return RequestError(ErrorCode.BAD_REQUEST, message)
 
 
+def wire_id(rid: str, attempt: int) -> str:
+    """The id workers see for one attempt of a request (attempts > 0: hedged re-sends)."""
+    return rid if attempt == 0 else f"{rid}~{attempt}"
+
+
+def split_wire_id(wire: str) -> tuple[str, int]:
+    """(request id, attempt) of a worker's request id; attempt -1 when it is malformed."""
+    rid, sep, attempt = wire.partition("~")
+    if not sep:
+        return rid, 0
+    return (rid, int(attempt)) if attempt.isdigit() else (rid, -1)
+
+
+@dataclass(slots=True)
+class Shadow:
+    """A hedged attempt racing the current step on another route: a prefill of prompt +
+    generated tokens; the first of the two to produce the step's token wins."""
+
+    attempt: int
+    route: list[Hop]
+    hop: int = 0
+
+
 @dataclass(slots=True)
 class RequestState:
     """One generation: its history (for replay), its route and where the current step is.
@@ -59,6 +82,14 @@ class RequestState:
     last_failure: str = ""
     routed_gen: int = 0  # the broker's routes generation when this route was chosen
     last_token_at: float = 0.0  # when the last token was emitted (0: none yet)
+    attempt: int = 0  # which attempt the route runs (see wire_id)
+    attempts: int = 0  # attempts made so far
+    hop_sent_at: float = 0.0  # when the current hop's FORWARD left
+    shadow: Shadow | None = None
+
+    @property
+    def wire_id(self) -> str:
+        return wire_id(self.rid, self.attempt)
 
     @property
     def model(self) -> str:

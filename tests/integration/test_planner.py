@@ -6,6 +6,7 @@ Every wait polls STATUS (or a stream) with a deadline; greedy output is checked 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -152,3 +153,37 @@ def test_sigkill_under_load_replaces_the_stages_and_loses_no_request(split: Clus
     body = wait_status(split, lambda b: b["models"]["m"]["covered"], 30, "coverage")
     assert [w["name"] for w in body["workers"]] == [n for n in ("w0", "w1") if n != host]
     assert body["counters"]["replays"] >= 1 and body["counters"]["failed"] == 0
+
+
+def token_gaps(client: Any, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens of one streamed request and the seconds between consecutive tokens."""
+    tokens, stamps = [], []
+    for ev in client.stream("m", input_ids=ids, max_new_tokens=n, timeout=60):
+        tokens.append(ev.token_id)
+        stamps.append(time.monotonic())
+    return tokens, [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def test_a_straggler_gets_a_duplicate_and_p95_recovers(zoo: Path, want: dict):
+    delay = 0.25  # every step of w0 takes this much longer (test-only fault hook)
+    workers = {"w0": ["m:0-6"], "w1": []}
+    kw = {"w0": {"fault_step_delay_s": delay}}
+    with cluster(zoo, workers, ["m"], broker=FAST, worker_kw=kw) as c, c.client() as client:
+        cfg = planner_cfg(c, replicate=False, min_demand=1e9, dup_step_ms=delay * 400)
+        c.launcher.start_planner(cfg)
+        slow, fast = PROMPTS[0], PROMPTS[1]
+        tokens, before = token_gaps(client, slow, 12)  # served by the straggler only
+        assert tokens == want[tuple(slow)][:12]
+        assert p95(before) >= delay
+        body = wait_status(c, lambda b: hosts(b, "m")["w1"] == [(0, 6)], 30, "duplicate on w1")
+        (routes,) = [body["models"]["m"]["planned_routes"]]
+        weights = {hops[0][0]: weight for hops, weight in routes}
+        assert weights["w1"] > weights["w0"]  # new requests go to the duplicate
+        tokens, after = token_gaps(client, fast, 40)
+        assert tokens == want[tuple(fast)][:40]
+        assert p95(after) < delay / 2, (p95(before), p95(after))
