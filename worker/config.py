@@ -71,6 +71,9 @@ class WorkerProcConfig:
     grace_s: float = 10.0  # on SIGTERM/SIGINT: finish in-flight work for at most this long
     input_queue_size: int = 1024  # FORWARDs beyond this are refused with QUEUE_FULL
     dead_linger_ms: int = 2000  # how long close() may take to get DEAD / last results out
+    # While fewer than half of its requests are queued, a step waits for more, at most this
+    # fraction of the last step's time (0: never; see WorkerProc._gather).
+    gather_fraction: float = 0.5
     keys_dir: str | None = None  # CurveZMQ keys (blockllm keys gen); None -> plain TCP
     # Test-only fault injection (STYLE 7.9): after this many engine steps that did work.
     fault_after_steps: int | None = None
