@@ -4,7 +4,10 @@ checkpoint, at 1 stream and at N concurrent streams.
 
 Both sides run the same greedy requests (one prompt, `--new-tokens` each) and are timed from
 the first request sent to the last token received, prefill included; the in-process side
-batches all its streams into each engine step (its best case), with all the usable cores.
+batches all its streams into each engine step (its best case). By default the in-process engine
+gets as many torch threads as each worker process (the cores split across the workers), so the
+ratio shows what the pipeline costs or gains at equal per-process compute; pass
+`--inprocess-threads` to compare with an engine that has every core to itself.
 Result (stdout, --json):
     {"bench": "pipeline", "model": ..., "workers": 2, "threads_per_worker": ...,
      "results": [{"streams": 1, "pipeline_tok_s": ..., "inprocess_tok_s": ..., "ratio": ...},
@@ -15,7 +18,6 @@ Result (stdout, --json):
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -38,13 +40,9 @@ class PipelineBenchConfig:
     new_tokens: int = 32
     workers: int = 2
     threads_per_worker: int | None = None  # None: the usable cores split across the workers
-    inprocess_threads: int | None = None  # None: all usable cores
+    inprocess_threads: int | None = None  # None: as many as each worker
     kv_budget_bytes: int = 256 << 20
     ready_timeout_s: float = 300.0
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _say(text: str) -> None:
@@ -80,7 +78,7 @@ def inprocess_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dic
     from blockllm.worker.worker import Worker
     from blockllm.zoo import Zoo
 
-    threads = cfg.inprocess_threads or _cores()
+    threads = _inprocess_threads(cfg)
     zoo = Zoo(cfg.zoo_dir)
     chain = len(zoo.manifest(model).chain)
     engine = Worker(zoo, WorkerConfig(kv_budget_bytes=cfg.kv_budget_bytes, threads=threads))
@@ -206,12 +204,16 @@ def run_pipeline_bench(cfg: PipelineBenchConfig) -> dict[str, Any]:
         "model": str(cfg.model_dir),
         "workers": cfg.workers,
         "threads_per_worker": cfg.threads_per_worker or _default_threads(cfg.workers),
-        "inprocess_threads": cfg.inprocess_threads or _cores(),
+        "inprocess_threads": _inprocess_threads(cfg),
         "new_tokens": cfg.new_tokens,
         "prompt_tokens": len(ids),
         "results": results,
         "concurrency_speedup": round(pipe[hi] / pipe[lo], 3),
     }
+
+
+def _inprocess_threads(cfg: PipelineBenchConfig) -> int:
+    return cfg.inprocess_threads or cfg.threads_per_worker or _default_threads(cfg.workers)
 
 
 def _default_threads(workers: int) -> int:
@@ -245,6 +247,12 @@ def _streams(text: str) -> tuple[int, ...]:
     default=None,
     help="torch threads per worker [default: the cores split across workers].",
 )
+@click.option(
+    "--inprocess-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch threads of the in-process engine [default: as many as each worker].",
+)
 @json_option
 def pipeline(
     model_dir: Path | None,
@@ -253,6 +261,7 @@ def pipeline(
     new_tokens: int,
     workers: int,
     threads: int | None,
+    inprocess_threads: int | None,
     as_json: bool,
 ) -> None:
     """Generation tokens/s over broker + workers vs the engine in-process, 1 and N streams."""
@@ -271,6 +280,7 @@ def pipeline(
         new_tokens=new_tokens,
         workers=workers,
         threads_per_worker=threads,
+        inprocess_threads=inprocess_threads,
     )
     result = run_pipeline_bench(cfg)
     if as_json:
