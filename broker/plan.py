@@ -7,7 +7,8 @@ requests take:
    that reaches farthest (its new blocks still fitting its budget) takes the next segment; ties
    go to the least loaded worker, then to the one needing the fewest new bytes (it already
    holds shared blocks), then to the one that already holds them in the live cluster (fewer
-   loads), then by name. So the hottest chain crosses the fewest hops, a block shared by
+   loads), then to the one covering the fewest positions so far (cold models spread), then
+   by name. So the hottest chain crosses the fewest hops, a block shared by
    several models is held once per worker, and a cold fine-tune lands next to its base.
 2. **Replication in proportion to demand.** Each model gets `round(W * its share of the
    demand)` replicas (at least 1, at most W), placed on workers that do not hold it yet, the
@@ -36,9 +37,10 @@ Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
 class ModelInfo:
     """A model as placement sees it: the chain it is served with and what each block costs.
 
-    `owners[p]` is a model whose own chain has `chain[p]` (itself unless the chain was
-    assembled from equivalent blocks); `compute[p]` the relative work per token at p (defaults
-    to the block bytes). `demand` is in any unit common to all models (tokens/s).
+    `owners[p]` names the models whose own chain has what p holds (`blocks_at(p)`), any of
+    which a worker can load it from (() = just this model's own chain); `compute[p]` is the
+    relative work per token at p (default: the block bytes); `demand` is in any unit common
+    to all models (tokens/s).
     """
 
     name: str
@@ -47,11 +49,11 @@ class ModelInfo:
     fingerprint: str = ""
     tied: bool = False
     demand: float = 0.0
-    owners: tuple[str, ...] = ()
+    owners: tuple[tuple[str, ...], ...] = ()
     compute: tuple[float, ...] = ()
 
-    def owner(self, p: int) -> str:
-        return self.owners[p] if self.owners else self.name
+    def owners_at(self, p: int) -> frozenset[str]:
+        return frozenset(self.owners[p]) if self.owners else frozenset({self.name})
 
     def blocks_at(self, p: int) -> tuple[str, ...]:
         """What position p holds in memory: its block (and, for a tied head, the embedding)."""
@@ -157,7 +159,7 @@ def _place_replica(
             end, new, churn = c.reach(w, m, pos)
             if end == pos:
                 continue
-            rank = (-end, round(c.load[w] / c.total, 2), new, churn, w)
+            rank = (-end, round(c.load[w] / c.total, 2), new, churn, len(c.covers[w]), w)
             if best is None or rank < best[0]:
                 best = (rank, w, end)
         if best is None:
@@ -229,33 +231,39 @@ def place(
 
 def _groups(
     c: _Cluster, w: str, models: Mapping[str, ModelInfo], p: int, family: tuple[str, int]
-) -> dict[frozenset[str], str]:
-    """Models of `family` covering p on w, grouped by what p holds -> the group's owner."""
+) -> dict[frozenset[str], frozenset[str]]:
+    """Models of `family` covering p on w, grouped by what p holds -> who can load it."""
     by_block: dict[tuple[str, ...], set[str]] = {}
     for name, q in c.covers[w]:
         m = models[name]
         if q == p and (m.fingerprint, len(m.chain)) == family:
             by_block.setdefault(m.blocks_at(p), set()).add(name)
-    return {frozenset(g): min(models[n].owner(p) for n in g) for g in by_block.values()}
+    return {
+        frozenset(g): frozenset().union(*(models[n].owners_at(p) for n in g))
+        for g in by_block.values()
+    }
 
 
 def _stages_of(
     c: _Cluster, w: str, models: Mapping[str, ModelInfo]
 ) -> list[tuple[Stage, frozenset[str]]]:
-    """Maximal runs over which the same group of models (same blocks, same owner) persists,
-    each with the models it serves."""
+    """Maximal runs over which the same group of models persists and one model owns every
+    block (so the stage can be loaded under its name), each with the models it serves."""
     families = sorted({(models[n].fingerprint, len(models[n].chain)) for n, _ in c.covers[w]})
     stages: list[tuple[Stage, frozenset[str]]] = []
     for family in families:
-        open_runs: dict[tuple[frozenset[str], str], int] = {}
+        runs: dict[frozenset[str], tuple[int, frozenset[str]]] = {}  # group -> (start, owners)
         for p in range(family[1] + 1):
-            now = set(_groups(c, w, models, p, family).items()) if p < family[1] else set()
-            for run, start in list(open_runs.items()):
-                if run not in now:
-                    stages.append(((run[1], start, p), run[0]))
-                    del open_runs[run]
-            for run in now:
-                open_runs.setdefault(run, p)
+            here = _groups(c, w, models, p, family) if p < family[1] else {}
+            for group, (start, owners) in list(runs.items()):
+                still = owners & here.get(group, frozenset())
+                if still:
+                    runs[group] = (start, still)
+                else:
+                    stages.append(((min(owners), start, p), group))
+                    del runs[group]
+            for group, owners in here.items():
+                runs.setdefault(group, (p, owners))
     return sorted(stages, key=lambda s: (s[0][1], s[0][2], s[0][0]))
 
 

@@ -250,27 +250,34 @@ class Planner:
         m = self.manifests.get(name)
         if m is None:
             return None
-        owners = tuple(self._owner(name, p, b) for p, b in enumerate(chain))
-        sizes = tuple(self._block_size(owners[p], p) for p in range(len(chain)))
+        tied = bool(m.tie_word_embeddings)
+        owners = tuple(self._owners(chain, p, tied) or (name,) for p in range(len(chain)))
+        sizes = tuple(self._block_size(owners[p][0], p) for p in range(len(chain)))
         return ModelInfo(
             name=name,
             chain=chain,
             block_bytes=sizes,
             fingerprint=m.fingerprint,
-            tied=bool(m.tie_word_embeddings),
+            tied=tied,
             demand=self._demand_of(name),
             owners=owners,
             compute=compute_weights(m),
         )
 
-    def _owner(self, name: str, p: int, block: str) -> str:
-        """A model whose own chain has `block` at p (the model itself when it does)."""
-        if tuple(self.manifests[name].chain)[p] == block:
-            return name
-        for other in sorted(self.manifests):
-            if tuple(self.manifests[other].chain)[p] == block:
-                return other
-        return name
+    def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
+        """The models whose own chain holds what `chain` holds at p (any can load it): the
+        block, and for a tied head also the embedding its lm_head is."""
+        out = []
+        for name in sorted(self.manifests):
+            own = tuple(self.manifests[name].chain)
+            if len(own) != len(chain) or own[p] != chain[p]:
+                continue
+            other_tied = bool(self.manifests[name].tie_word_embeddings)
+            head = p == len(chain) - 1 and (tied or other_tied)
+            if head and (own[0] != chain[0] or other_tied != tied):
+                continue
+            out.append(name)
+        return tuple(out)
 
     def _block_size(self, owner: str, p: int) -> int:
         sizes = tuple(self.manifests[owner].block_bytes)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from blockllm.broker.planner_config import PlannerConfig
-from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo
+from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo, perturbed_copy
 
 PROMPTS = [[11, 23, 5, 77, 140, 9], [3, 14, 15, 92, 65], [27, 18, 28, 18, 28, 45, 90], [99, 1]]
 FAST = {"stats_interval_s": 0.2}
@@ -187,3 +187,46 @@ def test_a_straggler_gets_a_duplicate_and_p95_recovers(zoo: Path, want: dict):
         tokens, after = token_gaps(client, fast, 40)
         assert tokens == want[tuple(fast)][:40]
         assert p95(after) < delay / 2, (p95(before), p95(after))
+
+
+@pytest.fixture(scope="module")
+def family(llama: Path, tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A zoo of m and its fine-tune ft (layers 2 and 3 changed), equivalences measured; q is
+    another family, imported later by the test."""
+    from blockllm.zoo import Zoo
+
+    ft = perturbed_copy(llama, tmp_path_factory.mktemp("ft"), layers=[2, 3])
+    root = make_zoo(tmp_path_factory.mktemp("family-zoo"), {"m": llama, "ft": ft})
+    Zoo(root).measure_equivalence(prompts=2, seq_len=8)
+    return {"zoo": root, "q": tiny_checkpoint("qwen2", seed=3)}
+
+
+def test_tolerance_shares_resident_blocks_and_reload_serves_a_new_model(family: dict, want):
+    from blockllm.broker.planner_proc import send_command
+    from blockllm.broker.protocol import Reload
+    from blockllm.zoo import Zoo
+
+    zoo = family["zoo"]
+    workers = {"w0": ["m:0-6"], "w1": []}
+    with cluster(zoo, workers, ["m"], broker=FAST) as c, c.client(timeout=60) as client:
+        cfg = planner_cfg(c, tolerance=(("ft", 1.0),), min_demand=1e9, replicate=False)
+        c.launcher.start_planner(cfg)
+        body = wait_status(c, lambda b: b["models"]["ft"]["covered"], 30, "ft assembled")
+        subs = body["models"]["ft"]["substitutions"]
+        assert [(s["position"], s["from"]) for s in subs] == [(3, "m"), (4, "m")]
+        assert spans(body, "ft") == [] and hosts(body, "m") == {"w0": [(0, 6)], "w1": []}
+        prompt = PROMPTS[2]
+        got = client.generate("ft", input_ids=prompt, max_new_tokens=20).token_ids
+        assert got == want[tuple(prompt)][:20]  # ft is served by m's blocks: m's output
+        # a model imported into the running cluster's zoo is served after a reload, while
+        # another model's stream goes on undisturbed
+        streams = Streams(c, [("m", PROMPTS[0], 160)])
+        streams.started.wait(60)
+        Zoo(zoo).import_checkpoint(family["q"], "q")
+        ack = send_command(c.endpoint, Reload("reload-1"), timeout=30)
+        assert ack.ok and "q" in ack.message.split(",")
+        wait_status(c, lambda b: b["models"].get("q", {}).get("covered"), 60, "q placed")
+        q_prompt = [5, 9, 17, 33]
+        q_got = client.generate("q", input_ids=q_prompt, max_new_tokens=12).token_ids
+        assert q_got == hf_greedy(family["q"], q_prompt, 12)
+        assert streams.join() == [want[tuple(PROMPTS[0])]]

@@ -1,0 +1,171 @@
+"""The pure Planner fed synthetic STATS snapshots: what it commands, and when it stays still."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockllm.broker.planner import Planner
+from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
+from blockllm.worker.items import stage_key
+
+L = 4  # decoder layers; chain positions 0..5
+MB = 1 << 20
+
+
+@dataclass
+class Manifest:
+    name: str
+    chain: tuple[str, ...]
+    fingerprint: str = "fam"
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    config: dict = field(default_factory=lambda: {"hidden_size": 8, "vocab_size": 16})
+
+    @property
+    def block_bytes(self) -> tuple[int, ...]:
+        return (MB,) * len(self.chain)
+
+
+@dataclass
+class Equiv:
+    original: str
+    substitute: str
+    position: int
+    kl: float
+    fingerprint: str = "fam"
+
+
+BASE = Manifest("m", tuple(f"b{p}" for p in range(L + 2)))
+FT = Manifest("ft", tuple("f3" if p == 3 else "f4" if p == 4 else f"b{p}" for p in range(L + 2)))
+MANIFESTS = {"m": BASE, "ft": FT}
+
+
+def cfg(**kw: Any) -> PlannerConfig:
+    base = {"replan_interval_s": 1.0, "demand_halflife_s": 1.0, "catalog_interval_s": 0.0}
+    return PlannerConfig(**{**base, **kw})
+
+
+def planner(equiv: list[Equiv] | None = None, **kw: Any) -> Planner:
+    return Planner(cfg(**kw), lambda: (MANIFESTS, equiv or []))
+
+
+def snapshot(
+    workers: dict[str, list[tuple[str, int, int]]],
+    covered: dict[str, bool] | None = None,
+    token_rate: dict[str, float] | None = None,
+    p50: dict[str, float] | None = None,
+    routes: dict[str, list] | None = None,
+) -> dict[str, Any]:
+    return {
+        "workers": [
+            {
+                "name": w,
+                "stages": [
+                    {"key": stage_key(MANIFESTS[m], s, e), "model": m, "start": s, "end": e}
+                    for m, s, e in stages
+                ],
+                "step_ms_p50": (p50 or {}).get(w, 0.0),
+            }
+            for w, stages in workers.items()
+        ],
+        "models": {
+            m: {
+                "covered": (covered or {}).get(m, True),
+                "token_rate": (token_rate or {}).get(m, 0.0),
+                "route": (routes or {}).get(m),
+            }
+            for m in MANIFESTS
+        },
+    }
+
+
+def kinds(cmds: list) -> list[str]:
+    return [type(c).__name__ for c in cmds]
+
+
+def test_an_idle_covered_cluster_is_left_alone() -> None:
+    p = planner()
+    body = snapshot({"w0": [("m", 0, 6), ("ft", 3, 5)], "w1": []})
+    assert p.on_stats(body, 0.0) == [] and p.on_stats(body, 10.0) == []
+
+
+def test_uncovered_model_is_placed_then_routed_then_the_rest_unloaded() -> None:
+    p = planner()
+    start = {"w0": [("m", 0, 2)], "w1": []}  # a stage the new placement has no use for
+    cmds = p.on_stats(snapshot(start, covered={"m": False}), 0.0)
+    loads = [c for c in cmds if isinstance(c, LoadStage)]
+    assert loads and kinds(cmds) == ["LoadStage"] * len(loads)  # coverage first
+    assert p.on_stats(snapshot(start, covered={"m": False}), 0.5) == []  # loads pending
+    placed = {w: list(st) for w, st in start.items()}
+    for c in loads:
+        placed[c.worker].append((c.model, c.start, c.end))
+    cmds = p.on_stats(snapshot(placed), 1.0)
+    routes = next(c for c in cmds if isinstance(c, SetRoutes)).routes
+    assert set(routes) == {"m", "ft"}
+    (stale,) = [c for c in cmds if isinstance(c, UnloadStage)]
+    assert (stale.worker, stale.key) == ("w0", stage_key(BASE, 0, 2))
+    assert kinds(cmds).index("SetRoutes") < kinds(cmds).index("UnloadStage")
+
+
+def test_a_lost_worker_is_replaced_on_the_survivors() -> None:
+    p = planner()
+    p.on_stats(snapshot({"w0": [("m", 0, 3)], "w1": [("m", 3, 6), ("ft", 3, 5)]}), 0.0)
+    cmds = p.on_stats(snapshot({"w0": [("m", 0, 3)]}, covered={"m": False, "ft": False}), 1.0)
+    loads = {(c.worker, c.model, c.start, c.end) for c in cmds if isinstance(c, LoadStage)}
+    assert loads and {w for w, *_ in loads} == {"w0"}
+    covered = {p for _, _, s, e in loads for p in range(s, e)} | {0, 1, 2}
+    assert covered == set(range(L + 2))
+
+
+def test_tolerance_serves_a_finetune_through_the_resident_base_blocks() -> None:
+    equiv = [Equiv("f3", "b3", 3, 0.01), Equiv("f4", "b4", 4, 0.02), Equiv("b3", "f3", 3, 0.01)]
+    p = planner(equiv, tolerance=(("ft", 0.05),))
+    cmds = p.on_stats(snapshot({"w0": [("m", 0, 6)]}, covered={"ft": False}), 0.0)
+    assert not any(isinstance(c, LoadStage) for c in cmds)  # everything it needs is resident
+    (chain,) = [c for c in cmds if isinstance(c, SetChain)]
+    assert chain.model == "ft" and chain.chain == BASE.chain
+    routes = next(c for c in cmds if isinstance(c, SetRoutes)).routes
+    assert [(h.worker, h.spans) for h in routes["ft"][0].hops] == [("w0", ((0, 6),))]
+
+
+def test_tolerance_budget_limits_the_substitutions() -> None:
+    equiv = [Equiv("f3", "b3", 3, 0.01), Equiv("f4", "b4", 4, 0.02)]
+    p = planner(equiv, tolerance=(("ft", 0.015),))
+    cmds = p.on_stats(snapshot({"w0": [("m", 0, 6)]}, covered={"ft": False}), 0.0)
+    assert p.target is not None
+    assert p.target.chains["ft"] == tuple("b3" if i == 3 else b for i, b in enumerate(FT.chain))
+    assert any(isinstance(c, LoadStage) and c.model == "ft" for c in cmds)  # its own layer 3
+
+
+def test_demand_replans_at_most_every_interval_and_only_when_replicas_change() -> None:
+    p = planner(min_demand=0.5)
+    both = {"w0": [("m", 0, 6)], "w1": [("ft", 0, 6)]}
+    p.on_stats(snapshot(both, token_rate={"m": 50.0}), 0.0)
+    assert p.replans == 1  # demand: the hot model gets a replica on each worker
+    assert p.target is not None and len(p.target.plan.replicas["m"]) == 2
+    p.on_stats(snapshot(both, token_rate={"m": 60.0}), 0.5)
+    p.on_stats(snapshot(both, token_rate={"m": 55.0}), 2.0)
+    assert p.replans == 1  # same replica counts: no churn
+
+
+def test_a_straggler_is_duplicated_then_routed_around_then_retired() -> None:
+    p = planner(dup_step_ms=100.0, dup_hold_s=2.0)
+    route = {"m": [["w0", [[0, 6]]]]}
+    slow = snapshot({"w0": [("m", 0, 6)], "w1": []}, p50={"w0": 300.0}, routes=route)
+    cmds = p.on_stats(slow, 0.0)
+    (load,) = [c for c in cmds if isinstance(c, LoadStage)]
+    assert (load.worker, load.model, load.start, load.end) == ("w1", "m", 0, 6)
+    dup = snapshot({"w0": [("m", 0, 6)], "w1": [("m", 0, 6)]}, p50={"w0": 300.0}, routes=route)
+    cmds = p.on_stats(dup, 0.5)
+    (routes,) = [c for c in cmds if isinstance(c, SetRoutes)]
+    assert routes.move_running
+    weights = {r.hops[0].worker: r.weight for r in routes.routes["m"]}
+    assert weights["w1"] == 1.0 and weights["w0"] < 0.1
+    healthy = snapshot({"w0": [("m", 0, 6)], "w1": [("m", 0, 6)]}, p50={"w0": 20.0}, routes=route)
+    assert not any(isinstance(c, SetRoutes) for c in p.on_stats(healthy, 1.0))
+    cmds = p.on_stats(healthy, 3.5)
+    (routes,) = [c for c in cmds if isinstance(c, SetRoutes)]
+    assert [r.hops[0].worker for r in routes.routes.get("m", ())] in ([], ["w0"])
+    assert p.duplicates.retired == 1
