@@ -1,8 +1,9 @@
 """`blockllm serve`, `blockllm broker`, `blockllm worker`: start processes (thin click layer).
 
 `serve` runs a whole single-machine cluster in the foreground (broker + N workers placed by
-`broker.placement.static_placement`, then the planner, which refines that placement live); `broker` and `worker` run one
-process each, as the systemd units do. Every command takes `--config FILE`: the cluster TOML
+`broker.placement.static_placement` weighted by compute per token, then the planner, which
+refines that placement live); `broker` and `worker` run one process each, as the systemd units
+do. Every command takes `--config FILE`: the cluster TOML
 (`deploy/cluster.example.toml`, read with tomllib); flags given on the command line override it.
 
 Exit codes: 0 clean stop (SIGINT/SIGTERM); 1 a failure (a child died, a fatal error); 2 usage;
