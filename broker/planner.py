@@ -22,11 +22,12 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockllm.broker.assembly import assemble
 from blockllm.broker.duplicates import Duplicates
+from blockllm.broker.memory import Room, removable
 from blockllm.broker.placement import WorkerView, find_route
 from blockllm.broker.plan import ModelInfo, Placement, WorkerInfo, place, replica_targets
 from blockllm.broker.planner_config import PlannerConfig
@@ -111,6 +112,7 @@ class Planner:
         self.chains_sent: dict[str, tuple[str, ...]] = {}
         self.pending_loads: dict[Key, tuple[float, int]] = {}  # -> (retry at, tries)
         self.pending_unloads: dict[Key, float] = {}
+        self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
         self.duplicates = Duplicates(cfg)
         self._ids = itertools.count(1)
         self._last_time: float | None = None
@@ -316,8 +318,15 @@ class Planner:
             del self.pending_unloads[k]
         out: list[Message] = []
         missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
+        room = Room(self.manifests, workers, self._loading())
         for k in missing:
-            out += self._load(k, t.stage_keys[k], workers, now)
+            if room.fits(k[0], t.stage_keys[k]):
+                self.waiting_room.pop(k, None)
+                room.take(k[0], t.stage_keys[k])
+                out += self._load(k, t.stage_keys[k], workers, now)
+            else:
+                since = self.waiting_room.setdefault(k, now)
+                out += self._make_room(workers[k[0]], workers, now - since, now)
         given_up = [
             k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
         ]
@@ -325,6 +334,38 @@ class Planner:
             out += self._send_routes(t)
         if t.routes_sent and not missing:
             out += self._unload_extra(workers, have, now)
+        return out
+
+    def _loading(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Stages whose LOAD_STAGE is on its way, per worker (they will take memory)."""
+        stages = dict(self.target.stage_keys) if self.target is not None else {}
+        for d in self.duplicates.active.values():
+            stages.update(d.stages)
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for k, (retry_at, _tries) in self.pending_loads.items():
+            if k in stages and retry_at != math.inf:
+                out.setdefault(k[0], []).append(stages[k])
+        return out
+
+    def _make_room(
+        self, w: WorkerFacts, workers: Mapping[str, WorkerFacts], waited: float, now: float
+    ) -> list[Message]:
+        """Unload stages of `w` the target does not keep so that a load fits (see memory.py)."""
+        t = self.target
+        assert t is not None
+        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+
+        def covered_without(worker: str, key: str) -> bool:
+            rest = dict(workers)
+            rest[worker] = replace(w, stages={k: v for k, v in w.stages.items() if k != key})
+            return all(self.covered(m, rest) for m in t.models if self.covered(m, workers))
+
+        force = waited >= self.cfg.load_timeout_s
+        out: list[Message] = []
+        for key in removable(w, keep, set(self.pending_unloads), covered_without, force):
+            self.pending_unloads[(w.name, key)] = now + self.cfg.drain_s + self.cfg.load_timeout_s
+            logger.info("[planner] unload %s from %s to make room", w.stages[key], w.name)
+            out.append(UnloadStage(key, w.name, self.command_id(), self.cfg.drain_s))
         return out
 
     def _load(

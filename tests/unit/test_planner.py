@@ -57,6 +57,7 @@ def snapshot(
     token_rate: dict[str, float] | None = None,
     p50: dict[str, float] | None = None,
     routes: dict[str, list] | None = None,
+    budget: int = 0,
 ) -> dict[str, Any]:
     return {
         "workers": [
@@ -67,6 +68,7 @@ def snapshot(
                     for m, s, e in stages
                 ],
                 "step_ms_p50": (p50 or {}).get(w, 0.0),
+                "memory_budget_bytes": budget,
             }
             for w, stages in workers.items()
         ],
@@ -169,3 +171,29 @@ def test_a_straggler_is_duplicated_then_routed_around_then_retired() -> None:
     (routes,) = [c for c in cmds if isinstance(c, SetRoutes)]
     assert [r.hops[0].worker for r in routes.routes.get("m", ())] in ([], ["w0"])
     assert p.duplicates.retired == 1
+
+
+def test_a_load_that_does_not_fit_waits_for_room_made_without_losing_coverage() -> None:
+    p = planner()
+    full = {"w0": [("m", 0, 6)], "w1": [("m", 0, 6)]}  # both full: 6 blocks of 6 MB budgets
+    hot = {"ft": 10.0}
+    cmds = p.on_stats(snapshot(full, {"ft": False}, hot, budget=6 * MB), 0.0)
+    assert p.target is not None
+    assert p.target.plan.stages == {"w0": [("ft", 0, 6)], "w1": [("m", 0, 6)]}
+    # ft:0-6 does not fit on w0 beside m:0-6: m goes from w0 first (w1 still covers m)
+    assert [(type(c).__name__, c.worker) for c in cmds] == [("UnloadStage", "w0")]
+    assert p.on_stats(snapshot(full, {"ft": False}, hot, budget=6 * MB), 0.5) == []
+    room = {"w0": [], "w1": [("m", 0, 6)]}
+    cmds = p.on_stats(snapshot(room, {"ft": False}, hot, budget=6 * MB), 1.0)
+    assert [(type(c).__name__, c.worker, c.model) for c in cmds] == [("LoadStage", "w0", "ft")]
+
+
+def test_room_is_not_made_by_uncovering_a_model_until_the_load_has_waited_long() -> None:
+    p = planner(load_timeout_s=5.0)
+    only = {"w0": [("m", 0, 6)], "w1": [("m", 0, 3)]}  # w0 is the only full cover of m
+    hot = {"ft": 10.0}
+    cmds = p.on_stats(snapshot(only, {"ft": False}, hot, budget=6 * MB), 0.0)
+    assert p.target is not None and p.target.plan.stages["w0"] == [("ft", 0, 6)]
+    assert not any(isinstance(c, UnloadStage) and c.worker == "w0" for c in cmds)
+    cmds = p.on_stats(snapshot(only, {"ft": False}, hot, budget=6 * MB), 6.0)
+    assert any(isinstance(c, UnloadStage) and c.worker == "w0" for c in cmds)
