@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from blockllm.client.cli_common import CliError, echo_json, json_option
 from blockllm.client.client import Client
 from blockllm.client.core import require_covered
@@ -253,6 +254,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             for r in [header, *rows]]  # fmt: skip
 
 
+def _chain_text(subs: Any) -> str:
+    """The chain a model is really served with: "own", or its substituted layers, e.g.
+    "L2<-base L3<-base" (decoder layer i is chain position i + 1)."""
+    if not isinstance(subs, list) or not subs:
+        return "own"
+    parts = []
+    for sub in subs:
+        if isinstance(sub, dict) and isinstance(sub.get("position"), int):
+            parts.append(f"L{sub['position'] - 1}<-{sub.get('from') or sub.get('block', '?')[:8]}")
+    return " ".join(parts) or "own"
+
+
 def _model_row(name: str, m: Any) -> list[str]:
     m = m if isinstance(m, dict) else {}
     return [
@@ -260,6 +273,7 @@ def _model_row(name: str, m: Any) -> list[str]:
         "yes" if m.get("covered") else "NO",
         str(m.get("running", "-")),
         str(m.get("waiting", "-")),
+        _chain_text(m.get("substitutions")),
         _route_text(m.get("route")),
     ]
 
@@ -277,7 +291,7 @@ def render_status(broker: str, body: dict[str, Any]) -> str:
     header = ["WORKER", "PID", "HOST", "DEVICE", "QUEUED", "KV USED", "RSS", "STEP MS", "STAGES"]
     lines += ["", *_table(header, [_worker_row(w) for w in workers])]
     rows = [_model_row(name, m) for name, m in models.items()]
-    lines += ["", *_table(["MODEL", "COVERED", "RUNNING", "WAITING", "ROUTE"], rows)]
+    lines += ["", *_table(["MODEL", "COVERED", "RUNNING", "WAITING", "CHAIN", "ROUTE"], rows)]
     counters = body.get("counters")
     if isinstance(counters, dict) and any(counters.values()):
         lines += ["", "counters: " + " ".join(f"{k}={v}" for k, v in counters.items() if v)]
