@@ -7,6 +7,7 @@ Every wait polls STATUS (or a stream) with a deadline; greedy output is checked 
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import threading
 import time
@@ -202,8 +203,9 @@ def family(llama: Path, tiny_checkpoint, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_tolerance_shares_resident_blocks_and_reload_serves_a_new_model(family: dict, want):
-    from blockllm.broker.planner_proc import send_command
-    from blockllm.broker.protocol import Reload
+    from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
     from blockllm.zoo import Zoo
 
     zoo = family["zoo"]
@@ -223,8 +225,9 @@ def test_tolerance_shares_resident_blocks_and_reload_serves_a_new_model(family: 
         streams = Streams(c, [("m", PROMPTS[0], 160)])
         streams.started.wait(60)
         Zoo(zoo).import_checkpoint(family["q"], "q")
-        ack = send_command(c.endpoint, Reload("reload-1"), timeout=30)
-        assert ack.ok and "q" in ack.message.split(",")
+        result = CliRunner().invoke(cli, ["reload", "--broker", c.endpoint, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["models"] == ["ft", "m", "q"]
         wait_status(c, lambda b: b["models"].get("q", {}).get("covered"), 60, "q placed")
         q_prompt = [5, 9, 17, 33]
         q_got = client.generate("q", input_ids=q_prompt, max_new_tokens=12).token_ids
