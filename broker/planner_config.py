@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
@@ -44,7 +43,6 @@ class PlannerConfig:
     log_level: str = "INFO"
     parent_pid: int | None = None
     ready_timeout_s: float = 60.0  # how long to wait for the broker at start
-    extra: Any = None
 
     def __post_init__(self) -> None:
         if self.replan_interval_s <= 0 or self.demand_halflife_s <= 0:

@@ -34,6 +34,7 @@ from blockllm.broker.sockets import make_socket
 logger = logging.getLogger(__name__)
 
 STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
+STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
 
 
 def zoo_catalog(zoo_dir: str | None) -> Any:
@@ -104,6 +105,7 @@ class PlannerProc:
         self.shutdown_requested = False
         self.sent = 0
         self.refused = 0
+        self._last_stats = time.monotonic()
 
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
@@ -117,6 +119,7 @@ class PlannerProc:
             self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
         )
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._last_stats = time.monotonic()
         logger.info("[ready] planner: commands to %s, stats from %s", self.cfg.broker, endpoint)
         return endpoint
 
@@ -162,7 +165,28 @@ class PlannerProc:
                 self._drain_acks()
             if self.sub in events:
                 self._on_stats()
+            if time.monotonic() - self._last_stats > STATS_SILENCE_S and not self.cfg.stats:
+                poller.unregister(self.sub)
+                self._resubscribe()
+                poller.register(self.sub, zmq.POLLIN)
         logger.info("[shutdown] planner stopped (%d commands sent)", self.sent)
+
+    def _resubscribe(self) -> None:
+        """The stats went silent (a restarted broker publishes elsewhere): subscribe anew."""
+        logger.warning("[planner] no stats for %.0f s: asking the broker again", STATS_SILENCE_S)
+        self._last_stats = time.monotonic()
+        try:
+            endpoint = self._ask_stats_endpoint()
+        except (TimeoutError, RuntimeError) as e:  # keep the old subscription; ask again later
+            logger.warning("[planner] %s", e)
+            return
+        assert self.sub is not None
+        self.sub.close(linger=0)
+        self.sub = make_socket(
+            self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
+        )
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        logger.info("[ready] planner: stats from %s", endpoint)
 
     def _latest_stats(self) -> Stats | None:
         """The newest snapshot waiting (older ones are skipped: they are out of date)."""
@@ -186,6 +210,7 @@ class PlannerProc:
         msg = self._latest_stats()
         if msg is None:
             return
+        self._last_stats = time.monotonic()
         try:
             commands = self.planner.on_stats(msg.body, time.monotonic())
         except Exception:  # a policy bug costs one snapshot, not the planner

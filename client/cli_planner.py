@@ -73,6 +73,9 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
 
 
 @click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Cluster config (TOML): [planner] interval_s, duplicates; the "
+              "broker's address; [broker] zoo; [security] keys. Flags override it.")  # fmt: skip
 @broker_option
 @click.option("--stats", default="", help="The broker's STATS endpoint [default: ask the broker].")
 @zoo_option
@@ -91,6 +94,7 @@ def planner(**params: Any) -> None:
     from blockllm.broker.planner_proc import run_planner_process
     from blockllm.client.cli_common import default_zoo_dir
 
+    params = _with_config_file(params)
     try:
         memory = parse_size(params["worker_memory"])
     except ValueError as e:
@@ -104,6 +108,35 @@ def planner(**params: Any) -> None:
         worker_memory_bytes=memory,
     )
     sys.exit(run_planner_process(cfg))
+
+
+def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:
+    """The planner's flags merged with --config (flags given on the command line win)."""
+    from blockllm.broker.cluster_config import (
+        EXIT_CONFIG,
+        ConfigError,
+        load_cluster_config,
+        merge_click,
+    )
+
+    path = params.pop("config_file", None)
+    if path is None:
+        return params
+    try:
+        cluster = load_cluster_config(path)
+        values = cluster.planner()
+        zoo = cluster.broker().get("zoo")
+    except ConfigError as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+    if zoo is not None:
+        values.setdefault("zoo", zoo)
+    rename = {"zoo": "zoo_dir", "interval_s": "replan_interval", "keys": "keys_dir"}
+    merged = merge_click(click.get_current_context(), values, rename)
+    merged.pop("config_file", None)
+    for key in ("zoo_dir", "keys_dir"):
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    return merged
 
 
 @click.command()

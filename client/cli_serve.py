@@ -197,6 +197,8 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
     ):
         if v.get(key) is not None:
             fields[key] = v[key]  # fmt: skip
+    if v.get("stats_bind") is not None:
+        fields["stats_bind"] = v["stats_bind"]
     if v.get("keys"):
         _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
         fields["keys_dir"] = str(v["keys"])
@@ -239,6 +241,9 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
     show_default=True,
     help="On SIGTERM: seconds running requests get to finish.",
 )
+@click.option("--stats-bind", "stats_bind", default=None,
+              help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
+              "a port the OS picks; `blockllm status --json` shows it]. '' = none.")  # fmt: skip
 @keys_option
 def broker(**params: Any) -> None:
     """Run the broker process: the ROUTER that clients, workers and the planner connect to.

@@ -141,6 +141,15 @@ def test_demand_rewires_running_requests_to_one_hop_and_output_stays_exact(
     assert body["counters"]["failed"] == 0
     assert body["counters"]["moved"] >= 1  # requests really moved while generating
     assert body["models"]["m"]["planned_routes"]
+    # the planner's per-stage batch size reaches the worker
+    from blockllm.broker.planner_proc import send_command
+    from blockllm.broker.protocol import SetBatch
+
+    (w,) = [w for w in body["workers"] if w["stages"]]
+    key = w["stages"][0]["key"]
+    assert send_command(split.endpoint, SetBatch("b1", w["name"], key, 3)).ok
+    limits = lambda b: {x["name"]: x["stage_batch_limits"] for x in b["workers"]}  # noqa: E731
+    wait_status(split, lambda b: limits(b)[w["name"]].get(key) == 3, 10, "batch size applied")
 
 
 def test_sigkill_under_load_replaces_the_stages_and_loses_no_request(split: Cluster, want: dict):
