@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockllm.broker.assembly import assemble
+from blockllm.broker.batching import BatchTuner
 from blockllm.broker.duplicates import Duplicates
 from blockllm.broker.memory import Room, removable
 from blockllm.broker.placement import WorkerView, find_route
@@ -114,6 +115,7 @@ class Planner:
         self.pending_unloads: dict[Key, float] = {}
         self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
         self.duplicates = Duplicates(cfg)
+        self.batching = BatchTuner(cfg)
         self._ids = itertools.count(1)
         self._last_time: float | None = None
         self._last_catalog = -math.inf
@@ -137,7 +139,20 @@ class Planner:
         if self.target is not None:
             out += self._reconcile(workers, now)
         out += self.duplicates.step(self, workers, current_routes(models), now)
+        if self.cfg.batch_target_ms > 0:
+            entries = {w["name"]: w for w in body.get("workers") or () if isinstance(w, Mapping)}
+            out += self.batching.step(entries, self._shared_keys(workers), now, self.command_id)
         return out
+
+    def _shared_keys(self, workers: Mapping[str, WorkerFacts]) -> set[str]:
+        """Stage keys that serve more than one model (their blocks are the same for them)."""
+        shared = set()
+        for w in workers.values():
+            for key, st in w.stages.items():
+                users = [m for m in self.manifests if self._key(m, st.start, st.end) == key]
+                if len(users) > 1:
+                    shared.add(key)
+        return shared
 
     def _parse_workers(self, body: Mapping[str, Any]) -> dict[str, WorkerFacts]:
         workers = {}

@@ -37,6 +37,9 @@ class PlannerConfig:
     dup_step_ms: float = 1000.0  # step p50 above this: a straggler whatever the others do
     dup_hold_s: float = 10.0  # healthy this long: its duplicate is retired
     probe_weight: float = 0.05  # share of new requests a straggler keeps (to see it recover)
+    # per-stage batch size tuning: keep workers' step p95 near this (0: off)
+    batch_target_ms: float = 0.0
+    batch_cooldown_s: float = 5.0
     # adaptive chain assembly: (model, KL tolerance) pairs; a model absent is served exactly
     tolerance: tuple[tuple[str, float], ...] = ()
     # process

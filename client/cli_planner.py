@@ -48,6 +48,9 @@ def planner_options(f: Any) -> Any:
         click.option("--dup-step-ms", type=click.FloatRange(min=0.0), default=1000.0,
                      show_default=True, help="A worker whose recent step p50 exceeds this is a "
                      "straggler (also: 3x slower than the others)."),
+        click.option("--batch-target-ms", type=click.FloatRange(min=0.0), default=0.0,
+                     show_default=True, help="Tune each stage's max batch size to keep workers' "
+                     "step p95 near this (0: off)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -64,6 +67,7 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
         "duplicates": values.get("duplicates", True),
         "replan_interval_s": values.get("replan_interval", 5.0),
         "dup_step_ms": values.get("dup_step_ms", 1000.0),
+        "batch_target_ms": values.get("batch_target_ms", 0.0),
     }
     fields.update(overrides)
     try:

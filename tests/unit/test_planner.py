@@ -197,3 +197,24 @@ def test_room_is_not_made_by_uncovering_a_model_until_the_load_has_waited_long()
     assert not any(isinstance(c, UnloadStage) and c.worker == "w0" for c in cmds)
     cmds = p.on_stats(snapshot(only, {"ft": False}, hot, budget=6 * MB), 6.0)
     assert any(isinstance(c, UnloadStage) and c.worker == "w0" for c in cmds)
+
+
+def test_batch_tuner_shrinks_full_batches_of_a_slow_worker_and_grows_queued_ones() -> None:
+    from blockllm.broker.batching import BatchTuner
+
+    tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
+    ids = iter(range(100))
+
+    def worker(p95: float, mean: float, limit: int, queued: int) -> dict:
+        return {"step_ms_p95": p95, "max_batch_size": 32, "stage_batch_limits": {"k": limit},
+                "stage_mean_batch": {"k": mean}, "queue_depths": {"k": queued}}  # fmt: skip
+
+    (cmd,) = tuner.step({"w0": worker(250, 30, 32, 4)}, set(), 0.0, lambda: str(next(ids)))
+    assert (cmd.worker, cmd.key, cmd.max_batch_size) == ("w0", "k", 16)
+    assert tuner.step({"w0": worker(250, 16, 16, 4)}, set(), 1.0, lambda: "x") == []  # cooldown
+    assert tuner.step({"w0": worker(250, 4, 16, 4)}, set(), 9.0, lambda: "x") == []  # not full
+    (cmd,) = tuner.step({"w0": worker(30, 16, 16, 9)}, set(), 9.0, lambda: "y")
+    assert cmd.max_batch_size == 32
+    shared = tuner.step({"w1": worker(250, 16, 16, 1)}, {"k"}, 20.0, lambda: "z")
+    assert shared == []  # a shared stage keeps at least half the configured max
+    assert BatchTuner(cfg()).step({"w0": worker(250, 30, 32, 4)}, set(), 0.0, str) == []  # off
