@@ -1,0 +1,332 @@
+"""`blockllm bench multitenant`: many fine-tuned tenants, three ways of serving them, one trace,
+one memory budget.
+
+1. Tenants (`bench_family`): SmolLM2-135M and K variants fine-tuned on slices of its upper
+   layers (`quick`: a tiny random Llama family); all in one zoo.
+2. Budget: what the shared zoo needs (the distinct blocks of all tenants) plus a KV reserve, or
+   `budget_bytes`; raised to what the `blockllm` cluster actually holds if that is more (a tied
+   head, for one, is held by the worker that runs it as well), so no baseline gets less memory.
+3. The trace (`bench_trace`), replayed by `blockllm`, `per_model` and `hf_generate`
+   (`bench_systems`, `bench_per_model`), one after the other on this machine.
+
+The result is the JSON contract `{"blockllm": {...}, "per_model": {...}, "hf_generate": {...},
+"meta": {...}}` (see `bench_trace.summarize` for the per-system keys; per_model adds
+`resident_bytes_unshared`: every tenant held whole).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockllm.client.bench_family import (
+    Family,
+    FamilySpec,
+    Recipe,
+    kv_bytes_per_token,
+    model_bytes,
+    prepare_family,
+    shared_bytes,
+)
+from blockllm.client.bench_trace import (
+    Outcome,
+    TraceRequest,
+    TraceSpec,
+    make_trace,
+    summarize,
+    trace_facts,
+)
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+SYSTEMS = ("blockllm", "per_model", "hf_generate")
+KV_RESERVE_TOKENS = 4096  # default KV reserve: this many tokens of one tenant, all layers
+# goals of issue 6 on this CPU
+GOAL_P95_REDUCTION = 0.335
+GOAL_MEMORY_RATIO = 0.5
+GOAL_THROUGHPUT_RATIO = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MultitenantConfig:
+    quick: bool = False
+    variants: int = 6  # fine-tuned tenants besides the base
+    requests: int | None = None  # None: 48 (quick: 64)
+    rate: float | None = None  # requests/s; None: 0.6 (quick: 12)
+    seed: int = 0
+    budget_bytes: int | None = None  # None: the shared zoo + KV reserve
+    kv_reserve_tokens: int = KV_RESERVE_TOKENS
+    workers: int = 2
+    planner: bool = False
+    baseline_threads: int | None = None  # None: the faster of 1 and all cores, measured
+    cache_dir: Path | None = None
+    systems: tuple[str, ...] = SYSTEMS
+
+    def trace_spec(self) -> TraceSpec:
+        if self.quick:
+            return TraceSpec(self.requests or 64, self.rate or 12.0, self.seed,
+                             prompt_tokens=(8, 32), new_tokens=(8, 32))  # fmt: skip
+        return TraceSpec(self.requests or 48, self.rate or 0.6, self.seed,
+                         prompt_tokens=(16, 48), new_tokens=(16, 48))  # fmt: skip
+
+
+def family_spec(cfg: MultitenantConfig, mode: str = "partial") -> FamilySpec:
+    return FamilySpec(
+        kind="tiny" if cfg.quick else "smollm2",
+        mode=mode,
+        variants=cfg.variants,
+        cache_dir=cfg.cache_dir,
+        recipe=Recipe(steps=4, seq_len=32, batch_size=2, lr=5e-4),
+    )
+
+
+def token_stream(checkpoint: Path, limit: int = 20000) -> list[int]:
+    """Prompt material: the local text corpus through the family's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from blockllm.zoo.tiny import local_corpus
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids: list[int] = []
+    for doc in local_corpus():
+        ids.extend(tok(doc, add_special_tokens=False).input_ids)
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything a run produced: the JSON document and the raw outcomes (for the plot)."""
+
+    doc: dict[str, Any]
+    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
+
+
+def _popularity(trace: Sequence[TraceRequest]) -> list[str]:
+    counts: dict[str, int] = {}
+    for r in trace:
+        counts[r.model] = counts.get(r.model, 0) + 1
+    return sorted(counts, key=lambda m: -counts[m])
+
+
+@dataclass(frozen=True, slots=True)
+class _Memory:
+    shared: int
+    unshared: int
+    kv_reserve: int
+    whole: dict[str, int]
+
+
+def _memory(family: Family, cfg: MultitenantConfig) -> _Memory:
+    from blockllm.zoo import Zoo
+
+    zoo = Zoo(family.zoo_dir)
+    whole = {n: model_bytes(zoo, n) for n in family.names}
+    kv = kv_bytes_per_token(zoo, family.base.name) * cfg.kv_reserve_tokens
+    return _Memory(shared_bytes(zoo, family.names), sum(whole.values()), kv, whole)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
+    """Prepare the tenants, draw the trace, run every system; raises ModelBuildError,
+    LaunchError, ZooError, ValueError."""
+    from blockllm.client.bench_per_model import PerModelConfig, run_per_model
+    from blockllm.client.bench_systems import ClusterSpec, HfSpec, run_blockllm, run_hf_generate
+
+    t_start = time.monotonic()
+    family = prepare_family(family_spec(cfg), say)
+    spec = cfg.trace_spec()
+    trace = make_trace(spec, family.names, token_stream(family.base.checkpoint))
+    popular = _popularity(trace)
+    mem = _memory(family, cfg)
+    budget = cfg.budget_bytes or mem.shared + mem.kv_reserve
+    say(
+        f"{len(family.names)} tenants, {len(trace)} requests at {spec.rate:g}/s; shared zoo "
+        f"{mem.shared / 2**20:.1f} MiB, all whole {mem.unshared / 2**20:.1f} MiB, KV reserve "
+        f"{mem.kv_reserve / 2**20:.1f} MiB"
+    )
+    run = Run({})
+    facts: dict[str, Any] = {}
+    threads, timings = cfg.baseline_threads, {}
+    if threads is None and {"per_model", "hf_generate"} & set(cfg.systems):
+        from blockllm.client.bench_per_model import fastest_threads
+
+        threads, timings = fastest_threads(str(family.zoo_dir), family.base.name, (1, _cores()))
+        say(f"baselines run with {threads} torch thread(s) (decode step ms by threads: {timings})")
+    if "blockllm" in cfg.systems:
+        say("blockllm: starting the cluster and replaying the trace")
+        cluster = ClusterSpec(
+            zoo_dir=str(family.zoo_dir),
+            models=family.names,
+            kv_budget_bytes=max(1, mem.kv_reserve // cfg.workers),
+            workers=cfg.workers,
+            planner=cfg.planner,
+        )
+        outcomes, facts["blockllm"] = run_blockllm(cluster, trace, say)
+        run.outcomes["blockllm"] = outcomes
+        budget = max(budget, facts["blockllm"]["resident_bytes"])
+        _report(say, "blockllm", outcomes)
+        gc.collect()
+    if "per_model" in cfg.systems:
+        say(f"per_model: whole models under a budget of {budget / 2**20:.1f} MiB")
+        pm = PerModelConfig(
+            zoo_dir=str(family.zoo_dir),
+            weight_budget_bytes=budget - mem.kv_reserve,
+            kv_budget_bytes=mem.kv_reserve,
+            threads=threads,
+        )
+        outcomes, facts["per_model"] = run_per_model(pm, trace, popular, say)
+        facts["per_model"]["resident_bytes"] = facts["per_model"]["peak_weight_bytes"]
+        facts["per_model"]["resident_bytes"] += mem.kv_reserve
+        run.outcomes["per_model"] = outcomes
+        _report(say, "per_model", outcomes)
+        gc.collect()
+    if "hf_generate" in cfg.systems:
+        say("hf_generate: one request at a time with model.generate")
+        hf = HfSpec(
+            checkpoints={t.name: t.checkpoint for t in family.tenants},
+            model_bytes=mem.whole,
+            weight_budget_bytes=budget - mem.kv_reserve,
+            threads=threads,
+        )
+        outcomes, facts["hf_generate"] = run_hf_generate(hf, trace, popular, say)
+        facts["hf_generate"]["resident_bytes"] = facts["hf_generate"]["peak_weight_bytes"]
+        run.outcomes["hf_generate"] = outcomes
+        _report(say, "hf_generate", outcomes)
+    for name, outcomes in run.outcomes.items():
+        run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
+    if "per_model" in run.doc:
+        run.doc["per_model"]["resident_bytes_unshared"] = mem.unshared + mem.kv_reserve
+    facts["baseline_threads"] = {"threads": threads, "step_ms_by_threads": timings}
+    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, budget, facts, run.doc)
+    run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
+    return run
+
+
+def _report(say: Say, name: str, outcomes: Sequence[Outcome]) -> None:
+    s = summarize(outcomes, 0)
+    say(
+        f"{name}: p95 {s['p95_ms']} ms, {s['tokens_per_s']} tok/s, "
+        f"{s['errors']} errors of {s['requests']}"
+    )
+
+
+def _meta(
+    cfg: MultitenantConfig,
+    family: Family,
+    spec: TraceSpec,
+    trace: Sequence[TraceRequest],
+    mem: _Memory,
+    budget: int,
+    facts: dict[str, Any],
+    doc: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "family": family.kind,
+        "tenants": list(family.names),
+        "variant_layers": {t.name: t.layers for t in family.tenants[1:]},
+        "trace": {
+            "seed": spec.seed,
+            "rate_rps": spec.rate,
+            "zipf_s": spec.zipf_s,
+            "prompt_tokens": list(spec.prompt_tokens),
+            "new_tokens": list(spec.new_tokens),
+            **trace_facts(trace),
+        },
+        "budget_bytes": budget,
+        "shared_zoo_bytes": mem.shared,
+        "kv_reserve_bytes": mem.kv_reserve,
+        "cores": _cores(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "systems": facts,
+        "goals": goals(doc),
+    }
+
+
+def goals(doc: dict[str, Any]) -> dict[str, Any]:
+    """Issue 6's goals, each with the measured value and whether it is met (None: not run)."""
+    out: dict[str, Any] = {}
+    b, pm, hf = doc.get("blockllm"), doc.get("per_model"), doc.get("hf_generate")
+    if b and pm and b["p95_ms"] and pm["p95_ms"]:
+        red = 1.0 - b["p95_ms"] / pm["p95_ms"]
+        out["p95_reduction_vs_per_model"] = {"value": round(red, 3), "goal": GOAL_P95_REDUCTION,
+                                             "met": red >= GOAL_P95_REDUCTION}  # fmt: skip
+    if b and pm:
+        ratio = b["resident_bytes"] / pm["resident_bytes_unshared"]
+        out["memory_vs_unshared"] = {"value": round(ratio, 3), "goal": GOAL_MEMORY_RATIO,
+                                     "met": ratio <= GOAL_MEMORY_RATIO}  # fmt: skip
+    if b and hf and hf["tokens_per_s"]:
+        ratio = b["tokens_per_s"] / hf["tokens_per_s"]
+        out["tokens_per_s_vs_hf_generate"] = {"value": round(ratio, 2),
+                                              "goal": GOAL_THROUGHPUT_RATIO,
+                                              "met": ratio >= GOAL_THROUGHPUT_RATIO}  # fmt: skip
+    return out
+
+
+# -- presentation -------------------------------------------------------------------------------
+
+
+def table(doc: dict[str, Any]) -> list[str]:
+    """The readable table of a result document, one line per row."""
+    head = (f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+            f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for name in SYSTEMS:
+        s = doc.get(name)
+        if not s:
+            continue
+        lines.append(
+            f"{name:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
+            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
+            f"{s['resident_bytes'] / 2**20:>12.1f} {s['requests']:>8} {s['errors']:>6}"
+        )
+    pm = doc.get("per_model")
+    if pm:
+        lines.append(f"(per_model with every tenant whole: "
+                     f"{pm['resident_bytes_unshared'] / 2**20:.1f} MiB)")  # fmt: skip
+    for name, g in doc.get("meta", {}).get("goals", {}).items():
+        lines.append(f"goal {name}: {g['value']} (goal {g['goal']}): "
+                     f"{'met' if g['met'] else 'NOT met'}")  # fmt: skip
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def plot_cdf(outcomes: dict[str, list[Outcome]], path: Path, title: str) -> None:
+    """Latency CDF of each system to a PNG. Raises ImportError when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blockllm.client.bench_trace import latencies_ms
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, outs in outcomes.items():
+        xs = latencies_ms(outs)
+        if xs:
+            ys = [(i + 1) / len(outs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("request latency (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
