@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from blockllm.client.cli_common import CliError, echo_json, json_option
 
 
@@ -102,3 +103,15 @@ def stage(
             f"{r['batch']:>5}  {r['blockllm_tok_s']:>14.1f}  {r['hf_tok_s']:>9.1f}"
             f"  {r['ratio']:>6.2f}"
         )
+
+
+def _register() -> None:
+    """Attach the subcommands that live in their own modules."""
+    from blockllm.client.cli_bench_multitenant import multitenant
+    from blockllm.client.cli_bench_pipeline import pipeline
+
+    bench.add_command(pipeline)
+    bench.add_command(multitenant)
+
+
+_register()
