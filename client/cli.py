@@ -39,6 +39,7 @@ def _register() -> None:
         ("blockllm.client.cli_client", "commands"),
         ("blockllm.client.cli_keys", "keys"),
         ("blockllm.client.cli_planner", "commands"),
+        ("blockllm.client.cli_demo", "demo"),
     ):
         try:
             mod = importlib.import_module(module)
