@@ -138,84 +138,110 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@dataclass(slots=True)
+class _Bench:
+    """One run's shared facts; each system method returns (outcomes, facts with
+    "resident_bytes")."""
+
+    cfg: MultitenantConfig
+    family: Family
+    trace: list[TraceRequest]
+    mem: _Memory
+    budget: int
+    say: Say
+    threads: int | None = None
+
+    def blockllm(self) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench_systems import ClusterSpec, run_blockllm
+
+        self.say("blockllm: starting the cluster and replaying the trace")
+        cluster = ClusterSpec(
+            zoo_dir=str(self.family.zoo_dir),
+            models=self.family.names,
+            kv_budget_bytes=max(1, self.mem.kv_reserve // self.cfg.workers),
+            workers=self.cfg.workers,
+            planner=self.cfg.planner,
+        )
+        outcomes, facts = run_blockllm(cluster, self.trace, self.say)
+        # no baseline gets less memory than the cluster really holds
+        self.budget = max(self.budget, facts["resident_bytes"])
+        return outcomes, facts
+
+    def per_model(self) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench_per_model import PerModelConfig, run_per_model
+
+        self.say(f"per_model: whole models under a budget of {self.budget / 2**20:.1f} MiB")
+        pm = PerModelConfig(
+            zoo_dir=str(self.family.zoo_dir),
+            weight_budget_bytes=self.budget - self.mem.kv_reserve,
+            kv_budget_bytes=self.mem.kv_reserve,
+            threads=self.threads,
+        )
+        outcomes, facts = run_per_model(pm, self.trace, _popularity(self.trace), self.say)
+        facts["resident_bytes"] = facts["peak_weight_bytes"] + self.mem.kv_reserve
+        return outcomes, facts
+
+    def hf_generate(self) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench_systems import HfSpec, run_hf_generate
+
+        self.say("hf_generate: one request at a time with model.generate")
+        hf = HfSpec(
+            checkpoints={t.name: t.checkpoint for t in self.family.tenants},
+            model_bytes=self.mem.whole,
+            weight_budget_bytes=self.budget - self.mem.kv_reserve,
+            threads=self.threads,
+        )
+        outcomes, facts = run_hf_generate(hf, self.trace, _popularity(self.trace), self.say)
+        facts["resident_bytes"] = facts["peak_weight_bytes"]  # its KV is per request, transient
+        return outcomes, facts
+
+
+def _baseline_threads(bench: _Bench) -> dict[str, Any]:
+    """Pick the in-process baselines' thread count (measured unless given); its facts."""
+    timings: dict[int, float] = {}
+    if bench.cfg.baseline_threads is not None:
+        bench.threads = bench.cfg.baseline_threads
+    elif {"per_model", "hf_generate"} & set(bench.cfg.systems):
+        from blockllm.client.bench_per_model import fastest_threads
+
+        zoo, base = str(bench.family.zoo_dir), bench.family.base.name
+        bench.threads, timings = fastest_threads(zoo, base, (1, _cores()))
+        bench.say(f"baselines run with {bench.threads} torch thread(s) "
+                  f"(decode step ms by threads: {timings})")  # fmt: skip
+    return {"threads": bench.threads, "step_ms_by_threads": timings}
+
+
 def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     """Prepare the tenants, draw the trace, run every system; raises ModelBuildError,
     LaunchError, ZooError, ValueError."""
-    from blockllm.client.bench_per_model import PerModelConfig, run_per_model
-    from blockllm.client.bench_systems import ClusterSpec, HfSpec, run_blockllm, run_hf_generate
-
     t_start = time.monotonic()
     family = prepare_family(family_spec(cfg), say)
     spec = cfg.trace_spec()
     trace = make_trace(spec, family.names, token_stream(family.base.checkpoint))
-    popular = _popularity(trace)
     mem = _memory(family, cfg)
-    budget = cfg.budget_bytes or mem.shared + mem.kv_reserve
+    bench = _Bench(cfg, family, trace, mem, cfg.budget_bytes or mem.shared + mem.kv_reserve, say)
     say(
         f"{len(family.names)} tenants, {len(trace)} requests at {spec.rate:g}/s; shared zoo "
         f"{mem.shared / 2**20:.1f} MiB, all whole {mem.unshared / 2**20:.1f} MiB, KV reserve "
         f"{mem.kv_reserve / 2**20:.1f} MiB"
     )
+    facts: dict[str, Any] = {"baseline_threads": _baseline_threads(bench)}
     run = Run({})
-    facts: dict[str, Any] = {}
-    threads, timings = cfg.baseline_threads, {}
-    if threads is None and {"per_model", "hf_generate"} & set(cfg.systems):
-        from blockllm.client.bench_per_model import fastest_threads
-
-        threads, timings = fastest_threads(str(family.zoo_dir), family.base.name, (1, _cores()))
-        say(f"baselines run with {threads} torch thread(s) (decode step ms by threads: {timings})")
-    if "blockllm" in cfg.systems:
-        say("blockllm: starting the cluster and replaying the trace")
-        cluster = ClusterSpec(
-            zoo_dir=str(family.zoo_dir),
-            models=family.names,
-            kv_budget_bytes=max(1, mem.kv_reserve // cfg.workers),
-            workers=cfg.workers,
-            planner=cfg.planner,
-        )
-        outcomes, facts["blockllm"] = run_blockllm(cluster, trace, say)
-        run.outcomes["blockllm"] = outcomes
-        budget = max(budget, facts["blockllm"]["resident_bytes"])
-        _report(say, "blockllm", outcomes)
-        gc.collect()
-    if "per_model" in cfg.systems:
-        say(f"per_model: whole models under a budget of {budget / 2**20:.1f} MiB")
-        pm = PerModelConfig(
-            zoo_dir=str(family.zoo_dir),
-            weight_budget_bytes=budget - mem.kv_reserve,
-            kv_budget_bytes=mem.kv_reserve,
-            threads=threads,
-        )
-        outcomes, facts["per_model"] = run_per_model(pm, trace, popular, say)
-        facts["per_model"]["resident_bytes"] = facts["per_model"]["peak_weight_bytes"]
-        facts["per_model"]["resident_bytes"] += mem.kv_reserve
-        run.outcomes["per_model"] = outcomes
-        _report(say, "per_model", outcomes)
-        gc.collect()
-    if "hf_generate" in cfg.systems:
-        say("hf_generate: one request at a time with model.generate")
-        hf = HfSpec(
-            checkpoints={t.name: t.checkpoint for t in family.tenants},
-            model_bytes=mem.whole,
-            weight_budget_bytes=budget - mem.kv_reserve,
-            threads=threads,
-        )
-        outcomes, facts["hf_generate"] = run_hf_generate(hf, trace, popular, say)
-        facts["hf_generate"]["resident_bytes"] = facts["hf_generate"]["peak_weight_bytes"]
-        run.outcomes["hf_generate"] = outcomes
-        _report(say, "hf_generate", outcomes)
-    for name, outcomes in run.outcomes.items():
-        run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
+    for name in SYSTEMS:  # blockllm first: its resident bytes may raise the budget
+        if name in cfg.systems:
+            outcomes, facts[name] = getattr(bench, name)()
+            run.outcomes[name] = outcomes
+            run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
+            _report(say, name, run.doc[name])
+            gc.collect()
     if "per_model" in run.doc:
         run.doc["per_model"]["resident_bytes_unshared"] = mem.unshared + mem.kv_reserve
-    facts["baseline_threads"] = {"threads": threads, "step_ms_by_threads": timings}
-    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, budget, facts, run.doc)
+    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts, run.doc)
     run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
     return run
 
 
-def _report(say: Say, name: str, outcomes: Sequence[Outcome]) -> None:
-    s = summarize(outcomes, 0)
+def _report(say: Say, name: str, s: dict[str, Any]) -> None:
     say(
         f"{name}: p95 {s['p95_ms']} ms, {s['tokens_per_s']} tok/s, "
         f"{s['errors']} errors of {s['requests']}"
