@@ -1,0 +1,53 @@
+"""`blockllm bench multitenant --quick` and `blockllm demo --tiny` end to end, each as a real
+subprocess on a tiny random family (bounded: a hung run fails the test instead of the suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CONTRACT = ("p50_ms", "p95_ms", "p99_ms", "ttft_p95_ms", "tokens_per_s", "resident_bytes",
+            "requests", "errors")  # fmt: skip
+
+
+def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "blockllm.client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
+    args = ["bench", "multitenant", "--quick", "--tenants", "2", "--requests", "8", "--rate",
+            "20", "--baseline-threads", "1", "--json", "--cache-dir", str(tmp_path)]  # fmt: skip
+    proc = _blockllm(args, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert set(doc) == {"blockllm", "per_model", "hf_generate", "meta"}
+    for name in ("blockllm", "per_model", "hf_generate"):
+        assert all(k in doc[name] for k in CONTRACT), (name, doc[name])
+        assert doc[name]["requests"] == 8 and doc[name]["errors"] == 0, (name, doc[name])
+        assert doc[name]["tokens_per_s"] > 0 and doc[name]["p50_ms"] <= doc[name]["p99_ms"]
+    assert doc["per_model"]["resident_bytes_unshared"] > doc["blockllm"]["resident_bytes"]
+    assert doc["meta"]["tenants"] == ["tiny", "tiny-ft1", "tiny-ft2"]
+    assert "[bench]" in proc.stderr  # progress goes to stderr, the JSON alone to stdout
+
+
+def test_demo_tiny_streams_every_tenant_and_stops_cleanly(tmp_path: Path) -> None:
+    args = ["demo", "--tiny", "--max-tokens", "8", "--cache-dir", str(tmp_path)]
+    proc = _blockllm(args, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for phase in range(1, 7):
+        assert f"[{phase}/6]" in out
+    for name in ("tiny", "tiny-ft1", "tiny-ft2", "tiny-ft3"):
+        assert f"{name} |" in out or f"| {name}" in out  # streamed lines / the side-by-side view
+    assert "4 concurrent streams: 32 tokens" in out
+    assert "stopped cleanly" in out
