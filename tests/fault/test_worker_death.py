@@ -50,8 +50,10 @@ def want(llama: Path) -> list[int]:
 
 def serving_worker(client) -> str:
     """The worker the running request is routed through (the only one with work)."""
-    (name,) = [w["name"] for w in client.status()["workers"] if w["inflight"] > 0]
-    return name
+    workers = client.status()["workers"]
+    busy = [w["name"] for w in workers if w["inflight"] > 0]
+    assert len(busy) == 1, f"expected one worker with the request, got {workers}"
+    return busy[0]
 
 
 def test_sigkill_mid_generation_replays_on_the_spare_worker(zoo: Path, want: list[int]):
