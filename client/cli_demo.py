@@ -153,7 +153,7 @@ def _show_cluster(family: Any, status: dict[str, Any]) -> None:
 
     zoo = Zoo(family.zoo_dir)
     manifests = [zoo.manifest(n) for n in family.names]
-    for w in status.get("workers", []):
+    for w in sorted(status.get("workers", []), key=lambda w: str(w.get("name"))):
         parts = []
         for s in sorted(w.get("stages", []), key=lambda s: (s["start"], s["end"])):
             users = [m.name for m in manifests if stage_key(m, s["start"], s["end"]) == s["key"]]
