@@ -95,6 +95,7 @@ class Target:
     at: float
     stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
     routes_sent: bool = False
+    routes_at: float = 0.0
 
 
 class Planner:
@@ -119,6 +120,7 @@ class Planner:
         self._ids = itertools.count(1)
         self._last_time: float | None = None
         self._last_catalog = -math.inf
+        self._hot_since: float | None = None
         self.replans = 0
 
     def command_id(self) -> str:
@@ -195,6 +197,15 @@ class Planner:
     def _hot(self) -> bool:
         return sum(self.demand.values()) >= self.cfg.min_demand
 
+    def _settled(self, now: float) -> bool:
+        """Demand has been at least `min_demand` for `settle_s` without a break."""
+        if not self._hot():
+            self._hot_since = None
+            return False
+        if self._hot_since is None:
+            self._hot_since = now
+        return now - self._hot_since >= self.cfg.settle_s
+
     def _replan_reason(
         self,
         workers: Mapping[str, WorkerFacts],
@@ -204,17 +215,18 @@ class Planner:
     ) -> str | None:
         t = self.target
         uncovered = [m for m in served if not (models.get(m) or {}).get("covered")]
+        settled = self._settled(now)
         if not workers or not served:
             return None
         if t is None:
             if uncovered:
                 return f"not covered: {', '.join(uncovered)}"
-            return "demand" if self._hot() else None
+            return "demand" if settled else None
         if t.workers != frozenset(workers):
             return "workers changed"
         if t.models != frozenset(served):
             return "models changed"
-        due = now - t.at >= self.cfg.replan_interval_s and self._hot()
+        due = now - t.at >= self.cfg.replan_interval_s and settled
         if due and self._replica_targets(served, len(workers)) != t.replicas:
             return "demand changed"
         return None
@@ -347,7 +359,9 @@ class Planner:
         ]
         if len(given_up) == len(missing) and not t.routes_sent:
             out += self._send_routes(t)
-        if t.routes_sent and not missing:
+            t.routes_at = now
+        # superseded stages stay a while: the requests routed through them finish there
+        if t.routes_sent and not missing and now - t.routes_at >= self.cfg.unload_delay_s:
             out += self._unload_extra(workers, have, now)
         return out
 

@@ -24,6 +24,8 @@ class PlannerConfig:
     # placement
     replan_interval_s: float = 5.0  # demand-driven re-placement at most this often
     min_demand: float = 0.5  # tokens/s over all models before demand decides placement
+    settle_s: float = 10.0  # ... and for this long without a break (a burst moves nothing)
+    unload_delay_s: float = 20.0  # superseded stages stay this long after the new routes
     demand_halflife_s: float = 5.0
     replicate: bool = True  # replicate hot models across workers (else one replica each)
     catalog_interval_s: float = 1.0  # re-read the zoo at most this often (unknown models)

@@ -33,6 +33,8 @@ def planner_cfg(c: Cluster, **kw: Any) -> PlannerConfig:
         "catalog_interval_s": 0.2,
         "load_timeout_s": 30.0,
         "drain_s": 5.0,
+        "settle_s": 0.0,
+        "unload_delay_s": 0.0,
         "log_level": "WARNING",
     }
     fields.update(kw)

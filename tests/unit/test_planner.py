@@ -43,7 +43,13 @@ MANIFESTS = {"m": BASE, "ft": FT}
 
 
 def cfg(**kw: Any) -> PlannerConfig:
-    base = {"replan_interval_s": 1.0, "demand_halflife_s": 1.0, "catalog_interval_s": 0.0}
+    base = {
+        "replan_interval_s": 1.0,
+        "demand_halflife_s": 1.0,
+        "catalog_interval_s": 0.0,
+        "settle_s": 0.0,
+        "unload_delay_s": 0.0,
+    }
     return PlannerConfig(**{**base, **kw})
 
 
@@ -218,3 +224,23 @@ def test_batch_tuner_shrinks_full_batches_of_a_slow_worker_and_grows_queued_ones
     shared = tuner.step({"w1": worker(250, 16, 16, 1)}, {"k"}, 20.0, lambda: "z")
     assert shared == []  # a shared stage keeps at least half the configured max
     assert BatchTuner(cfg()).step({"w0": worker(250, 30, 32, 4)}, set(), 0.0, str) == []  # off
+
+
+def test_a_burst_of_demand_moves_nothing_and_superseded_stages_wait() -> None:
+    p = planner(min_demand=0.5, settle_s=3.0, unload_delay_s=5.0)
+    split = {"w0": [("m", 0, 3)], "w1": [("m", 3, 6), ("ft", 0, 6)]}
+    hot = {"m": 40.0}
+    assert p.on_stats(snapshot(split, token_rate=hot), 0.0) == []
+    assert p.on_stats(snapshot(split, token_rate=hot), 2.0) == []  # not settled yet
+    assert p.on_stats(snapshot(split), 10.0) == [] and p.target is None  # the burst is over
+    cmds = [
+        c for t in (11.0, 12.0, 13.0, 14.5) for c in p.on_stats(snapshot(split, token_rate=hot), t)
+    ]
+    assert p.target is not None and any(isinstance(c, LoadStage) for c in cmds)
+    placed = {w: list(st) for w, st in split.items()}
+    for w, stages in p.target.plan.stages.items():
+        placed[w] = sorted(set(placed[w]) | set(stages))
+    cmds = p.on_stats(snapshot(placed, token_rate=hot), 15.0)
+    assert "SetRoutes" in kinds(cmds) and "UnloadStage" not in kinds(cmds)
+    assert "UnloadStage" not in kinds(p.on_stats(snapshot(placed, token_rate=hot), 18.0))
+    assert "UnloadStage" in kinds(p.on_stats(snapshot(placed, token_rate=hot), 20.5))
