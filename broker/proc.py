@@ -32,12 +32,14 @@ import zmq
 from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
+from blockllm.broker.fetch import serve_fetch
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
     MAX_TENSOR_BYTES,
     TENSOR_KINDS,
     Error,
     ErrorCode,
+    Kind,
     Message,
     ProtocolError,
     Stats,
@@ -216,6 +218,10 @@ class BrokerProc:
             check_tensor_frames(msg, body)
         except ProtocolError as e:
             self._send(self.broker.bad_message(peer, str(e), now))
+            return
+        if msg.KIND is Kind.FETCH:  # zoo reads: file IO, no routing state (broker/fetch.py)
+            answer, data = serve_fetch(self.cfg.zoo_dir, msg)
+            self._send([Out(peer, answer, () if data is None else (data,))])
             return
         try:
             outs = self.broker.handle(peer, msg, tuple(body[2:]), now)

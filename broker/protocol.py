@@ -55,6 +55,9 @@ class Kind(bytes, enum.Enum):
     ACK = b"K"
     # broker PUB socket -> planner SUB: the periodic statistics snapshot
     STATS = b"Y"
+    # worker -> broker: read a chunk of the broker's zoo; broker -> worker: the chunk
+    FETCH = b"N"
+    BLOB = b"V"
 
 
 class ErrorCode(str, enum.Enum):
@@ -372,6 +375,38 @@ class Stats:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Worker -> broker: bytes [offset, offset + length) of a zoo object the worker lacks.
+
+    `what` is "manifest" (name = model name) or "block" (name = block id). Answered by a BLOB,
+    or by an ERROR (UNKNOWN_MODEL / BAD_REQUEST) carrying `request_id`.
+    """
+
+    KIND: ClassVar[Kind] = Kind.FETCH
+    request_id: str
+    what: str
+    name: str
+    offset: int = 0
+    length: int = 0  # 0 -> the broker's chunk size; larger is capped to it
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """Broker -> worker: one chunk of a zoo object; the bytes are one uint8 frame (tensors[0]).
+
+    `total` is the object's whole size; the fetcher asks for the next offset until it has all.
+    """
+
+    KIND: ClassVar[Kind] = Kind.BLOB
+    request_id: str
+    what: str
+    name: str
+    offset: int
+    total: int
+    tensors: tuple[TensorMeta, ...] = ()
+
+
 Message = (
     Ready
     | Heartbeat
@@ -393,6 +428,8 @@ Message = (
     | Reload
     | Ack
     | Stats
+    | Fetch
+    | Blob
 )
 
 MESSAGES: dict[Kind, type] = {
@@ -418,6 +455,8 @@ MESSAGES: dict[Kind, type] = {
         Reload,
         Ack,
         Stats,
+        Fetch,
+        Blob,
     )
 }
 
@@ -434,4 +473,4 @@ COMMAND_KINDS = frozenset(
 )
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
-TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT})
+TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB})

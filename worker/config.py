@@ -83,3 +83,6 @@ class WorkerProcConfig:
     log_level: str = "WARNING"
     # weights + KV this worker may hold, advertised to the planner (0: the planner's default)
     memory_budget_bytes: int = 0
+    # a stage's model missing from the local zoo (or some of its blocks) is pulled from the
+    # broker's zoo before loading (worker/fetch.py)
+    fetch_from_broker: bool = True

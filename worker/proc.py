@@ -363,6 +363,11 @@ class WorkerProc:
 
     # -- state shared with the broker --------------------------------------------------------
     def _load(self, model: str, start: int, end: int) -> str:
+        zoo = getattr(self.engine, "zoo", None)
+        if zoo is not None and self.cfg.fetch_from_broker:
+            from blockllm.worker.fetch import fetch_models
+
+            fetch_models(self.cfg, zoo, [model])  # a new node pulls what its zoo lacks
         info = self.engine.load_stage(model, start, end)
         if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
             self._stages[info.key] = StageRef(info.key, model, start, end, int(info.nbytes))

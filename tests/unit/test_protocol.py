@@ -63,6 +63,8 @@ SAMPLES = [
     protocol.Reload("c6"),
     protocol.Ack("c6", True, "3 models"),
     protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
+    protocol.Fetch("f1", "block", "a" * 64, 4 << 20, 1 << 20),
+    protocol.Blob("f1", "block", "a" * 64, 0, 32, (frames.meta_of(torch.zeros(2, 4)),)),
 ]
 
 
