@@ -67,6 +67,8 @@ class Duplicates:
         self.active: dict[str, Dup] = {}
         self.launched = 0
         self.retired = 0
+        self.strikes: dict[str, int] = {}  # times each worker was found straggling
+        self.retried: set[str] = set()  # stragglers given another chance: re-place them
 
     @property
     def slow(self) -> set[str]:
@@ -166,9 +168,21 @@ class Duplicates:
             out.append(SetRoutes(planner.command_id(), planner.routes(), True))
         return out
 
+    def hold_s(self, worker: str) -> float:
+        """How long a straggler stays set aside: doubling with every time it was found slow."""
+        strikes = max(1, self.strikes.get(worker, 1))
+        return min(self.cfg.dup_hold_s * 2 ** (strikes - 1), 64 * self.cfg.dup_hold_s)
+
     def _maybe_retire(
         self, dup: Dup, workers: Mapping[str, WorkerFacts], slow_now: set[str], now: float
     ) -> bool:
+        if not workers[dup.slow].stages and now - dup.since >= self.hold_s(dup.slow):
+            # a re-placement left it nothing to show its health with: give it another chance
+            logger.info("[planner] straggler %s set aside %.0f s: retrying it", dup.slow,
+                        now - dup.since)  # fmt: skip
+            del self.active[dup.slow]
+            self.retried.add(dup.slow)
+            return True
         fresh = workers[dup.slow].step_ms_p50 > 0  # it ran steps lately (probe traffic)
         if dup.slow in slow_now or not fresh or not dup.routed:
             dup.healthy_since = None

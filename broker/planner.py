@@ -218,6 +218,9 @@ class Planner:
         settled = self._settled(now)
         if not workers or not served:
             return None
+        if self.duplicates.retried:
+            self.duplicates.retried.clear()
+            return "a straggler is retried"
         if t is None:
             if uncovered:
                 return f"not covered: {', '.join(uncovered)}"

@@ -244,3 +244,21 @@ def test_a_burst_of_demand_moves_nothing_and_superseded_stages_wait() -> None:
     assert "SetRoutes" in kinds(cmds) and "UnloadStage" not in kinds(cmds)
     assert "UnloadStage" not in kinds(p.on_stats(snapshot(placed, token_rate=hot), 18.0))
     assert "UnloadStage" in kinds(p.on_stats(snapshot(placed, token_rate=hot), 20.5))
+
+
+def test_a_straggler_left_without_stages_is_retried_after_a_growing_hold() -> None:
+    p = planner(dup_step_ms=100.0, dup_hold_s=2.0, min_demand=0.5)
+    route = {"m": [["w0", [[0, 6]]]]}
+    slow = snapshot({"w0": [("m", 0, 6)], "w1": []}, p50={"w0": 300.0}, routes=route)
+    p.on_stats(slow, 0.0)  # duplicate on w1
+    assert p.duplicates.slow == {"w0"} and p.duplicates.hold_s("w0") == 2.0
+    # a re-placement took everything off w0: it shows no health any more
+    bare = snapshot({"w0": [], "w1": [("m", 0, 6)]}, routes={"m": [["w1", [[0, 6]]]]})
+    p.on_stats(bare, 1.0)
+    assert p.duplicates.slow == {"w0"}
+    p.on_stats(bare, 2.5)
+    assert p.duplicates.slow == set()
+    p.on_stats(bare, 3.0)
+    assert p.replans == 1  # retried: placed again, w0 included
+    p.duplicates.strikes["w0"] = 2  # found slow a second time: set aside twice as long
+    assert p.duplicates.hold_s("w0") == 4.0
