@@ -62,6 +62,9 @@ class BrokerConfig:
     # step p50) is re-sent on a route avoiding its worker; first answer wins (0: never)
     hedge_after_s: float = 0.5
     hedge_factor: float = 4.0
+    # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.liveness < 1:

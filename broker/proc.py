@@ -96,6 +96,9 @@ class BrokerProc:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.shutdown_requested = False
+        self.prom: Any = None  # BrokerMetrics when --metrics-port is given
+        self._prom_server: Any = None
+        self.metrics_port: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
@@ -114,6 +117,14 @@ class BrokerProc:
             self.pub = make_socket(self.ctx, zmq.PUB, stats, bind=True, hwm=STATS_HWM, curve=curve)
             self.broker.stats_endpoint = bound_endpoint(self.pub)
             logger.info("[ready] broker stats on %s", self.broker.stats_endpoint)
+        if self.cfg.metrics_port is not None:
+            from blockllm.broker import prom
+
+            self.prom = prom.BrokerMetrics()
+            self.broker.metrics.observer = self.prom
+            self._prom_server, self.metrics_port = prom.serve(
+                self.prom.registry, self.cfg.metrics_host, self.cfg.metrics_port
+            )
         return self.endpoint
 
     def request_shutdown(self) -> None:
@@ -133,6 +144,9 @@ class BrokerProc:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self._prom_server is not None:
+            self._prom_server.shutdown()
+            self._prom_server = None
         self.ctx.term()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -160,6 +174,8 @@ class BrokerProc:
             if now >= next_tick:
                 self._send(self.broker.tick(now))
                 next_tick = now + self.cfg.tick_s
+                if self.prom is not None:
+                    self.prom.update(self.broker)
             if now >= next_stats:
                 self._publish(now)
                 next_stats = now + self.cfg.stats_interval_s

@@ -45,6 +45,7 @@ class Metrics:
         self.window_s = window_s
         self.rate_window_s = rate_window_s
         self.models: dict[str, ModelMetrics] = {}
+        self.observer: Any = None  # also told of every token (broker/prom.py BrokerMetrics)
 
     def _of(self, model: str) -> ModelMetrics:
         m = self.models.get(model)
@@ -57,6 +58,8 @@ class Metrics:
 
     def on_token(self, model: str, now: float, created: float, last_token_at: float) -> None:
         """A token was emitted; the first of a request gives a TTFT, the others a TPOT."""
+        if self.observer is not None:
+            self.observer.on_token(model, now, created, last_token_at)
         m = self._of(model)
         m.tokens.append(now)
         if last_token_at <= 0:

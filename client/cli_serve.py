@@ -68,6 +68,36 @@ keys_option = click.option(
 )
 
 
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (needs blockllm[metrics]) [default: off; 0 = off].",
+)
+metrics_host_option = click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface the metrics endpoint listens on.",
+)
+
+
+def _metrics_fields(v: dict[str, Any]) -> dict[str, Any]:
+    """metrics_port/metrics_host config fields (port 0 or absent: off); checks the extra."""
+    if not v.get("metrics_port"):
+        return {}
+    from blockllm.broker.prom import MetricsUnavailable, require
+
+    try:
+        require()
+    except MetricsUnavailable as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+    return {
+        "metrics_port": int(v["metrics_port"]),
+        "metrics_host": v.get("metrics_host") or "127.0.0.1",
+    }
+
+
 def _cluster_config(path: Path | None) -> ClusterConfig | None:
     if path is None:
         return None
@@ -109,6 +139,7 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
             fields[key] = v[key]
     if v.get("input_queue_size") is not None:
         fields["input_queue_size"] = v["input_queue_size"]
+    fields.update(_metrics_fields(v))
     fields.update(overrides)
     return WorkerProcConfig(**fields)
 
@@ -138,6 +169,8 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0.0), default=10.0,
               show_default=True, help="On SIGTERM: seconds to finish in-flight work.")  # fmt: skip
 @keys_option
+@metrics_port_option
+@metrics_host_option
 def worker(**params: Any) -> None:
     """Run one block worker process: load stages from the zoo, serve the broker.
 
@@ -202,6 +235,7 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
     if v.get("keys"):
         _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
         fields["keys_dir"] = str(v["keys"])
+    fields.update(_metrics_fields(v))
     fields.update(overrides)
     try:
         return BrokerConfig(**fields)
@@ -245,6 +279,8 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
               help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
               "a port the OS picks; `blockllm status --json` shows it]. '' = none.")  # fmt: skip
 @keys_option
+@metrics_port_option
+@metrics_host_option
 def broker(**params: Any) -> None:
     """Run the broker process: the ROUTER that clients, workers and the planner connect to.
 

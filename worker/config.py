@@ -86,3 +86,6 @@ class WorkerProcConfig:
     # a stage's model missing from the local zoo (or some of its blocks) is pulled from the
     # broker's zoo before loading (worker/fetch.py)
     fetch_from_broker: bool = True
+    # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"

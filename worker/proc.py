@@ -98,6 +98,8 @@ class WorkerProc:
         self._stage_mean: dict[str, float] = {}
         self._facts_at = 0.0
         self._proc = psutil.Process()
+        self.prom: Any = None  # WorkerMetrics when --metrics-port is given
+        self._prom_server: Any = None
         self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
@@ -120,6 +122,13 @@ class WorkerProc:
         Connecting after the (possibly slow) load keeps the broker from expecting liveness of
         a worker that cannot serve yet; a failure before that sends DEAD on its own socket.
         """
+        if self.cfg.metrics_port is not None:
+            from blockllm.broker import prom
+
+            self.prom = prom.WorkerMetrics(self.name)
+            self._prom_server, _port = prom.serve(
+                self.prom.registry, self.cfg.metrics_host, self.cfg.metrics_port
+            )
         if self.engine is None:
             self.engine = build_engine(self.cfg)
         for spec in self.cfg.stages:
@@ -179,6 +188,9 @@ class WorkerProc:
         if self.io.is_alive():
             self.io.stop()
             self.io.join(timeout=self.cfg.dead_linger_ms / 1000 + 5)
+        if self._prom_server is not None:
+            self._prom_server.shutdown()
+            self._prom_server = None
         self.engine = None
 
     # -- the loop ----------------------------------------------------------------------------
@@ -243,6 +255,8 @@ class WorkerProc:
         self._steps += 1
         self._last_step_s = time.perf_counter() - t0
         self._recent.append((time.monotonic(), (time.perf_counter() - t0) * 1000, len(results)))
+        if self.prom is not None:
+            self.prom.on_step(time.perf_counter() - t0, len(results))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
@@ -424,6 +438,9 @@ class WorkerProc:
             mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
             **self._stage_facts(),
         )
+        if self.prom is not None:
+            models = {key: ref.model for key, ref in self._stages.items()}
+            self.prom.update(self.engine.stats(), models)
 
     def _stage_facts(self) -> dict[str, Any]:
         """Weight bytes, per-stage batch limits and mean batch since the last snapshot."""
