@@ -58,12 +58,13 @@ GOAL_THROUGHPUT_RATIO = 2.0
 class MultitenantConfig:
     quick: bool = False
     variants: int = 6  # fine-tuned tenants besides the base
-    requests: int | None = None  # None: 48 (quick: 64)
-    rate: float | None = None  # requests/s; None: 0.6 (quick: 12)
+    requests: int | None = None  # None: 64
+    rate: float | None = None  # requests/s; None: 1.5 (quick: 16)
     seed: int = 0
     budget_bytes: int | None = None  # None: the shared zoo + KV reserve
     kv_reserve_tokens: int = KV_RESERVE_TOKENS
     workers: int = 2
+    threads: int | None = None  # per worker; None: the cores split across the workers
     planner: bool = False
     baseline_threads: int | None = None  # None: the faster of 1 and all cores, measured
     cache_dir: Path | None = None
@@ -71,9 +72,9 @@ class MultitenantConfig:
 
     def trace_spec(self) -> TraceSpec:
         if self.quick:
-            return TraceSpec(self.requests or 64, self.rate or 12.0, self.seed,
+            return TraceSpec(self.requests or 64, self.rate or 16.0, self.seed,
                              prompt_tokens=(8, 32), new_tokens=(8, 32))  # fmt: skip
-        return TraceSpec(self.requests or 48, self.rate or 0.6, self.seed,
+        return TraceSpec(self.requests or 64, self.rate or 1.5, self.seed,
                          prompt_tokens=(16, 48), new_tokens=(16, 48))  # fmt: skip
 
 
@@ -160,6 +161,7 @@ class _Bench:
             models=self.family.names,
             kv_budget_bytes=max(1, self.mem.kv_reserve // self.cfg.workers),
             workers=self.cfg.workers,
+            threads=self.cfg.threads,
             planner=self.cfg.planner,
         )
         outcomes, facts = run_blockllm(cluster, self.trace, self.say)
@@ -229,7 +231,9 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     run = Run({})
     for name in SYSTEMS:  # blockllm first: its resident bytes may raise the budget
         if name in cfg.systems:
+            mark = _cpu_marks()
             outcomes, facts[name] = getattr(bench, name)()
+            facts[name]["other_processes_cores"] = _other_cores(mark)
             run.outcomes[name] = outcomes
             run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
             _report(say, name, run.doc[name])
@@ -239,6 +243,25 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts, run.doc)
     run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
     return run
+
+
+def _cpu_marks() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its
+    reaped children) now."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    me = os.times()
+    return time.monotonic(), busy, me.user + me.system + me.children_user + me.children_system
+
+
+def _other_cores(start: tuple[float, float, float]) -> float:
+    """Cores other processes (not this benchmark) kept busy on average since `start`: the
+    machine is shared, and this says how much it was while a system ran."""
+    end = _cpu_marks()
+    wall = max(1e-9, end[0] - start[0])
+    return round(max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / wall, 2)
 
 
 def _report(say: Say, name: str, s: dict[str, Any]) -> None:

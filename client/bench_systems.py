@@ -141,8 +141,15 @@ def run_blockllm(
             outcomes = _replay_client(client, trace, spec.request_timeout_s)
             after = client.status()
     resident = max(cluster_resident_bytes(before), cluster_resident_bytes(after))
-    stages = sum(len(w.get("stages", [])) for w in after.get("workers", []))
-    facts = {"workers": spec.workers, "stages": stages, "planner": spec.planner}
+    workers = {
+        str(w.get("name")): {
+            "stages": len(w.get("stages", [])),
+            "step_ms_p50": w.get("step_ms_p50"),
+            "mean_batch": w.get("mean_batch"),
+        }
+        for w in after.get("workers", [])
+    }
+    facts = {"workers": workers, "planner": spec.planner}
     return outcomes, {**facts, "resident_bytes": resident}
 
 

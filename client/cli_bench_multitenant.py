@@ -55,13 +55,13 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
     "--requests",
     type=click.IntRange(1),
     default=None,
-    help="Requests in the trace [default: 48; --quick: 64].",
+    help="Requests in the trace [default: 64].",
 )
 @click.option(
     "--rate",
     type=click.FloatRange(min=0.001),
     default=None,
-    help="Mean arrivals per second (Poisson) [default: 0.6; --quick: 12].",
+    help="Mean arrivals per second (Poisson) [default: 1.5; --quick: 16].",
 )
 @click.option(
     "--seed",
@@ -85,6 +85,12 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
     default=2,
     show_default=True,
     help="Worker processes of the blockllm cluster.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch threads per worker [default: the cores split across the workers].",
 )
 @click.option(
     "--planner/--no-planner",
@@ -149,6 +155,7 @@ def multitenant(**p: Any) -> None:
         seed=p["seed"],
         budget_bytes=p["budget"],
         workers=p["workers"],
+        threads=p["threads"],
         planner=p["planner"],
         baseline_threads=p["baseline_threads"],
         cache_dir=p["cache_dir"],
