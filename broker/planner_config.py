@@ -48,6 +48,9 @@ class PlannerConfig:
     log_level: str = "INFO"
     parent_pid: int | None = None
     ready_timeout_s: float = 60.0  # how long to wait for the broker at start
+    # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.replan_interval_s <= 0 or self.demand_halflife_s <= 0:

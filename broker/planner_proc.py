@@ -106,6 +106,20 @@ class PlannerProc:
         self.sent = 0
         self.refused = 0
         self._last_stats = time.monotonic()
+        self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
+        self._prom_server: Any = None
+
+    def start_metrics(self) -> int | None:
+        """Serve the planner's metrics if configured; returns the bound port (or None)."""
+        if self.cfg.metrics_port is None or self._prom_server is not None:
+            return None
+        from blockllm.broker import prom
+
+        self.prom = prom.PlannerMetrics()
+        self._prom_server, port = prom.serve(
+            self.prom.registry, self.cfg.metrics_host, self.cfg.metrics_port
+        )
+        return port
 
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
@@ -139,6 +153,9 @@ class PlannerProc:
         )
 
     def close(self) -> None:
+        if self._prom_server is not None:
+            self._prom_server.shutdown()
+            self._prom_server = None
         for sock in (self.sub, self.dealer):
             if sock is not None:
                 sock.close(linger=0)
@@ -216,6 +233,8 @@ class PlannerProc:
         except Exception:  # a policy bug costs one snapshot, not the planner
             logger.exception("[planner] failed on stats %d", msg.seq)
             return
+        if self.prom is not None:
+            self.prom.on_stats(msg.body, commands)
         for cmd in commands:
             with contextlib.suppress(zmq.Again):
                 self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
@@ -234,6 +253,8 @@ class PlannerProc:
                 continue
             if isinstance(msg, Ack) and not msg.ok:
                 self.refused += 1
+                if self.prom is not None:
+                    self.prom.refused.inc()
                 logger.warning("[planner] command %s refused: %s", msg.command_id, msg.message)
             elif isinstance(msg, Ack):
                 logger.debug("[planner] command %s: %s", msg.command_id, msg.message)
@@ -267,6 +288,7 @@ def run_planner_process(cfg: PlannerConfig) -> int:
     try:
         proc = PlannerProc(cfg)
         _install_signals(proc)
+        proc.start_metrics()
         proc.connect_stats()
         proc.run()
         return 0

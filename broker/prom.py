@@ -14,6 +14,8 @@ Series (all prefixed `blockllm_`):
   worker: stage_queue_depth{worker,stage,model}, batch_size{worker} and
           step_latency_seconds{worker} (histograms), kv_used_bytes{worker},
           kv_total_bytes{worker}
+  planner: planner_snapshots_total, planner_commands_total{kind},
+           planner_commands_refused_total, planner_workers
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class BrokerMetrics:
         self._models: set[str] = set()
 
     def on_token(self, model: str, now: float, created: float, last_token_at: float) -> None:
+        if model not in self._models:  # the series exist even if no tick saw it running
+            self._models.add(model)
+            self.running.labels(model)
+            self.waiting.labels(model)
         if last_token_at <= 0:
             self.ttft.labels(model).observe(max(0.0, now - created))
         else:
@@ -99,6 +105,33 @@ class BrokerMetrics:
         for model in self._models:
             self.running.labels(model).set(running[model])
             self.waiting.labels(model).set(waiting[model])
+
+
+class PlannerMetrics:
+    """The planner's series; updated from its loop thread."""
+
+    def __init__(self) -> None:
+        prom = require()
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.snapshots = prom.Counter(
+            "blockllm_planner_snapshots", "STATS snapshots the planner acted on", registry=r
+        )
+        self.commands = prom.Counter(
+            "blockllm_planner_commands", "Commands sent to the broker", ["kind"], registry=r
+        )
+        self.refused = prom.Counter(
+            "blockllm_planner_commands_refused", "Commands the broker refused", registry=r
+        )
+        self.workers = prom.Gauge(
+            "blockllm_planner_workers", "Live workers in the last snapshot", registry=r
+        )
+
+    def on_stats(self, body: dict[str, Any], commands: list[Any]) -> None:
+        self.snapshots.inc()
+        self.workers.set(len(body.get("workers", ())))
+        for cmd in commands:
+            self.commands.labels(cmd.KIND.name).inc()
 
 
 class WorkerMetrics:

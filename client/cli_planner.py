@@ -88,6 +88,11 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
               "2GiB; 0: unlimited).")  # fmt: skip
 @planner_options
 @keys_option
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Serve Prometheus metrics on this port (needs blockllm[metrics]) "
+              "[default: off; 0 = off].")  # fmt: skip
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Interface the metrics endpoint listens on.")  # fmt: skip
 def planner(**params: Any) -> None:
     """Run the planner process: subscribe to the broker's stats and place stages, set routes,
     duplicate stragglers and restore coverage after failures, by commands to the broker.
@@ -110,8 +115,24 @@ def planner(**params: Any) -> None:
         zoo_dir=str(params["zoo_dir"] or default_zoo_dir()),
         keys_dir=str(params["keys_dir"]) if params["keys_dir"] else None,
         worker_memory_bytes=memory,
+        **_metrics_fields(params),
     )
     sys.exit(run_planner_process(cfg))
+
+
+def _metrics_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """metrics_port/metrics_host (port 0 or absent: off); a clear error without the extra."""
+    if not params.get("metrics_port"):
+        return {}
+    from blockllm.broker.cluster_config import EXIT_CONFIG
+    from blockllm.broker.prom import MetricsUnavailable, require
+
+    try:
+        require()
+    except MetricsUnavailable as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+    host = params.get("metrics_host") or "127.0.0.1"
+    return {"metrics_port": int(params["metrics_port"]), "metrics_host": host}
 
 
 def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:

@@ -68,3 +68,25 @@ def test_broker_and_worker_metrics_endpoints(tiny_checkpoint, tmp_path: Path):
         'blockllm_kv_total_bytes{worker="w0"}',
     ):
         assert series in worker_text, series
+
+
+def test_planner_metrics_endpoint_reports_its_bound_port():
+    from blockllm.broker.planner_config import PlannerConfig
+    from blockllm.broker.planner_proc import PlannerProc
+
+    # no broker needed: the endpoint is up before the planner subscribes to any stats
+    proc = PlannerProc(PlannerConfig(broker="tcp://127.0.0.1:9", metrics_port=0))
+    try:
+        port = proc.start_metrics()
+        assert port
+        proc.prom.on_stats({"workers": [{}, {}]}, [])
+        text = _scrape(port)
+    finally:
+        proc.close()
+    for series in (
+        "blockllm_planner_snapshots_total 1.0",
+        "blockllm_planner_workers 2.0",
+        "blockllm_planner_commands_refused_total 0.0",
+        "# TYPE blockllm_planner_commands_total counter",
+    ):
+        assert series in text, series
