@@ -45,6 +45,7 @@ class ClusterSpec:
     ready_timeout_s: float = 300.0
     request_timeout_s: float = 900.0
     name_prefix: str = "bench-worker"
+    log_level: str = "WARNING"  # of the broker and worker processes
 
 
 def _start_cluster(launcher: Any, spec: ClusterSpec) -> str:
@@ -56,7 +57,7 @@ def _start_cluster(launcher: Any, spec: ClusterSpec) -> str:
     serve = ServeConfig(spec.zoo_dir, None, None, workers=spec.workers, models=spec.models)
     models, plan = plan_workers(serve)
     broker = BrokerConfig(
-        bind="tcp://127.0.0.1:0", zoo_dir=spec.zoo_dir, max_waiting=4096, log_level="WARNING"
+        bind="tcp://127.0.0.1:0", zoo_dir=spec.zoo_dir, max_waiting=4096, log_level=spec.log_level
     )
     endpoint = launcher.start_broker(broker, spec.ready_timeout_s)
     stages = [s for s in plan if s]
@@ -71,7 +72,7 @@ def _start_cluster(launcher: Any, spec: ClusterSpec) -> str:
             threads=threads,
             kv_budget_bytes=spec.kv_budget_bytes,
             max_batch_size=spec.max_batch_size,
-            log_level="WARNING",
+            log_level=spec.log_level,
         )
         launcher.start_worker(name, cfg)
     launcher.wait_ready(list(models), spec.ready_timeout_s)
@@ -131,7 +132,7 @@ def run_blockllm(
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher
 
-    with Launcher(log_level="WARNING") as launcher:
+    with Launcher(log_level=spec.log_level) as launcher:
         t = time.monotonic()
         endpoint = _start_cluster(launcher, spec)
         say(f"blockllm: broker + {spec.workers} workers ready in {time.monotonic() - t:.1f} s")

@@ -112,8 +112,9 @@ def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[s
         workers=cfg.workers,
         ready_timeout_s=cfg.ready_timeout_s,
         name_prefix="worker",
+        log_level="ERROR",  # a worker leaving at the stop is expected: no warning for it
     )
-    with Launcher(log_level="WARNING") as launcher:
+    with Launcher(log_level="ERROR") as launcher:
         endpoint = _start_cluster(launcher, spec)
         with Client(endpoint, timeout=60) as client:
             status = client.status()
