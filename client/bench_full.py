@@ -150,6 +150,35 @@ def _resident(zoo: Any, chains: dict[str, tuple]) -> int:
     return sum(zoo.block_nbytes(b) for b in blocks)
 
 
+def _quality_totals(
+    zoo: Any, variants: Sequence[str], per_tol: dict[float, dict], ids: Any, say: Say
+) -> dict[float, list]:
+    """Per tolerance: [agreeing tokens, NLL sum, NLL tokens, tokens] over all variants."""
+    totals: dict[float, list] = {tol: [0, 0.0, 0, 0] for tol in per_tol}
+    for name in variants:
+        say(f"quality of {name} at {len(per_tol)} tolerances")
+        q = _quality(zoo, name, {tol: chains[name] for tol, chains in per_tol.items()}, ids)
+        for tol, values in q.items():
+            totals[tol] = [a + b for a, b in zip(totals[tol], values, strict=True)]
+    return totals
+
+
+def _point(
+    zoo: Any, tol: float, chains: dict[str, tuple], totals: list, exact_bytes: int
+) -> dict[str, Any]:
+    """One point of the curve."""
+    agree, nll, n_nll, n_tok = totals
+    resident = _resident(zoo, chains)
+    return {
+        "tolerance": tol,
+        "resident_bytes": resident,
+        "saved_bytes": exact_bytes - resident,
+        "substituted_layers": _substituted(zoo, chains),
+        "agreement": round(agree / n_tok, 4) if n_tok else None,
+        "perplexity": round(math.exp(nll / n_nll), 3) if n_nll else None,
+    }
+
+
 def run_full_family(cfg: FullConfig, say: Say) -> dict[str, Any]:
     """Prepare (or reuse) the full fine-tunes, measure, and return the curve document."""
     from blockllm.zoo import Zoo
@@ -168,29 +197,9 @@ def run_full_family(cfg: FullConfig, say: Say) -> dict[str, Any]:
     measured = measure_pairs(zoo, family, cfg, say)
     per_tol = {tol: assembled_chains(zoo, names, tol) for tol in cfg.tolerances}
     ids = heldout_ids(family.base.checkpoint, cfg.heldout_windows, cfg.heldout_len)
-    totals = {tol: [0, 0.0, 0, 0] for tol in cfg.tolerances}
-    for name in names[1:]:
-        say(f"quality of {name} at {len(cfg.tolerances)} tolerances")
-        q = _quality(zoo, name, {tol: per_tol[tol][name] for tol in cfg.tolerances}, ids)
-        for tol, (agree, nll, n_nll, n_tok) in q.items():
-            acc = totals[tol]
-            acc[0] += agree
-            acc[1] += nll
-            acc[2] += n_nll
-            acc[3] += n_tok
+    totals = _quality_totals(zoo, names[1:], per_tol, ids, say)
     exact_bytes = _resident(zoo, per_tol[cfg.tolerances[0]])
-    curve = []
-    for tol in cfg.tolerances:
-        agree, nll, n_nll, n_tok = totals[tol]
-        resident = _resident(zoo, per_tol[tol])
-        curve.append({
-            "tolerance": tol,
-            "resident_bytes": resident,
-            "saved_bytes": exact_bytes - resident,
-            "substituted_layers": _substituted(zoo, per_tol[tol]),
-            "agreement": round(agree / n_tok, 4) if n_tok else None,
-            "perplexity": round(math.exp(nll / n_nll), 3) if n_nll else None,
-        })  # fmt: skip
+    curve = [_point(zoo, tol, per_tol[tol], totals[tol], exact_bytes) for tol in cfg.tolerances]
     whole = sum(_resident(zoo, {n: zoo.manifest(n).chain}) for n in names)
     return {
         "family": "full",
