@@ -115,11 +115,13 @@ def test_worker_ready_forward_heartbeat_and_sigterm(zoo: Path, llama: Path, fake
             _, pong, _ = fake_broker.recv_kind({Kind.HEARTBEAT})
         assert pong.kv_free_bytes == ready.kv_total_bytes
 
-        proc.terminate()  # SIGTERM: drain, DEAD("shutdown"), exit 0
+        assert not launcher.deaths  # nothing died on its own before the stop
+        # SIGTERM: drain, DEAD("shutdown"), exit 0 (an expected exit: not reported as a death,
+        # which a bare proc.terminate() would race the launcher's monitor over)
+        launcher.kill_worker("w0", signal.SIGTERM)
         _, dead, _ = fake_broker.recv_kind({Kind.DEAD})
         assert isinstance(dead, Dead) and dead.reason == "shutdown"
         assert launcher.wait_exit(proc, 30) == 0
-        assert not launcher.deaths
 
 
 def test_two_workers_pass_hidden_states(zoo: Path, llama: Path, fake_broker):
