@@ -11,10 +11,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
     Error,
@@ -126,23 +126,15 @@ def build_generate(
 
 
 def load_client_keys(keys_dir: str | os.PathLike[str]) -> CurveKeys:
-    """CurveZMQ keys from `DIR/client.key_secret` (ours) and `DIR/broker.key` (the broker's
-    public key), the zmq.auth certificate files; raises ConnectionFailed if absent."""
-    import zmq.auth
+    """CurveZMQ keys for a client (`blockllm keys gen` layout, read by broker.security);
+    raises ConnectionFailed naming what is missing or corrupt."""
+    from blockllm.broker.security import KeysError
+    from blockllm.broker.security import load_client_keys as load
 
-    d = Path(keys_dir)
-    mine, theirs = d / "client.key_secret", d / "broker.key"
-    for p in (mine, theirs):
-        if not p.is_file():
-            raise ConnectionFailed(
-                f"--keys {d}: {p.name} not found (expected zmq.auth certificates "
-                "client.key_secret and broker.key in that folder)"
-            )
-    public, secret = zmq.auth.load_certificate(str(mine))
-    server_public, _ = zmq.auth.load_certificate(str(theirs))
-    if secret is None:
-        raise ConnectionFailed(f"--keys {d}: {mine} holds no secret key")
-    return CurveKeys(public=public, secret=secret, server_public=server_public)
+    try:
+        return load(keys_dir)
+    except KeysError as e:
+        raise ConnectionFailed(f"--keys {keys_dir}: {e}") from None
 
 
 def open_dealer(ctx: zmq.Context, addr: str, curve: CurveKeys | None) -> zmq.Socket:
