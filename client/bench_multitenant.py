@@ -150,7 +150,6 @@ class _Bench:
     mem: _Memory
     budget: int
     say: Say
-    threads: int | None = None
 
     def blockllm(self) -> tuple[list[Outcome], dict[str, Any]]:
         from blockllm.client.bench_systems import ClusterSpec, run_blockllm
@@ -173,44 +172,43 @@ class _Bench:
         from blockllm.client.bench_per_model import PerModelConfig, run_per_model
 
         self.say(f"per_model: whole models under a budget of {self.budget / 2**20:.1f} MiB")
+        threads = self.pick_threads("per_model")
         pm = PerModelConfig(
             zoo_dir=str(self.family.zoo_dir),
             weight_budget_bytes=self.budget - self.mem.kv_reserve,
             kv_budget_bytes=self.mem.kv_reserve,
-            threads=self.threads,
+            threads=threads["threads"],
         )
         outcomes, facts = run_per_model(pm, self.trace, _popularity(self.trace), self.say)
         facts["resident_bytes"] = facts["peak_weight_bytes"] + self.mem.kv_reserve
-        return outcomes, facts
+        return outcomes, {**facts, **threads}
 
     def hf_generate(self) -> tuple[list[Outcome], dict[str, Any]]:
         from blockllm.client.bench_systems import HfSpec, run_hf_generate
 
         self.say("hf_generate: one request at a time with model.generate")
+        threads = self.pick_threads("hf_generate")
         hf = HfSpec(
             checkpoints={t.name: t.checkpoint for t in self.family.tenants},
             model_bytes=self.mem.whole,
             weight_budget_bytes=self.budget - self.mem.kv_reserve,
-            threads=self.threads,
+            threads=threads["threads"],
         )
         outcomes, facts = run_hf_generate(hf, self.trace, _popularity(self.trace), self.say)
         facts["resident_bytes"] = facts["peak_weight_bytes"]  # its KV is per request, transient
-        return outcomes, facts
+        return outcomes, {**facts, **threads}
 
-
-def _baseline_threads(bench: _Bench) -> dict[str, Any]:
-    """Pick the in-process baselines' thread count (measured unless given); its facts."""
-    timings: dict[int, float] = {}
-    if bench.cfg.baseline_threads is not None:
-        bench.threads = bench.cfg.baseline_threads
-    elif {"per_model", "hf_generate"} & set(bench.cfg.systems):
+    def pick_threads(self, system: str) -> dict[str, Any]:
+        """The in-process baseline's torch threads: as given, or the faster of 1 and all cores
+        measured right before it runs (on a busy machine more threads can be far slower)."""
+        if self.cfg.baseline_threads is not None:
+            return {"threads": self.cfg.baseline_threads, "step_ms_by_threads": {}}
         from blockllm.client.bench_per_model import fastest_threads
 
-        zoo, base = str(bench.family.zoo_dir), bench.family.base.name
-        bench.threads, timings = fastest_threads(zoo, base, (1, _cores()))
-        bench.say(f"baselines run with {bench.threads} torch thread(s) "
-                  f"(decode step ms by threads: {timings})")  # fmt: skip
-    return {"threads": bench.threads, "step_ms_by_threads": timings}
+        zoo, base = str(self.family.zoo_dir), self.family.base.name
+        threads, timings = fastest_threads(zoo, base, (1, _cores()))
+        self.say(f"{system}: {threads} torch thread(s) (decode step ms by threads: {timings})")
+        return {"threads": threads, "step_ms_by_threads": timings}
 
 
 def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
@@ -227,7 +225,7 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
         f"{mem.shared / 2**20:.1f} MiB, all whole {mem.unshared / 2**20:.1f} MiB, KV reserve "
         f"{mem.kv_reserve / 2**20:.1f} MiB"
     )
-    facts: dict[str, Any] = {"baseline_threads": _baseline_threads(bench)}
+    facts: dict[str, Any] = {}
     run = Run({})
     for name in SYSTEMS:  # blockllm first: its resident bytes may raise the budget
         if name in cfg.systems:
@@ -329,8 +327,10 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
 def table(doc: dict[str, Any]) -> list[str]:
     """The readable table of a result document, one line per row."""
     head = (f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
-            f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6}")  # fmt: skip
+            f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6} "
+            f"{'others':>6}")  # fmt: skip
     lines = [head, "-" * len(head)]
+    facts = doc.get("meta", {}).get("systems", {})
     for name in SYSTEMS:
         s = doc.get(name)
         if not s:
@@ -338,20 +338,22 @@ def table(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"{name:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
             f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
-            f"{s['resident_bytes'] / 2**20:>12.1f} {s['requests']:>8} {s['errors']:>6}"
+            f"{s['resident_bytes'] / 2**20:>12.1f} {s['requests']:>8} {s['errors']:>6} "
+            f"{_num(facts.get(name, {}).get('other_processes_cores'), '.1f'):>6}"
         )
     pm = doc.get("per_model")
     if pm:
         lines.append(f"(per_model with every tenant whole: "
                      f"{pm['resident_bytes_unshared'] / 2**20:.1f} MiB)")  # fmt: skip
+    lines.append("(others: cores that other processes on this machine kept busy meanwhile)")
     for name, g in doc.get("meta", {}).get("goals", {}).items():
         lines.append(f"goal {name}: {g['value']} (goal {g['goal']}): "
                      f"{'met' if g['met'] else 'NOT met'}")  # fmt: skip
     return lines
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}"
+def _num(x: float | None, fmt: str = ".0f") -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def plot_cdf(outcomes: dict[str, list[Outcome]], path: Path, title: str) -> None:
