@@ -257,7 +257,8 @@ def plot_curve(doc: dict[str, Any], path: Path) -> None:
     for r, x in zip(doc["curve"], xs, strict=True):
         ax.annotate(f"{r['tolerance']:g}", (x, r["agreement"]), fontsize=7)
     ax.set_title(f"full fine-tunes of {doc['base']}: tolerance vs quality")
-    fig.legend(loc="lower left")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
