@@ -56,10 +56,14 @@ GOAL_THROUGHPUT_RATIO = 2.0
 
 @dataclass(frozen=True, slots=True)
 class MultitenantConfig:
+    """What to run. The default trace (64 requests at 2/s) offers about 60 tokens/s: more than
+    one request at a time can serve (~27 on the 2-core CPU) and about what per_model can, less
+    than the blockllm cluster can; README "Results" has the sweep over rates."""
+
     quick: bool = False
     variants: int = 6  # fine-tuned tenants besides the base
     requests: int | None = None  # None: 64
-    rate: float | None = None  # requests/s; None: 1.5 (quick: 16)
+    rate: float | None = None  # requests/s; None: 2.0 (quick: 16)
     seed: int = 0
     budget_bytes: int | None = None  # None: the shared zoo + KV reserve
     kv_reserve_tokens: int = KV_RESERVE_TOKENS
@@ -74,7 +78,7 @@ class MultitenantConfig:
         if self.quick:
             return TraceSpec(self.requests or 64, self.rate or 16.0, self.seed,
                              prompt_tokens=(8, 32), new_tokens=(8, 32))  # fmt: skip
-        return TraceSpec(self.requests or 64, self.rate or 1.5, self.seed,
+        return TraceSpec(self.requests or 64, self.rate or 2.0, self.seed,
                          prompt_tokens=(16, 48), new_tokens=(16, 48))  # fmt: skip
 
 

@@ -61,7 +61,7 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
     "--rate",
     type=click.FloatRange(min=0.001),
     default=None,
-    help="Mean arrivals per second (Poisson) [default: 1.5; --quick: 16].",
+    help="Mean arrivals per second (Poisson) [default: 2.0; --quick: 16].",
 )
 @click.option(
     "--seed",
