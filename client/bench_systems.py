@@ -48,7 +48,7 @@ class ClusterSpec:
     log_level: str = "WARNING"  # of the broker and worker processes
 
 
-def _start_cluster(launcher: Any, spec: ClusterSpec) -> str:
+def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
     """Broker + workers (+ planner) placed as `blockllm serve` places them; the endpoint."""
     from blockllm.broker.config import BrokerConfig
     from blockllm.client.launcher import ServeConfig, default_threads, plan_workers
@@ -134,7 +134,7 @@ def run_blockllm(
 
     with Launcher(log_level=spec.log_level) as launcher:
         t = time.monotonic()
-        endpoint = _start_cluster(launcher, spec)
+        endpoint = start_cluster(launcher, spec)
         say(f"blockllm: broker + {spec.workers} workers ready in {time.monotonic() - t:.1f} s")
         with Client(endpoint, timeout=spec.request_timeout_s) as client:
             client.generate(trace[0].model, input_ids=list(trace[0].prompt_ids), max_new_tokens=2)

@@ -101,7 +101,7 @@ def prompt_ids(family: Family, question: str) -> list[int]:
 def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     """Phase 4: broker + workers over the demo zoo; yields (endpoint, STATUS body) and stops
     every child on exit (LaunchError if they do not come up)."""
-    from blockllm.client.bench_systems import ClusterSpec, _start_cluster
+    from blockllm.client.bench_systems import ClusterSpec, start_cluster
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher
 
@@ -115,7 +115,7 @@ def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[s
         log_level="ERROR",  # a worker leaving at the stop is expected: no warning for it
     )
     with Launcher(log_level="ERROR") as launcher:
-        endpoint = _start_cluster(launcher, spec)
+        endpoint = start_cluster(launcher, spec)
         with Client(endpoint, timeout=60) as client:
             status = client.status()
         yield endpoint, status
