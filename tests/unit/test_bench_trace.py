@@ -39,3 +39,14 @@ def test_summarize_contract() -> None:
     assert s["p50_ms"] == pytest.approx(1450.0) and s["ttft_p95_ms"] == pytest.approx(100.0)
     assert s["tokens_per_s"] == pytest.approx(100 / 10.9, rel=1e-3)
     assert percentile([], 50) != percentile([], 50)  # nan when nothing completed
+
+
+def test_variants_take_distinct_slices_of_the_upper_layers() -> None:
+    from blockllm.client.bench_family import variant_plans
+
+    plans = variant_plans("smollm2", 30, 6, "partial")
+    assert [p.layers for p in plans] == [(28, 29), (26, 27), (24, 25), (22, 23), (20, 21), (18, 19)]
+    assert len({p.seed for p in plans}) == 6
+    wrapped = variant_plans("tiny", 8, 6, "partial")  # 4 upper layers, 6 variants: wrap around
+    assert [p.layers for p in wrapped] == [(7, 7), (6, 6), (5, 5), (4, 4), (7, 7), (6, 6)]
+    assert all(p.layers is None for p in variant_plans("b", 30, 3, "full"))
