@@ -1,0 +1,41 @@
+"""broker/sdnotify.py against a real AF_UNIX datagram socket standing in for systemd."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from blockllm.broker.sdnotify import notify
+
+
+def test_notify_outside_systemd_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+
+
+def test_notify_sends_one_datagram(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify("READY=1", "STATUS=serving") is True
+        assert server.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"blockllm-test-{id(monkeypatch)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind("\0" + name)
+        server.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("STOPPING=1") is True
+        assert server.recv(4096) == b"STOPPING=1"
+
+
+def test_notify_to_a_missing_socket_is_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
+    assert notify("READY=1") is False
