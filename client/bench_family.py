@@ -144,7 +144,7 @@ def _base_checkpoint(spec: FamilySpec, root: Path, say: Say) -> tuple[str, Path]
 
 
 def _variant(base_dir: Path, out: Path, plan: VariantPlan, recipe: Recipe, say: Say) -> Path:
-    from blockllm.zoo.models import FINETUNE_RECORD, finetune
+    from blockllm.zoo.finetune import FINETUNE_RECORD, finetune
 
     if (out / FINETUNE_RECORD).is_file():
         return out

