@@ -1,38 +1,21 @@
-"""The client (sync, asyncio, CLI) against a stand-in broker: a real ROUTER socket on
-tcp://127.0.0.1:0 in a thread, speaking the real protocol (broker.frames / broker.protocol).
-
-The stand-in answers GENERATE for model "base" with a few TOKENs (token ids derived from the
-seed, so concurrent requests can be told apart), ERROR(code) for model "err-<CODE>",
-ERROR(UNKNOWN_MODEL) for any other name, nothing for model "silent", and STATUS_REQUEST with
-its `status_body`. Model "vanish" gets one token, then the stand-in closes its socket (a
-crashed broker). Every wait is bounded; nothing sleeps.
-"""
+"""The client (sync and asyncio) against the stand-in broker (tests/unit/client_standin.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
 import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import zmq
-from blockllm.broker import frames
+
 from blockllm.broker.protocol import (
     Cancel,
-    Error,
-    ErrorCode,
     Generate,
-    Status,
-    StatusRequest,
-    Token,
 )
-from blockllm.broker.sockets import CurveKeys, bound_endpoint, make_socket
+from blockllm.broker.sockets import CurveKeys
 from blockllm.client import (
     AsyncClient,
     BadRequest,
@@ -47,105 +30,10 @@ from blockllm.client import (
     TokenEvent,
     UnknownModel,
 )
-from blockllm.client.cli_common import CliError
 from blockllm.client.errors import error_from
-from click.testing import CliRunner
+from tests.unit.client_standin import COVERED, PIECES, StandIn
 
 pytestmark = pytest.mark.timeout(20)
-
-PIECES = ["He", "llo", ",", "", " wörld", "!"]  # "" = a multi-byte character still pending
-COVERED = {"workers": [], "models": {"base": {"covered": True, "routes": []}}}
-
-
-class StandIn:
-    """A ROUTER peer in a thread that answers like the broker does (see the module doc)."""
-
-    def __init__(
-        self,
-        status_body: dict[str, Any] | None = None,
-        endpoint: str = "",
-        vanish: bool = True,
-        curve: CurveKeys | None = None,
-    ) -> None:
-        self.vanish = vanish
-        self.status_body = status_body if status_body is not None else COVERED
-        self.status_hook: Any = None  # called with the request count, may return a body
-        self.received: queue.Queue[Any] = queue.Queue()
-        self.status_requests = 0
-        self._ctx = zmq.Context()
-        ep = endpoint or "tcp://127.0.0.1:0"
-        self._sock = make_socket(self._ctx, zmq.ROUTER, ep, bind=True, curve=curve)
-        self.addr = bound_endpoint(self._sock)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._sock.poll(20):
-                continue
-            ident, *raw = self._sock.recv_multipart()
-            msg, _ = frames.decode(raw)
-            self.received.put(msg)
-            if self._answer(ident, msg) == "vanish":
-                break
-        self._sock.close(linger=0)
-        self._ctx.term()
-
-    def _send(self, ident: bytes, msg: Any) -> None:
-        self._sock.send_multipart([ident, *frames.encode(msg)])
-
-    def _answer(self, ident: bytes, msg: Any) -> str | None:
-        if isinstance(msg, StatusRequest):
-            self.status_requests += 1
-            body = self.status_hook(self.status_requests) if self.status_hook else None
-            self._send(ident, Status(msg.request_id, body or self.status_body))
-        elif isinstance(msg, Generate):
-            return self._generate(ident, msg)
-        return None
-
-    def _generate(self, ident: bytes, g: Generate) -> str | None:
-        rid = g.request_id
-        if g.model == "silent":
-            return None
-        if g.model.startswith("err-"):
-            code = g.model.removeprefix("err-")
-            self._send(ident, Error(rid, code, f"stand-in {code}", code == "WORKER_LOST"))
-            return None
-        if g.model == "drip":  # two tokens, then nothing more (a stalled generation)
-            for i in range(2):
-                self._send(ident, Token(rid, i, i, PIECES[i]))
-            return None
-        if g.model not in ("base", "vanish"):
-            self._send(ident, Error(rid, ErrorCode.UNKNOWN_MODEL.value, f"no model {g.model!r}"))
-            return None
-        n_prompt = len(g.input_ids) if g.input_ids is not None else len(g.prompt or "")
-        n = min(g.max_new_tokens, len(PIECES))
-        for i in range(len(g.resume_ids), n):
-            last = i == n - 1
-            reason = ("length" if n == g.max_new_tokens else "stop") if last else None
-            self._send(ident, Token(rid, i, g.seed * 100 + i, PIECES[i], reason, n_prompt))
-            if g.model == "vanish" and self.vanish:
-                return "vanish"
-        return None
-
-    def next_message(self, kind: type, timeout: float = 5.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.received.get(timeout=max(0.0, deadline - time.monotonic()))
-            if isinstance(msg, kind):
-                return msg
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-@pytest.fixture
-def peer() -> Iterator[StandIn]:
-    p = StandIn()
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -491,107 +379,3 @@ def test_async_break_then_close_still_cancels(peer: StandIn) -> None:
     asyncio.run(main())
     sent = peer.next_message(Generate)
     assert peer.next_message(Cancel).request_id == sent.request_id
-
-
-# ---- CLI -----------------------------------------------------------------------------------
-
-
-def run_cli(*args: str, stdin: str | None = None) -> Any:
-    from blockllm.client.cli import cli  # here: a broken sibling CLI module fails only these
-
-    return CliRunner().invoke(cli, list(args), input=stdin)
-
-
-def cli_error(result: Any) -> CliError:
-    """The CliError the `blockllm` entry point prints as one `error: ...` line."""
-    assert isinstance(result.exception, CliError), result.output
-    return result.exception
-
-
-def test_cli_generate_json(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--max-tokens", "3",
-                "--seed", "4", "--json", "Hello")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout) == {
-        "token_ids": [400, 401, 402],
-        "text": "Hello,",
-        "finish_reason": "length",
-    }
-
-
-def test_cli_generate_streams_text(peer: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BLOCKLLM_BROKER", peer.addr)
-    r = run_cli("generate", "--model", "base", "--max-tokens", "6", "-", stdin="Hello\n")
-    assert r.exit_code == 0, r.output
-    assert r.stdout == "".join(PIECES) + "\n"
-    assert peer.next_message(Generate).prompt == "Hello"
-
-
-def test_cli_generate_input_ids_and_sampling(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "5,6,7",
-                "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--json")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    g = peer.next_message(Generate)
-    assert (g.input_ids, g.temperature, g.top_k, g.top_p) == ((5, 6, 7), 0.7, 40, 0.9)
-
-
-@pytest.mark.parametrize(
-    ("model", "exit_code"), [("nope", 3), ("err-BAD_REQUEST", 5), ("err-NO_ROUTE", 1)]
-)
-def test_cli_generate_error_exit_codes(peer: StandIn, model: str, exit_code: int) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", model, "x")
-    e = cli_error(r)
-    assert e.exit_code == exit_code
-    assert "\n" not in str(e)
-
-
-def test_cli_generate_timeout(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "silent", "--timeout", "0.3", "x")
-    e = cli_error(r)
-    assert e.exit_code == 4 and peer.addr in str(e)
-
-
-def test_cli_generate_usage_errors(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "1,x")
-    assert r.exit_code == 2
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "1", "hi")
-    assert r.exit_code == 2
-
-
-def test_cli_status_json_and_table(peer: StandIn) -> None:
-    # the shape of broker/status.py
-    peer.status_body = {
-        "workers": [
-            {"name": "w0", "pid": 42, "host": "node1", "device": "cpu", "stages": [
-                {"key": "k", "model": "base", "start": 0, "end": 3, "nbytes": 10}],
-             "queue_depths": {"k": 2}, "kv_total_bytes": 4 << 20, "kv_free_bytes": 1 << 20,
-             "rss_bytes": 300 << 20, "step_ms_p50": 12.5},
-        ],
-        "models": {"base": {"layers": 2, "covered": True, "route": [["w0", [[0, 3]]]],
-                            "running": 1, "waiting": 0}},
-        "requests": {"running": 1, "waiting": 0},
-        "counters": {"requests": 7, "failed": 0},
-    }  # fmt: skip
-    r = run_cli("status", "--broker", peer.addr, "--json")
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout) == peer.status_body
-    r = run_cli("status", "--broker", peer.addr)
-    assert r.exit_code == 0, r.output
-    for text in ("w0", "node1", "base[0,3)", "3M/4M", "300M", "12.5", "w0[0,3)", "requests=7"):
-        assert text in r.stdout, text
-
-
-def test_cli_status_not_covered_is_unhealthy(peer: StandIn) -> None:
-    peer.status_body = {"workers": [], "models": {"base": {"covered": False}}}
-    r = run_cli("status", "--broker", peer.addr, "--json")
-    assert json.loads(r.stdout)["models"]["base"]["covered"] is False
-    e = cli_error(r)
-    assert e.exit_code == 1 and "base" in str(e)
-
-
-def test_cli_status_unreachable() -> None:
-    dead = StandIn()
-    dead.close()
-    r = run_cli("status", "--broker", dead.addr, "--timeout", "0.3")
-    e = cli_error(r)
-    assert e.exit_code == 4 and dead.addr in str(e)
