@@ -26,6 +26,8 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
 from blockllm.client.core import (
@@ -34,21 +36,18 @@ from blockllm.client.core import (
     Accumulator,
     Completion,
     Demux,
+    ReadyPoll,
     TokenEvent,
     build_generate,
     connect_dealer,
     load_client_keys,
     new_request_id,
-    no_reply,
-    not_ready,
     open_dealer,
     reply_error,
-    require_covered,
     to_event,
-    unreachable,
+    wait_budget,
 )
 from blockllm.client.errors import BlockLLMError, ConnectionFailed, Overloaded, Timeout
-from zmq.utils.monitor import parse_monitor_message
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +189,7 @@ class AsyncClient:
             while True:
                 if getter.done() and getter.result() is CONNECTION_LOST:
                     getter = asyncio.ensure_future(q.get())
-                now = time.monotonic()
-                left = None if timeout is None else t0 + timeout - now
-                if left is not None and left <= 0:
-                    raise no_reply(self.demux, timeout or 0.0)
-                if grace and not self.demux.connected:
-                    since = max(t0, self.demux.disconnected_since)
-                    if now - since > self.connect_timeout:
-                        raise unreachable(self.demux, now - since)
-                    left = 0.1 if left is None else min(left, 0.1)
+                left = wait_budget(self.demux, t0, timeout, grace, self.connect_timeout)
                 done, _ = await asyncio.wait({getter}, timeout=left)
                 if done and getter.result() is not CONNECTION_LOST:
                     return getter.result()
@@ -223,25 +214,15 @@ class AsyncClient:
         self, models: Sequence[str] | None = None, timeout: float = 60.0
     ) -> dict[str, Any]:
         """As Client.wait_ready: poll STATUS until the models are covered."""
-        t0 = time.monotonic()
-        waiting: list[str] | None = None  # None until the broker has answered once
+        poll = ReadyPoll(self.addr, models, timeout)
         while True:
-            left = t0 + timeout - time.monotonic()
-            if left > 0:
+            if poll.left() > 0:
                 try:
-                    body = await self.status(timeout=left)
-                except Timeout:
-                    if waiting is None:
-                        raise
-                    body = None
-                if body is not None:
-                    waiting = require_covered(body, models)
-                    if not waiting:
-                        return body
-                left = t0 + timeout - time.monotonic()
-            if left <= 0:
-                raise not_ready(self.addr, timeout, waiting)
-            await asyncio.sleep(min(0.2, left))
+                    if poll.covered(await self.status(timeout=poll.left())):
+                        return poll.body
+                except Timeout as e:
+                    poll.unanswered(e)
+            await asyncio.sleep(poll.pause())
 
     def stream(
         self,

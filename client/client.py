@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
 from blockllm.broker.sockets import CurveKeys
@@ -40,22 +42,19 @@ from blockllm.client.core import (
     Accumulator,
     Completion,
     Demux,
+    ReadyPoll,
     Sink,
     TokenEvent,
     build_generate,
     connect_dealer,
     load_client_keys,
     new_request_id,
-    no_reply,
-    not_ready,
     open_dealer,
     reply_error,
-    require_covered,
     to_event,
-    unreachable,
+    wait_budget,
 )
 from blockllm.client.errors import BlockLLMError, ConnectionFailed, Overloaded, Timeout
-from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger(__name__)
 
@@ -279,15 +278,7 @@ class Client:
         been unreachable for connect_timeout since this request began (if `grace`)."""
         demux = self._transport.demux
         while True:
-            now = time.monotonic()
-            left = None if timeout is None else t0 + timeout - now
-            if left is not None and left <= 0:
-                raise no_reply(demux, timeout or 0.0)
-            if grace and not demux.connected:
-                since = max(t0, demux.disconnected_since)
-                if now - since > self.connect_timeout:
-                    raise unreachable(demux, now - since)
-                left = 0.1 if left is None else min(left, 0.1)
+            left = wait_budget(demux, t0, timeout, grace, self.connect_timeout)
             try:
                 item = q.get(timeout=left)
             except queue.Empty:
@@ -316,25 +307,15 @@ class Client:
 
         Returns the last status body. Raises UnknownModel for a model the broker does not know,
         Timeout naming the models still not covered (or the unreachable broker)."""
-        t0 = time.monotonic()
-        waiting: list[str] | None = None  # None until the broker has answered once
+        poll = ReadyPoll(self.addr, models, timeout)
         while True:
-            left = t0 + timeout - time.monotonic()
-            if left > 0:
+            if poll.left() > 0:
                 try:
-                    body = self.status(timeout=left)
-                except Timeout:
-                    if waiting is None:
-                        raise
-                    body = None
-                if body is not None:
-                    waiting = require_covered(body, models)
-                    if not waiting:
-                        return body
-                left = t0 + timeout - time.monotonic()
-            if left <= 0:
-                raise not_ready(self.addr, timeout, waiting)
-            time.sleep(min(0.2, left))
+                    if poll.covered(self.status(timeout=poll.left())):
+                        return poll.body
+                except Timeout as e:
+                    poll.unanswered(e)
+            time.sleep(poll.pause())
 
     def stream(
         self,

@@ -344,11 +344,69 @@ def unreachable(demux: Demux, waited: float) -> BrokerUnavailable:
     return BrokerUnavailable(f"broker at {demux.addr} unreachable for {waited:.1f} s ({why})")
 
 
-def not_ready(addr: str, timeout: float, waiting: list[str] | None) -> Timeout:
-    """wait_ready's Timeout: the models still not covered, or the broker that never answered."""
-    if waiting is None:
-        return Timeout(f"broker at {addr} did not answer within {timeout:.1f} s")
-    return Timeout(f"models not covered by workers after {timeout:.1f} s: {', '.join(waiting)}")
+def wait_budget(
+    demux: Demux, t0: float, timeout: float | None, grace: bool, connect_timeout: float
+) -> float | None:
+    """How long the wait for a request's next reply may block now (None: no limit).
+
+    Raises Timeout once `timeout` has passed since `t0`, and (if `grace`) BrokerUnavailable
+    once no broker has been connected for `connect_timeout` since the request began; while
+    disconnected the wait is cut to 0.1 s slices so that moment is noticed."""
+    now = time.monotonic()
+    left = None if timeout is None else t0 + timeout - now
+    if left is not None and left <= 0:
+        raise no_reply(demux, timeout or 0.0)
+    if grace and not demux.connected:
+        since = max(t0, demux.disconnected_since)
+        if now - since > connect_timeout:
+            raise unreachable(demux, now - since)
+        left = 0.1 if left is None else min(left, 0.1)
+    return left
+
+
+class ReadyPoll:
+    """`wait_ready`'s state, shared by both clients: ask STATUS until the models are covered.
+
+    poll = ReadyPoll(addr, models, timeout)
+    while True:
+        if poll.left() > 0:
+            try:
+                if poll.covered(status(timeout=poll.left())):
+                    return poll.body
+            except Timeout as e:
+                poll.unanswered(e)
+        sleep(poll.pause())
+    """
+
+    def __init__(self, addr: str, models: Sequence[str] | None, timeout: float) -> None:
+        self.addr, self.models, self.timeout = addr, models, timeout
+        self.t0 = time.monotonic()
+        self.waiting: list[str] | None = None  # None until the broker has answered once
+        self.body: dict[str, Any] = {}
+
+    def left(self) -> float:
+        return self.t0 + self.timeout - time.monotonic()
+
+    def covered(self, body: dict[str, Any]) -> bool:
+        """Record an answer; True when every model is covered (UnknownModel if one is unknown)."""
+        self.body = body
+        self.waiting = require_covered(body, self.models)
+        return not self.waiting
+
+    def unanswered(self, e: Timeout) -> None:
+        """A STATUS timed out: fatal only if the broker never answered at all."""
+        if self.waiting is None:
+            raise e
+
+    def pause(self) -> float:
+        """How long to sleep before asking again; the not-ready Timeout when time is up."""
+        left = self.left()
+        if left <= 0:
+            if self.waiting is None:
+                raise Timeout(f"broker at {self.addr} did not answer within {self.timeout:.1f} s")
+            waiting = ", ".join(self.waiting)
+            raise Timeout(f"models not covered by workers after {self.timeout:.1f} s: {waiting}")
+        return min(0.2, left)
 
 
 def require_covered(status: dict[str, Any], models: Sequence[str] | None) -> list[str]:
@@ -386,4 +444,12 @@ class Accumulator:
         return Completion(self.ids, "".join(self.texts), self.finish_reason, self.prompt_tokens)
 
 
-__all__ = ["Accumulator", "Completion", "Demux", "TokenEvent", "build_generate"]
+__all__ = [
+    "Accumulator",
+    "Completion",
+    "Demux",
+    "ReadyPoll",
+    "TokenEvent",
+    "build_generate",
+    "wait_budget",
+]
