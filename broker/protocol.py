@@ -137,6 +137,8 @@ class Heartbeat:
     weight_bytes: int = 0
     stage_batch_limits: dict[str, int] = field(default_factory=dict)
     stage_mean_batch: dict[str, float] = field(default_factory=dict)
+    # per stage key: ms per batched forward lately (with stage_mean_batch: its batch curve)
+    stage_step_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ models):
      "counters": {name: n for name in COUNTERS},
      "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none)}
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
-    "stage_mean_batch", "draining" and "last_error" for the planner)
+    "stage_mean_batch", "stage_step_ms", "draining" and "last_error" for the planner)
 "The chain really served" is the model's own chain with `substitutions` applied.
 """
 
@@ -80,6 +80,7 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "weight_bytes": w.weight_bytes,
         "stage_batch_limits": dict(w.stage_batch_limits),
         "stage_mean_batch": dict(w.stage_mean_batch),
+        "stage_step_ms": dict(w.stage_step_ms),
         "draining": sorted(w.draining),
         "last_error": w.last_error,
     }

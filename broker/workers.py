@@ -48,6 +48,7 @@ class WorkerState:
     weight_bytes: int = 0
     stage_batch_limits: dict[str, int] = field(default_factory=dict)
     stage_mean_batch: dict[str, float] = field(default_factory=dict)
+    stage_step_ms: dict[str, float] = field(default_factory=dict)
     # stage key -> when its drain ends: no new routes use it; then UNLOAD_STAGE is sent
     draining: dict[str, float] = field(default_factory=dict)
     last_error: str = ""
@@ -89,6 +90,7 @@ class WorkerState:
         self.weight_bytes = msg.weight_bytes
         self.stage_batch_limits = dict(msg.stage_batch_limits)
         self.stage_mean_batch = dict(msg.stage_mean_batch)
+        self.stage_step_ms = dict(msg.stage_step_ms)
         self._report(msg.free_slots, msg.kv_free_bytes)
 
     def _report(self, free_slots: int, kv_free_bytes: int) -> None:

@@ -96,6 +96,8 @@ class WorkerProc:
         self._facts = Heartbeat()
         self._stage_counts: dict[str, tuple[int, int]] = {}  # key -> (forwards, items) seen
         self._stage_mean: dict[str, float] = {}
+        self._stage_busy: dict[str, float] = {}  # key -> forward seconds seen
+        self._stage_ms: dict[str, float] = {}  # key -> ms per forward lately
         self._facts_at = 0.0
         self._proc = psutil.Process()
         self.prom: Any = None  # WorkerMetrics when --metrics-port is given
@@ -443,24 +445,34 @@ class WorkerProc:
             self.prom.update(self.engine.stats(), models)
 
     def _stage_facts(self) -> dict[str, Any]:
-        """Weight bytes, per-stage batch limits and mean batch since the last snapshot."""
+        """Weight bytes, per-stage batch limits, mean batch and ms per forward since the last
+        snapshot."""
         s = self.engine.stats()
         limits = getattr(self.engine, "batch_limits", dict)()
+        busy = getattr(s, "busy_s", None) or {}
         for key, forwards in s.forwards.items():
             items = s.items.get(key, 0)
             f0, i0 = self._stage_counts.get(key, (0, 0))
+            b0 = self._stage_busy.get(key, 0.0)
             if forwards < f0:  # unloaded and loaded again: its counters restarted
-                f0, i0 = 0, 0
+                f0, i0, b0 = 0, 0, 0.0
             if forwards > f0:
                 self._stage_mean[key] = (items - i0) / (forwards - f0)
+                if key in busy:
+                    self._stage_ms[key] = 1000 * (busy[key] - b0) / (forwards - f0)
             self._stage_counts[key] = (forwards, items)
+            self._stage_busy[key] = busy.get(key, 0.0)
         for gone in set(self._stage_mean) - set(s.forwards):
             del self._stage_mean[gone]
             self._stage_counts.pop(gone, None)
+        for gone in set(self._stage_ms) - set(s.forwards):
+            del self._stage_ms[gone]
+            self._stage_busy.pop(gone, None)
         return {
             "weight_bytes": s.weight_bytes,
             "stage_batch_limits": dict(limits),
             "stage_mean_batch": dict(self._stage_mean),
+            "stage_step_ms": dict(self._stage_ms),
         }
 
     def _current_facts(self) -> Heartbeat:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ class WorkerStats:
     steps: int
     forwards: dict[str, int]  # stage key -> batched forwards run so far
     items: dict[str, int]  # stage key -> items those forwards carried
+    busy_s: dict[str, float] = field(default_factory=dict)  # stage key -> forward seconds
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class _Stage:
     blocks: list[str]  # block ids acquired (released on unload)
     forwards: int = 0
     items: int = 0
+    busy_s: float = 0.0  # wall time of its forwards (the planner's per-stage latency)
 
 
 class Worker:
@@ -294,6 +297,7 @@ class Worker:
             steps=self._step_no,
             forwards={k: st.forwards for k, st in self._stages.items()},
             items={k: st.items for k, st in self._stages.items()},
+            busy_s={k: st.busy_s for k, st in self._stages.items()},
         )
 
     def queued(self) -> int:
@@ -375,6 +379,7 @@ class Worker:
         entries.sort(key=lambda e: e.n != 1)  # stable: single-token items first
         st.forwards += 1
         st.items += len(entries)
+        t0 = time.perf_counter()
         h = self._forward(st, entries)
         if st.info.has_head:
             # only each request's last position goes through the head
@@ -382,9 +387,11 @@ class Worker:
             logits = st.model.logits(h[last])  # [B, D] -> [B, V]
             positions = [e.item.past_len + e.n for e in entries]
             tokens, logprobs = sample(logits, [e.sampling for e in entries], positions)
+            st.busy_s += time.perf_counter() - t0
             for e, tok, lp in zip(entries, tokens, logprobs, strict=True):
                 results.append(WorkResult(e.item.request_id, e.item.step, None, tok, lp))
             return
+        st.busy_s += time.perf_counter() - t0
         # h: [N, D] -> one [T_i, D] view per entry, in batch order
         for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
             e.at += 1
