@@ -1,12 +1,17 @@
 """Speculative duplicates of stragglers: part of the Planner's policy (pure).
 
 A worker is a straggler when its recent step latency (p50 over the last seconds, from its
-heartbeats) is above `dup_step_ms`, or above `dup_factor` x the median of the other busy
-workers' (and above `dup_min_ms`). Then the stages the target placement gives it are loaded
-on a healthy helper (the one needing the fewest new bytes, then the least queued); once they
-are there, every planned route through the straggler gets a twin through the helper, and the
-straggler's routes keep only `probe_weight` of the new requests (enough to see it recover);
-running requests move at their next step (SET_ROUTES with move_running). When the straggler
+heartbeats) is above `dup_step_ms`, or when it is `dup_factor` x slower than the median of the
+other busy workers (and its step p50 above `dup_min_ms`), in every snapshot for
+`dup_confirm_s`. "Slower" compares the per-stage pace (ms per forward per MiB of the stages it
+ran, from the workers' `stage_step_ms`) when every busy worker reports it, else the step p50:
+a worker running more stages per step is not slow for it. Then the stages the target placement
+gives it are loaded on a healthy helper (the one needing the fewest new bytes, then the least
+queued); once they are there, every planned route through the straggler gets a twin through
+the helper, and the straggler's routes keep only `probe_weight` of the new requests (enough to
+see it recover); running requests move at their next step (SET_ROUTES with move_running) only
+when it is `dup_move_factor` x slower or over `dup_step_ms` (a move is a replay-prefill; a
+mildly slow worker finishes what it runs). When the straggler
 has been healthy for `dup_hold_s`, the twins go, and the planner unloads the helper's
 duplicate stages the target does not need.
 """
@@ -14,6 +19,7 @@ duplicate stages the target does not need.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -44,19 +50,36 @@ class Dup:
     healthy_since: float | None = None
 
 
+def pace(w: WorkerFacts) -> float | None:
+    """ms per MiB of stage weights per forward, over the stages that ran lately (the workers'
+    per-stage facts), or None without them. Unlike the step time, it does not grow with the
+    number of stages a worker runs in a step, so workers with different stages compare."""
+    ran = [(ms, w.stages[k].nbytes) for k, ms in w.stage_ms.items() if k in w.stages and ms > 0]
+    nbytes = sum(b for _, b in ran)
+    return None if nbytes <= 0 else sum(ms for ms, _ in ran) / (nbytes / 2**20)
+
+
+def slowness(workers: Mapping[str, WorkerFacts], cfg: PlannerConfig) -> dict[str, float]:
+    """How many times slower than the median of the other busy workers each busy worker is
+    (math.inf: its step p50 is over `dup_step_ms`). Per-stage pace (`pace`) when every busy
+    worker reports it, else the worker-wide step p50."""
+    busy = {n: w for n, w in workers.items() if w.step_ms_p50 > 0}
+    paces = {n: pace(w) for n, w in busy.items()}
+    per_stage = bool(paces) and all(p is not None for p in paces.values())
+    figure = {n: (paces[n] if per_stage else w.step_ms_p50) or 0.0 for n, w in busy.items()}
+    out: dict[str, float] = {}
+    for name, w in busy.items():
+        others = [v for n, v in figure.items() if n != name and v > 0]
+        if cfg.dup_step_ms > 0 and w.step_ms_p50 > cfg.dup_step_ms:
+            out[name] = math.inf
+        elif others and w.step_ms_p50 > cfg.dup_min_ms:
+            out[name] = figure[name] / statistics.median(others)
+    return out
+
+
 def stragglers(workers: Mapping[str, WorkerFacts], cfg: PlannerConfig) -> set[str]:
-    """Names of the workers whose recent step latency marks them as stragglers."""
-    busy = {n: w.step_ms_p50 for n, w in workers.items() if w.step_ms_p50 > 0}
-    slow = set()
-    for name, ms in busy.items():
-        others = [v for n, v in busy.items() if n != name]
-        absolute = cfg.dup_step_ms > 0 and ms > cfg.dup_step_ms
-        relative = bool(others) and ms > max(
-            cfg.dup_min_ms, cfg.dup_factor * statistics.median(others)
-        )
-        if absolute or relative:
-            slow.add(name)
-    return slow
+    """Names of the workers whose recent latency marks them as stragglers (`slowness`)."""
+    return {n for n, x in slowness(workers, cfg).items() if x > cfg.dup_factor}
 
 
 class Duplicates:
@@ -69,6 +92,8 @@ class Duplicates:
         self.retired = 0
         self.strikes: dict[str, int] = {}  # times each worker was found straggling
         self.retried: set[str] = set()  # stragglers given another chance: re-place them
+        self.slow_since: dict[str, float] = {}  # found slow in every snapshot since
+        self.slowness: dict[str, float] = {}  # of the last snapshot (`slowness`)
 
     @property
     def slow(self) -> set[str]:
@@ -87,10 +112,16 @@ class Duplicates:
         """Commands for one snapshot; `routes`: each model's current route (from the stats)."""
         if not self.cfg.duplicates:
             return []
-        slow_now = stragglers(workers, self.cfg)
+        self.slowness = slowness(workers, self.cfg)
+        slow_now = {n for n, x in self.slowness.items() if x > self.cfg.dup_factor}
+        for name in set(self.slow_since) - slow_now:
+            del self.slow_since[name]
         out: list[Message] = []
         for name in sorted(slow_now - set(self.active)):
-            self._launch(planner, workers, routes, name, now)
+            # a slow snapshot or two (a GC pause, a neighbour's burst) launches nothing
+            since = self.slow_since.setdefault(name, now)
+            if now - since >= self.cfg.dup_confirm_s:
+                self._launch(planner, workers, routes, name, now)
         changed = False
         for dup in list(self.active.values()):
             if dup.slow not in workers or dup.helper not in workers:
@@ -164,8 +195,10 @@ class Duplicates:
             out += planner._load(k, dup.stages[k], workers, now)
         if not missing and not dup.routed:
             dup.routed = True
-            logger.info("[planner] duplicate of %s on %s serving", dup.slow, dup.helper)
-            out.append(SetRoutes(planner.command_id(), planner.routes(), True))
+            move = self.slowness.get(dup.slow, 0.0) >= self.cfg.dup_move_factor
+            logger.info("[planner] duplicate of %s on %s serving (running requests %s)",
+                        dup.slow, dup.helper, "move" if move else "stay")  # fmt: skip
+            out.append(SetRoutes(planner.command_id(), planner.routes(), move))
         return out
 
     def hold_s(self, worker: str) -> float:

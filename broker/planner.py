@@ -6,7 +6,10 @@ returns the commands to send it (broker/commands.py). It keeps a **target** plac
 1. **When to (re)plan**: a model not covered, a worker lost or joined, a model added or
    removed, or, at most every `replan_interval_s`, demand that changed the replicas each model
    should have. An idle cluster whose models are all covered keeps the placement it started
-   with (no demand, nothing to improve).
+   with (no demand, nothing to improve). A re-placement for demand alone is made only when it
+   cuts the estimated cost per token of the live routes by `min_gain` (plan.layout_cost:
+   the busiest worker's batched work plus a fixed cost per hop): loads, unloads and moved
+   requests are not free, and splitting tenants that share blocks over workers loses batching.
 2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
    budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
    loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
@@ -30,7 +33,14 @@ from blockllm.broker.batching import BatchTuner
 from blockllm.broker.duplicates import Duplicates
 from blockllm.broker.memory import Room, removable
 from blockllm.broker.placement import WorkerView, find_route
-from blockllm.broker.plan import ModelInfo, Placement, WorkerInfo, place, replica_targets
+from blockllm.broker.plan import (
+    ModelInfo,
+    Placement,
+    WorkerInfo,
+    place,
+    placement_gain,
+    replica_targets,
+)
 from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import (
     LoadStage,
@@ -46,6 +56,8 @@ from blockllm.broker.protocol import (
 logger = logging.getLogger(__name__)
 
 Catalog = Callable[[], tuple[Mapping[str, Any], list[Any]]]  # -> (manifests, equivalences)
+# re-placements for demand alone: made only when worth their cost (Planner._worth_it)
+DEMAND_REASONS = frozenset({"demand", "demand changed"})
 Key = tuple[str, str]  # (worker name, stage key)
 
 
@@ -61,6 +73,8 @@ class WorkerFacts:
     queued: int = 0
     draining: frozenset[str] = frozenset()
     weight_bytes: int = 0
+    queues: dict[str, int] = field(default_factory=dict)  # stage key -> items queued
+    stage_ms: dict[str, float] = field(default_factory=dict)  # stage key -> ms per forward
 
     @classmethod
     def parse(cls, w: Mapping[str, Any], default_memory: int) -> WorkerFacts:
@@ -80,6 +94,8 @@ class WorkerFacts:
             queued=sum(queues.values()),
             draining=frozenset(w.get("draining") or ()),
             weight_bytes=int(w.get("weight_bytes") or 0),
+            queues={str(k): int(v) for k, v in queues.items()},
+            stage_ms={str(k): float(v) for k, v in (w.get("stage_step_ms") or {}).items()},
         )
 
 
@@ -122,6 +138,8 @@ class Planner:
         self._last_catalog = -math.inf
         self._hot_since: float | None = None
         self.replans = 0
+        self.declined = 0  # demand re-placements not worth their cost (placement_gain)
+        self._declined_at = -math.inf
 
     def command_id(self) -> str:
         return f"p{next(self._ids)}"
@@ -137,7 +155,7 @@ class Planner:
         why = self._replan_reason(workers, models, served, now)
         out: list[Message] = []
         if why is not None:
-            self._adopt(workers, served, now, why)
+            self._adopt(workers, served, now, why, models)
         if self.target is not None:
             out += self._reconcile(workers, now)
         out += self.duplicates.step(self, workers, current_routes(models), now)
@@ -224,15 +242,44 @@ class Planner:
         if t is None:
             if uncovered:
                 return f"not covered: {', '.join(uncovered)}"
-            return "demand" if settled else None
+            return "demand" if settled and self._may_reconsider(now) else None
         if t.workers != frozenset(workers):
             return "workers changed"
         if t.models != frozenset(served):
             return "models changed"
-        due = now - t.at >= self.cfg.replan_interval_s and settled
+        due = now - t.at >= self.cfg.replan_interval_s and settled and self._may_reconsider(now)
         if due and self._replica_targets(served, len(workers)) != t.replicas:
             return "demand changed"
         return None
+
+    def _may_reconsider(self, now: float) -> bool:
+        """A declined demand re-placement is looked at again only a replan interval later."""
+        return now - self._declined_at >= self.cfg.replan_interval_s
+
+    def _worth_it(
+        self, infos: list[ModelInfo], plan: Placement, models: Mapping[str, Any], now: float
+    ) -> bool:
+        """Whether a demand-driven placement is worth its loads, unloads and moves: it must cut
+        the estimated cost per token of the live routes by `min_gain` (plan.layout_cost)."""
+        gain = placement_gain(
+            infos,
+            live_routes(models),
+            plan.routes,
+            self.cfg.batch_exponent,
+            self.cfg.hop_cost_bytes,
+        )
+        if gain >= self.cfg.min_gain:
+            logger.info("[planner] re-placing: estimated cost -%.0f%%", 100 * gain)
+            return True
+        self.declined += 1
+        self._declined_at = now
+        logger.info(
+            "[planner] keeping the placement: a new one would change the estimated cost by "
+            "%+.0f%% (needs -%.0f%%)",
+            -100 * gain,
+            100 * self.cfg.min_gain,
+        )
+        return False
 
     def _replica_targets(self, served: list[str], n_workers: int) -> dict[str, int]:
         infos = [ModelInfo(m, (), (), demand=self._demand_of(m)) for m in served]
@@ -245,7 +292,12 @@ class Planner:
         return self.demand.get(model, 0.0) if self._hot() else 0.0
 
     def _adopt(
-        self, workers: Mapping[str, WorkerFacts], served: list[str], now: float, why: str
+        self,
+        workers: Mapping[str, WorkerFacts],
+        served: list[str],
+        now: float,
+        why: str,
+        models: Mapping[str, Any] | None = None,
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
         infos = [self._model_info(m, chains[m]) for m in served]
@@ -258,6 +310,8 @@ class Planner:
             WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
         ]
         plan = place(infos, nodes, max_replicas=None if self.cfg.replicate else 1)
+        if why in DEMAND_REASONS and not self._worth_it(infos, plan, models or {}, now):
+            return
         target = Target(
             plan=plan,
             workers=frozenset(workers),
@@ -434,14 +488,16 @@ class Planner:
     def _unload_extra(
         self, workers: Mapping[str, WorkerFacts], have: set[Key], now: float
     ) -> list[Message]:
-        """Unload stages neither the target nor a duplicate needs, one model's cover kept."""
+        """Unload stages neither the target nor a duplicate needs, one model's cover kept. A
+        stage with work queued is still in use (requests routed before the new routes): it
+        goes once that traffic has left, rather than by draining (each move is a replay)."""
         t = self.target
         assert t is not None
         keep = set(t.stage_keys) | self.duplicates.stage_keys()
         out: list[Message] = []
         for k in sorted(have - keep):
             w = workers[k[0]]
-            if k in self.pending_unloads or k[1] in w.draining:
+            if k in self.pending_unloads or k[1] in w.draining or w.queues.get(k[1], 0) > 0:
                 continue
             self.pending_unloads[k] = now + self.cfg.drain_s + self.cfg.load_timeout_s
             logger.info("[planner] unload %s from %s", w.stages[k[1]], k[0])
@@ -455,6 +511,30 @@ class Planner:
             return False
         views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
         return find_route(model, len(m.chain), views, self._key) is not None
+
+
+def live_routes(models: Mapping[str, Any]) -> dict[str, tuple[PlannedRoute, ...]]:
+    """Each model's routes in a STATS body: the planned ones with their weights when the
+    planner set some, else the route the broker picks by itself."""
+    out: dict[str, tuple[PlannedRoute, ...]] = {}
+    single = current_routes(models)
+    for name, m in models.items():
+        planned = m.get("planned_routes") if isinstance(m, Mapping) else None
+        try:
+            routes = tuple(
+                PlannedRoute(_hops(hops), float(weight)) for hops, weight in planned or ()
+            )
+        except (TypeError, ValueError):
+            routes = ()
+        if routes:
+            out[name] = routes
+        elif name in single:
+            out[name] = (single[name],)
+    return out
+
+
+def _hops(hops: Any) -> tuple[PlannedHop, ...]:
+    return tuple(PlannedHop(w, tuple((int(a), int(b)) for a, b in spans)) for w, spans in hops)
 
 
 def current_routes(models: Mapping[str, Any]) -> dict[str, PlannedRoute]:

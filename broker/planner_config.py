@@ -27,6 +27,11 @@ class PlannerConfig:
     settle_s: float = 10.0  # ... and for this long without a break (a burst moves nothing)
     unload_delay_s: float = 20.0  # superseded stages stay this long after the new routes
     demand_halflife_s: float = 5.0
+    # a demand re-placement is made only when it cuts the estimated cost per token (plan.py
+    # layout_cost: the busiest worker's batched work + a fixed cost per hop) by this fraction
+    min_gain: float = 0.15
+    batch_exponent: float = 0.5  # the cost model's batching: a batch of B costs B**this
+    hop_cost_bytes: float = 8 << 20  # a hop's fixed time, as block bytes streamed meanwhile
     replicate: bool = True  # replicate hot models across workers (else one replica each)
     catalog_interval_s: float = 1.0  # re-read the zoo at most this often (unknown models)
     load_timeout_s: float = 60.0  # a LOAD_STAGE not visible after this is sent again
@@ -38,6 +43,10 @@ class PlannerConfig:
     dup_min_ms: float = 20.0  # ... and above this
     dup_step_ms: float = 1000.0  # step p50 above this: a straggler whatever the others do
     dup_hold_s: float = 10.0  # healthy this long: its duplicate is retired
+    dup_confirm_s: float = 2.0  # slow in every snapshot this long before it is duplicated
+    # running requests move to the duplicate (a replay-prefill each) only when the straggler
+    # is this much slower than the others, or over dup_step_ms; otherwise only new ones go
+    dup_move_factor: float = 6.0
     probe_weight: float = 0.05  # share of new requests a straggler keeps (to see it recover)
     # per-stage batch size tuning: keep workers' step p95 near this (0: off)
     batch_target_ms: float = 0.0

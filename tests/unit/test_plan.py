@@ -6,9 +6,18 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from blockllm.broker.placement import WorkerView, find_route
-from blockllm.broker.plan import ModelInfo, Placement, WorkerInfo, place
-from blockllm.broker.protocol import StageRef
+from blockllm.broker.plan import (
+    ModelInfo,
+    Placement,
+    WorkerInfo,
+    layout_cost,
+    layout_load,
+    place,
+    placement_gain,
+)
+from blockllm.broker.protocol import PlannedHop, PlannedRoute, StageRef
 from blockllm.worker.items import stage_key
 
 L = 6  # decoder layers: chain positions 0..7
@@ -152,3 +161,55 @@ def test_tied_head_counts_the_embedding_it_reuses() -> None:
     assert not plan.uncovered
     assert all(n <= c for n, c in zip(plan.bytes_used.values(), (4 * MB, 5 * MB), strict=True))
     routable(plan, [tied])
+
+
+# -- the cost model that decides whether a re-placement is worth it ---------------------------
+
+
+def route(*hops: tuple[str, int, int], weight: float = 1.0) -> PlannedRoute:
+    return PlannedRoute(tuple(PlannedHop(w, ((s, e),)) for w, s, e in hops), weight)
+
+
+def test_layout_load_counts_a_shared_block_once_per_worker_batched_over_its_tenants() -> None:
+    base, ft = model("base", BASE, demand=1.0), model("ft", FT, demand=1.0)
+    pipeline = {"base": (route(("w0", 0, 4), ("w1", 4, 8)),),
+                "ft": (route(("w0", 0, 4), ("w1", 4, 8)),)}  # fmt: skip
+    loads = layout_load([base, ft], pipeline, batch_exponent=1.0)
+    # without a batching discount, every block costs its work x the demand through it
+    assert loads["w0"] == pytest.approx(3 * MB + MB * 0.5 + MB * 0.5)  # b3 / ft3: half each
+    flat = layout_load([base, ft], pipeline, batch_exponent=0.0)  # a batch costs one request
+    assert flat["w0"] == pytest.approx(5 * MB) and flat["w1"] == pytest.approx(5 * MB)
+    split = {"base": (route(("w0", 0, 8)),), "ft": (route(("w1", 0, 8)),)}
+    assert max(layout_load([base, ft], split, 0.0).values()) == pytest.approx(8 * MB)
+
+
+def test_splitting_tenants_of_a_pipeline_over_workers_is_not_worth_it() -> None:
+    """The bench's case: every tenant's chain through both workers (shared blocks batched over
+    all tenants) against each tenant whole on one worker (one hop, batching split)."""
+    tenants = [model("base", BASE, 3.0)] + [
+        model(f"ft{i}", chain("b", {L: f"ft{i}"}), 1.0) for i in range(3)
+    ]
+    pipeline = {m.name: (route(("w0", 0, 4), ("w1", 4, 8)),) for m in tenants}
+    whole = {m.name: (route(("w0" if i % 2 == 0 else "w1", 0, 8)),)
+             for i, m in enumerate(tenants)}  # fmt: skip
+    gain = placement_gain(tenants, pipeline, whole, batch_exponent=0.5, hop_cost=MB / 4)
+    assert gain < 0  # costlier: it must not be made
+    assert placement_gain(tenants, whole, pipeline, 0.5, MB / 4) > 0.15
+
+
+def test_one_hop_pays_when_a_hop_costs_more_than_the_work_it_spreads() -> None:
+    """A tiny model split over two workers: the hop (a message through the broker) costs more
+    than the layers it spreads, so the whole chain on one worker is cheaper."""
+    tiny = ModelInfo("m", BASE, (1024,) * len(BASE), demand=5.0)
+    split = {"m": (route(("w0", 0, 4), ("w1", 4, 8)),)}
+    whole = {"m": (route(("w0", 0, 8)),)}
+    assert placement_gain([tiny], split, whole, 0.5, hop_cost=8 * MB) > 0.3
+    big = model("m", BASE, demand=5.0)  # 1 MB blocks, a cheap hop: the pipeline is better
+    assert placement_gain([big], split, whole, 0.5, hop_cost=MB / 8) < 0
+    assert layout_cost([big], whole, 0.5, hop_cost=MB) == pytest.approx(9 * MB)
+
+
+def test_a_model_the_live_layout_cannot_route_makes_any_placement_worth_it() -> None:
+    m = model("m", BASE, demand=1.0)
+    assert placement_gain([m], {}, {"m": (route(("w0", 0, 8)),)}) == 1.0
+    assert placement_gain([m], {}, {}) == 0.0  # nothing either way

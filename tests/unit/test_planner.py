@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from blockllm.broker.planner import Planner
 from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
@@ -49,6 +51,7 @@ def cfg(**kw: Any) -> PlannerConfig:
         "catalog_interval_s": 0.0,
         "settle_s": 0.0,
         "unload_delay_s": 0.0,
+        "dup_confirm_s": 0.0,
     }
     return PlannerConfig(**{**base, **kw})
 
@@ -64,10 +67,12 @@ def snapshot(
     p50: dict[str, float] | None = None,
     routes: dict[str, list] | None = None,
     budget: int = 0,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "workers": [
             {
+                **(extra or {}).get(w, {}),
                 "name": w,
                 "stages": [
                     {"key": stage_key(MANIFESTS[m], s, e), "model": m, "start": s, "end": e}
@@ -262,3 +267,119 @@ def test_a_straggler_left_without_stages_is_retried_after_a_growing_hold() -> No
     assert p.replans == 1  # retried: placed again, w0 included
     p.duplicates.strikes["w0"] = 2  # found slow a second time: set aside twice as long
     assert p.duplicates.hold_s("w0") == 4.0
+
+
+# -- rules that keep the planner from costing more than it buys --------------------------------
+
+PIPELINE = {"w0": [("m", 0, 3)], "w1": [("m", 3, 5), ("ft", 3, 5), ("m", 5, 6)]}
+PIPELINE_ROUTES = {m: [["w0", [[0, 3]]], ["w1", [[3, 5], [5, 6]]]] for m in ("m", "ft")}
+
+
+def test_a_demand_replacement_must_cut_the_estimated_cost_by_min_gain() -> None:
+    """Both tenants batched through one pipeline; each whole on its own worker would save a hop
+    but split the shared blocks' batches: about 12% cheaper here, under a 50% minimum."""
+    hot = {"m": 10.0, "ft": 10.0}
+    body = snapshot(PIPELINE, token_rate=hot, routes=PIPELINE_ROUTES)
+    p = planner(min_demand=0.5, min_gain=0.5, hop_cost_bytes=MB / 4)
+    assert p.on_stats(body, 0.0) == [] and p.target is None
+    assert p.declined == 1
+    assert p.on_stats(body, 0.5) == [] and p.declined == 1  # not looked at again yet
+    assert p.on_stats(body, 1.5) == [] and p.declined == 2  # a replan interval later: again
+    eager = planner(min_demand=0.5, min_gain=0.0, hop_cost_bytes=MB / 4)
+    assert "LoadStage" in kinds(eager.on_stats(body, 0.0)) and eager.declined == 0
+
+
+def test_coverage_is_restored_whatever_the_gain() -> None:
+    p = planner(min_gain=0.99)
+    cmds = p.on_stats(snapshot({"w0": [("m", 0, 3)], "w1": []}, covered={"m": False}), 0.0)
+    assert "LoadStage" in kinds(cmds) and p.declined == 0
+
+
+def test_a_superseded_stage_with_work_queued_is_unloaded_only_once_its_traffic_left() -> None:
+    p = planner()
+    start = {"w0": [("m", 0, 2)], "w1": []}
+    cmds = p.on_stats(snapshot(start, covered={"m": False}), 0.0)
+    placed = {w: list(st) for w, st in start.items()}
+    for c in cmds:
+        placed[c.worker].append((c.model, c.start, c.end))
+    busy = {"w0": {"queue_depths": {stage_key(BASE, 0, 2): 3}}}
+    cmds = p.on_stats(snapshot(placed, extra=busy), 1.0)
+    assert "SetRoutes" in kinds(cmds) and "UnloadStage" not in kinds(cmds)
+    (stale,) = [c for c in p.on_stats(snapshot(placed), 2.0) if isinstance(c, UnloadStage)]
+    assert (stale.worker, stale.key) == ("w0", stage_key(BASE, 0, 2))
+
+
+def test_a_straggler_must_stay_slow_for_dup_confirm_s_before_a_duplicate() -> None:
+    p = planner(dup_step_ms=100.0, dup_confirm_s=2.0)
+    route = {"m": [["w0", [[0, 6]]]]}
+    slow = snapshot({"w0": [("m", 0, 6)], "w1": []}, p50={"w0": 300.0}, routes=route)
+    ok = snapshot({"w0": [("m", 0, 6)], "w1": []}, p50={"w0": 30.0}, routes=route)
+    assert p.on_stats(slow, 0.0) == [] and p.on_stats(ok, 1.0) == []  # a blip
+    assert p.on_stats(slow, 2.0) == [] and p.on_stats(slow, 3.5) == []  # slow again: from 2.0
+    assert "LoadStage" in kinds(p.on_stats(slow, 4.0))
+
+
+def test_running_requests_move_to_a_duplicate_only_when_the_straggler_is_far_slower() -> None:
+    def routed(p50: dict[str, float]) -> SetRoutes:
+        p = planner(dup_factor=3.0, dup_move_factor=6.0, dup_step_ms=0.0, min_demand=1e9)
+        route = {"m": [["w0", [[0, 6]]]], "ft": [["w2", [[0, 6]]]]}
+        layout = {"w0": [("m", 0, 6)], "w1": [], "w2": [("ft", 0, 6)]}
+        p.on_stats(snapshot(layout, p50=p50, routes=route), 0.0)
+        layout["w2"] = [("ft", 0, 6), ("m", 0, 6)]  # the helper: it holds most of m already
+        cmds = p.on_stats(snapshot(layout, p50=p50, routes=route), 0.5)
+        (cmd,) = [c for c in cmds if isinstance(c, SetRoutes)]
+        return cmd
+
+    # 4x slower than the others: new requests go to the duplicate, running ones finish
+    assert not routed({"w0": 200.0, "w1": 50.0, "w2": 50.0}).move_running
+    # 10x slower: moving them (a replay-prefill each) pays
+    assert routed({"w0": 500.0, "w1": 50.0, "w2": 50.0}).move_running
+
+
+def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> None:
+    from blockllm.broker.duplicates import pace, stragglers
+
+    c = cfg(dup_factor=3.0, dup_step_ms=0.0)
+    layout = {"w0": [("m", 0, 3), ("ft", 3, 5), ("m", 5, 6)], "w1": [("m", 3, 5)]}
+    keys = {w: [stage_key(MANIFESTS[m], s, e) for m, s, e in st] for w, st in layout.items()}
+
+    def facts(ms0: list[float], ms1: list[float]) -> dict:
+        body = snapshot(layout, p50={"w0": sum(ms0), "w1": sum(ms1)})
+        for w, ms in (("w0", ms0), ("w1", ms1)):
+            entry = next(e for e in body["workers"] if e["name"] == w)
+            entry["stage_step_ms"] = dict(zip(keys[w], ms, strict=True))
+            for s in entry["stages"]:
+                s["nbytes"] = (s["end"] - s["start"]) * MB
+        p = planner()
+        return p._parse_workers(body)
+
+    # w0's step is 4x w1's, but it runs 6 blocks to w1's 2 at the same ms per MiB
+    even = facts([30.0, 20.0, 10.0], [20.0])
+    assert pace(even["w0"]) == pytest.approx(10.0) and stragglers(even, c) == set()
+    slow = facts([150.0, 100.0, 50.0], [20.0])  # 5x slower per MiB
+    assert stragglers(slow, c) == {"w0"}
+    # without per-stage facts, the worker-wide step time is all there is
+    bare = planner()._parse_workers(snapshot(layout, p50={"w0": 60.0, "w1": 15.0}))
+    assert stragglers(bare, c) == {"w0"}
+
+
+def test_batch_tuner_with_per_stage_latency_halves_the_expensive_stage_only() -> None:
+    from blockllm.broker.batching import BatchTuner
+
+    tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
+    ids = iter(range(100))
+    # a step of 160 ms: the big stage takes 120 of it, the small one 20; both fill 16
+    over = {"step_ms_p95": 160.0, "max_batch_size": 32,
+            "stage_batch_limits": {"big": 16, "small": 16},
+            "stage_mean_batch": {"big": 15.0, "small": 15.0},
+            "stage_step_ms": {"big": 120.0, "small": 20.0}}  # fmt: skip
+    cmds = tuner.step({"w0": over}, set(), 0.0, lambda: str(next(ids)))
+    assert [(c.key, c.max_batch_size) for c in cmds] == [("big", 8)]  # 60 ms saved >= 60 over
+    # well under: grow the queued stages while the step stays under the target if each doubled
+    under = {"step_ms_p95": 40.0, "max_batch_size": 32,
+             "stage_batch_limits": {"a": 8, "b": 8, "c": 8},
+             "stage_mean_batch": {"a": 8.0, "b": 8.0, "c": 8.0},
+             "stage_step_ms": {"a": 10.0, "b": 25.0, "c": 40.0},
+             "queue_depths": {"a": 2, "b": 2, "c": 2}}  # fmt: skip
+    cmds = BatchTuner(cfg(batch_target_ms=100.0)).step({"w0": under}, set(), 0.0, str)
+    assert sorted((c.key, c.max_batch_size) for c in cmds) == [("a", 16), ("b", 16)]
