@@ -11,7 +11,10 @@ one memory budget.
 
 The result is the JSON contract `{"blockllm": {...}, "per_model": {...}, "hf_generate": {...},
 "meta": {...}}` (see `bench_trace.summarize` for the per-system keys; per_model adds
-`resident_bytes_unshared`: every tenant held whole).
+`resident_bytes_unshared`: every tenant held whole). `blockllm` runs once per planner mode
+(`planner`: off = static placement, placement = the planner places by demand, dups = also
+duplicates stragglers); `meta["planner_modes"]`: `{mode: {...summary, "counters",
+"load_average", "other_processes_cores"}}` has each run, and `"blockllm"` is the first mode's.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class MultitenantConfig:
     kv_reserve_tokens: int = KV_RESERVE_TOKENS
     workers: int = 2
     threads: int | None = None  # per worker; None: the cores split across the workers
-    planner: bool = False
+    planner: tuple[str, ...] = ("off",)  # blockllm runs once per mode (bench_systems)
+    straggler_delay_s: float = 0.0  # added to every step of blockllm's last worker
     baseline_threads: int | None = None  # None: the faster of 1 and all cores, measured
     cache_dir: Path | None = None
     systems: tuple[str, ...] = SYSTEMS
@@ -155,17 +159,18 @@ class _Bench:
     budget: int
     say: Say
 
-    def blockllm(self) -> tuple[list[Outcome], dict[str, Any]]:
+    def blockllm(self, mode: str = "off") -> tuple[list[Outcome], dict[str, Any]]:
         from blockllm.client.bench_systems import ClusterSpec, run_blockllm
 
-        self.say("blockllm: starting the cluster and replaying the trace")
+        self.say(f"blockllm (planner {mode}): starting the cluster and replaying the trace")
         cluster = ClusterSpec(
             zoo_dir=str(self.family.zoo_dir),
             models=self.family.names,
             kv_budget_bytes=max(1, self.mem.kv_reserve // self.cfg.workers),
             workers=self.cfg.workers,
             threads=self.cfg.threads,
-            planner=self.cfg.planner,
+            planner=mode,
+            straggler_delay_s=self.cfg.straggler_delay_s,
         )
         outcomes, facts = run_blockllm(cluster, self.trace, self.say)
         # no baseline gets less memory than the cluster really holds
@@ -231,7 +236,10 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     )
     facts: dict[str, Any] = {}
     run = Run({})
-    for name in SYSTEMS:  # blockllm first: its resident bytes may raise the budget
+    modes: dict[str, Any] = {}
+    if "blockllm" in cfg.systems:  # first: its resident bytes may raise the budget
+        modes = _planner_modes(bench, cfg.planner, run, facts, say)
+    for name in SYSTEMS[1:]:
         if name in cfg.systems:
             mark = _cpu_marks()
             outcomes, facts[name] = getattr(bench, name)()
@@ -243,8 +251,34 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     if "per_model" in run.doc:
         run.doc["per_model"]["resident_bytes_unshared"] = mem.unshared + mem.kv_reserve
     run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts, run.doc)
+    run.doc["meta"]["planner_modes"] = modes
     run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
     return run
+
+
+def _planner_modes(
+    bench: _Bench, modes: Sequence[str], run: Run, facts: dict[str, Any], say: Say
+) -> dict[str, Any]:
+    """Run blockllm once per planner mode; the first is "blockllm" in the document."""
+    out: dict[str, Any] = {}
+    for mode in modes or ("off",):
+        mark = _cpu_marks()
+        outcomes, f = bench.blockllm(mode)
+        f["other_processes_cores"] = _other_cores(mark)
+        summary = summarize(outcomes, f.pop("resident_bytes"))
+        out[mode] = {
+            **summary,
+            "counters": f["counters"],
+            "other_processes_cores": f["other_processes_cores"],
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+        _report(say, f"blockllm (planner {mode})", summary)
+        if "blockllm" not in run.doc:
+            run.doc["blockllm"], run.outcomes["blockllm"], facts["blockllm"] = summary, outcomes, f
+        else:
+            run.outcomes[f"blockllm[{mode}]"] = outcomes
+        gc.collect()
+    return out
 
 
 def _cpu_marks() -> tuple[float, float, float]:
@@ -296,6 +330,8 @@ def _meta(
             **trace_facts(trace),
         },
         "budget_bytes": budget,
+        "planner": list(cfg.planner),
+        "straggler_delay_s": cfg.straggler_delay_s,
         "shared_zoo_bytes": mem.shared,
         "kv_reserve_bytes": mem.kv_reserve,
         "cores": _cores(),
@@ -350,9 +386,33 @@ def table(doc: dict[str, Any]) -> list[str]:
         lines.append(f"(per_model with every tenant whole: "
                      f"{pm['resident_bytes_unshared'] / 2**20:.1f} MiB)")  # fmt: skip
     lines.append("(others: cores that other processes on this machine kept busy meanwhile)")
+    lines += planner_table(doc)
     for name, g in doc.get("meta", {}).get("goals", {}).items():
         lines.append(f"goal {name}: {g['value']} (goal {g['goal']}): "
                      f"{'met' if g['met'] else 'NOT met'}")  # fmt: skip
+    return lines
+
+
+def planner_table(doc: dict[str, Any]) -> list[str]:
+    """blockllm per planner mode (what each mechanism buys), when more than static ran."""
+    modes = doc.get("meta", {}).get("planner_modes") or {}
+    if list(modes) in ([], ["off"]):
+        return []
+    delay = doc.get("meta", {}).get("straggler_delay_s") or 0
+    head = (f"{'planner':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+            f"{'tok/s':>7} {'resident MiB':>12} {'errors':>6} {'commands':>8} {'moved':>5} "
+            f"{'replays':>7} {'load1':>5}")  # fmt: skip
+    slowed = f" (last worker slowed by {delay:g} s per step)" if delay else ""
+    lines = ["", f"blockllm by planner mode{slowed}:", head, "-" * len(head)]
+    for mode, s in modes.items():
+        c = s.get("counters", {})
+        lines.append(
+            f"{mode:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
+            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
+            f"{s['resident_bytes'] / 2**20:>12.1f} {s['errors']:>6} {c.get('commands', 0):>8} "
+            f"{c.get('moved', 0):>5} {c.get('replays', 0):>7} "
+            f"{_num(s.get('load_average', [None])[0], '.2f'):>5}"
+        )
     return lines
 
 

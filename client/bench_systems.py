@@ -2,8 +2,11 @@
 
 - `blockllm`: the real multi-process system as `blockllm serve` runs it (a broker and worker
   processes started by `client.launcher`, stages placed by the same static placement, shared
-  stages batched across tenants; optionally the planner), driven by the real `Client` with one
-  stream per request, each sent at its arrival time (real time, concurrent).
+  stages batched across tenants), driven by the real `Client` with one stream per request,
+  each sent at its arrival time (real time, concurrent). `planner` (PLANNER_MODES): "off" keeps
+  the static placement; "placement" adds the planner process placing by demand; "dups" also
+  lets it duplicate stragglers. `straggler_delay_s` slows every step of the last worker (the
+  test-only fault hook) to show what duplicates buy.
 - `hf_generate`: what a user without BlockLLM does: each request in arrival order, one at a
   time, `model.generate` (greedy) on its model, models loaded with `from_pretrained` from their
   checkpoint folders under the same budget (least recently used evicted; load time on the
@@ -29,6 +32,9 @@ from blockllm.client.bench_trace import Outcome, TraceRequest
 logger = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
+PLANNER_MODES = ("off", "placement", "dups")
+# broker counters that say what the planner (and the broker's failover) did during a run
+PLANNER_COUNTERS = ("commands", "moved", "replays", "hedges", "hedges_won")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +47,8 @@ class ClusterSpec:
     workers: int = 2
     threads: int | None = None  # per worker; None = the cores split across workers
     max_batch_size: int = 32
-    planner: bool = False
+    planner: str = "off"  # one of PLANNER_MODES
+    straggler_delay_s: float = 0.0  # added to every step of the last worker
     ready_timeout_s: float = 300.0
     request_timeout_s: float = 900.0
     name_prefix: str = "bench-worker"
@@ -64,6 +71,7 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
     threads = spec.threads or default_threads(len(stages))
     for i, worker_stages in enumerate(stages):
         name = f"{spec.name_prefix}-{i}"
+        slow = spec.straggler_delay_s if i == len(stages) - 1 else 0.0
         cfg = WorkerProcConfig(
             broker=endpoint,
             zoo_dir=spec.zoo_dir,
@@ -73,15 +81,19 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
             kv_budget_bytes=spec.kv_budget_bytes,
             max_batch_size=spec.max_batch_size,
             log_level=spec.log_level,
+            fault_step_delay_s=slow,
         )
         launcher.start_worker(name, cfg)
     launcher.wait_ready(list(models), spec.ready_timeout_s)
-    if spec.planner:  # it refines the static placement from the live stats, as in serve
+    if spec.planner not in PLANNER_MODES:
+        raise ValueError(f"planner mode {spec.planner!r}: choose from {PLANNER_MODES}")
+    if spec.planner != "off":  # it refines the static placement from the live stats, as in serve
         from blockllm.broker.planner_config import PlannerConfig
 
         launcher.start_planner(
-            PlannerConfig(broker=endpoint, zoo_dir=spec.zoo_dir, log_level="WARNING")
-        )
+            PlannerConfig(broker=endpoint, zoo_dir=spec.zoo_dir, log_level=spec.log_level,
+                          duplicates=spec.planner == "dups")
+        )  # fmt: skip
     return endpoint
 
 
@@ -150,7 +162,14 @@ def run_blockllm(
         }
         for w in after.get("workers", [])
     }
-    facts = {"workers": workers, "planner": spec.planner}
+    counters = after.get("counters", {})
+    facts = {
+        "workers": workers,
+        "planner": spec.planner,
+        "straggler_delay_s": spec.straggler_delay_s,
+        "counters": {k: int(counters.get(k) or 0) - int(before.get("counters", {}).get(k) or 0)
+                     for k in PLANNER_COUNTERS},
+    }  # fmt: skip
     return outcomes, {**facts, "resident_bytes": resident}
 
 

@@ -29,6 +29,16 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
         raise click.BadParameter(f"{value!r}: {e}") from None
 
 
+def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
+    from blockllm.client.bench_systems import PLANNER_MODES
+
+    modes = tuple(m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in modes if m not in PLANNER_MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise click.BadParameter(f"{value!r}: distinct modes of {', '.join(PLANNER_MODES)}")
+    return modes
+
+
 @click.command("multitenant")
 @click.option(
     "--quick",
@@ -93,10 +103,20 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
     help="torch threads per worker [default: the cores split across the workers].",
 )
 @click.option(
-    "--planner/--no-planner",
-    default=False,
+    "--planner",
+    default="off",
     show_default=True,
-    help="Run the planner in the blockllm cluster (static placement otherwise).",
+    callback=_planner_modes,
+    metavar="MODES",
+    help="blockllm's planner, one run per mode (comma-separated): off (static placement), "
+    "placement (the planner places by demand), dups (placement + straggler duplicates).",
+)
+@click.option(
+    "--straggler-delay",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Seconds added to every step of blockllm's last worker (a straggler for dups).",
 )
 @click.option(
     "--baseline-threads",
@@ -157,6 +177,7 @@ def multitenant(**p: Any) -> None:
         workers=p["workers"],
         threads=p["threads"],
         planner=p["planner"],
+        straggler_delay_s=p["straggler_delay"],
         baseline_threads=p["baseline_threads"],
         cache_dir=p["cache_dir"],
         systems=systems,
