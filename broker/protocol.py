@@ -58,6 +58,11 @@ class Kind(bytes, enum.Enum):
     # worker -> broker: read a chunk of the broker's zoo; broker -> worker: the chunk
     FETCH = b"N"
     BLOB = b"V"
+    # KV migration (broker/migrate.py): broker -> old worker: export; old worker -> broker ->
+    # new worker: the shard (its frames forwarded as received); new worker -> broker: the ack
+    KV_EXPORT = b"M"
+    KV_SHARD = b"J"
+    KV_ACK = b"I"
 
 
 class ErrorCode(str, enum.Enum):
@@ -409,6 +414,47 @@ class Blob:
     tensors: tuple[TensorMeta, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class KvExport:
+    """Broker -> worker: send the KV of `request_id` in stage `stage_key`, positions
+    [0, length), as a KV_SHARD (all layers of the stage); refused with a KV_ACK(ok=False)."""
+
+    KIND: ClassVar[Kind] = Kind.KV_EXPORT
+    transfer_id: int
+    request_id: str
+    stage_key: str
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvShard:
+    """Worker -> broker (an export), then broker -> worker (an import, the same frames): K and
+    V of one request in one stage, each `[n_layers, length, n_kv_heads, head_dim]`. The
+    importer reserves pages for `max_total_len` tokens and answers a KV_ACK."""
+
+    KIND: ClassVar[Kind] = Kind.KV_SHARD
+    transfer_id: int
+    request_id: str
+    stage_key: str
+    length: int
+    max_total_len: int = 0
+    tensors: tuple[TensorMeta, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KvAck:
+    """Worker -> broker: an import done (ok) or an export/import refused (`code`: KV_MISS,
+    CACHE_FULL, UNKNOWN_STAGE, BAD_REQUEST)."""
+
+    KIND: ClassVar[Kind] = Kind.KV_ACK
+    transfer_id: int
+    request_id: str
+    stage_key: str
+    ok: bool
+    code: str = ""
+    message: str = ""
+
+
 Message = (
     Ready
     | Heartbeat
@@ -432,6 +478,9 @@ Message = (
     | Stats
     | Fetch
     | Blob
+    | KvExport
+    | KvShard
+    | KvAck
 )
 
 MESSAGES: dict[Kind, type] = {
@@ -459,6 +508,9 @@ MESSAGES: dict[Kind, type] = {
         Stats,
         Fetch,
         Blob,
+        KvExport,
+        KvShard,
+        KvAck,
     )
 }
 
@@ -475,4 +527,4 @@ COMMAND_KINDS = frozenset(
 )
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
-TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB})
+TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB, Kind.KV_SHARD})

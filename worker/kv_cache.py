@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from blockllm.worker.errors import BadRequest, CacheFull
+from blockllm.worker.errors import BadRequest, CacheFull, KVMiss
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,65 @@ class KVCacheManager:
         """Free every request's KV in one stage (the stage is being unloaded)."""
         for key, rid in [k for k in self._seqs if k[0] == stage_key]:
             self.free(key, rid)
+
+    # -- migration: one request's KV of one stage as tensors, and back ----------------------
+    def export(
+        self, stage_key: str, request_id: str, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V of positions [0, length), each `[n_layers, length, H, Dh]`, on
+        the pool's device (the caller moves them to CPU). Raises KVMiss when the request does
+        not hold exactly `length` tokens in the stage."""
+        seq = self.get(stage_key, request_id)
+        if seq is None or seq.length != length or length <= 0:
+            held = "none" if seq is None else f"{seq.length} tokens"
+            raise KVMiss(f"no KV of {request_id!r} at {length} tokens to export (holds {held})")
+        assert self.pool is not None
+        used = math.ceil(length / self.page_size)
+        idx = seq.pages[:, :used]  # [L, P] page ids
+        n_layers = idx.shape[0]
+        out = []
+        for buf in (self.pool.k, self.pool.v):
+            # buf[idx]: [L, P, ps, H, Dh] -> [L, P * ps, H, Dh] -> the first `length` positions
+            pages = buf[idx].reshape(n_layers, used * self.page_size, *buf.shape[2:])
+            out.append(pages[:, :length].contiguous())
+        return out[0], out[1]
+
+    def import_(
+        self,
+        stage_key: str,
+        request_id: str,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        capacity: int,
+        step: int,
+        protected: set[str],
+    ) -> SeqKV:
+        """Admit a request whose KV of one stage arrives as tensors (`export`'s output): make
+        room for `capacity` tokens like a new request (may evict idle ones), reserve, write
+        positions [0, length). Raises BadRequest (shapes, dtype) or CacheFull."""
+        assert self.pool is not None, "import before ensure_pool"
+        g = self.pool.geometry
+        n_layers, length = (k.shape[0], k.shape[1]) if k.dim() == 4 else (0, 0)
+        want = (n_layers, length, g.n_kv_heads, g.head_dim)
+        if k.dim() != 4 or tuple(k.shape) != want or tuple(v.shape) != want or n_layers == 0:
+            raise BadRequest(f"KV shard shapes {tuple(k.shape)}, {tuple(v.shape)}; want {want}")
+        if k.dtype != g.dtype or v.dtype != g.dtype:
+            raise BadRequest(f"KV shard dtype {k.dtype}/{v.dtype}, the pool holds {g.dtype}")
+        if not 0 < length <= capacity:
+            raise BadRequest(f"KV shard of {length} tokens does not fit {capacity} reserved")
+        self.free(stage_key, request_id)
+        self.make_room(self.pages_for(n_layers, capacity), protected | {request_id})
+        seq = self.reserve(stage_key, request_id, n_layers, capacity, step)
+        used = math.ceil(length / self.page_size)
+        idx = seq.pages[:, :used]
+        pad = used * self.page_size - length
+        for buf, src in ((self.pool.k, k), (self.pool.v, v)):
+            src = src.to(g.device)
+            if pad:  # [L, n, H, Dh] -> [L, P * ps, H, Dh]; the padding is never read unmasked
+                src = torch.cat([src, src.new_zeros(n_layers, pad, *src.shape[2:])], dim=1)
+            buf[idx] = src.view(n_layers, used, self.page_size, *src.shape[2:])
+        seq.length = length
+        return seq
 
     def stats(self) -> KVStats:
         pool = self.pool

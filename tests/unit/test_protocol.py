@@ -65,6 +65,9 @@ SAMPLES = [
     protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
     protocol.Fetch("f1", "block", "a" * 64, 4 << 20, 1 << 20),
     protocol.Blob("f1", "block", "a" * 64, 0, 32, (frames.meta_of(torch.zeros(2, 4)),)),
+    protocol.KvExport(9, "b1", "k1", 12),
+    protocol.KvShard(9, "b1", "k1", 12, 40, (frames.meta_of(torch.zeros(2, 4)),)),
+    protocol.KvAck(9, "b1", "k1", False, "CACHE_FULL", "no room"),
 ]
 
 
