@@ -50,31 +50,43 @@ class Dup:
     healthy_since: float | None = None
 
 
-def pace(w: WorkerFacts) -> float | None:
-    """ms per MiB of stage weights per forward, over the stages that ran lately (the workers'
-    per-stage facts), or None without them. Unlike the step time, it does not grow with the
-    number of stages a worker runs in a step, so workers with different stages compare."""
+def pace(w: WorkerFacts) -> tuple[float, float] | None:
+    """(forward pace, step pace) of a worker from its per-stage facts, or None without them:
+    ms per MiB of the stages that ran lately, of their forwards (`stage_step_ms`: compute) and
+    of the whole step (step p50: also what happens between forwards). Unlike the step time,
+    neither grows with the number of stages a worker runs, so workers with different stages
+    compare."""
     ran = [(ms, w.stages[k].nbytes) for k, ms in w.stage_ms.items() if k in w.stages and ms > 0]
-    nbytes = sum(b for _, b in ran)
-    return None if nbytes <= 0 else sum(ms for ms, _ in ran) / (nbytes / 2**20)
+    mib = sum(b for _, b in ran) / 2**20
+    if mib <= 0:
+        return None
+    return sum(ms for ms, _ in ran) / mib, w.step_ms_p50 / mib
 
 
 def slowness(workers: Mapping[str, WorkerFacts], cfg: PlannerConfig) -> dict[str, float]:
     """How many times slower than the median of the other busy workers each busy worker is
-    (math.inf: its step p50 is over `dup_step_ms`). Per-stage pace (`pace`) when every busy
-    worker reports it, else the worker-wide step p50."""
+    (math.inf: its step p50 is over `dup_step_ms`): by `pace` (the larger of the forward and
+    the step ratio) when every busy worker reports per-stage facts, else by step p50."""
     busy = {n: w for n, w in workers.items() if w.step_ms_p50 > 0}
     paces = {n: pace(w) for n, w in busy.items()}
-    per_stage = bool(paces) and all(p is not None for p in paces.values())
-    figure = {n: (paces[n] if per_stage else w.step_ms_p50) or 0.0 for n, w in busy.items()}
+    if paces and all(p is not None for p in paces.values()):
+        figures = [{n: p[i] for n, p in paces.items() if p} for i in (0, 1)]
+    else:
+        figures = [{n: w.step_ms_p50 for n, w in busy.items()}]
     out: dict[str, float] = {}
     for name, w in busy.items():
-        others = [v for n, v in figure.items() if n != name and v > 0]
         if cfg.dup_step_ms > 0 and w.step_ms_p50 > cfg.dup_step_ms:
             out[name] = math.inf
-        elif others and w.step_ms_p50 > cfg.dup_min_ms:
-            out[name] = figure[name] / statistics.median(others)
+        elif w.step_ms_p50 > cfg.dup_min_ms:
+            ratios = [_ratio(f, name) for f in figures]
+            if any(r is not None for r in ratios):
+                out[name] = max(r for r in ratios if r is not None)
     return out
+
+
+def _ratio(figure: Mapping[str, float], name: str) -> float | None:
+    others = [v for n, v in figure.items() if n != name and v > 0]
+    return figure[name] / statistics.median(others) if others else None
 
 
 def stragglers(workers: Mapping[str, WorkerFacts], cfg: PlannerConfig) -> set[str]:

@@ -343,8 +343,8 @@ def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> 
     layout = {"w0": [("m", 0, 3), ("ft", 3, 5), ("m", 5, 6)], "w1": [("m", 3, 5)]}
     keys = {w: [stage_key(MANIFESTS[m], s, e) for m, s, e in st] for w, st in layout.items()}
 
-    def facts(ms0: list[float], ms1: list[float]) -> dict:
-        body = snapshot(layout, p50={"w0": sum(ms0), "w1": sum(ms1)})
+    def facts(ms0: list[float], ms1: list[float], extra0: float = 0.0) -> dict:
+        body = snapshot(layout, p50={"w0": sum(ms0) + extra0, "w1": sum(ms1)})
         for w, ms in (("w0", ms0), ("w1", ms1)):
             entry = next(e for e in body["workers"] if e["name"] == w)
             entry["stage_step_ms"] = dict(zip(keys[w], ms, strict=True))
@@ -355,9 +355,12 @@ def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> 
 
     # w0's step is 4x w1's, but it runs 6 blocks to w1's 2 at the same ms per MiB
     even = facts([30.0, 20.0, 10.0], [20.0])
-    assert pace(even["w0"]) == pytest.approx(10.0) and stragglers(even, c) == set()
-    slow = facts([150.0, 100.0, 50.0], [20.0])  # 5x slower per MiB
+    assert pace(even["w0"]) == pytest.approx((10.0, 10.0)) and stragglers(even, c) == set()
+    slow = facts([150.0, 100.0, 50.0], [20.0])  # its forwards 5x slower per MiB
     assert stragglers(slow, c) == {"w0"}
+    # forwards as fast, but its steps lose 300 ms elsewhere (the fault hook's sleep, IO)
+    stalled = facts([30.0, 20.0, 10.0], [20.0], extra0=300.0)
+    assert pace(stalled["w0"]) == pytest.approx((10.0, 60.0)) and stragglers(stalled, c) == {"w0"}
     # without per-stage facts, the worker-wide step time is all there is
     bare = planner()._parse_workers(snapshot(layout, p50={"w0": 60.0, "w1": 15.0}))
     assert stragglers(bare, c) == {"w0"}
