@@ -21,6 +21,7 @@ the process exits 1. The test-only `fault_after_steps` hook exits 3 (crash) or r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -52,6 +53,7 @@ from blockllm.broker.protocol import (
     StageRef,
     UnloadStage,
 )
+from blockllm.worker import proc_kv
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError
 from blockllm.worker.items import SamplingParams, WorkItem
@@ -110,6 +112,8 @@ class WorkerProc:
             Kind.UNLOAD_STAGE: self._handle_unload_stage,
             Kind.SET_BATCH: self._handle_set_batch,
             Kind.ERROR: self._handle_error,
+            Kind.KV_EXPORT: functools.partial(proc_kv.handle_kv_export, self),
+            Kind.KV_SHARD: functools.partial(proc_kv.handle_kv_shard, self),
         }
 
     # -- lifecycle ---------------------------------------------------------------------------

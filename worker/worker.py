@@ -281,6 +281,38 @@ class Worker:
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
 
+    # -- KV migration (worker/proc_kv.py; the broker's broker/migrate.py) ---------------------
+    def export_kv(
+        self, request_id: str, key: str, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU copies of the request's K and V in stage `key`, positions [0, length), each
+        `[n_layers, length, n_kv_heads, head_dim]`; the request keeps its KV here until
+        released. Raises UnknownStage, BadRequest (no layers, an item queued), KVMiss."""
+        self._kv_stage(key, request_id)
+        k, v = self.kv.export(key, request_id, length)
+        return k.to("cpu"), v.to("cpu")
+
+    def import_kv(
+        self, request_id: str, key: str, k: torch.Tensor, v: torch.Tensor, max_total_len: int
+    ) -> None:
+        """Admit a request whose KV of stage `key` arrives as tensors (`export_kv`'s): pages
+        for `max_total_len` tokens are reserved like for a new request (idle requests may be
+        evicted); its next item continues at past_len = length. Raises UnknownStage,
+        BadRequest, CacheFull."""
+        st = self._kv_stage(key, request_id)
+        if k.dim() != 4 or k.shape[0] != len(st.model.layers):
+            raise BadRequest(f"KV shard {tuple(k.shape)} for {len(st.model.layers)} layers")
+        protected = set(self._queued)
+        self.kv.import_(key, request_id, k, v, max_total_len, self._step_no, protected)
+
+    def _kv_stage(self, key: str, request_id: str) -> _Stage:
+        st = self._stage(key)
+        if not st.model.layers:
+            raise BadRequest(f"stage {key[:12]} has no decoder layers: it holds no KV")
+        if request_id in self._queued:  # its KV is about to change
+            raise BadRequest(f"request {request_id!r} has an item queued")
+        return st
+
     def stats(self) -> WorkerStats:
         """Load facts for READY / heartbeats (cheap; compute thread)."""
         kv = self.kv.stats()
