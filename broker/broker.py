@@ -24,6 +24,7 @@ from blockllm.broker.commands import Commands
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out, RequestFlow, error_code
 from blockllm.broker.hedge import Hedging
+from blockllm.broker.migrate import Migrating, Migration
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
@@ -35,6 +36,8 @@ from blockllm.broker.protocol import (
     Generate,
     Heartbeat,
     Kind,
+    KvExport,
+    KvShard,
     Message,
     PlannedRoute,
     Ready,
@@ -72,7 +75,7 @@ class ChainView:
         self.tie_word_embeddings = getattr(manifest, "tie_word_embeddings", False)
 
 
-class Broker(Commands, Hedging, RequestFlow):
+class Broker(Commands, Hedging, Migrating, RequestFlow):
     """Registries of workers and requests, and every protocol handler. Loop thread only.
 
     Public: `handle`, `bad_message`, `tick`, `peer_lost`, `send_failed`, `begin_shutdown`,
@@ -106,9 +109,11 @@ class Broker(Commands, Hedging, RequestFlow):
         self.routes_gen = 0
         self.move_gen = 0
         self.chains: dict[str, tuple[str, ...]] = {}
+        self.migrating: dict[str, Migration] = {}  # request id -> its KV migration in flight
         self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
         self._handlers: dict[Kind, Callable[[bytes, Any, Sequence[Any], float], list[Out]]] = {
             **self.command_handlers(),
+            **self.migration_handlers(),
             Kind.READY: self._handle_ready,
             Kind.HEARTBEAT: self._handle_heartbeat,
             Kind.DEAD: self._handle_dead,
@@ -157,7 +162,8 @@ class Broker(Commands, Hedging, RequestFlow):
             ):
                 w.last_ping = now
                 out.append(Out(w.identity, Heartbeat()))
-        return out + self._drain_tick(now) + self._hedge_tick(now) + self._dispatch(now)
+        out += self._drain_tick(now) + self._hedge_tick(now) + self._migrate_tick(now)
+        return out + self._dispatch(now)
 
     def peer_lost(self, peer: bytes, now: float) -> list[Out]:
         """The transport says `peer` is gone (EHOSTUNREACH): drop it as a worker and client."""
@@ -171,6 +177,8 @@ class Broker(Commands, Hedging, RequestFlow):
     def send_failed(self, peer: bytes, msg: Message, now: float) -> list[Out]:
         """A send to `peer` would block (its queue is full): undo what depended on it."""
         self.counters["dropped_sends"] += 1
+        if isinstance(msg, KvExport | KvShard):
+            return self._migration_send_failed(msg) + self._dispatch(now)
         if isinstance(msg, Forward) and (req := self.requests.get(msg.request_id)):
             worker = self.workers.get(peer)
             if worker is not None:

@@ -65,6 +65,10 @@ class BrokerConfig:
     # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # a running request that moves migrates its KV (broker/migrate.py) instead of replaying;
+    # a migration not done within migrate_timeout_s replays
+    kv_migration: bool = True
+    migrate_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.liveness < 1:

@@ -66,6 +66,12 @@ class RequestFlow:
     def key_of(self, model: str, start: int, end: int) -> str | None:
         raise NotImplementedError
 
+    def _relocate(self, req: RequestState, now: float) -> list[Out]:
+        raise NotImplementedError  # broker/migrate.py
+
+    def _drop_migration(self, req: RequestState) -> list[Out]:
+        raise NotImplementedError  # broker/migrate.py
+
     # -- routing ---------------------------------------------------------------------------
     def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
         """The best route of `model` over `views`: a planner-preferred one if one resolves,
@@ -212,7 +218,7 @@ class RequestFlow:
         out = [Out(req.client, token), *lost_race]
         if finish is None:
             if self._should_move(req, now):
-                return out + self._move(req)
+                return out + self._relocate(req, now)  # migrate its KV, or replay
             return [*out, self._start_step(req, now)]
         self.counters["completed"] += 1
         self.metrics.on_complete(req.model)
@@ -261,6 +267,7 @@ class RequestFlow:
         """RELEASE to every live worker of the route (and of a hedged attempt), and return
         their credit."""
         out = self._drop_shadow(req)
+        out += self._drop_migration(req)
         out += self._release_route(req.route, req.wire_id)
         req.route = None
         return out

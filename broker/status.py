@@ -48,6 +48,9 @@ COUNTERS = (
     "commands",
     "hedges",
     "hedges_won",
+    "migrations",
+    "migrations_failed",
+    "migrated_bytes",
 )
 
 

@@ -28,9 +28,9 @@ def route(*hops: tuple[str, list[tuple[int, int]]], weight: float = 1.0) -> Plan
     return PlannedRoute(tuple(PlannedHop(w, tuple(spans)) for w, spans in hops), weight)
 
 
-def two_full() -> Harness:
+def two_full(**cfg) -> Harness:
     """w0 and w1 both host the whole base chain; w2 hosts base split in two stages."""
-    h = Harness()
+    h = Harness(**cfg)
     h.ready(W0, [("base", 0, 6)])
     h.ready(W1, [("base", 0, 6)])
     h.ready(W2, [("base", 0, 3), ("base", 3, 6)])
@@ -73,7 +73,7 @@ def test_preferred_route_is_validated_and_skipped_when_not_hosted() -> None:
 
 
 def test_running_request_moves_at_its_next_step_without_losing_a_token() -> None:
-    h = two_full()
+    h = two_full(kv_migration=False)  # the replay move (KV migration: test_broker_migrate.py)
     h.send(PLANNER, SetRoutes("c0", {"base": (route(("w0", [(0, 6)])),)}))
     fwd = only(h.generate("r1", max_new_tokens=4), Forward)
     assert fwd.peer == W0
