@@ -49,6 +49,8 @@ from blockllm.broker.sockets import bound_endpoint, make_socket
 logger = logging.getLogger(__name__)
 
 RECV_BATCH = 256  # messages read per poll wake-up before timers get a turn
+# FETCH chunks served, their bytes, and the chunks asked for by registered workers
+FETCH_COUNTERS = ("fetches", "fetch_bytes", "fetches_by_workers")
 CLOSE_LINGER_MS = 1000  # the last errors to clients get this long to leave
 STATS_HWM = 4  # a slow subscriber loses old snapshots, never slows the broker
 
@@ -86,6 +88,8 @@ class BrokerProc:
         self.cfg = cfg
         catalog = ZooCatalog(cfg.zoo_dir, cfg.eos_token_id) if cfg.zoo_dir else dict
         self.broker = broker or Broker(cfg, catalog, now=time.monotonic())
+        for name in FETCH_COUNTERS:
+            self.broker.counters.setdefault(name, 0)
         self.ctx = zmq.Context()
         self._auth: Any = None
         self.sock: zmq.Socket | None = None
@@ -235,9 +239,8 @@ class BrokerProc:
         except ProtocolError as e:
             self._send(self.broker.bad_message(peer, str(e), now))
             return
-        if msg.KIND is Kind.FETCH:  # zoo reads: file IO, no routing state (broker/fetch.py)
-            answer, data = serve_fetch(self.cfg.zoo_dir, msg)
-            self._send([Out(peer, answer, () if data is None else (data,))])
+        if msg.KIND is Kind.FETCH:
+            self._serve_fetch(peer, msg, now)
             return
         try:
             outs = self.broker.handle(peer, msg, tuple(body[2:]), now)
@@ -247,6 +250,21 @@ class BrokerProc:
             rid = getattr(msg, "request_id", "")
             outs = [Out(peer, Error(rid, ErrorCode.INTERNAL.value, "internal broker error"))]
         self._send(outs)
+
+    def _serve_fetch(self, peer: bytes, msg: Any, now: float) -> None:
+        """A zoo read (broker/fetch.py): file IO, no routing state, one chunk per FETCH.
+
+        Any peer that passed CurveZMQ may ask: a starting worker fetches over its own
+        connection before its READY (it is not a worker here until then, so it is neither
+        pinged nor routed to). From a registered worker it also proves the worker alive."""
+        worker = self.broker.workers.get(peer)
+        if worker is not None:
+            worker.touch(now, self.cfg.expiry_s)
+            self.broker.counters["fetches_by_workers"] += 1
+        answer, data = serve_fetch(self.cfg.zoo_dir, msg)
+        self.broker.counters["fetches"] += 1
+        self.broker.counters["fetch_bytes"] += len(data or b"")
+        self._send([Out(peer, answer, () if data is None else (data,))])
 
     def _send(self, outs: list[Out]) -> None:
         """Send without blocking; failures go back to the Broker, whose answers are sent too."""

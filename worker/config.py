@@ -80,12 +80,17 @@ class WorkerProcConfig:
     fault_mode: FaultMode = FaultMode.RAISE
     # Test-only: every engine step that did work takes this much longer (a straggler).
     fault_step_delay_s: float = 0.0
+    # Test-only: the loader thread opens this FIFO for reading before it reads a stage's
+    # weights, so each stage load waits until a test opens it for writing (an event, no sleep)
+    fault_load_gate: str | None = None
     log_level: str = "WARNING"
     # weights + KV this worker may hold, advertised to the planner (0: the planner's default)
     memory_budget_bytes: int = 0
     # a stage's model missing from the local zoo (or some of its blocks) is pulled from the
-    # broker's zoo before loading (worker/fetch.py)
+    # broker's zoo before loading, over the worker's own connection (worker/fetch.py)
     fetch_from_broker: bool = True
+    fetch_timeout_s: float = 30.0  # per chunk: a broker silent this long fails the load
+    load_queue_size: int = 64  # stage loads waiting for the loader thread (more are refused)
     # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

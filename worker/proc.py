@@ -13,10 +13,17 @@ broker replays those requests).
 The main thread runs the engine (`Worker`): it drains the inbox (blocking when idle: no busy
 spin), submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages.
 
-Lifecycle (STYLE 7.8): SIGTERM/SIGINT only set a flag and wake the loop; the loop stops taking
-new work, finishes in-flight items for up to `grace_s`, sends DEAD("shutdown") and exits 0. A
-fatal error is logged with its traceback, DEAD(reason) is sent with linger so it leaves, and
-the process exits 1. The test-only `fault_after_steps` hook exits 3 (crash) or raises.
+Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
+lacks over this worker's own connection (through the IO thread) and reads the weights; the
+compute loop only installs them, between two steps, so requests on loaded stages keep going.
+A stage is in READY only once installed. At start the worker connects first (to fetch) and
+sends its first READY once every configured stage is installed (then systemd hears READY=1).
+
+Lifecycle (STYLE 7.8): SIGTERM/SIGINT only set a flag and wake the loop; the loop tells systemd
+STOPPING=1, stops taking new work, finishes in-flight items for up to `grace_s`, sends
+DEAD("shutdown") and exits 0. A fatal error is logged with its traceback, DEAD(reason) is sent
+with linger so it leaves, and the process exits 1. The test-only `fault_after_steps` hook
+exits 3 (crash) or raises.
 """
 
 from __future__ import annotations
@@ -29,11 +36,9 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import psutil
 import torch
 
 from blockllm.broker import frames
@@ -48,63 +53,64 @@ from blockllm.broker.protocol import (
     LoadStage,
     Ready,
     Release,
-    Result,
     SetBatch,
     StageRef,
     UnloadStage,
 )
+from blockllm.broker.sdnotify import notify
 from blockllm.worker import proc_kv
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError
+from blockllm.worker.facts import Facts, engine_load
 from blockllm.worker.items import SamplingParams, WorkItem
-from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, Reset, Wake
+from blockllm.worker.loader import Loaded, LoaderBusy, LoadJob, StageLoader, build_engine
+from blockllm.worker.proc_io import (
+    RETRYABLE,
+    Failed,
+    Inbound,
+    IOThread,
+    IOThreadFailed,
+    Reset,
+    Wake,
+    result_message,
+)
 
 logger = logging.getLogger(__name__)
-
-# Step latency and batch facts describe the steps of the last this many seconds (0 when idle),
-# so a planner sees a straggler recover.
-FACTS_WINDOW_S = 10.0
-
-# Engine error codes a broker answers by replaying/rerouting (the request itself is fine).
-RETRYABLE = frozenset(
-    {ErrorCode.KV_MISS, ErrorCode.CACHE_FULL, ErrorCode.QUEUE_FULL, ErrorCode.WORKER_LOST}
-)
 
 
 class InjectedFault(RuntimeError):
     """Raised by the test-only fault hook (`fault_after_steps`, mode RAISE)."""
 
 
+class StartupLoadFailed(RuntimeError):
+    """A configured stage could not be loaded at start: the worker cannot serve as asked."""
+
+
 class WorkerProc:
     """The compute loop around one engine `Worker`; call from the process's main thread.
 
-    `start()` loads the configured stages and announces READY; `run()` serves until a stop is
-    requested (returns the exit code) and raises on a fatal error; `fail(reason)` and `close()`
-    are the fatal path and the teardown.
+    `start()` connects and starts loading the configured stages (READY follows once they are
+    installed); `run()` serves until a stop is requested (returns the exit code) and raises on
+    a fatal error; `fail(reason)` and `close()` are the fatal path and the teardown.
     """
 
     def __init__(self, cfg: WorkerProcConfig, engine: Any = None) -> None:
         self.cfg = cfg
         self.name = cfg.name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine
-        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
+        self._stopping_told = False  # systemd heard STOPPING=1
         self._stages: dict[str, StageRef] = {}
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
-        self._steps = 0
         self._last_step_s = 0.0
-        # (monotonic time, step ms, batch) of recent steps: facts cover the last FACTS_WINDOW_S
-        self._recent: deque[tuple[float, float, int]] = deque(maxlen=512)
-        self._facts = Heartbeat()
-        self._stage_counts: dict[str, tuple[int, int]] = {}  # key -> (forwards, items) seen
-        self._stage_mean: dict[str, float] = {}
-        self._stage_busy: dict[str, float] = {}  # key -> forward seconds seen
-        self._stage_ms: dict[str, float] = {}  # key -> ms per forward lately
-        self._facts_at = 0.0
-        self._proc = psutil.Process()
+        self.facts = Facts(cfg.heartbeat_interval_s)
         self.prom: Any = None  # WorkerMetrics when --metrics-port is given
         self._prom_server: Any = None
         self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
+        self.loader: StageLoader | None = None
+        self._startup_left = len(cfg.stages)  # configured stages not installed yet
+        self._announced = False  # the first READY went out
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
@@ -123,10 +129,11 @@ class WorkerProc:
         self.inbox.put(Wake())
 
     def start(self) -> None:
-        """Build the engine, load the configured stages, then connect and send READY.
+        """Build the engine, connect, and queue the configured stages on the loader thread.
 
-        Connecting after the (possibly slow) load keeps the broker from expecting liveness of
-        a worker that cannot serve yet; a failure before that sends DEAD on its own socket.
+        The connection comes first (a new node fetches its blocks over it), READY only once
+        every configured stage is installed (`_handle_loaded`): the broker neither routes to
+        nor pings a worker that cannot serve yet. Raises on a bad setup (keys, metrics port).
         """
         if self.cfg.metrics_port is not None:
             from blockllm.broker import prom
@@ -137,18 +144,25 @@ class WorkerProc:
             )
         if self.engine is None:
             self.engine = build_engine(self.cfg)
-        for spec in self.cfg.stages:
-            self._load(spec.model, spec.start, spec.end)
-        self._refresh_facts()
         self.io.start()
-        self._send_ready()
-        logger.info(
-            "[ready] worker %s pid %d serving %s via %s",
-            self.name,
-            os.getpid(),
-            ", ".join(str(s) for s in self.cfg.stages) or "no stages",
-            self.cfg.broker,
+        zoo = getattr(self.engine, "zoo", None)
+        fetch = None
+        if zoo is not None and self.cfg.fetch_from_broker:
+            from blockllm.worker.fetch import fetch_model
+
+            fetch = functools.partial(fetch_model, self.io.fetch, zoo)
+        self.loader = StageLoader(
+            self.engine.read_blocks,
+            fetch,
+            self.inbox,
+            max_jobs=max(self.cfg.load_queue_size, len(self.cfg.stages)),
+            gate=self.cfg.fault_load_gate,
         )
+        self.loader.start()
+        for spec in self.cfg.stages:
+            self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
+        if not self.cfg.stages:
+            self._announce()
 
     def run(self) -> int:
         """Serve until a stop is requested; returns the exit code. Raises on a fatal error."""
@@ -156,9 +170,9 @@ class WorkerProc:
         while True:
             if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + self.cfg.grace_s
-                logger.info(
-                    "[shutdown] worker %s draining %d requests", self.name, self.engine.queued()
-                )
+                queued = self.engine.queued()
+                logger.info("[shutdown] worker %s draining %d requests", self.name, queued)
+                notify("STOPPING=1", f"STATUS=draining {queued} requests")
             busy = self.engine.queued() > 0
             if deadline is not None and (not busy or time.monotonic() >= deadline):
                 break
@@ -190,7 +204,11 @@ class WorkerProc:
         sock.close(linger=self.cfg.dead_linger_ms)
 
     def close(self) -> None:
-        """Stop the IO thread (flushing what is queued), then drop the engine's memory."""
+        """Stop the loader and IO threads (flushing what is queued), drop the engine's memory.
+
+        The loader is not joined: a load in progress ends with the process (daemon thread)."""
+        if self.loader is not None:
+            self.loader.stop()
         if self.io.is_alive():
             self.io.stop()
             self.io.join(timeout=self.cfg.dead_linger_ms / 1000 + 5)
@@ -244,6 +262,9 @@ class WorkerProc:
             return
         if isinstance(item, Failed):
             raise IOThreadFailed(f"IO thread failed: {item.error!r}") from item.error
+        if isinstance(item, Loaded):
+            self._handle_loaded(item)
+            return
         msg, tensors = item
         handler = self._handlers.get(msg.KIND)
         if handler is None:
@@ -258,11 +279,10 @@ class WorkerProc:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
-        self._steps += 1
         self._last_step_s = time.perf_counter() - t0
-        self._recent.append((time.monotonic(), (time.perf_counter() - t0) * 1000, len(results)))
+        self.facts.on_step(self._last_step_s, len(results))
         if self.prom is not None:
-            self.prom.on_step(time.perf_counter() - t0, len(results))
+            self.prom.on_step(self._last_step_s, len(results))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
@@ -270,35 +290,17 @@ class WorkerProc:
         self._maybe_fault()
 
     def _answer(self, r: Any) -> None:
-        if r.error is not None:
-            code = ErrorCode(getattr(r.error, "value", r.error))
-            self.io.send(
-                Error(
-                    r.request_id,
-                    code.value,
-                    r.message or code.value,
-                    retryable=code in RETRYABLE,
-                    step=r.step,
-                )
-            )
-        elif r.token_id is not None:
-            logprob = float(r.logprob) if r.logprob is not None else 0.0
-            self.io.send(Result(r.request_id, r.step, int(r.token_id), logprob))
-        else:
-            hidden = r.hidden.detach()
-            if hidden.device.type != "cpu":
-                hidden = hidden.to("cpu")
-            hidden = hidden.contiguous()
-            self.io.send(Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,))
+        self.io.send(*result_message(r))
 
     def _maybe_fault(self) -> None:
         """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
-        if self.cfg.fault_after_steps is None or self._steps < self.cfg.fault_after_steps:
+        steps = self.facts.steps
+        if self.cfg.fault_after_steps is None or steps < self.cfg.fault_after_steps:
             return
         if self.cfg.fault_mode is FaultMode.EXIT:
-            logger.error("[dead] worker %s: injected crash after %d steps", self.name, self._steps)
+            logger.error("[dead] worker %s: injected crash after %d steps", self.name, steps)
             os._exit(EXIT_FAULT)
-        raise InjectedFault(f"injected fault after {self._steps} steps")
+        raise InjectedFault(f"injected fault after {steps} steps")
 
     # -- handlers (compute thread) -----------------------------------------------------------
     def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
@@ -342,17 +344,14 @@ class WorkerProc:
         self._known.discard(msg.request_id)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
+        """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
+        assert self.loader is not None, "start() first"
+        job = LoadJob(msg.model, msg.start, msg.end, msg.max_batch_size)
         try:
-            key = self._load(msg.model, msg.start, msg.end)
-            if msg.max_batch_size > 0:
-                self.engine.set_max_batch_size(key, msg.max_batch_size)
-        except Exception as e:
-            logger.exception(
-                "worker %s: cannot load %s:%d-%d", self.name, msg.model, msg.start, msg.end
-            )
-            code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
-            self.io.send(Error("", str(code), f"load {msg.model}:{msg.start}-{msg.end}: {e}"))
-        self._send_ready()
+            self.loader.submit(job)
+        except LoaderBusy as e:
+            self._load_failed(job, e)
+            self._send_ready()
 
     def _handle_unload_stage(self, msg: UnloadStage, _tensors: list[torch.Tensor]) -> None:
         if msg.key in self._stages:
@@ -382,19 +381,51 @@ class WorkerProc:
         logger.warning("worker %s: broker error %s: %s", self.name, msg.code, msg.message)
 
     # -- state shared with the broker --------------------------------------------------------
-    def _load(self, model: str, start: int, end: int) -> str:
-        zoo = getattr(self.engine, "zoo", None)
-        if zoo is not None and self.cfg.fetch_from_broker:
-            from blockllm.worker.fetch import fetch_models
+    def _handle_loaded(self, item: Loaded) -> None:
+        """The loader read a stage: install it between two steps, then announce it."""
+        job, error = item.job, item.error
+        if error is None:
+            try:
+                self._install(job, item.blocks)
+            except Exception as e:
+                error = e
+        if error is not None and job.startup:
+            raise StartupLoadFailed(f"cannot load configured stage {job}: {error}") from error
+        if error is not None:
+            self._load_failed(job, error)
+        if job.startup:
+            self._startup_left -= 1
+            if self._startup_left == 0:
+                self._announce()
+        elif self._announced:
+            self._send_ready()
 
-            fetch_models(self.cfg, zoo, [model])  # a new node pulls what its zoo lacks
-        info = self.engine.load_stage(model, start, end)
+    def _install(self, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> str:
+        info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
         if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
-            self._stages[info.key] = StageRef(info.key, model, start, end, int(info.nbytes))
-        logger.info(
-            "worker %s loaded %s:%d-%d (%d bytes)", self.name, model, start, end, info.nbytes
-        )
+            self._stages[info.key] = StageRef(
+                info.key, job.model, job.start, job.end, int(info.nbytes)
+            )
+        if job.max_batch_size > 0:
+            self.engine.set_max_batch_size(info.key, job.max_batch_size)
+        logger.info("worker %s loaded %s (%d bytes)", self.name, job, info.nbytes)
+        self._refresh_facts(force=True)
         return info.key
+
+    def _load_failed(self, job: LoadJob, e: BaseException) -> None:
+        """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
+        logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
+        code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
+        self.io.send(Error("", str(code), f"load {job}: {e}"))
+
+    def _announce(self) -> None:
+        """The first READY: every configured stage is installed; tell systemd too."""
+        self._announced = True
+        self._refresh_facts(force=True)
+        self._send_ready()
+        stages = ", ".join(str(s) for s in self.cfg.stages) or "no stages"
+        notify("READY=1", f"STATUS=serving {stages} via {self.cfg.broker}")
+        logger.info("[ready] worker %s pid %d serving %s", self.name, os.getpid(), stages)
 
     def _reset(self) -> None:
         """After a reconnect the broker replays everything: drop all KV, announce again."""
@@ -404,7 +435,8 @@ class WorkerProc:
             "[ready] worker %s reconnected; dropped %d requests", self.name, len(self._known)
         )
         self._known.clear()
-        self._send_ready()
+        if self._announced:  # else the first READY is still to come (stages loading)
+            self._send_ready()
 
     def _send_ready(self) -> None:
         kv_total, kv_free, free_slots, _depths = engine_load(self.engine)
@@ -426,89 +458,13 @@ class WorkerProc:
 
     def _refresh_facts(self, *, force: bool = False) -> None:
         """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""
-        now = time.monotonic()
-        if not force and now - self._facts_at < self.cfg.heartbeat_interval_s / 2:
-            return
-        self._facts_at = now
-        _total, kv_free, free_slots, depths = engine_load(self.engine)
-        recent = [r for r in self._recent if r[0] >= now - FACTS_WINDOW_S]
-        ms = sorted(r[1] for r in recent)
-        self._facts = Heartbeat(
-            kv_free_bytes=kv_free,
-            free_slots=free_slots,
-            queue_depths=depths,
-            rss_bytes=self._proc.memory_info().rss,
-            steps=self._steps,
-            step_ms_p50=ms[len(ms) // 2] if ms else 0.0,
-            step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
-            mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
-            **self._stage_facts(),
-        )
-        if self.prom is not None:
+        if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
 
-    def _stage_facts(self) -> dict[str, Any]:
-        """Weight bytes, per-stage batch limits, mean batch and ms per forward since the last
-        snapshot."""
-        s = self.engine.stats()
-        limits = getattr(self.engine, "batch_limits", dict)()
-        busy = getattr(s, "busy_s", None) or {}
-        for key, forwards in s.forwards.items():
-            items = s.items.get(key, 0)
-            f0, i0 = self._stage_counts.get(key, (0, 0))
-            b0 = self._stage_busy.get(key, 0.0)
-            if forwards < f0:  # unloaded and loaded again: its counters restarted
-                f0, i0, b0 = 0, 0, 0.0
-            if forwards > f0:
-                self._stage_mean[key] = (items - i0) / (forwards - f0)
-                if key in busy:
-                    self._stage_ms[key] = 1000 * (busy[key] - b0) / (forwards - f0)
-            self._stage_counts[key] = (forwards, items)
-            self._stage_busy[key] = busy.get(key, 0.0)
-        for gone in set(self._stage_mean) - set(s.forwards):
-            del self._stage_mean[gone]
-            self._stage_counts.pop(gone, None)
-        for gone in set(self._stage_ms) - set(s.forwards):
-            del self._stage_ms[gone]
-            self._stage_busy.pop(gone, None)
-        return {
-            "weight_bytes": s.weight_bytes,
-            "stage_batch_limits": dict(limits),
-            "stage_mean_batch": dict(self._stage_mean),
-            "stage_step_ms": dict(self._stage_ms),
-        }
-
     def _current_facts(self) -> Heartbeat:
         """The IO thread's view: the latest snapshot (one reference read, no engine access)."""
-        return self._facts
-
-
-def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
-    """(kv_total_bytes, kv_free_bytes, free_slots, queue depth per stage key) of the engine.
-
-    `free_slots` is the credit the broker dispatches against: items the engine's stage queues
-    still take before `submit` raises QueueFull.
-    """
-    s = engine.stats()
-    return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
-
-
-def build_engine(cfg: WorkerProcConfig) -> Any:
-    """The engine `Worker` over the zoo at `cfg.zoo_dir` (imported here: torch-heavy)."""
-    from blockllm.worker.worker import Worker, WorkerConfig
-    from blockllm.zoo import Zoo
-
-    return Worker(
-        Zoo(cfg.zoo_dir),
-        WorkerConfig(
-            device=cfg.device,
-            kv_budget_bytes=cfg.kv_budget_bytes,
-            max_batch_size=cfg.max_batch_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-            threads=cfg.threads,
-        ),
-    )
+        return self.facts.current
 
 
 def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:

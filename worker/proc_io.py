@@ -4,19 +4,26 @@ Receives and validates messages (`frames.decode`), copies tensors out of the zmq
 hands them to the compute loop through an inbox bounded by `input_queue_size` (a FORWARD beyond
 it is answered QUEUE_FULL at once); encodes and sends whatever the compute loop queues
 (zero-copy: the queued tensors stay referenced by zmq until sent). Keeps the broker liveness
-(ping-pong, reconnect with capped exponential backoff). See worker/proc.py for the whole.
+(ping-pong, reconnect with capped exponential backoff) once the worker has announced itself
+with READY (before that the broker does not know it: no heartbeats, no reconnects).
+
+Zoo fetches share the socket: `fetch` (called by the loader thread) sends a FETCH under a fresh
+request id and waits for its answer; a BLOB or ERROR carrying a pending fetch's id goes to that
+waiter, never to the compute inbox. See worker/proc.py for the whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import zmq
@@ -25,16 +32,24 @@ from blockllm.broker import frames
 from blockllm.broker.protocol import (
     Error,
     ErrorCode,
+    Fetch,
     Forward,
     Heartbeat,
     Kind,
     Message,
     ProtocolError,
+    Result,
 )
 from blockllm.broker.sockets import make_socket
 from blockllm.worker.config import WorkerProcConfig
+from blockllm.worker.fetch import FetchError
 
 logger = logging.getLogger(__name__)
+
+# Engine error codes a broker answers by replaying/rerouting (the request itself is fine).
+RETRYABLE = frozenset(
+    {ErrorCode.KV_MISS, ErrorCode.CACHE_FULL, ErrorCode.QUEUE_FULL, ErrorCode.WORKER_LOST}
+)
 
 
 class IOThreadFailed(RuntimeError):
@@ -60,6 +75,25 @@ class Failed:
 
 Inbound = tuple[Message, list[torch.Tensor]] | Reset | Wake | Failed
 Outbound = tuple[Message, tuple[torch.Tensor, ...]]
+# The answer to one FETCH (BLOB or ERROR and its tensor views), or None: connection lost.
+FetchAnswer = tuple[Message, list[torch.Tensor]] | None
+
+
+def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
+    """The message answering one engine `WorkResult`: ERROR, RESULT(token) or RESULT(hidden),
+    the hidden state as a CPU tensor for a zero-copy frame."""
+    if r.error is not None:
+        code = ErrorCode(getattr(r.error, "value", r.error))
+        text = r.message or code.value
+        return Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step), ()
+    if r.token_id is not None:
+        logprob = float(r.logprob) if r.logprob is not None else 0.0
+        return Result(r.request_id, r.step, int(r.token_id), logprob), ()
+    hidden = r.hidden.detach()
+    if hidden.device.type != "cpu":
+        hidden = hidden.to("cpu")
+    hidden = hidden.contiguous()
+    return Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,)
 
 
 class IOThread(threading.Thread):
@@ -69,7 +103,7 @@ class IOThread(threading.Thread):
         self,
         cfg: WorkerProcConfig,
         identity: bytes,
-        inbox: queue.SimpleQueue[Inbound],
+        inbox: queue.SimpleQueue[Any],  # Inbound items (and the compute loop's own)
         facts: Callable[[], Heartbeat],
     ) -> None:
         super().__init__(name="worker-io", daemon=True)
@@ -83,6 +117,11 @@ class IOThread(threading.Thread):
         self.dropped = 0
         self._pinged = False
         self._stopping = False
+        self._registered = False  # a READY went out: the broker knows us, liveness applies
+        self._fetches: dict[str, queue.SimpleQueue[FetchAnswer]] = {}  # request id -> waiter
+        self._fetch_lock = threading.Lock()
+        self._fetch_ids = itertools.count(1)
+        self.fetch_chunks = 0  # answers routed to fetchers
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._ctx = zmq.Context.instance()
@@ -104,6 +143,39 @@ class IOThread(threading.Thread):
         self._stopping = True
         self._wake()
 
+    def fetch(self, msg: Fetch) -> tuple[Message, list[torch.Tensor]]:
+        """Send `msg` (a FETCH; its request id is replaced by a fresh one) and wait for the
+        answer: a BLOB or ERROR, with tensor views of the received frame (drop them promptly).
+
+        Any thread but the IO thread; one chunk in flight per caller. Raises FetchError when
+        no answer comes within `fetch_timeout_s` or the connection is reset meanwhile."""
+        rid = f"fetch-{next(self._fetch_ids)}"
+        waiter: queue.SimpleQueue[FetchAnswer] = queue.SimpleQueue()
+        with self._fetch_lock:
+            self._fetches[rid] = waiter
+        try:
+            self.send(replace(msg, request_id=rid))
+            answer = waiter.get(timeout=self.cfg.fetch_timeout_s)
+        except queue.Empty:
+            raise FetchError(
+                f"broker did not answer FETCH {msg.what} {msg.name} @ {msg.offset} "
+                f"within {self.cfg.fetch_timeout_s:.0f} s"
+            ) from None
+        finally:
+            with self._fetch_lock:
+                self._fetches.pop(rid, None)
+        if answer is None:
+            raise FetchError(f"connection to the broker lost during FETCH {msg.what} {msg.name}")
+        return answer
+
+    def _fail_fetches(self) -> None:
+        """Wake every waiting fetcher with 'connection lost' (reconnect, thread end)."""
+        with self._fetch_lock:
+            waiters = list(self._fetches.values())
+            self._fetches.clear()
+        for waiter in waiters:
+            waiter.put(None)
+
     def _wake(self) -> None:
         # A full pipe already holds wake-ups: the thread will wake.
         with contextlib.suppress(BlockingIOError):
@@ -117,6 +189,7 @@ class IOThread(threading.Thread):
             logger.exception("[dead] worker IO thread failed")
             self.inbox.put(Failed(e))
         finally:
+            self._fail_fetches()
             if self._sock is not None:
                 self._sock.close(linger=self.cfg.dead_linger_ms)
             os.close(self._wake_r)
@@ -159,6 +232,9 @@ class IOThread(threading.Thread):
             if self._stopping:
                 return
             now = time.monotonic()
+            if not self._registered:  # the broker does not know us yet: nothing to keep alive
+                heard = beat = now
+                continue
             if self._pinged or (now - beat >= interval and now - heard < interval):
                 self._pinged = False
                 self._send(frames.encode(self.facts()))
@@ -185,6 +261,7 @@ class IOThread(threading.Thread):
         zmq.select([self._wake_r], [], [], backoff)
         self._sock = self.connect()
         self.reconnects += 1
+        self._fail_fetches()  # their answers went with the old socket
         self.inbox.put(Reset())
 
     def _receive_all(self) -> bool:
@@ -211,6 +288,8 @@ class IOThread(threading.Thread):
         if msg.KIND is Kind.HEARTBEAT:
             self._pinged = True  # answered with our load facts (the pong)
             return
+        if msg.KIND in (Kind.BLOB, Kind.ERROR) and self._to_fetcher(msg, views):
+            return
         if msg.KIND is Kind.FORWARD and self.inbox.qsize() >= self.cfg.input_queue_size:
             assert isinstance(msg, Forward)
             err = Error(
@@ -224,6 +303,23 @@ class IOThread(threading.Thread):
             return
         # Copy out of the zmq frames now: a live view would pin the whole message.
         self.inbox.put((msg, [v.clone() for v in views]))
+
+    def _to_fetcher(self, msg: Message, views: list[torch.Tensor]) -> bool:
+        """Hand a BLOB/ERROR answering a pending fetch to its waiter; whether it was one.
+
+        A BLOB nobody waits for (its fetch timed out) is dropped here too: the compute loop has
+        no use for it."""
+        rid = getattr(msg, "request_id", "")
+        with self._fetch_lock:
+            waiter = self._fetches.pop(rid, None)
+        if waiter is not None:
+            self.fetch_chunks += 1
+            waiter.put((msg, views))  # views, no copy: the fetcher writes the chunk out at once
+            return True
+        if msg.KIND is Kind.BLOB:
+            logger.debug("dropped a stale BLOB %s", rid)
+            return True
+        return False
 
     def _send(self, parts: list[frames.Buffer]) -> None:
         """Send without blocking: a broker that stopped reading must not wedge liveness."""
@@ -246,3 +342,5 @@ class IOThread(threading.Thread):
             except queue.Empty:
                 return
             self._send(frames.encode(msg, tensors))
+            if msg.KIND is Kind.READY:
+                self._registered = True

@@ -106,6 +106,7 @@ class Worker:
         self.kv = KVCacheManager(self.config.kv_budget_bytes, self.config.page_size)
         self.blocks = BlockCache(self._load_block)
         self._stages: dict[str, _Stage] = {}
+        self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
@@ -113,11 +114,45 @@ class Worker:
 
     # -- stages --------------------------------------------------------------------------
     def _load_block(self, block_id: str) -> dict[str, torch.Tensor]:
+        tensors = self._preread.get(block_id)
+        if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
+            return tensors
         return self.zoo.load_block(block_id, device=self.device, verify=self.config.verify_blocks)
 
-    def load_stage(self, model: str, start: int, end: int) -> StageInfo:
+    def read_blocks(self, model: str, start: int, end: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors of the blocks of stage [start, end) of `model` not held yet, read (and
+        hash-verified) from the zoo: the slow part of `load_stage`, for `preread`.
+
+        Any thread: it touches only the zoo (and reads which blocks are held; one released
+        meanwhile is simply read again by `load_stage`). Raises BadRequest, ZooError."""
+        m = self.zoo.manifest(model)
+        check_span(len(m.chain), start, end)
+        ids = list(m.chain[start:end])
+        if end == len(m.chain) and m.tie_word_embeddings:
+            ids.append(m.chain[0])
+        return {
+            bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
+            for bid in dict.fromkeys(ids)
+            if bid not in self.blocks
+        }
+
+    def load_stage(
+        self,
+        model: str,
+        start: int,
+        end: int,
+        preread: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> StageInfo:
         """Load chain positions [start, end) of `model`; a stage already loaded under the same
-        content key is reused (its `models` gains `model`). Raises BadRequest, ZooError."""
+        content key is reused (its `models` gains `model`). `preread`: blocks `read_blocks`
+        returned, used instead of reading them here. Raises BadRequest, ZooError."""
+        self._preread = preread or {}
+        try:
+            return self._load_stage(model, start, end)
+        finally:
+            self._preread = {}
+
+    def _load_stage(self, model: str, start: int, end: int) -> StageInfo:
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
         key = stage_key(m, start, end)

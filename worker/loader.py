@@ -1,0 +1,145 @@
+"""The worker's loader thread: fetching and reading a stage's weights off the compute thread.
+
+    compute loop ──LoadJob (bounded queue)──► StageLoader: fetch what the zoo lacks (through
+                                              the IO thread's socket), read + verify blocks
+    compute loop ◄──Loaded (inbox)──────────  (tensors in memory, nothing installed)
+
+Loading a stage is slow (a fetch over the network, reading and hashing every block); the
+engine only has to build its modules from tensors already in memory. So the loader does the
+slow part and hands the tensors to the compute loop through its inbox as a `Loaded` item; the
+compute loop installs them (`Worker.load_stage(..., preread=...)`) between two steps, and
+requests on stages already loaded keep stepping meanwhile. Jobs run one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(cfg: Any) -> Any:
+    """The engine `Worker` over the zoo at `cfg.zoo_dir` (a WorkerProcConfig; imported here:
+    torch-heavy)."""
+    from blockllm.worker.worker import Worker, WorkerConfig
+    from blockllm.zoo import Zoo
+
+    return Worker(
+        Zoo(cfg.zoo_dir),
+        WorkerConfig(
+            device=cfg.device,
+            kv_budget_bytes=cfg.kv_budget_bytes,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            threads=cfg.threads,
+        ),
+    )
+
+
+class LoaderBusy(RuntimeError):
+    """Too many stage loads are waiting already (`load_queue_size`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadJob:
+    """Load chain positions [start, end) of `model`; `startup`: one of the configured stages."""
+
+    model: str
+    start: int
+    end: int
+    max_batch_size: int = 0  # > 0: set the stage's max batch size once installed
+    startup: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.start}-{self.end}"
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Inbox item from the loader: the job's blocks read (`blocks`), or why it failed."""
+
+    job: LoadJob
+    blocks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Queue marker: end the loader thread."""
+
+
+class StageLoader(threading.Thread):
+    """Runs `LoadJob`s in order: `fetch(model)` (None: no fetching), then `read(model, start,
+    end)`; puts a `Loaded` into `inbox` for each. `submit` and `stop` may be called from any
+    thread; nothing else touches the engine here but its thread-safe `read_blocks`."""
+
+    def __init__(
+        self,
+        read: Callable[[str, int, int], dict[str, dict[str, torch.Tensor]]],
+        fetch: Callable[[str], int] | None,
+        inbox: queue.SimpleQueue[Any],
+        *,
+        max_jobs: int = 64,
+        gate: str | None = None,
+    ) -> None:
+        super().__init__(name="worker-loader", daemon=True)
+        self._read = read
+        self._fetch = fetch
+        self._inbox = inbox
+        self._jobs: queue.Queue[LoadJob | _Stop] = queue.Queue(maxsize=max_jobs)
+        self._gate = gate
+        self.loading: LoadJob | None = None  # the job in progress (for logs and facts)
+        self._stopping = False
+
+    def submit(self, job: LoadJob) -> None:
+        """Queue a load; raises LoaderBusy when `max_jobs` are waiting already."""
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise LoaderBusy(f"{self._jobs.maxsize} stage loads already waiting") from None
+
+    def stop(self) -> None:
+        """End the thread after the job in progress; never blocks (jobs still queued are
+        dropped: the process is going away)."""
+        self._stopping = True
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(_Stop())
+
+    def run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if isinstance(job, _Stop) or self._stopping:
+                return
+            self.loading = job
+            self._inbox.put(self._run_job(job))
+            self.loading = None
+
+    def _run_job(self, job: LoadJob) -> Loaded:
+        """Fetch and read one stage; every error is the job's, never the thread's."""
+        try:
+            if self._fetch is not None:
+                self._fetch(job.model)
+            self._wait_gate()
+            blocks = self._read(job.model, job.start, job.end)
+        except Exception as e:
+            logger.warning("[load] %s failed: %s: %s", job, type(e).__name__, e)
+            return Loaded(job, error=e)
+        logger.info("[load] %s read (%d blocks not held yet)", job, len(blocks))
+        return Loaded(job, blocks)
+
+    def _wait_gate(self) -> None:
+        """Test-only (`fault_load_gate`): block until a test opens the FIFO for writing."""
+        if self._gate is None:
+            return
+        logger.info("[load] waiting at the test gate %s", self._gate)
+        fd = os.open(self._gate, os.O_RDONLY)  # blocks until a writer opens the FIFO
+        os.close(fd)
