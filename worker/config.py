@@ -80,8 +80,9 @@ class WorkerProcConfig:
     fault_mode: FaultMode = FaultMode.RAISE
     # Test-only: every engine step that did work takes this much longer (a straggler).
     fault_step_delay_s: float = 0.0
-    # Test-only: the loader thread opens this FIFO for reading before it reads a stage's
-    # weights, so each stage load waits until a test opens it for writing (an event, no sleep)
+    # Test-only: before reading the weights of a stage commanded by LOAD_STAGE, the loader
+    # thread opens this FIFO for reading and reads one byte: a test opening it for writing
+    # learns the load is under way and releases it by writing (events, no sleeps)
     fault_load_gate: str | None = None
     log_level: str = "WARNING"
     # weights + KV this worker may hold, advertised to the planner (0: the planner's default)

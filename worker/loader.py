@@ -128,7 +128,8 @@ class StageLoader(threading.Thread):
         try:
             if self._fetch is not None:
                 self._fetch(job.model)
-            self._wait_gate()
+            if not job.startup:
+                self._wait_gate()
             blocks = self._read(job.model, job.start, job.end)
         except Exception as e:
             logger.warning("[load] %s failed: %s: %s", job, type(e).__name__, e)
@@ -137,9 +138,14 @@ class StageLoader(threading.Thread):
         return Loaded(job, blocks)
 
     def _wait_gate(self) -> None:
-        """Test-only (`fault_load_gate`): block until a test opens the FIFO for writing."""
+        """Test-only (`fault_load_gate`): a test opening the FIFO for writing learns that this
+        load is under way (its open returns once we opened it); we go on once it writes a
+        byte or closes it. Events both ways, no sleeps."""
         if self._gate is None:
             return
         logger.info("[load] waiting at the test gate %s", self._gate)
-        fd = os.open(self._gate, os.O_RDONLY)  # blocks until a writer opens the FIFO
-        os.close(fd)
+        fd = os.open(self._gate, os.O_RDONLY)  # blocks until the test opens it for writing
+        try:
+            os.read(fd, 1)  # blocks until the test writes or closes
+        finally:
+            os.close(fd)
