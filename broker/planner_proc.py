@@ -29,6 +29,7 @@ from blockllm.broker import frames
 from blockllm.broker.planner import Planner
 from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
+from blockllm.broker.sdnotify import notify
 from blockllm.broker.sockets import make_socket
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class PlannerProc:
                 poller.unregister(self.sub)
                 self._resubscribe()
                 poller.register(self.sub, zmq.POLLIN)
+        notify("STOPPING=1")
         logger.info("[shutdown] planner stopped (%d commands sent)", self.sent)
 
     def _resubscribe(self) -> None:
@@ -289,7 +291,8 @@ def run_planner_process(cfg: PlannerConfig) -> int:
         proc = PlannerProc(cfg)
         _install_signals(proc)
         proc.start_metrics()
-        proc.connect_stats()
+        stats = proc.connect_stats()
+        notify("READY=1", f"STATUS=planning: commands to {cfg.broker}, stats from {stats}")
         proc.run()
         return 0
     except Exception:

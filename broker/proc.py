@@ -44,6 +44,7 @@ from blockllm.broker.protocol import (
     ProtocolError,
     Stats,
 )
+from blockllm.broker.sdnotify import notify
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ RECV_BATCH = 256  # messages read per poll wake-up before timers get a turn
 FETCH_COUNTERS = ("fetches", "fetch_bytes", "fetches_by_workers")
 CLOSE_LINGER_MS = 1000  # the last errors to clients get this long to leave
 STATS_HWM = 4  # a slow subscriber loses old snapshots, never slows the broker
+# A refused peer retries its handshake every ~100 ms: log one failure per interval, count the rest.
+HANDSHAKE_LOG_INTERVAL_S = 10.0
 
 
 def stats_endpoint_for(cfg: BrokerConfig) -> str:
@@ -92,6 +95,8 @@ class BrokerProc:
             self.broker.counters.setdefault(name, 0)
         self.ctx = zmq.Context()
         self._auth: Any = None
+        self._handshakes: zmq.Socket | None = None  # failed CurveZMQ handshakes (keyless peers)
+        self._handshake_logged: dict[str, tuple[float, int]] = {}  # reason -> (when, unlogged)
         self.sock: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
@@ -115,6 +120,11 @@ class BrokerProc:
             self._auth = start_authenticator(self.ctx, self.cfg.keys_dir)
             curve = load_server_keys(self.cfg.keys_dir)
         self.sock = make_socket(self.ctx, zmq.ROUTER, self.cfg.bind, bind=True, curve=curve)
+        if curve is not None:
+            from blockllm.broker.security import watch_handshakes
+
+            # a peer without keys never reaches the ZAP handler: only the monitor sees it
+            self._handshakes = watch_handshakes(self.sock)
         self.endpoint = bound_endpoint(self.sock)
         stats = stats_endpoint_for(self.cfg)
         if stats:
@@ -139,6 +149,11 @@ class BrokerProc:
 
     def close(self) -> None:
         """Close the socket before terminating the context (term blocks on open sockets)."""
+        if self._handshakes is not None and self.sock is not None:
+            from blockllm.broker.security import unwatch_handshakes
+
+            unwatch_handshakes(self.sock, self._handshakes)
+            self._handshakes = None
         if self.sock is not None:
             self.sock.close(linger=CLOSE_LINGER_MS)
             self.sock = None
@@ -164,6 +179,8 @@ class BrokerProc:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._handshakes is not None:
+            poller.register(self._handshakes, zmq.POLLIN)
         next_tick = next_stats = 0.0
         drain_until: float | None = None
         while True:
@@ -174,6 +191,8 @@ class BrokerProc:
                     os.read(self._wake_r, 4096)
             if self.sock in events:
                 self._recv_batch()
+            if self._handshakes is not None and self._handshakes in events:
+                self._on_handshake_failure()
             now = time.monotonic()
             if now >= next_tick:
                 self._send(self.broker.tick(now))
@@ -191,11 +210,30 @@ class BrokerProc:
                     logger.info("[shutdown] broker stopped (%s)", self._summary())
                     return
 
+    def _on_handshake_failure(self) -> None:
+        """A peer failed the CurveZMQ handshake (no keys, a wrong broker key): log it, at most
+        once per reason and interval (the few reasons bound the table)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        from blockllm.broker.security import handshake_failure_reason
+
+        assert self._handshakes is not None
+        reason = handshake_failure_reason(recv_monitor_message(self._handshakes))
+        now = time.monotonic()
+        last, unlogged = self._handshake_logged.get(reason, (-HANDSHAKE_LOG_INTERVAL_S, 0))
+        if now - last < HANDSHAKE_LOG_INTERVAL_S:
+            self._handshake_logged[reason] = (last, unlogged + 1)
+            return
+        more = f" (and {unlogged} more since {now - last:.0f} s ago)" if unlogged else ""
+        logger.warning("[auth] refused a peer on %s: %s%s", self.endpoint, reason, more)
+        self._handshake_logged[reason] = (now, 0)
+
     def _begin_shutdown(self, now: float) -> float:
         running = len(self.broker.requests)
         logger.info(
             "[shutdown] draining %d requests (up to %.1fs)", running, self.cfg.drain_timeout_s
         )
+        notify("STOPPING=1", f"STATUS=draining {running} requests")
         self._send(self.broker.begin_shutdown(now))
         return now + self.cfg.drain_timeout_s
 
@@ -309,6 +347,7 @@ def _arm_parent_death(parent_pid: int | None) -> None:
 def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
     """Tell the launcher the bound endpoint (see BrokerConfig)."""
     logger.info("[ready] broker listening on %s", endpoint)
+    notify("READY=1", f"STATUS=broker listening on {endpoint}")  # systemd Type=notify
     if cfg.ready_file:
         path = Path(cfg.ready_file)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

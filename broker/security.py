@@ -32,16 +32,18 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
-from blockllm.broker.cluster_config import EXIT_CONFIG
-from blockllm.broker.sockets import CurveKeys
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
+
+from blockllm.broker.cluster_config import EXIT_CONFIG
+from blockllm.broker.sockets import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -373,8 +375,15 @@ def read_handshake_failure(monitor: zmq.Socket) -> str:
     not retry it (a new socket is needed), after NO_DETAIL it retries.
     """
     event = recv_monitor_message(monitor)
-    kind, value = event["event"], event["value"]
     endpoint = event["endpoint"].decode(errors="replace")
+    reason = handshake_failure_reason(event)
+    logger.warning("[auth] handshake failed on %s: %s", endpoint, reason)
+    return reason
+
+
+def handshake_failure_reason(event: Mapping[str, Any]) -> str:
+    """A failed-handshake monitor event (`recv_monitor_message`'s dict) in words; pure."""
+    kind, value = event["event"], event["value"]
     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         reason = (
             f"CurveZMQ key not admitted (ZAP status {int(value)}): admit the client's "
@@ -387,5 +396,4 @@ def read_handshake_failure(monitor: zmq.Socket) -> str:
             f"CurveZMQ handshake failed ({zmq.Event(kind).name}): does broker.key hold the "
             "broker's current public key?"
         )
-    logger.warning("[auth] handshake failed on %s: %s", endpoint, reason)
     return reason

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from blockllm.broker.cluster_config import load_cluster_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -129,6 +130,8 @@ def test_service_lifecycle_and_hardening(unit: str) -> None:
     if command == "worker":
         assert "--name %i" in exec_start
     assert s["User"] == ["blockllm"] and s["Group"] == ["blockllm"]
+    # readiness by sd_notify (broker/sdnotify.py), from the `blockllm` process itself only
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert s["EnvironmentFile"] == ["-/etc/blockllm/blockllm.env"]
     assert s["Restart"] == ["on-failure"]
     assert s["KillSignal"] == ["SIGTERM"] and s["KillMode"] == ["mixed"]
