@@ -18,22 +18,37 @@ of the migration lost, a send that would block, or `cfg.migrate_timeout_s` passi
 back to today's move: release and replay (a prefill of prompt + generated tokens), so nothing
 is lost and no token is repeated. Counters: `migrations`, `migrations_failed`,
 `migrated_bytes`.
+
+Routing prefers the workers that hold a request's KV: a running request keeps its route for
+its whole life unless it fails, a stage of it drains, or the planner asks running requests to
+move; even then it stays when its route is still a planned one no busier per weight, counting
+the request once, than the new route would be with it (before, it counted itself twice and
+hopped to any idle replica of equal weight).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out
-from blockllm.broker.placement import Hop
-from blockllm.broker.protocol import Kind, KvAck, KvExport, KvShard, Message, TensorMeta
+from blockllm.broker.placement import Hop, WorkerView
+from blockllm.broker.protocol import (
+    Kind,
+    KvAck,
+    KvExport,
+    KvShard,
+    Message,
+    PlannedRoute,
+    TensorMeta,
+)
 from blockllm.broker.requests import RequestState
-from blockllm.broker.rewire import same_route
+from blockllm.broker.rewire import planned_score, same_route, signature
 from blockllm.broker.workers import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -100,6 +115,7 @@ class Migrating:
     requests: dict[str, RequestState]
     counters: dict[str, int]
     routes_gen: int
+    preferred: dict[str, tuple[PlannedRoute, ...]]
     migrating: dict[str, Migration]
     _tids: Any = None
 
@@ -122,17 +138,25 @@ class Migrating:
         def _release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
             raise NotImplementedError
 
+        def key_of(self, model: str, start: int, end: int) -> str | None:
+            raise NotImplementedError
+
     def migration_handlers(self) -> dict[Kind, Handler]:
         return {Kind.KV_SHARD: self._handle_kv_shard, Kind.KV_ACK: self._handle_kv_ack}
 
     # -- starting ----------------------------------------------------------------------------
     def _relocate(self, req: RequestState, now: float) -> list[Out]:
-        """Move a running request between two steps: migrate its KV if it can, else replay."""
+        """Move a running request between two steps (`_should_move` said so): stay when its
+        route is as good as the new one, else migrate its KV if it can, else replay."""
         assert req.route is not None
-        if not self.cfg.kv_migration or req.shadow is not None:
+        if req.shadow is not None:
             return self._move(req)
         route, _ = self._route_with_credit(req, now)
         if route is None or same_route(route, req.route):
+            return self._move(req)
+        if self._stays(req, route, now):  # its KV stays where it is
+            return [self._start_step(req, now)]
+        if not self.cfg.kv_migration:
             return self._move(req)
         spec = req.spec
         moves = plan_transfers(req.route, route, lambda a, b: spec.decoder_layers_in(a, b) > 0)
@@ -155,6 +179,29 @@ class Migrating:
         if not moves:  # only stages without KV change workers
             return out + self._migrated(req, now)
         return out
+
+    def _stays(self, req: RequestState, new: list[Hop], now: float) -> bool:
+        """Whether a request the planner's new routes would move keeps its route instead:
+        its route is still a planned one (no stage draining, workers live and not banned) and
+        no busier per weight, counting the request once, than `new` would be with it."""
+        planned = self.preferred.get(req.model)
+        if not planned or req.route is None:
+            return False
+        for h in req.route:
+            w = self.workers.get(h.worker)  # type: ignore[call-overload]
+            if w is None or w.banned(now) or set(h.stage_keys) & set(w.draining):
+                return False
+        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.workers.items()}
+        by_name = {w.name: p for p, w in self.workers.items()}
+        running = Counter(
+            signature(r.route) for r in self.requests.values() if r.model == req.model and r.route
+        )
+        args = (by_name, views, self.key_of, running)
+        stay = planned_score(req.model, planned, signature(req.route), *args, joining=0)
+        if stay is None:
+            return False
+        go = planned_score(req.model, planned, signature(new), *args, joining=1)
+        return go is None or stay <= go
 
     # -- answers of workers ------------------------------------------------------------------
     def _transfer(self, peer: bytes, msg: KvShard | KvAck) -> tuple[Any, Any]:

@@ -92,3 +92,25 @@ def same_route(a: Sequence[Hop] | None, b: Sequence[Hop] | None) -> bool:
     if a is None or b is None:
         return a is b
     return signature(a) == signature(b)
+
+
+def planned_score(
+    model: str,
+    routes: Sequence[PlannedRoute],
+    sig: Signature,
+    by_name: Mapping[str, Hashable],
+    views: Mapping[Hashable, WorkerView],
+    key_of: KeyOf,
+    running: Mapping[Signature, int],
+    joining: int,
+) -> float | None:
+    """Running requests per weight of the planned route whose hops are `sig` once `joining`
+    more requests are on it (0 for the route a request already runs on: it is counted in
+    `running`); the best such score, or None when no planned route resolves to `sig`."""
+    best: float | None = None
+    for route in routes:
+        hops = resolve(model, route, by_name, views, key_of)
+        if hops is not None and signature(hops) == sig:
+            score = (running.get(sig, 0) + joining) / route.weight
+            best = score if best is None else min(best, score)
+    return best

@@ -144,3 +144,28 @@ def test_migration_off_replays() -> None:
     out = h.token(W0, fwd2, 41)
     assert not of(out, KvExport)
     replayed(out, W1)
+
+
+def test_a_request_keeps_the_route_holding_its_kv_when_no_better_one_exists() -> None:
+    h = two_full()
+    both = {"base": (route(("w0", [(0, 6)])), route(("w1", [(0, 6)])))}
+    assert ack(h.send(PLANNER, SetRoutes("c0", both))).ok
+    fwd = only(h.generate("r1", max_new_tokens=6), Forward)
+    first = fwd.peer
+    fwd2 = only(h.token(first, fwd.msg, 40), Forward, first).msg
+    assert ack(h.send(PLANNER, SetRoutes("c1", both, move_running=True))).ok
+    out = h.token(first, fwd2, 41)  # the other replica is empty, but no better per weight
+    assert not of(out, KvExport) and not of(out, Release)
+    step = only(out, Forward, first)
+    assert step.msg.past_len == 4 and h.broker.counters["moved"] == 0
+
+
+def test_a_request_leaves_for_a_route_much_better_per_weight() -> None:
+    h = two_full()
+    h.send(PLANNER, SetRoutes("c0", {"base": (route(("w0", [(0, 6)])),)}))
+    fwd = only(h.generate("r1", max_new_tokens=6), Forward).msg
+    fwd2 = only(h.token(W0, fwd, 40), Forward, W0).msg
+    skewed = {"base": (route(("w0", [(0, 6)]), weight=0.1), route(("w1", [(0, 6)])))}
+    assert ack(h.send(PLANNER, SetRoutes("c1", skewed, move_running=True))).ok
+    out = h.token(W0, fwd2, 41)  # 1 / 0.1 on w0 against (0 + 1) / 1 on w1: it moves
+    assert only(out, KvExport, W0)
