@@ -85,3 +85,48 @@ def test_import_refuses_wrong_geometry_or_capacity() -> None:
     with pytest.raises(BadRequest):
         dst.import_("s", "r", good, good, 2, 1, set())  # 3 tokens do not fit 2 reserved
     assert dst.stats().used_bytes == 0
+
+
+class _IO:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, msg, tensors=()) -> None:
+        self.sent.append((msg, tensors))
+
+
+class _Proc:
+    """What worker/proc_kv.py uses of a WorkerProc: engine, io, stop flag, known requests."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.io, self.stop_requested, self._known = engine, _IO(), False, set()
+
+
+class _Engine:
+    def __init__(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+
+    def export_kv(self, rid, key, length):
+        return self.kv.export(key, rid, length)
+
+    def import_kv(self, rid, key, k, v, max_total_len):
+        self.kv.import_(key, rid, k, v, max_total_len, 1, set())
+
+
+def test_worker_handlers_answer_a_shard_an_ack_or_a_typed_refusal() -> None:
+    from blockllm.broker.protocol import KvAck, KvExport, KvShard
+    from blockllm.worker.proc_kv import handle_kv_export, handle_kv_shard
+
+    src, dst = _Proc(_Engine(manager(20))), _Proc(_Engine(manager(4)))
+    k, _v = filled(src.engine.kv, "r", 2, 6, 8, seed=2)
+    handle_kv_export(src, KvExport(7, "r", "s", 5), [])  # holds 6 tokens, not 5
+    assert src.io.sent[-1][0] == KvAck(7, "r", "s", False, "KV_MISS", src.io.sent[-1][0].message)
+    handle_kv_export(src, KvExport(8, "r", "s", 6), [])
+    shard, tensors = src.io.sent[-1]
+    assert isinstance(shard, KvShard) and shard.length == 6 and len(shard.tensors) == 2
+    assert torch.equal(tensors[0].view(torch.uint16), k.view(torch.uint16))
+    handle_kv_shard(dst, KvShard(8, "r", "s", 6, 8, shard.tensors), list(tensors))
+    assert dst.io.sent[-1][0] == KvAck(8, "r", "s", True) and "r" in dst._known
+    handle_kv_shard(dst, KvShard(9, "q", "s", 6, 64, shard.tensors), list(tensors))
+    ack = dst.io.sent[-1][0]
+    assert (ack.ok, ack.code) == (False, "CACHE_FULL") and "q" not in dst._known
