@@ -313,6 +313,20 @@ class Worker:
             st.queue.remove_if(lambda e: e.item.request_id == request_id)
         self._queued.discard(request_id)
 
+    def withdraw(self, request_id: str) -> bool:
+        """Drop the request's queued item, keeping its KV (a speculative run overtaken by the
+        real input, worker/speculate.py); False when none was queued."""
+        removed = 0
+        for st in self._stages.values():
+            removed += len(st.queue.remove_if(lambda e: e.item.request_id == request_id))
+        self._queued.discard(request_id)
+        return removed > 0
+
+    def stage_model(self, key: str) -> StageModel:
+        """The module of a loaded stage (worker/speculate.py rewrites a layer's KV with it).
+        Raises UnknownStage."""
+        return self._stage(key).model
+
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
 
