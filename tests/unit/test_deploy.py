@@ -186,6 +186,39 @@ def test_prometheus_example_matches_the_config() -> None:
     assert ports["blockllm-worker"] == {cfg.worker(n)["metrics_port"] for n in cfg.worker_names()}
 
 
+def _documented_commands(text: str) -> list[tuple[list[str], set[str]]]:
+    """(command path, --flags written after it) for each `blockllm CMD [SUB] ...` in `text`."""
+    import click
+
+    from blockllm.client.cli import cli
+
+    out = []
+    for line in text.replace("\\\n", " ").splitlines():
+        for m in re.finditer(r"\bblockllm ((?:[a-z][a-z-]* ?)+)(.*)", line):
+            cmd, path, words = cli, [], m.group(1).split()
+            for w in words:
+                if not (isinstance(cmd, click.Group) and w in cmd.commands):
+                    break
+                cmd, path = cmd.commands[w], [*path, w]
+            if not path:
+                continue
+            # the flags up to the end of the command (a closing backquote, a shell operator)
+            rest = re.split(r"`|\)|;|&&|\|", " ".join(words[len(path) :]) + " " + m.group(2))[0]
+            flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest))
+            known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+            out.append((path, flags - known))
+    return out
+
+
+def test_documented_commands_and_flags_exist() -> None:
+    """Every `blockllm ...` command line in the guide and the units names real flags."""
+    texts = [(DEPLOY / "README.md").read_text()]
+    texts += [(UNITS / unit).read_text() for unit in SERVICES]
+    found = [entry for text in texts for entry in _documented_commands(text)]
+    assert len(found) >= 10  # the parser still finds the guide's commands
+    assert [(path, unknown) for path, unknown in found if unknown] == []
+
+
 _MDWE_PROBE = r"""
 import ctypes, importlib, importlib.util, sys
 libc = ctypes.CDLL(None, use_errno=True)
