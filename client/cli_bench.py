@@ -112,6 +112,9 @@ def _register() -> None:
 
     bench.add_command(pipeline)
     bench.add_command(multitenant)
+    from blockllm.client.bench_speculative import speculative
+
+    bench.add_command(speculative)
 
 
 _register()
