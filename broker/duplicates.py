@@ -29,7 +29,8 @@ from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import Message, PlannedHop, PlannedRoute, SetRoutes
 
 if TYPE_CHECKING:
-    from blockllm.broker.planner import Planner, WorkerFacts
+    from blockllm.broker.planner import Planner
+    from blockllm.broker.planner_facts import WorkerFacts
 
 logger = logging.getLogger(__name__)
 

@@ -42,14 +42,13 @@ from blockllm.broker.plan import (
     replica_targets,
 )
 from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner_facts import WorkerFacts, current_routes, live_routes
 from blockllm.broker.protocol import (
     LoadStage,
     Message,
-    PlannedHop,
     PlannedRoute,
     SetChain,
     SetRoutes,
-    StageRef,
     UnloadStage,
 )
 
@@ -59,44 +58,6 @@ Catalog = Callable[[], tuple[Mapping[str, Any], list[Any]]]  # -> (manifests, eq
 # re-placements for demand alone: made only when worth their cost (Planner._worth_it)
 DEMAND_REASONS = frozenset({"demand", "demand changed"})
 Key = tuple[str, str]  # (worker name, stage key)
-
-
-@dataclass
-class WorkerFacts:
-    """One worker of a STATS snapshot, as the planner reads it."""
-
-    name: str
-    stages: dict[str, StageRef]
-    capacity: float
-    step_ms_p50: float = 0.0
-    steps: int = 0
-    queued: int = 0
-    draining: frozenset[str] = frozenset()
-    weight_bytes: int = 0
-    queues: dict[str, int] = field(default_factory=dict)  # stage key -> items queued
-    stage_ms: dict[str, float] = field(default_factory=dict)  # stage key -> ms per forward
-
-    @classmethod
-    def parse(cls, w: Mapping[str, Any], default_memory: int) -> WorkerFacts:
-        stages = {
-            s["key"]: StageRef(s["key"], s["model"], s["start"], s["end"], s.get("nbytes", 0))
-            for s in w.get("stages", ())
-        }
-        budget = w.get("memory_budget_bytes") or default_memory
-        capacity = budget - w.get("kv_total_bytes", 0) if budget else math.inf
-        queues = w.get("queue_depths") or {}
-        return cls(
-            name=w["name"],
-            stages=stages,
-            capacity=float(capacity),
-            step_ms_p50=float(w.get("step_ms_p50") or 0.0),
-            steps=int(w.get("steps") or 0),
-            queued=sum(queues.values()),
-            draining=frozenset(w.get("draining") or ()),
-            weight_bytes=int(w.get("weight_bytes") or 0),
-            queues={str(k): int(v) for k, v in queues.items()},
-            stage_ms={str(k): float(v) for k, v in (w.get("stage_step_ms") or {}).items()},
-        )
 
 
 @dataclass
@@ -511,46 +472,6 @@ class Planner:
             return False
         views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
         return find_route(model, len(m.chain), views, self._key) is not None
-
-
-def live_routes(models: Mapping[str, Any]) -> dict[str, tuple[PlannedRoute, ...]]:
-    """Each model's routes in a STATS body: the planned ones with their weights when the
-    planner set some, else the route the broker picks by itself."""
-    out: dict[str, tuple[PlannedRoute, ...]] = {}
-    single = current_routes(models)
-    for name, m in models.items():
-        planned = m.get("planned_routes") if isinstance(m, Mapping) else None
-        try:
-            routes = tuple(
-                PlannedRoute(_hops(hops), float(weight)) for hops, weight in planned or ()
-            )
-        except (TypeError, ValueError):
-            routes = ()
-        if routes:
-            out[name] = routes
-        elif name in single:
-            out[name] = (single[name],)
-    return out
-
-
-def _hops(hops: Any) -> tuple[PlannedHop, ...]:
-    return tuple(PlannedHop(w, tuple((int(a), int(b)) for a, b in spans)) for w, spans in hops)
-
-
-def current_routes(models: Mapping[str, Any]) -> dict[str, PlannedRoute]:
-    """Each model's route in a STATS body (`[[worker, [[start, end], ...]], ...]`)."""
-    routes = {}
-    for name, m in models.items():
-        hops = m.get("route") if isinstance(m, Mapping) else None
-        if not hops:
-            continue
-        try:
-            routes[name] = PlannedRoute(
-                tuple(PlannedHop(w, tuple((int(a), int(b)) for a, b in spans)) for w, spans in hops)
-            )
-        except (TypeError, ValueError):
-            continue
-    return routes
 
 
 def compute_weights(manifest: Any) -> tuple[float, ...]:
