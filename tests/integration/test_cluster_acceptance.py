@@ -4,6 +4,8 @@
             blockllm planner  (zoo A)                             (zoo B, EMPTY at start: it
             blockllm worker node-a  (zoo A, llama:0-3)             pulls llama's blocks from
             worker "faulty" (zoo A, variant, fault hook)           the broker; llama:3-6)
+    outsiders: blockllm worker "intruder" and a `blockllm generate` without keys, a
+               `blockllm status` with a key pair the broker never admitted
 
 All over TCP on 127.0.0.1 with ports the OS picks and CurveZMQ keys from `blockllm keys gen`.
 Each process gets its own NOTIFY_SOCKET (a datagram socket this test binds, standing in for
@@ -174,6 +176,28 @@ class Node:
             self.log.write_text(self.text() + "\n")
 
 
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """A `blockllm` command running alongside the test; `finish` collects it."""
+    return subprocess.Popen(
+        [*BLOCKLLM, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a `start_cli` command, killed past `timeout`."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*BLOCKLLM, *args],
@@ -305,6 +329,12 @@ def test_every_process_reports_ready_to_systemd(acc: Acceptance):
 @pytest.mark.timeout(90)
 def test_greedy_output_over_two_nodes_with_keys_equals_hf(acc: Acceptance):
     n = 12
+    ids = PROMPTS[0]
+    # the command-line client over the same keys, and the health check, alongside
+    cli_generate = start_cli("generate", "--broker", acc.endpoint, "--keys", str(acc.keys),
+                             "--model", "llama", "--json", "--input-ids", ",".join(map(str, ids)),
+                             "--max-tokens", str(n), "--timeout", "60")  # fmt: skip
+    cli_status = start_cli("status", "--broker", acc.endpoint, "--keys", str(acc.keys), "--json")
     results: dict[tuple[int, ...], list[int]] = {}
     with acc.client(timeout=60) as client:
 
@@ -318,13 +348,12 @@ def test_greedy_output_over_two_nodes_with_keys_equals_hf(acc: Acceptance):
             t.join(70)
     for p in PROMPTS:
         assert results.get(tuple(p)) == acc.refs[tuple(p)][:n], p
-    # the command-line client, over the same keys
-    ids = PROMPTS[0]
-    out = run_cli("generate", "--broker", acc.endpoint, "--keys", str(acc.keys), "--model",
-                  "llama", "--json", "--input-ids", ",".join(map(str, ids)), "--max-tokens",
-                  str(n), "--timeout", "60", timeout=90)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["token_ids"] == acc.refs[tuple(ids)][:n]
+    rc, out, err = finish(cli_generate, 90)
+    assert rc == 0, err
+    assert json.loads(out)["token_ids"] == acc.refs[tuple(ids)][:n]
+    rc, out, err = finish(cli_status)  # covered cluster: the health check passes
+    assert rc == 0, out + err
+    assert {"node-a", "node-b", "faulty"} <= {w["name"] for w in json.loads(out)["workers"]}
     # node B started from an empty zoo: it pulled (and verified) what its stage needs
     zoo_b = Zoo(acc.zoo_b)
     manifest = zoo_b.manifest("llama")
@@ -333,10 +362,6 @@ def test_greedy_output_over_two_nodes_with_keys_equals_hf(acc: Acceptance):
         needed.add(manifest.chain[0])
     assert all(zoo_b.has_block(b) for b in needed)
     assert zoo_b.verify().ok
-    # the health check passes on a covered cluster
-    status = run_cli("status", "--broker", acc.endpoint, "--keys", str(acc.keys), "--json")
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert {"node-a", "node-b", "faulty"} <= _names(acc)
 
 
 @pytest.mark.timeout(90)
@@ -348,19 +373,21 @@ def test_keyless_and_unadmitted_peers_are_refused(acc: Acceptance):
     broker.wait_line(r"\[auth\] refused a peer .*security mismatch", 60)
     assert "intruder" not in _names(acc)
 
-    # a client without keys: a clear error within its --timeout, not a hang
-    t0 = time.monotonic()
-    out = run_cli("generate", "--broker", acc.endpoint, "--model", "llama", "--input-ids",
-                  "1,2", "--max-tokens", "2", "--timeout", "3", timeout=60)  # fmt: skip
-    assert out.returncode != 0
-    assert re.search(r"(?i)handshake|keys|curve", out.stderr), out.stderr
-    assert time.monotonic() - t0 < 3 + 15, "the keyless client outlived its timeout"
-
-    # a peer with a key the broker does not admit: refused by ZAP, logged with its key
+    # a client without keys, and a peer whose key the broker does not admit (both at once)
     rogue_key = zmq.auth.load_certificate(acc.rogue / "client.key")[0].decode()
     mark = broker.mark()
-    out = run_cli("status", "--broker", acc.endpoint, "--keys", str(acc.rogue), "--timeout", "3")
-    assert out.returncode != 0, out.stdout
+    t0 = time.monotonic()
+    keyless = start_cli("generate", "--broker", acc.endpoint, "--model", "llama",
+                        "--input-ids", "1,2", "--max-tokens", "2", "--timeout", "2")  # fmt: skip
+    rogue = start_cli("status", "--broker", acc.endpoint, "--keys", str(acc.rogue),
+                      "--timeout", "2")  # fmt: skip
+    rc, _, err = finish(keyless)
+    # a clear error within its --timeout (plus the command's start-up), not a hang
+    assert time.monotonic() - t0 < 2 + 15, "the keyless client outlived its timeout"
+    assert rc != 0 and re.search(r"(?i)handshake|keys|curve", err), (rc, err)
+    rc, out, err = finish(rogue)
+    assert rc != 0, out + err
+    # ZAP refused the unadmitted key and the broker logged it by its public key
     broker.wait_line(rf"\[auth\] refused CurveZMQ key {re.escape(rogue_key)}", 30, since=mark)
 
     intruder.popen.send_signal(signal.SIGTERM)
