@@ -100,7 +100,6 @@ class WorkerProc:
         self.engine = engine
         self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
-        self._stopping_told = False  # systemd heard STOPPING=1
         self._stages: dict[str, StageRef] = {}
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
         self._last_step_s = 0.0
