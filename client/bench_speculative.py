@@ -19,6 +19,7 @@ decoding of a set of prompts, first exactly, then once per tolerance with specul
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -67,6 +68,8 @@ class _Trace:
 
     tokens: list[int] = field(default_factory=list)
     distance: list[float] = field(default_factory=list)
+    # exact runs: stage k's and k+1's inputs per decode step (for the delta predictor)
+    inputs: list[tuple[Any, Any]] = field(default_factory=list)
     t_k: list[float] = field(default_factory=list)
     t_k1: list[float] = field(default_factory=list)  # exact: hop k+1; speculative: its early run
     t_after: list[float] = field(default_factory=list)  # speculative: answer of the real input
@@ -139,8 +142,25 @@ class _Chain:
         trace.distance.append(relative_distance(inputs[k + 1], inputs[k]))
         trace.t_k.append(times[k])
         if not spec:
+            trace.inputs.append((inputs[k], inputs[k + 1]))
             trace.t_k1.append(times[k + 1])
             trace.t_step.append(sum(times))
+
+
+def delta_distances(trace: _Trace) -> list[float]:
+    """Distances of a second predictor, on the exact trajectory: stage k's input plus stage
+    k's update of the previous token, `x_k(p) + x_k1(p-1) - x_k(p-1)` (not served; measured
+    to see whether a better guess than the paper's would change the verdict)."""
+    from blockllm.worker.speculate import relative_distance
+
+    out = []
+    for (xk_prev, xk1_prev), (xk, xk1) in itertools.pairwise(trace.inputs):
+        out.append(relative_distance(xk1, xk + (xk1_prev - xk_prev)))
+    return out
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -155,6 +175,7 @@ def _ms(values: Sequence[float]) -> float:
 def _tolerance_row(tol: float, exact: list[_Trace], runs: list[_Trace]) -> dict[str, Any]:
     """Acceptance, agreement and latency saved at one tolerance (all prompts)."""
     dist = [d for t in exact for d in t.distance]
+    delta = [d for t in exact for d in delta_distances(t)]
     outcomes = [o for t in runs for o in t.outcomes]
     accepted = outcomes.count("accepted")
     saved, full = [], []
@@ -172,10 +193,17 @@ def _tolerance_row(tol: float, exact: list[_Trace], runs: list[_Trace]) -> dict[
     return {
         "tolerance": tol,
         "acceptance_exact_trajectory": round(sum(d <= tol for d in dist) / len(dist), 4),
+        "acceptance_delta_predictor": round(sum(d <= tol for d in delta) / max(1, len(delta)), 4),
         "acceptance": round(accepted / len(outcomes), 4),
         "accepted": accepted,
         "rejected": outcomes.count("rejected"),
         "token_agreement": round(sum(positions) / len(positions), 4),
+        # tokens before the first difference, over all tokens (a drift is never repaired)
+        "prefix_agreement": round(
+            sum(_prefix(r.tokens, e.tokens) for r, e in zip(runs, exact, strict=True))
+            / sum(len(e.tokens) for e in exact),
+            4,
+        ),
         "sequences_identical": sum(r.tokens == e.tokens for r, e in zip(runs, exact, strict=True)),
         "saved_ms_per_step": round(1000 * mean_saved, 3),
         "saved_pct_of_step": round(100 * mean_saved / mean_full, 2),
@@ -205,6 +233,7 @@ def _cut_rows(
             exact_chain.decode(f"e{i}", p, cfg.new_tokens, False) for i, p in enumerate(prompts)
         ]
         dist = [d for t in exact for d in t.distance]
+        delta = [d for t in exact for d in delta_distances(t)]
         row: dict[str, Any] = {
             "model": model,
             "cut": [a, b, c],
@@ -212,6 +241,9 @@ def _cut_rows(
             "stage_k1_layers": [b - 1, min(c, chain_len - 1) - 2],
             "decode_steps": len(dist),
             "distance": {q: round(_pct(dist, v), 4) for q, v in _QUANTILES.items()},
+            "distance_delta_predictor": {
+                q: round(_pct(delta, v), 4) for q, v in _QUANTILES.items()
+            },
             "exact_ms": {
                 "stage_k": _ms([t for e in exact for t in e.t_k]),
                 "stage_k1": _ms([t for e in exact for t in e.t_k1]),
@@ -219,7 +251,10 @@ def _cut_rows(
             },
             "tolerances": [],
         }
-        say(f"{model} cut {a}-{b}-{c}: distance p50 {row['distance']['p50']}")
+        say(
+            f"{model} cut {a}-{b}-{c}: distance p50 {row['distance']['p50']}"
+            f" (delta predictor {row['distance_delta_predictor']['p50']})"
+        )
         for tol in cfg.tolerances:
             chain = _Chain(Speculation(worker, tol), keys)
             runs = [chain.decode(f"s{i}", p, cfg.new_tokens, True) for i, p in enumerate(prompts)]
@@ -271,6 +306,9 @@ def run_speculative_bench(cfg: SpeculativeConfig, say: Say) -> dict[str, Any]:
 
     if not 1 <= cfg.prompts <= len(PROMPTS):
         raise ValueError(f"prompts must be in [1, {len(PROMPTS)}]")
+    for a, b, c in cfg.cuts:  # the upper bound is checked per model (its chain length)
+        if not 1 <= a < b < c:
+            raise ValueError(f"cut {a}-{b}-{c}: need 1 <= a < b < c (chain positions)")
     load_before = os.getloadavg()[0]
     family = _family(cfg, say)
     zoo = Zoo(family.zoo_dir)
@@ -378,13 +416,14 @@ def speculative(
         f" {doc['new_tokens']} tokens, {doc['threads']} threads (load {load[0]} -> {load[1]})"
     )
     head = f"{'model':<16} {'cut':<9} {'dist p50':>8} {'tol':>5} {'accept':>6} {'agree':>6}"
-    click.echo(f"{head} {'same':>4} {'saved ms':>8} {'saved %':>7}")
+    click.echo(f"{head} {'prefix':>6} {'same':>4} {'saved ms':>8} {'saved %':>7} {'Δ accept':>8}")
     for row in doc["results"]:
         cut = "-".join(str(x) for x in row["cut"])
         for t in row["tolerances"]:
             click.echo(
                 f"{row['model']:<16} {cut:<9} {row['distance']['p50']:>8.3f} {t['tolerance']:>5}"
                 f" {t['acceptance']:>6.2f} {t['token_agreement']:>6.2f}"
-                f" {t['sequences_identical']:>4} {t['saved_ms_per_step']:>8.2f}"
-                f" {t['saved_pct_of_step']:>7.2f}"
+                f" {t['prefix_agreement']:>6.2f} {t['sequences_identical']:>4}"
+                f" {t['saved_ms_per_step']:>8.2f} {t['saved_pct_of_step']:>7.2f}"
+                f" {t['acceptance_delta_predictor']:>8.2f}"
             )
