@@ -9,9 +9,10 @@
 
 All over TCP on 127.0.0.1 with ports the OS picks and CurveZMQ keys from `blockllm keys gen`.
 Each process gets its own NOTIFY_SOCKET (a datagram socket this test binds, standing in for
-systemd). The processes share one module-scoped cluster; the tests run in file order and the
-last one stops everything the way `systemctl stop blockllm.target` orders it (planner and
-broker first, draining, then the workers).
+systemd). The processes share one module-scoped cluster; the tests run in file order. The last
+two stop it under running requests: node-b first (the broker replays its requests; the planner
+restores coverage on node-a), then everything the way `systemctl stop blockllm.target` orders
+it (planner and broker first, draining, then the workers).
 
 Synchronisation is on output lines, notify datagrams, STATUS answers and exits, each with a
 deadline; nothing sleeps. "faulty" is the one process not started by the `blockllm` command:
@@ -348,6 +349,12 @@ def test_greedy_output_over_two_nodes_with_keys_equals_hf(acc: Acceptance):
             t.join(70)
     for p in PROMPTS:
         assert results.get(tuple(p)) == acc.refs[tuple(p)][:n], p
+    # both nodes computed (the chain is split over them; the planner has seen no demand yet)
+    for name in ("node-a", "node-b"):
+        steps = re.search(
+            rf'blockllm_batch_size_count{{worker="{name}"}} (\S+)', scrape(acc.metrics[name])
+        )
+        assert steps and float(steps.group(1)) > 0, name
     rc, out, err = finish(cli_generate, 90)
     assert rc == 0, err
     assert json.loads(out)["token_ids"] == acc.refs[tuple(ids)][:n]
@@ -441,36 +448,69 @@ def test_injected_fatal_error_exits_nonzero(acc: Acceptance):
     broker.wait_line(r"\[dead\] worker faulty pid", 30, since=mark)
 
 
-@pytest.mark.timeout(120)
-def test_sigterm_drains_accepted_requests_and_every_process_exits_zero(acc: Acceptance):
-    broker, planner = acc.nodes["broker"], acc.nodes["planner"]
-    lock = threading.Lock()
-    got: dict[tuple[int, ...], list[int]] = {}
-    finish: dict[tuple[int, ...], str | None] = {}
-    errors: list[BaseException] = []
-    started = [threading.Event() for _ in PROMPTS]
+class Streams:
+    """The PROMPTS streamed at once (greedy, DRAIN_TOKENS each) on threads sharing `client`."""
 
-    def one(i: int, p: tuple[int, ...], client: Client) -> None:
+    def __init__(self, client: Client) -> None:
+        self.lock = threading.Lock()
+        self.got: dict[tuple[int, ...], list[int]] = {}
+        self.done: dict[tuple[int, ...], bool] = {}
+        self.errors: list[BaseException] = []
+        self.started = [threading.Event() for _ in PROMPTS]
+        self.threads = [
+            threading.Thread(target=self._one, args=(i, tuple(p), client))
+            for i, p in enumerate(PROMPTS)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i: int, p: tuple[int, ...], client: Client) -> None:
         try:
             for ev in client.stream("llama", input_ids=p, max_new_tokens=DRAIN_TOKENS):
-                with lock:
-                    got.setdefault(p, []).append(ev.token_id)
-                    finish[p] = ev.finish_reason
-                started[i].set()
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
-            started[i].set()
+                with self.lock:
+                    self.got.setdefault(p, []).append(ev.token_id)
+                    self.done[p] = ev.finish_reason is not None
+                self.started[i].set()
+        except BaseException as e:  # reported by the test's thread
+            self.errors.append(e)
+            self.started[i].set()
 
+    def running(self, timeout: float = 60) -> int:
+        """Once every request has its first token (accepted, running): how many still run."""
+        for ev in self.started:
+            assert ev.wait(timeout), "a request got no first token"
+        with self.lock:
+            return sum(not self.done.get(tuple(p)) for p in PROMPTS)
+
+    def check(self, refs: dict[tuple[int, ...], list[int]], timeout: float = 90) -> None:
+        """Every request completed with HF's tokens: nothing lost, nothing repeated."""
+        for t in self.threads:
+            t.join(timeout)
+        assert not self.errors, self.errors
+        for p in PROMPTS:
+            assert self.got.get(tuple(p)) == refs[tuple(p)], p
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_on_a_worker_mid_request_loses_nothing(acc: Acceptance):
+    """node-b leaves (drain, DEAD, exit 0) under running requests; the broker replays them on
+    what covers the chain then (the planner restores coverage on node-a if needed)."""
+    node_b = acc.nodes["node-b"]
     with acc.client(timeout=90) as client:
-        threads = [
-            threading.Thread(target=one, args=(i, tuple(p), client)) for i, p in enumerate(PROMPTS)
-        ]
-        for t in threads:
-            t.start()
-        for ev in started:  # every request has its first token: accepted and running
-            assert ev.wait(60), "a request got no first token"
-        with lock:
-            running = sum(finish.get(tuple(p)) is None for p in PROMPTS)
+        streams = Streams(client)
+        assert streams.running(), "every request finished before the SIGTERM"
+        node_b.popen.send_signal(signal.SIGTERM)
+        assert node_b.wait_exit(60) == 0, node_b.text()[-5000:]
+        node_b.wait_notify("STOPPING=1", 1)
+        streams.check(acc.refs)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_accepted_requests_and_every_process_exits_zero(acc: Acceptance):
+    broker, planner, node_a = acc.nodes["broker"], acc.nodes["planner"], acc.nodes["node-a"]
+    with acc.client(timeout=90) as client:
+        streams = Streams(client)
+        running = streams.running()
         # systemd's order (blockllm-worker@ is Before= the broker, the planner After= it): the
         # planner and the broker stop first, the workers once the broker has drained
         planner.popen.send_signal(signal.SIGTERM)
@@ -480,18 +520,11 @@ def test_sigterm_drains_accepted_requests_and_every_process_exits_zero(acc: Acce
         assert broker.wait_exit(90) == 0, broker.text()[-5000:]
         assert planner.wait_exit(30) == 0, planner.text()[-5000:]
         planner.wait_notify("STOPPING=1", 1)
-        for t in threads:
-            t.join(30)
-    assert not errors, errors
-    for p in PROMPTS:
-        assert got[tuple(p)] == acc.refs[tuple(p)], p  # nothing lost, nothing repeated
+        streams.check(acc.refs)
     drained = broker.wait_line(r"\[shutdown\] draining (\d+) requests", 1)
     assert int(drained.group(1)) >= 1
-    for name in ("node-a", "node-b"):
-        acc.nodes[name].popen.send_signal(signal.SIGTERM)
-    for name in ("node-a", "node-b"):
-        node = acc.nodes[name]
-        assert node.wait_exit(60) == 0, node.text()[-5000:]
-        node.wait_notify("STOPPING=1", 1)
+    node_a.popen.send_signal(signal.SIGTERM)
+    assert node_a.wait_exit(60) == 0, node_a.text()[-5000:]
+    node_a.wait_notify("STOPPING=1", 1)
     for name in ("broker", "planner", "node-a", "node-b"):
         assert "Traceback" not in acc.nodes[name].text(), acc.nodes[name].text()[-5000:]
