@@ -292,7 +292,7 @@ def acc(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         a.refs = {tuple(p): hf_greedy(llama, p, DRAIN_TOKENS) for p in PROMPTS}
         with a.client(timeout=30) as client:
             try:
-                client.wait_ready(["llama", "variant"], timeout=90)
+                client.wait_ready(["llama", "variant"], timeout=120)
             except Exception as e:
                 raise AssertionError(f"{e}\n{a.tails()}") from e
         # The planner joins a covered cluster, so it keeps the static placement (no churn).
@@ -318,7 +318,7 @@ def _names(acc: Acceptance) -> set[str]:
         return {w["name"] for w in client.status()["workers"]}
 
 
-@pytest.mark.timeout(150)  # the first test also starts the cluster
+@pytest.mark.timeout(200)  # the first test also starts the cluster (a shared box: slow)
 def test_every_process_reports_ready_to_systemd(acc: Acceptance):
     ready = acc.nodes["broker"].wait_notify("READY=1", 10)
     assert f"STATUS=broker listening on {acc.endpoint}" in ready.split("\n")
