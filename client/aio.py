@@ -44,10 +44,11 @@ from blockllm.client.core import (
     new_request_id,
     open_dealer,
     reply_error,
+    send_refused,
     to_event,
     wait_budget,
 )
-from blockllm.client.errors import BlockLLMError, ConnectionFailed, Overloaded, Timeout
+from blockllm.client.errors import BlockLLMError, ConnectionFailed, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class AsyncClient:
         self.demux.add(msg, q.put_nowait)
         if not await _send(self._sock, msg):
             self.demux.remove(msg.request_id)
-            raise Overloaded(f"send queue to the broker at {self.addr} is full")
+            raise send_refused(self.demux)
         return q
 
     async def _next(

@@ -51,10 +51,11 @@ from blockllm.client.core import (
     new_request_id,
     open_dealer,
     reply_error,
+    send_refused,
     to_event,
     wait_budget,
 )
-from blockllm.client.errors import BlockLLMError, ConnectionFailed, Overloaded, Timeout
+from blockllm.client.errors import BlockLLMError, ConnectionFailed, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class _Transport:
         self.demux.add(msg, sink)
         if not self._send(sock, msg):
             self.demux.remove(msg.request_id)
-            sink(Overloaded(f"send queue to the broker at {self.demux.addr} is full"))
+            sink(send_refused(self.demux))
 
     def _send(self, sock: zmq.Socket, msg: Any) -> bool:
         try:

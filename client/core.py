@@ -30,6 +30,7 @@ from blockllm.client.errors import (
     BlockLLMError,
     BrokerUnavailable,
     ConnectionFailed,
+    Overloaded,
     Timeout,
     UnknownModel,
     error_from,
@@ -339,6 +340,13 @@ def no_reply(demux: Demux, waited: float) -> Timeout:
     return Timeout(f"no reply from the broker at {demux.addr} within {waited:.1f} s ({why})")
 
 
+def send_refused(demux: Demux) -> BlockLLMError:
+    """The error for a GENERATE/STATUS the socket would not take (its HWM is reached)."""
+    if demux.handshake_error and not demux.connected:
+        return BrokerUnavailable(demux.handshake_error)
+    return Overloaded(f"send queue to the broker at {demux.addr} is full")
+
+
 def unreachable(demux: Demux, waited: float) -> BrokerUnavailable:
     why = demux.handshake_error or "is the broker running at that address?"
     return BrokerUnavailable(f"broker at {demux.addr} unreachable for {waited:.1f} s ({why})")
@@ -349,16 +357,19 @@ def wait_budget(
 ) -> float | None:
     """How long the wait for a request's next reply may block now (None: no limit).
 
-    Raises Timeout once `timeout` has passed since `t0`, and (if `grace`) BrokerUnavailable
-    once no broker has been connected for `connect_timeout` since the request began; while
-    disconnected the wait is cut to 0.1 s slices so that moment is noticed."""
+    Raises BrokerUnavailable at once while the broker refuses our handshake (wrong or missing
+    keys: zmq would retry forever), Timeout once `timeout` has passed since `t0`, and (if
+    `grace`) BrokerUnavailable once no broker has been connected for `connect_timeout` since
+    the request began; while disconnected the wait is cut to 0.1 s slices so that is noticed."""
+    if demux.handshake_error and not demux.connected:  # refused, not late: say so now
+        raise BrokerUnavailable(demux.handshake_error)
     now = time.monotonic()
     left = None if timeout is None else t0 + timeout - now
     if left is not None and left <= 0:
         raise no_reply(demux, timeout or 0.0)
-    if grace and not demux.connected:
+    if not demux.connected:
         since = max(t0, demux.disconnected_since)
-        if now - since > connect_timeout:
+        if grace and now - since > connect_timeout:
             raise unreachable(demux, now - since)
         left = 0.1 if left is None else min(left, 0.1)
     return left

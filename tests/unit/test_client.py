@@ -308,10 +308,40 @@ def test_curve_keys(tmp_path: Path) -> None:
     try:
         with Client(p.addr, keys_dir=tmp_path / "keys", timeout=5) as c:
             assert c.generate("base", prompt="Hi", max_new_tokens=2).text == "Hello"
-        _keys(tmp_path / "other")  # a client that trusts another broker key: no handshake
-        other = Client(p.addr, keys_dir=tmp_path / "other")
-        with other, pytest.raises(Timeout, match=r"handshake .* failed"):
-            other.generate("base", prompt="Hi", timeout=0.5)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("case", ["other-broker-key", "no-keys", "keys-to-plain-broker"])
+def test_refused_handshake_fails_fast(tmp_path: Path, case: str) -> None:
+    """A refused handshake is a clear BrokerUnavailable at once, not a wait for the timeout
+    (zmq would retry it forever) nor a misleading 'send queue full'."""
+    server = _keys(tmp_path / "keys")
+    p = StandIn(curve=None if case == "keys-to-plain-broker" else server)
+    keys = {"other-broker-key": tmp_path / "other", "no-keys": None}.get(case, tmp_path / "keys")
+    if case == "other-broker-key":
+        _keys(tmp_path / "other")  # a client that trusts another broker key
+    try:
+        t0 = time.monotonic()
+        with Client(p.addr, keys_dir=keys, timeout=30) as c, pytest.raises(BrokerUnavailable):
+            c.generate("base", prompt="Hi")
+        assert time.monotonic() - t0 < 15, "a refused handshake must not wait out the timeout"
+    finally:
+        p.close()
+
+
+def test_async_refused_handshake_fails_fast(tmp_path: Path) -> None:
+    p = StandIn(curve=_keys(tmp_path / "keys"))
+
+    async def main() -> None:
+        async with AsyncClient(p.addr, timeout=30) as c:
+            with pytest.raises(BrokerUnavailable, match=r"(?i)handshake"):
+                await c.generate("base", prompt="Hi")
+
+    try:
+        t0 = time.monotonic()
+        asyncio.run(main())
+        assert time.monotonic() - t0 < 15
     finally:
         p.close()
 
