@@ -189,11 +189,14 @@ class Broker(Commands, Hedging, Migrating, RequestFlow):
         return []
 
     def begin_shutdown(self, now: float) -> list[Out]:
-        """Stop admitting (new GENERATEs get OVERLOADED) and fail what waits for a route."""
+        """Stop admitting (new GENERATEs get OVERLOADED). An accepted request waiting for credit
+        still runs in the drain; one whose model no live worker covers fails now (retryable)."""
         self.shutting_down = True
         out: list[Out] = []
         for rid in list(self.waiting):
-            out += self._fail(self.requests[rid], ErrorCode.OVERLOADED, "broker shutting down")
+            req = self.requests[rid]
+            if not self.covered(req.model):
+                out += self._fail(req, ErrorCode.OVERLOADED, "broker shutting down")
         return out
 
     def abort_all(self, now: float, reason: str) -> list[Out]:

@@ -489,11 +489,25 @@ def test_status_body_shape(split: Harness) -> None:
     assert split.broker.status(split.now)["models"]["ft"]["route"] is None
 
 
-def test_shutdown_fails_waiting_and_refuses_new(h: Harness) -> None:
-    h.generate("r1")
+def test_shutdown_fails_uncovered_waiting_and_refuses_new(h: Harness) -> None:
+    h.generate("r1")  # no worker covers "base": it cannot run in the drain
     outs = h.broker.begin_shutdown(h.now)
     assert only(outs, Error).msg.code == ErrorCode.OVERLOADED.value
     assert only(h.generate("r2"), Error).msg.code == ErrorCode.OVERLOADED.value
+    assert h.broker.idle
+
+
+def test_shutdown_drains_accepted_requests_waiting_for_credit(h: Harness) -> None:
+    h.ready(W0, [("base", 0, 6)], slots=1)
+    fwd = only(h.generate("r1", max_new_tokens=1), Forward, W0)
+    assert h.generate("r2", max_new_tokens=1) == [], "no credit: r2 waits"
+    assert h.broker.begin_shutdown(h.now) == [], "accepted r2 is not failed"
+    assert only(h.generate("r3"), Error).msg.code == ErrorCode.OVERLOADED.value
+    outs = h.token(W0, fwd.msg, 42)  # r1 finishes, its slot goes to r2
+    assert ids_of(only(outs, Forward, W0)) == [5, 6, 7]
+    assert not h.broker.idle
+    r2 = only(outs, Forward, W0).msg
+    assert only(h.token(W0, r2, 43), Token).msg.finish_reason == "length"
     assert h.broker.idle
 
 
