@@ -221,9 +221,39 @@ def _tolerance_row(tol: float, exact: list[_Trace], runs: list[_Trace]) -> dict[
     }
 
 
-def _cut_rows(
-    worker: Any, model: str, cut: tuple[int, int, int], prompts: list[list[int]], cfg, say: Say
+def _exact_row(
+    model: str, cut: tuple[int, int, int], chain_len: int, exact: list[_Trace]
 ) -> dict[str, Any]:
+    """The cut's facts from the exact runs: distances (both predictors), stage times."""
+    a, b, c = cut
+    dist = [d for t in exact for d in t.distance]
+    delta = [d for t in exact for d in delta_distances(t)]
+    return {
+        "model": model,
+        "cut": [a, b, c],
+        "stage_k_layers": [a - 1, b - 2],
+        "stage_k1_layers": [b - 1, min(c, chain_len - 1) - 2],
+        "decode_steps": len(dist),
+        "distance": {q: round(_pct(dist, v), 4) for q, v in _QUANTILES.items()},
+        "distance_delta_predictor": {q: round(_pct(delta, v), 4) for q, v in _QUANTILES.items()},
+        "exact_ms": {
+            "stage_k": _ms([t for e in exact for t in e.t_k]),
+            "stage_k1": _ms([t for e in exact for t in e.t_k1]),
+            "step": _ms([t for e in exact for t in e.t_step]),
+        },
+        "tolerances": [],
+    }
+
+
+def _cut_rows(
+    worker: Any,
+    model: str,
+    cut: tuple[int, int, int],
+    prompts: list[list[int]],
+    cfg: SpeculativeConfig,
+    say: Say,
+) -> dict[str, Any]:
+    """One model x cut: exact runs, then one speculative run per tolerance."""
     from blockllm.worker.speculate import Speculation
 
     a, b, c = cut
@@ -232,39 +262,20 @@ def _cut_rows(
         raise ValueError(f"cut {a}-{b}-{c}: need 1 <= a < b < c <= {chain_len}")
     spans = [(s, e) for s, e in ((0, a), (a, b), (b, c), (c, chain_len)) if s < e]
     keys = [worker.load_stage(model, s, e).key for s, e in spans]
+    new = cfg.new_tokens
     try:
         # warm-up (first-call allocations), speculative paths included
         _Chain(Speculation(worker, 0.0), keys).decode("w", prompts[0], 3, True)
-        exact_chain = _Chain(Speculation(worker, 0.0), keys)
-        exact = [
-            exact_chain.decode(f"e{i}", p, cfg.new_tokens, False) for i, p in enumerate(prompts)
-        ]
-        dist = [d for t in exact for d in t.distance]
-        delta = [d for t in exact for d in delta_distances(t)]
-        row: dict[str, Any] = {
-            "model": model,
-            "cut": [a, b, c],
-            "stage_k_layers": [a - 1, b - 2],
-            "stage_k1_layers": [b - 1, min(c, chain_len - 1) - 2],
-            "decode_steps": len(dist),
-            "distance": {q: round(_pct(dist, v), 4) for q, v in _QUANTILES.items()},
-            "distance_delta_predictor": {
-                q: round(_pct(delta, v), 4) for q, v in _QUANTILES.items()
-            },
-            "exact_ms": {
-                "stage_k": _ms([t for e in exact for t in e.t_k]),
-                "stage_k1": _ms([t for e in exact for t in e.t_k1]),
-                "step": _ms([t for e in exact for t in e.t_step]),
-            },
-            "tolerances": [],
-        }
+        plain = _Chain(Speculation(worker, 0.0), keys)
+        exact = [plain.decode(f"e{i}", p, new, False) for i, p in enumerate(prompts)]
+        row = _exact_row(model, cut, chain_len, exact)
         say(
             f"{model} cut {a}-{b}-{c}: distance p50 {row['distance']['p50']}"
             f" (delta predictor {row['distance_delta_predictor']['p50']})"
         )
         for tol in cfg.tolerances:
             chain = _Chain(Speculation(worker, tol), keys)
-            runs = [chain.decode(f"s{i}", p, cfg.new_tokens, True) for i, p in enumerate(prompts)]
+            runs = [chain.decode(f"s{i}", p, new, True) for i, p in enumerate(prompts)]
             t_row = _tolerance_row(tol, exact, runs)
             say(
                 f"  tolerance {tol}: acceptance {t_row['acceptance']}, agreement"
