@@ -123,6 +123,8 @@ class IOThread(threading.Thread):
         self._fetch_ids = itertools.count(1)
         self.fetch_chunks = 0  # answers routed to fetchers
         self._wake_r, self._wake_w = os.pipe()
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         os.set_blocking(self._wake_w, False)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -177,9 +179,12 @@ class IOThread(threading.Thread):
             waiter.put(None)
 
     def _wake(self) -> None:
-        # A full pipe already holds wake-ups: the thread will wake.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+        # Under the lock: the thread closes the pipe when it ends (stop() sets the flag first,
+        # so it may end before the write), and a closed fd number may already be reused.
+        with self._pipe_lock:
+            if self._pipe_open:  # a full pipe already holds wake-ups: the thread will wake
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_w, b"\0")
 
     # -- the IO thread -----------------------------------------------------------------------
     def run(self) -> None:
@@ -192,8 +197,10 @@ class IOThread(threading.Thread):
             self._fail_fetches()
             if self._sock is not None:
                 self._sock.close(linger=self.cfg.dead_linger_ms)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._pipe_lock:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def connect(self) -> zmq.Socket:
         sock = make_socket(
