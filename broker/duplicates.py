@@ -107,6 +107,7 @@ class Duplicates:
         self.retried: set[str] = set()  # stragglers given another chance: re-place them
         self.slow_since: dict[str, float] = {}  # found slow in every snapshot since
         self.slowness: dict[str, float] = {}  # of the last snapshot (`slowness`)
+        self.no_helper: set[str] = set()  # stragglers no worker has room for (spawn.py)
 
     @property
     def slow(self) -> set[str]:
@@ -129,6 +130,7 @@ class Duplicates:
         slow_now = {n for n, x in self.slowness.items() if x > self.cfg.dup_factor}
         for name in set(self.slow_since) - slow_now:
             del self.slow_since[name]
+        self.no_helper &= slow_now - set(self.active)
         out: list[Message] = []
         for name in sorted(slow_now - set(self.active)):
             # a slow snapshot or two (a GC pause, a neighbour's burst) launches nothing
@@ -178,8 +180,11 @@ class Duplicates:
             if best is None or rank < best[0]:
                 best = (rank, w)
         if best is None:
-            logger.warning("[planner] straggler %s: no worker can host a duplicate", slow)
+            if slow not in self.no_helper:
+                logger.warning("[planner] straggler %s: no worker can host a duplicate", slow)
+            self.no_helper.add(slow)
             return
+        self.no_helper.discard(slow)
         helper = best[1].name
         via = {m: r for m, r in routes.items() if any(h.worker == slow for h in r.hops)}
         dup = Dup(slow, helper, base_routes=via, since=now)

@@ -51,6 +51,7 @@ from blockllm.broker.protocol import (
     SetRoutes,
     UnloadStage,
 )
+from blockllm.broker.spawn import SpawnPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Planner:
         self.pending_unloads: dict[Key, float] = {}
         self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
         self.duplicates = Duplicates(cfg)
+        self.spawns = SpawnPolicy(cfg)  # worker processes it may start (broker/spawn.py)
         self.batching = BatchTuner(cfg)
         self._ids = itertools.count(1)
         self._last_time: float | None = None
@@ -120,6 +122,7 @@ class Planner:
         if self.target is not None:
             out += self._reconcile(workers, now)
         out += self.duplicates.step(self, workers, current_routes(models), now)
+        self.spawns.step(self, workers, models, served, now)  # actions: PlannerProc
         if self.cfg.batch_target_ms > 0:
             entries = {w["name"]: w for w in body.get("workers") or () if isinstance(w, Mapping)}
             out += self.batching.step(entries, self._shared_keys(workers), now, self.command_id)
@@ -270,7 +273,10 @@ class Planner:
         ] or [
             WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
         ]
-        plan = place(infos, nodes, max_replicas=None if self.cfg.replicate else 1)
+        max_replicas = None if self.cfg.replicate else 1
+        plan = self.spawns.place(
+            nodes, lambda n: n.name, lambda ns: place(infos, ns, max_replicas=max_replicas)
+        )
         if why in DEMAND_REASONS and not self._worth_it(infos, plan, models or {}, now):
             return
         target = Target(

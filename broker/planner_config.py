@@ -51,6 +51,18 @@ class PlannerConfig:
     # per-stage batch size tuning: keep workers' step p95 near this (0: off)
     batch_target_ms: float = 0.0
     batch_cooldown_s: float = 5.0
+    # spawning workers on this node (broker/spawn.py): at most this many at once; 0 = never
+    max_spawn: int = 0
+    # "" = a child `blockllm worker`; else a command template ({n}, {name}) for a supervisor,
+    # e.g. "systemctl start --no-block blockllm-worker@spare{n}", with its stop template
+    spawn_command: str = ""
+    stop_command: str = ""
+    spawn_prefix: str = "spare"  # spawned workers are named PREFIX0, PREFIX1, ...
+    spawn_worker_args: tuple[str, ...] = ()  # more `blockllm worker` flags of a child
+    spawn_after_s: float = 2.0  # coverage lost this long (and no room left): spawn
+    spawn_timeout_s: float = 120.0  # not registered by then: stopped, next try that much later
+    spawn_hold_s: float = 30.0  # unneeded this long: retired
+    spawn_stop_s: float = 15.0  # a retired child gets SIGTERM, then SIGKILL after this
     # adaptive chain assembly: (model, KL tolerance) pairs; a model absent is served exactly
     tolerance: tuple[tuple[str, float], ...] = ()
     # process
@@ -66,5 +78,7 @@ class PlannerConfig:
             raise ValueError("replan_interval_s and demand_halflife_s must be > 0")
         if self.dup_factor <= 1 or not 0 < self.probe_weight <= 1:
             raise ValueError("dup_factor must be > 1 and probe_weight in (0, 1]")
+        if self.max_spawn < 0 or bool(self.spawn_command) != bool(self.stop_command):
+            raise ValueError("max_spawn must be >= 0; spawn_command needs a stop_command")
         if any(kl < 0 for _, kl in self.tolerance):
             raise ValueError("tolerances are KL values >= 0")

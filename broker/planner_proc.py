@@ -31,6 +31,7 @@ from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
 from blockllm.broker.sdnotify import notify
 from blockllm.broker.sockets import make_socket
+from blockllm.broker.spawn import Spawner
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class PlannerProc:
     def __init__(self, cfg: PlannerConfig, planner: Planner | None = None) -> None:
         self.cfg = cfg
         self.planner = planner or Planner(cfg, zoo_catalog(cfg.zoo_dir))
+        self.spawner = Spawner(cfg)  # the workers the planner's SpawnPolicy asks for
         self.ctx = zmq.Context()
         self._curve = _curve(cfg.keys_dir)
         identity = f"planner-{os.getpid()}".encode()
@@ -154,6 +156,7 @@ class PlannerProc:
         )
 
     def close(self) -> None:
+        self.spawner.close()  # first: no spawned worker outlives the planner
         if self._prom_server is not None:
             self._prom_server.shutdown()
             self._prom_server = None
@@ -183,6 +186,8 @@ class PlannerProc:
                 self._drain_acks()
             if self.sub in events:
                 self._on_stats()
+            for name, code in self.spawner.reap():
+                self.planner.spawns.exited(name, code, time.monotonic())
             if time.monotonic() - self._last_stats > STATS_SILENCE_S and not self.cfg.stats:
                 poller.unregister(self.sub)
                 self._resubscribe()
@@ -241,6 +246,7 @@ class PlannerProc:
             with contextlib.suppress(zmq.Again):
                 self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
                 self.sent += 1
+        self.spawner.apply(self.planner.spawns.take())
 
     def _drain_acks(self) -> None:
         while True:
