@@ -14,19 +14,17 @@ STYLE 7.8, in order:
 5. cleanup is the module-level `shutdown(procs, timeout)` (terminate -> join until the deadline
    -> kill the process tree with psutil), registered with `weakref.finalize` on the
    `Launcher`; teardown order is workers first, then the broker.
+Steps 2 and 5 live in client/children.py (re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -35,13 +33,14 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import psutil
+from blockllm.client.children import _child_main, _shutdown_groups, shutdown
+from blockllm.client.children import arm_parent_death as arm_parent_death  # re-exported
+from blockllm.client.children import kill_tree as kill_tree  # re-exported
+from blockllm.client.children import set_process_name as set_process_name  # re-exported
 
 logger = logging.getLogger(__name__)
 
 SPAWN = multiprocessing.get_context("spawn")
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
 PLANNER_TARGET = "blockllm.broker.planner_proc:run_planner_process"
@@ -49,87 +48,6 @@ PLANNER_TARGET = "blockllm.broker.planner_proc:run_planner_process"
 
 class LaunchError(RuntimeError):
     """A child did not come up (or died); the message says which one and what to do."""
-
-
-# -- the child side ---------------------------------------------------------------------------
-
-
-def arm_parent_death(expected_ppid: int) -> None:
-    """Ask the kernel for SIGTERM when our parent dies (Linux), then close the race: if the
-    parent died before we armed, exit now. Call first thing in a spawned child."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != expected_ppid:
-        os._exit(1)
-
-
-def set_process_name(name: str) -> None:
-    """The name `ps -o comm` and `top` show (Linux; at most 15 bytes)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-
-
-def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: str) -> None:
-    """Entry point of every spawned child: arm, name, log, then run `target(cfg)`."""
-    arm_parent_death(parent_pid)
-    os.setpgid(0, 0)  # own process group: terminal signals go to the launcher only
-    set_process_name(f"blockllm-{name}")
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    module, _, func = target.partition(":")
-    run = getattr(importlib.import_module(module), func)
-    sys.exit(int(run(cfg) or 0))
-
-
-# -- cleanup ----------------------------------------------------------------------------------
-
-
-def shutdown(procs: Sequence[BaseProcess], timeout: float) -> None:
-    """Stop `procs`: SIGTERM all, join until `timeout`, then SIGKILL each survivor's tree.
-
-    Module-level (weakref.finalize must not hold the launcher alive); safe to call twice.
-    """
-    alive = [p for p in procs if p.pid is not None and p.exitcode is None]
-    for p in alive:
-        with contextlib.suppress(ProcessLookupError):
-            p.terminate()
-    deadline = time.monotonic() + timeout
-    for p in alive:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in alive:
-        if p.exitcode is None:
-            logger.warning("[shutdown] %s (pid %s) ignored SIGTERM; killing it", p.name, p.pid)
-            kill_tree(p.pid)
-            p.join(5)
-
-
-def kill_tree(pid: int | None) -> None:
-    """SIGKILL a process and every descendant (children first found, then the root)."""
-    if pid is None:
-        return
-    try:
-        root = psutil.Process(pid)
-        family = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for proc in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(family, timeout=5)
-
-
-def _shutdown_groups(
-    groups: Sequence[Sequence[BaseProcess]], timeout: float, stopping: threading.Event
-) -> None:
-    stopping.set()  # the monitor reports no deaths from here on
-    for group in groups:
-        shutdown(group, timeout)
 
 
 # -- the launcher -----------------------------------------------------------------------------
@@ -369,6 +287,13 @@ class Launcher:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def stop_planner(self, timeout: float | None = None) -> list[int | None]:
+        """Stop the planner processes alone (SIGTERM -> join -> kill; the workers it spawned
+        go with it), an expected exit; their exit codes."""
+        self._expected.update(id(p) for p in self._planners)
+        shutdown(self._planners, self.stop_timeout if timeout is None else timeout)
+        return [self.exitcode(p) for p in self._planners]
+
     def kill_worker(self, name: str, sig: int) -> None:
         """Send `sig` to one worker whose exit is then expected (not reported as a death)."""
         p = self.workers[name]
@@ -466,6 +391,18 @@ def default_threads(workers: int) -> int:
     return max(1, (cores or 1) // max(1, workers))
 
 
+def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
+    """The `blockllm worker` flags of a worker the planner spawns (broker/spawn.py): those of
+    serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
+    args = ["--device", wcfg.device, "--kv-budget", str(wcfg.kv_budget_bytes)]
+    args += ["--max-batch-size", str(wcfg.max_batch_size), "--threads", str(threads)]
+    args += ["--max-batch-tokens", str(wcfg.max_batch_tokens)]
+    args += ["--heartbeat-interval", str(wcfg.heartbeat_interval_s), "--grace", str(wcfg.grace_s)]
+    if wcfg.memory_budget_bytes:
+        args += ["--memory-budget", str(wcfg.memory_budget_bytes)]
+    return tuple(args)
+
+
 def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
     """Start the cluster, call `announce` once it is ready, run until SIGINT/SIGTERM (-> 0)
     or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
@@ -529,7 +466,10 @@ def _start_cluster(
         describe[name] = "stages " + ", ".join(map(str, stages))
     launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
     if cfg.planner is not None:  # it refines the static placement from the live stats
-        launcher.start_planner(replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir))
+        spare = spare_worker_args(cfg.worker, threads)
+        launcher.start_planner(
+            replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir, spawn_worker_args=spare)
+        )
     workers = tuple(
         (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
         for name, p in launcher.workers.items()
