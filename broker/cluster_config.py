@@ -136,6 +136,7 @@ _WORKER_KEYS: dict[str, Any] = {
     "zoo": _PATH,
     "device": _matching(_DEVICE_RE, 'a device: "cpu", "cuda", "cuda:N" or "mps"'),
     "kv_budget_bytes": parse_size,
+    "memory_budget_bytes": parse_size,
     "threads": _int(1),
     "max_batch_size": _int(1),
     "max_batch_tokens": _int(1),
@@ -161,7 +162,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "max_replays": _int(0),
         "drain_timeout_s": _positive_float,
     },
-    "planner": {"interval_s": _positive_float, "duplicates": _bool},
+    "planner": {
+        "interval_s": _positive_float,
+        "duplicates": _bool,
+        # spawning workers on the planner's node (broker/spawn.py)
+        "max_spawn": _int(0),
+        "spawn_command": _str,
+        "stop_command": _str,
+        "spawn_hold_s": _positive_float,
+    },
     "worker": _WORKER_KEYS,
     "workers": {},  # [workers.<name>] tables, each with the keys of [worker]
     "security": {"keys": _PATH},

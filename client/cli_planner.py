@@ -6,6 +6,7 @@ fatal error); 2 usage.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,37 @@ def planner_options(f: Any) -> Any:
     return f
 
 
+def spawn_options(default_max: int) -> Any:
+    """The flags for spawning workers (broker/spawn.py) that `planner` and `serve` share;
+    `default_max`: --max-spawn's default (0 = off)."""
+
+    def decorate(f: Any) -> Any:
+        options = [
+            click.option("--max-spawn", "max_spawn", type=click.IntRange(min=0),
+                         default=default_max, show_default=True, help="Start up to N more "
+                         "worker processes on this node when the workers cannot hold a lost "
+                         "worker's stages or a straggler's duplicate (0: never)."),
+            click.option("--spawn-command", "spawn_command", default="", metavar="TEMPLATE",
+                         help="Start a spawned worker with this command instead of a child "
+                         "process ({n}, {name}: its slot and name, e.g. "
+                         "'systemctl start --no-block blockllm-worker@spare{n}')."),
+            click.option("--stop-command", "stop_command", default="", metavar="TEMPLATE",
+                         help="Stop one started by --spawn-command "
+                         "('systemctl stop --no-block blockllm-worker@spare{n}')."),
+            click.option("--spawn-hold", "spawn_hold_s", type=click.FloatRange(min=0.0),
+                         default=30.0, show_default=True,
+                         help="Seconds a spawned worker stays unneeded before it is retired."),
+        ]  # fmt: skip
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+SPAWN_FIELDS = ("max_spawn", "spawn_command", "stop_command", "spawn_hold_s")
+
+
 def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
     """A PlannerConfig from parsed flags (`planner_options` and friends)."""
     from blockllm.broker.planner_config import PlannerConfig
@@ -69,6 +101,7 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
         "dup_step_ms": values.get("dup_step_ms", 1000.0),
         "batch_target_ms": values.get("batch_target_ms", 0.0),
     }
+    fields.update({k: values[k] for k in SPAWN_FIELDS if values.get(k) is not None})
     fields.update(overrides)
     try:
         return PlannerConfig(**fields)
@@ -87,6 +120,11 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
               help="Weights + KV a worker may hold when it advertises no budget (bytes or "
               "2GiB; 0: unlimited).")  # fmt: skip
 @planner_options
+@spawn_options(default_max=0)
+@click.option("--spawn-args", "spawn_args", default="", metavar="ARGS",
+              help="More `blockllm worker` flags for a spawned child worker (e.g. '--device "
+              "cuda:1 --memory-budget 8GiB'); it gets --broker, --zoo, --keys and --name "
+              "from the planner.")  # fmt: skip
 @keys_option
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               help="Serve Prometheus metrics on this port (needs blockllm[metrics]) "
@@ -115,6 +153,7 @@ def planner(**params: Any) -> None:
         zoo_dir=str(params["zoo_dir"] or default_zoo_dir()),
         keys_dir=str(params["keys_dir"]) if params["keys_dir"] else None,
         worker_memory_bytes=memory,
+        spawn_worker_args=tuple(shlex.split(params.get("spawn_args") or "")),
         **_metrics_fields(params),
     )
     sys.exit(run_planner_process(cfg))

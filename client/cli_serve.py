@@ -29,7 +29,12 @@ from blockllm.broker.cluster_config import (
     parse_size,
 )
 from blockllm.client.cli_common import CliError, default_zoo_dir, zoo_option
-from blockllm.client.cli_planner import planner_config, planner_options
+from blockllm.client.cli_planner import (
+    SPAWN_FIELDS,
+    planner_config,
+    planner_options,
+    spawn_options,
+)
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 logger = logging.getLogger(__name__)
@@ -134,7 +139,8 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
         "keys_dir": str(v["keys"]) if v.get("keys") else None,
         "log_level": _log_level(),
     }
-    for key in ("heartbeat_interval_s", "liveness", "reconnect_max_s", "grace_s"):
+    for key in ("heartbeat_interval_s", "liveness", "reconnect_max_s", "grace_s",
+                "memory_budget_bytes"):  # fmt: skip
         if v.get(key) is not None:
             fields[key] = v[key]
     if v.get("input_queue_size") is not None:
@@ -168,6 +174,9 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
               default=1.0, show_default=True, help="Seconds between liveness beats.")  # fmt: skip
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0.0), default=10.0,
               show_default=True, help="On SIGTERM: seconds to finish in-flight work.")  # fmt: skip
+@click.option("--memory-budget", "memory_budget_bytes", type=SIZE, default=None,
+              help="Weights + KV this worker may hold, told to the planner (bytes or 8GiB) "
+              "[default: the planner's --worker-memory].")  # fmt: skip
 @keys_option
 @metrics_port_option
 @metrics_host_option
@@ -360,6 +369,7 @@ def _models(value: str | None) -> tuple[str, ...]:
               help="Run the planner: it places stages by demand, moves them off failed or "
               "slow workers, and assembles chains within --tolerance.")  # fmt: skip
 @planner_options
+@spawn_options(default_max=1)
 @keys_option
 def serve(**params: Any) -> None:
     """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.
@@ -382,7 +392,8 @@ def serve(**params: Any) -> None:
     cluster = _cluster_config(params["config_file"])
     values = dict(ctx.params)
     if cluster is not None:
-        file_values = {**cluster.worker(""), **cluster.broker()}
+        spawn = {k: v for k, v in cluster.planner().items() if k in SPAWN_FIELDS}
+        file_values = {**cluster.worker(""), **cluster.broker(), **spawn}
         file_values.pop("name", None)
         file_values.pop("broker", None)
         file_values.pop("stages", None)  # serve places stages itself

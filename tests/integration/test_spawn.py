@@ -1,0 +1,73 @@
+"""The planner spawning a worker process for real: the only worker of a cluster is SIGKILLed
+under load, the planner starts a child `blockllm worker`, places the model on it, every request
+finishes with HF's greedy output, and the child is gone once the planner stops.
+
+Waits poll STATUS with deadlines (no sleeps); the test is bounded by pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.cluster import cluster, hf_greedy, make_zoo
+from tests.integration.test_planner import FAST, PROMPTS, Streams, planner_cfg, wait_status
+
+NEW_TOKENS = 120
+SPARE_ARGS = ("--threads", "1", "--kv-budget", "64MiB", "--heartbeat-interval", "0.25")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
+
+
+def _spawned(planner_pid: int) -> list[psutil.Process]:
+    """The planner's child workers (`blockllm.client.cli worker ... --name spareN`)."""
+    out = []
+    for p in psutil.Process(planner_pid).children(recursive=True):
+        try:
+            if "worker" in p.cmdline():
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_of_the_only_worker_spawns_one_and_loses_no_request(zoo: Path, llama: Path):
+    want = {tuple(p): hf_greedy(llama, p, NEW_TOKENS) for p in PROMPTS}
+    # w0's steps are slowed a little so the requests are surely running when it is killed
+    kw = {"w0": {"fault_step_delay_s": 0.02}}
+    with cluster(zoo, {"w0": ["m:0-6"]}, ["m"], broker=FAST, worker_kw=kw) as c:
+        cfg = planner_cfg(
+            c,
+            replicate=False,
+            min_demand=1e9,
+            max_spawn=1,
+            spawn_after_s=0.0,
+            spawn_worker_args=SPARE_ARGS,
+            spawn_stop_s=10.0,
+        )
+        planner = c.launcher.start_planner(cfg)
+        streams = Streams(c, [("m", p, NEW_TOKENS) for p in PROMPTS])
+        streams.started.wait(30)  # every request is running on w0...
+        c.launcher.kill_worker("w0", signal.SIGKILL)  # ...the only worker
+        assert streams.join() == [want[tuple(p)] for p in PROMPTS]  # nothing lost or repeated
+        body = wait_status(c, lambda b: b["models"]["m"]["covered"], 20, "coverage")
+        assert [w["name"] for w in body["workers"]] == ["spare0"]
+        assert body["counters"]["replays"] >= 1 and body["counters"]["failed"] == 0
+        (child,) = _spawned(planner.pid)
+        assert "spare0" in child.cmdline()
+        # SIGTERM: the planner stops what it spawned, then exits
+        assert c.launcher.stop_planner(15.0) == [0]
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        wait_status(c, lambda b: not b["workers"], 10, "spare0 left the broker")
