@@ -384,7 +384,9 @@ def serve(**params: Any) -> None:
     workers (they finish in-flight steps), then the broker, and exits 0. A child process
     that dies unexpectedly is reported, everything is stopped and the exit code is 1 (no
     automatic restart: the broker already replays its requests elsewhere while it can, and a
-    supervisor such as systemd owns restarts).
+    supervisor such as systemd owns restarts). The planner may start up to --max-spawn more
+    workers (e.g. for a straggler's duplicate when no worker has room); they are its children,
+    retired when unneeded and stopped with it.
     """
     from blockllm.client.launcher import LaunchError, ServeConfig, run_serve
 

@@ -168,3 +168,30 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout() -> None:
     assert child.stdout is not None and child.stdout.readline() == b"1\n"  # handler installed
     shutdown_children([child], timeout=0.5)
     assert child.returncode == -9
+
+
+def test_serve_gives_spawned_workers_its_own_workers_flags() -> None:
+    from blockllm.client.launcher import spare_worker_args
+    from blockllm.worker.config import MiB, WorkerProcConfig
+
+    wcfg = WorkerProcConfig("tcp://b:1", "/z", device="cuda:1", kv_budget_bytes=64 * MiB,
+                            memory_budget_bytes=512 * MiB)  # fmt: skip
+    args = spare_worker_args(wcfg, threads=2)
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert flags["--device"] == "cuda:1" and flags["--threads"] == "2"
+    assert flags["--kv-budget"] == str(64 * MiB) and flags["--memory-budget"] == str(512 * MiB)
+
+
+def test_planner_cli_spawn_flags_reach_the_config_and_a_lone_template_is_refused() -> None:
+    from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
+    from blockllm.client.cli_common import CliError
+    from blockllm.client.cli_planner import planner_config
+
+    cfg = planner_config({"max_spawn": 2, "spawn_hold_s": 5.0, "spawn_command": "a {n}",
+                          "stop_command": "b {n}"})  # fmt: skip
+    assert (cfg.max_spawn, cfg.spawn_hold_s, cfg.spawn_command) == (2, 5.0, "a {n}")
+    assert planner_config({}).max_spawn == 0  # off unless asked for
+    result = CliRunner().invoke(cli, ["planner", "--spawn-command", "systemctl start x@{n}"])
+    assert isinstance(result.exception, CliError) and "stop_command" in str(result.exception)
