@@ -1,7 +1,7 @@
 """What the planner buys, measured: closed-loop clients against broker + workers on this machine.
 
     python -m tests.integration.bench_planner --zoo DIR --models base,ft \
-        --mode off|placement|dups [--straggler-delay 0.1] [--clients 4] [--json]
+        --mode off|placement|dups [--straggler-delay 0.1] [--clients 4] [--min-gain G] [--json]
 
 - off: static placement (what `blockllm serve --no-planner` starts), no planner;
 - placement: the planner places by demand (no duplicates);
@@ -9,7 +9,9 @@
 `--straggler-delay S` slows every step of the last worker by S seconds (the test-only fault
 hook). Clients alternate models and stream greedy requests; after `--warmup` seconds (the
 planner adapts meanwhile) per-token latency (TPOT), time to first token and tokens/s are
-measured for `--duration` seconds. Not a pytest module: a harness around the test helpers.
+measured for `--duration` seconds. `--min-gain -1` makes the planner take every demand
+re-placement (the rule before min_gain existed). Not a pytest module: a harness around the
+test helpers.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--duration", type=float, default=40.0)
     ap.add_argument("--straggler-delay", type=float, default=0.0)
+    ap.add_argument("--min-gain", type=float, default=PlannerConfig().min_gain)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     models = a.models.split(",")
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.mode != "off":
             c.launcher.start_planner(
                 PlannerConfig(broker=c.endpoint, zoo_dir=a.zoo, replan_interval_s=3.0,
-                              duplicates=a.mode == "dups", log_level="WARNING")
+                              duplicates=a.mode == "dups", log_level="WARNING",
+                              min_gain=a.min_gain)
             )  # fmt: skip
         load = Load(c, models, a.clients, a.tokens)
         for t in load.threads:
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "mode": a.mode,
         "straggler_delay_s": a.straggler_delay,
+        "min_gain": a.min_gain,
         "clients": a.clients,
         "tokens_per_s": round(load.generated / elapsed, 2),
         "tpot_ms_p50": round(pct(load.tpot, 0.5) * 1000, 1),
