@@ -71,3 +71,34 @@ def test_sigkill_of_the_only_worker_spawns_one_and_loses_no_request(zoo: Path, l
         assert c.launcher.stop_planner(15.0) == [0]
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
         wait_status(c, lambda b: not b["workers"], 10, "spare0 left the broker")
+
+
+@pytest.mark.timeout(60)
+def test_a_spawned_worker_is_retired_once_a_new_worker_covers_its_stages(zoo: Path, llama: Path):
+    prompt = PROMPTS[2]
+    want = hf_greedy(llama, prompt, 16)
+    with cluster(zoo, {"w0": ["m:0-6"]}, ["m"], broker=FAST) as c, c.client(timeout=60) as client:
+        cfg = planner_cfg(
+            c,
+            replicate=False,
+            min_demand=1e9,
+            max_spawn=1,
+            spawn_after_s=0.0,
+            spawn_hold_s=1.0,
+            spawn_worker_args=SPARE_ARGS,
+        )
+        planner = c.launcher.start_planner(cfg)
+        c.launcher.kill_worker("w0", signal.SIGKILL)
+        names = lambda b: [w["name"] for w in b["workers"]]  # noqa: E731
+        wait_status(c, lambda b: names(b) == ["spare0"] and b["models"]["m"]["covered"], 40,
+                    "spawned worker serving")  # fmt: skip
+        (child,) = _spawned(planner.pid)
+        # a worker of the cluster's own comes (a supervisor restarted it): the placement goes
+        # back to it, and the spawned worker, unneeded for spawn_hold_s, is stopped
+        c.add_worker("w1", [])
+        wait_status(c, lambda b: names(b) == ["w1"] and b["models"]["m"]["covered"], 40,
+                    "spawned worker retired")  # fmt: skip
+        psutil.wait_procs([child], timeout=10)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert client.generate("m", input_ids=prompt, max_new_tokens=16).token_ids == want
+        assert c.launcher.stop_planner(15.0) == [0]
