@@ -271,6 +271,7 @@ class Spawner:
         proc = subprocess.Popen(
             self.worker_argv(name),
             stdin=subprocess.DEVNULL,
+            stdout=2,  # its output is log lines: never on serve's stdout (the announcement)
             preexec_fn=lambda: _arm_parent_death(parent),
             env={**os.environ, "BLOCKLLM_LOG_LEVEL": self.cfg.log_level},
         )

@@ -1,6 +1,8 @@
 """The planner spawning a worker process for real: the only worker of a cluster is SIGKILLed
 under load, the planner starts a child `blockllm worker`, places the model on it, every request
-finishes with HF's greedy output, and the child is gone once the planner stops.
+finishes with HF's greedy output, and the child is gone once the planner stops; it is retired
+once a worker of the cluster's own is back; a lone straggler gets its duplicate on a spawned
+worker.
 
 Waits poll STATUS with deadlines (no sleeps); the test is bounded by pytest-timeout.
 """
@@ -14,7 +16,15 @@ import psutil
 import pytest
 
 from tests.integration.cluster import cluster, hf_greedy, make_zoo
-from tests.integration.test_planner import FAST, PROMPTS, Streams, planner_cfg, wait_status
+from tests.integration.test_planner import (
+    FAST,
+    PROMPTS,
+    Streams,
+    p95,
+    planner_cfg,
+    token_gaps,
+    wait_status,
+)
 
 NEW_TOKENS = 120
 SPARE_ARGS = ("--threads", "1", "--kv-budget", "64MiB", "--heartbeat-interval", "0.25")
@@ -102,3 +112,38 @@ def test_a_spawned_worker_is_retired_once_a_new_worker_covers_its_stages(zoo: Pa
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
         assert client.generate("m", input_ids=prompt, max_new_tokens=16).token_ids == want
         assert c.launcher.stop_planner(15.0) == [0]
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_straggler_gets_its_duplicate_on_a_spawned_worker(zoo: Path, llama: Path):
+    delay = 0.25  # every step of w0 takes this much longer (test-only fault hook)
+    prompt = PROMPTS[1]
+    want = hf_greedy(llama, prompt, 24)
+    kw = {"w0": {"fault_step_delay_s": delay}}
+    with (
+        cluster(zoo, {"w0": ["m:0-6"]}, ["m"], broker=FAST, worker_kw=kw) as c,
+        c.client(timeout=60) as client,
+    ):
+        cfg = planner_cfg(
+            c,
+            replicate=False,
+            min_demand=1e9,
+            dup_step_ms=delay * 400,
+            max_spawn=1,
+            spawn_worker_args=SPARE_ARGS,
+        )
+        c.launcher.start_planner(cfg)
+        # requests on the straggler make it visible as one; no other worker has room for
+        # its duplicate (there is none): the planner spawns spare0 and duplicates onto it
+        streams = Streams(c, [("m", PROMPTS[0], 24)])
+        streams.started.wait(30)
+
+        def routed_to_spare(b: dict) -> bool:
+            weights = {h[0][0]: wt for h, wt in b["models"]["m"]["planned_routes"] or ()}
+            return weights.get("spare0", 0.0) > weights.get("w0", 0.0)
+
+        wait_status(c, routed_to_spare, 45, "duplicate on the spawned worker")
+        assert streams.join() == [hf_greedy(llama, PROMPTS[0], 24)]
+        tokens, gaps = token_gaps(client, prompt, 24)
+        assert tokens == want
+        assert p95(gaps) < delay / 2  # served by the spawned duplicate, not the straggler
