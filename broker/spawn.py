@@ -4,8 +4,9 @@ starts and stops them (`Spawner`, the planner process's main thread).
 When the cluster's workers cannot do what the planner needs, it may start up to `max_spawn`
 more on this node (0: never):
 - a straggler needs a duplicate and no worker has room for it (duplicates.py `no_helper`);
-- coverage is lost (a model not covered for `spawn_after_s`) and the survivors cannot hold it:
-  no worker is left, or the placement over the current workers leaves models uncovered.
+- coverage is lost (a model once covered is not, for `spawn_after_s`) and the survivors cannot
+  hold it: no worker is left, or the placement over the current workers leaves it uncovered.
+  A cluster still starting (its workers loading) spawns nothing.
 
 A spawned worker is named `{spawn_prefix}{n}` (n = 0 .. max_spawn-1, a slot reused after it
 is gone), registers with no stages, and the planner loads stages on it as on any worker. The
@@ -89,6 +90,7 @@ class SpawnPolicy:
         self.spawned: dict[str, Spawned] = {}
         self.actions: list[SpawnAction] = []
         self.uncovered_since: float | None = None
+        self.was_covered: set[str] = set()  # models seen covered (a loss is of one of these)
         self.started = 0
         self.retired = 0
         self.failed = 0
@@ -150,7 +152,10 @@ class SpawnPolicy:
         now: float,
     ) -> str:
         stragglers = sorted(planner.duplicates.no_helper)
-        uncovered = [m for m in served if not (models.get(m) or {}).get("covered")]
+        covered = {m for m in served if (models.get(m) or {}).get("covered")}
+        self.was_covered |= covered
+        # only coverage *lost*: a cluster still starting (workers loading) spawns nothing
+        uncovered = [m for m in served if m not in covered and m in self.was_covered]
         if not uncovered:
             self.uncovered_since = None
         elif self.uncovered_since is None:

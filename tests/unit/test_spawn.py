@@ -35,6 +35,14 @@ def test_spawning_is_off_by_default() -> None:
     assert p.spawns.take() == []
 
 
+def test_a_cluster_still_starting_spawns_nothing() -> None:
+    p = planner(spawn_after_s=0.0)
+    for t in (0.0, 5.0, 50.0):  # no worker registered yet, nothing ever covered
+        p.on_stats(snapshot({}, NONE), t)
+    p.on_stats(snapshot({"w0": []}, NONE), 60.0)
+    assert actions(p) == []
+
+
 def test_the_last_worker_lost_spawns_one_after_spawn_after_s_and_it_is_placed_on() -> None:
     p = planner()
     p.on_stats(snapshot({"w0": [("m", 0, 6)]}), 0.0)
