@@ -52,6 +52,13 @@ RETRYABLE = frozenset(
 )
 
 
+HANDSHAKE_FAILED_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
 class IOThreadFailed(RuntimeError):
     """The IO thread died; the worker cannot talk to the broker any more."""
 
@@ -128,6 +135,8 @@ class IOThread(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # the DEALER's failed handshakes
+        self._handshake_logged: str | None = None
         self._curve = None
         if cfg.keys_dir:  # fail at start-up, not at the first reconnect
             from blockllm.broker.security import load_client_keys
@@ -195,6 +204,7 @@ class IOThread(threading.Thread):
             self.inbox.put(Failed(e))
         finally:
             self._fail_fetches()
+            self._unwatch()
             if self._sock is not None:
                 self._sock.close(linger=self.cfg.dead_linger_ms)
             with self._pipe_lock:
@@ -227,11 +237,14 @@ class IOThread(threading.Thread):
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._watch(), zmq.POLLIN)
         while True:
             wake_at = min(beat + interval, heard + interval * cfg.liveness)
             events = dict(poller.poll(max(0.0, wake_at - time.monotonic()) * 1000 + 1))
             if self._wake_r in events:
                 os.read(self._wake_r, 4096)
+            if self._monitor is not None and events.get(self._monitor):
+                self._on_handshake_failed()
             if events.get(self._sock) and self._receive_all():
                 heard = time.monotonic()
                 backoff = interval
@@ -248,8 +261,10 @@ class IOThread(threading.Thread):
                 beat = now
             if now - heard > interval * cfg.liveness:
                 poller.unregister(self._sock)
+                poller.unregister(self._monitor)
                 self._reconnect(backoff)
                 poller.register(self._sock, zmq.POLLIN)
+                poller.register(self._watch(), zmq.POLLIN)
                 heard = beat = time.monotonic()
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
 
@@ -262,6 +277,7 @@ class IOThread(threading.Thread):
             self.cfg.heartbeat_interval_s * self.cfg.liveness,
             backoff,
         )
+        self._unwatch()
         self._sock.close(linger=0)
         self._sock = None
         # A backoff, not a synchronisation: stop() still ends it at once through the pipe.
@@ -270,6 +286,36 @@ class IOThread(threading.Thread):
         self.reconnects += 1
         self._fail_fetches()  # their answers went with the old socket
         self.inbox.put(Reset())
+
+    def _watch(self) -> zmq.Socket:
+        """Follow the DEALER's failed handshakes (a key mismatch is otherwise mere silence)."""
+        assert self._sock is not None
+        self._monitor = self._sock.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
+        return self._monitor
+
+    def _unwatch(self) -> None:
+        if self._monitor is not None and self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+        self._monitor = None
+
+    def _on_handshake_failed(self) -> None:
+        """Log why the broker refused us, once per reason (zmq retries every ~100 ms)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        from blockllm.broker.security import handshake_failure_reason
+
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            reason = handshake_failure_reason(recv_monitor_message(self._monitor))
+            if reason != self._handshake_logged:
+                self._handshake_logged = reason
+                logger.error(
+                    "[auth] broker %s refused this worker's handshake: %s (check --keys)",
+                    self.cfg.broker,
+                    reason,
+                )
 
     def _receive_all(self) -> bool:
         """Handle every message waiting on the socket; whether there was any."""
