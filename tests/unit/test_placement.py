@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 import pytest
+
 from blockllm.broker.placement import (
     Hop,
     WorkerView,
