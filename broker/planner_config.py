@@ -78,6 +78,10 @@ class PlannerConfig:
             raise ValueError("replan_interval_s and demand_halflife_s must be > 0")
         if self.dup_factor <= 1 or not 0 < self.probe_weight <= 1:
             raise ValueError("dup_factor must be > 1 and probe_weight in (0, 1]")
+        if not 0 <= self.batch_exponent <= 1 or self.hop_cost_bytes < 0 or self.min_gain >= 1:
+            raise ValueError("batch_exponent in [0, 1], hop_cost_bytes >= 0, min_gain < 1")
+        if self.dup_confirm_s < 0 or self.dup_move_factor < 1:
+            raise ValueError("dup_confirm_s must be >= 0 and dup_move_factor >= 1")
         if self.max_spawn < 0 or bool(self.spawn_command) != bool(self.stop_command):
             raise ValueError("max_spawn must be >= 0; spawn_command needs a stop_command")
         if any(kl < 0 for _, kl in self.tolerance):

@@ -386,3 +386,13 @@ def test_batch_tuner_with_per_stage_latency_halves_the_expensive_stage_only() ->
              "queue_depths": {"a": 2, "b": 2, "c": 2}}  # fmt: skip
     cmds = BatchTuner(cfg(batch_target_ms=100.0)).step({"w0": under}, set(), 0.0, str)
     assert sorted((c.key, c.max_batch_size) for c in cmds) == [("a", 16), ("b", 16)]
+
+
+BAD_SETTINGS = [{"batch_exponent": 1.5}, {"hop_cost_bytes": -1}, {"min_gain": 1.0},
+                {"dup_confirm_s": -1}, {"dup_move_factor": 0.5}]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_SETTINGS)
+def test_the_cost_rules_settings_are_checked(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        cfg(**bad)
