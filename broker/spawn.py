@@ -4,9 +4,9 @@ starts and stops them (`Spawner`, the planner process's main thread).
 When the cluster's workers cannot do what the planner needs, it may start up to `max_spawn`
 more on this node (0: never):
 - a straggler needs a duplicate and no worker has room for it (duplicates.py `no_helper`);
-- coverage is lost (a model once covered is not, for `spawn_after_s`) and the survivors cannot
-  hold it: no worker is left, or the placement over the current workers leaves it uncovered.
-  A cluster still starting (its workers loading) spawns nothing.
+- coverage is lost (a model once covered, or with requests waiting, is not covered for
+  `spawn_after_s`) and the survivors cannot hold it: no worker is left, or the placement over
+  the current workers leaves it uncovered. An idle cluster still starting spawns nothing.
 
 A spawned worker is named `{spawn_prefix}{n}` (n = 0 .. max_spawn-1, a slot reused after it
 is gone), registers with no stages, and the planner loads stages on it as on any worker. The
@@ -154,8 +154,10 @@ class SpawnPolicy:
         stragglers = sorted(planner.duplicates.no_helper)
         covered = {m for m in served if (models.get(m) or {}).get("covered")}
         self.was_covered |= covered
-        # only coverage *lost*: a cluster still starting (workers loading) spawns nothing
-        uncovered = [m for m in served if m not in covered and m in self.was_covered]
+        # coverage *lost*, or requests waiting for it: an idle cluster still starting (its
+        # workers loading) spawns nothing
+        waiting = {m for m in served if int((models.get(m) or {}).get("waiting") or 0) > 0}
+        uncovered = [m for m in served if m not in covered and m in self.was_covered | waiting]
         if not uncovered:
             self.uncovered_since = None
         elif self.uncovered_since is None:

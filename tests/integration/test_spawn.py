@@ -87,7 +87,11 @@ def test_sigkill_of_the_only_worker_spawns_one_and_loses_no_request(zoo: Path, l
 def test_a_spawned_worker_is_retired_once_a_new_worker_covers_its_stages(zoo: Path, llama: Path):
     prompt = PROMPTS[2]
     want = hf_greedy(llama, prompt, 16)
-    with cluster(zoo, {"w0": ["m:0-6"]}, ["m"], broker=FAST) as c, c.client(timeout=60) as client:
+    kw = {"w0": {"fault_step_delay_s": 0.05}}  # the request is surely running at the kill
+    with (
+        cluster(zoo, {"w0": ["m:0-6"]}, ["m"], broker=FAST, worker_kw=kw) as c,
+        c.client(timeout=60) as client,
+    ):
         cfg = planner_cfg(
             c,
             replicate=False,
@@ -98,7 +102,10 @@ def test_a_spawned_worker_is_retired_once_a_new_worker_covers_its_stages(zoo: Pa
             spawn_worker_args=SPARE_ARGS,
         )
         planner = c.launcher.start_planner(cfg)
-        c.launcher.kill_worker("w0", signal.SIGKILL)
+        streams = Streams(c, [("m", prompt, 16)])
+        streams.started.wait(30)
+        c.launcher.kill_worker("w0", signal.SIGKILL)  # a request waits: the planner spawns
+        assert streams.join() == [want]
         names = lambda b: [w["name"] for w in b["workers"]]  # noqa: E731
         wait_status(c, lambda b: names(b) == ["spare0"] and b["models"]["m"]["covered"], 40,
                     "spawned worker serving")  # fmt: skip

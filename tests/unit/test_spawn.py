@@ -35,12 +35,16 @@ def test_spawning_is_off_by_default() -> None:
     assert p.spawns.take() == []
 
 
-def test_a_cluster_still_starting_spawns_nothing() -> None:
+def test_an_idle_cluster_still_starting_spawns_nothing_until_requests_wait() -> None:
     p = planner(spawn_after_s=0.0)
     for t in (0.0, 5.0, 50.0):  # no worker registered yet, nothing ever covered
         p.on_stats(snapshot({}, NONE), t)
     p.on_stats(snapshot({"w0": []}, NONE), 60.0)
     assert actions(p) == []
+    body = snapshot({}, NONE)
+    body["models"]["m"]["waiting"] = 2  # ... until requests wait for a model
+    p.on_stats(body, 61.0)
+    assert actions(p) == [("start", "spare0")]
 
 
 def test_the_last_worker_lost_spawns_one_after_spawn_after_s_and_it_is_placed_on() -> None:
