@@ -101,9 +101,6 @@ class SpawnPolicy:
     def enabled(self) -> bool:
         return self.cfg.max_spawn > 0
 
-    def names(self) -> set[str]:
-        return set(self.spawned)
-
     def take(self) -> list[SpawnAction]:
         out, self.actions = self.actions, []
         return out
