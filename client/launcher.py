@@ -294,6 +294,13 @@ class Launcher:
         shutdown(self._planners, self.stop_timeout if timeout is None else timeout)
         return [self.exitcode(p) for p in self._planners]
 
+    def kill_planner(self, sig: int) -> None:
+        """Send `sig` to the planner process(es), whose exit is then expected."""
+        for p in self._planners:
+            self._expected.add(id(p))
+            if p.pid is not None and self.exitcode(p) is None:
+                os.kill(p.pid, sig)
+
     def kill_worker(self, name: str, sig: int) -> None:
         """Send `sig` to one worker whose exit is then expected (not reported as a death)."""
         p = self.workers[name]

@@ -2,7 +2,7 @@
 under load, the planner starts a child `blockllm worker`, places the model on it, every request
 finishes with HF's greedy output, and the child is gone once the planner stops; it is retired
 once a worker of the cluster's own is back; a lone straggler gets its duplicate on a spawned
-worker.
+worker, which goes when the planner is SIGKILLed.
 
 Waits poll STATUS with deadlines (no sleeps); the test is bounded by pytest-timeout.
 """
@@ -139,7 +139,7 @@ def test_a_lone_straggler_gets_its_duplicate_on_a_spawned_worker(zoo: Path, llam
             max_spawn=1,
             spawn_worker_args=SPARE_ARGS,
         )
-        c.launcher.start_planner(cfg)
+        planner = c.launcher.start_planner(cfg)
         # requests on the straggler make it visible as one; no other worker has room for
         # its duplicate (there is none): the planner spawns spare0 and duplicates onto it
         streams = Streams(c, [("m", PROMPTS[0], 24)])
@@ -154,3 +154,8 @@ def test_a_lone_straggler_gets_its_duplicate_on_a_spawned_worker(zoo: Path, llam
         tokens, gaps = token_gaps(client, prompt, 24)
         assert tokens == want
         assert p95(gaps) < delay / 2  # served by the spawned duplicate, not the straggler
+        # a planner killed outright takes its children along (PR_SET_PDEATHSIG: SIGTERM)
+        (child,) = _spawned(planner.pid)
+        c.launcher.kill_planner(signal.SIGKILL)
+        psutil.wait_procs([child], timeout=20)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
