@@ -356,8 +356,8 @@ class Broker(Commands, Hedging, Migrating, RequestFlow):
             req.hop += 1
             req.hop_sent_at = now
             hop = req.route[req.hop]
-            fwd = self._forward(req, hop, tuple(msg.tensors))
-            return [Out(hop.worker, fwd, tuple(frames))]
+            out = [Out(hop.worker, self._forward(req, hop, tuple(msg.tensors)), tuple(frames))]
+            return out + self._speculative(req, tuple(msg.tensors), frames)  # speculation: flow.py
         if msg.tensors or not 0 <= msg.token_id < req.spec.vocab_size:
             return self._misbehaved(req, peer, now, f"bad final RESULT (token {msg.token_id})")
         return self._on_token(req, msg.token_id, now)

@@ -69,6 +69,11 @@ class BrokerConfig:
     # a migration not done within migrate_timeout_s replays
     kv_migration: bool = True
     migrate_timeout_s: float = 5.0
+    # speculative execution (worker/speculate.py), per model: (model, tolerance) pairs; a
+    # decode step's input also goes to the hop after the one it is meant for (SPECULATE), and
+    # that hop's real FORWARD is answered from the early run when its input is within the
+    # relative L2 `tolerance` (0: only an identical input, i.e. exact). A model absent: off.
+    speculate: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.liveness < 1:
@@ -79,6 +84,15 @@ class BrokerConfig:
             raise ValueError("default_timeout_s and tick_s must be > 0")
         if self.stats_interval_s <= 0 or self.unload_drain_s < 0:
             raise ValueError("stats_interval_s must be > 0 and unload_drain_s >= 0")
+        if any(not tol >= 0 for _, tol in self.speculate):
+            raise ValueError("speculation tolerances must be >= 0")
+
+    def speculation_tolerance(self, model: str) -> float | None:
+        """The speculation tolerance of `model`; None when it does not speculate (default)."""
+        for name, tol in self.speculate:
+            if name == model:
+                return tol
+        return None
 
     @property
     def expiry_s(self) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from blockllm.broker.config import BrokerConfig
@@ -20,6 +20,7 @@ from blockllm.broker.protocol import (
     Message,
     PlannedRoute,
     Release,
+    Speculate,
     TensorMeta,
     Token,
 )
@@ -183,6 +184,26 @@ class RequestFlow:
             seed=req.seed,
             tensors=tensors,
         )
+
+    def _speculative(
+        self, req: RequestState, tensors: tuple[TensorMeta, ...], frames: Sequence[Any]
+    ) -> list[Out]:
+        """SPECULATE for hop `req.hop + 1` with the input just forwarded to hop `req.hop`
+        (the same frames, never decoded): only for a model that speculates, on a decode step
+        (one position) past hop 0, when the next hop is on another worker."""
+        tol = self.cfg.speculation_tolerance(req.model)
+        route, j = req.route, req.hop
+        if tol is None or route is None or req.prefill or not 1 <= j < len(route) - 1:
+            return []
+        if route[j + 1].worker == route[j].worker or len(tensors) != 1:
+            return []
+        if tuple(tensors[0].shape[:1]) != (1,):
+            return []
+        nxt = route[j + 1]
+        self.counters["speculated"] += 1
+        msg = Speculate(req.wire_id, req.step, nxt.stage_keys, req.past_len, req.max_total_len,
+                        tol, req.temperature, req.top_k, req.top_p, req.seed, tensors)  # fmt: skip
+        return [Out(nxt.worker, msg, tuple(frames))]
 
     def _start_step(self, req: RequestState, now: float) -> Out:
         """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""

@@ -63,6 +63,9 @@ class Kind(bytes, enum.Enum):
     KV_EXPORT = b"M"
     KV_SHARD = b"J"
     KV_ACK = b"I"
+    # speculative execution: broker -> worker, a decode step's input forwarded (frames as
+    # received) to the hop after the one it is meant for, as that hop's predicted input
+    SPECULATE = b"P"
 
 
 class ErrorCode(str, enum.Enum):
@@ -144,6 +147,11 @@ class Heartbeat:
     stage_mean_batch: dict[str, float] = field(default_factory=dict)
     # per stage key: ms per batched forward lately (with stage_mean_batch: its batch curve)
     stage_step_ms: dict[str, float] = field(default_factory=dict)
+    # speculative execution (worker/speculate.py): runs started, real inputs answered from a
+    # kept run, real inputs out of tolerance (the hop reran)
+    speculated: int = 0
+    accepted: int = 0
+    rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +463,27 @@ class KvAck:
     message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Speculate:
+    """Broker -> worker: run `stage_keys` for one decode step on a *predicted* input (tensor 0,
+    hidden states [1, D]: the previous hop's input, its frames as received) and keep the result;
+    the real FORWARD of that step is answered from it when its input is within `tolerance`
+    (relative L2 distance) of the prediction. Never answered itself; RELEASE forgets it."""
+
+    KIND: ClassVar[Kind] = Kind.SPECULATE
+    request_id: str
+    step: int
+    stage_keys: tuple[str, ...]
+    past_len: int
+    max_total_len: int
+    tolerance: float = 0.0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    tensors: tuple[TensorMeta, ...] = ()
+
+
 Message = (
     Ready
     | Heartbeat
@@ -481,6 +510,7 @@ Message = (
     | KvExport
     | KvShard
     | KvAck
+    | Speculate
 )
 
 MESSAGES: dict[Kind, type] = {
@@ -511,6 +541,7 @@ MESSAGES: dict[Kind, type] = {
         KvExport,
         KvShard,
         KvAck,
+        Speculate,
     )
 }
 
@@ -527,4 +558,4 @@ COMMAND_KINDS = frozenset(
 )
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
-TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB, Kind.KV_SHARD})
+TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB, Kind.KV_SHARD, Kind.SPECULATE})

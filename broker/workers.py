@@ -52,6 +52,8 @@ class WorkerState:
     # stage key -> when its drain ends: no new routes use it; then UNLOAD_STAGE is sent
     draining: dict[str, float] = field(default_factory=dict)
     last_error: str = ""
+    # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
+    speculation: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
@@ -91,6 +93,11 @@ class WorkerState:
         self.stage_batch_limits = dict(msg.stage_batch_limits)
         self.stage_mean_batch = dict(msg.stage_mean_batch)
         self.stage_step_ms = dict(msg.stage_step_ms)
+        self.speculation = {
+            "speculated": msg.speculated,
+            "accepted": msg.accepted,
+            "rejected": msg.rejected,
+        }
         self._report(msg.free_slots, msg.kv_free_bytes)
 
     def _report(self, free_slots: int, kv_free_bytes: int) -> None:

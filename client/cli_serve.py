@@ -87,6 +87,34 @@ metrics_host_option = click.option(
 )
 
 
+speculate_option = click.option(
+    "--speculate",
+    "speculate",
+    multiple=True,
+    metavar="MODEL=TOL",
+    help="Speculative execution for MODEL (docs/internals.md): a hop also runs a decode step "
+    "early on the previous hop's input, kept when the real input is within relative L2 "
+    "distance TOL (0: only an identical one, exact). Repeatable [default: off].",
+)
+
+
+def _speculate(values: Any) -> tuple[tuple[str, float], ...]:
+    """("model=tol", ...) -> ((model, tol), ...); click.BadParameter naming a bad one."""
+    out = []
+    for text in values or ():
+        name, sep, value = str(text).partition("=")
+        try:
+            tol = float(value)
+        except ValueError:
+            tol = -1.0
+        if not sep or not name or not tol >= 0:
+            raise click.BadParameter(
+                f"{text!r}: expected MODEL=TOL with TOL >= 0", param_hint="--speculate"
+            )
+        out.append((name, tol))
+    return tuple(out)
+
+
 def _metrics_fields(v: dict[str, Any]) -> dict[str, Any]:
     """metrics_port/metrics_host config fields (port 0 or absent: off); checks the extra."""
     if not v.get("metrics_port"):
@@ -241,6 +269,8 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
             fields[key] = v[key]  # fmt: skip
     if v.get("stats_bind") is not None:
         fields["stats_bind"] = v["stats_bind"]
+    if v.get("speculate"):
+        fields["speculate"] = _speculate(v["speculate"])
     if v.get("keys"):
         _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
         fields["keys_dir"] = str(v["keys"])
@@ -287,6 +317,7 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
 @click.option("--stats-bind", "stats_bind", default=None,
               help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
               "a port the OS picks; `blockllm status --json` shows it]. '' = none.")  # fmt: skip
+@speculate_option
 @keys_option
 @metrics_port_option
 @metrics_host_option
@@ -370,6 +401,7 @@ def _models(value: str | None) -> tuple[str, ...]:
               "slow workers, and assembles chains within --tolerance.")  # fmt: skip
 @planner_options
 @spawn_options(default_max=1)
+@speculate_option
 @keys_option
 def serve(**params: Any) -> None:
     """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.

@@ -47,6 +47,7 @@ class Facts:
         self._ms: dict[str, float] = {}  # key -> ms per forward lately
         self._at = 0.0
         self._proc = psutil.Process()
+        self.spec: Any = None  # a worker/speculate.py Speculation, once the worker speculates
 
     def on_step(self, seconds: float, batch: int) -> None:
         """One engine step that did work: `seconds` long, `batch` results."""
@@ -72,8 +73,15 @@ class Facts:
             step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
             mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
             **self._stage_facts(engine),
+            **self._speculation_facts(),
         )
         return True
+
+    def _speculation_facts(self) -> dict[str, int]:
+        if self.spec is None:
+            return {}
+        s = self.spec.stats()
+        return {"speculated": s.speculated, "accepted": s.accepted, "rejected": s.rejected}
 
     def _stage_facts(self, engine: Any) -> dict[str, Any]:
         """Weight bytes, per-stage batch limits, mean batch and ms per forward since the last

@@ -58,7 +58,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.sdnotify import notify
-from blockllm.worker import proc_kv
+from blockllm.worker import proc_kv, proc_spec
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError
 from blockllm.worker.facts import Facts, engine_load
@@ -98,6 +98,7 @@ class WorkerProc:
         self.cfg = cfg
         self.name = cfg.name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine
+        self.spec: Any = None  # worker/proc_spec.py: a Speculation once one is asked for
         self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
         self._stages: dict[str, StageRef] = {}
@@ -119,6 +120,7 @@ class WorkerProc:
             Kind.ERROR: self._handle_error,
             Kind.KV_EXPORT: functools.partial(proc_kv.handle_kv_export, self),
             Kind.KV_SHARD: functools.partial(proc_kv.handle_kv_shard, self),
+            Kind.SPECULATE: functools.partial(proc_spec.handle_speculate, self),
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class WorkerProc:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        results = self.engine.step()
+        results = proc_spec.step(self)
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
@@ -322,7 +324,7 @@ class WorkerProc:
             sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
         )
         try:
-            self.engine.submit(item)
+            proc_spec.submit(self, item)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -339,7 +341,7 @@ class WorkerProc:
         self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
-        self.engine.release(msg.request_id)
+        proc_spec.release(self, msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
@@ -429,7 +431,7 @@ class WorkerProc:
     def _reset(self) -> None:
         """After a reconnect the broker replays everything: drop all KV, announce again."""
         for rid in self._known:
-            self.engine.release(rid)
+            proc_spec.release(self, rid)
         logger.info(
             "[ready] worker %s reconnected; dropped %d requests", self.name, len(self._known)
         )

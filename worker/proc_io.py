@@ -354,6 +354,8 @@ class IOThread(threading.Thread):
             )
             self._send(frames.encode(err))
             return
+        if msg.KIND is Kind.SPECULATE and self.inbox.qsize() >= self.cfg.input_queue_size:
+            return  # a prediction is best effort: the real FORWARD follows
         # Copy out of the zmq frames now: a live view would pin the whole message.
         self.inbox.put((msg, [v.clone() for v in views]))
 

@@ -53,6 +53,7 @@ class _Kept:
 
     item: WorkItem
     prediction: torch.Tensor
+    tolerance: float
     result: WorkResult | None = None
 
 
@@ -79,8 +80,9 @@ class Speculation:
         self.last_distance: float | None = None  # of the latest real input checked
 
     # -- the two inputs ------------------------------------------------------------------
-    def speculate(self, item: WorkItem) -> None:
-        """Run `item` (hidden = the predicted input [1, D], past_len > 0) speculatively.
+    def speculate(self, item: WorkItem, tolerance: float | None = None) -> None:
+        """Run `item` (hidden = the predicted input [1, D], past_len > 0) speculatively; its
+        real input is checked against `tolerance` (default: the one given at construction).
 
         Raises BadRequest (not a single-token hidden decode, or the request already has a
         speculation), and what `Worker.submit` raises."""
@@ -89,8 +91,11 @@ class Speculation:
             raise BadRequest("speculation runs single-token decode steps on hidden states")
         if item.request_id in self._kept:
             raise BadRequest(f"request {item.request_id!r} already has a speculative run")
+        tol = self.tolerance if tolerance is None else float(tolerance)
+        if not tol >= 0:
+            raise BadRequest(f"tolerance must be >= 0, got {tol!r}")
         self.worker.submit(item)
-        self._kept[item.request_id] = _Kept(item, h)
+        self._kept[item.request_id] = _Kept(item, h, tol)
         self._n["speculated"] += 1
 
     def submit(self, item: WorkItem) -> str:
@@ -119,7 +124,7 @@ class Speculation:
         assert item.hidden is not None
         real = item.hidden.to(kept.prediction.device)
         self.last_distance = relative_distance(real, kept.prediction)
-        if self.last_distance <= self.tolerance:
+        if self.last_distance <= kept.tolerance:
             self._rewrite_first_layer(item)
             self._ready.append(kept.result)
             self._n["accepted"] += 1
@@ -139,6 +144,12 @@ class Speculation:
             else:
                 results.append(r)
         return results
+
+    def take_ready(self) -> list[WorkResult]:
+        """The accepted results `step()` would return first (a caller that answers them at
+        once, without waiting for a step)."""
+        ready, self._ready = self._ready, []
+        return ready
 
     def release(self, request_id: str) -> None:
         """Forget a request (with `Worker.release`)."""

@@ -68,6 +68,9 @@ SAMPLES = [
     protocol.KvExport(9, "b1", "k1", 12),
     protocol.KvShard(9, "b1", "k1", 12, 40, (frames.meta_of(torch.zeros(2, 4)),)),
     protocol.KvAck(9, "b1", "k1", False, "CACHE_FULL", "no room"),
+    protocol.Speculate(
+        "r1", 3, ("k2",), 7, 64, 0.1, 0.7, 40, 0.9, 5, (frames.meta_of(torch.zeros(2, 4)),)
+    ),
 ]
 
 
