@@ -75,3 +75,23 @@ def test_speculation_is_off_by_default(zoo: Path, checkpoint: Path) -> None:
     assert seen["sent"] == 0, seen
     for counters in seen["workers"].values():
         assert counters == dict.fromkeys(KEYS, 0), seen
+
+
+@pytest.mark.timeout(120)
+def test_accepted_runs_answer_the_real_forward(zoo: Path) -> None:
+    """At a tolerance every input meets, a run that finished before its real input arrives is
+    accepted: the hop's answer is the kept result (the output may differ from exact serving).
+    w1 is slowed (test-only straggler hook) so w0's run has time to finish first."""
+    slow = {"w1": {"fault_step_delay_s": 0.3}}
+    spec = {"speculate": (("llama", 1e9),)}
+    with (
+        cluster(zoo, WORKERS, ["llama"], broker=spec, worker_kw=slow) as c,
+        c.client(timeout=60) as client,
+    ):
+        got = client.generate("llama", input_ids=PROMPT, max_new_tokens=NEW).token_ids
+        assert len(got) == NEW
+        sent = client.status()["counters"]["speculated"]
+        seen = _speculation(client, sent)
+    w0 = seen["workers"]["w0"]
+    assert sent == w0["speculated"] == NEW - 1, seen
+    assert w0["accepted"] >= 1 and w0["rejected"] == 0, seen
