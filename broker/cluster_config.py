@@ -125,6 +125,18 @@ def _stage(v: Any) -> str:
     return v
 
 
+def _model_value(v: Any) -> str:
+    # "MODEL=VALUE", VALUE >= 0: the form of --speculate and --tolerance (parsed by the CLI).
+    name, sep, value = v.partition("=") if isinstance(v, str) else ("", "", "")
+    try:
+        ok = bool(sep and name.strip()) and float(value) >= 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f'expected "MODEL=VALUE" with VALUE >= 0, got {v!r}')
+    return v
+
+
 _PATH = "path"  # marker: a str made absolute against the file's folder ("" -> None: unset)
 _endpoint = _matching(_ENDPOINT_RE, 'an endpoint like "tcp://10.0.0.1:5555"')
 _port = _int(0, 65535)
@@ -161,10 +173,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "default_timeout_s": _positive_float,
         "max_replays": _int(0),
         "drain_timeout_s": _positive_float,
+        "speculate": _str_list(_model_value),
     },
     "planner": {
         "interval_s": _positive_float,
         "duplicates": _bool,
+        "tolerance": _str_list(_model_value),
         # spawning workers on the planner's node (broker/spawn.py)
         "max_spawn": _int(0),
         "spawn_command": _str,

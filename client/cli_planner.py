@@ -194,7 +194,12 @@ def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:
         raise CliError(str(e), EXIT_CONFIG) from None
     if zoo is not None:
         values.setdefault("zoo", zoo)
-    rename = {"zoo": "zoo_dir", "interval_s": "replan_interval", "keys": "keys_dir"}
+    rename = {
+        "zoo": "zoo_dir",
+        "interval_s": "replan_interval",
+        "keys": "keys_dir",
+        "tolerance": "tolerances",
+    }
     merged = merge_click(click.get_current_context(), values, rename)
     merged.pop("config_file", None)
     for key in ("zoo_dir", "keys_dir"):

@@ -426,7 +426,10 @@ def serve(**params: Any) -> None:
     cluster = _cluster_config(params["config_file"])
     values = dict(ctx.params)
     if cluster is not None:
-        spawn = {k: v for k, v in cluster.planner().items() if k in SPAWN_FIELDS}
+        planner = cluster.planner()
+        spawn = {k: v for k, v in planner.items() if k in SPAWN_FIELDS}
+        if "tolerance" in planner:
+            spawn["tolerances"] = planner["tolerance"]
         file_values = {**cluster.worker(""), **cluster.broker(), **spawn}
         file_values.pop("name", None)
         file_values.pop("broker", None)

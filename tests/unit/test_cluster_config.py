@@ -152,3 +152,28 @@ def test_merge_click_uses_parameter_sources() -> None:
     assert _run(["--zoo", "/cli"])["zoo_dir"] == "/cli"
     # An environment variable counts as given.
     assert _run([], env={"TEST_BLOCKLLM_DEVICE": "cuda"})["device"] == "cuda"
+
+
+def test_speculate_and_tolerance_lists_reach_the_commands(tmp_path: Path) -> None:
+    from blockllm.client.cli_planner import _with_config_file, parse_tolerances
+    from blockllm.client.cli_serve import _speculate
+
+    assert "MODEL=VALUE" in _error('[broker]\nspeculate = ["ft"]\n')
+    assert "MODEL=VALUE" in _error('[planner]\ntolerance = ["ft=-1"]\n')
+    assert "expected a list" in _error('[planner]\ntolerance = "ft=0.1"\n')
+    path = tmp_path / "cluster.toml"
+    path.write_text('[broker]\nspeculate = ["ft=0.05"]\n[planner]\ntolerance = ["ft=0.001"]\n')
+    cfg = load_cluster_config(path)
+    assert _speculate(cfg.broker()["speculate"]) == (("ft", 0.05),)
+
+    @click.command()
+    @click.option("--config", "config_file")
+    @click.option("--tolerance", "tolerances", multiple=True)
+    def planner(**params):
+        merged = _with_config_file(dict(params))
+        click.echo(repr(parse_tolerances(merged["tolerances"])))
+
+    runner = CliRunner()
+    assert runner.invoke(planner, ["--config", str(path)]).output.strip() == "(('ft', 0.001),)"
+    flag = runner.invoke(planner, ["--config", str(path), "--tolerance", "ft=0.5"])
+    assert flag.output.strip() == "(('ft', 0.5),)"  # the command line wins
