@@ -29,7 +29,7 @@ from blockllm.broker import frames
 from blockllm.broker.planner import Planner
 from blockllm.broker.planner_config import PlannerConfig
 from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
-from blockllm.broker.sdnotify import notify
+from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import make_socket
 from blockllm.broker.spawn import Spawner
 
@@ -177,7 +177,9 @@ class PlannerProc:
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        watchdog = Watchdog()
         while not self.shutdown_requested:
+            watchdog.kick()
             events = dict(poller.poll(1000))
             if self._wake_r in events:
                 with contextlib.suppress(OSError):

@@ -44,7 +44,7 @@ from blockllm.broker.protocol import (
     ProtocolError,
     Stats,
 )
-from blockllm.broker.sdnotify import notify
+from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,9 @@ class BrokerProc:
             poller.register(self._handshakes, zmq.POLLIN)
         next_tick = next_stats = 0.0
         drain_until: float | None = None
+        watchdog = Watchdog()
         while True:
+            watchdog.kick()
             timeout_ms = max(0.0, min(next_tick, next_stats) - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if self._wake_r in events:

@@ -7,6 +7,10 @@ systemd the variable is unset and `notify` does nothing, so every process may ca
     notify("READY=1", "STATUS=serving 3 stages")   # after the process can serve
     notify("STOPPING=1")                            # when a drain begins
 
+With `WatchdogSec=` in the unit, systemd also sets WATCHDOG_USEC and restarts a process that
+stops sending `WATCHDOG=1` for that long (a hung event loop, not only a dead process):
+`Watchdog.kick()` from every turn of a loop sends it at half the interval.
+
 The variable is read here and not in `cli.py` because systemd sets it for the process itself,
 not for configuration. See sd_notify(3).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +40,25 @@ def notify(*states: str) -> bool:
     except OSError as e:
         logger.warning("sd_notify %s to %s failed: %s", states, path, e)
         return False
+
+
+class Watchdog:
+    """`WATCHDOG=1` at half of systemd's WatchdogSec, for a loop that calls `kick()` often.
+
+    Off (kick is a no-op) without WATCHDOG_USEC, or when WATCHDOG_PID names another process
+    (the variables were inherited by a child)."""
+
+    def __init__(self) -> None:
+        self.interval_s = 0.0
+        self._next = 0.0
+        usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.interval_s = int(usec) / 2e6
+
+    def kick(self) -> None:
+        if self.interval_s <= 0:
+            return
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval_s
+            notify("WATCHDOG=1")

@@ -57,7 +57,7 @@ from blockllm.broker.protocol import (
     StageRef,
     UnloadStage,
 )
-from blockllm.broker.sdnotify import notify
+from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.worker import proc_kv, proc_spec
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError
@@ -168,7 +168,9 @@ class WorkerProc:
     def run(self) -> int:
         """Serve until a stop is requested; returns the exit code. Raises on a fatal error."""
         deadline: float | None = None
+        watchdog = Watchdog()  # the compute loop wakes at least once a heartbeat interval
         while True:
+            watchdog.kick()
             if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + self.cfg.grace_s
                 queued = self.engine.queued()

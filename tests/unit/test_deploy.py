@@ -132,6 +132,7 @@ def test_service_lifecycle_and_hardening(unit: str) -> None:
     assert s["User"] == ["blockllm"] and s["Group"] == ["blockllm"]
     # readiness by sd_notify (broker/sdnotify.py), from the `blockllm` process itself only
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+    assert s["WatchdogSec"] and s["WatchdogSec"][0].endswith("s")  # processes send WATCHDOG=1
     assert s["EnvironmentFile"] == ["-/etc/blockllm/blockllm.env"]
     assert s["Restart"] == ["on-failure"]
     assert s["KillSignal"] == ["SIGTERM"] and s["KillMode"] == ["mixed"]
