@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -37,3 +38,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 def echo_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def parse_model_values(values: Any, flag: str, what: str) -> tuple[tuple[str, float], ...]:
+    """("MODEL=VALUE", ...) -> ((model, value), ...) for repeatable flags such as --tolerance
+    (what = "KL") and --speculate ("TOL"); click.BadParameter naming a bad one."""
+    out = []
+    for text in values or ():
+        name, sep, value = str(text).partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not sep or not name or not number >= 0:
+            raise click.BadParameter(
+                f"{text!r}: expected MODEL={what} with {what} >= 0", param_hint=flag
+            )
+        out.append((name, number))
+    return tuple(out)

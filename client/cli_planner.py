@@ -14,24 +14,18 @@ from typing import Any
 import click
 
 from blockllm.client.cli_client import broker_option, keys_option
-from blockllm.client.cli_common import CliError, echo_json, json_option, zoo_option
+from blockllm.client.cli_common import (
+    CliError,
+    echo_json,
+    json_option,
+    parse_model_values,
+    zoo_option,
+)
 
 
 def parse_tolerances(values: Any) -> tuple[tuple[str, float], ...]:
     """("model=KL", ...) -> ((model, KL), ...); click.BadParameter naming a bad one."""
-    out = []
-    for text in values or ():
-        name, sep, value = str(text).partition("=")
-        try:
-            kl = float(value)
-        except ValueError:
-            kl = -1.0
-        if not sep or not name or kl < 0:
-            raise click.BadParameter(
-                f"{text!r}: expected MODEL=KL with KL >= 0", param_hint="--tolerance"
-            )
-        out.append((name, kl))
-    return tuple(out)
+    return parse_model_values(values, "--tolerance", "KL")
 
 
 def planner_options(f: Any) -> Any:

@@ -28,7 +28,7 @@ from blockllm.broker.cluster_config import (
     merge_click,
     parse_size,
 )
-from blockllm.client.cli_common import CliError, default_zoo_dir, zoo_option
+from blockllm.client.cli_common import CliError, default_zoo_dir, parse_model_values, zoo_option
 from blockllm.client.cli_planner import (
     SPAWN_FIELDS,
     planner_config,
@@ -100,19 +100,7 @@ speculate_option = click.option(
 
 def _speculate(values: Any) -> tuple[tuple[str, float], ...]:
     """("model=tol", ...) -> ((model, tol), ...); click.BadParameter naming a bad one."""
-    out = []
-    for text in values or ():
-        name, sep, value = str(text).partition("=")
-        try:
-            tol = float(value)
-        except ValueError:
-            tol = -1.0
-        if not sep or not name or not tol >= 0:
-            raise click.BadParameter(
-                f"{text!r}: expected MODEL=TOL with TOL >= 0", param_hint="--speculate"
-            )
-        out.append((name, tol))
-    return tuple(out)
+    return parse_model_values(values, "--speculate", "TOL")
 
 
 def _metrics_fields(v: dict[str, Any]) -> dict[str, Any]:

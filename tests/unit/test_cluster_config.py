@@ -177,3 +177,13 @@ def test_speculate_and_tolerance_lists_reach_the_commands(tmp_path: Path) -> Non
     assert runner.invoke(planner, ["--config", str(path)]).output.strip() == "(('ft', 0.001),)"
     flag = runner.invoke(planner, ["--config", str(path), "--tolerance", "ft=0.5"])
     assert flag.output.strip() == "(('ft', 0.5),)"  # the command line wins
+
+
+@pytest.mark.parametrize("bad", ["ft", "=0.1", "ft=-1", "ft=x", "ft=nan"])
+def test_model_value_flags_refuse_bad_pairs(bad: str) -> None:
+    from blockllm.client.cli_planner import parse_tolerances
+
+    with pytest.raises(click.BadParameter, match=r"MODEL=KL with KL >= 0") as e:
+        parse_tolerances(["ok=0.1", bad])
+    assert e.value.param_hint == "--tolerance"
+    assert parse_tolerances(["ok=0.1", "ft=0"]) == (("ok", 0.1), ("ft", 0.0))
