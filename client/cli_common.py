@@ -56,3 +56,19 @@ def parse_model_values(values: Any, flag: str, what: str) -> tuple[tuple[str, fl
             )
         out.append((name, number))
     return tuple(out)
+
+
+def metrics_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """metrics_port/metrics_host config fields of a process (port 0 or absent: off); a clear
+    one-line error (exit 78) when the `metrics` extra is not installed."""
+    if not params.get("metrics_port"):
+        return {}
+    from blockllm.broker.cluster_config import EXIT_CONFIG
+    from blockllm.broker.prom import MetricsUnavailable, require
+
+    try:
+        require()
+    except MetricsUnavailable as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+    host = params.get("metrics_host") or "127.0.0.1"
+    return {"metrics_port": int(params["metrics_port"]), "metrics_host": host}

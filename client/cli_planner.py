@@ -18,6 +18,7 @@ from blockllm.client.cli_common import (
     CliError,
     echo_json,
     json_option,
+    metrics_fields,
     parse_model_values,
     zoo_option,
 )
@@ -148,24 +149,9 @@ def planner(**params: Any) -> None:
         keys_dir=str(params["keys_dir"]) if params["keys_dir"] else None,
         worker_memory_bytes=memory,
         spawn_worker_args=tuple(shlex.split(params.get("spawn_args") or "")),
-        **_metrics_fields(params),
+        **metrics_fields(params),
     )
     sys.exit(run_planner_process(cfg))
-
-
-def _metrics_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """metrics_port/metrics_host (port 0 or absent: off); a clear error without the extra."""
-    if not params.get("metrics_port"):
-        return {}
-    from blockllm.broker.cluster_config import EXIT_CONFIG
-    from blockllm.broker.prom import MetricsUnavailable, require
-
-    try:
-        require()
-    except MetricsUnavailable as e:
-        raise CliError(str(e), EXIT_CONFIG) from None
-    host = params.get("metrics_host") or "127.0.0.1"
-    return {"metrics_port": int(params["metrics_port"]), "metrics_host": host}
 
 
 def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:

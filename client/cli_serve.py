@@ -28,7 +28,13 @@ from blockllm.broker.cluster_config import (
     merge_click,
     parse_size,
 )
-from blockllm.client.cli_common import CliError, default_zoo_dir, parse_model_values, zoo_option
+from blockllm.client.cli_common import (
+    CliError,
+    default_zoo_dir,
+    metrics_fields,
+    parse_model_values,
+    zoo_option,
+)
 from blockllm.client.cli_planner import (
     SPAWN_FIELDS,
     planner_config,
@@ -103,22 +109,6 @@ def _speculate(values: Any) -> tuple[tuple[str, float], ...]:
     return parse_model_values(values, "--speculate", "TOL")
 
 
-def _metrics_fields(v: dict[str, Any]) -> dict[str, Any]:
-    """metrics_port/metrics_host config fields (port 0 or absent: off); checks the extra."""
-    if not v.get("metrics_port"):
-        return {}
-    from blockllm.broker.prom import MetricsUnavailable, require
-
-    try:
-        require()
-    except MetricsUnavailable as e:
-        raise CliError(str(e), EXIT_CONFIG) from None
-    return {
-        "metrics_port": int(v["metrics_port"]),
-        "metrics_host": v.get("metrics_host") or "127.0.0.1",
-    }
-
-
 def _cluster_config(path: Path | None) -> ClusterConfig | None:
     if path is None:
         return None
@@ -161,7 +151,7 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
             fields[key] = v[key]
     if v.get("input_queue_size") is not None:
         fields["input_queue_size"] = v["input_queue_size"]
-    fields.update(_metrics_fields(v))
+    fields.update(metrics_fields(v))
     fields.update(overrides)
     return WorkerProcConfig(**fields)
 
@@ -262,7 +252,7 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
     if v.get("keys"):
         _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
         fields["keys_dir"] = str(v["keys"])
-    fields.update(_metrics_fields(v))
+    fields.update(metrics_fields(v))
     fields.update(overrides)
     try:
         return BrokerConfig(**fields)
