@@ -16,22 +16,25 @@ from blockllm.zoo.store import Zoo
 logger = logging.getLogger(__name__)
 
 
-def hf_key(position: int, num_layers: int, rel: str) -> str:
-    """The HF name of tensor `rel` of the block at chain `position`."""
-    if position == 0:
-        return f"model.{rel}"
-    if position <= num_layers:
-        return f"model.layers.{position - 1}.{rel}"
-    return rel if rel == "lm_head.weight" else f"model.{rel}"
+def hf_key(m: ModelManifest, position: int, rel: str) -> str:
+    """The HF name of tensor `rel` of the block at chain `position` of model `m`."""
+    return layout(m.config).hf_key(position, rel)
+
+
+def hf_config_doc(m: ModelManifest) -> dict:
+    """The checkpoint's config.json as imported (without the names the importer added)."""
+    added = set(m.source.get("config_aliases") or ())
+    return {k: v for k, v in m.config.items() if k not in added}
 
 
 def hf_state_dict(zoo: Zoo, m: ModelManifest, *, verify: bool = True) -> dict[str, torch.Tensor]:
     """The model's tensors under HF names (a tied lm_head is left out, as HF saves it)."""
+    lay = layout(m.config)
     sd: dict[str, torch.Tensor] = {}
     for p, bid in enumerate(m.chain):
         for rel, t in zoo.load_block(bid, verify=verify).items():
-            sd[hf_key(p, m.num_layers, rel)] = t
-    expected = {s.hf_key: s.shape for specs in layout(m.config).positions for s in specs}
+            sd[lay.hf_key(p, rel)] = t
+    expected = {s.hf_key: s.shape for specs in lay.positions for s in specs}
     if set(sd) != set(expected):
         odd = sorted(set(sd) ^ set(expected))
         raise IntegrityError(f"model {m.name!r}: blocks do not match its config ({odd[:5]})")
@@ -52,7 +55,8 @@ def export_model(zoo: Zoo, name: str, out: Path) -> Path:
     sd = hf_state_dict(zoo, m)
     logger.info("[export] %s: %d tensors -> %s", name, len(sd), out)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, str(tmp), {"format": "pt"}))
-    atomic_write_bytes(out / "config.json", (json.dumps(m.config, indent=2) + "\n").encode())
+    config = json.dumps(hf_config_doc(m), indent=2) + "\n"
+    atomic_write_bytes(out / "config.json", config.encode())
     if m.generation:
         data = json.dumps(m.generation, indent=2) + "\n"
         atomic_write_bytes(out / "generation_config.json", data.encode())

@@ -38,11 +38,15 @@ logger = logging.getLogger(__name__)
 FINETUNE_RECORD = ".blockllm-finetune.json"
 
 
-def _num_layers(base: Path) -> int:
+def _layout(base: Path) -> Any:
+    """The base's key map (zoo/families.py): its layer count and where its layers live."""
+    from blockllm.zoo.errors import ZooError
+    from blockllm.zoo.families import layout
+
     try:
         config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-        return int(config["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return layout(config)
+    except (OSError, ValueError, KeyError, TypeError, ZooError) as e:
         raise ModelBuildError(f"{base} is not a checkpoint folder (config.json: {e})") from e
 
 
@@ -103,12 +107,12 @@ def _batches(
     return stream[starts[..., None] + offsets]  # [steps, B, 1] + [T] -> [steps, B, T]
 
 
-def _trainable(model: Any, layers: tuple[int, int] | None) -> list[str]:
+def _trainable(model: Any, layers: tuple[int, int] | None, lay: Any) -> list[str]:
     """Freeze everything but decoder layers a..b (all parameters when `layers` is None)."""
     if layers is None:
         chosen = {name for name, _ in model.named_parameters()}
     else:
-        prefixes = tuple(f"model.layers.{i}." for i in range(layers[0], layers[1] + 1))
+        prefixes = tuple(lay.hf_key(i + 1, "") for i in range(layers[0], layers[1] + 1))
         chosen = {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
@@ -159,7 +163,7 @@ def _changed_tensors(model: Any, snapshot: dict[str, torch.Tensor], dtype: torch
 
 
 def _load_trainable(
-    base: Path, layers: tuple[int, int] | None
+    base: Path, layers: tuple[int, int] | None, lay: Any
 ) -> tuple[Any, Any, torch.dtype, list[str]]:
     """Tokenizer, float32 model with only the chosen tensors trainable, base dtype, names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -170,7 +174,7 @@ def _load_trainable(
     # fp32 master weights: bf16/fp16 -> fp32 -> back is exact, so frozen tensors survive as-is
     base_dtype = model.dtype
     model.float()
-    return tokenizer, model, base_dtype, _trainable(model, layers)
+    return tokenizer, model, base_dtype, _trainable(model, layers, lay)
 
 
 def _save_variant(
@@ -210,7 +214,8 @@ def finetune(
     (bad layer range or settings, unreadable text, `out_dir` not empty without `overwrite`).
     """
     base, out = Path(base_dir), Path(out_dir)
-    _check_layers(layers, full, _num_layers(base))
+    lay = _layout(base)
+    _check_layers(layers, full, lay.num_layers)
     if steps < 1 or batch_size < 1 or seq_len < 2 or not lr > 0:
         raise ModelBuildError("steps and batch size must be >= 1, seq len >= 2, lr > 0")
     if out.resolve() == base.resolve():
@@ -221,7 +226,7 @@ def finetune(
     span = None if full else layers
     what = "every tensor" if span is None else f"layers {span[0]}-{span[1]}"
     note_progress(progress, f"fine-tuning {what} of {base} for {steps} steps")
-    tokenizer, model, base_dtype, names = _load_trainable(base, span)
+    tokenizer, model, base_dtype, names = _load_trainable(base, span, lay)
     wanted = set(names)
     snapshot = {
         n: p.detach().to(base_dtype).clone() for n, p in model.named_parameters() if n in wanted

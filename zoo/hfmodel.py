@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from blockllm.zoo.errors import IntegrityError
-from blockllm.zoo.export import hf_key, hf_state_dict
+from blockllm.zoo.export import hf_config_doc, hf_key, hf_state_dict
+from blockllm.zoo.families import FAMILIES, Layout, layout, postprocess_logits
 from blockllm.zoo.manifest import ModelManifest
 from blockllm.zoo.store import Zoo
 
@@ -40,19 +41,21 @@ def build_hf_model(zoo: Zoo, m: ModelManifest) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    kwargs = {k: v for k, v in m.config.items() if k != "model_type"}
+    kwargs = {k: v for k, v in hf_config_doc(m).items() if k != "model_type"}
     config = AutoConfig.for_model(m.model_type, **kwargs)
     with no_init_weights():  # every parameter is overwritten below: skip random init
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m.dtype))
     model.tie_weights()  # no_init_weights also skips the tying post_init would do
     result = model.load_state_dict(hf_state_dict(zoo, m), strict=False)
-    allowed = {"lm_head.weight"} if m.tie_word_embeddings else set()
+    allowed = {f"{layout(m.config).lm_head}.weight"} if m.tie_word_embeddings else set()
     if set(result.missing_keys) - allowed or result.unexpected_keys:
         raise IntegrityError(
             f"model {m.name!r}: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
         )
-    if m.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if m.tie_word_embeddings and not tied:
         raise IntegrityError(f"model {m.name!r}: lm_head is not tied to the embedding")
+    model._blockllm_layout = layout(m.config)  # trace / run_from find the blocks' modules by it
     return model.eval()
 
 
@@ -85,7 +88,7 @@ def substituted(
     model: torch.nn.Module, m: ModelManifest, position: int, tensors: Mapping[str, torch.Tensor]
 ) -> Iterator[None]:
     """Temporarily copy a block's tensors into the model at chain `position`."""
-    params = {rel: model.get_parameter(hf_key(position, m.num_layers, rel)) for rel in tensors}
+    params = {rel: model.get_parameter(hf_key(m, position, rel)) for rel in tensors}
     saved = {rel: p.detach().clone() for rel, p in params.items()}
     with torch.no_grad():
         for rel, p in params.items():
@@ -106,34 +109,50 @@ def _first(out: Any) -> torch.Tensor:
 
 @dataclass
 class Trace:
-    """A baseline run: logits, each block's output, and what each decoder layer was called with."""
+    """A baseline run: logits, each block's output, and what each decoder layer was called with
+    (all of its arguments: GPT-2's blocks take the mask and cache positionally)."""
 
     logits: torch.Tensor  # float32 [B, T, V]
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> output (float32)
-    layer_calls: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
+    layer_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     norm_input: torch.Tensor | None = None
+
+
+def _parts(model: torch.nn.Module) -> tuple[Layout, Any, torch.nn.Module]:
+    """(layout, decoder layers, final norm) of a zoo model built by `build_hf_model`."""
+    lay = getattr(model, "_blockllm_layout", None) or layout(model.config.to_dict())
+    inner = getattr(model, lay.prefix)
+    return lay, inner.get_submodule(lay.layers), inner.get_submodule(lay.norm)
+
+
+def _head(model: torch.nn.Module, lay: Layout, normed: torch.Tensor) -> torch.Tensor:
+    """lm_head plus what the family's forward does to the logits (Granite, Gemma)."""
+    logits = model.get_output_embeddings()(normed)
+    return postprocess_logits(FAMILIES[lay.model_type], model.config, logits).float()
 
 
 @torch.no_grad()
 def trace(model: torch.nn.Module, ids: torch.Tensor) -> Trace:
-    """Run the model once, recording every block's output and every layer's inputs."""
-    inner, layers = model.model, model.model.layers
+    """Run the model once, recording every block's output and every layer's inputs. The embed
+    block's output is the first layer's input (token embedding, scaled or plus positions)."""
+    _lay, layers, norm = _parts(model)
     outputs: dict[int, torch.Tensor] = {}
-    calls: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     norm_in: list[torch.Tensor] = []
 
     def keep(pos: int):
         return lambda _m, _a, out: outputs.__setitem__(pos, _first(out).detach().float())
 
-    handles = [inner.embed_tokens.register_forward_hook(keep(0))]
+    def record(_m, args, kwargs):
+        if not calls:
+            outputs[0] = args[0].detach().float()
+        calls.append((tuple(args), dict(kwargs)))
+
+    handles = []
     for i, layer in enumerate(layers):
-        handles.append(
-            layer.register_forward_pre_hook(
-                lambda _m, args, kwargs: calls.append((args[0], dict(kwargs))), with_kwargs=True
-            )
-        )
+        handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
         handles.append(layer.register_forward_hook(keep(i + 1)))
-    handles.append(inner.norm.register_forward_pre_hook(lambda _m, args: norm_in.append(args[0])))
+    handles.append(norm.register_forward_pre_hook(lambda _m, args: norm_in.append(args[0])))
     try:
         logits = model(input_ids=ids, use_cache=False).logits.float()
     finally:
@@ -150,17 +169,21 @@ def run_from(
     model: torch.nn.Module, base: Trace, position: int, ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, output of block `position`) recomputing only the blocks from `position` on."""
-    inner, n = model.model, len(model.model.layers)
+    lay, layers, norm = _parts(model)
+    n = len(layers)
     if position == 0:  # the embedding (and a tied head): the whole model
         got = trace(model, ids)
         return got.logits, got.outputs[0]
+
+    def call(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = base.layer_calls[i]
+        return _first(layers[i](hidden, *args[1:], **kwargs))
+
     if position <= n:
-        hidden, kwargs = base.layer_calls[position - 1]
-        hidden = _first(inner.layers[position - 1](hidden, **kwargs))
+        hidden = call(position - 1, base.layer_calls[position - 1][0][0])
         block_out = hidden.float()
         for i in range(position, n):
-            hidden = _first(inner.layers[i](hidden, **base.layer_calls[i][1]))
-        logits = model.lm_head(inner.norm(hidden)).float()
-        return logits, block_out
-    logits = model.lm_head(inner.norm(base.norm_input)).float()
+            hidden = call(i, hidden)
+        return _head(model, lay, norm(hidden)), block_out
+    logits = _head(model, lay, norm(base.norm_input))
     return logits, logits

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from blockllm.zoo.errors import CheckpointError, UnsupportedModelError
-from blockllm.zoo.families import IGNORED_KEY, Layout, fingerprint, layout, position_name
+from blockllm.zoo.families import Layout, config_aliases, fingerprint, layout, position_name
 from blockllm.zoo.manifest import ModelManifest, validate_name
 from blockllm.zoo.store import ModelExistsError, Progress, Zoo
 
@@ -77,6 +77,7 @@ class Checkpoint(contextlib.ExitStack):
         files, weight_map = _shard_files(src)
         self.handles = {}
         self.where: dict[str, str] = {}
+        self.original: dict[str, str] = {}  # our key -> the file's, where add_prefix renamed
         for fname in files:
             try:
                 h = self.enter_context(safe_open(str(src / fname), framework="pt", device="cpu"))
@@ -96,12 +97,25 @@ class Checkpoint(contextlib.ExitStack):
                 if key not in self.where:
                     raise CheckpointError(f"tensor {key} listed in {INDEX_FILE} is not in {fname}")
 
+    def add_prefix(self, lay: Layout) -> None:
+        """Checkpoints saved from the base model alone (the hub's original GPT-2: `h.0...`,
+        `wte.weight`) name tensors without the base model's prefix; HF adds it on load, and
+        so do we, when no key has it and every prefixed name is one the layout expects."""
+        prefix = f"{lay.prefix}."
+        specs = lay.specs()
+        if any(k.startswith(prefix) for k in self.where):
+            return
+        renamed = {prefix + k: f for k, f in self.where.items()}
+        if any(k in specs for k in renamed):
+            self.original = {prefix + k: k for k in self.where}
+            self.where = renamed
+
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
-        sl = self.handles[self.where[key]].get_slice(key)
+        sl = self.handles[self.where[key]].get_slice(self.original.get(key, key))
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.where[key]].get_tensor(key)
+        return self.handles[self.where[key]].get_tensor(self.original.get(key, key))
 
 
 def check_keys(ckpt: Checkpoint, lay: Layout) -> str:
@@ -125,10 +139,10 @@ def check_keys(ckpt: Checkpoint, lay: Layout) -> str:
                     f"tensor {key} has dtype {st_dtype}; supported: float32, bfloat16, float16"
                 )
             dtypes.setdefault(DTYPES[st_dtype], key)
-        elif key == "lm_head.weight" and lay.tie_word_embeddings:
+        elif key == _tied_key(lay) and lay.tie_word_embeddings:
             continue  # checked for equality with the embedding while importing
-        elif IGNORED_KEY.fullmatch(key):
-            logger.info("[import] ignoring non-persistent rotary buffer %s", key)
+        elif lay.ignored(key):
+            logger.info("[import] ignoring %s (a non-persistent buffer HF drops on load)", key)
         else:
             raise CheckpointError(f"unexpected tensor {key} for model_type {lay.model_type!r}")
     if len(dtypes) > 1:
@@ -136,15 +150,20 @@ def check_keys(ckpt: Checkpoint, lay: Layout) -> str:
     return next(iter(dtypes))
 
 
-def _check_tied_head(ckpt: Checkpoint, embed: torch.Tensor) -> None:
+def _tied_key(lay: Layout) -> str:
+    return f"{lay.lm_head}.weight"
+
+
+def _check_tied_head(ckpt: Checkpoint, lay: Layout, embed: torch.Tensor) -> None:
     """A tied checkpoint may still store lm_head.weight: accept it only if equal to embed."""
-    if "lm_head.weight" in ckpt.where:
-        head = ckpt.get("lm_head.weight")
+    key = _tied_key(lay)
+    if key in ckpt.where:
+        head = ckpt.get(key)
         if head.shape != embed.shape or not torch.equal(head, embed):
             raise CheckpointError(
-                "tie_word_embeddings is true but lm_head.weight differs from embed_tokens.weight"
+                f"tie_word_embeddings is true but {key} differs from {lay.tied_rel}"
             )
-        logger.info("[import] tied lm_head.weight equals the embedding: stored once")
+        logger.info("[import] tied %s equals the embedding: stored once", key)
 
 
 def _write_blocks(
@@ -157,7 +176,7 @@ def _write_blocks(
     for p, specs in enumerate(lay.positions):
         tensors = {s.rel: ckpt.get(s.hf_key) for s in specs}
         if p == 0 and lay.tie_word_embeddings:
-            _check_tied_head(ckpt, tensors["embed_tokens.weight"])
+            _check_tied_head(ckpt, lay, tensors[lay.tied_rel])
         stored = zoo.put_block(tensors)
         del tensors  # one block in memory at a time
         chain.append(stored.id)
@@ -178,11 +197,15 @@ def import_checkpoint(
         raise CheckpointError(f"checkpoint folder not found: {src}")
     config = read_json(src / "config.json", "config.json")
     lay = layout(config)
+    # GPT-2 style names (n_embd, ...) also stored under the usual ones; export drops them again
+    aliases = config_aliases(config)
+    config = {**config, **aliases}
     if not force and zoo.has_model(name):
         raise ModelExistsError(f"model {name!r} already exists in the zoo; use --force to replace")
     gen_path = src / "generation_config.json"
     generation = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
     with Checkpoint(src) as ckpt:
+        ckpt.add_prefix(lay)
         dtype = check_keys(ckpt, lay)
         logger.info(
             "[import] %s: %s %s, %d blocks", name, lay.model_type, dtype, len(lay.positions)
@@ -205,6 +228,7 @@ def import_checkpoint(
                     "blockllm_version": blockllm_version(),
                     "block_bytes": sizes,
                     "written_bytes": written,
+                    "config_aliases": sorted(aliases),
                 },
                 fingerprint=fingerprint(config),
             )
