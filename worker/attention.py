@@ -9,6 +9,9 @@ ragged without subclassing it:
   config of our layers says `_attn_implementation = "blockllm"`); it receives q and the step's
   `StepBatch` through the layer's **kwargs and computes each request's attention against its
   own keys only: all single-token rows in one padded sdpa call, each prefill on its own.
+  Whatever the HF attention module passes is honoured: `scaling` (Gemma's
+  query_pre_attn_scalar, Granite's attention_multiplier), `sliding_window` (per layer type),
+  and `softcap` (Gemma 2: scores capped with tanh, computed as HF's eager attention does).
 All index tensors and masks are built once per stage step (`StepBatch`), not per layer.
 """
 
@@ -123,6 +126,41 @@ class PagedCacheView:
         return key_states, value_states
 
 
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [..., heads, rows, Dh]; k/v may have fewer heads (GQA).
+
+    With `softcap` (Gemma 2), HF's eager math: scores / cap, tanh, * cap, then the mask and a
+    float32 softmax; sdpa has no soft-cap."""
+    if softcap is None:
+        gqa = q.shape[-3] != k.shape[-3]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+    if q.shape[-3] != k.shape[-3]:  # [.., Hkv, S, Dh] -> [.., H, S, Dh]
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [.., H, n, S]
+    scores = scores / softcap
+    scores = torch.tanh(scores)
+    scores = scores * softcap
+    if causal:  # no past: query i sees keys 0..i
+        n, s = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(s - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 def _gather(pool: torch.Tensor, pages: torch.Tensor, rows: int) -> torch.Tensor:
     """Keys/values of `rows` requests from their pages: [rows, Hkv, S, Dh] (one copy)."""
     got = pool.index_select(0, pages)  # [rows * P, page, Hkv, Dh]
@@ -131,26 +169,27 @@ def _gather(pool: torch.Tensor, pages: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _decode(
-    module: torch.nn.Module,
     q: torch.Tensor,
     b: StepBatch,
     local: int,
     window: int | None,
     scaling: float | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """All single-token rows in one sdpa call: returns [n_decode, H, Dh]."""
-    nd, n_rep = b.n_decode, module.num_key_value_groups
     assert b.dec_gather is not None
     pages = b.dec_gather[local]  # [nd * Pmax]
+    nd = b.n_decode
     k = _gather(b.pool.k, pages, nd)  # [nd, Hkv, S, Dh]
     v = _gather(b.pool.v, pages, nd)
+    n_rep = q.shape[1] // k.shape[1]  # query heads per KV head
     # q: [1, H, N, Dh] -> [H, nd, Dh] -> [nd, H, Dh] -> [nd, Hkv, n_rep, Dh] (GQA as rows,
     # as HF's pack_gqa: the n_rep query heads of a KV head attend as n_rep query rows)
     qd = q[0, :, :nd].transpose(0, 1).reshape(nd, k.shape[1], n_rep, q.shape[-1])
     lo, hi, mask = b.dec_keys(window)
     if hi - lo != k.shape[2]:
         k, v = k[:, :, lo:hi], v[:, :, lo:hi]  # [nd, Hkv, S, Dh] -> [nd, Hkv, hi - lo, Dh]
-    out = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scaling)
+    out = _attend(qd, k, v, mask, scaling, softcap)
     return out.reshape(nd, -1, q.shape[-1])  # [nd, Hkv, n_rep, Dh] -> [nd, H, Dh]
 
 
@@ -163,6 +202,7 @@ def _prefill(
     local: int,
     window: int | None,
     scaling: float | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """One multi-token item: returns [1, H, n, Dh]."""
     o, n = span.offset, span.n
@@ -174,9 +214,7 @@ def _prefill(
         k = _gather(b.pool.k, span.gather[local], 1)  # [1, Hkv, S, Dh]
         v = _gather(b.pool.v, span.gather[local], 1)
     mask = span.mask(window, q.device)
-    return F.scaled_dot_product_attention(
-        qs, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
-    )
+    return _attend(qs, k, v, mask, scaling, softcap, causal=mask is None)
 
 
 def paged_attention(
@@ -188,23 +226,25 @@ def paged_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The "blockllm" attention: q [1, H, N, Dh] -> out [1, N, H, Dh] (HF's convention)."""
     b: StepBatch = kwargs[STEP_KWARG]
     local = module.layer_idx - b.layer0
+    win, cap = sliding_window, softcap
     if b.n_decode == query.shape[2]:  # decode-only step: no output buffer to assemble
-        out = _decode(module, query, b, local, sliding_window, scaling)
+        out = _decode(query, b, local, win, scaling, cap)
         return out[None], None  # [nd, H, Dh] -> [1, N, H, Dh]
     if b.n_decode == 0 and len(b.prefills) == 1:
-        out = _prefill(query, key, value, b, b.prefills[0], local, sliding_window, scaling)
+        out = _prefill(query, key, value, b, b.prefills[0], local, win, scaling, cap)
         return out.transpose(1, 2), None  # [1, H, N, Dh] -> [1, N, H, Dh]
     n, h, dh = query.shape[2], query.shape[1], query.shape[3]
     out = query.new_empty(1, n, h, dh)  # [1, N, H, Dh]
     if b.n_decode:
-        out[0, : b.n_decode] = _decode(module, query, b, local, sliding_window, scaling)
+        out[0, : b.n_decode] = _decode(query, b, local, win, scaling, cap)
     for span in b.prefills:
-        res = _prefill(query, key, value, b, span, local, sliding_window, scaling)
+        res = _prefill(query, key, value, b, span, local, win, scaling, cap)
         # res: [1, H, n, Dh] -> [1, n, H, Dh], rows [offset, offset + n) of the batch
         out[:, span.offset : span.offset + span.n] = res.transpose(1, 2)
     return out, None

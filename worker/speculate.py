@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blockllm.worker.attention import STEP_KWARG, PagedCacheView, plan_step
+from blockllm.worker.attention import plan_step
 from blockllm.worker.errors import BadRequest
 from blockllm.worker.items import WorkItem, WorkResult
 from blockllm.worker.worker import Worker
@@ -191,15 +191,8 @@ class Speculation:
             assert seq is not None and pool is not None, "the speculative run wrote KV here"
             # the first layer's page table only: [L, P] -> [1, P]
             plan = plan_step(pool, model.layer0, 1, [(seq.pages[:1], item.past_len, 1)])
-            x = item.hidden.to(model.device, model.dtype)[None]  # [1, D] -> [1, 1, D]
+            x = item.hidden.to(model.device, model.dtype)  # [1, D]
             with torch.inference_mode():
-                pos_emb = model.rotary(x, plan.positions[None])  # type: ignore[misc]
-                model.layers[0](
-                    x,
-                    None,
-                    position_embeddings=pos_emb,
-                    past_key_values=PagedCacheView(plan),
-                    **{STEP_KWARG: plan},
-                )
+                model.run_layers(x, plan, count=1)  # writes that layer's K/V
             break
         self._rewrite_s += time.perf_counter() - t0

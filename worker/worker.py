@@ -265,6 +265,9 @@ class Worker:
             raise BadRequest(
                 f"past_len {item.past_len} + {n} new tokens exceeds max_total_len {total}"
             )
+        limit = first.model.max_positions  # a learned position embedding has a last row
+        if limit is not None and total > limit:
+            raise BadRequest(f"{total} tokens exceed the model's {limit} positions")
         sampling = GREEDY
         if last.info.has_head:
             sampling = (item.sampling or GREEDY).validate()
@@ -486,7 +489,12 @@ class Worker:
         """Stage input of all entries flattened -> stage output hidden [N, D]."""
         model = st.model
         x = torch.cat([e.x for e in entries]) if len(entries) > 1 else entries[0].x
-        h = model.embed(x) if st.info.has_embed else x  # [N] -> [N, D] | [N, D]
+        positions = None
+        if model.needs_positions:  # learned positions: each new token's absolute position
+            positions = torch.cat(
+                [torch.arange(e.item.past_len, e.item.past_len + e.n) for e in entries]
+            ).to(x.device)  # [N]
+        h = model.embed(x, positions) if st.info.has_embed else x  # [N] -> [N, D] | [N, D]
         if not model.layers:
             return h
         seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
