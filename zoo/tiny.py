@@ -12,7 +12,20 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "granite",
+    "gpt2",
+)
+# sliding window of the tiny families that have one: prompts of a few dozen tokens pass it
+TINY_WINDOW = 16
 TINY_VOCAB = 384
 
 
@@ -76,8 +89,17 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB):
 
 
 def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidden: int = 64):
-    """Config of a tiny model of `family`: GQA everywhere; qwen2 adds bias and tied embeddings."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """Config of a tiny model of `family`, each exercising what sets its family apart.
+
+    Every family keeps one KV geometry (2 KV heads of 16 dims), so one worker hosts them all.
+    llama/mistral/qwen2 are as before (qwen2: biases, tied embeddings). qwen3: q/k norms,
+    head_dim != hidden/heads, tied, sliding layers. gemma2: attention and final logit
+    soft-caps, query_pre_attn_scalar, sliding/global layers. gemma3_text: local/global layers
+    with their own rope, q/k norms. phi3: fused qkv and gate_up, a sliding window. olmo2:
+    post-norms only, q/k norms over all heads. granite: embedding/residual/attention/logit
+    multipliers. gpt2: learned positions, LayerNorm, Conv1D, tied.
+    """
+    from transformers import AutoConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -93,13 +115,68 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidd
         # a wide init makes greedy output depend on context (0.02 collapses to one token)
         initializer_range=0.25,
     )
-    if family == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    if family == "mistral":
-        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
-    if family == "qwen2":
-        return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
-    raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
+    head16 = dict(num_attention_heads=8, head_dim=16)  # 8 heads of 16 dims: head_dim != D / H
+    sliding = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (
+        layers % 2
+    )
+    extra: dict = {
+        "llama": dict(tie_word_embeddings=False),
+        "mistral": dict(tie_word_embeddings=False, sliding_window=None),
+        "qwen2": dict(tie_word_embeddings=True, use_sliding_window=False),
+        "qwen3": dict(
+            **head16,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=TINY_WINDOW,
+            max_window_layers=layers // 2,  # layers >= max_window_layers slide
+        ),
+        "gemma2": dict(
+            **head16,
+            tie_word_embeddings=False,  # tied, sqrt(D)-scaled tiny embeddings echo the input
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=10.0,
+            final_logit_softcapping=3.0,
+            sliding_window=TINY_WINDOW,
+            layer_types=sliding,
+        ),
+        "gemma3_text": dict(
+            **head16,
+            tie_word_embeddings=False,
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=3.0,
+            sliding_window=TINY_WINDOW,
+            layer_types=sliding,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
+        "phi3": dict(tie_word_embeddings=False, sliding_window=TINY_WINDOW, pad_token_id=2),
+        "olmo2": dict(tie_word_embeddings=False, pad_token_id=2),
+        "granite": dict(
+            tie_word_embeddings=False,
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.1,
+            logits_scaling=4.0,
+        ),
+    }
+    if family == "gpt2":  # its own names; 2 heads of 16 dims keep the common KV geometry
+        return AutoConfig.for_model(
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden // 2,
+            n_layer=layers,
+            n_head=2,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            initializer_range=0.25,
+            scale_attn_by_inverse_layer_idx=True,
+        )
+    if family not in extra:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
+    return AutoConfig.for_model(family, **{**common, **extra[family]})
 
 
 def build_tiny(
@@ -121,10 +198,11 @@ def build_tiny(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        # random init leaves norms at 1 and biases at 0: perturb them so they are exercised
+        # random init leaves norms at 1 (Gemma: 0) and biases at 0: perturb them (every 1-D
+        # tensor) so they are exercised
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or name.endswith(".bias"):
+            for _name, p in model.named_parameters():
+                if p.dim() == 1:
                     p.add_(torch.randn_like(p) * 0.1)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, do_sample=False)
     model.save_pretrained(out)

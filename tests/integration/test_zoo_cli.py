@@ -11,6 +11,7 @@ import torch
 from blockllm.client.cli import cli
 from blockllm.client.cli_common import CliError
 from blockllm.zoo import Zoo
+from blockllm.zoo.families import SUPPORTED_MODEL_TYPES
 from click.testing import CliRunner
 
 from tests.unit.test_zoo_support import finetune, read_tensors
@@ -117,13 +118,16 @@ def test_real_subprocess_exit_codes(tmp_path, tiny_checkpoint):
 
     ok = sh("import", str(tiny_checkpoint("mistral")), "--name", "mis")
     assert ok.returncode == 0 and "imported mis" in ok.stdout, ok.stderr
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    bad = sh("import", str(gpt2), "--name", "g")
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    (neox / "config.json").write_text(
+        json.dumps({"model_type": "gpt_neox", "num_hidden_layers": 1})
+    )
+    bad = sh("import", str(neox), "--name", "g")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
-        "error: model_type 'gpt2' is not supported (supported: llama, mistral, qwen2)"
+        "error: model_type 'gpt_neox' is not supported: no declared difference set for it"
+        f" (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
     )
     assert json.loads(sh("du", "--json").stdout)["blocks"] == 6
     gone = sh("rm", "nope")

@@ -21,12 +21,20 @@ def finetune(base: Path, out: Path, noise: dict[int, float], seed: int = 1) -> P
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for i, scale in sorted(noise.items()):
-            for p in model.model.layers[i].parameters():
+            for p in decoder_layers(model)[i].parameters():
                 delta = torch.randn(p.shape, generator=gen, dtype=torch.float32)
                 p.add_((delta * scale).to(p.dtype))
     model.save_pretrained(out)
     copy_tokenizer(base, out)
     return out
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of any supported family's HF model (model.layers, transformer.h)."""
+    from blockllm.zoo.families import layout
+
+    lay = layout(model.config.to_dict())
+    return model.get_submodule(f"{lay.prefix}.{lay.layers}")
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
