@@ -13,11 +13,13 @@ from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 H, HKV, DH, PAGE, LAYERS = 4, 2, 8, 4, 2
 
 
-def reference(q, k, v, window):
+def reference(q, k, v, window, softcap=None):
     """q [H, n, Dh] at the last n positions of k, v [Hkv, S, Dh] -> [n, H, Dh]."""
     n, s = q.shape[1], k.shape[1]
     k, v = k.repeat_interleave(H // HKV, 0), v.repeat_interleave(H // HKV, 0)
     scores = q @ k.transpose(1, 2) / math.sqrt(DH)  # [H, n, S]
+    if softcap is not None:  # Gemma 2: scores squashed into (-cap, cap)
+        scores = softcap * torch.tanh(scores / softcap)
     q_pos = torch.arange(s - n, s)[:, None]
     k_pos = torch.arange(s)[None, :]
     visible = k_pos <= q_pos
@@ -31,9 +33,10 @@ RAGGED = [(9, 1), (0, 1), (4, 1), (0, 6), (7, 5), (2, 2)]  # decodes (one with n
 UNIFORM = [(6, 1), (6, 1), (6, 1), (3, 4)]  # equal decode lengths: sliced instead of masked
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("shapes", [RAGGED, UNIFORM], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_ragged_batch_matches_reference(window: int | None, shapes) -> None:
+def test_ragged_batch_matches_reference(window: int | None, shapes, softcap) -> None:
     torch.manual_seed(0)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
     kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
@@ -61,12 +64,13 @@ def test_ragged_batch_matches_reference(window: int | None, shapes) -> None:
     k_out, v_out = PagedCacheView(batch).update(new_k, new_v, 6)
     assert k_out is new_k and v_out is new_v
     out, _ = paged_attention(
-        module, q, new_k, new_v, None, scaling=DH**-0.5, sliding_window=window, blockllm_step=batch
-    )
+        module, q, new_k, new_v, None, scaling=DH**-0.5, sliding_window=window,
+        softcap=softcap, blockllm_step=batch,
+    )  # fmt: skip
     assert out.shape == (1, n_total, H, DH)
     row = 0
     for (_past, n), k, v in zip(shapes, full_k, full_v, strict=True):
-        want = reference(q[0, :, row : row + n], k, v, window)
+        want = reference(q[0, :, row : row + n], k, v, window, softcap)
         torch.testing.assert_close(out[0, row : row + n], want, rtol=1e-5, atol=1e-5)
         row += n
     # update() wrote every new token of layer 1 into its page, and nothing into layer 0's
