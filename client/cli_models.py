@@ -19,6 +19,21 @@ _LAYERS_HELP = (
 )
 
 
+# blockllm.zoo.tiny.FAMILIES, spelled out so `--help` imports no torch (a test checks they agree)
+TINY_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "granite",
+    "gpt2",
+)
+
+
 def _progress(message: str) -> None:
     click.echo(message, err=True)
 
@@ -135,7 +150,7 @@ def finetune_cmd(
 
 
 @models.command("tiny")
-@click.argument("family", type=click.Choice(["llama", "mistral", "qwen2"]))
+@click.argument("family", type=click.Choice(TINY_FAMILIES))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--layers", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)

@@ -93,7 +93,9 @@ def family_zoo(tiny_checkpoint, tmp_path_factory):
 
 
 def test_every_target_family_is_supported() -> None:
-    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
+    from blockllm.client.cli_models import TINY_FAMILIES
+
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES) == set(TINY_FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
