@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec
-from blockllm.broker.placement import Hop, WorkerView, find_route
 from blockllm.broker.protocol import (
     Error,
     ErrorCode,
@@ -26,6 +25,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.requests import RequestState, token_frame, wire_id
 from blockllm.broker.rewire import best_planned, same_route, signature
+from blockllm.broker.routing import Hop, WorkerView, find_route
 from blockllm.broker.stats import Metrics
 from blockllm.broker.workers import WorkerState
 

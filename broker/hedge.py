@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out
-from blockllm.broker.placement import Hop
 from blockllm.broker.protocol import Error, Result
 from blockllm.broker.requests import RequestState, Shadow, token_frame, wire_id
 from blockllm.broker.rewire import same_route
+from blockllm.broker.routing import Hop
 from blockllm.broker.workers import WorkerState
 
 logger = logging.getLogger(__name__)

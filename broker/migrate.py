@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import Out
-from blockllm.broker.placement import Hop, WorkerView
 from blockllm.broker.protocol import (
     Kind,
     KvAck,
@@ -49,6 +48,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.requests import RequestState
 from blockllm.broker.rewire import planned_score, same_route, signature
+from blockllm.broker.routing import Hop, WorkerView
 from blockllm.broker.workers import WorkerState
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from blockllm.broker.placement import Hop, WorkerView
+from blockllm.broker.routing import Hop, WorkerView
 
 if TYPE_CHECKING:
     from blockllm.broker.broker import Broker

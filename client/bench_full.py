@@ -99,7 +99,7 @@ def measure_pairs(zoo: Any, family: Family, cfg: FullConfig, say: Say) -> int:
 
 def assembled_chains(zoo: Any, names: Sequence[str], tolerance: float) -> dict[str, tuple]:
     """Each tenant's chain under `tolerance`, by the planner's own assembly rule."""
-    from blockllm.broker.assembly import assemble
+    from blockllm.broker.planner.assembly import assemble
 
     manifests = {n: zoo.manifest(n) for n in names}
     shim = SimpleNamespace(

@@ -88,7 +88,7 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
     if spec.planner not in PLANNER_MODES:
         raise ValueError(f"planner mode {spec.planner!r}: choose from {PLANNER_MODES}")
     if spec.planner != "off":  # it refines the static placement from the live stats, as in serve
-        from blockllm.broker.planner_config import PlannerConfig
+        from blockllm.broker.planner.config import PlannerConfig
 
         launcher.start_planner(
             PlannerConfig(broker=endpoint, zoo_dir=spec.zoo_dir, log_level=spec.log_level,

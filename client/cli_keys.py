@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from blockllm.broker import security
 from blockllm.client.cli_common import CliError, echo_json, json_option
 

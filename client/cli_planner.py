@@ -86,7 +86,7 @@ SPAWN_FIELDS = ("max_spawn", "spawn_command", "stop_command", "spawn_hold_s")
 
 def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
     """A PlannerConfig from parsed flags (`planner_options` and friends)."""
-    from blockllm.broker.planner_config import PlannerConfig
+    from blockllm.broker.planner.config import PlannerConfig
 
     fields: dict[str, Any] = {
         "tolerance": parse_tolerances(values.get("tolerances")),
@@ -133,7 +133,7 @@ def planner(**params: Any) -> None:
     SIGTERM/SIGINT stop it (exit 0); the cluster keeps serving with what is placed.
     """
     from blockllm.broker.cluster_config import parse_size
-    from blockllm.broker.planner_proc import run_planner_process
+    from blockllm.broker.planner.proc import run_planner_process
     from blockllm.client.cli_common import default_zoo_dir
 
     params = _with_config_file(params)
@@ -197,7 +197,7 @@ def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:
 def reload(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
     """Make the broker re-read the zoo: models imported since are served once the planner has
     placed them; removed ones stop being accepted (running requests finish)."""
-    from blockllm.broker.planner_proc import send_command
+    from blockllm.broker.planner.proc import send_command
     from blockllm.broker.protocol import Reload
     from blockllm.client.core import new_request_id
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from blockllm.client.cli_common import CliError, default_zoo_dir, echo_json, json_option, zoo_option
 
 

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 SPAWN = multiprocessing.get_context("spawn")
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
-PLANNER_TARGET = "blockllm.broker.planner_proc:run_planner_process"
+PLANNER_TARGET = "blockllm.broker.planner.proc:run_planner_process"
 
 
 class LaunchError(RuntimeError):
@@ -346,7 +346,7 @@ class Interrupted(Exception):
 
 def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
     """(models served, stages of each worker) by static placement over the zoo's manifests."""
-    from blockllm.broker.placement import static_placement
+    from blockllm.broker.routing import static_placement
     from blockllm.worker.config import StageSpec
     from blockllm.zoo import Zoo
 

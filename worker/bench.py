@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from blockllm.worker.items import WorkerConfig, WorkItem
 from blockllm.worker.worker import Worker
 
@@ -173,8 +174,9 @@ def _kv_budget(cfg: StageBenchConfig, manifest: Any, worker_page: int) -> int:
 
 def run_stage_bench(cfg: StageBenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Measure every batch size of `cfg`; returns the `bench stage --json` document."""
-    from blockllm.zoo import Zoo
     from transformers import AutoModelForCausalLM
+
+    from blockllm.zoo import Zoo
 
     note = progress or (lambda _msg: None)
     load_before = os.getloadavg()[0]

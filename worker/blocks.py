@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from blockllm.worker.attention import ATTN_IMPLEMENTATION, STEP_KWARG, PagedCacheView, StepBatch
-from blockllm.worker.errors import BadRequest
-from blockllm.worker.kv_cache import KVGeometry
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from blockllm.worker.attention import ATTN_IMPLEMENTATION, STEP_KWARG, PagedCacheView, StepBatch
+from blockllm.worker.errors import BadRequest
+from blockllm.worker.kv_cache import KVGeometry
 
 logger = logging.getLogger(__name__)
 

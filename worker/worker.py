@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
 from blockllm.worker.attention import plan_step
 from blockllm.worker.batch_queue import BatchQueue
 from blockllm.worker.blocks import BlockCache, Family, StageModel, resolve_family

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from blockllm.broker.planner import Planner
+    from blockllm.broker.planner.planner import Planner
 
 
 def candidates(

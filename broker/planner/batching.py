@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.protocol import Message, SetBatch
 
 FULL = 0.75  # a stage whose mean batch reaches this share of its limit fills it

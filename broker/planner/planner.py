@@ -28,12 +28,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from blockllm.broker.assembly import assemble
-from blockllm.broker.batching import BatchTuner
-from blockllm.broker.duplicates import Duplicates
-from blockllm.broker.memory import Room, removable
-from blockllm.broker.placement import WorkerView, find_route
-from blockllm.broker.plan import (
+from blockllm.broker.planner.assembly import assemble
+from blockllm.broker.planner.batching import BatchTuner
+from blockllm.broker.planner.budgets import Room, removable
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
     WorkerInfo,
@@ -41,8 +41,8 @@ from blockllm.broker.plan import (
     placement_gain,
     replica_targets,
 )
-from blockllm.broker.planner_config import PlannerConfig
-from blockllm.broker.planner_facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.spawn import SpawnPolicy
+from blockllm.broker.planner.stragglers import Duplicates
 from blockllm.broker.protocol import (
     LoadStage,
     Message,
@@ -51,7 +51,7 @@ from blockllm.broker.protocol import (
     SetRoutes,
     UnloadStage,
 )
-from blockllm.broker.spawn import SpawnPolicy
+from blockllm.broker.routing import WorkerView, find_route
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.planner import Planner
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
+from blockllm.broker.planner.spawn import Spawner
 from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
 from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import make_socket
-from blockllm.broker.spawn import Spawner
 
 logger = logging.getLogger(__name__)
 

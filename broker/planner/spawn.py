@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
 
 if TYPE_CHECKING:
-    from blockllm.broker.planner import Planner
-    from blockllm.broker.planner_facts import WorkerFacts
+    from blockllm.broker.planner.facts import WorkerFacts
+    from blockllm.broker.planner.planner import Planner
 
 logger = logging.getLogger(__name__)
 

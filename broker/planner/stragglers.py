@@ -25,12 +25,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.protocol import Message, PlannedHop, PlannedRoute, SetRoutes
 
 if TYPE_CHECKING:
-    from blockllm.broker.planner import Planner
-    from blockllm.broker.planner_facts import WorkerFacts
+    from blockllm.broker.planner.facts import WorkerFacts
+    from blockllm.broker.planner.planner import Planner
 
 logger = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from blockllm.broker import frames
-from blockllm.broker.planner_proc import send_command
+from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import KvShard, PlannedHop, PlannedRoute, SetRoutes
 from tests.integration.cluster import cluster
 
 
 def engine_level(zoo: Path, model: str, n: int, threads: int) -> dict[str, Any]:
-    from blockllm.worker.worker import WorkItem, Worker, WorkerConfig
+    from blockllm.worker.worker import Worker, WorkerConfig, WorkItem
     from blockllm.zoo import Zoo
 
     torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
 from blockllm.client.launcher import ServeConfig, plan_workers
 from tests.integration.cluster import cluster
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.proc import run_broker_process

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockllm.broker.placement import static_placement
+from blockllm.broker.routing import static_placement
 from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
 from tests.integration.cluster import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockllm.broker.planner_proc import send_command
+from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, SetRoutes
 from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo
 
@@ -36,7 +36,7 @@ def want(llama: Path) -> list[int]:
 
 
 def test_engine_export_import_continues_bit_exactly(zoo: Path) -> None:
-    from blockllm.worker.worker import WorkItem, Worker, WorkerConfig
+    from blockllm.worker.worker import Worker, WorkerConfig, WorkItem
     from blockllm.zoo import Zoo
 
     cfg = WorkerConfig(device="cpu", kv_budget_bytes=8 << 20, threads=1)

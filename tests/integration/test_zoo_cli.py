@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from click.testing import CliRunner
+
 from blockllm.client.cli import cli
 from blockllm.client.cli_common import CliError
 from blockllm.zoo import Zoo
-from click.testing import CliRunner
-
 from tests.unit.test_zoo_support import finetune, read_tensors
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
+
 from blockllm.broker.cluster_config import (
     SCHEMA,
     ConfigError,
@@ -16,7 +18,6 @@ from blockllm.broker.cluster_config import (
     parse_cluster_config,
     parse_size,
 )
-from click.testing import CliRunner
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"
 

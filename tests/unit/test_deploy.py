@@ -228,7 +228,7 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:
     print("no-mdwe"); sys.exit(0)
 import torch
 from blockllm.broker import frames, protocol
-for name in ("blockllm.broker.proc", "blockllm.broker.broker", "blockllm.broker.planner"):
+for name in ("blockllm.broker.proc", "blockllm.broker.broker", "blockllm.broker.planner.proc"):
     if importlib.util.find_spec(name) is not None:
         importlib.import_module(name)
 t = torch.arange(6, dtype=torch.bfloat16).view(2, 3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from blockllm.worker.errors import BadRequest, CacheFull, KVMiss
 from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 

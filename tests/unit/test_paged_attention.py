@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from blockllm.worker.attention import PagedCacheView, paged_attention, plan_step
 from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 

@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from blockllm.broker.placement import WorkerView, find_route
-from blockllm.broker.plan import (
+from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
     WorkerInfo,
@@ -18,6 +17,7 @@ from blockllm.broker.plan import (
     placement_gain,
 )
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, StageRef
+from blockllm.broker.routing import WorkerView, find_route
 from blockllm.worker.items import stage_key
 
 L = 6  # decoder layers: chain positions 0..7

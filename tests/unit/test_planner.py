@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from blockllm.broker.planner import Planner
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
 from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
 from blockllm.worker.items import stage_key
 
@@ -211,7 +211,7 @@ def test_room_is_not_made_by_uncovering_a_model_until_the_load_has_waited_long()
 
 
 def test_batch_tuner_shrinks_full_batches_of_a_slow_worker_and_grows_queued_ones() -> None:
-    from blockllm.broker.batching import BatchTuner
+    from blockllm.broker.planner.batching import BatchTuner
 
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))
@@ -337,7 +337,7 @@ def test_running_requests_move_to_a_duplicate_only_when_the_straggler_is_far_slo
 
 
 def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> None:
-    from blockllm.broker.duplicates import pace, stragglers
+    from blockllm.broker.planner.stragglers import pace, stragglers
 
     c = cfg(dup_factor=3.0, dup_step_ms=0.0)
     layout = {"w0": [("m", 0, 3), ("ft", 3, 5), ("m", 5, 6)], "w1": [("m", 3, 5)]}
@@ -367,7 +367,7 @@ def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> 
 
 
 def test_batch_tuner_with_per_stage_latency_halves_the_expensive_stage_only() -> None:
-    from blockllm.broker.batching import BatchTuner
+    from blockllm.broker.planner.batching import BatchTuner
 
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))

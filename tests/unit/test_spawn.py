@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blockllm.broker.planner import Planner
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
+from blockllm.broker.planner.spawn import SpawnAction, Spawner, shutdown_children
 from blockllm.broker.protocol import LoadStage
-from blockllm.broker.spawn import SpawnAction, Spawner, shutdown_children
 from tests.unit.test_planner import MANIFESTS, MB, cfg, snapshot
 
 NONE = {"m": False, "ft": False}

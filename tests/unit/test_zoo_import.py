@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from blockllm.zoo import CheckpointError, UnsupportedModelError, Zoo
 
+from blockllm.zoo import CheckpointError, UnsupportedModelError, Zoo
 from tests.unit.test_zoo_support import finetune, read_tensors, rewrite_checkpoint
 
 
