@@ -33,6 +33,7 @@ from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.fetch import serve_fetch
+from blockllm.broker.lifecycle import Watchdog, notify
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
     MAX_TENSOR_BYTES,
@@ -44,7 +45,6 @@ from blockllm.broker.protocol import (
     ProtocolError,
     Stats,
 )
-from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
 logger = logging.getLogger(__name__)

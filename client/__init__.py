@@ -2,7 +2,7 @@
 
 from blockllm.client.aio import AsyncClient
 from blockllm.client.client import Client
-from blockllm.client.core import Completion, TokenEvent
+from blockllm.client.demux import Completion, TokenEvent
 from blockllm.client.errors import (
     BadRequest,
     BlockLLMError,

@@ -36,7 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from blockllm.broker import frames
 from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
 from blockllm.broker.sockets import CurveKeys
-from blockllm.client.core import (
+from blockllm.client.demux import (
     CONNECTION_LOST,
     MONITOR_EVENTS,
     Accumulator,

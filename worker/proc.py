@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from blockllm.broker import frames
+from blockllm.broker.lifecycle import Watchdog, notify
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
     Dead,
@@ -57,7 +58,6 @@ from blockllm.broker.protocol import (
     StageRef,
     UnloadStage,
 )
-from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.worker import proc_kv, proc_spec
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import WorkerError

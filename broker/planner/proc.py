@@ -26,11 +26,11 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
+from blockllm.broker.lifecycle import Watchdog, notify
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
 from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
-from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import make_socket
 
 logger = logging.getLogger(__name__)

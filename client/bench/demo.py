@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockllm.client.bench_family import Family, FamilySpec, Recipe, prepare_family
+from blockllm.client.bench.family import Family, FamilySpec, Recipe, prepare_family
 
 Say = Callable[[str], None]
 OnText = Callable[[int, str], None]  # (tenant index, new text)
@@ -101,7 +101,7 @@ def prompt_ids(family: Family, question: str) -> list[int]:
 def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     """Phase 4: broker + workers over the demo zoo; yields (endpoint, STATUS body) and stops
     every child on exit (LaunchError if they do not come up)."""
-    from blockllm.client.bench_systems import ClusterSpec, start_cluster
+    from blockllm.client.bench.systems import ClusterSpec, start_cluster
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from blockllm.client.bench_family import Family, FamilySpec, Recipe, prepare_family
+from blockllm.client.bench.family import Family, FamilySpec, Recipe, prepare_family
 
 logger = logging.getLogger(__name__)
 

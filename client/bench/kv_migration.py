@@ -1,6 +1,6 @@
 """KV migration vs replay, measured: bytes moved and milliseconds for a request's move.
 
-    python -m tests.integration.bench_kv_migration --zoo DIR --model NAME \
+    python -m blockllm.client.bench.kv_migration --zoo DIR --model NAME \
         [--prompt-tokens 512] [--threads 1] [--json]
 
 - engine: two in-process `Worker`s host the model's upper stage; a request prefilled on A is
@@ -30,7 +30,7 @@ import torch
 from blockllm.broker import frames
 from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import KvShard, PlannedHop, PlannedRoute, SetRoutes
-from tests.integration.cluster import cluster
+from blockllm.client.launcher.local import local_cluster
 
 
 def engine_level(zoo: Path, model: str, n: int, threads: int) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def cluster_level(zoo: Path, model: str, n: int, threads: int, migrate: bool) ->
         hops = (PlannedHop("w0", ((0, half),)), PlannedHop(second, ((half, end),)))
         return SetRoutes(f"to-{second}", {model: (PlannedRoute(hops, 1.0),)}, True)
 
-    with cluster(zoo, workers, [model], broker=broker, worker_kw=kw, ready_timeout=300) as c:
+    with local_cluster(zoo, workers, [model], broker=broker, worker_kw=kw, ready_timeout=300) as c:
         assert send_command(c.endpoint, routes("w1")).ok
         stamps: list[float] = []
         moved_at = 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockllm.client.bench_family import (
+from blockllm.client.bench.family import (
     Family,
     FamilySpec,
     Recipe,
@@ -37,7 +37,7 @@ from blockllm.client.bench_family import (
     prepare_family,
     shared_bytes,
 )
-from blockllm.client.bench_trace import (
+from blockllm.client.bench.trace import (
     Outcome,
     TraceRequest,
     TraceSpec,
@@ -160,7 +160,7 @@ class _Bench:
     say: Say
 
     def blockllm(self, mode: str = "off") -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench_systems import ClusterSpec, run_blockllm
+        from blockllm.client.bench.systems import ClusterSpec, run_blockllm
 
         self.say(f"blockllm (planner {mode}): starting the cluster and replaying the trace")
         cluster = ClusterSpec(
@@ -178,7 +178,7 @@ class _Bench:
         return outcomes, facts
 
     def per_model(self) -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench_per_model import PerModelConfig, run_per_model
+        from blockllm.client.bench.per_model import PerModelConfig, run_per_model
 
         self.say(f"per_model: whole models under a budget of {self.budget / 2**20:.1f} MiB")
         threads = self.pick_threads("per_model")
@@ -193,7 +193,7 @@ class _Bench:
         return outcomes, {**facts, **threads}
 
     def hf_generate(self) -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench_systems import HfSpec, run_hf_generate
+        from blockllm.client.bench.systems import HfSpec, run_hf_generate
 
         self.say("hf_generate: one request at a time with model.generate")
         threads = self.pick_threads("hf_generate")
@@ -212,7 +212,7 @@ class _Bench:
         measured right before it runs (on a busy machine more threads can be far slower)."""
         if self.cfg.baseline_threads is not None:
             return {"threads": self.cfg.baseline_threads, "step_ms_by_threads": {}}
-        from blockllm.client.bench_per_model import fastest_threads
+        from blockllm.client.bench.per_model import fastest_threads
 
         zoo, base = str(self.family.zoo_dir), self.family.base.name
         threads, timings = fastest_threads(zoo, base, (1, _cores()))
@@ -427,7 +427,7 @@ def plot_cdf(outcomes: dict[str, list[Outcome]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from blockllm.client.bench_trace import latencies_ms
+    from blockllm.client.bench.trace import latencies_ms
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, outs in outcomes.items():

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockllm.client.bench_family import model_bytes
-from blockllm.client.bench_trace import Outcome, TraceRequest
+from blockllm.client.bench.family import model_bytes
+from blockllm.client.bench.trace import Outcome, TraceRequest
 
 logger = logging.getLogger(__name__)
 

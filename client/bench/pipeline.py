@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 
 PROMPT = "The history of the Roman Empire began when"
 

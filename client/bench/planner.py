@@ -1,6 +1,6 @@
 """What the planner buys, measured: closed-loop clients against broker + workers on this machine.
 
-    python -m tests.integration.bench_planner --zoo DIR --models base,ft \
+    python -m blockllm.client.bench.planner --zoo DIR --models base,ft \
         --mode off|placement|dups [--straggler-delay 0.1] [--clients 4] [--min-gain G] [--json]
 
 - off: static placement (what `blockllm serve --no-planner` starts), no planner;
@@ -26,7 +26,7 @@ from typing import Any
 
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.client.launcher import ServeConfig, plan_workers
-from tests.integration.cluster import cluster
+from blockllm.client.launcher.local import local_cluster
 
 PROMPTS = [[(17 * i + 31 * k) % 40000 + 100 for k in range(24)] for i in range(16)]
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     last = sorted(workers)[-1]
     kw = {w: {"threads": 1, "kv_budget_bytes": 256 << 20} for w in workers}
     kw[last]["fault_step_delay_s"] = a.straggler_delay
-    with cluster(Path(a.zoo), workers, models, ready_timeout=300, worker_kw=kw,
+    with local_cluster(Path(a.zoo), workers, models, ready_timeout=300, worker_kw=kw,
                  broker={"stats_interval_s": 0.5}) as c:  # fmt: skip
         if a.mode != "off":
             c.launcher.start_planner(

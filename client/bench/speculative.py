@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 
 Say = Callable[[str], None]
 
@@ -292,7 +292,7 @@ _QUANTILES = {"min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
 
 
 def _family(cfg: SpeculativeConfig, say: Say) -> Any:
-    from blockllm.client.bench_family import FamilySpec, Recipe, prepare_family
+    from blockllm.client.bench.family import FamilySpec, Recipe, prepare_family
 
     spec = FamilySpec(
         kind="tiny" if cfg.quick else "smollm2",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockllm.client.bench_trace import Outcome, TraceRequest
+from blockllm.client.bench.trace import Outcome, TraceRequest
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,14 +32,14 @@ def _register() -> None:
     import importlib
 
     for module, attr in (
-        ("blockllm.client.cli_zoo", "zoo"),
-        ("blockllm.client.cli_models", "models"),
-        ("blockllm.client.cli_bench", "bench"),
-        ("blockllm.client.cli_serve", "commands"),
-        ("blockllm.client.cli_client", "commands"),
-        ("blockllm.client.cli_keys", "keys"),
-        ("blockllm.client.cli_planner", "commands"),
-        ("blockllm.client.cli_demo", "demo"),
+        ("blockllm.client.cli.zoo", "zoo"),
+        ("blockllm.client.cli.models", "models"),
+        ("blockllm.client.cli.bench", "bench"),
+        ("blockllm.client.cli.serve", "commands"),
+        ("blockllm.client.cli.generate", "commands"),
+        ("blockllm.client.cli.keys", "keys"),
+        ("blockllm.client.cli.planner", "commands"),
+        ("blockllm.client.cli.demo", "demo"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 
 
 @click.group()
@@ -76,7 +76,7 @@ def stage(
 ) -> None:
     """Decode tokens/s of the stage engine vs HF's own forward (DynamicCache, left-padded
     batch) on the same checkpoint, at each batch size, with ragged prompt lengths."""
-    from blockllm.worker.bench import StageBenchConfig, run_stage_bench
+    from blockllm.client.bench.stage import StageBenchConfig, run_stage_bench
 
     cfg = StageBenchConfig(
         model_dir=model_dir or _default_model_dir(dtype),
@@ -107,12 +107,12 @@ def stage(
 
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
-    from blockllm.client.cli_bench_multitenant import multitenant
-    from blockllm.client.cli_bench_pipeline import pipeline
+    from blockllm.client.bench.pipeline import pipeline
+    from blockllm.client.cli.bench_multitenant import multitenant
 
     bench.add_command(pipeline)
     bench.add_command(multitenant)
-    from blockllm.client.bench_speculative import speculative
+    from blockllm.client.bench.speculative import speculative
 
     bench.add_command(speculative)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 
 
 def _say(text: str) -> None:
@@ -30,7 +30,7 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
 
 
 def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
-    from blockllm.client.bench_systems import PLANNER_MODES
+    from blockllm.client.bench.systems import PLANNER_MODES
 
     modes = tuple(m.strip() for m in value.split(",") if m.strip())
     bad = [m for m in modes if m not in PLANNER_MODES]
@@ -154,7 +154,7 @@ def multitenant(**p: Any) -> None:
     if p["family_mode"] == "full":
         _run_full(p)
         return
-    from blockllm.client.bench_multitenant import (
+    from blockllm.client.bench.multitenant import (
         SYSTEMS,
         MultitenantConfig,
         plot_cdf,
@@ -221,12 +221,12 @@ def _require_matplotlib() -> None:
 
 
 def _run_full(p: dict[str, Any]) -> None:
-    from blockllm.client.bench_full import FullConfig, curve_table, run_full_family
+    from blockllm.client.bench.full import FullConfig, curve_table, run_full_family
 
     cfg = FullConfig(quick=p["quick"], variants=p["variants"] or 3, cache_dir=p["cache_dir"])
     doc = _guarded(lambda: run_full_family(cfg, _say))
     if p["plot"] is not None:
-        from blockllm.client.bench_full import plot_curve
+        from blockllm.client.bench.full import plot_curve
 
         plot_curve(doc, p["plot"])
         _say(f"wrote {p['plot']}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 
 MiB = 2**20
 
@@ -131,7 +131,7 @@ def side_by_side(names: Sequence[str], texts: Sequence[str], width: int, height:
 
 
 def _show_zoo(family: Any) -> None:
-    from blockllm.client.demo import zoo_usage
+    from blockllm.client.bench.demo import zoo_usage
 
     du = zoo_usage(family)
     logical, physical = du["logical_bytes"], du["physical_bytes"]
@@ -163,7 +163,7 @@ def _show_cluster(family: Any, status: dict[str, Any]) -> None:
 
 
 def _stream(endpoint: str, family: Any, cfg: Any) -> tuple[list[Any], float]:
-    from blockllm.client.demo import Answer, prompt_ids, stream_answers
+    from blockllm.client.bench.demo import Answer, prompt_ids, stream_answers
 
     ids = prompt_ids(family, cfg.question)
     names = list(family.names)
@@ -223,7 +223,7 @@ def demo(tiny: bool, max_tokens: int, question: str | None, workers: int,
     """Set up SmolLM2 and three fine-tuned tenants in a block zoo (cached after the first
     run), start a local cluster, stream one answer from each tenant side by side, print
     latency and throughput, and stop."""
-    from blockllm.client.demo import QUESTION, DemoConfig
+    from blockllm.client.bench.demo import QUESTION, DemoConfig
 
     cfg = DemoConfig(tiny=tiny, variants=3, workers=workers, max_tokens=max_tokens,
                      question=question or QUESTION, cache_dir=cache_dir)  # fmt: skip
@@ -244,7 +244,7 @@ def demo(tiny: bool, max_tokens: int, question: str | None, workers: int,
 
 
 def _run(cfg: Any) -> None:
-    from blockllm.client.demo import leftover_children, local_cluster, prepare
+    from blockllm.client.bench.demo import leftover_children, local_cluster, prepare
 
     base = "a tiny random Llama" if cfg.tiny else "SmolLM2-135M-Instruct"
     _phase(1, f"{base} and {cfg.variants} fine-tuned tenants (cached after the first run)")

@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 from blockllm.client.client import Client
-from blockllm.client.core import require_covered
+from blockllm.client.demux import require_covered
 from blockllm.client.errors import (
     BadRequest,
     BlockLLMError,

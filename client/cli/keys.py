@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from blockllm.broker import security
-from blockllm.client.cli_common import CliError, echo_json, json_option
+from blockllm.client.cli.common import CliError, echo_json, json_option
 
 _dir_arg = click.argument("keys_dir", metavar="DIR", type=click.Path(path_type=Path))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 
 _LAYERS_HELP = (
     "Decoder layers to train, 0-based and inclusive: A-B (e.g. 4-7), a single layer A, "

@@ -13,8 +13,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_client import broker_option, keys_option
-from blockllm.client.cli_common import (
+from blockllm.client.cli.common import (
     CliError,
     echo_json,
     json_option,
@@ -22,6 +21,7 @@ from blockllm.client.cli_common import (
     parse_model_values,
     zoo_option,
 )
+from blockllm.client.cli.generate import broker_option, keys_option
 
 
 def parse_tolerances(values: Any) -> tuple[tuple[str, float], ...]:
@@ -134,7 +134,7 @@ def planner(**params: Any) -> None:
     """
     from blockllm.broker.cluster_config import parse_size
     from blockllm.broker.planner.proc import run_planner_process
-    from blockllm.client.cli_common import default_zoo_dir
+    from blockllm.client.cli.common import default_zoo_dir
 
     params = _with_config_file(params)
     try:
@@ -199,7 +199,7 @@ def reload(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) ->
     placed them; removed ones stop being accepted (running requests finish)."""
     from blockllm.broker.planner.proc import send_command
     from blockllm.broker.protocol import Reload
-    from blockllm.client.core import new_request_id
+    from blockllm.client.demux import new_request_id
 
     try:
         ack = send_command(broker, Reload(new_request_id()), timeout, str(keys_dir or "") or None)

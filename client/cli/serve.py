@@ -28,14 +28,14 @@ from blockllm.broker.cluster_config import (
     merge_click,
     parse_size,
 )
-from blockllm.client.cli_common import (
+from blockllm.client.cli.common import (
     CliError,
     default_zoo_dir,
     metrics_fields,
     parse_model_values,
     zoo_option,
 )
-from blockllm.client.cli_planner import (
+from blockllm.client.cli.planner import (
     SPAWN_FIELDS,
     planner_config,
     planner_options,

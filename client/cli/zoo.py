@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from blockllm.client.cli_common import CliError, default_zoo_dir, echo_json, json_option, zoo_option
+from blockllm.client.cli.common import CliError, default_zoo_dir, echo_json, json_option, zoo_option
 
 
 @contextlib.contextmanager

@@ -173,7 +173,7 @@ class Launcher:
         in `models` is covered; returns the last status. LaunchError naming what is missing,
         or the child that died meanwhile."""
         from blockllm.client.client import Client
-        from blockllm.client.core import require_covered
+        from blockllm.client.demux import require_covered
         from blockllm.client.errors import BlockLLMError
 
         assert self.endpoint is not None, "start_broker first"

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from blockllm.client.cli import cli
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 from blockllm.zoo import Zoo
 from tests.unit.test_zoo_support import finetune, read_tensors
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import pytest
 
-from blockllm.client.bench_multitenant import planner_table
-from blockllm.client.cli_bench_multitenant import _planner_modes
+from blockllm.client.bench.multitenant import planner_table
+from blockllm.client.cli.bench_multitenant import _planner_modes
 
 
 def summary(p95: float, commands: int) -> dict:

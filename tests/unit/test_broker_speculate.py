@@ -110,7 +110,7 @@ def test_tolerances_are_checked() -> None:
 def test_cli_flag_parses_model_tolerance_pairs() -> None:
     import click
 
-    from blockllm.client.cli_serve import _broker_config, _speculate
+    from blockllm.client.cli.serve import _broker_config, _speculate
 
     assert _broker_config({"speculate": ("base=0", "ft=0.2")}).speculate == (
         ("base", 0.0),

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from blockllm.broker.protocol import (
     Generate,
 )
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 from tests.unit.client_standin import PIECES, StandIn
 
 pytestmark = pytest.mark.timeout(20)

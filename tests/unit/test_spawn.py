@@ -198,8 +198,8 @@ def test_planner_cli_spawn_flags_reach_the_config_and_a_lone_template_is_refused
     from click.testing import CliRunner
 
     from blockllm.client.cli import cli
-    from blockllm.client.cli_common import CliError
-    from blockllm.client.cli_planner import planner_config
+    from blockllm.client.cli.common import CliError
+    from blockllm.client.cli.planner import planner_config
 
     cfg = planner_config({"max_spawn": 2, "spawn_hold_s": 5.0, "spawn_command": "a {n}",
                           "stop_command": "b {n}"})  # fmt: skip
