@@ -18,16 +18,13 @@ Result (stdout, --json):
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import click
-
-from blockllm.client.cli.common import CliError, echo_json, json_option
 
 PROMPT = "The history of the Roman Empire began when"
 
@@ -46,7 +43,7 @@ class PipelineBenchConfig:
 
 
 def _say(text: str) -> None:
-    click.echo(text, err=True)
+    print(text, file=sys.stderr, flush=True)  # progress: stderr, results: the caller's
 
 
 def _import(cfg: PipelineBenchConfig) -> str:
@@ -220,75 +217,3 @@ def _default_threads(workers: int) -> int:
     from blockllm.client.launcher import default_threads
 
     return default_threads(workers)
-
-
-def _streams(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected integers like 1,16") from None
-    if not values or values[0] < 1:
-        raise click.BadParameter(f"{text!r}: stream counts must be >= 1")
-    return values
-
-
-@click.command("pipeline")
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="HF checkpoint folder [default: SmolLM2 converted into "
-              "~/.cache/blockllm].")  # fmt: skip
-@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Zoo to import it into [default: ~/.cache/blockllm/bench-zoo].")  # fmt: skip
-@click.option("--streams", default="1,16", show_default=True, help="Concurrent streams.")
-@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
-@click.option(
-    "--threads",
-    type=click.IntRange(1),
-    default=None,
-    help="torch threads per worker [default: the cores split across workers].",
-)
-@click.option(
-    "--inprocess-threads",
-    type=click.IntRange(1),
-    default=None,
-    help="torch threads of the in-process engine [default: as many as each worker].",
-)
-@json_option
-def pipeline(
-    model_dir: Path | None,
-    zoo_dir: Path | None,
-    streams: str,
-    new_tokens: int,
-    workers: int,
-    threads: int | None,
-    inprocess_threads: int | None,
-    as_json: bool,
-) -> None:
-    """Generation tokens/s over broker + workers vs the engine in-process, 1 and N streams."""
-    if model_dir is None:
-        from blockllm.zoo.models import ModelBuildError, convert_smollm2
-
-        out = Path.home() / ".cache" / "blockllm" / "smollm2-float32"
-        try:
-            model_dir = convert_smollm2(out, dtype="float32", progress=_say)
-        except ModelBuildError as e:
-            raise CliError(f"cannot prepare SmolLM2 (pass --model-dir DIR instead): {e}") from e
-    cfg = PipelineBenchConfig(
-        model_dir=model_dir,
-        zoo_dir=zoo_dir or Path.home() / ".cache" / "blockllm" / "bench-zoo",
-        streams=_streams(streams),
-        new_tokens=new_tokens,
-        workers=workers,
-        threads_per_worker=threads,
-        inprocess_threads=inprocess_threads,
-    )
-    result = run_pipeline_bench(cfg)
-    if as_json:
-        echo_json(result)
-        return
-    for r in result["results"]:
-        click.echo(
-            f"{r['streams']:3d} streams: pipeline {r['pipeline_tok_s']:8.1f} tok/s, "
-            f"in-process {r['inprocess_tok_s']:8.1f} tok/s, ratio {r['ratio']:.2f}"
-        )
-    click.echo(f"concurrency speedup (pipeline): {result['concurrency_speedup']:.2f}x")

@@ -28,10 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from blockllm.client.cli.common import CliError, echo_json, json_option
-
 Say = Callable[[str], None]
 
 TOLERANCES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -351,97 +347,3 @@ def run_speculative_bench(cfg: SpeculativeConfig, say: Say) -> dict[str, Any]:
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "results": rows,
     }
-
-
-# -- the command (registered by client/cli_bench.py) ----------------------------------------
-
-
-def _floats(ctx: Any, param: Any, value: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: comma-separated numbers, e.g. 0,0.1,0.3") from None
-    if not values or min(values) < 0:
-        raise click.BadParameter(f"{value!r}: tolerances must be >= 0")
-    return values
-
-
-def _cuts(ctx: Any, param: Any, value: str) -> tuple[tuple[int, int, int], ...]:
-    cuts = []
-    for part in value.split(","):
-        bits = part.strip().split("-")
-        if len(bits) != 3 or not all(b.isdigit() for b in bits):
-            raise click.BadParameter(f"{part!r}: a cut is A-B-C (chain positions), e.g. 12-16-20")
-        a, b, c = (int(x) for x in bits)
-        cuts.append((a, b, c))
-    return tuple(cuts)
-
-
-def _say(text: str) -> None:
-    click.echo(f"[bench] {text}", err=True)
-
-
-@click.command("speculative")
-@click.option(
-    "--tolerances",
-    default=",".join(str(t) for t in TOLERANCES),
-    show_default=True,
-    callback=_floats,
-    help="Relative input distances ||real - predicted|| / ||real|| accepted.",
-)
-@click.option(
-    "--cuts",
-    default=",".join("-".join(str(x) for x in c) for c in CUTS),
-    show_default=True,
-    callback=_cuts,
-    help="A-B-C: stage k = chain positions [A, B), stage k+1 = [B, C) (0 = embed).",
-)
-@click.option("--prompts", type=click.IntRange(1, len(PROMPTS)), default=6, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(2), default=24, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads.")
-@click.option("--quick", is_flag=True, help="A tiny random Llama family instead of SmolLM2.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Family cache [default: ~/.cache/blockllm/bench].",
-)
-@json_option
-def speculative(
-    tolerances: tuple[float, ...],
-    cuts: tuple[tuple[int, int, int], ...],
-    prompts: int,
-    new_tokens: int,
-    threads: int | None,
-    quick: bool,
-    cache_dir: Path | None,
-    as_json: bool,
-) -> None:
-    """Speculative execution on SmolLM2 and a fine-tune: input distance between stage k+1's
-    real and predicted input, acceptance per tolerance, greedy agreement with exact serving,
-    decode latency saved (in-process stage engine)."""
-    cfg = SpeculativeConfig(tolerances, cuts, prompts, new_tokens, threads, cache_dir, quick)
-    try:
-        doc = run_speculative_bench(cfg, _say)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-    if as_json:
-        echo_json(doc)
-        return
-    load = doc["load_average"]
-    click.echo(
-        f"speculative execution: {', '.join(doc['models'])}, {doc['prompts']} prompts x"
-        f" {doc['new_tokens']} tokens, {doc['threads']} threads (load {load[0]} -> {load[1]})"
-    )
-    head = f"{'model':<16} {'cut':<9} {'dist p50':>8} {'tol':>5} {'accept':>6} {'agree':>6}"
-    click.echo(f"{head} {'prefix':>6} {'same':>4} {'saved ms':>8} {'saved %':>7} {'Δ accept':>8}")
-    for row in doc["results"]:
-        cut = "-".join(str(x) for x in row["cut"])
-        for t in row["tolerances"]:
-            click.echo(
-                f"{row['model']:<16} {cut:<9} {row['distance']['p50']:>8.3f} {t['tolerance']:>5}"
-                f" {t['acceptance']:>6.2f} {t['token_agreement']:>6.2f}"
-                f" {t['prefix_agreement']:>6.2f} {t['sequences_identical']:>4}"
-                f" {t['saved_ms_per_step']:>8.2f} {t['saved_pct_of_step']:>7.2f}"
-                f" {t['acceptance_delta_predictor']:>8.2f}"
-            )
