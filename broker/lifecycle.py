@@ -1,28 +1,108 @@
-"""systemd's readiness protocol (`Type=notify`), hand-written: one datagram to $NOTIFY_SOCKET.
+"""Process lifecycle, written once for every `blockllm` process (STYLE 7.8): parent death,
+stop signals, the drain, systemd notifications and the escalation that stops children.
 
-The protocol is a newline-separated list of `KEY=VALUE` states sent as one datagram to the
-AF_UNIX socket named by `NOTIFY_SOCKET` (a leading `@` names an abstract socket). Outside
-systemd the variable is unset and `notify` does nothing, so every process may call it freely:
+The child side (broker, planner, worker, a spawned worker):
+- `arm_parent_death(ppid)`: the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG on
+  Linux); a parent that died before it was armed is caught by re-checking `os.getppid()`
+  against the pid read before the child started;
+- `on_stop_signals(callback)`: SIGTERM/SIGINT only call back (set a flag, wake the loop); the
+  loop drains (`begin_drain`: STOPPING=1 to systemd, a deadline) and exits;
+- `set_process_name(name)` for `ps` and `top`.
+
+The parent side (the launcher, the planner's spawner): `stop_processes(procs, timeout)`
+terminates, waits until the deadline, then SIGKILLs each survivor's process tree
+(`kill_tree`); it takes `multiprocessing` processes and `subprocess.Popen`s alike, and each is
+reaped by its own handle, so its exit code stays known.
+
+systemd's readiness protocol (`Type=notify`), hand-written: `notify(*states)` sends one
+datagram of newline-separated `KEY=VALUE` states to the AF_UNIX socket named by
+`NOTIFY_SOCKET` (a leading `@` names an abstract socket). Outside systemd the variable is unset
+and `notify` does nothing, so every process may call it freely:
 
     notify("READY=1", "STATUS=serving 3 stages")   # after the process can serve
     notify("STOPPING=1")                            # when a drain begins
 
 With `WatchdogSec=` in the unit, systemd also sets WATCHDOG_USEC and restarts a process that
 stops sending `WATCHDOG=1` for that long (a hung event loop, not only a dead process):
-`Watchdog.kick()` from every turn of a loop sends it at half the interval.
-
-The variable is read here and not in `cli.py` because systemd sets it for the process itself,
-not for configuration. See sd_notify(3).
+`Watchdog.kick()` from every turn of a loop sends it at half the interval. These variables
+are read here and not in the CLI because systemd sets them for the process itself, not for
+configuration. See sd_notify(3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import psutil
 
 logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+Child = BaseProcess | subprocess.Popen
+
+
+# -- the child side -----------------------------------------------------------------------------
+
+
+def arm_parent_death(expected_ppid: int) -> None:
+    """Ask the kernel for SIGTERM when our parent dies (Linux), then close the race: if the
+    parent died before we armed, exit now (code 1). Call first thing in a child (also from a
+    Popen's preexec_fn: it only calls prctl and getppid)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm` and `top` show (Linux; at most 15 bytes)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def on_stop_signals(callback: Callable[[int], None]) -> dict[int, Any]:
+    """SIGTERM/SIGINT -> `callback(signum)`; the previous handlers (for `restore_signals`).
+
+    Main thread only: elsewhere nothing is installed ({}), the caller stops the loop itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        callback(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def begin_drain(what: str, running: int, timeout_s: float) -> float:
+    """A stop was asked for: log it, tell systemd STOPPING=1; the drain's monotonic deadline."""
+    logger.info("[shutdown] %s draining %d requests (up to %.1fs)", what, running, timeout_s)
+    notify("STOPPING=1", f"STATUS=draining {running} requests")
+    return time.monotonic() + timeout_s
+
+
+# -- systemd --------------------------------------------------------------------------------------
 
 
 def notify(*states: str) -> bool:
@@ -62,3 +142,55 @@ class Watchdog:
         if now >= self._next:
             self._next = now + self.interval_s
             notify("WATCHDOG=1")
+
+
+# -- the parent side: stopping children -----------------------------------------------------------
+
+
+def _alive(p: Child) -> bool:
+    if isinstance(p, subprocess.Popen):
+        return p.poll() is None
+    return p.pid is not None and p.exitcode is None
+
+
+def _reap(p: Child, timeout: float) -> None:
+    """Wait up to `timeout` s for `p` to exit, reaping it through its own handle."""
+    if isinstance(p, subprocess.Popen):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout)
+    else:
+        p.join(timeout)
+
+
+def kill_tree(p: Child) -> None:
+    """SIGKILL a child and every descendant; the child is reaped by its handle (exit code
+    kept), the descendants are waited for."""
+    try:
+        family = psutil.Process(p.pid).children(recursive=True)
+    except (psutil.NoSuchProcess, ValueError):
+        family = []
+    for q in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            q.kill()
+    with contextlib.suppress(ProcessLookupError):
+        p.kill()
+    _reap(p, 5.0)
+    psutil.wait_procs(family, timeout=5)
+
+
+def stop_processes(procs: Sequence[Child], timeout: float) -> None:
+    """Stop `procs`: SIGTERM all, wait until `timeout`, then SIGKILL each survivor's tree.
+
+    Module-level (weakref.finalize must not hold its owner alive); safe to call twice."""
+    alive = [p for p in procs if _alive(p)]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in alive:
+        _reap(p, max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        if _alive(p):
+            name = getattr(p, "name", "child")
+            logger.warning("[shutdown] %s (pid %s) ignored SIGTERM; killing it", name, p.pid)
+            kill_tree(p)

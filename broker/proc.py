@@ -18,9 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -33,7 +30,13 @@ from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.fetch import serve_fetch
-from blockllm.broker.lifecycle import Watchdog, notify
+from blockllm.broker.lifecycle import (
+    Watchdog,
+    arm_parent_death,
+    begin_drain,
+    notify,
+    on_stop_signals,
+)
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
     MAX_TENSOR_BYTES,
@@ -231,13 +234,9 @@ class BrokerProc:
         self._handshake_logged[reason] = (now, 0)
 
     def _begin_shutdown(self, now: float) -> float:
-        running = len(self.broker.requests)
-        logger.info(
-            "[shutdown] draining %d requests (up to %.1fs)", running, self.cfg.drain_timeout_s
-        )
-        notify("STOPPING=1", f"STATUS=draining {running} requests")
+        deadline = begin_drain("broker", len(self.broker.requests), self.cfg.drain_timeout_s)
         self._send(self.broker.begin_shutdown(now))
-        return now + self.cfg.drain_timeout_s
+        return deadline
 
     def _publish(self, now: float) -> None:
         """One STATS snapshot on the PUB socket; dropped, never queued, when nobody keeps up."""
@@ -333,19 +332,6 @@ class BrokerProc:
 # -- the process -------------------------------------------------------------------------------
 
 
-def _arm_parent_death(parent_pid: int | None) -> None:
-    """Linux: SIGTERM when the launcher dies; then make sure it had not died already."""
-    if parent_pid is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        raise SystemExit(f"broker: parent {parent_pid} exited before the broker started")
-
-
 def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
     """Tell the launcher the bound endpoint (see BrokerConfig)."""
     logger.info("[ready] broker listening on %s", endpoint)
@@ -360,17 +346,6 @@ def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
         cfg.ready_conn.close()
 
 
-def _install_signals(proc: BrokerProc) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may set handlers; the caller uses request_shutdown()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        proc.request_shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
 def run_broker_process(cfg: BrokerConfig) -> None:
     """Entry point (a spawned child or the `blockllm broker` command): serve until SIGTERM.
 
@@ -378,7 +353,8 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     with code 1. The launcher learns the endpoint through `cfg.ready_file` / `cfg.ready_conn`;
     if the broker fails before binding, `ready_conn` is closed without a message.
     """
-    _arm_parent_death(cfg.parent_pid)
+    if cfg.parent_pid is not None:
+        arm_parent_death(cfg.parent_pid)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=cfg.log_level,
@@ -387,7 +363,7 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     proc: BrokerProc | None = None
     try:
         proc = BrokerProc(cfg)
-        _install_signals(proc)
+        on_stop_signals(lambda _signum: proc.request_shutdown())
         endpoint = proc.bind()
         _report_ready(cfg, endpoint)
         proc.run()

@@ -32,9 +32,7 @@ import functools
 import logging
 import os
 import queue
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +40,13 @@ from typing import Any
 import torch
 
 from blockllm.broker import frames
-from blockllm.broker.lifecycle import Watchdog, notify
+from blockllm.broker.lifecycle import (
+    Watchdog,
+    begin_drain,
+    notify,
+    on_stop_signals,
+    restore_signals,
+)
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
     Dead,
@@ -172,10 +176,9 @@ class WorkerProc:
         while True:
             watchdog.kick()
             if self.stop_requested and deadline is None:
-                deadline = time.monotonic() + self.cfg.grace_s
-                queued = self.engine.queued()
-                logger.info("[shutdown] worker %s draining %d requests", self.name, queued)
-                notify("STOPPING=1", f"STATUS=draining {queued} requests")
+                deadline = begin_drain(
+                    f"worker {self.name}", self.engine.queued(), self.cfg.grace_s
+                )
             busy = self.engine.queued() > 0
             if deadline is not None and (not busy or time.monotonic() >= deadline):
                 break
@@ -470,23 +473,13 @@ class WorkerProc:
         return self.facts.current
 
 
-def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
-    """SIGTERM/SIGINT -> stop() (main thread only; elsewhere the caller owns signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda _signum, _frame: stop())
-    return previous
-
-
 def run_worker_process(cfg: WorkerProcConfig) -> int:
     """Entry point of one worker process: serve until SIGTERM/SIGINT; returns the exit code
     (0 after a graceful stop, 1 after a fatal error, which also sends DEAD)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     proc = WorkerProc(cfg)
-    previous = _install_stop_handlers(proc.request_stop)
+    previous = on_stop_signals(lambda _signum: proc.request_stop())
     try:
         proc.start()
         return proc.run()
@@ -496,5 +489,4 @@ def run_worker_process(cfg: WorkerProcConfig) -> int:
         return EXIT_FATAL
     finally:
         proc.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)

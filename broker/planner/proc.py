@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.lifecycle import Watchdog, notify
+from blockllm.broker.lifecycle import Watchdog, arm_parent_death, notify, on_stop_signals
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
@@ -270,25 +268,12 @@ class PlannerProc:
                 logger.debug("[planner] command %s: %s", msg.command_id, msg.message)
 
 
-def _install_signals(proc: PlannerProc) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        proc.request_shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
 def run_planner_process(cfg: PlannerConfig) -> int:
     """Entry point (a spawned child or `blockllm planner`): plan until SIGTERM/SIGINT.
 
     Returns 0 after a clean stop, 1 after a fatal error (logged)."""
     if cfg.parent_pid is not None:
-        from blockllm.broker.proc import _arm_parent_death
-
-        _arm_parent_death(cfg.parent_pid)
+        arm_parent_death(cfg.parent_pid)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=cfg.log_level,
@@ -297,7 +282,7 @@ def run_planner_process(cfg: PlannerConfig) -> int:
     proc: PlannerProc | None = None
     try:
         proc = PlannerProc(cfg)
-        _install_signals(proc)
+        on_stop_signals(lambda _signum: proc.request_shutdown())
         proc.start_metrics()
         stats = proc.connect_stats()
         notify("READY=1", f"STATUS=planning: commands to {cfg.broker}, stats from {stats}")

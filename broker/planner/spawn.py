@@ -42,8 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import psutil
-
+from blockllm.broker.lifecycle import arm_parent_death, kill_tree, stop_processes
 from blockllm.broker.planner.config import PlannerConfig
 
 if TYPE_CHECKING:
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 N = TypeVar("N")
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +274,7 @@ class Spawner:
             self.worker_argv(name),
             stdin=subprocess.DEVNULL,
             stdout=2,  # its output is log lines: never on serve's stdout (the announcement)
-            preexec_fn=lambda: _arm_parent_death(parent),
+            preexec_fn=lambda: arm_parent_death(parent),
             env={**os.environ, "BLOCKLLM_LOG_LEVEL": self.cfg.log_level},
         )
         self.children[name] = proc
@@ -309,7 +307,7 @@ class Spawner:
                 out.append((name, code))
             elif time.monotonic() >= self._kill_at.get(name, math.inf):
                 logger.warning("[planner] worker %s ignored SIGTERM; killing it", name)
-                _kill_tree(proc)
+                kill_tree(proc)
         for item in list(self.commands):
             code = item[1].poll()
             if code is not None:
@@ -324,7 +322,7 @@ class Spawner:
         templates: the stop template, each waited for (bounded)."""
         for name, n in list(self.started.items()):
             self.stop(name, n)
-        shutdown_children(list(self.children.values()), self.cfg.spawn_stop_s)
+        stop_processes(list(self.children.values()), self.cfg.spawn_stop_s)
         self.children.clear()
         deadline = time.monotonic() + self.cfg.spawn_stop_s
         for _name, proc in self.commands:
@@ -334,46 +332,3 @@ class Spawner:
                 proc.kill()
                 proc.wait()
         self.commands.clear()
-
-
-def shutdown_children(procs: Sequence[subprocess.Popen], timeout: float) -> None:
-    """SIGTERM all, wait until `timeout`, then SIGKILL each survivor's process tree."""
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.poll() is None:
-            logger.warning("[shutdown] spawned worker (pid %d) ignored SIGTERM; killing it", p.pid)
-            _kill_tree(p)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a child and its descendants; the child is reaped by its Popen (exit code kept)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-    psutil.wait_procs(family, timeout=5)
-
-
-def _arm_parent_death(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the planner dies; exit if it already has."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() != parent:
-        os._exit(1)

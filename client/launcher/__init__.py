@@ -5,11 +5,13 @@ from blockllm.client.launcher.launcher import (
     BROKER_TARGET,
     PLANNER_TARGET,
     WORKER_TARGET,
-    ComputeWeighted,
     Death,
-    Interrupted,
     Launcher,
     LaunchError,
+)
+from blockllm.client.launcher.serve import (
+    ComputeWeighted,
+    Interrupted,
     ServeConfig,
     Serving,
     default_threads,

@@ -11,20 +11,21 @@ STYLE 7.8, in order:
    both waits are bounded and fail with an actionable message, and a child that dies while we
    wait is reported at once;
 4. a monitor thread watches the children's sentinels and reports any that exits unexpectedly;
-5. cleanup is the module-level `shutdown(procs, timeout)` (terminate -> join until the deadline
-   -> kill the process tree with psutil), registered with `weakref.finalize` on the
-   `Launcher`; teardown order is workers first, then the broker.
-Steps 2 and 5 live in client/children.py (re-exported here).
+5. cleanup is the module-level `stop_processes(procs, timeout)` (terminate -> join until the
+   deadline -> kill the process tree with psutil), registered with `weakref.finalize` on the
+   `Launcher`; teardown order is the planner, the workers, then the broker.
+Steps 2 and 5 are broker/lifecycle.py's, shared by every process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
+import sys
 import threading
 import time
 import weakref
@@ -33,10 +34,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from blockllm.client.children import _child_main, _shutdown_groups, shutdown
-from blockllm.client.children import arm_parent_death as arm_parent_death  # re-exported
-from blockllm.client.children import kill_tree as kill_tree  # re-exported
-from blockllm.client.children import set_process_name as set_process_name  # re-exported
+from blockllm.broker.lifecycle import arm_parent_death, set_process_name, stop_processes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +42,30 @@ SPAWN = multiprocessing.get_context("spawn")
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
 PLANNER_TARGET = "blockllm.broker.planner.proc:run_planner_process"
+
+
+def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: str) -> None:
+    """Entry point of every spawned child: arm, name, log, then run `target(cfg)`."""
+    arm_parent_death(parent_pid)
+    os.setpgid(0, 0)  # own process group: terminal signals go to the launcher only
+    set_process_name(f"blockllm-{name}")
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    module, _, func = target.partition(":")
+    run = getattr(importlib.import_module(module), func)
+    sys.exit(int(run(cfg) or 0))
+
+
+def _stop_groups(
+    groups: Sequence[Sequence[BaseProcess]], timeout: float, stopping: threading.Event
+) -> None:
+    """weakref.finalize of a Launcher never stopped: its children, group by group."""
+    stopping.set()  # the monitor reports no deaths from here on
+    for group in groups:
+        stop_processes(group, timeout)
 
 
 class LaunchError(RuntimeError):
@@ -100,9 +122,7 @@ class Launcher:
         self._monitor: threading.Thread | None = None
         # The planner, workers, then the broker: the lists are filled as children start.
         groups = [self._planners, self._workers, self._brokers]
-        self._finalizer = weakref.finalize(
-            self, _shutdown_groups, groups, stop_timeout, self._stopping
-        )
+        self._finalizer = weakref.finalize(self, _stop_groups, groups, stop_timeout, self._stopping)
 
     def __enter__(self) -> Launcher:
         return self
@@ -275,13 +295,13 @@ class Launcher:
         self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        if self._monitor is not None:  # before shutdown(): it polls the children itself
+        if self._monitor is not None:  # before stop_processes(): it polls the children itself
             self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
         logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
-        shutdown(self._planners, t)  # first: it must not react to the workers leaving
-        shutdown(self._workers, t)
-        shutdown(self._brokers, t)
+        stop_processes(self._planners, t)  # first: it must not react to the workers leaving
+        stop_processes(self._workers, t)
+        stop_processes(self._brokers, t)
         self._finalizer.detach()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -291,7 +311,7 @@ class Launcher:
         """Stop the planner processes alone (SIGTERM -> join -> kill; the workers it spawned
         go with it), an expected exit; their exit codes."""
         self._expected.update(id(p) for p in self._planners)
-        shutdown(self._planners, self.stop_timeout if timeout is None else timeout)
+        stop_processes(self._planners, self.stop_timeout if timeout is None else timeout)
         return [self.exitcode(p) for p in self._planners]
 
     def kill_planner(self, sig: int) -> None:
@@ -307,178 +327,3 @@ class Launcher:
         self._expected.add(id(p))
         assert p.pid is not None
         os.kill(p.pid, sig)
-
-
-# -- blockllm serve ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    """One machine's cluster: a broker and `workers` workers over the zoo at `zoo_dir`.
-
-    `broker` (a BrokerConfig) and `worker` (a WorkerProcConfig) are templates: the launcher
-    fills in the endpoint, each worker's name, stages and thread count.
-    """
-
-    zoo_dir: str
-    broker: Any
-    worker: Any
-    workers: int = 2
-    models: tuple[str, ...] = ()  # () = every model in the zoo
-    threads: int | None = None  # per worker; None = the usable cores split across workers
-    ready_timeout_s: float = 120.0
-    log_level: str = "WARNING"
-    planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
-
-
-@dataclass(frozen=True, slots=True)
-class Serving:
-    """What `run_serve` announces once everything is ready."""
-
-    endpoint: str
-    models: tuple[str, ...]
-    workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived while the cluster was still starting."""
-
-
-def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
-    """(models served, stages of each worker) by static placement over the zoo's manifests."""
-    from blockllm.broker.routing import static_placement
-    from blockllm.worker.config import StageSpec
-    from blockllm.zoo import Zoo
-
-    zoo = Zoo(cfg.zoo_dir)
-    known = zoo.list_models()
-    models = cfg.models or tuple(known)
-    unknown = [m for m in models if m not in known]
-    if not models or unknown:
-        have = ", ".join(known) or "none"
-        what = f"unknown models {', '.join(unknown)}" if unknown else "no models"
-        raise LaunchError(
-            f"{what} in zoo {cfg.zoo_dir} (it has: {have}); import one with "
-            "`blockllm zoo import PATH --name NAME`"
-        )
-    plan = static_placement([ComputeWeighted(zoo.manifest(m)) for m in models], cfg.workers)
-    return tuple(models), [tuple(StageSpec(*s) for s in stages) for stages in plan]
-
-
-class ComputeWeighted:
-    """A manifest whose `block_bytes` estimate each position's compute per token, so that
-    `static_placement` (which balances `block_bytes`) balances the pipeline's step times.
-
-    Stored bytes mislead at both ends of a chain: the embedding is a lookup (a big block,
-    almost no compute), while the head's lm_head matmul costs vocab x hidden multiply-adds
-    per token even when it is tied (a tiny stored block). Decoder layers cost their weights.
-    """
-
-    def __init__(self, manifest: Any) -> None:
-        self._m = manifest
-        self.name = manifest.name
-        self.chain = manifest.chain
-        self.fingerprint = manifest.fingerprint
-
-    @property
-    def block_bytes(self) -> tuple[int, ...]:
-        stored = tuple(self._m.block_bytes)
-        if len(stored) != len(self.chain):
-            return stored  # sizes unknown: placement balances by block count
-        cfg = self._m.config
-        itemsize = 2 if self._m.dtype in ("bfloat16", "float16") else 4
-        lm_head = int(cfg.get("vocab_size", 0)) * int(cfg.get("hidden_size", 0)) * itemsize
-        embed = max(1, int(cfg.get("hidden_size", 0)) * itemsize)  # one row read per token
-        return (embed, *stored[1:-1], stored[-1] + (lm_head if self._m.tie_word_embeddings else 0))
-
-
-def default_threads(workers: int) -> int:
-    """torch threads per worker: the usable cores split evenly (at least one each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
-
-
-def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
-    """The `blockllm worker` flags of a worker the planner spawns (broker/spawn.py): those of
-    serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
-    args = ["--device", wcfg.device, "--kv-budget", str(wcfg.kv_budget_bytes)]
-    args += ["--max-batch-size", str(wcfg.max_batch_size), "--threads", str(threads)]
-    args += ["--max-batch-tokens", str(wcfg.max_batch_tokens)]
-    args += ["--heartbeat-interval", str(wcfg.heartbeat_interval_s), "--grace", str(wcfg.grace_s)]
-    if wcfg.memory_budget_bytes:
-        args += ["--memory-budget", str(wcfg.memory_budget_bytes)]
-    return tuple(args)
-
-
-def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
-    """Start the cluster, call `announce` once it is ready, run until SIGINT/SIGTERM (-> 0)
-    or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
-    130 when interrupted while starting. Main thread only (signal handlers)."""
-    models, plan = plan_workers(cfg)
-    wake_r, wake_w = os.pipe()
-    state = {"serving": False, "stop": False}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        state["stop"] = True
-        with contextlib.suppress(OSError):
-            os.write(wake_w, b"s")
-        if not state["serving"]:
-            raise Interrupted(signal.Signals(signum).name)
-
-    def on_death(_death: Death) -> None:
-        with contextlib.suppress(OSError):
-            os.write(wake_w, b"d")
-
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
-    launcher = Launcher(log_level=cfg.log_level, on_death=on_death)
-    try:
-        serving = _start_cluster(launcher, cfg, models, plan)
-        state["serving"] = True
-        if state["stop"]:
-            return 0
-        announce(serving)
-        while not state["stop"] and not launcher.deaths:
-            multiprocessing.connection.wait([wake_r])
-            os.read(wake_r, 64)
-        if launcher.deaths:
-            logger.error("[shutdown] stopping: %s", "; ".join(map(str, launcher.deaths)))
-            return 1
-        logger.info("[shutdown] signal received; stopping")
-        return 0
-    except Interrupted as e:
-        logger.warning("[shutdown] %s while starting; stopping", e)
-        return 130
-    finally:
-        state["serving"] = True  # no Interrupted from here on: the teardown must finish
-        launcher.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        os.close(wake_r)
-        os.close(wake_w)
-
-
-def _start_cluster(
-    launcher: Launcher, cfg: ServeConfig, models: tuple[str, ...], plan: list[tuple[Any, ...]]
-) -> Serving:
-    endpoint = launcher.start_broker(cfg.broker, cfg.ready_timeout_s)
-    threads = cfg.threads or default_threads(sum(1 for p in plan if p))
-    describe: dict[str, str] = {}
-    for i, stages in enumerate(plan):
-        if not stages:
-            continue  # more workers than chain positions
-        name = f"worker-{i}"
-        wcfg = replace(cfg.worker, broker=endpoint, name=name, stages=stages, threads=threads)
-        launcher.start_worker(name, wcfg)
-        describe[name] = "stages " + ", ".join(map(str, stages))
-    launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
-    if cfg.planner is not None:  # it refines the static placement from the live stats
-        spare = spare_worker_args(cfg.worker, threads)
-        launcher.start_planner(
-            replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir, spawn_worker_args=spare)
-        )
-    workers = tuple(
-        (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
-        for name, p in launcher.workers.items()
-    )
-    return Serving(endpoint, models, workers)

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from blockllm.broker.lifecycle import stop_processes
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
-from blockllm.broker.planner.spawn import SpawnAction, Spawner, shutdown_children
+from blockllm.broker.planner.spawn import SpawnAction, Spawner
 from blockllm.broker.protocol import LoadStage
 from tests.unit.test_planner import MANIFESTS, MB, cfg, snapshot
 
@@ -178,7 +179,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout() -> None:
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None and child.stdout.readline() == b"1\n"  # handler installed
-    shutdown_children([child], timeout=0.5)
+    stop_processes([child], timeout=0.5)
     assert child.returncode == -9
 
 
