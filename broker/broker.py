@@ -50,18 +50,13 @@ from blockllm.broker.requests import RequestError, RequestState, split_wire_id, 
 from blockllm.broker.stats import Metrics, stats_body
 from blockllm.broker.text import IncrementalDetokenizer
 from blockllm.broker.workers import WorkerState
+from blockllm.zoo.chain import stage_key as zoo_stage_key
 
 logger = logging.getLogger(__name__)
 
 StageKeyFn = Callable[[Any, int, int], str]
 REPLAY_CODES = frozenset({"KV_MISS", "CACHE_FULL", "QUEUE_FULL", "UNKNOWN_STAGE", "WORKER_LOST"})
 BAN_CODES = frozenset({"CACHE_FULL", "QUEUE_FULL"})
-
-
-def _default_stage_key() -> StageKeyFn:
-    from blockllm.worker.items import stage_key
-
-    return stage_key
 
 
 class ChainView:
@@ -93,7 +88,7 @@ class Broker(Commands, Hedging, Migrating, RequestFlow):
     ) -> None:
         self.cfg = cfg
         self._catalog = catalog
-        self._stage_key = stage_key or _default_stage_key()
+        self._stage_key = stage_key or zoo_stage_key
         self.models: dict[str, ModelSpec] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.requests: dict[str, RequestState] = {}

@@ -36,10 +36,10 @@ from blockllm.worker.items import (
     WorkItem,
     WorkResult,
     check_span,
-    stage_key,
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
 from blockllm.worker.sampling import GREEDY, sample
+from blockllm.zoo.chain import stage_blocks, stage_key
 
 __all__ = [
     "ErrorCode",
@@ -128,12 +128,9 @@ class Worker:
         meanwhile is simply read again by `load_stage`). Raises BadRequest, ZooError."""
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
-        ids = list(m.chain[start:end])
-        if end == len(m.chain) and m.tie_word_embeddings:
-            ids.append(m.chain[0])
         return {
             bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
-            for bid in dict.fromkeys(ids)
+            for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }
 

@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from blockllm.zoo.chain import stage_blocks as chain_blocks
+
 Key = tuple[str, str]  # (worker name, stage key)
 Stage = tuple[str, int, int]  # (model to load it from, start, end)
 
@@ -22,13 +24,7 @@ Stage = tuple[str, int, int]  # (model to load it from, start, end)
 def stage_blocks(manifests: Mapping[str, Any], model: str, start: int, end: int) -> set[str]:
     """Block ids a stage holds: its positions' blocks, and the embedding under a tied head."""
     m = manifests.get(model)
-    if m is None:
-        return set()
-    chain = tuple(m.chain)
-    blocks = set(chain[start:end])
-    if end == len(chain) and m.tie_word_embeddings:
-        blocks.add(chain[0])
-    return blocks
+    return set() if m is None else set(chain_blocks(m, start, end))
 
 
 def block_sizes(manifests: Mapping[str, Any]) -> dict[str, int]:

@@ -52,6 +52,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.routing import WorkerView, find_route
+from blockllm.zoo.chain import stage_blocks, stage_key
 
 logger = logging.getLogger(__name__)
 
@@ -341,15 +342,10 @@ class Planner:
         for s in w.stages.values():
             m = self.manifests.get(s.model)
             if m is not None:
-                chain = tuple(m.chain)
-                blocks.update(chain[s.start : s.end])
-                if s.end == len(chain) and m.tie_word_embeddings:
-                    blocks.add(chain[0])
+                blocks.update(stage_blocks(m, s.start, s.end))
         return blocks
 
     def _key(self, model: str, start: int, end: int) -> str | None:
-        from blockllm.worker.items import stage_key
-
         m = self.manifests.get(model)
         try:
             return None if m is None else stage_key(m, start, end)

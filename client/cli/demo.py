@@ -148,8 +148,8 @@ def _show_zoo(family: Any) -> None:
 
 
 def _show_cluster(family: Any, status: dict[str, Any]) -> None:
-    from blockllm.worker.items import stage_key
     from blockllm.zoo import Zoo
+    from blockllm.zoo.chain import stage_key
 
     zoo = Zoo(family.zoo_dir)
     manifests = [zoo.manifest(n) for n in family.names]

@@ -28,8 +28,8 @@ from blockllm.broker.protocol import (
     Result,
 )
 from blockllm.client.launcher import Launcher
-from blockllm.worker.items import stage_key
 from blockllm.zoo import Zoo
+from blockllm.zoo.chain import stage_key
 from tests.integration.cluster import (
     SLOW_BEAT,
     FakeBroker,

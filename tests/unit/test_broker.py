@@ -33,8 +33,8 @@ from blockllm.broker.protocol import (
     TensorMeta,
     Token,
 )
-from blockllm.worker.items import stage_key
 from blockllm.zoo import ModelManifest
+from blockllm.zoo.chain import stage_key
 
 LAYERS = 4
 CHAIN = LAYERS + 2

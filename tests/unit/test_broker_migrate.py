@@ -17,7 +17,7 @@ from blockllm.broker.protocol import (
     Token,
 )
 from blockllm.broker.routing import Hop
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 from tests.unit.test_broker import BASE, W0, W1, W2, Harness, ids_of, of, only
 from tests.unit.test_broker_commands import PLANNER, ack, route, two_full
 

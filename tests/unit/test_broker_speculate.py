@@ -8,7 +8,7 @@ import pytest
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import Forward, Result, Speculate, TensorMeta, Token
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 from tests.unit.test_broker import BASE, HIDDEN, W0, W1, W2, Harness, Out, of, only
 
 

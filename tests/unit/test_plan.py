@@ -18,7 +18,7 @@ from blockllm.broker.planner.placement import (
 )
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, StageRef
 from blockllm.broker.routing import WorkerView, find_route
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 
 L = 6  # decoder layers: chain positions 0..7
 MB = 1 << 20

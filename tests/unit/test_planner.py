@@ -10,7 +10,7 @@ import pytest
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 
 L = 4  # decoder layers; chain positions 0..5
 MB = 1 << 20
