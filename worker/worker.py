@@ -328,7 +328,7 @@ class Worker:
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
 
-    # -- KV migration (worker/proc_kv.py; the broker's broker/migrate.py) ---------------------
+    # -- KV migration (WorkerProc._handle_kv_*; the broker's broker/migrate.py) --------------
     def export_kv(
         self, request_id: str, key: str, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
