@@ -1,5 +1,6 @@
-"""Pieces shared by the sync and asyncio clients: result types, request validation, the pure
-reply demultiplexer (`Demux`, no sockets), key loading and the DEALER socket set-up."""
+"""Pieces shared by the sync and asyncio clients: the pure reply demultiplexer (`Demux`, no
+sockets), the wait budget of a request, `wait_ready`'s poll, key loading and the DEALER socket
+set-up. Requests and their results are built in `request.py`."""
 
 from __future__ import annotations
 
@@ -16,17 +17,9 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import (
-    Error,
-    Generate,
-    ProtocolError,
-    Status,
-    StatusRequest,
-    Token,
-)
+from blockllm.broker.protocol import Error, Generate, ProtocolError, Status, StatusRequest, Token
 from blockllm.broker.sockets import CurveKeys, make_socket
 from blockllm.client.errors import (
-    BadRequest,
     BlockLLMError,
     BrokerUnavailable,
     ConnectionFailed,
@@ -35,6 +28,7 @@ from blockllm.client.errors import (
     UnknownModel,
     error_from,
 )
+from blockllm.client.request import new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,82 +42,6 @@ MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token: `text` is the new text it completes ("" while a multi-byte
-    character is pending); `finish_reason` is None until the last event ("stop"/"length")."""
-
-    token_id: int
-    text: str
-    index: int
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """A finished generation: generated ids, their text, "stop" or "length"."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    prompt_tokens: int | None = None
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def build_generate(
-    model: str,
-    prompt: str | None,
-    input_ids: Sequence[int] | None,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
-    timeout: float | None,
-) -> Generate:
-    """A validated GENERATE message; raises BadRequest locally for bad arguments."""
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model must be a non-empty string")
-    if (prompt is None) == (input_ids is None):
-        raise BadRequest("give exactly one of prompt= or input_ids=")
-    if prompt is not None and not isinstance(prompt, str):
-        raise BadRequest(f"prompt must be a str, got {type(prompt).__name__}")
-    ids: tuple[int, ...] | None = None
-    if input_ids is not None:
-        ids = tuple(input_ids)
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise BadRequest("input_ids must be a non-empty sequence of ints")
-        if min(ids) < 0:
-            raise BadRequest("input_ids must be >= 0")
-    checks = (
-        (isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-        (temperature >= 0.0, "temperature must be >= 0"),
-        (isinstance(top_k, int) and top_k >= 0, "top_k must be an int >= 0"),
-        (0.0 < top_p <= 1.0, "top_p must be in (0, 1]"),
-        (isinstance(seed, int), "seed must be an int"),
-        (timeout is None or timeout > 0, "timeout must be > 0 seconds (or None)"),
-    )
-    for ok, what in checks:
-        if not ok:
-            raise BadRequest(what)
-    return Generate(
-        request_id=new_request_id(),
-        model=model,
-        prompt=prompt,
-        input_ids=ids,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=float(top_p),
-        seed=seed,
-        timeout_s=float(timeout or 0.0),
-    )
 
 
 def load_client_keys(keys_dir: str | os.PathLike[str]) -> CurveKeys:
@@ -431,36 +349,4 @@ def require_covered(status: dict[str, Any], models: Sequence[str] | None) -> lis
     return [m for m in names if not (isinstance(known[m], dict) and known[m].get("covered"))]
 
 
-def to_event(t: Token) -> TokenEvent:
-    return TokenEvent(t.token_id, t.text, t.index, t.finish_reason)
-
-
-@dataclass
-class Accumulator:
-    """Builds a Completion from TOKEN messages (sync and async clients)."""
-
-    ids: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    finish_reason: str = ""
-    prompt_tokens: int | None = None
-
-    def add(self, t: Token) -> None:
-        self.ids.append(t.token_id)
-        self.texts.append(t.text)
-        self.finish_reason = t.finish_reason or self.finish_reason
-        if t.prompt_tokens:
-            self.prompt_tokens = t.prompt_tokens
-
-    def completion(self) -> Completion:
-        return Completion(self.ids, "".join(self.texts), self.finish_reason, self.prompt_tokens)
-
-
-__all__ = [
-    "Accumulator",
-    "Completion",
-    "Demux",
-    "ReadyPoll",
-    "TokenEvent",
-    "build_generate",
-    "wait_budget",
-]
+__all__ = ["Demux", "ReadyPoll", "wait_budget"]

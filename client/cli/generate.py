@@ -24,6 +24,7 @@ from blockllm.client.errors import (
     Timeout,
     UnknownModel,
 )
+from blockllm.client.request import GenerateParams
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 EXIT_FAILED = 1
@@ -139,17 +140,8 @@ def generate(
     finish_reason = ""
     try:
         with cli_errors(), Client(broker, keys_dir=keys_dir) as client:
-            events = client.stream(
-                model,
-                prompt=prompt,
-                input_ids=input_ids,
-                max_new_tokens=max_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                timeout=timeout,
-            )
+            params = GenerateParams(max_tokens, temperature, top_k, top_p, seed, timeout)
+            events = client.stream(model, prompt=prompt, input_ids=input_ids, params=params)
             for ev in events:
                 ids.append(ev.token_id)
                 texts.append(ev.text)

@@ -199,7 +199,7 @@ def reload(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) ->
     placed them; removed ones stop being accepted (running requests finish)."""
     from blockllm.broker.planner.proc import send_command
     from blockllm.broker.protocol import Reload
-    from blockllm.client.demux import new_request_id
+    from blockllm.client.request import new_request_id
 
     try:
         ack = send_command(broker, Reload(new_request_id()), timeout, str(keys_dir or "") or None)
