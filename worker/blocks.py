@@ -76,18 +76,6 @@ def resolve_family(model_type: str, config: dict[str, Any]) -> Family:
     )
 
 
-def sliding_windows(family: Family) -> set[int | None]:
-    """The attention windows the family's layers use (None = full attention)."""
-    cfg = family.config
-    window = getattr(cfg, "sliding_window", None)
-    if window is None:
-        return {None}
-    if family.model_type == "qwen2":
-        types = getattr(cfg, "layer_types", None) or []
-        return {window if t == "sliding_attention" else None for t in types} or {None}
-    return {window}
-
-
 Loader = Callable[[str], dict[str, torch.Tensor]]
 
 

@@ -157,12 +157,6 @@ class Speculation:
                 results.append(r)
         return results
 
-    def take_ready(self) -> list[WorkResult]:
-        """The accepted results `step()` would return first (a caller that answers them at
-        once, without waiting for a step)."""
-        ready, self._ready = self._ready, []
-        return ready
-
     def release(self, request_id: str) -> None:
         """Forget a request (with `Worker.release`)."""
         self._kept.pop(request_id, None)
