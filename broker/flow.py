@@ -165,8 +165,19 @@ class RequestFlow:
             return []
         nxt = route[j + 1]
         self.state.counters["speculated"] += 1
-        msg = Speculate(req.wire_id, req.step, nxt.stage_keys, req.past_len, req.max_total_len,
-                        tol, req.temperature, req.top_k, req.top_p, req.seed, tensors)  # fmt: skip
+        msg = Speculate(
+            req.wire_id,
+            req.step,
+            nxt.stage_keys,
+            req.past_len,
+            req.max_total_len,
+            tol,
+            req.temperature,
+            req.top_k,
+            req.top_p,
+            req.seed,
+            tensors,
+        )
         return [Out(nxt.worker, msg, tuple(frames))]
 
     def start_step(self, req: RequestState, now: float) -> Out:
@@ -236,8 +247,12 @@ class RequestFlow:
         out = self.release(req)
         req.prefill = True
         self.state.counters["moved"] += 1
-        logger.info("[rewire] request %s (%s) moves after %d tokens", req.client_rid, req.rid,
-                    len(req.generated))  # fmt: skip
+        logger.info(
+            "[rewire] request %s (%s) moves after %d tokens",
+            req.client_rid,
+            req.rid,
+            len(req.generated),
+        )
         self.state.waiting.appendleft(req.rid)
         return out
 

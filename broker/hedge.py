@@ -68,8 +68,13 @@ class Hedging:
         meta, frame = token_frame([*req.prompt, *req.generated])
         self.state.counters["hedges"] += 1
         late_name = self.state.workers[late].name if late in self.state.workers else "?"  # type: ignore[index]
-        logger.info("[hedge] request %s step %d late on %s: re-sent as %s", req.client_rid,
-                    req.step, late_name, wire)  # fmt: skip
+        logger.info(
+            "[hedge] request %s step %d late on %s: re-sent as %s",
+            req.client_rid,
+            req.step,
+            late_name,
+            wire,
+        )
         fwd = self.flow.forward(req, route[0], (meta,), wire=wire, past_len=0)
         return [Out(route[0].worker, fwd, (frame,))]  # type: ignore[arg-type]
 

@@ -141,8 +141,13 @@ class Migration:
             t = Transfer(next(self._tids), key, src, dst)
             mig.transfers[t.transfer_id] = t
             out.append(Out(src, KvExport(t.transfer_id, req.wire_id, key, mig.length)))
-        logger.info("[migrate] request %s (%s): %d stages after %d tokens", req.client_rid,
-                    req.rid, len(moves), len(req.generated))  # fmt: skip
+        logger.info(
+            "[migrate] request %s (%s): %d stages after %d tokens",
+            req.client_rid,
+            req.rid,
+            len(moves),
+            len(req.generated),
+        )
         if not moves:  # only stages without KV change workers
             return out + self._migrated(req, now)
         return out
@@ -197,8 +202,14 @@ class Migration:
             return self._migration_failed(req, f"bad KV_SHARD from {self._name(peer)}")
         t.state = "import"
         mig.nbytes += shard_nbytes(msg.tensors)
-        fwd = KvShard(t.transfer_id, msg.request_id, t.stage_key, mig.length, req.max_total_len,
-                      tuple(msg.tensors))  # fmt: skip
+        fwd = KvShard(
+            t.transfer_id,
+            msg.request_id,
+            t.stage_key,
+            mig.length,
+            req.max_total_len,
+            tuple(msg.tensors),
+        )
         return [Out(t.dst, fwd, tuple(frames))]
 
     def _handle_kv_ack(
@@ -233,8 +244,13 @@ class Migration:
         self.state.counters["migrations"] += 1
         self.state.counters["moved"] += 1
         self.state.counters["migrated_bytes"] += mig.nbytes
-        logger.info("[migrate] request %s (%s): %d bytes in %.1f ms", req.client_rid, req.rid,
-                    mig.nbytes, (now - mig.started) * 1000)  # fmt: skip
+        logger.info(
+            "[migrate] request %s (%s): %d bytes in %.1f ms",
+            req.client_rid,
+            req.rid,
+            mig.nbytes,
+            (now - mig.started) * 1000,
+        )
         return [*out, self.flow.start_step(req, now)]
 
     def _migration_failed(self, req: RequestState, why: str) -> list[Out]:

@@ -131,8 +131,9 @@ class SpawnPolicy:
                 self._stop(s, "left the broker")
                 del self.spawned[s.name]
             elif now - s.since >= self.cfg.spawn_timeout_s:
-                logger.warning("[planner] spawned worker %s not registered after %.0f s",
-                               s.name, now - s.since)  # fmt: skip
+                logger.warning(
+                    "[planner] spawned worker %s not registered after %.0f s", s.name, now - s.since
+                )
                 self._stop(s, "not registered in time")
                 del self.spawned[s.name]
                 self.failed += 1
@@ -205,8 +206,11 @@ class SpawnPolicy:
             if s.idle_since is None:
                 s.idle_since = now
             if now - s.idle_since >= self.cfg.spawn_hold_s:
-                logger.info("[planner] retiring spawned worker %s: unneeded for %.0f s",
-                            s.name, now - s.idle_since)  # fmt: skip
+                logger.info(
+                    "[planner] retiring spawned worker %s: unneeded for %.0f s",
+                    s.name,
+                    now - s.idle_since,
+                )
                 self._stop(s, "unneeded")
                 self.retired += 1
 
@@ -313,8 +317,12 @@ class Spawner:
             if code is not None:
                 self.commands.remove(item)
                 if code != 0:
-                    logger.error("[planner] %s for worker %s exited %d",
-                                 shlex.join(item[1].args), item[0], code)  # fmt: skip
+                    logger.error(
+                        "[planner] %s for worker %s exited %d",
+                        shlex.join(item[1].args),
+                        item[0],
+                        code,
+                    )
         return out
 
     def close(self) -> None:

@@ -214,8 +214,12 @@ class Duplicates:
         if not missing and not dup.routed:
             dup.routed = True
             move = self.slowness.get(dup.slow, 0.0) >= self.cfg.dup_move_factor
-            logger.info("[planner] duplicate of %s on %s serving (running requests %s)",
-                        dup.slow, dup.helper, "move" if move else "stay")  # fmt: skip
+            logger.info(
+                "[planner] duplicate of %s on %s serving (running requests %s)",
+                dup.slow,
+                dup.helper,
+                "move" if move else "stay",
+            )
             out.append(SetRoutes(planner.command_id(), planner.routes(), move))
         return out
 
@@ -229,8 +233,9 @@ class Duplicates:
     ) -> bool:
         if not workers[dup.slow].stages and now - dup.since >= self.hold_s(dup.slow):
             # a re-placement left it nothing to show its health with: give it another chance
-            logger.info("[planner] straggler %s set aside %.0f s: retrying it", dup.slow,
-                        now - dup.since)  # fmt: skip
+            logger.info(
+                "[planner] straggler %s set aside %.0f s: retrying it", dup.slow, now - dup.since
+            )
             del self.active[dup.slow]
             self.retried.add(dup.slow)
             return True

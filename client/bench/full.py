@@ -35,8 +35,20 @@ logger = logging.getLogger(__name__)
 Say = Callable[[str], None]
 TOLERANCES = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 # modules whose docstrings neither the fine-tunes (zoo.tiny.local_corpus) nor calibration use
-HELDOUT_MODULES = ("zipfile", "tarfile", "decimal", "fractions", "statistics", "difflib",
-                   "calendar", "shutil", "tempfile", "queue", "sched", "shlex")  # fmt: skip
+HELDOUT_MODULES = (
+    "zipfile",
+    "tarfile",
+    "decimal",
+    "fractions",
+    "statistics",
+    "difflib",
+    "calendar",
+    "shutil",
+    "tempfile",
+    "queue",
+    "sched",
+    "shlex",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +263,9 @@ def plot_curve(doc: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("resident memory saved (MiB)")
     ax.set_ylabel("agreement with exact serving")
     ax2 = ax.twinx()
-    ax2.plot(xs, [r["perplexity"] for r in doc["curve"]], "s--", color="tab:red",
-             label="perplexity")  # fmt: skip
+    ax2.plot(
+        xs, [r["perplexity"] for r in doc["curve"]], "s--", color="tab:red", label="perplexity"
+    )
     ax2.set_ylabel("held-out perplexity")
     for r, x in zip(doc["curve"], xs, strict=True):
         ax.annotate(f"{r['tolerance']:g}", (x, r["agreement"]), fontsize=7)

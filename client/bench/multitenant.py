@@ -80,10 +80,20 @@ class MultitenantConfig:
 
     def trace_spec(self) -> TraceSpec:
         if self.quick:
-            return TraceSpec(self.requests or 64, self.rate or 16.0, self.seed,
-                             prompt_tokens=(8, 32), new_tokens=(8, 32))  # fmt: skip
-        return TraceSpec(self.requests or 64, self.rate or 2.0, self.seed,
-                         prompt_tokens=(16, 48), new_tokens=(16, 48))  # fmt: skip
+            return TraceSpec(
+                self.requests or 64,
+                self.rate or 16.0,
+                self.seed,
+                prompt_tokens=(8, 32),
+                new_tokens=(8, 32),
+            )
+        return TraceSpec(
+            self.requests or 64,
+            self.rate or 2.0,
+            self.seed,
+            prompt_tokens=(16, 48),
+            new_tokens=(16, 48),
+        )
 
 
 def family_spec(cfg: MultitenantConfig, mode: str = "partial") -> FamilySpec:
@@ -347,17 +357,25 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
     b, pm, hf = doc.get("blockllm"), doc.get("per_model"), doc.get("hf_generate")
     if b and pm and b["p95_ms"] and pm["p95_ms"]:
         red = 1.0 - b["p95_ms"] / pm["p95_ms"]
-        out["p95_reduction_vs_per_model"] = {"value": round(red, 3), "goal": GOAL_P95_REDUCTION,
-                                             "met": red >= GOAL_P95_REDUCTION}  # fmt: skip
+        out["p95_reduction_vs_per_model"] = {
+            "value": round(red, 3),
+            "goal": GOAL_P95_REDUCTION,
+            "met": red >= GOAL_P95_REDUCTION,
+        }
     if b and pm:
         ratio = b["resident_bytes"] / pm["resident_bytes_unshared"]
-        out["memory_vs_unshared"] = {"value": round(ratio, 3), "goal": GOAL_MEMORY_RATIO,
-                                     "met": ratio <= GOAL_MEMORY_RATIO}  # fmt: skip
+        out["memory_vs_unshared"] = {
+            "value": round(ratio, 3),
+            "goal": GOAL_MEMORY_RATIO,
+            "met": ratio <= GOAL_MEMORY_RATIO,
+        }
     if b and hf and hf["tokens_per_s"]:
         ratio = b["tokens_per_s"] / hf["tokens_per_s"]
-        out["tokens_per_s_vs_hf_generate"] = {"value": round(ratio, 2),
-                                              "goal": GOAL_THROUGHPUT_RATIO,
-                                              "met": ratio >= GOAL_THROUGHPUT_RATIO}  # fmt: skip
+        out["tokens_per_s_vs_hf_generate"] = {
+            "value": round(ratio, 2),
+            "goal": GOAL_THROUGHPUT_RATIO,
+            "met": ratio >= GOAL_THROUGHPUT_RATIO,
+        }
     return out
 
 
@@ -366,9 +384,11 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
 
 def table(doc: dict[str, Any]) -> list[str]:
     """The readable table of a result document, one line per row."""
-    head = (f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
-            f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6} "
-            f"{'others':>6}")  # fmt: skip
+    head = (
+        f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+        f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6} "
+        f"{'others':>6}"
+    )
     lines = [head, "-" * len(head)]
     facts = doc.get("meta", {}).get("systems", {})
     for name in SYSTEMS:
@@ -383,13 +403,15 @@ def table(doc: dict[str, Any]) -> list[str]:
         )
     pm = doc.get("per_model")
     if pm:
-        lines.append(f"(per_model with every tenant whole: "
-                     f"{pm['resident_bytes_unshared'] / 2**20:.1f} MiB)")  # fmt: skip
+        lines.append(
+            f"(per_model with every tenant whole: {pm['resident_bytes_unshared'] / 2**20:.1f} MiB)"
+        )
     lines.append("(others: cores that other processes on this machine kept busy meanwhile)")
     lines += planner_table(doc)
     for name, g in doc.get("meta", {}).get("goals", {}).items():
-        lines.append(f"goal {name}: {g['value']} (goal {g['goal']}): "
-                     f"{'met' if g['met'] else 'NOT met'}")  # fmt: skip
+        lines.append(
+            f"goal {name}: {g['value']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
+        )
     return lines
 
 
@@ -399,9 +421,11 @@ def planner_table(doc: dict[str, Any]) -> list[str]:
     if list(modes) in ([], ["off"]):
         return []
     delay = doc.get("meta", {}).get("straggler_delay_s") or 0
-    head = (f"{'planner':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
-            f"{'tok/s':>7} {'resident MiB':>12} {'errors':>6} {'commands':>8} {'moved':>5} "
-            f"{'replays':>7} {'load1':>5}")  # fmt: skip
+    head = (
+        f"{'planner':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+        f"{'tok/s':>7} {'resident MiB':>12} {'errors':>6} {'commands':>8} {'moved':>5} "
+        f"{'replays':>7} {'load1':>5}"
+    )
     slowed = f" (last worker slowed by {delay:g} s per step)" if delay else ""
     lines = ["", f"blockllm by planner mode{slowed}:", head, "-" * len(head)]
     for mode, s in modes.items():

@@ -134,14 +134,19 @@ def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict
     serve = ServeConfig(str(cfg.zoo_dir), None, None, workers=cfg.workers, models=(model,))
     _models, plan = plan_workers(serve)
     with Launcher(log_level="WARNING") as launcher:
-        broker = BrokerConfig(bind="tcp://127.0.0.1:0", zoo_dir=str(cfg.zoo_dir),
-                              log_level="WARNING")  # fmt: skip
+        broker = BrokerConfig(
+            bind="tcp://127.0.0.1:0", zoo_dir=str(cfg.zoo_dir), log_level="WARNING"
+        )
         endpoint = launcher.start_broker(broker, cfg.ready_timeout_s)
         for i, stages in enumerate(p for p in plan if p):
             wcfg = WorkerProcConfig(
-                broker=endpoint, zoo_dir=str(cfg.zoo_dir), stages=stages, name=f"bench-{i}",
-                threads=threads, kv_budget_bytes=cfg.kv_budget_bytes,
-            )  # fmt: skip
+                broker=endpoint,
+                zoo_dir=str(cfg.zoo_dir),
+                stages=stages,
+                name=f"bench-{i}",
+                threads=threads,
+                kv_budget_bytes=cfg.kv_budget_bytes,
+            )
             launcher.start_worker(f"bench-{i}", wcfg)
         launcher.wait_ready([model], cfg.ready_timeout_s)
         rates = {}
@@ -150,8 +155,10 @@ def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict
             for n in cfg.streams:
                 tokens, seconds = _client_generate(client, model, ids, n, cfg.new_tokens)
                 rates[n] = tokens / seconds
-                _say(f"pipeline    {n:3d} streams: {rates[n]:8.1f} tok/s "
-                     f"({cfg.workers} workers x {threads} threads)")  # fmt: skip
+                _say(
+                    f"pipeline    {n:3d} streams: {rates[n]:8.1f} tok/s "
+                    f"({cfg.workers} workers x {threads} threads)"
+                )
     return rates
 
 

@@ -92,14 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     last = sorted(workers)[-1]
     kw = {w: {"threads": 1, "kv_budget_bytes": 256 << 20} for w in workers}
     kw[last]["fault_step_delay_s"] = a.straggler_delay
-    with local_cluster(Path(a.zoo), workers, models, ready_timeout=300, worker_kw=kw,
-                 broker={"stats_interval_s": 0.5}) as c:  # fmt: skip
+    with local_cluster(
+        Path(a.zoo),
+        workers,
+        models,
+        ready_timeout=300,
+        worker_kw=kw,
+        broker={"stats_interval_s": 0.5},
+    ) as c:
         if a.mode != "off":
             c.launcher.start_planner(
-                PlannerConfig(broker=c.endpoint, zoo_dir=a.zoo, replan_interval_s=3.0,
-                              duplicates=a.mode == "dups", log_level="WARNING",
-                              min_gain=a.min_gain)
-            )  # fmt: skip
+                PlannerConfig(
+                    broker=c.endpoint,
+                    zoo_dir=a.zoo,
+                    replan_interval_s=3.0,
+                    duplicates=a.mode == "dups",
+                    log_level="WARNING",
+                    min_gain=a.min_gain,
+                )
+            )
         load = Load(c, models, a.clients, a.tokens)
         for t in load.threads:
             t.start()

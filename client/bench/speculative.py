@@ -183,8 +183,11 @@ def _tolerance_row(tol: float, exact: list[_Trace], runs: list[_Trace]) -> dict[
             else:  # the rerun starts when both k and the early run are done
                 saved.append(t_k - max(t_k, t_spec))
             full.append(t_step)
-    positions = [(a == b) for run, ref in zip(runs, exact, strict=True)
-                 for a, b in zip(run.tokens, ref.tokens, strict=True)]  # fmt: skip
+    positions = [
+        (a == b)
+        for run, ref in zip(runs, exact, strict=True)
+        for a, b in zip(run.tokens, ref.tokens, strict=True)
+    ]
     mean_saved, mean_full = statistics.fmean(saved), statistics.fmean(full)
     # the same from medians (robust to load spikes): acc * (min(T_k, T_k1) - T_fix)
     # - (1 - acc) * max(0, T_k1 - T_k), with T_k, T_k1 from the exact runs

@@ -91,9 +91,13 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
         from blockllm.broker.planner.config import PlannerConfig
 
         launcher.start_planner(
-            PlannerConfig(broker=endpoint, zoo_dir=spec.zoo_dir, log_level=spec.log_level,
-                          duplicates=spec.planner == "dups")
-        )  # fmt: skip
+            PlannerConfig(
+                broker=endpoint,
+                zoo_dir=spec.zoo_dir,
+                log_level=spec.log_level,
+                duplicates=spec.planner == "dups",
+            )
+        )
     return endpoint
 
 
@@ -167,9 +171,11 @@ def run_blockllm(
         "workers": workers,
         "planner": spec.planner,
         "straggler_delay_s": spec.straggler_delay_s,
-        "counters": {k: int(counters.get(k) or 0) - int(before.get("counters", {}).get(k) or 0)
-                     for k in PLANNER_COUNTERS},
-    }  # fmt: skip
+        "counters": {
+            k: int(counters.get(k) or 0) - int(before.get("counters", {}).get(k) or 0)
+            for k in PLANNER_COUNTERS
+        },
+    }
     return outcomes, {**facts, "resident_bytes": resident}
 
 

@@ -129,11 +129,19 @@ def _streams(text: str) -> tuple[int, ...]:
 
 
 @bench.command("pipeline")
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="HF checkpoint folder [default: SmolLM2 converted into "
-              "~/.cache/blockllm].")  # fmt: skip
-@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Zoo to import it into [default: ~/.cache/blockllm/bench-zoo].")  # fmt: skip
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="HF checkpoint folder [default: SmolLM2 converted into ~/.cache/blockllm].",
+)
+@click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Zoo to import it into [default: ~/.cache/blockllm/bench-zoo].",
+)
 @click.option("--streams", default="1,16", show_default=True, help="Concurrent streams.")
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True)

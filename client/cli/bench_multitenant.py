@@ -165,8 +165,9 @@ def multitenant(**p: Any) -> None:
     systems = tuple(s.strip() for s in p["systems"].split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
-        raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}",
-                                 param_hint="--systems")  # fmt: skip
+        raise click.BadParameter(
+            f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}", param_hint="--systems"
+        )
     cfg = MultitenantConfig(
         quick=p["quick"],
         variants=p["variants"] or 6,

@@ -206,27 +206,44 @@ def _show_results(answers: Sequence[Any], wall: float) -> None:
             f"{a.tokens / max(done, 1e-9):>6.1f}  {a.finish_reason}"
         )
     total = sum(a.tokens for a in answers)
-    _note(f"{len(answers)} concurrent streams: {total} tokens in {wall:.2f} s = "
-          f"{total / max(wall, 1e-9):.1f} tokens/s together")  # fmt: skip
+    _note(
+        f"{len(answers)} concurrent streams: {total} tokens in {wall:.2f} s = "
+        f"{total / max(wall, 1e-9):.1f} tokens/s together"
+    )
 
 
 @click.command()
-@click.option("--tiny", is_flag=True, help="A tiny random Llama family instead of SmolLM2 "
-              "(seconds; for tests: its answers are noise).")  # fmt: skip
+@click.option(
+    "--tiny",
+    is_flag=True,
+    help="A tiny random Llama family instead of SmolLM2 "
+    "(seconds; for tests: its answers are noise).",
+)
 @click.option("--max-tokens", type=click.IntRange(1, 512), default=48, show_default=True)
 @click.option("--question", default=None, help="What every tenant is asked.")
 @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Tenants and zoo [default: ~/.cache/blockllm/demo].")  # fmt: skip
-def demo(tiny: bool, max_tokens: int, question: str | None, workers: int,
-         cache_dir: Path | None) -> None:  # fmt: skip
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Tenants and zoo [default: ~/.cache/blockllm/demo].",
+)
+def demo(
+    tiny: bool, max_tokens: int, question: str | None, workers: int, cache_dir: Path | None
+) -> None:
     """Set up SmolLM2 and three fine-tuned tenants in a block zoo (cached after the first
     run), start a local cluster, stream one answer from each tenant side by side, print
     latency and throughput, and stop."""
     from blockllm.client.bench.demo import QUESTION, DemoConfig
 
-    cfg = DemoConfig(tiny=tiny, variants=3, workers=workers, max_tokens=max_tokens,
-                     question=question or QUESTION, cache_dir=cache_dir)  # fmt: skip
+    cfg = DemoConfig(
+        tiny=tiny,
+        variants=3,
+        workers=workers,
+        max_tokens=max_tokens,
+        question=question or QUESTION,
+        cache_dir=cache_dir,
+    )
     t0 = time.monotonic()
     try:
         _run(cfg)

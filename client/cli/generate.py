@@ -109,8 +109,12 @@ def read_prompt(prompt: str | None, input_ids: list[int] | None) -> str | None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--input-ids", "input_ids_text", default=None, help="Token ids in, e.g. 1,2,3.")
 @json_option
-@click.option("--timeout", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="Seconds for the whole request [default: none].")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Seconds for the whole request [default: none].",
+)
 @keys_option
 @click.argument("prompt", required=False)
 def generate(
@@ -167,8 +171,13 @@ def _write_flush(text: str) -> None:
 @click.command()
 @broker_option
 @json_option
-@click.option("--timeout", type=click.FloatRange(min=0.0, min_open=True), default=5.0,
-              show_default=True, help="Seconds to wait for the broker's answer.")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the broker's answer.",
+)
 @keys_option
 def status(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
     """Workers (pid, host, stages, queues, KV use, memory) and models with their routes.
@@ -242,8 +251,10 @@ def _route_text(route: Any) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in [header, *rows]]  # fmt: skip
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
 
 
 def _chain_text(subs: Any) -> str:

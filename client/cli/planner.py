@@ -32,22 +32,49 @@ def parse_tolerances(values: Any) -> tuple[tuple[str, float], ...]:
 def planner_options(f: Any) -> Any:
     """The policy flags `planner` and `serve` share."""
     options = [
-        click.option("--tolerance", "tolerances", multiple=True, metavar="MODEL=KL",
-                     help="Let MODEL be served through equivalent blocks (`blockllm zoo equiv`) "
-                     "whose summed KL stays within KL. Repeatable. Default: exact chains."),
-        click.option("--replicate/--no-replicate", default=True, show_default=True,
-                     help="Replicate hot models across workers in proportion to demand."),
-        click.option("--duplicates/--no-duplicates", default=True, show_default=True,
-                     help="Duplicate a straggler worker's stages on a healthy one."),
-        click.option("--replan-interval", type=click.FloatRange(min=0.1), default=5.0,
-                     show_default=True, help="Seconds between demand-driven re-placements."),
-        click.option("--dup-step-ms", type=click.FloatRange(min=0.0), default=1000.0,
-                     show_default=True, help="A worker whose recent step p50 exceeds this is a "
-                     "straggler (also: 3x slower than the others)."),
-        click.option("--batch-target-ms", type=click.FloatRange(min=0.0), default=0.0,
-                     show_default=True, help="Tune each stage's max batch size to keep workers' "
-                     "step p95 near this (0: off)."),
-    ]  # fmt: skip
+        click.option(
+            "--tolerance",
+            "tolerances",
+            multiple=True,
+            metavar="MODEL=KL",
+            help="Let MODEL be served through equivalent blocks (`blockllm zoo equiv`) "
+            "whose summed KL stays within KL. Repeatable. Default: exact chains.",
+        ),
+        click.option(
+            "--replicate/--no-replicate",
+            default=True,
+            show_default=True,
+            help="Replicate hot models across workers in proportion to demand.",
+        ),
+        click.option(
+            "--duplicates/--no-duplicates",
+            default=True,
+            show_default=True,
+            help="Duplicate a straggler worker's stages on a healthy one.",
+        ),
+        click.option(
+            "--replan-interval",
+            type=click.FloatRange(min=0.1),
+            default=5.0,
+            show_default=True,
+            help="Seconds between demand-driven re-placements.",
+        ),
+        click.option(
+            "--dup-step-ms",
+            type=click.FloatRange(min=0.0),
+            default=1000.0,
+            show_default=True,
+            help="A worker whose recent step p50 exceeds this is a "
+            "straggler (also: 3x slower than the others).",
+        ),
+        click.option(
+            "--batch-target-ms",
+            type=click.FloatRange(min=0.0),
+            default=0.0,
+            show_default=True,
+            help="Tune each stage's max batch size to keep workers' step p95 near this (0: off).",
+        ),
+    ]
     for option in reversed(options):
         f = option(f)
     return f
@@ -59,21 +86,42 @@ def spawn_options(default_max: int) -> Any:
 
     def decorate(f: Any) -> Any:
         options = [
-            click.option("--max-spawn", "max_spawn", type=click.IntRange(min=0),
-                         default=default_max, show_default=True, help="Start up to N more "
-                         "worker processes on this node when the workers cannot hold a lost "
-                         "worker's stages or a straggler's duplicate (0: never)."),
-            click.option("--spawn-command", "spawn_command", default="", metavar="TEMPLATE",
-                         help="Start a spawned worker with this command instead of a child "
-                         "process ({n}, {name}: its slot and name, e.g. "
-                         "'systemctl start --no-block blockllm-worker@spare{n}')."),
-            click.option("--stop-command", "stop_command", default="", metavar="TEMPLATE",
-                         help="Stop one started by --spawn-command "
-                         "('systemctl stop --no-block blockllm-worker@spare{n}')."),
-            click.option("--spawn-hold", "spawn_hold_s", type=click.FloatRange(min=0.0),
-                         default=30.0, show_default=True,
-                         help="Seconds a spawned worker stays unneeded before it is retired."),
-        ]  # fmt: skip
+            click.option(
+                "--max-spawn",
+                "max_spawn",
+                type=click.IntRange(min=0),
+                default=default_max,
+                show_default=True,
+                help="Start up to N more "
+                "worker processes on this node when the workers cannot hold a lost "
+                "worker's stages or a straggler's duplicate (0: never).",
+            ),
+            click.option(
+                "--spawn-command",
+                "spawn_command",
+                default="",
+                metavar="TEMPLATE",
+                help="Start a spawned worker with this command instead of a child "
+                "process ({n}, {name}: its slot and name, e.g. "
+                "'systemctl start --no-block blockllm-worker@spare{n}').",
+            ),
+            click.option(
+                "--stop-command",
+                "stop_command",
+                default="",
+                metavar="TEMPLATE",
+                help="Stop one started by --spawn-command "
+                "('systemctl stop --no-block blockllm-worker@spare{n}').",
+            ),
+            click.option(
+                "--spawn-hold",
+                "spawn_hold_s",
+                type=click.FloatRange(min=0.0),
+                default=30.0,
+                show_default=True,
+                help="Seconds a spawned worker stays unneeded before it is retired.",
+            ),
+        ]
         for option in reversed(options):
             f = option(f)
         return f
@@ -105,27 +153,48 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
 
 
 @click.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Cluster config (TOML): [planner] interval_s, duplicates; the "
-              "broker's address; [broker] zoo; [security] keys. Flags override it.")  # fmt: skip
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Cluster config (TOML): [planner] interval_s, duplicates; the "
+    "broker's address; [broker] zoo; [security] keys. Flags override it.",
+)
 @broker_option
 @click.option("--stats", default="", help="The broker's STATS endpoint [default: ask the broker].")
 @zoo_option
-@click.option("--worker-memory", "worker_memory", default="0",
-              help="Weights + KV a worker may hold when it advertises no budget (bytes or "
-              "2GiB; 0: unlimited).")  # fmt: skip
+@click.option(
+    "--worker-memory",
+    "worker_memory",
+    default="0",
+    help="Weights + KV a worker may hold when it advertises no budget (bytes or "
+    "2GiB; 0: unlimited).",
+)
 @planner_options
 @spawn_options(default_max=0)
-@click.option("--spawn-args", "spawn_args", default="", metavar="ARGS",
-              help="More `blockllm worker` flags for a spawned child worker (e.g. '--device "
-              "cuda:1 --memory-budget 8GiB'); it gets --broker, --zoo, --keys and --name "
-              "from the planner.")  # fmt: skip
+@click.option(
+    "--spawn-args",
+    "spawn_args",
+    default="",
+    metavar="ARGS",
+    help="More `blockllm worker` flags for a spawned child worker (e.g. '--device "
+    "cuda:1 --memory-budget 8GiB'); it gets --broker, --zoo, --keys and --name "
+    "from the planner.",
+)
 @keys_option
-@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
-              help="Serve Prometheus metrics on this port (needs blockllm[metrics]) "
-              "[default: off; 0 = off].")  # fmt: skip
-@click.option("--metrics-host", default="127.0.0.1", show_default=True,
-              help="Interface the metrics endpoint listens on.")  # fmt: skip
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (needs blockllm[metrics]) [default: off; 0 = off].",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface the metrics endpoint listens on.",
+)
 def planner(**params: Any) -> None:
     """Run the planner process: subscribe to the broker's stats and place stages, set routes,
     duplicate stragglers and restore coverage after failures, by commands to the broker.
@@ -191,8 +260,13 @@ def _with_config_file(params: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @broker_option
 @json_option
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds to wait for the broker's answer.")  # fmt: skip
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the broker's answer.",
+)
 @keys_option
 def reload(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
     """Make the broker re-read the zoo: models imported since are served once the planner has

@@ -145,8 +145,13 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
         "keys_dir": str(v["keys"]) if v.get("keys") else None,
         "log_level": _log_level(),
     }
-    for key in ("heartbeat_interval_s", "liveness", "reconnect_max_s", "grace_s",
-                "memory_budget_bytes"):  # fmt: skip
+    for key in (
+        "heartbeat_interval_s",
+        "liveness",
+        "reconnect_max_s",
+        "grace_s",
+        "memory_budget_bytes",
+    ):
         if v.get(key) is not None:
             fields[key] = v[key]
     if v.get("input_queue_size") is not None:
@@ -161,28 +166,69 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
 
 @click.command()
 @config_option
-@click.option("--broker", envvar="BLOCKLLM_BROKER", default=DEFAULT_BIND, show_default=True,
-              help="Broker address to connect to.")  # fmt: skip
+@click.option(
+    "--broker",
+    envvar="BLOCKLLM_BROKER",
+    default=DEFAULT_BIND,
+    show_default=True,
+    help="Broker address to connect to.",
+)
 @zoo_option
-@click.option("--stage", "stages", multiple=True, metavar="MODEL:START-END",
-              help="Stage to load at start: chain positions [START, END) of MODEL (0 = the "
-              "embedding, 1..L = decoder layers, L+1 = the head). Repeatable.")  # fmt: skip
-@click.option("--name", default="", help="Worker name (its identity at the broker; selects "
-              "[workers.NAME] of --config) [default: HOST-PID].")  # fmt: skip
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    metavar="MODEL:START-END",
+    help="Stage to load at start: chain positions [START, END) of MODEL (0 = the "
+    "embedding, 1..L = decoder layers, L+1 = the head). Repeatable.",
+)
+@click.option(
+    "--name",
+    default="",
+    help="Worker name (its identity at the broker; selects "
+    "[workers.NAME] of --config) [default: HOST-PID].",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option("--kv-budget", "kv_budget_bytes", type=SIZE, default="256MiB", show_default=True,
-              help="KV-cache memory of this worker (bytes or 512MiB, 2GiB).")  # fmt: skip
+@click.option(
+    "--kv-budget",
+    "kv_budget_bytes",
+    type=SIZE,
+    default="256MiB",
+    show_default=True,
+    help="KV-cache memory of this worker (bytes or 512MiB, 2GiB).",
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch threads [default: torch's, all cores].")  # fmt: skip
-@click.option("--heartbeat-interval", "heartbeat_interval_s", type=click.FloatRange(min=0.01),
-              default=1.0, show_default=True, help="Seconds between liveness beats.")  # fmt: skip
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0.0), default=10.0,
-              show_default=True, help="On SIGTERM: seconds to finish in-flight work.")  # fmt: skip
-@click.option("--memory-budget", "memory_budget_bytes", type=SIZE, default=None,
-              help="Weights + KV this worker may hold, told to the planner (bytes or 8GiB) "
-              "[default: the planner's --worker-memory].")  # fmt: skip
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads [default: torch's, all cores].",
+)
+@click.option(
+    "--heartbeat-interval",
+    "heartbeat_interval_s",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between liveness beats.",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM: seconds to finish in-flight work.",
+)
+@click.option(
+    "--memory-budget",
+    "memory_budget_bytes",
+    type=SIZE,
+    default=None,
+    help="Weights + KV this worker may hold, told to the planner (bytes or 8GiB) "
+    "[default: the planner's --worker-memory].",
+)
 @keys_option
 @metrics_port_option
 @metrics_host_option
@@ -244,7 +290,7 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
         "drain_timeout_s",
     ):
         if v.get(key) is not None:
-            fields[key] = v[key]  # fmt: skip
+            fields[key] = v[key]
     if v.get("stats_bind") is not None:
         fields["stats_bind"] = v["stats_bind"]
     if v.get("speculate"):
@@ -292,9 +338,13 @@ def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
     show_default=True,
     help="On SIGTERM: seconds running requests get to finish.",
 )
-@click.option("--stats-bind", "stats_bind", default=None,
-              help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
-              "a port the OS picks; `blockllm status --json` shows it]. '' = none.")  # fmt: skip
+@click.option(
+    "--stats-bind",
+    "stats_bind",
+    default=None,
+    help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
+    "a port the OS picks; `blockllm status --json` shows it]. '' = none.",
+)
 @speculate_option
 @keys_option
 @metrics_port_option
@@ -374,9 +424,14 @@ def _models(value: str | None) -> tuple[str, ...]:
     is_flag=True,
     help='Announce as one JSON line: {"broker": ADDR, "models": [...], "workers": [...]}.',
 )
-@click.option("--planner/--no-planner", "with_planner", default=True, show_default=True,
-              help="Run the planner: it places stages by demand, moves them off failed or "
-              "slow workers, and assembles chains within --tolerance.")  # fmt: skip
+@click.option(
+    "--planner/--no-planner",
+    "with_planner",
+    default=True,
+    show_default=True,
+    help="Run the planner: it places stages by demand, moves them off failed or "
+    "slow workers, and assembles chains within --tolerance.",
+)
 @planner_options
 @spawn_options(default_max=1)
 @speculate_option

@@ -90,8 +90,14 @@ def test_fault_hook_raise_sends_dead_and_exits_nonzero(zoo: Path):
     broker = FakeBroker()
     try:
         with Launcher(stop_timeout=10) as launcher:
-            cfg = worker_config(broker.endpoint, zoo, "w0", ["m:0-6"], fault_after_steps=3,
-                                heartbeat_interval_s=SLOW_BEAT)  # fmt: skip
+            cfg = worker_config(
+                broker.endpoint,
+                zoo,
+                "w0",
+                ["m:0-6"],
+                fault_after_steps=3,
+                heartbeat_interval_s=SLOW_BEAT,
+            )
             proc = launcher.start_worker("w0", cfg)
             peer, ready, _ = broker.recv_kind({Kind.READY}, timeout=60)
             key, x, past = ready.stages[0].key, torch.tensor(PROMPT), 0
@@ -112,9 +118,14 @@ def test_fault_hook_exit_is_a_crash(zoo: Path):
     try:
         with Launcher(stop_timeout=10) as launcher:
             cfg = worker_config(
-                broker.endpoint, zoo, "w0", ["m:0-6"], heartbeat_interval_s=SLOW_BEAT,
-                fault_after_steps=1, fault_mode=FaultMode.EXIT,
-            )  # fmt: skip
+                broker.endpoint,
+                zoo,
+                "w0",
+                ["m:0-6"],
+                heartbeat_interval_s=SLOW_BEAT,
+                fault_after_steps=1,
+                fault_mode=FaultMode.EXIT,
+            )
             proc = launcher.start_worker("w0", cfg)
             peer, ready, _ = broker.recv_kind({Kind.READY}, timeout=60)
             x = torch.tensor(PROMPT)

@@ -51,9 +51,11 @@ def hf_greedy(checkpoint: Path, input_ids: Sequence[int], max_new_tokens: int) -
     ids = torch.tensor([list(input_ids)])
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
-        )  # fmt: skip
+        )
     return out[0, ids.shape[1] :].tolist()
 
 

@@ -142,8 +142,9 @@ def test_two_workers_pass_hidden_states(zoo: Path, llama: Path, fake_broker):
         keys_a = tuple(s.key for s in readies[b"a"].stages)
         keys_b = tuple(s.key for s in readies[b"b"].stages)  # two stages run in one hop
         assert len(keys_b) == 2
-        fake_broker.send(b"a", forward("h", 0, keys_a, 0, torch.tensor(PROMPT_IDS)),
-                         [torch.tensor(PROMPT_IDS)])  # fmt: skip
+        fake_broker.send(
+            b"a", forward("h", 0, keys_a, 0, torch.tensor(PROMPT_IDS)), [torch.tensor(PROMPT_IDS)]
+        )
         _, msg, (hidden,) = fake_broker.recv_kind({Kind.RESULT})
         assert hidden.dtype == torch.float32 and hidden.shape == (len(PROMPT_IDS), 64)
         fake_broker.send(b"a", Release("h"))
