@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from blockllm.broker.cluster_config import parse_size
+
 
 class CliError(Exception):
     """A user-facing failure: printed as one line `error: ...`, exit code `exit_code`."""
@@ -72,3 +74,40 @@ def metrics_fields(params: dict[str, Any]) -> dict[str, Any]:
         raise CliError(str(e), EXIT_CONFIG) from None
     host = params.get("metrics_host") or "127.0.0.1"
     return {"metrics_port": int(params["metrics_port"]), "metrics_host": host}
+
+
+class SizeType(click.ParamType):
+    """Bytes, or a size with a unit: 268435456, 256MiB, 1GiB, 512MB."""
+
+    name = "BYTES|SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+
+
+SIZE = SizeType()
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Cluster config (TOML, read with tomllib; see deploy/cluster.example.toml). "
+    "Flags given on the command line override it.",
+)
+
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (needs blockllm[metrics]) [default: off; 0 = off].",
+)
+metrics_host_option = click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface the metrics endpoint listens on.",
+)

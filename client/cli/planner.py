@@ -18,6 +18,8 @@ from blockllm.client.cli.common import (
     echo_json,
     json_option,
     metrics_fields,
+    metrics_host_option,
+    metrics_port_option,
     parse_model_values,
     zoo_option,
 )
@@ -183,18 +185,8 @@ def planner_config(values: dict[str, Any], **overrides: Any) -> Any:
     "from the planner.",
 )
 @keys_option
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
-    default=None,
-    help="Serve Prometheus metrics on this port (needs blockllm[metrics]) [default: off; 0 = off].",
-)
-@click.option(
-    "--metrics-host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Interface the metrics endpoint listens on.",
-)
+@metrics_port_option
+@metrics_host_option
 def planner(**params: Any) -> None:
     """Run the planner process: subscribe to the broker's stats and place stages, set routes,
     duplicate stragglers and restore coverage after failures, by commands to the broker.

@@ -26,12 +26,15 @@ from blockllm.broker.cluster_config import (
     ConfigError,
     load_cluster_config,
     merge_click,
-    parse_size,
 )
 from blockllm.client.cli.common import (
+    SIZE,
     CliError,
+    config_option,
     default_zoo_dir,
     metrics_fields,
+    metrics_host_option,
+    metrics_port_option,
     parse_model_values,
     zoo_option,
 )
@@ -49,47 +52,11 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 EXIT_INTERRUPTED = 130
 
 
-class SizeType(click.ParamType):
-    """Bytes, or a size with a unit: 268435456, 256MiB, 1GiB, 512MB."""
-
-    name = "BYTES|SIZE"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(f"{value!r}: {e}", param, ctx)
-
-
-SIZE = SizeType()
-
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Cluster config (TOML, read with tomllib; see deploy/cluster.example.toml). "
-    "Flags given on the command line override it.",
-)
 keys_option = click.option(
     "--keys",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="CurveZMQ keys folder (`blockllm keys gen`); default: plain TCP.",
-)
-
-
-metrics_port_option = click.option(
-    "--metrics-port",
-    type=click.IntRange(min=0, max=65535),
-    default=None,
-    help="Serve Prometheus metrics on this port (needs blockllm[metrics]) [default: off; 0 = off].",
-)
-metrics_host_option = click.option(
-    "--metrics-host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Interface the metrics endpoint listens on.",
 )
 
 
