@@ -95,6 +95,31 @@ def restore_signals(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
+class WakePipe:
+    """A self-pipe that wakes a poll loop: `wake()` from any thread or a signal handler
+    (async-signal-safe: one non-blocking write; a full pipe already holds a wake-up), `fd` for
+    the poller, `drain()` once it is readable, `close()` at the end."""
+
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write_fd, False)
+
+    def wake(self, what: bytes = b"\0") -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, what)
+
+    def drain(self) -> bytes:
+        with contextlib.suppress(OSError):
+            return os.read(self.fd, 4096)
+        return b""
+
+    def close(self) -> None:
+        for fd in (self.fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def begin_drain(what: str, running: int, timeout_s: float) -> float:
     """A stop was asked for: log it, tell systemd STOPPING=1; the drain's monotonic deadline."""
     logger.info("[shutdown] %s draining %d requests (up to %.1fs)", what, running, timeout_s)

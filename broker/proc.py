@@ -31,6 +31,7 @@ from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.fetch import serve_fetch
 from blockllm.broker.lifecycle import (
+    WakePipe,
     Watchdog,
     arm_parent_death,
     begin_drain,
@@ -104,9 +105,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self.shutdown_requested = False
         self.prom: Any = None  # BrokerMetrics when --metrics-port is given
         self._prom_server: Any = None
@@ -147,8 +146,7 @@ class BrokerProc:
     def request_shutdown(self) -> None:
         """Ask the loop to drain and stop; async-signal-safe (a flag and a pipe write)."""
         self.shutdown_requested = True
-        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is already pending
-            os.write(self._wake_w, b"\0")
+        self._wake.wake()
 
     def close(self) -> None:
         """Close the socket before terminating the context (term blocks on open sockets)."""
@@ -170,9 +168,7 @@ class BrokerProc:
             self._prom_server.shutdown()
             self._prom_server = None
         self.ctx.term()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wake.close()
 
     def run(self) -> None:
         """The event loop; returns after a requested shutdown has drained."""
@@ -181,7 +177,7 @@ class BrokerProc:
         assert self.sock is not None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         if self._handshakes is not None:
             poller.register(self._handshakes, zmq.POLLIN)
         next_tick = next_stats = 0.0
@@ -191,9 +187,8 @@ class BrokerProc:
             watchdog.kick()
             timeout_ms = max(0.0, min(next_tick, next_stats) - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
+            if self._wake.fd in events:
+                self._wake.drain()
             if self.sock in events:
                 self._recv_batch()
             if self._handshakes is not None and self._handshakes in events:

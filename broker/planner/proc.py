@@ -24,7 +24,13 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.lifecycle import Watchdog, arm_parent_death, notify, on_stop_signals
+from blockllm.broker.lifecycle import (
+    WakePipe,
+    Watchdog,
+    arm_parent_death,
+    notify,
+    on_stop_signals,
+)
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
@@ -101,8 +107,7 @@ class PlannerProc:
             self.ctx, zmq.DEALER, cfg.broker, bind=False, identity=identity, curve=self._curve
         )
         self.sub: zmq.Socket | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self.shutdown_requested = False
         self.sent = 0
         self.refused = 0
@@ -124,8 +129,7 @@ class PlannerProc:
 
     def request_shutdown(self) -> None:
         self.shutdown_requested = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        self._wake.wake()
 
     def connect_stats(self) -> str:
         """Subscribe to the broker's STATS (asking its STATUS for the endpoint if not given)."""
@@ -162,9 +166,7 @@ class PlannerProc:
             if sock is not None:
                 sock.close(linger=0)
         self.ctx.term()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wake.close()
 
     def run(self) -> None:
         """The loop; returns after a requested shutdown."""
@@ -174,14 +176,13 @@ class PlannerProc:
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         watchdog = Watchdog()
         while not self.shutdown_requested:
             watchdog.kick()
             events = dict(poller.poll(1000))
-            if self._wake_r in events:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
+            if self._wake.fd in events:
+                self._wake.drain()
             if self.dealer in events:
                 self._drain_acks()
             if self.sub in events:

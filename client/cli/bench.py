@@ -11,10 +11,6 @@ from blockllm.client.bench.speculative import CUTS, PROMPTS, TOLERANCES
 from blockllm.client.cli.common import CliError, echo_json, json_option
 
 
-def _say(text: str) -> None:
-    click.echo(text, err=True)
-
-
 def _bench_say(text: str) -> None:
     click.echo(f"[bench] {text}", err=True)
 
@@ -170,13 +166,7 @@ def pipeline(
 ) -> None:
     """Generation tokens/s over broker + workers vs the engine in-process, 1 and N streams."""
     if model_dir is None:
-        from blockllm.zoo.models import ModelBuildError, convert_smollm2
-
-        out = Path.home() / ".cache" / "blockllm" / "smollm2-float32"
-        try:
-            model_dir = convert_smollm2(out, dtype="float32", progress=_say)
-        except ModelBuildError as e:
-            raise CliError(f"cannot prepare SmolLM2 (pass --model-dir DIR instead): {e}") from e
+        model_dir = _default_model_dir("float32")
     from blockllm.client.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
 
     cfg = PipelineBenchConfig(

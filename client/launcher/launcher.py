@@ -34,7 +34,12 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from blockllm.broker.lifecycle import arm_parent_death, set_process_name, stop_processes
+from blockllm.broker.lifecycle import (
+    WakePipe,
+    arm_parent_death,
+    set_process_name,
+    stop_processes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +122,7 @@ class Launcher:
         # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
         # threads polling one child can make one of them see None for a dead child.
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake = WakePipe()
         self._expected: set[int] = set()  # id() of children whose exit is not a failure
         self._monitor: threading.Thread | None = None
         # The planner, workers, then the broker: the lists are filled as children start.
@@ -268,7 +273,7 @@ class Launcher:
                 if self.on_death is not None:
                     self.on_death(death)
             # timeout: children started meanwhile join the watch within a second
-            ready = multiprocessing.connection.wait([*live, self._wake_r], timeout=1.0)
+            ready = multiprocessing.connection.wait([*live, self._wake.fd], timeout=1.0)
             for p in pending:
                 if p.sentinel in ready:
                     self.wait_exit(p, 5.0)
@@ -293,8 +298,7 @@ class Launcher:
     def stop(self, timeout: float | None = None) -> None:
         """Stop everything: workers first (they drain and send DEAD), then the broker."""
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake.wake()
         if self._monitor is not None:  # before stop_processes(): it polls the children itself
             self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
@@ -303,9 +307,7 @@ class Launcher:
         stop_processes(self._workers, t)
         stop_processes(self._brokers, t)
         self._finalizer.detach()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wake.close()
 
     def stop_planner(self, timeout: float | None = None) -> list[int | None]:
         """Stop the planner processes alone (SIGTERM -> join -> kill; the workers it spawned

@@ -8,7 +8,6 @@ every model is covered, and stops the children in order at the end.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing.connection
 import os
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from blockllm.broker.lifecycle import WakePipe
 from blockllm.client.launcher.launcher import Death, Launcher, LaunchError
 
 logger = logging.getLogger(__name__)
@@ -125,19 +125,17 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
     or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
     130 when interrupted while starting. Main thread only (signal handlers)."""
     models, plan = plan_workers(cfg)
-    wake_r, wake_w = os.pipe()
+    wake = WakePipe()
     state = {"serving": False, "stop": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
         state["stop"] = True
-        with contextlib.suppress(OSError):
-            os.write(wake_w, b"s")
+        wake.wake(b"s")
         if not state["serving"]:
             raise Interrupted(signal.Signals(signum).name)
 
     def on_death(_death: Death) -> None:
-        with contextlib.suppress(OSError):
-            os.write(wake_w, b"d")
+        wake.wake(b"d")
 
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
@@ -149,8 +147,8 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
             return 0
         announce(serving)
         while not state["stop"] and not launcher.deaths:
-            multiprocessing.connection.wait([wake_r])
-            os.read(wake_r, 64)
+            multiprocessing.connection.wait([wake.fd])
+            wake.drain()
         if launcher.deaths:
             logger.error("[shutdown] stopping: %s", "; ".join(map(str, launcher.deaths)))
             return 1
@@ -164,8 +162,7 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
         launcher.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        os.close(wake_r)
-        os.close(wake_w)
+        wake.close()
 
 
 def _start_cluster(

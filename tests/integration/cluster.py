@@ -82,19 +82,11 @@ def perturbed_copy(src: Path, dst: Path, layers: Sequence[int], seed: int = 1) -
 
 @contextlib.contextmanager
 def cluster(
-    zoo: Path,
-    workers: Mapping[str, Sequence[str]],
-    models: Sequence[str],
-    *,
-    ready_timeout: float = 90.0,
-    broker: Mapping[str, Any] | None = None,
-    worker_kw: Mapping[str, Mapping[str, Any]] | None = None,
+    zoo: Path, workers: Mapping[str, Sequence[str]], models: Sequence[str], **kw: Any
 ) -> Iterator[Cluster]:
-    """Broker + workers ({name: ["model:start-end", ...]}) on 127.0.0.1:0, ready for `models`.
-
-    On exit everything is stopped (workers first), and no child process may be left.
-    """
-    kw = {"ready_timeout": ready_timeout, "broker": broker, "worker_kw": worker_kw}
+    """`local_cluster` (broker + workers {name: ["model:start-end", ...]} on 127.0.0.1:0, ready
+    for `models`; `kw`: ready_timeout, broker, worker_kw). On exit everything is stopped
+    (workers first), and no child process may be left."""
     with local_cluster(zoo, workers, models, **kw) as c:
         started = [psutil.Process(p.pid) for p in c.launcher._children() if p.pid]
         yield c
