@@ -27,7 +27,7 @@ class PlannerConfig:
     settle_s: float = 10.0  # ... and for this long without a break (a burst moves nothing)
     unload_delay_s: float = 20.0  # superseded stages stay this long after the new routes
     demand_halflife_s: float = 5.0
-    # a demand re-placement is made only when it cuts the estimated cost per token (plan.py
+    # a demand re-placement is made only when it cuts the estimated cost per token (placement.py
     # layout_cost: the busiest worker's batched work + a fixed cost per hop) by this fraction
     min_gain: float = 0.15
     batch_exponent: float = 0.5  # the cost model's batching: a batch of B costs B**this
@@ -51,7 +51,7 @@ class PlannerConfig:
     # per-stage batch size tuning: keep workers' step p95 near this (0: off)
     batch_target_ms: float = 0.0
     batch_cooldown_s: float = 5.0
-    # spawning workers on this node (broker/spawn.py): at most this many at once; 0 = never
+    # spawning workers on this node (broker/planner/spawn.py): at most this many at once; 0 = never
     max_spawn: int = 0
     # "" = a child `blockllm worker`; else a command template ({n}, {name}) for a supervisor,
     # e.g. "systemctl start --no-block blockllm-worker@spare{n}", with its stop template

@@ -2,7 +2,7 @@
 
 `Planner.on_stats(body, now)` takes one STATS snapshot of the broker (broker/stats.py) and
 returns the commands to send it (broker/commands.py). It keeps a **target** placement
-(broker/plan.py) and reconciles the cluster towards it:
+(planner/placement.py) and reconciles the cluster towards it:
 1. **When to (re)plan**: a model not covered, a worker lost or joined, a model added or
    removed, or, at most every `replan_interval_s`, demand that changed the replicas each model
    should have. An idle cluster whose models are all covered keeps the placement it started
@@ -14,7 +14,7 @@ returns the commands to send it (broker/commands.py). It keeps a **target** plac
    budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
    loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
    drains) last, so no model loses its route on the way.
-3. **Stragglers** (broker/duplicates.py): a worker much slower than the others gets its stages
+3. **Stragglers** (planner/stragglers.py): a worker much slower than the others gets its stages
    duplicated on a healthy worker and its routes moved there (running requests move at their
    next step); the duplicate is retired once the worker is healthy again.
 """
@@ -95,7 +95,7 @@ class Planner:
         self.pending_unloads: dict[Key, float] = {}
         self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
         self.duplicates = Duplicates(cfg)
-        self.spawns = SpawnPolicy(cfg)  # worker processes it may start (broker/spawn.py)
+        self.spawns = SpawnPolicy(cfg)  # worker processes it may start (broker/planner/spawn.py)
         self.batching = BatchTuner(cfg)
         self._ids = itertools.count(1)
         self._last_time: float | None = None
@@ -399,7 +399,7 @@ class Planner:
     def _make_room(
         self, w: WorkerFacts, workers: Mapping[str, WorkerFacts], waited: float, now: float
     ) -> list[Message]:
-        """Unload stages of `w` the target does not keep so that a load fits (see memory.py)."""
+        """Unload stages of `w` the target does not keep so that a load fits (see budgets.py)."""
         t = self.target
         assert t is not None
         keep = set(t.stage_keys) | self.duplicates.stage_keys()

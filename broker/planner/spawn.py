@@ -3,7 +3,7 @@ starts and stops them (`Spawner`, the planner process's main thread).
 
 When the cluster's workers cannot do what the planner needs, it may start up to `max_spawn`
 more on this node (0: never):
-- a straggler needs a duplicate and no worker has room for it (duplicates.py `no_helper`);
+- a straggler needs a duplicate and no worker has room for it (stragglers.py `no_helper`);
 - coverage is lost (a model once covered, or with requests waiting, is not covered for
   `spawn_after_s`) and the survivors cannot hold it: no worker is left, or the placement over
   the current workers leaves it uncovered. An idle cluster still starting spawns nothing.

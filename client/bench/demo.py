@@ -10,7 +10,7 @@ Phases (each cached where it can be, so later runs go straight to serving):
 5. one answer from each tenant, streamed concurrently through the real `Client`;
 6. latency and throughput, then a clean stop (no child process left).
 
-Library code: the CLI (`client/cli_demo.py`) renders; this module reports through callbacks.
+Library code: the CLI (`client/cli/demo.py`) renders; this module reports through callbacks.
 """
 
 from __future__ import annotations

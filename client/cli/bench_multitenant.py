@@ -1,7 +1,7 @@
 """`blockllm bench multitenant`: BlockLLM against per-model serving and HF `generate` on one
-trace of many fine-tuned tenants at one memory budget (see `client/bench_multitenant.py`), and
+trace of many fine-tuned tenants at one memory budget (see `client/bench/multitenant.py`), and
 with `--family full` the memory-vs-quality curve of equivalence tolerances for full fine-tunes
-(see `client/bench_full.py`). Progress on stderr; the table or `--json` on stdout.
+(see `client/bench/full.py`). Progress on stderr; the table or `--json` on stdout.
 """
 
 from __future__ import annotations

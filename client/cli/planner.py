@@ -83,7 +83,7 @@ def planner_options(f: Any) -> Any:
 
 
 def spawn_options(default_max: int) -> Any:
-    """The flags for spawning workers (broker/spawn.py) that `planner` and `serve` share;
+    """The flags for spawning workers (broker/planner/spawn.py) that `planner` and `serve` share;
     `default_max`: --max-spawn's default (0 = off)."""
 
     def decorate(f: Any) -> Any:

@@ -109,8 +109,8 @@ def default_threads(workers: int) -> int:
 
 
 def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
-    """The `blockllm worker` flags of a worker the planner spawns (broker/spawn.py): those of
-    serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
+    """The `blockllm worker` flags of a worker the planner spawns (broker/planner/spawn.py):
+    those of serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
     args = ["--device", wcfg.device, "--kv-budget", str(wcfg.kv_budget_bytes)]
     args += ["--max-batch-size", str(wcfg.max_batch_size), "--threads", str(threads)]
     args += ["--max-batch-tokens", str(wcfg.max_batch_tokens)]

@@ -1,4 +1,4 @@
-"""broker/sdnotify.py against a real AF_UNIX datagram socket standing in for systemd."""
+"""broker/lifecycle.py notify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
