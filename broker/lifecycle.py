@@ -70,6 +70,18 @@ def arm_parent_death(expected_ppid: int) -> None:
         os._exit(1)
 
 
+def start_process(parent_pid: int | None, log_level: str) -> None:
+    """First lines of a process entry point: arm parent death when a parent started it, and
+    log to stderr at `log_level` unless logging is set up already (a launcher's child is)."""
+    if parent_pid is not None:
+        arm_parent_death(parent_pid)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=log_level,
+            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        )
+
+
 def set_process_name(name: str) -> None:
     """The name `ps -o comm` and `top` show (Linux; at most 15 bytes)."""
     if sys.platform.startswith("linux"):

@@ -33,10 +33,10 @@ from blockllm.broker.fetch import serve_fetch
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
-    arm_parent_death,
     begin_drain,
     notify,
     on_stop_signals,
+    start_process,
 )
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
@@ -348,13 +348,7 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     with code 1. The launcher learns the endpoint through `cfg.ready_file` / `cfg.ready_conn`;
     if the broker fails before binding, `ready_conn` is closed without a message.
     """
-    if cfg.parent_pid is not None:
-        arm_parent_death(cfg.parent_pid)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=cfg.log_level,
-            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        )
+    start_process(cfg.parent_pid, cfg.log_level)
     proc: BrokerProc | None = None
     try:
         proc = BrokerProc(cfg)

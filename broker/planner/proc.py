@@ -27,9 +27,9 @@ from blockllm.broker import frames
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
-    arm_parent_death,
     notify,
     on_stop_signals,
+    start_process,
 )
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
@@ -273,13 +273,7 @@ def run_planner_process(cfg: PlannerConfig) -> int:
     """Entry point (a spawned child or `blockllm planner`): plan until SIGTERM/SIGINT.
 
     Returns 0 after a clean stop, 1 after a fatal error (logged)."""
-    if cfg.parent_pid is not None:
-        arm_parent_death(cfg.parent_pid)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=cfg.log_level,
-            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        )
+    start_process(cfg.parent_pid, cfg.log_level)
     proc: PlannerProc | None = None
     try:
         proc = PlannerProc(cfg)
