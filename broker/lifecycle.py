@@ -132,9 +132,9 @@ class WakePipe:
                 os.close(fd)
 
 
-def begin_drain(what: str, running: int, timeout_s: float) -> float:
-    """A stop was asked for: log it, tell systemd STOPPING=1; the drain's monotonic deadline."""
-    logger.info("[shutdown] %s draining %d requests (up to %.1fs)", what, running, timeout_s)
+def begin_drain(running: int, timeout_s: float) -> float:
+    """A stop was asked for: tell systemd STOPPING=1 (the caller logs its `[shutdown]` line);
+    the drain's monotonic deadline."""
     notify("STOPPING=1", f"STATUS=draining {running} requests")
     return time.monotonic() + timeout_s
 

@@ -229,7 +229,9 @@ class BrokerProc:
         self._handshake_logged[reason] = (now, 0)
 
     def _begin_shutdown(self, now: float) -> float:
-        deadline = begin_drain("broker", len(self.broker.requests), self.cfg.drain_timeout_s)
+        running, timeout = len(self.broker.requests), self.cfg.drain_timeout_s
+        logger.info("[shutdown] draining %d requests (up to %.1fs)", running, timeout)
+        deadline = begin_drain(running, timeout)
         self._send(self.broker.begin_shutdown(now))
         return deadline
 

@@ -175,9 +175,9 @@ class WorkerProc:
         while True:
             watchdog.kick()
             if self.stop_requested and deadline is None:
-                deadline = begin_drain(
-                    f"worker {self.name}", self.engine.queued(), self.cfg.grace_s
-                )
+                queued = self.engine.queued()
+                logger.info("[shutdown] worker %s draining %d requests", self.name, queued)
+                deadline = begin_drain(queued, self.cfg.grace_s)
             busy = self.engine.queued() > 0
             if deadline is not None and (not busy or time.monotonic() >= deadline):
                 break
@@ -492,7 +492,8 @@ class WorkerProc:
         """After a reconnect the broker replays everything: drop all KV, announce again."""
         for rid in self._known:
             self.runner.release(rid)
-        logger.info("[ready] worker %s reconnected; dropped %d", self.name, len(self._known))
+        dropped = len(self._known)
+        logger.info("[ready] worker %s reconnected; dropped %d requests", self.name, dropped)
         self._known.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
