@@ -23,22 +23,11 @@ from tests.integration.cluster import (
     FakeBroker,
     cluster,
     hf_greedy,
-    make_zoo,
     worker_config,
 )
 
 PROMPT = [11, 23, 5, 77, 140, 9]
 LONG = 240  # new tokens: long enough that a kill after the first few lands mid-generation
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")

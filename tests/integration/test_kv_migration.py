@@ -14,20 +14,10 @@ import torch
 
 from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, SetRoutes
-from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo
+from tests.integration.cluster import Cluster, cluster, hf_greedy
 
 PROMPT = [11, 23, 5, 77, 140, 9, 31, 4, 100, 66]
 N_NEW = 48
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")

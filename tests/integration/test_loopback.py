@@ -36,22 +36,11 @@ from tests.integration.cluster import (
     cluster,
     hf_greedy,
     hf_tokenize,
-    make_zoo,
     worker_config,
 )
 
 PROMPT_IDS = [5, 17, 42, 99, 7]
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture

@@ -105,18 +105,8 @@ class Streams:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def want(llama: Path) -> dict[tuple[int, ...], list[int]]:
     return {tuple(p): hf_greedy(llama, p, 160) for p in PROMPTS}
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.cluster import hf_greedy, make_zoo
+from tests.integration.cluster import hf_greedy
 
 BLOCKLLM = [sys.executable, "-m", "blockllm.client.cli"]
 PROMPT_IDS = [5, 6, 7, 8]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.cluster import cluster, hf_greedy, make_zoo
+from tests.integration.cluster import cluster, hf_greedy
 from tests.integration.test_planner import (
     FAST,
     PROMPTS,
@@ -28,16 +28,6 @@ from tests.integration.test_planner import (
 
 NEW_TOKENS = 120
 SPARE_ARGS = ("--threads", "1", "--kv-budget", "64MiB", "--heartbeat-interval", "0.25")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 def _spawned(planner_pid: int) -> list[psutil.Process]:
