@@ -9,12 +9,10 @@ tensors out of the zmq frames into a bounded inbox, sends what the compute loop 
 exponential backoff) when the broker is silent for `interval * liveness`, after which the
 compute loop drops all KV and sends READY again (the broker replays those requests).
 
-The main thread runs the engine (`Worker`): it drains the inbox (blocking when idle: no busy
-spin), submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. It calls the
-engine directly; only once a model asks for speculative execution (the first SPECULATE) do
-submits, steps and releases go through a `Speculation` wrapping the engine
-(worker/speculate.py). KV migration (KV_EXPORT / KV_SHARD, see broker/migrate.py) exports and
-imports a request's KV of one stage between two steps.
+The main thread runs the engine (`Worker`) directly: it drains the inbox (blocking when idle),
+submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
+SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
+(broker/migrate.py) export and import a request's KV of one stage between two steps.
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
@@ -22,16 +20,14 @@ compute loop only installs them, between two steps, so requests on loaded stages
 A stage is in READY only once installed. At start the worker connects first (to fetch) and
 sends its first READY once every configured stage is installed (then systemd hears READY=1).
 
-Lifecycle (STYLE 7.8): SIGTERM/SIGINT only set a flag and wake the loop; the loop tells systemd
-STOPPING=1, stops taking new work, finishes in-flight items for up to `grace_s`, sends
-DEAD("shutdown") and exits 0. A fatal error is logged with its traceback, DEAD(reason) is sent
-with linger so it leaves, and the process exits 1. The test-only `fault_after_steps` hook
-exits 3 (crash) or raises.
+Lifecycle (STYLE 7.8, broker/lifecycle.py): SIGTERM/SIGINT set a flag and wake the loop,
+which tells systemd STOPPING=1, takes no new work, finishes in-flight items for up to
+`grace_s`, sends DEAD("shutdown") and exits 0; a fatal error is logged, DEAD(reason) sent with
+linger, exit 1. The test-only `fault_after_steps` hook exits 3 (crash) or raises.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
@@ -55,7 +51,6 @@ from blockllm.broker.protocol import (
     Error,
     ErrorCode,
     Forward,
-    Heartbeat,
     Kind,
     KvAck,
     KvExport,
@@ -70,7 +65,14 @@ from blockllm.broker.protocol import (
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import InjectedFault, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
-from blockllm.worker.loader import Loaded, LoaderBusy, LoadJob, StageLoader, build_engine
+from blockllm.worker.loader import (
+    Loaded,
+    LoaderBusy,
+    LoadJob,
+    StageLoader,
+    build_engine,
+    start_loader,
+)
 from blockllm.worker.proc_io import (
     RETRYABLE,
     Failed,
@@ -110,7 +112,8 @@ class WorkerProc:
         self.facts = Facts(cfg.heartbeat_interval_s)
         self.prom: Any = None  # WorkerMetrics when --metrics-port is given
         self._prom_server: Any = None
-        self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
+        # the IO thread's view of the facts: the latest snapshot (one reference read)
+        self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
         self.loader: StageLoader | None = None
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
@@ -149,20 +152,7 @@ class WorkerProc:
         if self.engine is None:
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
-        zoo = getattr(self.engine, "zoo", None)
-        fetch = None
-        if zoo is not None and self.cfg.fetch_from_broker:
-            from blockllm.worker.fetch import fetch_model
-
-            fetch = functools.partial(fetch_model, self.io.fetch, zoo)
-        self.loader = StageLoader(
-            self.engine.read_blocks,
-            fetch,
-            self.inbox,
-            max_jobs=max(self.cfg.load_queue_size, len(self.cfg.stages)),
-            gate=self.cfg.fault_load_gate,
-        )
-        self.loader.start()
+        self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -200,13 +190,7 @@ class WorkerProc:
 
     def fail(self, reason: str) -> None:
         """Fatal path: DEAD(reason) to the broker, with linger so it leaves before exit."""
-        if self.io.is_alive():
-            self.io.send(Dead(reason))
-            return
-        # No IO thread (not started yet, or dead): one fresh socket just for the sentinel.
-        sock = self.io.connect()
-        sock.send_multipart(frames.encode(Dead(reason)), copy=False)
-        sock.close(linger=self.cfg.dead_linger_ms)
+        self.io.send_last(Dead(reason))
 
     def close(self) -> None:
         """Stop the loader and IO threads (flushing what is queued), drop the engine's memory.
@@ -506,10 +490,6 @@ class WorkerProc:
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
-
-    def _current_facts(self) -> Heartbeat:
-        """The IO thread's view: the latest snapshot (one reference read, no engine access)."""
-        return self.facts.current
 
 
 def run_worker_process(cfg: WorkerProcConfig) -> int:

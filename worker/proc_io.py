@@ -230,6 +230,16 @@ class IOThread(threading.Thread):
                 os.close(self._wake_r)
                 os.close(self._wake_w)
 
+    def send_last(self, msg: Message) -> None:
+        """Send `msg` (a DEAD) on the way out: queued if the IO thread runs, else on a fresh
+        socket just for it, closed with linger so it leaves before the process exits."""
+        if self.is_alive():
+            self.send(msg)
+            return
+        sock = self.connect()
+        sock.send_multipart(frames.encode(msg), copy=False)
+        sock.close(linger=self.cfg.dead_linger_ms)
+
     def connect(self) -> zmq.Socket:
         sock = make_socket(
             self._ctx,
