@@ -179,7 +179,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "interval_s": _positive_float,
         "duplicates": _bool,
         "tolerance": _str_list(_model_value),
-        # spawning workers on the planner's node (broker/spawn.py)
+        # spawning workers on the planner's node (broker/planner/spawn.py)
         "max_spawn": _int(0),
         "spawn_command": _str,
         "stop_command": _str,
@@ -383,7 +383,7 @@ def merge(
     return out
 
 
-# The shared options of client/cli_common.py whose parameter names differ from the file's keys.
+# The shared options of client/cli/common.py whose parameter names differ from the file's keys.
 CLI_RENAME: dict[str, str] = {"zoo": "zoo_dir"}
 
 

@@ -1,4 +1,4 @@
-"""Commands of a planner (or an operator tool) to the Broker: a base class of `Broker`, pure.
+"""Commands of a planner (or an operator tool) to the broker: a part of the `Broker`, pure.
 
 Any peer that is not a registered worker may send them; each is answered by an ACK with its
 `command_id`:
@@ -17,11 +17,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blockllm.broker.config import BrokerConfig
-from blockllm.broker.flow import Out
-from blockllm.broker.models import ModelSpec
 from blockllm.broker.protocol import (
     Ack,
     Kind,
@@ -32,8 +29,8 @@ from blockllm.broker.protocol import (
     SetRoutes,
     UnloadStage,
 )
-from blockllm.broker.requests import RequestState
 from blockllm.broker.rewire import check_planned
+from blockllm.broker.state import BrokerState, Out
 from blockllm.broker.workers import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -43,31 +40,12 @@ Handler = Callable[[bytes, Any, Sequence[Any], float], list[Out]]
 
 
 class Commands:
-    """Command handlers and stage draining (Broker's loop thread only)."""
+    """Command handlers and stage draining (the broker's loop thread only)."""
 
-    cfg: BrokerConfig
-    models: dict[str, ModelSpec]
-    workers: dict[bytes, WorkerState]
-    requests: dict[str, RequestState]
-    counters: dict[str, int]
-    preferred: dict[str, tuple[Any, ...]]
-    routes_gen: int
-    move_gen: int
-    chains: dict[str, tuple[str, ...]]
-    _keys: dict[tuple[str, int, int], str | None]
+    def __init__(self, state: BrokerState) -> None:
+        self.state = state
 
-    if TYPE_CHECKING:  # provided by Broker
-
-        def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
-            raise NotImplementedError
-
-        def reload(self, now: float = 0.0) -> None:
-            raise NotImplementedError
-
-        def key_of(self, model: str, start: int, end: int) -> str | None:
-            raise NotImplementedError
-
-    def command_handlers(self) -> dict[Kind, Handler]:
+    def handlers(self) -> dict[Kind, Handler]:
         return {
             Kind.LOAD_STAGE: self._handle_load_stage,
             Kind.UNLOAD_STAGE: self._handle_unload_stage,
@@ -79,22 +57,16 @@ class Commands:
 
     # -- helpers ---------------------------------------------------------------------------
     def _ack(self, peer: bytes, command_id: str, ok: bool, message: str = "") -> list[Out]:
-        self.counters["commands"] += 1
+        self.state.counters["commands"] += 1
         level = logging.INFO if ok else logging.WARNING
         logger.log(level, "[command] %s %s: %s", command_id, "ok" if ok else "refused", message)
         return [Out(peer, Ack(command_id, ok, message[:500]))]
 
-    def _named(self, name: str) -> WorkerState | None:
-        for w in self.workers.values():
-            if w.name == name:
-                return w
-        return None
-
     def _target(self, peer: bytes, msg: Any, now: float) -> WorkerState | list[Out]:
         """The worker a command names, or the answer refusing the command."""
-        if peer in self.workers:
-            return self.bad_message(peer, f"a worker sent {msg.KIND.name}", now)
-        worker = self._named(msg.worker) if msg.worker else None
+        if peer in self.state.workers:
+            return self.state.bad_message(peer, f"a worker sent {msg.KIND.name}", now)
+        worker = self.state.named(msg.worker) if msg.worker else None
         if worker is None:
             return self._ack(peer, msg.command_id, False, f"no live worker {msg.worker!r}")
         return worker
@@ -106,7 +78,7 @@ class Commands:
         worker = self._target(peer, msg, now)
         if not isinstance(worker, WorkerState):
             return worker
-        key = self.key_of(msg.model, msg.start, msg.end)
+        key = self.state.key_of(msg.model, msg.start, msg.end)
         if key is not None:
             worker.draining.pop(key, None)  # loading a stage being drained keeps it
         what = f"load {msg.model}:{msg.start}-{msg.end} on {worker.name}"
@@ -121,7 +93,7 @@ class Commands:
             return worker
         if msg.key not in worker.stage_keys():
             return self._ack(peer, msg.command_id, False, f"{worker.name} has no stage {msg.key}")
-        drain = msg.drain_s if msg.drain_s > 0 else self.cfg.unload_drain_s
+        drain = msg.drain_s if msg.drain_s > 0 else self.state.cfg.unload_drain_s
         worker.draining.setdefault(msg.key, now + drain)
         return self._ack(peer, msg.command_id, True, f"draining {msg.key[:12]} on {worker.name}")
 
@@ -140,27 +112,29 @@ class Commands:
     def _handle_set_routes(
         self, peer: bytes, msg: SetRoutes, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        if peer in self.workers:
-            return self.bad_message(peer, "a worker sent SET_ROUTES", now)
+        if peer in self.state.workers:
+            return self.state.bad_message(peer, "a worker sent SET_ROUTES", now)
         for model, routes in msg.routes.items():
-            spec = self.models.get(model)
+            spec = self.state.models.get(model)
             for route in routes if spec is not None else ():
                 why = check_planned(route, spec.chain_len)
                 if why is not None:
                     return self._ack(peer, msg.command_id, False, f"{model}: {why}")
-        self.preferred = {m: tuple(r) for m, r in msg.routes.items() if r}
-        self.routes_gen += 1
+        self.state.preferred = {m: tuple(r) for m, r in msg.routes.items() if r}
+        self.state.routes_gen += 1
         if msg.move_running:
-            self.move_gen = self.routes_gen
-        n = sum(len(r) for r in self.preferred.values())
-        return self._ack(peer, msg.command_id, True, f"{n} routes for {len(self.preferred)} models")
+            self.state.move_gen = self.state.routes_gen
+        n = sum(len(r) for r in self.state.preferred.values())
+        return self._ack(
+            peer, msg.command_id, True, f"{n} routes for {len(self.state.preferred)} models"
+        )
 
     def _handle_set_chain(
         self, peer: bytes, msg: SetChain, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        if peer in self.workers:
-            return self.bad_message(peer, "a worker sent SET_CHAIN", now)
-        spec = self.models.get(msg.model)
+        if peer in self.state.workers:
+            return self.state.bad_message(peer, "a worker sent SET_CHAIN", now)
+        spec = self.state.models.get(msg.model)
         if spec is None:
             return self._ack(peer, msg.command_id, False, f"unknown model {msg.model!r}")
         if msg.chain and (
@@ -168,34 +142,29 @@ class Commands:
         ):
             text = f"a chain of {spec.chain_len} block ids expected for {msg.model}"
             return self._ack(peer, msg.command_id, False, text)
-        own = tuple(getattr(spec.manifest, "chain", ()))
-        if not msg.chain or msg.chain == own:
-            self.chains.pop(msg.model, None)
-        else:
-            self.chains[msg.model] = tuple(msg.chain)
-        self._keys.clear()
-        n = len(self.substitutions(msg.model))
+        self.state.set_chain(msg.model, tuple(msg.chain))
+        n = len(self.state.substitutions(msg.model))
         return self._ack(peer, msg.command_id, True, f"{msg.model}: {n} blocks substituted")
 
     def _handle_reload(
         self, peer: bytes, msg: Reload, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        if peer in self.workers:
-            return self.bad_message(peer, "a worker sent RELOAD", now)
-        self.reload(now)
-        for model in [m for m in self.chains if m not in self.models]:
-            del self.chains[model]
-        return self._ack(peer, msg.command_id, True, ",".join(sorted(self.models)))
+        if peer in self.state.workers:
+            return self.state.bad_message(peer, "a worker sent RELOAD", now)
+        self.state.reload(now)
+        for model in [m for m in self.state.chains if m not in self.state.models]:
+            del self.state.chains[model]
+        return self._ack(peer, msg.command_id, True, ",".join(sorted(self.state.models)))
 
-    # -- draining and assembled chains -------------------------------------------------------
-    def _drain_tick(self, now: float) -> list[Out]:
+    # -- draining ------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Out]:
         """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up)."""
         out: list[Out] = []
-        for w in self.workers.values():
+        for w in self.state.workers.values():
             for key, deadline in list(w.draining.items()):
                 used = any(
                     h.worker == w.identity and key in h.stage_keys
-                    for r in self.requests.values()
+                    for r in self.state.requests.values()
                     for h in r.route or ()
                 )
                 if used and now < deadline:
@@ -205,21 +174,3 @@ class Commands:
                 logger.info("[rewire] unloading %s from %s", key[:12], w.name)
                 out.append(Out(w.identity, UnloadStage(key)))
         return out
-
-    def substitutions(self, model: str) -> list[dict[str, Any]]:
-        """Positions where `model` is served by another block than its own, and whose it is."""
-        chain = self.chains.get(model)
-        spec = self.models.get(model)
-        if not chain or spec is None:
-            return []
-        own = tuple(getattr(spec.manifest, "chain", ()))
-        subs = []
-        for pos, (mine, used) in enumerate(zip(own, chain, strict=False)):
-            if mine != used:
-                owner = next(
-                    (n for n, s in sorted(self.models.items())
-                     if len(s.manifest.chain) > pos and s.manifest.chain[pos] == used),
-                    None,
-                )  # fmt: skip
-                subs.append({"position": pos, "block": used, "from": owner})
-        return subs

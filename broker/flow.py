@@ -1,6 +1,6 @@
-"""The request life cycle of the Broker: route with credit, step hop by hop, emit tokens,
-finish, replay and fail. A base class of `Broker` (broker.py), pure like it: no sockets, no
-clock, every method returns the messages to send.
+"""The request life cycle of the broker: route with credit, step hop by hop, emit tokens,
+finish, replay and fail. Pure like the `Broker` that owns it: no sockets, no clock, every method
+returns the messages to send. It owns the KV migration of moving requests (broker/migrate.py).
 """
 
 from __future__ import annotations
@@ -8,17 +8,13 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-from blockllm.broker.config import BrokerConfig
-from blockllm.broker.models import ModelSpec
-from blockllm.broker.placement import Hop, WorkerView, find_route
+from blockllm.broker.migrate import Migration
 from blockllm.broker.protocol import (
     Error,
     ErrorCode,
     Forward,
-    Message,
-    PlannedRoute,
     Release,
     Speculate,
     TensorMeta,
@@ -26,77 +22,45 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.requests import RequestState, token_frame, wire_id
 from blockllm.broker.rewire import best_planned, same_route, signature
-from blockllm.broker.stats import Metrics
-from blockllm.broker.workers import WorkerState
+from blockllm.broker.routing import Hop, WorkerView, find_route
+from blockllm.broker.state import BrokerState, Out
 
 logger = logging.getLogger(__name__)
 
 
-class Out(NamedTuple):
-    """One message to send: to `peer` (a ROUTER identity), `msg`, then `frames` as they are."""
-
-    peer: bytes
-    msg: Message
-    frames: tuple[Any, ...] = ()
-
-
-def error_code(code: str) -> ErrorCode:
-    """A protocol ErrorCode for a peer's code string (INTERNAL when it is not one)."""
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL
-
-
 class RequestFlow:
-    """Routing, dispatch and the per-request state machine (Broker's loop thread only)."""
+    """Routing, dispatch and the per-request state machine (the broker's loop thread only)."""
 
-    cfg: BrokerConfig
-    models: dict[str, ModelSpec]
-    workers: dict[bytes, WorkerState]
-    requests: dict[str, RequestState]
-    waiting: deque[str]
-    by_client: dict[tuple[bytes, str], str]
-    counters: dict[str, int]
-    metrics: Metrics
-    # SET_ROUTES: the planner's preferred routes per model; bumped on every change
-    preferred: dict[str, tuple[PlannedRoute, ...]]
-    routes_gen: int
-    move_gen: int  # the last routes_gen that asked running requests to move
-
-    def key_of(self, model: str, start: int, end: int) -> str | None:
-        raise NotImplementedError
-
-    def _relocate(self, req: RequestState, now: float) -> list[Out]:
-        raise NotImplementedError  # broker/migrate.py
-
-    def _drop_migration(self, req: RequestState) -> list[Out]:
-        raise NotImplementedError  # broker/migrate.py
+    def __init__(self, state: BrokerState) -> None:
+        self.state = state
+        self.migration = Migration(state, self)  # KV migration of requests that move
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
         """The best route of `model` over `views`: a planner-preferred one if one resolves,
         else the fewest-hops, least-loaded one (placement.find_route); None if none exists."""
-        spec = self.models.get(model)
+        spec = self.state.models.get(model)
         if spec is None:
             return None
-        planned = self.preferred.get(model)
+        planned = self.state.preferred.get(model)
         if planned:
-            by_name = {w.name: p for p, w in self.workers.items()}
+            by_name = {w.name: p for p, w in self.state.workers.items()}
             running = Counter(
-                signature(r.route) for r in self.requests.values() if r.model == model and r.route
+                signature(r.route)
+                for r in self.state.requests.values()
+                if r.model == model and r.route
             )
-            hops = best_planned(model, planned, by_name, views, self.key_of, running)
+            hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
             if hops is not None:
                 return hops
-        return find_route(model, spec.chain_len, views, self.key_of)
+        return find_route(model, spec.chain_len, views, self.state.key_of)
 
     def covered(self, model: str) -> bool:
         """Whether live workers (banned or busy alike) cover the whole chain of `model`."""
-        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.workers.items()}
+        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.state.workers.items()}
         return self.route(model, views) is not None
 
-    def _kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
+    def kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
         """KV bytes the request reserves on each worker of `route` (estimate)."""
         need: dict[bytes, int] = {}
         per_token = req.spec.kv_bytes_per_token_layer * req.max_total_len
@@ -105,7 +69,7 @@ class RequestFlow:
             need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
         return need
 
-    def _route_with_credit(
+    def route_with_credit(
         self, req: RequestState, now: float, exclude: frozenset[bytes] = frozenset()
     ) -> tuple[list[Hop] | None, bool]:
         """A route over workers with credit, avoiding the request's failed workers if possible
@@ -122,13 +86,13 @@ class RequestFlow:
                         w.load(),
                         peer not in excluded and not w.banned(now) and w.credit_slots() >= 1,
                     )
-                    for peer, w in self.workers.items()
+                    for peer, w in self.state.workers.items()
                 }
                 route = self.route(req.model, views)
                 if route is None:
                     break
-                need = self._kv_need(req, route)
-                short = [p for p, n in need.items() if not self.workers[p].can_take(n)]
+                need = self.kv_need(req, route)
+                short = [p for p, n in need.items() if not self.state.workers[p].can_take(n)]
                 if not short:
                     return route, bytes_short
                 bytes_short = True
@@ -138,33 +102,33 @@ class RequestFlow:
         return None, bytes_short
 
     # -- dispatch --------------------------------------------------------------------------
-    def _dispatch(self, now: float) -> list[Out]:
+    def dispatch(self, now: float) -> list[Out]:
         """Start every waiting request that has a route with credit now, in arrival order."""
         out: list[Out] = []
         failed_at: dict[str, int] = {}  # model -> smallest max_total_len that found no route
         still: deque[str] = deque()
-        while self.waiting:
-            rid = self.waiting.popleft()
-            req = self.requests[rid]
+        while self.state.waiting:
+            rid = self.state.waiting.popleft()
+            req = self.state.requests[rid]
             if req.max_total_len >= failed_at.get(req.model, 1 << 62):
                 still.append(rid)
                 continue
-            route, bytes_short = self._route_with_credit(req, now)
+            route, bytes_short = self.route_with_credit(req, now)
             if route is None:
                 # without a route for lack of slots, no request of the model has one: skip them
                 limit = req.max_total_len if bytes_short else 0
                 failed_at[req.model] = min(limit, failed_at.get(req.model, 1 << 62))
                 still.append(rid)
                 continue
-            for peer, nbytes in self._kv_need(req, route).items():
-                self.workers[peer].inflight[req.wire_id] = nbytes
+            for peer, nbytes in self.kv_need(req, route).items():
+                self.state.workers[peer].inflight[req.wire_id] = nbytes
             req.route = route
-            req.routed_gen = self.routes_gen
-            out.append(self._start_step(req, now))
-        self.waiting = still
+            req.routed_gen = self.state.routes_gen
+            out.append(self.start_step(req, now))
+        self.state.waiting = still
         return out
 
-    def _forward(
+    def forward(
         self,
         req: RequestState,
         hop: Hop,
@@ -185,13 +149,13 @@ class RequestFlow:
             tensors=tensors,
         )
 
-    def _speculative(
+    def speculative(
         self, req: RequestState, tensors: tuple[TensorMeta, ...], frames: Sequence[Any]
     ) -> list[Out]:
         """SPECULATE for hop `req.hop + 1` with the input just forwarded to hop `req.hop`
         (the same frames, never decoded): only for a model that speculates, on a decode step
         (one position) past hop 0, when the next hop is on another worker."""
-        tol = self.cfg.speculation_tolerance(req.model)
+        tol = self.state.cfg.speculation_tolerance(req.model)
         route, j = req.route, req.hop
         if tol is None or route is None or req.prefill or not 1 <= j < len(route) - 1:
             return []
@@ -200,12 +164,23 @@ class RequestFlow:
         if tuple(tensors[0].shape[:1]) != (1,):
             return []
         nxt = route[j + 1]
-        self.counters["speculated"] += 1
-        msg = Speculate(req.wire_id, req.step, nxt.stage_keys, req.past_len, req.max_total_len,
-                        tol, req.temperature, req.top_k, req.top_p, req.seed, tensors)  # fmt: skip
+        self.state.counters["speculated"] += 1
+        msg = Speculate(
+            req.wire_id,
+            req.step,
+            nxt.stage_keys,
+            req.past_len,
+            req.max_total_len,
+            tol,
+            req.temperature,
+            req.top_k,
+            req.top_p,
+            req.seed,
+            tensors,
+        )
         return [Out(nxt.worker, msg, tuple(frames))]
 
-    def _start_step(self, req: RequestState, now: float) -> Out:
+    def start_step(self, req: RequestState, now: float) -> Out:
         """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""
         assert req.route
         req.hop_sent_at = now
@@ -214,16 +189,16 @@ class RequestFlow:
         req.hop = 0
         meta, frame = token_frame(ids)
         hop = req.route[0]
-        return Out(hop.worker, self._forward(req, hop, (meta,)), (frame,))
+        return Out(hop.worker, self.forward(req, hop, (meta,)), (frame,))
 
     # -- tokens and the end of a request -----------------------------------------------------
-    def _on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
+    def on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
         """The last hop sampled `token_id`: stream it, then finish or start the next step."""
-        lost_race = self._drop_shadow(req)  # this step is done: a hedged attempt lost
+        lost_race = self.drop_shadow(req)  # this step is done: a hedged attempt lost
         req.generated.append(token_id)
         req.prefill = False
-        self.counters["tokens"] += 1
-        self.metrics.on_token(req.model, now, req.created, req.last_token_at)
+        self.state.counters["tokens"] += 1
+        self.state.metrics.on_token(req.model, now, req.created, req.last_token_at)
         req.last_token_at = now
         text = req.detok.push(token_id) if req.detok else ""
         finish = None
@@ -238,15 +213,15 @@ class RequestFlow:
         )
         out = [Out(req.client, token), *lost_race]
         if finish is None:
-            if self._should_move(req, now):
-                return out + self._relocate(req, now)  # migrate its KV, or replay
-            return [*out, self._start_step(req, now)]
-        self.counters["completed"] += 1
-        self.metrics.on_complete(req.model)
-        return out + self._finish(req, None)
+            if self.should_move(req, now):
+                return out + self.migration.relocate(req, now)  # migrate its KV, or replay
+            return [*out, self.start_step(req, now)]
+        self.state.counters["completed"] += 1
+        self.state.metrics.on_complete(req.model)
+        return out + self.finish(req, None)
 
     # -- live rewiring: between two steps, a request may move to a better route -------------
-    def _should_move(self, req: RequestState, now: float) -> bool:
+    def should_move(self, req: RequestState, now: float) -> bool:
         """Whether the request should leave its route before its next step: a stage of it is
         being drained, or the planner asked running requests to move (SET_ROUTES with
         move_running) since it was routed; and a different route with credit exists now."""
@@ -254,84 +229,91 @@ class RequestFlow:
         if req.shadow is not None:
             return False
         draining = any(
-            (w := self.workers.get(h.worker)) is not None and set(h.stage_keys) & set(w.draining)
+            (w := self.state.workers.get(h.worker)) is not None
+            and set(h.stage_keys) & set(w.draining)
             for h in req.route
         )
-        if not draining and not (self.move_gen > req.routed_gen and self.preferred.get(req.model)):
+        if not draining and not (
+            self.state.move_gen > req.routed_gen and self.state.preferred.get(req.model)
+        ):
             return False
-        req.routed_gen = self.routes_gen  # decide once per change of the planner's routes
-        route, _ = self._route_with_credit(req, now)
+        req.routed_gen = self.state.routes_gen  # decide once per change of the planner's routes
+        route, _ = self.route_with_credit(req, now)
         return route is not None and not same_route(route, req.route)
 
-    def _move(self, req: RequestState) -> list[Out]:
+    def move(self, req: RequestState) -> list[Out]:
         """Release the request's hops and route it again (a prefill of everything so far):
         nothing is lost or sent twice, the client sees one slower token."""
-        out = self._release(req)
+        out = self.release(req)
         req.prefill = True
-        self.counters["moved"] += 1
-        logger.info("[rewire] request %s (%s) moves after %d tokens", req.client_rid, req.rid,
-                    len(req.generated))  # fmt: skip
-        self.waiting.appendleft(req.rid)
+        self.state.counters["moved"] += 1
+        logger.info(
+            "[rewire] request %s (%s) moves after %d tokens",
+            req.client_rid,
+            req.rid,
+            len(req.generated),
+        )
+        self.state.waiting.appendleft(req.rid)
         return out
 
-    def _finish(self, req: RequestState, final: Out | None) -> list[Out]:
+    def finish(self, req: RequestState, final: Out | None) -> list[Out]:
         """Forget the request: RELEASE its hops, return its credit, send `final` if any."""
         out = [final] if final is not None else []
-        out += self._release(req)
-        self.requests.pop(req.rid, None)
-        self.by_client.pop((req.client, req.client_rid), None)
-        if req.route is None and req.rid in self.waiting:
-            self.waiting.remove(req.rid)
+        out += self.release(req)
+        self.state.requests.pop(req.rid, None)
+        self.state.by_client.pop((req.client, req.client_rid), None)
+        if req.route is None and req.rid in self.state.waiting:
+            self.state.waiting.remove(req.rid)
         return out
 
-    def _release(self, req: RequestState) -> list[Out]:
+    def release(self, req: RequestState) -> list[Out]:
         """RELEASE to every live worker of the route (and of a hedged attempt), and return
         their credit."""
-        out = self._drop_shadow(req)
-        out += self._drop_migration(req)
-        out += self._release_route(req.route, req.wire_id)
+        out = self.drop_shadow(req)
+        out += self.migration.drop(req)
+        out += self.release_route(req.route, req.wire_id)
         req.route = None
         return out
 
-    def _release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
+    def release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
         out = []
         for peer in dict.fromkeys(h.worker for h in route or ()):
-            worker = self.workers.get(peer)  # type: ignore[call-overload]
+            worker = self.state.workers.get(peer)  # type: ignore[call-overload]
             if worker is not None:
                 worker.inflight.pop(wire, None)
                 out.append(Out(peer, Release(wire)))  # type: ignore[arg-type]
         return out
 
-    def _drop_shadow(self, req: RequestState) -> list[Out]:
+    def drop_shadow(self, req: RequestState) -> list[Out]:
         """Forget a hedged attempt: RELEASE its workers (its late answers are dropped)."""
         sh, req.shadow = req.shadow, None
-        return [] if sh is None else self._release_route(sh.route, wire_id(req.rid, sh.attempt))
+        return [] if sh is None else self.release_route(sh.route, wire_id(req.rid, sh.attempt))
 
-    def _fail(
+    def fail(
         self, req: RequestState, code: ErrorCode, message: str, retryable: bool = False
     ) -> list[Out]:
         """End the request with a typed error to its client."""
-        self.counters["failed"] += 1
+        self.state.counters["failed"] += 1
         if code is ErrorCode.TIMEOUT or code is ErrorCode.NO_ROUTE:
-            self.counters["timeouts"] += 1
+            self.state.counters["timeouts"] += 1
         logger.info("request %s (%s) failed: %s %s", req.client_rid, req.rid, code.value, message)
         error = Error(req.client_rid, code.value, message, retryable, req.step)
-        return self._finish(req, Out(req.client, error))
+        return self.finish(req, Out(req.client, error))
 
-    def _replay(self, req: RequestState, now: float, failed: bytes, why: str) -> list[Out]:
+    def replay(self, req: RequestState, now: float, failed: bytes, why: str) -> list[Out]:
         """Move the request off its route: release, route again later, re-prefill everything.
 
         The client sees only a delay: the generated tokens are kept and not re-sent.
         """
-        out = self._release(req)
+        out = self.release(req)
         req.replays += 1
         req.prefill = True
         req.last_failure = why
         req.avoid.add(failed)
-        self.counters["replays"] += 1
-        if req.replays > self.cfg.max_replays:
+        self.state.counters["replays"] += 1
+        if req.replays > self.state.cfg.max_replays:
             text = f"gave up after {req.replays - 1} replays; last: {why}"
-            return out + self._fail(req, ErrorCode.WORKER_LOST, text, retryable=True)
+            return out + self.fail(req, ErrorCode.WORKER_LOST, text, retryable=True)
         logger.info(
             "[replay] request %s (%s) after %d tokens: %s",
             req.client_rid,
@@ -339,5 +321,5 @@ class RequestFlow:
             len(req.generated),
             why,
         )
-        self.waiting.appendleft(req.rid)
+        self.state.waiting.appendleft(req.rid)
         return out

@@ -5,6 +5,10 @@ everything (kind known, header a msgpack array of the right field types, frame c
 byte sizes) and raises `ProtocolError` otherwise. Tensors are sent as zero-copy `uint8` views
 (bf16-safe) and received as zero-copy views of the frame: treat them as read-only and copy them
 to the device promptly (a live view pins the whole zmq message).
+
+torch is imported only where tensors are touched (`tensor_frame`, `tensor_from_frame`,
+`decode`, `encode` with tensors): a text-in/text-out client and the broker's envelope path
+(`decode_header`, `encode_passthrough`, `tensor_nbytes`) never load it.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
 from blockllm.broker.protocol import (
     MAX_FRAMES,
@@ -34,12 +37,22 @@ from blockllm.broker.protocol import (
     TensorMeta,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 # Received frames are read-only buffers; the tensors aliasing them are never written to.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8")
+# The dtypes a frame may carry (torch dtype names) and their item sizes in bytes.
+ITEMSIZE: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
 }
 
 Buffer = bytes | memoryview
@@ -55,6 +68,8 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
 
     The caller keeps `t` alive and unmodified until zmq has sent it.
     """
+    import torch
+
     if t.device.type != "cpu":
         raise ValueError("frame tensors from CPU memory; copy off the accelerator first")
     flat = t.detach().contiguous().reshape(-1)  # 0-dim and N-dim alike -> [numel]
@@ -63,7 +78,9 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
 
 def tensor_from_frame(buf: Buffer, meta: TensorMeta) -> torch.Tensor:
     """Zero-copy, read-only view of a received frame as a tensor described by `meta`."""
-    dtype = DTYPES[meta.dtype]
+    import torch
+
+    dtype = getattr(torch, meta.dtype)
     if len(buf) == 0:  # torch.frombuffer rejects empty buffers
         return torch.empty(meta.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(meta.shape)
@@ -191,7 +208,7 @@ def decode_header(frames: Sequence[Any]) -> Message:
         f"{kind.name}: {len(frames) - 2} frames, header says {n_tensors}",
     )
     for meta in msg.tensors if kind in TENSOR_KINDS else ():
-        _check(meta.dtype in DTYPES, f"unsupported dtype {meta.dtype!r}")
+        _check(meta.dtype in ITEMSIZE, f"unsupported dtype {meta.dtype!r}")
         _check(all(d >= 0 for d in meta.shape) and len(meta.shape) <= 8, "bad tensor shape")
     return msg
 
@@ -201,7 +218,7 @@ def _buf(frame: Any) -> Buffer:
 
 
 def tensor_nbytes(meta: TensorMeta) -> int:
-    return math.prod(meta.shape) * DTYPES[meta.dtype].itemsize
+    return math.prod(meta.shape) * ITEMSIZE[meta.dtype]
 
 
 def decode(frames: Sequence[Any]) -> tuple[Message, list[torch.Tensor]]:

@@ -1,5 +1,5 @@
 """Hedged steps: a decode step late past a deadline is re-sent to a duplicate; the first
-answer wins. A base class of `Broker`, pure like it.
+answer wins. A part of the `Broker`, pure like it.
 
 The deadline is `max(hedge_after_s, hedge_factor x the fastest worker's recent step p50)`;
 only decode steps are hedged (a prefill's time depends on its length). The re-send is a
@@ -16,124 +16,110 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blockllm.broker.config import BrokerConfig
-from blockllm.broker.flow import Out
-from blockllm.broker.placement import Hop
+from blockllm.broker.flow import RequestFlow
 from blockllm.broker.protocol import Error, Result
-from blockllm.broker.requests import RequestState, Shadow, token_frame, wire_id
+from blockllm.broker.requests import RequestState, Shadow, split_wire_id, token_frame, wire_id
 from blockllm.broker.rewire import same_route
-from blockllm.broker.workers import WorkerState
+from blockllm.broker.state import BrokerState, Out
 
 logger = logging.getLogger(__name__)
 
 
 class Hedging:
-    """Shadow attempts of late steps (Broker's loop thread only)."""
+    """Shadow attempts of late steps (the broker's loop thread only)."""
 
-    cfg: BrokerConfig
-    workers: dict[bytes, WorkerState]
-    requests: dict[str, RequestState]
-    counters: dict[str, int]
-    routes_gen: int
-
-    if TYPE_CHECKING:  # provided by RequestFlow (a later base of Broker)
-
-        def _route_with_credit(
-            self, req: RequestState, now: float, exclude: frozenset[bytes] = frozenset()
-        ) -> tuple[list[Hop] | None, bool]:
-            raise NotImplementedError
-
-        def _kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
-            raise NotImplementedError
-
-        def _forward(self, req: RequestState, hop: Hop, tensors: Any, wire: Any = None,
-                     past_len: Any = None) -> Any:  # fmt: skip
-            raise NotImplementedError
-
-        def _on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
-            raise NotImplementedError
-
-        def _drop_shadow(self, req: RequestState) -> list[Out]:
-            raise NotImplementedError
-
-        def _release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
-            raise NotImplementedError
+    def __init__(self, state: BrokerState, flow: RequestFlow) -> None:
+        self.state = state
+        self.flow = flow
 
     # -- launching ---------------------------------------------------------------------------
     def hedge_deadline(self) -> float:
         """Seconds a decode hop may take before it is hedged."""
-        p50s = [w.step_ms_p50 for w in self.workers.values() if w.step_ms_p50 > 0]
+        p50s = [w.step_ms_p50 for w in self.state.workers.values() if w.step_ms_p50 > 0]
         typical = min(p50s) / 1000 if p50s else 0.0
-        return max(self.cfg.hedge_after_s, self.cfg.hedge_factor * typical)
+        return max(self.state.cfg.hedge_after_s, self.state.cfg.hedge_factor * typical)
 
-    def _hedge_tick(self, now: float) -> list[Out]:
-        if self.cfg.hedge_after_s <= 0:
+    def tick(self, now: float) -> list[Out]:
+        if self.state.cfg.hedge_after_s <= 0:
             return []
         deadline = self.hedge_deadline()
         out: list[Out] = []
-        for req in list(self.requests.values()):
+        for req in list(self.state.requests.values()):
             if req.route is None or req.shadow is not None or req.prefill or req.past_len == 0:
                 continue
             if now - req.hop_sent_at >= deadline:
-                out += self._launch_shadow(req, now)
+                out += self._launch(req, now)
         return out
 
-    def _launch_shadow(self, req: RequestState, now: float) -> list[Out]:
+    def _launch(self, req: RequestState, now: float) -> list[Out]:
         assert req.route is not None
         late = req.route[req.hop].worker
-        route, _ = self._route_with_credit(req, now, frozenset({late}))  # type: ignore[arg-type]
+        route, _ = self.flow.route_with_credit(req, now, frozenset({late}))  # type: ignore[arg-type]
         if route is None or same_route(route, req.route):
             req.hop_sent_at = now  # nothing to hedge with now: look again a deadline later
             return []
         req.attempts += 1
         req.shadow = Shadow(req.attempts, route)
         wire = wire_id(req.rid, req.attempts)
-        for peer, nbytes in self._kv_need(req, route).items():
-            self.workers[peer].inflight[wire] = nbytes
+        for peer, nbytes in self.flow.kv_need(req, route).items():
+            self.state.workers[peer].inflight[wire] = nbytes
         meta, frame = token_frame([*req.prompt, *req.generated])
-        self.counters["hedges"] += 1
-        late_name = self.workers[late].name if late in self.workers else "?"  # type: ignore[index]
-        logger.info("[hedge] request %s step %d late on %s: re-sent as %s", req.client_rid,
-                    req.step, late_name, wire)  # fmt: skip
-        fwd = self._forward(req, route[0], (meta,), wire=wire, past_len=0)
+        self.state.counters["hedges"] += 1
+        late_name = self.state.workers[late].name if late in self.state.workers else "?"  # type: ignore[index]
+        logger.info(
+            "[hedge] request %s step %d late on %s: re-sent as %s",
+            req.client_rid,
+            req.step,
+            late_name,
+            wire,
+        )
+        fwd = self.flow.forward(req, route[0], (meta,), wire=wire, past_len=0)
         return [Out(route[0].worker, fwd, (frame,))]  # type: ignore[arg-type]
 
     # -- answers of a shadow -----------------------------------------------------------------
-    def _shadow_result(
+    def shadow_of(self, peer: bytes, wire: str) -> RequestState | None:
+        """The request whose hedged attempt `wire` is (from a live worker), if any."""
+        rid, attempt = split_wire_id(wire)
+        req = self.state.requests.get(rid)
+        if req is None or req.shadow is None or peer not in self.state.workers:
+            return None
+        return req if req.shadow.attempt == attempt else None
+
+    def on_result(
         self, req: RequestState, peer: bytes, msg: Result, frames: Sequence[Any], now: float
     ) -> list[Out]:
         sh = req.shadow
         assert sh is not None
         if msg.step != req.step or sh.route[sh.hop].worker != peer:
-            self.counters["stale_results"] += 1
+            self.state.counters["stale_results"] += 1
             return []
         if sh.hop < len(sh.route) - 1:
             if len(msg.tensors) != 1:
-                return self._drop_shadow(req)
+                return self.flow.drop_shadow(req)
             sh.hop += 1
             hop = sh.route[sh.hop]
             wire = wire_id(req.rid, sh.attempt)
-            fwd = self._forward(req, hop, tuple(msg.tensors), wire=wire, past_len=0)
+            fwd = self.flow.forward(req, hop, tuple(msg.tensors), wire=wire, past_len=0)
             return [Out(hop.worker, fwd, tuple(frames))]  # type: ignore[arg-type]
         if msg.tensors or not 0 <= msg.token_id < req.spec.vocab_size:
-            return self._drop_shadow(req)
-        self.counters["hedges_won"] += 1
+            return self.flow.drop_shadow(req)
+        self.state.counters["hedges_won"] += 1
         logger.info("[hedge] request %s step %d: the re-sent attempt won", req.client_rid, req.step)
-        return self._promote(req) + self._on_token(req, msg.token_id, now)
+        return self.promote(req) + self.flow.on_token(req, msg.token_id, now)
 
-    def _shadow_error(self, req: RequestState, msg: Error) -> list[Out]:
+    def on_error(self, req: RequestState, msg: Error) -> list[Out]:
         logger.info("[hedge] request %s: re-sent attempt failed (%s)", req.client_rid, msg.code)
-        return self._drop_shadow(req)
+        return self.flow.drop_shadow(req)
 
-    def _promote(self, req: RequestState) -> list[Out]:
+    def promote(self, req: RequestState) -> list[Out]:
         """The shadow becomes the request's attempt; the old one is RELEASEd."""
         sh = req.shadow
         assert sh is not None
-        out = self._release_route(req.route, req.wire_id)
+        out = self.flow.release_route(req.route, req.wire_id)
         req.shadow = None
         req.attempt, req.route, req.hop = sh.attempt, sh.route, sh.hop
         req.past_len = 0  # the shadow is a prefill: its remaining hops run with past_len 0
-        req.routed_gen = self.routes_gen
+        req.routed_gen = self.state.routes_gen
         return out

@@ -1,5 +1,5 @@
 """KV migration on a route change: a running request that moves keeps its KV instead of
-re-prefilling. A base class of `Broker`, pure like it (no sockets, no clock).
+re-prefilling. A part of the `Broker` (the request flow owns it), pure like it.
 
 When a running request moves (SET_ROUTES with move_running, or a stage being drained) and each
 decoder stage of its new route is a stage it already holds KV in on some live worker, it is
@@ -35,21 +35,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockllm.broker.config import BrokerConfig
-from blockllm.broker.flow import Out
-from blockllm.broker.placement import Hop, WorkerView
-from blockllm.broker.protocol import (
-    Kind,
-    KvAck,
-    KvExport,
-    KvShard,
-    Message,
-    PlannedRoute,
-    TensorMeta,
-)
+from blockllm.broker.protocol import Kind, KvAck, KvExport, KvShard, Message, TensorMeta
 from blockllm.broker.requests import RequestState
 from blockllm.broker.rewire import planned_score, same_route, signature
-from blockllm.broker.workers import WorkerState
+from blockllm.broker.routing import Hop, WorkerView
+from blockllm.broker.state import BrokerState, Out
+
+if TYPE_CHECKING:
+    from blockllm.broker.flow import RequestFlow
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +61,7 @@ class Transfer:
 
 
 @dataclass(slots=True)
-class Migration:
+class Migrating:
     """A paused request's move to `route`: its transfers and when it started."""
 
     route: list[Hop]
@@ -107,66 +100,40 @@ def shard_nbytes(metas: Sequence[TensorMeta]) -> int:
     return sum(tensor_nbytes(m) for m in metas)
 
 
-class Migrating:
-    """KV migration of moving requests (Broker's loop thread only)."""
+class Migration:
+    """KV migration of moving requests (the broker's loop thread only); owned by the
+    `RequestFlow`, which asks it to `relocate` a request and to `drop` one it releases."""
 
-    cfg: BrokerConfig
-    workers: dict[bytes, WorkerState]
-    requests: dict[str, RequestState]
-    counters: dict[str, int]
-    routes_gen: int
-    preferred: dict[str, tuple[PlannedRoute, ...]]
-    migrating: dict[str, Migration]
-    _tids: Any = None
+    def __init__(self, state: BrokerState, flow: RequestFlow) -> None:
+        self.state = state
+        self.flow = flow
+        self.migrating: dict[str, Migrating] = {}  # request id -> its KV migration in flight
+        self._tids = itertools.count(1)
 
-    if TYPE_CHECKING:  # provided by RequestFlow (a later base of Broker)
-
-        def _route_with_credit(
-            self, req: RequestState, now: float, exclude: frozenset[bytes] = frozenset()
-        ) -> tuple[list[Hop] | None, bool]:
-            raise NotImplementedError
-
-        def _kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
-            raise NotImplementedError
-
-        def _move(self, req: RequestState) -> list[Out]:
-            raise NotImplementedError
-
-        def _start_step(self, req: RequestState, now: float) -> Out:
-            raise NotImplementedError
-
-        def _release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:
-            raise NotImplementedError
-
-        def key_of(self, model: str, start: int, end: int) -> str | None:
-            raise NotImplementedError
-
-    def migration_handlers(self) -> dict[Kind, Handler]:
+    def handlers(self) -> dict[Kind, Handler]:
         return {Kind.KV_SHARD: self._handle_kv_shard, Kind.KV_ACK: self._handle_kv_ack}
 
     # -- starting ----------------------------------------------------------------------------
-    def _relocate(self, req: RequestState, now: float) -> list[Out]:
+    def relocate(self, req: RequestState, now: float) -> list[Out]:
         """Move a running request between two steps (`_should_move` said so): stay when its
         route is as good as the new one, else migrate its KV if it can, else replay."""
         assert req.route is not None
         if req.shadow is not None:
-            return self._move(req)
-        route, _ = self._route_with_credit(req, now)
+            return self.flow.move(req)
+        route, _ = self.flow.route_with_credit(req, now)
         if route is None or same_route(route, req.route):
-            return self._move(req)
+            return self.flow.move(req)
         if self._stays(req, route, now):  # its KV stays where it is
-            return [self._start_step(req, now)]
-        if not self.cfg.kv_migration:
-            return self._move(req)
+            return [self.flow.start_step(req, now)]
+        if not self.state.cfg.kv_migration:
+            return self.flow.move(req)
         spec = req.spec
         moves = plan_transfers(req.route, route, lambda a, b: spec.decoder_layers_in(a, b) > 0)
-        if moves is None or any(src not in self.workers for _, src, _ in moves):
-            return self._move(req)
-        if self._tids is None:
-            self._tids = itertools.count(1)
-        mig = Migration(route, len(req.prompt) + len(req.generated) - 1, now)
-        for peer, nbytes in self._kv_need(req, route).items():
-            self.workers[peer].inflight.setdefault(req.wire_id, nbytes)
+        if moves is None or any(src not in self.state.workers for _, src, _ in moves):
+            return self.flow.move(req)
+        mig = Migrating(route, len(req.prompt) + len(req.generated) - 1, now)
+        for peer, nbytes in self.flow.kv_need(req, route).items():
+            self.state.workers[peer].inflight.setdefault(req.wire_id, nbytes)
         self.migrating[req.rid] = mig
         req.prefill = True  # paused: hedging skips it; a fallback replays anyway
         out = []
@@ -174,8 +141,13 @@ class Migrating:
             t = Transfer(next(self._tids), key, src, dst)
             mig.transfers[t.transfer_id] = t
             out.append(Out(src, KvExport(t.transfer_id, req.wire_id, key, mig.length)))
-        logger.info("[migrate] request %s (%s): %d stages after %d tokens", req.client_rid,
-                    req.rid, len(moves), len(req.generated))  # fmt: skip
+        logger.info(
+            "[migrate] request %s (%s): %d stages after %d tokens",
+            req.client_rid,
+            req.rid,
+            len(moves),
+            len(req.generated),
+        )
         if not moves:  # only stages without KV change workers
             return out + self._migrated(req, now)
         return out
@@ -184,19 +156,21 @@ class Migrating:
         """Whether a request the planner's new routes would move keeps its route instead:
         its route is still a planned one (no stage draining, workers live and not banned) and
         no busier per weight, counting the request once, than `new` would be with it."""
-        planned = self.preferred.get(req.model)
+        planned = self.state.preferred.get(req.model)
         if not planned or req.route is None:
             return False
         for h in req.route:
-            w = self.workers.get(h.worker)  # type: ignore[call-overload]
+            w = self.state.workers.get(h.worker)  # type: ignore[call-overload]
             if w is None or w.banned(now) or set(h.stage_keys) & set(w.draining):
                 return False
-        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.workers.items()}
-        by_name = {w.name: p for p, w in self.workers.items()}
+        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.state.workers.items()}
+        by_name = {w.name: p for p, w in self.state.workers.items()}
         running = Counter(
-            signature(r.route) for r in self.requests.values() if r.model == req.model and r.route
+            signature(r.route)
+            for r in self.state.requests.values()
+            if r.model == req.model and r.route
         )
-        args = (by_name, views, self.key_of, running)
+        args = (by_name, views, self.state.key_of, running)
         stay = planned_score(req.model, planned, signature(req.route), *args, joining=0)
         if stay is None:
             return False
@@ -207,7 +181,7 @@ class Migrating:
     def _transfer(self, peer: bytes, msg: KvShard | KvAck) -> tuple[Any, Any]:
         """(request, transfer) a worker's KV message belongs to, or (None, None) if stale."""
         rid = msg.request_id.partition("~")[0]
-        req = self.requests.get(rid)
+        req = self.state.requests.get(rid)
         mig = self.migrating.get(rid)
         t = None if mig is None else mig.transfers.get(msg.transfer_id)
         if req is None or t is None or req.wire_id != msg.request_id:
@@ -221,15 +195,21 @@ class Migrating:
     ) -> list[Out]:
         req, t = self._transfer(peer, msg)
         if req is None or t.src != peer or t.state != "export":
-            self.counters["stale_results"] += 1
+            self.state.counters["stale_results"] += 1
             return []
         mig = self.migrating[req.rid]
         if msg.length != mig.length or len(msg.tensors) != 2:
             return self._migration_failed(req, f"bad KV_SHARD from {self._name(peer)}")
         t.state = "import"
         mig.nbytes += shard_nbytes(msg.tensors)
-        fwd = KvShard(t.transfer_id, msg.request_id, t.stage_key, mig.length, req.max_total_len,
-                      tuple(msg.tensors))  # fmt: skip
+        fwd = KvShard(
+            t.transfer_id,
+            msg.request_id,
+            t.stage_key,
+            mig.length,
+            req.max_total_len,
+            tuple(msg.tensors),
+        )
         return [Out(t.dst, fwd, tuple(frames))]
 
     def _handle_kv_ack(
@@ -237,13 +217,13 @@ class Migrating:
     ) -> list[Out]:
         req, t = self._transfer(peer, msg)
         if req is None or peer not in (t.src, t.dst):
-            self.counters["stale_results"] += 1
+            self.state.counters["stale_results"] += 1
             return []
         if not msg.ok:
             why = f"{msg.code} from {self._name(peer)}: {msg.message}"
             return self._migration_failed(req, why)
         if peer != t.dst or t.state != "import":
-            self.counters["stale_results"] += 1
+            self.state.counters["stale_results"] += 1
             return []
         t.state = "done"
         mig = self.migrating[req.rid]
@@ -257,55 +237,60 @@ class Migrating:
         mig = self.migrating.pop(req.rid)
         assert req.route is not None
         kept = {h.worker for h in mig.route}
-        out = self._release_route([h for h in req.route if h.worker not in kept], req.wire_id)
+        out = self.flow.release_route([h for h in req.route if h.worker not in kept], req.wire_id)
         req.route = mig.route
-        req.routed_gen = self.routes_gen
+        req.routed_gen = self.state.routes_gen
         req.prefill = False
-        self.counters["migrations"] += 1
-        self.counters["moved"] += 1
-        self.counters["migrated_bytes"] += mig.nbytes
-        logger.info("[migrate] request %s (%s): %d bytes in %.1f ms", req.client_rid, req.rid,
-                    mig.nbytes, (now - mig.started) * 1000)  # fmt: skip
-        return [*out, self._start_step(req, now)]
+        self.state.counters["migrations"] += 1
+        self.state.counters["moved"] += 1
+        self.state.counters["migrated_bytes"] += mig.nbytes
+        logger.info(
+            "[migrate] request %s (%s): %d bytes in %.1f ms",
+            req.client_rid,
+            req.rid,
+            mig.nbytes,
+            (now - mig.started) * 1000,
+        )
+        return [*out, self.flow.start_step(req, now)]
 
     def _migration_failed(self, req: RequestState, why: str) -> list[Out]:
         """Fall back to the replay move (its release drops the migration: `_drop_migration`)."""
-        self.counters["migrations_failed"] += 1
+        self.state.counters["migrations_failed"] += 1
         logger.info("[migrate] request %s (%s) replays instead: %s", req.client_rid, req.rid, why)
-        return self._move(req)
+        return self.flow.move(req)
 
-    def _drop_migration(self, req: RequestState) -> list[Out]:
+    def drop(self, req: RequestState) -> list[Out]:
         """Forget a migration in flight (the request is released, replayed or finished):
         RELEASE the new route's workers that are not on the old one (they may hold a copy)."""
         mig = self.migrating.pop(req.rid, None)
         if mig is None:
             return []
         old = {h.worker for h in req.route or ()}
-        return self._release_route([h for h in mig.route if h.worker not in old], req.wire_id)
+        return self.flow.release_route([h for h in mig.route if h.worker not in old], req.wire_id)
 
-    def _migrate_tick(self, now: float) -> list[Out]:
+    def tick(self, now: float) -> list[Out]:
         """Fall back for migrations past their deadline or with a worker lost."""
         out: list[Out] = []
         for rid, mig in list(self.migrating.items()):
-            req = self.requests.get(rid)
+            req = self.state.requests.get(rid)
             if req is None:
                 self.migrating.pop(rid, None)
                 continue
-            gone = [p for p in mig.workers() if p not in self.workers]
+            gone = [p for p in mig.workers() if p not in self.state.workers]
             if gone:
                 out += self._migration_failed(req, "a worker of the migration was lost")
-            elif now - mig.started >= self.cfg.migrate_timeout_s:
+            elif now - mig.started >= self.state.cfg.migrate_timeout_s:
                 out += self._migration_failed(req, "timed out")
         return out
 
-    def _migration_send_failed(self, msg: Message) -> list[Out]:
+    def send_failed(self, msg: Message) -> list[Out]:
         """A KV_EXPORT or KV_SHARD could not be sent: that migration replays instead."""
         rid = getattr(msg, "request_id", "").partition("~")[0]
-        req = self.requests.get(rid)
+        req = self.state.requests.get(rid)
         if req is None or rid not in self.migrating:
             return []
         return self._migration_failed(req, f"{msg.KIND.name} could not be sent")
 
     def _name(self, peer: bytes) -> str:
-        w = self.workers.get(peer)
+        w = self.state.workers.get(peer)
         return w.name if w is not None else repr(peer)

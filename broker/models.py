@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blockllm.zoo.chain import decoder_layers_in
+
 logger = logging.getLogger(__name__)
 
 Catalog = Callable[[], Mapping[str, "ModelSpec"]]
@@ -40,7 +42,7 @@ class ModelSpec:
 
     def decoder_layers_in(self, start: int, end: int) -> int:
         """How many decoder layers (positions 1..L) the span [start, end) holds."""
-        return max(0, min(end, self.chain_len - 1) - max(start, 1))
+        return decoder_layers_in(self.chain_len, start, end)
 
 
 def eos_ids_of(manifest: Any, fallback: int | None) -> frozenset[int]:

@@ -18,9 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -33,6 +30,14 @@ from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.fetch import serve_fetch
+from blockllm.broker.lifecycle import (
+    WakePipe,
+    Watchdog,
+    begin_drain,
+    notify,
+    on_stop_signals,
+    start_process,
+)
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
     MAX_TENSOR_BYTES,
@@ -44,7 +49,6 @@ from blockllm.broker.protocol import (
     ProtocolError,
     Stats,
 )
-from blockllm.broker.sdnotify import Watchdog, notify
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
 logger = logging.getLogger(__name__)
@@ -101,9 +105,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self.shutdown_requested = False
         self.prom: Any = None  # BrokerMetrics when --metrics-port is given
         self._prom_server: Any = None
@@ -144,8 +146,7 @@ class BrokerProc:
     def request_shutdown(self) -> None:
         """Ask the loop to drain and stop; async-signal-safe (a flag and a pipe write)."""
         self.shutdown_requested = True
-        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is already pending
-            os.write(self._wake_w, b"\0")
+        self._wake.wake()
 
     def close(self) -> None:
         """Close the socket before terminating the context (term blocks on open sockets)."""
@@ -167,9 +168,7 @@ class BrokerProc:
             self._prom_server.shutdown()
             self._prom_server = None
         self.ctx.term()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wake.close()
 
     def run(self) -> None:
         """The event loop; returns after a requested shutdown has drained."""
@@ -178,7 +177,7 @@ class BrokerProc:
         assert self.sock is not None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         if self._handshakes is not None:
             poller.register(self._handshakes, zmq.POLLIN)
         next_tick = next_stats = 0.0
@@ -188,9 +187,8 @@ class BrokerProc:
             watchdog.kick()
             timeout_ms = max(0.0, min(next_tick, next_stats) - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
+            if self._wake.fd in events:
+                self._wake.drain()
             if self.sock in events:
                 self._recv_batch()
             if self._handshakes is not None and self._handshakes in events:
@@ -231,13 +229,11 @@ class BrokerProc:
         self._handshake_logged[reason] = (now, 0)
 
     def _begin_shutdown(self, now: float) -> float:
-        running = len(self.broker.requests)
-        logger.info(
-            "[shutdown] draining %d requests (up to %.1fs)", running, self.cfg.drain_timeout_s
-        )
-        notify("STOPPING=1", f"STATUS=draining {running} requests")
+        running, timeout = len(self.broker.requests), self.cfg.drain_timeout_s
+        logger.info("[shutdown] draining %d requests (up to %.1fs)", running, timeout)
+        deadline = begin_drain(running, timeout)
         self._send(self.broker.begin_shutdown(now))
-        return now + self.cfg.drain_timeout_s
+        return deadline
 
     def _publish(self, now: float) -> None:
         """One STATS snapshot on the PUB socket; dropped, never queued, when nobody keeps up."""
@@ -333,19 +329,6 @@ class BrokerProc:
 # -- the process -------------------------------------------------------------------------------
 
 
-def _arm_parent_death(parent_pid: int | None) -> None:
-    """Linux: SIGTERM when the launcher dies; then make sure it had not died already."""
-    if parent_pid is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        raise SystemExit(f"broker: parent {parent_pid} exited before the broker started")
-
-
 def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
     """Tell the launcher the bound endpoint (see BrokerConfig)."""
     logger.info("[ready] broker listening on %s", endpoint)
@@ -360,17 +343,6 @@ def _report_ready(cfg: BrokerConfig, endpoint: str) -> None:
         cfg.ready_conn.close()
 
 
-def _install_signals(proc: BrokerProc) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may set handlers; the caller uses request_shutdown()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        proc.request_shutdown()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
 def run_broker_process(cfg: BrokerConfig) -> None:
     """Entry point (a spawned child or the `blockllm broker` command): serve until SIGTERM.
 
@@ -378,16 +350,11 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     with code 1. The launcher learns the endpoint through `cfg.ready_file` / `cfg.ready_conn`;
     if the broker fails before binding, `ready_conn` is closed without a message.
     """
-    _arm_parent_death(cfg.parent_pid)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=cfg.log_level,
-            format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        )
+    start_process(cfg.parent_pid, cfg.log_level)
     proc: BrokerProc | None = None
     try:
         proc = BrokerProc(cfg)
-        _install_signals(proc)
+        on_stop_signals(lambda _signum: proc.request_shutdown())
         endpoint = proc.bind()
         _report_ready(cfg, endpoint)
         proc.run()

@@ -12,6 +12,7 @@ Peers: clients, workers and the planner are DEALERs connected to the broker's on
 from __future__ import annotations
 
 import enum
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -513,49 +514,11 @@ Message = (
     | Speculate
 )
 
-MESSAGES: dict[Kind, type] = {
-    cls.KIND: cls
-    for cls in (
-        Ready,
-        Heartbeat,
-        Dead,
-        Forward,
-        Result,
-        Release,
-        LoadStage,
-        UnloadStage,
-        Generate,
-        Cancel,
-        StatusRequest,
-        Token,
-        Status,
-        Error,
-        SetRoutes,
-        SetBatch,
-        SetChain,
-        Reload,
-        Ack,
-        Stats,
-        Fetch,
-        Blob,
-        KvExport,
-        KvShard,
-        KvAck,
-        Speculate,
-    )
-}
+MESSAGES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 # Commands a planner (any peer that is not a worker) may send the broker.
-COMMAND_KINDS = frozenset(
-    {
-        Kind.LOAD_STAGE,
-        Kind.UNLOAD_STAGE,
-        Kind.SET_ROUTES,
-        Kind.SET_BATCH,
-        Kind.SET_CHAIN,
-        Kind.RELOAD,
-    }
-)
+_COMMANDS = ("LOAD_STAGE", "UNLOAD_STAGE", "SET_ROUTES", "SET_BATCH", "SET_CHAIN", "RELOAD")
+COMMAND_KINDS = frozenset(Kind[name] for name in _COMMANDS)
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
 TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB, Kind.KV_SHARD, Kind.SPECULATE})

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec
-from blockllm.broker.placement import Hop
 from blockllm.broker.protocol import ErrorCode, Generate, TensorMeta
+from blockllm.broker.routing import Hop
 from blockllm.broker.text import IncrementalDetokenizer
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from blockllm.broker.placement import Hop, WorkerView
 from blockllm.broker.protocol import PlannedRoute
+from blockllm.broker.routing import Hop, WorkerView
 
 KeyOf = Callable[[str, int, int], "str | None"]
 Signature = tuple[tuple[Any, tuple[str, ...]], ...]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from blockllm.broker.broker import Broker
+    from blockllm.broker.state import BrokerState
+    from blockllm.broker.status import RouteFn
 
 MAX_SAMPLES = 4096  # per model and kind: memory stays bounded whatever the load
 
@@ -87,9 +88,11 @@ class Metrics:
         }
 
 
-def stats_body(b: Broker, now: float) -> dict[str, Any]:
+def stats_body(b: BrokerState, route_of: RouteFn, now: float) -> dict[str, Any]:
     """The STATS body: the STATUS body plus demand and latency per model (module docstring)."""
-    body = b.status(now)
+    from blockllm.broker.status import status_body
+
+    body = status_body(b, route_of, now)
     for name, entry in body["models"].items():
         entry.update(b.metrics.model_stats(name, now))
     body["time"] = now

@@ -21,13 +21,16 @@ models):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from blockllm.broker.placement import Hop, WorkerView
+from blockllm.broker.routing import Hop, WorkerView
 
 if TYPE_CHECKING:
-    from blockllm.broker.broker import Broker
+    from blockllm.broker.state import BrokerState
     from blockllm.broker.workers import WorkerState
+
+RouteFn = Callable[[str, Mapping[Hashable, WorkerView]], "list[Hop] | None"]
 
 COUNTERS = (
     "requests",
@@ -92,19 +95,19 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
     }
 
 
-def _route_entry(b: Broker, route: list[Hop]) -> list[list[Any]]:
+def _route_entry(b: BrokerState, route: list[Hop]) -> list[list[Any]]:
     return [[b.workers[h.worker].name, [list(span) for span in h.spans]] for h in route]
 
 
-def model_entry(b: Broker, name: str, now: float) -> dict[str, Any]:
+def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dict[str, Any]:
     spec = b.models[name]
     unbanned = {
         p: WorkerView(w.live_stages(), w.load(), not w.banned(now)) for p, w in b.workers.items()
     }
-    route = b.route(name, unbanned)
+    route = route_of(name, unbanned)
     if route is None:  # show the route banned workers give, if only bans are in the way
         views = {p: WorkerView(w.live_stages(), w.load()) for p, w in b.workers.items()}
-        route = b.route(name, views)
+        route = route_of(name, views)
     mine = [r for r in b.requests.values() if r.model == name]
     return {
         "layers": spec.num_layers,
@@ -121,13 +124,13 @@ def model_entry(b: Broker, name: str, now: float) -> dict[str, Any]:
     }
 
 
-def status_body(b: Broker, now: float) -> dict[str, Any]:
+def status_body(b: BrokerState, route_of: RouteFn, now: float) -> dict[str, Any]:
     running = sum(1 for r in b.requests.values() if r.route is not None)
     return {
         "workers": [
             worker_entry(w, now) for w in sorted(b.workers.values(), key=lambda w: w.registered_at)
         ],
-        "models": {name: model_entry(b, name, now) for name in sorted(b.models)},
+        "models": {name: model_entry(b, route_of, name, now) for name in sorted(b.models)},
         "requests": {"running": running, "waiting": len(b.requests) - running},
         "counters": dict(b.counters),
         "stats_endpoint": b.stats_endpoint,

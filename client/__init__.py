@@ -2,7 +2,6 @@
 
 from blockllm.client.aio import AsyncClient
 from blockllm.client.client import Client
-from blockllm.client.core import Completion, TokenEvent
 from blockllm.client.errors import (
     BadRequest,
     BlockLLMError,
@@ -13,6 +12,7 @@ from blockllm.client.errors import (
     Timeout,
     UnknownModel,
 )
+from blockllm.client.request import Completion, GenerateParams, TokenEvent
 
 __all__ = [
     "AsyncClient",
@@ -22,6 +22,7 @@ __all__ = [
     "Client",
     "Completion",
     "ConnectionFailed",
+    "GenerateParams",
     "Overloaded",
     "RequestFailed",
     "Timeout",

@@ -22,6 +22,7 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -30,25 +31,28 @@ from zmq.utils.monitor import parse_monitor_message
 
 from blockllm.broker import frames
 from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
-from blockllm.client.core import (
+from blockllm.client.demux import (
     CONNECTION_LOST,
     MONITOR_EVENTS,
-    Accumulator,
-    Completion,
     Demux,
     ReadyPoll,
-    TokenEvent,
-    build_generate,
     connect_dealer,
     load_client_keys,
-    new_request_id,
     open_dealer,
     reply_error,
     send_refused,
-    to_event,
     wait_budget,
 )
 from blockllm.client.errors import BlockLLMError, ConnectionFailed, Timeout
+from blockllm.client.request import (
+    Accumulator,
+    Completion,
+    GenerateParams,
+    TokenEvent,
+    build_generate,
+    new_request_id,
+    to_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -230,28 +234,23 @@ class AsyncClient:
         model: str,
         prompt: str | None = None,
         input_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        timeout: float | None = None,
+        *,
+        params: GenerateParams | None = None,
+        **fields: Any,
     ) -> AsyncIterator[TokenEvent]:
-        """`async for ev in c.stream(...)`; BadRequest at once for bad arguments, the request is
-        sent on the first iteration; leaving the loop early cancels it."""
-        timeout = self.timeout if timeout is None else timeout
-        msg = build_generate(
-            model,
-            prompt,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            timeout=timeout,
-        )
+        """`async for ev in c.stream(...)`; arguments as `Client.stream`. BadRequest at once for
+        bad arguments, the request is sent on the first iteration; leaving the loop early
+        cancels it."""
+        msg, timeout = self._message(model, prompt, input_ids, GenerateParams.of(params, fields))
         return self._events(msg, timeout)
+
+    def _message(
+        self, model: str, prompt: str | None, input_ids: Sequence[int] | None, p: GenerateParams
+    ) -> tuple[Generate, float | None]:
+        """The GENERATE (this client's default timeout applied) and the request's timeout."""
+        if p.timeout is None:
+            p = replace(p, timeout=self.timeout)
+        return build_generate(model, prompt, input_ids, p), p.timeout
 
     async def _events(self, msg: Generate, timeout: float | None) -> AsyncIterator[TokenEvent]:
         tokens = self._tokens(msg, timeout)
@@ -285,26 +284,12 @@ class AsyncClient:
         model: str,
         prompt: str | None = None,
         input_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        timeout: float | None = None,
+        *,
+        params: GenerateParams | None = None,
+        **fields: Any,
     ) -> Completion:
         """Generate to the end; raises as `Client.generate` does."""
-        timeout = self.timeout if timeout is None else timeout
-        msg = build_generate(
-            model,
-            prompt,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            timeout=timeout,
-        )
+        msg, timeout = self._message(model, prompt, input_ids, GenerateParams.of(params, fields))
         acc = Accumulator()
         tokens = self._tokens(msg, timeout)
         try:

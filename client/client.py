@@ -28,6 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -36,26 +37,29 @@ from zmq.utils.monitor import recv_monitor_message
 from blockllm.broker import frames
 from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
 from blockllm.broker.sockets import CurveKeys
-from blockllm.client.core import (
+from blockllm.client.demux import (
     CONNECTION_LOST,
     MONITOR_EVENTS,
-    Accumulator,
-    Completion,
     Demux,
     ReadyPoll,
     Sink,
-    TokenEvent,
-    build_generate,
     connect_dealer,
     load_client_keys,
-    new_request_id,
     open_dealer,
     reply_error,
     send_refused,
-    to_event,
     wait_budget,
 )
 from blockllm.client.errors import BlockLLMError, ConnectionFailed, Timeout
+from blockllm.client.request import (
+    Accumulator,
+    Completion,
+    GenerateParams,
+    TokenEvent,
+    build_generate,
+    new_request_id,
+    to_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,40 +327,31 @@ class Client:
         model: str,
         prompt: str | None = None,
         input_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        timeout: float | None = None,
+        *,
+        params: GenerateParams | None = None,
+        **fields: Any,
     ) -> Iterator[TokenEvent]:
         """Send the request now; iterate its TokenEvents. Breaking off (or closing) cancels it.
 
-        Raises BadRequest (before sending) for bad arguments, and while iterating the typed error
-        of a failure: UnknownModel, BadRequest, Overloaded, RequestFailed, Timeout,
-        BrokerUnavailable."""
-        tokens = self._start(
-            model, prompt, input_ids, max_new_tokens, temperature, top_k, top_p, seed, timeout
-        )
-        return _as_events(tokens)
+        `params` (GenerateParams) and keyword `fields` of it (max_new_tokens=32,
+        temperature=0.0, top_k=0, top_p=1.0, seed=0, timeout=None: this client's default)
+        set sampling and limits. Raises BadRequest (before sending) for bad arguments, and
+        while iterating the typed error of a failure: UnknownModel, BadRequest, Overloaded,
+        RequestFailed, Timeout, BrokerUnavailable."""
+        return _as_events(self._start(model, prompt, input_ids, GenerateParams.of(params, fields)))
 
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         input_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        timeout: float | None = None,
+        *,
+        params: GenerateParams | None = None,
+        **fields: Any,
     ) -> Completion:
-        """Generate to the end and return the Completion; raises as `stream` does."""
+        """Generate to the end and return the Completion; arguments and errors as `stream`."""
         acc = Accumulator()
-        for tok in self._start(
-            model, prompt, input_ids, max_new_tokens, temperature, top_k, top_p, seed, timeout
-        ):
+        for tok in self._start(model, prompt, input_ids, GenerateParams.of(params, fields)):
             acc.add(tok)
         return acc.completion()
 
@@ -365,27 +360,13 @@ class Client:
         model: str,
         prompt: str | None,
         input_ids: Sequence[int] | None,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int,
-        timeout: float | None,
+        params: GenerateParams,
     ) -> Iterator[Token]:
-        timeout = self.timeout if timeout is None else timeout
-        msg = build_generate(
-            model,
-            prompt,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            timeout=timeout,
-        )
-        q = self._submit(msg, max_new_tokens + 2)
-        return self._tokens(msg.request_id, q, time.monotonic(), timeout)
+        if params.timeout is None:
+            params = replace(params, timeout=self.timeout)
+        msg = build_generate(model, prompt, input_ids, params)
+        q = self._submit(msg, msg.max_new_tokens + 2)
+        return self._tokens(msg.request_id, q, time.monotonic(), params.timeout)
 
     def _tokens(
         self, request_id: str, q: queue.Queue[Any], t0: float, timeout: float | None

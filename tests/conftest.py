@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny local checkpoints (never downloaded), SmolLM2 once per run, and
-cleanup of any child process a test leaves behind."""
+"""Shared fixtures: tiny local checkpoints (never downloaded), SmolLM2 once per run, a zoo
+holding the tiny llama as "m" (once per test module), and cleanup of any child process a test
+leaves behind."""
 
 from __future__ import annotations
 
@@ -38,6 +39,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zoo holding the tiny llama as model "m" (a module may define its own `zoo`)."""
+    from tests.integration.cluster import make_zoo
+
+    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from blockllm.worker.kv_cache import KVPool
 from transformers import AttentionInterface
+
+from blockllm.worker.kv_cache import KVPool
 
 ATTN_IMPLEMENTATION = "blockllm"
 STEP_KWARG = "blockllm_step"

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from blockllm.worker.attention import ATTN_IMPLEMENTATION, STEP_KWARG, PagedCacheView, StepBatch
 from blockllm.worker.errors import BadRequest
 from blockllm.worker.kv_cache import KVGeometry
@@ -37,7 +39,6 @@ from blockllm.zoo.families import (
     layout,
     postprocess_logits,
 )
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,14 @@ class ErrorCode(str, enum.Enum):
     BAD_REQUEST = "BAD_REQUEST"  # malformed item (shapes, ids, lengths, stage order)
 
 
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook (`fault_after_steps`, mode RAISE)."""
+
+
+class StartupLoadFailed(RuntimeError):
+    """A configured stage could not be loaded at start: the worker cannot serve as asked."""
+
+
 class WorkerError(Exception):
     """Base of the engine's typed errors; `code` is the ErrorCode sent back to the caller."""
 

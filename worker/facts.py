@@ -8,13 +8,15 @@ since the previous snapshot (from the engine's cumulative counters).
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import deque
 from typing import Any
 
 import psutil
 
-from blockllm.broker.protocol import Heartbeat
+from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, Ready, StageRef
 
 FACTS_WINDOW_S = 10.0
 
@@ -27,6 +29,24 @@ def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
     """
     s = engine.stats()
     return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
+
+
+def ready_message(name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any) -> Ready:
+    """The READY a worker named `name` (a WorkerProcConfig `cfg`) sends with `stages`."""
+    kv_total, kv_free, free_slots, _depths = engine_load(engine)
+    return Ready(
+        protocol_version=PROTOCOL_VERSION,
+        name=name,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        device=cfg.device,
+        stages=stages,
+        kv_total_bytes=kv_total,
+        kv_free_bytes=kv_free,
+        max_batch_size=cfg.max_batch_size,
+        free_slots=free_slots,
+        memory_budget_bytes=cfg.memory_budget_bytes,
+    )
 
 
 class Facts:

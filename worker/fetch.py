@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,3 @@ def fetch_model(ask: Ask, zoo: Any, name: str) -> int:
             zoo.publish_manifest(m)  # last: the zoo never names a block it lacks
     logger.info("[fetch] %s: pulled %d bytes from the broker's zoo", name, fetched)
     return fetched
-
-
-def fetch_models(ask: Ask, zoo: Any, models: Iterable[str]) -> int:
-    """`fetch_model` for each distinct name in `models`; total bytes fetched."""
-    return sum(fetch_model(ask, zoo, name) for name in dict.fromkeys(models))

@@ -1,18 +1,15 @@
-"""Value types of the stage engine, and `stage_key` (importable without torch).
-
-See docs/internals.md, "Engine API". The broker computes stage keys with `stage_key` to match
-the stages workers advertise to the models it routes.
+"""Value types of the stage engine (importable without torch). See docs/internals.md,
+"Engine API"; chain facts (`stage_key`, spans) are the zoo's (`blockllm.zoo.chain`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blockllm.worker.errors import BadRequest, ErrorCode
+from blockllm.zoo.chain import span_problem
 
 if TYPE_CHECKING:
     import torch
@@ -116,27 +113,6 @@ class WorkResult:
 
 def check_span(chain_len: int, start: int, end: int) -> None:
     """BadRequest unless 0 <= start < end <= chain_len."""
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-    if not ints or not 0 <= start < end <= chain_len:
-        raise BadRequest(f"stage [{start}, {end}) is not a span of a {chain_len}-position chain")
-
-
-def stage_key(manifest: Any, start: int, end: int) -> str:
-    """Content identity of chain positions [start, end) of a model (a ModelManifest).
-
-    sha256 over the family fingerprint, the span and the block ids (plus the embedding's id
-    for a tied head, whose lm_head is that block): two models whose chains share this run of
-    blocks get the same key, and their requests are batched together in the stage.
-    """
-    chain = tuple(manifest.chain)
-    check_span(len(chain), start, end)
-    fingerprint = getattr(manifest, "fingerprint", "")
-    if not fingerprint:
-        from blockllm.zoo.families import fingerprint as config_fingerprint
-
-        fingerprint = config_fingerprint(manifest.config)
-    blocks = list(chain[start:end])
-    if end == len(chain) and manifest.tie_word_embeddings:
-        blocks.append(f"tied:{chain[0]}")
-    doc = {"family": fingerprint, "start": start, "end": end, "blocks": blocks}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    problem = span_problem(chain_len, start, end)
+    if problem is not None:
+        raise BadRequest(problem)

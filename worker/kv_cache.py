@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from blockllm.worker.errors import BadRequest, CacheFull, KVMiss
 from torch import nn
+
+from blockllm.worker.errors import BadRequest, CacheFull, KVMiss
 
 logger = logging.getLogger(__name__)
 

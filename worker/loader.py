@@ -14,6 +14,7 @@ requests on stages already loaded keep stepping meanwhile. Jobs run one at a tim
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -75,6 +76,27 @@ class Loaded:
 @dataclass(frozen=True, slots=True)
 class _Stop:
     """Queue marker: end the loader thread."""
+
+
+def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> StageLoader:
+    """The started loader thread of a worker process (a WorkerProcConfig `cfg`): reads blocks
+    with the engine's `read_blocks` and, when the engine has a zoo and `fetch_from_broker`,
+    first pulls what it lacks through `ask` (the IO thread's `fetch`)."""
+    zoo = getattr(engine, "zoo", None)
+    fetch = None
+    if zoo is not None and cfg.fetch_from_broker:
+        from blockllm.worker.fetch import fetch_model
+
+        fetch = functools.partial(fetch_model, ask, zoo)
+    loader = StageLoader(
+        engine.read_blocks,
+        fetch,
+        inbox,
+        max_jobs=max(cfg.load_queue_size, len(cfg.stages)),
+        gate=cfg.fault_load_gate,
+    )
+    loader.start()
+    return loader
 
 
 class StageLoader(threading.Thread):

@@ -3,15 +3,16 @@
     broker ROUTER ◄──DEALER── IOThread ──inbox (SimpleQueue)──► compute loop (main thread)
                               (socket owner)  ◄──outbox + wake pipe──  Worker.step() results
 
-The IO thread (`proc_io.IOThread`) owns the DEALER socket (sockets are used only by the thread
-that made them): it validates messages, copies tensors out of the zmq frames into a bounded
-inbox, sends what the compute loop queues (zero-copy), answers the broker's pings with the
-latest load facts, and reconnects (capped exponential backoff) when the broker is silent for
-`interval * liveness`, after which the compute loop drops all KV and sends READY again (the
-broker replays those requests).
+The IO thread (`proc_io.IOThread`) owns the DEALER socket: it validates messages, copies
+tensors out of the zmq frames into a bounded inbox, sends what the compute loop queues
+(zero-copy), answers the broker's pings with the latest load facts, and reconnects (capped
+exponential backoff) when the broker is silent for `interval * liveness`, after which the
+compute loop drops all KV and sends READY again (the broker replays those requests).
 
-The main thread runs the engine (`Worker`): it drains the inbox (blocking when idle: no busy
-spin), submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages.
+The main thread runs the engine (`Worker`) directly: it drains the inbox (blocking when idle),
+submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
+SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
+(broker/migrate.py) export and import a request's KV of one stage between two steps.
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
@@ -19,22 +20,18 @@ compute loop only installs them, between two steps, so requests on loaded stages
 A stage is in READY only once installed. At start the worker connects first (to fetch) and
 sends its first READY once every configured stage is installed (then systemd hears READY=1).
 
-Lifecycle (STYLE 7.8): SIGTERM/SIGINT only set a flag and wake the loop; the loop tells systemd
-STOPPING=1, stops taking new work, finishes in-flight items for up to `grace_s`, sends
-DEAD("shutdown") and exits 0. A fatal error is logged with its traceback, DEAD(reason) is sent
-with linger so it leaves, and the process exits 1. The test-only `fault_after_steps` hook
-exits 3 (crash) or raises.
+Lifecycle (STYLE 7.8, broker/lifecycle.py): SIGTERM/SIGINT set a flag and wake the loop,
+which tells systemd STOPPING=1, takes no new work, finishes in-flight items for up to
+`grace_s`, sends DEAD("shutdown") and exits 0; a fatal error is logged, DEAD(reason) sent with
+linger, exit 1. The test-only `fault_after_steps` hook exits 3 (crash) or raises.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,28 +39,40 @@ from typing import Any
 import torch
 
 from blockllm.broker import frames
+from blockllm.broker.lifecycle import (
+    Watchdog,
+    begin_drain,
+    notify,
+    on_stop_signals,
+    restore_signals,
+)
 from blockllm.broker.protocol import (
-    PROTOCOL_VERSION,
     Dead,
     Error,
     ErrorCode,
     Forward,
-    Heartbeat,
     Kind,
+    KvAck,
+    KvExport,
+    KvShard,
     LoadStage,
-    Ready,
     Release,
     SetBatch,
+    Speculate,
     StageRef,
     UnloadStage,
 )
-from blockllm.broker.sdnotify import Watchdog, notify
-from blockllm.worker import proc_kv, proc_spec
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import WorkerError
-from blockllm.worker.facts import Facts, engine_load
-from blockllm.worker.items import SamplingParams, WorkItem
-from blockllm.worker.loader import Loaded, LoaderBusy, LoadJob, StageLoader, build_engine
+from blockllm.worker.errors import InjectedFault, StartupLoadFailed, WorkerError
+from blockllm.worker.facts import Facts, ready_message
+from blockllm.worker.loader import (
+    Loaded,
+    LoaderBusy,
+    LoadJob,
+    StageLoader,
+    build_engine,
+    start_loader,
+)
 from blockllm.worker.proc_io import (
     RETRYABLE,
     Failed,
@@ -73,17 +82,11 @@ from blockllm.worker.proc_io import (
     Reset,
     Wake,
     result_message,
+    work_item,
 )
+from blockllm.worker.speculate import Speculation
 
 logger = logging.getLogger(__name__)
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault hook (`fault_after_steps`, mode RAISE)."""
-
-
-class StartupLoadFailed(RuntimeError):
-    """A configured stage could not be loaded at start: the worker cannot serve as asked."""
 
 
 class WorkerProc:
@@ -98,7 +101,9 @@ class WorkerProc:
         self.cfg = cfg
         self.name = cfg.name or f"{socket.gethostname()}-{os.getpid()}"
         self.engine = engine
-        self.spec: Any = None  # worker/proc_spec.py: a Speculation once one is asked for
+        # what submits, steps and releases: the engine, or a Speculation around it once a
+        # model speculates (`_handle_speculate`)
+        self.runner: Any = engine
         self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
         self._stages: dict[str, StageRef] = {}
@@ -107,7 +112,8 @@ class WorkerProc:
         self.facts = Facts(cfg.heartbeat_interval_s)
         self.prom: Any = None  # WorkerMetrics when --metrics-port is given
         self._prom_server: Any = None
-        self.io = IOThread(cfg, self.name.encode(), self.inbox, self._current_facts)
+        # the IO thread's view of the facts: the latest snapshot (one reference read)
+        self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
         self.loader: StageLoader | None = None
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
@@ -118,9 +124,9 @@ class WorkerProc:
             Kind.UNLOAD_STAGE: self._handle_unload_stage,
             Kind.SET_BATCH: self._handle_set_batch,
             Kind.ERROR: self._handle_error,
-            Kind.KV_EXPORT: functools.partial(proc_kv.handle_kv_export, self),
-            Kind.KV_SHARD: functools.partial(proc_kv.handle_kv_shard, self),
-            Kind.SPECULATE: functools.partial(proc_spec.handle_speculate, self),
+            Kind.KV_EXPORT: self._handle_kv_export,
+            Kind.KV_SHARD: self._handle_kv_shard,
+            Kind.SPECULATE: self._handle_speculate,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -144,22 +150,9 @@ class WorkerProc:
                 self.prom.registry, self.cfg.metrics_host, self.cfg.metrics_port
             )
         if self.engine is None:
-            self.engine = build_engine(self.cfg)
+            self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
-        zoo = getattr(self.engine, "zoo", None)
-        fetch = None
-        if zoo is not None and self.cfg.fetch_from_broker:
-            from blockllm.worker.fetch import fetch_model
-
-            fetch = functools.partial(fetch_model, self.io.fetch, zoo)
-        self.loader = StageLoader(
-            self.engine.read_blocks,
-            fetch,
-            self.inbox,
-            max_jobs=max(self.cfg.load_queue_size, len(self.cfg.stages)),
-            gate=self.cfg.fault_load_gate,
-        )
-        self.loader.start()
+        self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -172,10 +165,9 @@ class WorkerProc:
         while True:
             watchdog.kick()
             if self.stop_requested and deadline is None:
-                deadline = time.monotonic() + self.cfg.grace_s
                 queued = self.engine.queued()
                 logger.info("[shutdown] worker %s draining %d requests", self.name, queued)
-                notify("STOPPING=1", f"STATUS=draining {queued} requests")
+                deadline = begin_drain(queued, self.cfg.grace_s)
             busy = self.engine.queued() > 0
             if deadline is not None and (not busy or time.monotonic() >= deadline):
                 break
@@ -198,13 +190,7 @@ class WorkerProc:
 
     def fail(self, reason: str) -> None:
         """Fatal path: DEAD(reason) to the broker, with linger so it leaves before exit."""
-        if self.io.is_alive():
-            self.io.send(Dead(reason))
-            return
-        # No IO thread (not started yet, or dead): one fresh socket just for the sentinel.
-        sock = self.io.connect()
-        sock.send_multipart(frames.encode(Dead(reason)), copy=False)
-        sock.close(linger=self.cfg.dead_linger_ms)
+        self.io.send_last(Dead(reason))
 
     def close(self) -> None:
         """Stop the loader and IO threads (flushing what is queued), drop the engine's memory.
@@ -277,7 +263,7 @@ class WorkerProc:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        results = proc_spec.step(self)
+        results = self.runner.step()
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
@@ -313,20 +299,8 @@ class WorkerProc:
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
-        x = tensors[0] if self.cfg.device == "cpu" else tensors[0].to(self.cfg.device)
-        is_ids = x.dtype == torch.int64  # token ids enter the embedding; anything else is hidden
-        item = WorkItem(
-            request_id=msg.request_id,
-            step=msg.step,
-            stage_keys=tuple(msg.stage_keys),
-            past_len=msg.past_len,
-            tokens=x if is_ids else None,
-            hidden=None if is_ids else x,
-            max_total_len=msg.max_total_len,
-            sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
-        )
         try:
-            proc_spec.submit(self, item)
+            self.runner.submit(work_item(msg, self._on_device(tensors[0])))
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -342,9 +316,77 @@ class WorkerProc:
         retry = code in RETRYABLE if retryable is None else retryable
         self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
 
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
+
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
-        proc_spec.release(self, msg.request_id)
+        self.runner.release(msg.request_id)
         self._known.discard(msg.request_id)
+
+    def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
+        """Start the hop on a predicted input (the previous hop's, frames as the broker got
+        them) and keep the result for the real FORWARD. Never answered: one that cannot run
+        is dropped, and the real FORWARD runs as without speculation."""
+        if self.stop_requested or len(tensors) != 1 or not msg.tolerance >= 0:
+            return
+        if not isinstance(self.runner, Speculation):  # the first: wrap the engine from now on
+            self.runner = Speculation(self.engine, tolerance=0.0, on_accept=self._answer)
+            self.facts.spec = self.runner
+        try:
+            item = work_item(msg, self._on_device(tensors[0]))
+            self.runner.speculate(item, tolerance=msg.tolerance)
+        except WorkerError as e:  # best effort
+            logger.debug("[speculate] %s step %d dropped: %s", msg.request_id, msg.step, e.message)
+            return
+        except Exception:
+            logger.exception("[speculate] %s step %d failed", msg.request_id, msg.step)
+            return
+        self._known.add(msg.request_id)
+
+    def _handle_kv_export(self, msg: KvExport, _tensors: list[torch.Tensor]) -> None:
+        """KV_SHARD with the request's K and V of the stage (fresh CPU copies, referenced by
+        the outbox until zmq has sent them), or a refusal (KV_ACK ok=false, typed code)."""
+        try:
+            k, v = self.engine.export_kv(msg.request_id, msg.stage_key, msg.length)
+        except Exception as e:  # a peer's request must never take the worker down
+            self._kv_refuse(msg, e)
+            return
+        metas = (frames.meta_of(k), frames.meta_of(v))
+        shard = KvShard(msg.transfer_id, msg.request_id, msg.stage_key, msg.length, 0, metas)
+        self.io.send(shard, (k, v))
+
+    def _handle_kv_shard(self, msg: KvShard, tensors: list[torch.Tensor]) -> None:
+        """Import a request's KV of one stage (admitted like a new request) and KV_ACK it."""
+        if self.stop_requested:
+            self._kv_refuse(msg, WorkerError("worker is shutting down"), ErrorCode.WORKER_LOST)
+            return
+        if len(tensors) != 2 or msg.length != (
+            tensors[0].shape[1] if tensors[0].dim() == 4 else -1
+        ):
+            why = WorkerError("KV_SHARD needs K and V [L, n, H, Dh]")
+            self._kv_refuse(msg, why, ErrorCode.BAD_REQUEST)
+            return
+        k, v = tensors
+        try:
+            self.engine.import_kv(msg.request_id, msg.stage_key, k, v, msg.max_total_len)
+        except Exception as e:
+            self._kv_refuse(msg, e)
+            return
+        self._known.add(msg.request_id)  # it holds KV here now: released by RELEASE or a reset
+        self.io.send(KvAck(msg.transfer_id, msg.request_id, msg.stage_key, True))
+
+    def _kv_refuse(
+        self, msg: KvExport | KvShard, e: Exception, code: ErrorCode | None = None
+    ) -> None:
+        """KV_ACK(ok=false): `code`, or the WorkerError's own (INTERNAL for anything else)."""
+        if code is None:
+            if not isinstance(e, WorkerError):
+                logger.exception("[kv] migration of %s failed", msg.request_id)
+            code = ErrorCode(e.code.value) if isinstance(e, WorkerError) else ErrorCode.INTERNAL
+        text = str(e)[:300]
+        logger.info("[kv] %s of %s refused: %s %s", msg.KIND.name, msg.request_id, code.value, text)
+        ack = KvAck(msg.transfer_id, msg.request_id, msg.stage_key, False, code.value, text)
+        self.io.send(ack)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
         """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
@@ -433,51 +475,21 @@ class WorkerProc:
     def _reset(self) -> None:
         """After a reconnect the broker replays everything: drop all KV, announce again."""
         for rid in self._known:
-            proc_spec.release(self, rid)
-        logger.info(
-            "[ready] worker %s reconnected; dropped %d requests", self.name, len(self._known)
-        )
+            self.runner.release(rid)
+        dropped = len(self._known)
+        logger.info("[ready] worker %s reconnected; dropped %d requests", self.name, dropped)
         self._known.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 
     def _send_ready(self) -> None:
-        kv_total, kv_free, free_slots, _depths = engine_load(self.engine)
-        self.io.send(
-            Ready(
-                protocol_version=PROTOCOL_VERSION,
-                name=self.name,
-                pid=os.getpid(),
-                host=socket.gethostname(),
-                device=self.cfg.device,
-                stages=tuple(self._stages.values()),
-                kv_total_bytes=kv_total,
-                kv_free_bytes=kv_free,
-                max_batch_size=self.cfg.max_batch_size,
-                free_slots=free_slots,
-                memory_budget_bytes=self.cfg.memory_budget_bytes,
-            )
-        )
+        self.io.send(ready_message(self.name, self.cfg, tuple(self._stages.values()), self.engine))
 
     def _refresh_facts(self, *, force: bool = False) -> None:
         """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
-
-    def _current_facts(self) -> Heartbeat:
-        """The IO thread's view: the latest snapshot (one reference read, no engine access)."""
-        return self.facts.current
-
-
-def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
-    """SIGTERM/SIGINT -> stop() (main thread only; elsewhere the caller owns signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda _signum, _frame: stop())
-    return previous
 
 
 def run_worker_process(cfg: WorkerProcConfig) -> int:
@@ -486,7 +498,7 @@ def run_worker_process(cfg: WorkerProcConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     proc = WorkerProc(cfg)
-    previous = _install_stop_handlers(proc.request_stop)
+    previous = on_stop_signals(lambda _signum: proc.request_stop())
     try:
         proc.start()
         return proc.run()
@@ -496,5 +508,4 @@ def run_worker_process(cfg: WorkerProcConfig) -> int:
         return EXIT_FATAL
     finally:
         proc.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)

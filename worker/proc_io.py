@@ -39,10 +39,12 @@ from blockllm.broker.protocol import (
     Message,
     ProtocolError,
     Result,
+    Speculate,
 )
 from blockllm.broker.sockets import make_socket
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError
+from blockllm.worker.items import SamplingParams, WorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,22 @@ Inbound = tuple[Message, list[torch.Tensor]] | Reset | Wake | Failed
 Outbound = tuple[Message, tuple[torch.Tensor, ...]]
 # The answer to one FETCH (BLOB or ERROR and its tensor views), or None: connection lost.
 FetchAnswer = tuple[Message, list[torch.Tensor]] | None
+
+
+def work_item(msg: Forward | Speculate, x: torch.Tensor) -> WorkItem:
+    """The engine item of a FORWARD or SPECULATE whose input tensor `x` is on the device:
+    token ids (int64) enter the embedding, anything else is hidden states."""
+    is_ids = x.dtype == torch.int64
+    return WorkItem(
+        request_id=msg.request_id,
+        step=msg.step,
+        stage_keys=tuple(msg.stage_keys),
+        past_len=msg.past_len,
+        tokens=x if is_ids else None,
+        hidden=None if is_ids else x,
+        max_total_len=msg.max_total_len,
+        sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+    )
 
 
 def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
@@ -211,6 +229,16 @@ class IOThread(threading.Thread):
                 self._pipe_open = False
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+
+    def send_last(self, msg: Message) -> None:
+        """Send `msg` (a DEAD) on the way out: queued if the IO thread runs, else on a fresh
+        socket just for it, closed with linger so it leaves before the process exits."""
+        if self.is_alive():
+            self.send(msg)
+            return
+        sock = self.connect()
+        sock.send_multipart(frames.encode(msg), copy=False)
+        sock.close(linger=self.cfg.dead_linger_ms)
 
     def connect(self) -> zmq.Socket:
         sock = make_socket(

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
+
 from blockllm.worker.items import SamplingParams
 
 __all__ = ["GREEDY", "SamplingParams", "position_seed", "sample"]

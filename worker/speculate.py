@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +67,20 @@ def relative_distance(real: torch.Tensor, predicted: torch.Tensor) -> float:
 
 
 class Speculation:
-    """Speculative runs on one Worker; call its `step()` instead of the worker's."""
+    """Speculative runs on one Worker; call its `submit`, `step()` and `release` instead of the
+    worker's. With `on_accept`, an accepted result is handed to it at once (a worker process
+    answers it without waiting for a step); else the next `step()` returns it."""
 
-    def __init__(self, worker: Worker, tolerance: float) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        tolerance: float,
+        on_accept: Callable[[WorkResult], None] | None = None,
+    ) -> None:
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
         self.worker = worker
+        self.on_accept = on_accept
         self.tolerance = float(tolerance)
         self._kept: dict[str, _Kept] = {}  # request id -> its speculative run
         self._ready: list[WorkResult] = []  # accepted results, returned by the next step()
@@ -126,8 +135,11 @@ class Speculation:
         self.last_distance = relative_distance(real, kept.prediction)
         if self.last_distance <= kept.tolerance:
             self._rewrite_first_layer(item)
-            self._ready.append(kept.result)
             self._n["accepted"] += 1
+            if self.on_accept is not None:
+                self.on_accept(kept.result)
+            else:
+                self._ready.append(kept.result)
             return "accepted"
         self._rollback(item)
         self._n["rejected"] += 1
@@ -144,12 +156,6 @@ class Speculation:
             else:
                 results.append(r)
         return results
-
-    def take_ready(self) -> list[WorkResult]:
-        """The accepted results `step()` would return first (a caller that answers them at
-        once, without waiting for a step)."""
-        ready, self._ready = self._ready, []
-        return ready
 
     def release(self, request_id: str) -> None:
         """Forget a request (with `Worker.release`)."""

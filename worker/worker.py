@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
 from blockllm.worker.attention import plan_step
 from blockllm.worker.batch_queue import BatchQueue
 from blockllm.worker.blocks import BlockCache, Family, StageModel, resolve_family
@@ -35,10 +36,10 @@ from blockllm.worker.items import (
     WorkItem,
     WorkResult,
     check_span,
-    stage_key,
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
 from blockllm.worker.sampling import GREEDY, sample
+from blockllm.zoo.chain import stage_blocks, stage_key
 
 __all__ = [
     "ErrorCode",
@@ -127,12 +128,9 @@ class Worker:
         meanwhile is simply read again by `load_stage`). Raises BadRequest, ZooError."""
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
-        ids = list(m.chain[start:end])
-        if end == len(m.chain) and m.tie_word_embeddings:
-            ids.append(m.chain[0])
         return {
             bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
-            for bid in dict.fromkeys(ids)
+            for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }
 
@@ -333,7 +331,7 @@ class Worker:
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
 
-    # -- KV migration (worker/proc_kv.py; the broker's broker/migrate.py) ---------------------
+    # -- KV migration (WorkerProc._handle_kv_*; the broker's broker/migrate.py) --------------
     def export_kv(
         self, request_id: str, key: str, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

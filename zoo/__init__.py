@@ -1,29 +1,35 @@
 """BlockLLM zoo: content-addressed model blocks on disk (import, verify, export, gc, equivalence).
 
-See docs/internals.md for the contract the worker codes against.
+See docs/internals.md for the contract the worker codes against. The names below load on first
+use (PEP 562), so `blockllm.zoo.chain` (chain facts, which the broker reads) does not pull in
+the store and torch.
 """
 
-from blockllm.zoo.errors import (
-    CheckpointError,
-    IntegrityError,
-    UnknownModelError,
-    UnsupportedModelError,
-    ZooError,
-)
-from blockllm.zoo.families import fingerprint as config_fingerprint
-from blockllm.zoo.hashing import block_id
-from blockllm.zoo.manifest import ModelManifest
-from blockllm.zoo.store import ModelExistsError, Zoo
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "IntegrityError",
-    "ModelExistsError",
-    "ModelManifest",
-    "UnknownModelError",
-    "UnsupportedModelError",
-    "Zoo",
-    "ZooError",
-    "block_id",
-    "config_fingerprint",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "blockllm.zoo.errors",
+    "IntegrityError": "blockllm.zoo.errors",
+    "UnknownModelError": "blockllm.zoo.errors",
+    "UnsupportedModelError": "blockllm.zoo.errors",
+    "ZooError": "blockllm.zoo.errors",
+    "block_id": "blockllm.zoo.hashing",
+    "ModelManifest": "blockllm.zoo.manifest",
+    "ModelExistsError": "blockllm.zoo.store",
+    "Zoo": "blockllm.zoo.store",
+}
+
+__all__ = [*sorted(_EXPORTS), "config_fingerprint"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "config_fingerprint":
+        from blockllm.zoo.families import fingerprint
+
+        return fingerprint
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'blockllm.zoo' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from itertools import permutations
 from typing import Any
 
 import torch
+
 from blockllm.zoo.errors import IntegrityError
 from blockllm.zoo.fsutil import atomic_write_bytes
 from blockllm.zoo.manifest import ModelManifest

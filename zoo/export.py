@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+
 from blockllm.zoo.errors import IntegrityError, ZooError
 from blockllm.zoo.families import layout
 from blockllm.zoo.fsutil import atomic_write, atomic_write_bytes

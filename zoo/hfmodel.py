@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from blockllm.zoo.errors import IntegrityError
 from blockllm.zoo.export import hf_config_doc, hf_key, hf_state_dict
 from blockllm.zoo.families import FAMILIES, Layout, layout, postprocess_logits

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from blockllm.zoo.errors import CheckpointError, UnsupportedModelError
 from blockllm.zoo.families import Layout, config_aliases, fingerprint, layout, position_name
 from blockllm.zoo.manifest import ModelManifest, validate_name

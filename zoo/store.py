@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+
 from blockllm.zoo.errors import IntegrityError, UnknownModelError, ZooError
 from blockllm.zoo.fsutil import atomic_install_dir, atomic_write, atomic_write_bytes, flocked
 from blockllm.zoo.hashing import block_id, files_digest
@@ -141,8 +142,9 @@ class Zoo:
 
         Any thread or process may call this; it holds the shared lock while reading.
         """
-        from blockllm.zoo.hashing import block_id as compute_id
         from safetensors import safe_open
+
+        from blockllm.zoo.hashing import block_id as compute_id
 
         path = self.block_path(block_id)
         with self.shared_lock():

@@ -23,22 +23,11 @@ from tests.integration.cluster import (
     FakeBroker,
     cluster,
     hf_greedy,
-    make_zoo,
     worker_config,
 )
 
 PROMPT = [11, 23, 5, 77, 140, 9]
 LONG = 240  # new tokens: long enough that a kill after the first few lands mid-generation
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +79,14 @@ def test_fault_hook_raise_sends_dead_and_exits_nonzero(zoo: Path):
     broker = FakeBroker()
     try:
         with Launcher(stop_timeout=10) as launcher:
-            cfg = worker_config(broker.endpoint, zoo, "w0", ["m:0-6"], fault_after_steps=3,
-                                heartbeat_interval_s=SLOW_BEAT)  # fmt: skip
+            cfg = worker_config(
+                broker.endpoint,
+                zoo,
+                "w0",
+                ["m:0-6"],
+                fault_after_steps=3,
+                heartbeat_interval_s=SLOW_BEAT,
+            )
             proc = launcher.start_worker("w0", cfg)
             peer, ready, _ = broker.recv_kind({Kind.READY}, timeout=60)
             key, x, past = ready.stages[0].key, torch.tensor(PROMPT), 0
@@ -112,9 +107,14 @@ def test_fault_hook_exit_is_a_crash(zoo: Path):
     try:
         with Launcher(stop_timeout=10) as launcher:
             cfg = worker_config(
-                broker.endpoint, zoo, "w0", ["m:0-6"], heartbeat_interval_s=SLOW_BEAT,
-                fault_after_steps=1, fault_mode=FaultMode.EXIT,
-            )  # fmt: skip
+                broker.endpoint,
+                zoo,
+                "w0",
+                ["m:0-6"],
+                heartbeat_interval_s=SLOW_BEAT,
+                fault_after_steps=1,
+                fault_mode=FaultMode.EXIT,
+            )
             proc = launcher.start_worker("w0", cfg)
             peer, ready, _ = broker.recv_kind({Kind.READY}, timeout=60)
             x = torch.tensor(PROMPT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,13 @@ import torch
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import Message
 from blockllm.broker.sockets import bound_endpoint, make_socket
-from blockllm.client.launcher import Launcher
-from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
+from blockllm.client.launcher.local import FAST_BEAT_S, local_cluster
+from blockllm.client.launcher.local import LocalCluster as Cluster
+from blockllm.client.launcher.local import worker_config as worker_config
 
-FAST_BEAT = 0.25  # liveness interval of test clusters: a lost worker is noticed in ~1 s
+FAST_BEAT = FAST_BEAT_S  # liveness interval of test clusters: a lost worker is noticed in ~1 s
 SLOW_BEAT = 10.0  # for workers of a FakeBroker, which does not ping
 
 
@@ -52,9 +51,11 @@ def hf_greedy(checkpoint: Path, input_ids: Sequence[int], max_new_tokens: int) -
     ids = torch.tensor([list(input_ids)])
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
-        )  # fmt: skip
+        )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -79,70 +80,16 @@ def perturbed_copy(src: Path, dst: Path, layers: Sequence[int], seed: int = 1) -
     return dst
 
 
-def worker_config(endpoint: str, zoo: Path, name: str, stages: Sequence[str], **kw: Any):
-    """A small test worker: one thread, 64 MiB of KV, fast liveness."""
-    fields: dict[str, Any] = {
-        "threads": 1,
-        "kv_budget_bytes": 64 * MiB,
-        "heartbeat_interval_s": FAST_BEAT,
-        "grace_s": 5.0,
-    }
-    fields.update(kw)
-    return WorkerProcConfig(
-        broker=endpoint,
-        zoo_dir=str(zoo),
-        stages=tuple(StageSpec.parse(s) for s in stages),
-        name=name,
-        **fields,
-    )
-
-
-@dataclass
-class Cluster:
-    launcher: Launcher
-    endpoint: str
-    zoo: Path
-
-    def client(self, **kw: Any) -> Any:
-        from blockllm.client import Client
-
-        return Client(self.endpoint, **kw)
-
-    def add_worker(self, name: str, stages: Sequence[str], **kw: Any) -> Any:
-        return self.launcher.start_worker(
-            name, worker_config(self.endpoint, self.zoo, name, stages, **kw)
-        )
-
-
 @contextlib.contextmanager
 def cluster(
-    zoo: Path,
-    workers: Mapping[str, Sequence[str]],
-    models: Sequence[str],
-    *,
-    ready_timeout: float = 90.0,
-    broker: Mapping[str, Any] | None = None,
-    worker_kw: Mapping[str, Mapping[str, Any]] | None = None,
+    zoo: Path, workers: Mapping[str, Sequence[str]], models: Sequence[str], **kw: Any
 ) -> Iterator[Cluster]:
-    """Broker + workers ({name: ["model:start-end", ...]}) on 127.0.0.1:0, ready for `models`.
-
-    On exit everything is stopped (workers first), and no child process may be left.
-    """
-    launcher = Launcher(log_level="WARNING", stop_timeout=15.0)
-    started: list[psutil.Process] = []
-    try:
-        bcfg = BrokerConfig(
-            bind="tcp://127.0.0.1:0", zoo_dir=str(zoo), heartbeat_s=FAST_BEAT, **(broker or {})
-        )
-        endpoint = launcher.start_broker(bcfg, ready_timeout)
-        for name, stages in workers.items():
-            kw = (worker_kw or {}).get(name, {})
-            launcher.start_worker(name, worker_config(endpoint, zoo, name, stages, **kw))
-        started = [psutil.Process(p.pid) for p in launcher._children() if p.pid]
-        launcher.wait_ready(list(models), ready_timeout)
-        yield Cluster(launcher, endpoint, zoo)
-    finally:
-        launcher.stop()
+    """`local_cluster` (broker + workers {name: ["model:start-end", ...]} on 127.0.0.1:0, ready
+    for `models`; `kw`: ready_timeout, broker, worker_kw). On exit everything is stopped
+    (workers first), and no child process may be left."""
+    with local_cluster(zoo, workers, models, **kw) as c:
+        started = [psutil.Process(p.pid) for p in c.launcher._children() if p.pid]
+        yield c
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes left running: {alive}"
 

@@ -9,8 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONTRACT = ("p50_ms", "p95_ms", "p99_ms", "ttft_p95_ms", "tokens_per_s", "resident_bytes",
-            "requests", "errors")  # fmt: skip
+CONTRACT = (
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "ttft_p95_ms",
+    "tokens_per_s",
+    "resident_bytes",
+    "requests",
+    "errors",
+)
 
 
 def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -25,8 +33,22 @@ def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[st
 
 
 def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
-    args = ["bench", "multitenant", "--quick", "--tenants", "2", "--requests", "8", "--rate",
-            "20", "--baseline-threads", "1", "--json", "--cache-dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "bench",
+        "multitenant",
+        "--quick",
+        "--tenants",
+        "2",
+        "--requests",
+        "8",
+        "--rate",
+        "20",
+        "--baseline-threads",
+        "1",
+        "--json",
+        "--cache-dir",
+        str(tmp_path),
+    ]
     proc = _blockllm(args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+
 from blockllm.broker import frames
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.proc import run_broker_process
@@ -240,8 +241,8 @@ def test_fake_workers_round_trip_over_sockets(
     """Two DEALERs act as workers for the tiny model (positions [0, 3) and [3, L+2)): the
     broker forwards the hidden frame byte-exact, streams the token, and releases both; on
     SIGTERM a running request fails after the drain and the broker exits 0."""
-    from blockllm.worker.items import stage_key
     from blockllm.zoo import Zoo
+    from blockllm.zoo.chain import stage_key
 
     # the fake workers do not answer pings; SIGTERM gives running requests half a second
     broker = start_broker(heartbeat_s=30.0, drain_timeout_s=0.5)

@@ -248,9 +248,26 @@ class Acceptance:
         return node
 
     def worker(self, name: str, zoo: Path, stages: Sequence[str], *extra: str) -> Node:
-        argv = [*BLOCKLLM, "-v", "worker", "--broker", self.endpoint, "--zoo", str(zoo),
-                "--name", name, "--threads", "1", "--kv-budget", "64MiB",
-                "--heartbeat-interval", BEAT, "--grace", "30", *extra]  # fmt: skip
+        argv = [
+            *BLOCKLLM,
+            "-v",
+            "worker",
+            "--broker",
+            self.endpoint,
+            "--zoo",
+            str(zoo),
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--kv-budget",
+            "64MiB",
+            "--heartbeat-interval",
+            BEAT,
+            "--grace",
+            "30",
+            *extra,
+        ]
         for s in stages:
             argv += ["--stage", s]
         return self.start(name, argv)
@@ -272,19 +289,58 @@ def acc(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
     metrics = {name: free_port() for name in ("broker", "planner", "node-a", "node-b")}
     a = Acceptance("", keys, rogue, tmp, llama, zoo_a, zoo_b, n, {}, metrics)
     try:
-        broker = a.start("broker", [
-            *BLOCKLLM, "-v", "broker", "--bind", "tcp://127.0.0.1:0", "--zoo", str(zoo_a),
-            "--keys", str(keys), "--heartbeat", BEAT, "--drain-timeout", "60",
-            "--metrics-port", str(metrics["broker"]),
-        ])  # fmt: skip
+        broker = a.start(
+            "broker",
+            [
+                *BLOCKLLM,
+                "-v",
+                "broker",
+                "--bind",
+                "tcp://127.0.0.1:0",
+                "--zoo",
+                str(zoo_a),
+                "--keys",
+                str(keys),
+                "--heartbeat",
+                BEAT,
+                "--drain-timeout",
+                "60",
+                "--metrics-port",
+                str(metrics["broker"]),
+            ],
+        )
         a.endpoint = broker.wait_line(r"\[ready\] broker listening on (tcp://\S+)", 60).group(1)
         half = n // 2
-        a.worker("node-a", zoo_a, [f"llama:0-{half}"], "--keys", str(keys),
-                 "--metrics-port", str(metrics["node-a"]))  # fmt: skip
-        a.worker("node-b", zoo_b, [f"llama:{half}-{n}"], "--keys", str(keys),
-                 "--metrics-port", str(metrics["node-b"]))  # fmt: skip
-        a.start("faulty", [sys.executable, "-c", FAULTY_WORKER, a.endpoint, str(zoo_a),
-                           str(keys), f"variant:0-{n}"])  # fmt: skip
+        a.worker(
+            "node-a",
+            zoo_a,
+            [f"llama:0-{half}"],
+            "--keys",
+            str(keys),
+            "--metrics-port",
+            str(metrics["node-a"]),
+        )
+        a.worker(
+            "node-b",
+            zoo_b,
+            [f"llama:{half}-{n}"],
+            "--keys",
+            str(keys),
+            "--metrics-port",
+            str(metrics["node-b"]),
+        )
+        a.start(
+            "faulty",
+            [
+                sys.executable,
+                "-c",
+                FAULTY_WORKER,
+                a.endpoint,
+                str(zoo_a),
+                str(keys),
+                f"variant:0-{n}",
+            ],
+        )
         # a worker without keys (and without stages) knocks while the cluster starts
         (tmp / "zoo-intruder").mkdir()
         a.worker("intruder", tmp / "zoo-intruder", [])
@@ -296,11 +352,24 @@ def acc(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
             except Exception as e:
                 raise AssertionError(f"{e}\n{a.tails()}") from e
         # The planner joins a covered cluster, so it keeps the static placement (no churn).
-        a.start("planner", [
-            *BLOCKLLM, "-v", "planner", "--broker", a.endpoint, "--zoo", str(zoo_a),
-            "--keys", str(keys), "--no-replicate", "--no-duplicates",
-            "--metrics-port", str(metrics["planner"]),
-        ])  # fmt: skip
+        a.start(
+            "planner",
+            [
+                *BLOCKLLM,
+                "-v",
+                "planner",
+                "--broker",
+                a.endpoint,
+                "--zoo",
+                str(zoo_a),
+                "--keys",
+                str(keys),
+                "--no-replicate",
+                "--no-duplicates",
+                "--metrics-port",
+                str(metrics["planner"]),
+            ],
+        )
         a.nodes["planner"].wait_notify("READY=1", 60)
         yield a
     finally:
@@ -332,9 +401,22 @@ def test_greedy_output_over_two_nodes_with_keys_equals_hf(acc: Acceptance):
     n = 12
     ids = PROMPTS[0]
     # the command-line client over the same keys, and the health check, alongside
-    cli_generate = start_cli("generate", "--broker", acc.endpoint, "--keys", str(acc.keys),
-                             "--model", "llama", "--json", "--input-ids", ",".join(map(str, ids)),
-                             "--max-tokens", str(n), "--timeout", "60")  # fmt: skip
+    cli_generate = start_cli(
+        "generate",
+        "--broker",
+        acc.endpoint,
+        "--keys",
+        str(acc.keys),
+        "--model",
+        "llama",
+        "--json",
+        "--input-ids",
+        ",".join(map(str, ids)),
+        "--max-tokens",
+        str(n),
+        "--timeout",
+        "60",
+    )
     cli_status = start_cli("status", "--broker", acc.endpoint, "--keys", str(acc.keys), "--json")
     results: dict[tuple[int, ...], list[int]] = {}
     with acc.client(timeout=60) as client:
@@ -385,10 +467,22 @@ def test_keyless_and_unadmitted_peers_are_refused(acc: Acceptance):
     rogue_key = zmq.auth.load_certificate(acc.rogue / "client.key")[0].decode()
     mark = broker.mark()
     t0 = time.monotonic()
-    keyless = start_cli("generate", "--broker", acc.endpoint, "--model", "llama",
-                        "--input-ids", "1,2", "--max-tokens", "2", "--timeout", "2")  # fmt: skip
-    rogue = start_cli("status", "--broker", acc.endpoint, "--keys", str(acc.rogue),
-                      "--timeout", "2")  # fmt: skip
+    keyless = start_cli(
+        "generate",
+        "--broker",
+        acc.endpoint,
+        "--model",
+        "llama",
+        "--input-ids",
+        "1,2",
+        "--max-tokens",
+        "2",
+        "--timeout",
+        "2",
+    )
+    rogue = start_cli(
+        "status", "--broker", acc.endpoint, "--keys", str(acc.rogue), "--timeout", "2"
+    )
     rc, _, err = finish(keyless)
     # a clear error within its --timeout (plus the command's start-up), not a hang
     assert time.monotonic() - t0 < 2 + 15, "the keyless client outlived its timeout"

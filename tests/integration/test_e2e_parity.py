@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockllm.broker.placement import static_placement
+from blockllm.broker.routing import static_placement
 from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
 from tests.integration.cluster import (
@@ -116,9 +116,7 @@ def test_streamed_text_equals_generated_text_and_hf(
 
 
 @pytest.mark.slow
-def test_smollm2_answers_a_text_prompt_exactly_as_hf(
-    smollm2_checkpoint: Path, tmp_path: Path
-):  # fmt: skip
+def test_smollm2_answers_a_text_prompt_exactly_as_hf(smollm2_checkpoint: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     zoo = make_zoo(tmp_path / "zoo", {"smollm2": smollm2_checkpoint})
@@ -126,8 +124,9 @@ def test_smollm2_answers_a_text_prompt_exactly_as_hf(
     tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint)
     ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=16,
-                         do_sample=False)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=16, do_sample=False
+    )
     want_ids = out[0, ids.shape[1] :].tolist()
     want_text = tok.decode(want_ids, skip_special_tokens=True)
     del model

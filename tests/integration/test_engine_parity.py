@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from blockllm.worker.errors import ErrorCode
 from blockllm.worker.items import SamplingParams, WorkItem
 from blockllm.worker.worker import Worker, WorkerConfig
@@ -608,8 +609,9 @@ def test_submit_refuses_bad_items_with_typed_errors(tiny_zoo) -> None:
 def test_bench_stage_json_shape(tiny_checkpoint) -> None:
     import json
 
-    from blockllm.client.cli import cli
     from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
 
     ckpt = tiny_checkpoint("qwen2")
     args = ["bench", "stage", "--model-dir", str(ckpt), "--batches", "1,3", "--steps", "2"]

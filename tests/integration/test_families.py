@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from blockllm.worker.worker import Worker, WorkerConfig
 from blockllm.zoo import Zoo
 from blockllm.zoo.families import SUPPORTED_MODEL_TYPES, layout
 from blockllm.zoo.tiny import FAMILIES, TINY_WINDOW
-
 from tests.integration.test_engine_parity import Driver, cuts_to_hops, eos_ids, make_reqs
 from tests.unit.test_zoo_support import copy_tokenizer, decoder_layers, read_tensors
 
@@ -65,9 +65,13 @@ def hf_run(path: Path, prompt: list[int], max_new: int, **changes) -> tuple[list
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     tokens = out.sequences[0, len(prompt) :].tolist()
     logps = [
         torch.log_softmax(lg[0].float(), -1)[t].item()
@@ -93,7 +97,7 @@ def family_zoo(tiny_checkpoint, tmp_path_factory):
 
 
 def test_every_target_family_is_supported() -> None:
-    from blockllm.client.cli_models import TINY_FAMILIES
+    from blockllm.client.cli.models import TINY_FAMILIES
 
     assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES) == set(TINY_FAMILIES)
 

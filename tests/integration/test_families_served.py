@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
 from blockllm.client.cli import cli
 from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo.tiny import FAMILIES, TINY_WINDOW
-from click.testing import CliRunner
-
 from tests.integration.cluster import Cluster, cluster, hf_greedy
 
 

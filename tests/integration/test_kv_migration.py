@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockllm.broker.planner_proc import send_command
+from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, SetRoutes
-from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo
+from tests.integration.cluster import Cluster, cluster, hf_greedy
 
 PROMPT = [11, 23, 5, 77, 140, 9, 31, 4, 100, 66]
 N_NEW = 48
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +26,7 @@ def want(llama: Path) -> list[int]:
 
 
 def test_engine_export_import_continues_bit_exactly(zoo: Path) -> None:
-    from blockllm.worker.worker import WorkItem, Worker, WorkerConfig
+    from blockllm.worker.worker import Worker, WorkerConfig, WorkItem
     from blockllm.zoo import Zoo
 
     cfg = WorkerConfig(device="cpu", kv_budget_bytes=8 << 20, threads=1)

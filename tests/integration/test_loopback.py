@@ -28,30 +28,19 @@ from blockllm.broker.protocol import (
     Result,
 )
 from blockllm.client.launcher import Launcher
-from blockllm.worker.items import stage_key
 from blockllm.zoo import Zoo
+from blockllm.zoo.chain import stage_key
 from tests.integration.cluster import (
     SLOW_BEAT,
     FakeBroker,
     cluster,
     hf_greedy,
     hf_tokenize,
-    make_zoo,
     worker_config,
 )
 
 PROMPT_IDS = [5, 17, 42, 99, 7]
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture
@@ -142,8 +131,9 @@ def test_two_workers_pass_hidden_states(zoo: Path, llama: Path, fake_broker):
         keys_a = tuple(s.key for s in readies[b"a"].stages)
         keys_b = tuple(s.key for s in readies[b"b"].stages)  # two stages run in one hop
         assert len(keys_b) == 2
-        fake_broker.send(b"a", forward("h", 0, keys_a, 0, torch.tensor(PROMPT_IDS)),
-                         [torch.tensor(PROMPT_IDS)])  # fmt: skip
+        fake_broker.send(
+            b"a", forward("h", 0, keys_a, 0, torch.tensor(PROMPT_IDS)), [torch.tensor(PROMPT_IDS)]
+        )
         _, msg, (hidden,) = fake_broker.recv_kind({Kind.RESULT})
         assert hidden.dtype == torch.float32 and hidden.shape == (len(PROMPT_IDS), 64)
         fake_broker.send(b"a", Release("h"))

@@ -71,8 +71,8 @@ def test_broker_and_worker_metrics_endpoints(tiny_checkpoint, tmp_path: Path):
 
 
 def test_planner_metrics_endpoint_reports_its_bound_port():
-    from blockllm.broker.planner_config import PlannerConfig
-    from blockllm.broker.planner_proc import PlannerProc
+    from blockllm.broker.planner.config import PlannerConfig
+    from blockllm.broker.planner.proc import PlannerProc
 
     # no broker needed: the endpoint is up before the planner subscribes to any stats
     proc = PlannerProc(PlannerConfig(broker="tcp://127.0.0.1:9", metrics_port=0))

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
 from tests.integration.cluster import Cluster, cluster, hf_greedy, make_zoo, perturbed_copy
 
 PROMPTS = [[11, 23, 5, 77, 140, 9], [3, 14, 15, 92, 65], [27, 18, 28, 18, 28, 45, 90], [99, 1]]
@@ -105,18 +105,8 @@ class Streams:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def want(llama: Path) -> dict[tuple[int, ...], list[int]]:
     return {tuple(p): hf_greedy(llama, p, 160) for p in PROMPTS}
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,7 @@ def test_demand_rewires_running_requests_to_one_hop_and_output_stays_exact(
     assert body["counters"]["moved"] >= 1  # requests really moved while generating
     assert body["models"]["m"]["planned_routes"]
     # the planner's per-stage batch size reaches the worker
-    from blockllm.broker.planner_proc import send_command
+    from blockllm.broker.planner.proc import send_command
     from blockllm.broker.protocol import SetBatch
 
     (w,) = [w for w in body["workers"] if w["stages"]]

@@ -19,20 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.cluster import hf_greedy, make_zoo
+from tests.integration.cluster import hf_greedy
 
 BLOCKLLM = [sys.executable, "-m", "blockllm.client.cli"]
 PROMPT_IDS = [5, 6, 7, 8]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -78,10 +68,25 @@ def test_serve_announces_serves_and_stops_on_sigint(serve, llama: Path):
     assert sum("spawn_main" in n for n in names) >= 3  # broker + 2 workers (+ tracker)
 
     out = subprocess.run(
-        [*BLOCKLLM, "generate", "--broker", address, "--model", "m", "--json",
-         "--input-ids", ",".join(map(str, PROMPT_IDS)), "--max-tokens", "10", "--timeout", "60"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            *BLOCKLLM,
+            "generate",
+            "--broker",
+            address,
+            "--model",
+            "m",
+            "--json",
+            "--input-ids",
+            ",".join(map(str, PROMPT_IDS)),
+            "--max-tokens",
+            "10",
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["token_ids"] == hf_greedy(llama, PROMPT_IDS, 10)
@@ -123,8 +128,10 @@ def test_serve_exits_nonzero_when_a_worker_dies(serve):
 def test_serve_without_models_fails_with_one_line(tmp_path: Path):
     out = subprocess.run(
         [*BLOCKLLM, "serve", "--zoo", str(tmp_path / "empty"), "--bind", "tcp://127.0.0.1:0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("error: no models in zoo")
     assert "blockllm zoo import" in out.stderr
@@ -133,8 +140,9 @@ def test_serve_without_models_fails_with_one_line(tmp_path: Path):
 def test_config_file_values_and_errors(serve, tmp_path: Path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[worker]\nkv_budget_bytes = "lots"\n')
-    out = subprocess.run([*BLOCKLLM, "serve", "--config", str(bad)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [*BLOCKLLM, "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 78 and "kv_budget_bytes" in out.stderr
 
     good = tmp_path / "cluster.toml"
@@ -153,6 +161,5 @@ def test_config_file_values_and_errors(serve, tmp_path: Path):
 
 @pytest.mark.parametrize("command", ["serve", "broker", "worker"])
 def test_help(command: str):
-    out = subprocess.run([*BLOCKLLM, command, "--help"], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run([*BLOCKLLM, command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--config" in out.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.cluster import cluster, hf_greedy, make_zoo
+from tests.integration.cluster import cluster, hf_greedy
 from tests.integration.test_planner import (
     FAST,
     PROMPTS,
@@ -28,16 +28,6 @@ from tests.integration.test_planner import (
 
 NEW_TOKENS = 120
 SPARE_ARGS = ("--threads", "1", "--kv-budget", "64MiB", "--heartbeat-interval", "0.25")
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": llama})
 
 
 def _spawned(planner_pid: int) -> list[psutil.Process]:
@@ -107,14 +97,22 @@ def test_a_spawned_worker_is_retired_once_a_new_worker_covers_its_stages(zoo: Pa
         c.launcher.kill_worker("w0", signal.SIGKILL)  # a request waits: the planner spawns
         assert streams.join() == [want]
         names = lambda b: [w["name"] for w in b["workers"]]  # noqa: E731
-        wait_status(c, lambda b: names(b) == ["spare0"] and b["models"]["m"]["covered"], 40,
-                    "spawned worker serving")  # fmt: skip
+        wait_status(
+            c,
+            lambda b: names(b) == ["spare0"] and b["models"]["m"]["covered"],
+            40,
+            "spawned worker serving",
+        )
         (child,) = _spawned(planner.pid)
         # a worker of the cluster's own comes (a supervisor restarted it): the placement goes
         # back to it, and the spawned worker, unneeded for spawn_hold_s, is stopped
         c.add_worker("w1", [])
-        wait_status(c, lambda b: names(b) == ["w1"] and b["models"]["m"]["covered"], 40,
-                    "spawned worker retired")  # fmt: skip
+        wait_status(
+            c,
+            lambda b: names(b) == ["w1"] and b["models"]["m"]["covered"],
+            40,
+            "spawned worker retired",
+        )
         psutil.wait_procs([child], timeout=10)
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
         assert client.generate("m", input_ids=prompt, max_new_tokens=16).token_ids == want

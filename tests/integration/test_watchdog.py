@@ -22,8 +22,16 @@ def test_broker_sends_ready_then_watchdog_kicks(tmp_path: Path) -> None:
         notify.bind("\0" + address)
         env = dict(os.environ, NOTIFY_SOCKET="@" + address, WATCHDOG_USEC="400000")
         env.pop("WATCHDOG_PID", None)
-        cmd = [sys.executable, "-m", "blockllm.client.cli", "broker", "--bind",
-               "tcp://127.0.0.1:0", "--zoo", str(tmp_path / "zoo")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "blockllm.client.cli",
+            "broker",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--zoo",
+            str(tmp_path / "zoo"),
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             seen: list[str] = []

@@ -35,8 +35,14 @@ from tests.integration.cluster import FakeBroker, make_zoo
 @pytest.fixture
 def channel():
     broker = FakeBroker()
-    cfg = WorkerProcConfig(broker.endpoint, "", name="w0", heartbeat_interval_s=0.05,
-                           fetch_timeout_s=1.0, dead_linger_ms=0)  # fmt: skip
+    cfg = WorkerProcConfig(
+        broker.endpoint,
+        "",
+        name="w0",
+        heartbeat_interval_s=0.05,
+        fetch_timeout_s=1.0,
+        dead_linger_ms=0,
+    )
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     io = IOThread(cfg, b"w0", inbox, Heartbeat)  # load facts: empty ones
     io.start()
@@ -112,8 +118,9 @@ def test_fetch_model_over_the_channel_stores_a_verified_model(channel, tiny_chec
             continue
         small = Fetch(ask.request_id, ask.what, ask.name, ask.offset, 100_000)
         answer, data = serve_fetch(Path(src), small)
-        broker.send(peer, answer, [torch.frombuffer(bytearray(data), dtype=torch.uint8)]
-                    if data else [])  # fmt: skip
+        broker.send(
+            peer, answer, [torch.frombuffer(bytearray(data), dtype=torch.uint8)] if data else []
+        )
     ok, nbytes = box.get(timeout=10)
     assert ok and nbytes > 0, nbytes
     assert dst.list_models() == ["llama"] and dst.verify().ok

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from blockllm.client.cli import cli
-from blockllm.client.cli_common import CliError
-from blockllm.zoo import Zoo
-from blockllm.zoo.families import SUPPORTED_MODEL_TYPES
 from click.testing import CliRunner
 
+from blockllm.client.cli import cli
+from blockllm.client.cli.common import CliError
+from blockllm.zoo import Zoo
+from blockllm.zoo.families import SUPPORTED_MODEL_TYPES
 from tests.unit.test_zoo_support import finetune, read_tensors
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from blockllm.worker.batch_queue import BatchQueue
 from blockllm.worker.errors import ErrorCode, QueueFull
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockllm.client.bench_trace import (
+from blockllm.client.bench.trace import (
     Outcome,
     TraceSpec,
     make_trace,
@@ -42,7 +42,7 @@ def test_summarize_contract() -> None:
 
 
 def test_variants_take_distinct_slices_of_the_upper_layers() -> None:
-    from blockllm.client.bench_family import variant_plans
+    from blockllm.client.bench.family import variant_plans
 
     plans = variant_plans("smollm2", 30, 6, "partial")
     assert [p.layers for p in plans] == [(28, 29), (26, 27), (24, 25), (22, 23), (20, 21), (18, 19)]

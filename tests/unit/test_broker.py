@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec
@@ -32,8 +33,8 @@ from blockllm.broker.protocol import (
     TensorMeta,
     Token,
 )
-from blockllm.worker.items import stage_key
 from blockllm.zoo import ModelManifest
+from blockllm.zoo.chain import stage_key
 
 LAYERS = 4
 CHAIN = LAYERS + 2

@@ -17,8 +17,7 @@ from blockllm.broker.protocol import (
     Token,
     UnloadStage,
 )
-from blockllm.worker.items import stage_key
-
+from blockllm.zoo.chain import stage_key
 from tests.unit.test_broker import BASE, FT, W0, W1, W2, Harness, ids_of, of, only
 
 PLANNER = b"planner"

@@ -5,7 +5,6 @@ replay move. No sockets, no sleeps: time is a number the test advances."""
 from __future__ import annotations
 
 from blockllm.broker.migrate import plan_transfers
-from blockllm.broker.placement import Hop
 from blockllm.broker.protocol import (
     Dead,
     Forward,
@@ -17,8 +16,8 @@ from blockllm.broker.protocol import (
     TensorMeta,
     Token,
 )
-from blockllm.worker.items import stage_key
-
+from blockllm.broker.routing import Hop
+from blockllm.zoo.chain import stage_key
 from tests.unit.test_broker import BASE, W0, W1, W2, Harness, ids_of, of, only
 from tests.unit.test_broker_commands import PLANNER, ack, route, two_full
 

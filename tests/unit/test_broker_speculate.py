@@ -8,7 +8,7 @@ import pytest
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import Forward, Result, Speculate, TensorMeta, Token
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 from tests.unit.test_broker import BASE, HIDDEN, W0, W1, W2, Harness, Out, of, only
 
 
@@ -110,7 +110,7 @@ def test_tolerances_are_checked() -> None:
 def test_cli_flag_parses_model_tolerance_pairs() -> None:
     import click
 
-    from blockllm.client.cli_serve import _broker_config, _speculate
+    from blockllm.client.cli.serve import _broker_config, _speculate
 
     assert _broker_config({"speculate": ("base=0", "ft=0.2")}).speculate == (
         ("base", 0.0),

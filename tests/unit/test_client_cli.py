@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from blockllm.broker.protocol import (
     Generate,
 )
-from blockllm.client.cli_common import CliError
+from blockllm.client.cli.common import CliError
 from tests.unit.client_standin import PIECES, StandIn
 
 pytestmark = pytest.mark.timeout(20)
@@ -33,8 +33,19 @@ def cli_error(result: Any) -> CliError:
 
 
 def test_cli_generate_json(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--max-tokens", "3",
-                "--seed", "4", "--json", "Hello")  # fmt: skip
+    r = run_cli(
+        "generate",
+        "--broker",
+        peer.addr,
+        "--model",
+        "base",
+        "--max-tokens",
+        "3",
+        "--seed",
+        "4",
+        "--json",
+        "Hello",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {
         "token_ids": [400, 401, 402],
@@ -52,8 +63,22 @@ def test_cli_generate_streams_text(peer: StandIn, monkeypatch: pytest.MonkeyPatc
 
 
 def test_cli_generate_input_ids_and_sampling(peer: StandIn) -> None:
-    r = run_cli("generate", "--broker", peer.addr, "--model", "base", "--input-ids", "5,6,7",
-                "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--json")  # fmt: skip
+    r = run_cli(
+        "generate",
+        "--broker",
+        peer.addr,
+        "--model",
+        "base",
+        "--input-ids",
+        "5,6,7",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     g = peer.next_message(Generate)
     assert (g.input_ids, g.temperature, g.top_k, g.top_p) == ((5, 6, 7), 0.7, 40, 0.9)
@@ -86,16 +111,31 @@ def test_cli_status_json_and_table(peer: StandIn) -> None:
     # the shape of broker/status.py
     peer.status_body = {
         "workers": [
-            {"name": "w0", "pid": 42, "host": "node1", "device": "cpu", "stages": [
-                {"key": "k", "model": "base", "start": 0, "end": 3, "nbytes": 10}],
-             "queue_depths": {"k": 2}, "kv_total_bytes": 4 << 20, "kv_free_bytes": 1 << 20,
-             "rss_bytes": 300 << 20, "step_ms_p50": 12.5},
+            {
+                "name": "w0",
+                "pid": 42,
+                "host": "node1",
+                "device": "cpu",
+                "stages": [{"key": "k", "model": "base", "start": 0, "end": 3, "nbytes": 10}],
+                "queue_depths": {"k": 2},
+                "kv_total_bytes": 4 << 20,
+                "kv_free_bytes": 1 << 20,
+                "rss_bytes": 300 << 20,
+                "step_ms_p50": 12.5,
+            },
         ],
-        "models": {"base": {"layers": 2, "covered": True, "route": [["w0", [[0, 3]]]],
-                            "running": 1, "waiting": 0}},
+        "models": {
+            "base": {
+                "layers": 2,
+                "covered": True,
+                "route": [["w0", [[0, 3]]]],
+                "running": 1,
+                "waiting": 0,
+            }
+        },
         "requests": {"running": 1, "waiting": 0},
         "counters": {"requests": 7, "failed": 0},
-    }  # fmt: skip
+    }
     r = run_cli("status", "--broker", peer.addr, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == peer.status_body

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
+
 from blockllm.broker.cluster_config import (
     SCHEMA,
     ConfigError,
@@ -16,7 +18,6 @@ from blockllm.broker.cluster_config import (
     parse_cluster_config,
     parse_size,
 )
-from click.testing import CliRunner
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml"
 
@@ -155,8 +156,8 @@ def test_merge_click_uses_parameter_sources() -> None:
 
 
 def test_speculate_and_tolerance_lists_reach_the_commands(tmp_path: Path) -> None:
-    from blockllm.client.cli_planner import _with_config_file, parse_tolerances
-    from blockllm.client.cli_serve import _speculate
+    from blockllm.client.cli.planner import _with_config_file, parse_tolerances
+    from blockllm.client.cli.serve import _speculate
 
     assert "MODEL=VALUE" in _error('[broker]\nspeculate = ["ft"]\n')
     assert "MODEL=VALUE" in _error('[planner]\ntolerance = ["ft=-1"]\n')
@@ -181,7 +182,7 @@ def test_speculate_and_tolerance_lists_reach_the_commands(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("bad", ["ft", "=0.1", "ft=-1", "ft=x", "ft=nan"])
 def test_model_value_flags_refuse_bad_pairs(bad: str) -> None:
-    from blockllm.client.cli_planner import parse_tolerances
+    from blockllm.client.cli.planner import parse_tolerances
 
     with pytest.raises(click.BadParameter, match=r"MODEL=KL with KL >= 0") as e:
         parse_tolerances(["ok=0.1", bad])

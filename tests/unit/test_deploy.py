@@ -130,7 +130,7 @@ def test_service_lifecycle_and_hardening(unit: str) -> None:
     if command == "worker":
         assert "--name %i" in exec_start
     assert s["User"] == ["blockllm"] and s["Group"] == ["blockllm"]
-    # readiness by sd_notify (broker/sdnotify.py), from the `blockllm` process itself only
+    # readiness by sd_notify (broker/lifecycle.py), from the `blockllm` process itself only
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert s["WatchdogSec"] and s["WatchdogSec"][0].endswith("s")  # processes send WATCHDOG=1
     assert s["EnvironmentFile"] == ["-/etc/blockllm/blockllm.env"]
@@ -228,7 +228,7 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:
     print("no-mdwe"); sys.exit(0)
 import torch
 from blockllm.broker import frames, protocol
-for name in ("blockllm.broker.proc", "blockllm.broker.broker", "blockllm.broker.planner"):
+for name in ("blockllm.broker.proc", "blockllm.broker.broker", "blockllm.broker.planner.proc"):
     if importlib.util.find_spec(name) is not None:
         importlib.import_module(name)
 t = torch.arange(6, dtype=torch.bfloat16).view(2, 3)

@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+
 from blockllm.broker.text import REPLACEMENT, IncrementalDetokenizer
 
 
@@ -18,9 +19,10 @@ def tok():
 
 def build_sentencepiece_like():
     """A Llama-style tokenizer: metaspace pieces, <0xNN> byte fallback, leading-space strip."""
-    from blockllm.zoo.tiny import local_corpus
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from blockllm.zoo.tiny import local_corpus
 
     norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     base = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from blockllm.worker.errors import BadRequest, CacheFull, ErrorCode
 from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from blockllm.worker.errors import BadRequest, CacheFull, KVMiss
 from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 
@@ -96,7 +97,11 @@ class _IO:
 
 
 class _Proc:
-    """What worker/proc_kv.py uses of a WorkerProc: engine, io, stop flag, known requests."""
+    """What WorkerProc's KV handlers use of it: engine, io, stop flag, known requests."""
+
+    from blockllm.worker.proc import WorkerProc
+
+    _kv_refuse = WorkerProc._kv_refuse
 
     def __init__(self, engine) -> None:
         self.engine, self.io, self.stop_requested, self._known = engine, _IO(), False, set()
@@ -115,7 +120,9 @@ class _Engine:
 
 def test_worker_handlers_answer_a_shard_an_ack_or_a_typed_refusal() -> None:
     from blockllm.broker.protocol import KvAck, KvExport, KvShard
-    from blockllm.worker.proc_kv import handle_kv_export, handle_kv_shard
+    from blockllm.worker.proc import WorkerProc
+
+    handle_kv_export, handle_kv_shard = WorkerProc._handle_kv_export, WorkerProc._handle_kv_shard
 
     src, dst = _Proc(_Engine(manager(20))), _Proc(_Engine(manager(4)))
     k, _v = filled(src.engine.kv, "r", 2, 6, 8, seed=2)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from blockllm.client.cli import cli
-from blockllm.client.cli_common import CliError
-from blockllm.client.cli_models import parse_layers
+from blockllm.client.cli.common import CliError
+from blockllm.client.cli.models import parse_layers
 from blockllm.zoo import finetune as finetune_mod
 from blockllm.zoo import models
 from blockllm.zoo.finetune import FINETUNE_RECORD, finetune

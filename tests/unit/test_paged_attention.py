@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from blockllm.worker.attention import PagedCacheView, paged_attention, plan_step
 from blockllm.worker.kv_cache import KVCacheManager, KVGeometry
 
@@ -64,9 +65,16 @@ def test_ragged_batch_matches_reference(window: int | None, shapes, softcap) -> 
     k_out, v_out = PagedCacheView(batch).update(new_k, new_v, 6)
     assert k_out is new_k and v_out is new_v
     out, _ = paged_attention(
-        module, q, new_k, new_v, None, scaling=DH**-0.5, sliding_window=window,
-        softcap=softcap, blockllm_step=batch,
-    )  # fmt: skip
+        module,
+        q,
+        new_k,
+        new_v,
+        None,
+        scaling=DH**-0.5,
+        sliding_window=window,
+        softcap=softcap,
+        blockllm_step=batch,
+    )
     assert out.shape == (1, n_total, H, DH)
     row = 0
     for (_past, n), k, v in zip(shapes, full_k, full_v, strict=True):

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from blockllm.broker.placement import (
+from blockllm.broker.protocol import StageRef
+from blockllm.broker.routing import (
     Hop,
     WorkerView,
     balanced_spans,
     find_route,
     static_placement,
 )
-from blockllm.broker.protocol import StageRef
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from blockllm.broker.placement import WorkerView, find_route
-from blockllm.broker.plan import (
+from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
     WorkerInfo,
@@ -18,7 +17,8 @@ from blockllm.broker.plan import (
     placement_gain,
 )
 from blockllm.broker.protocol import PlannedHop, PlannedRoute, StageRef
-from blockllm.worker.items import stage_key
+from blockllm.broker.routing import WorkerView, find_route
+from blockllm.zoo.chain import stage_key
 
 L = 6  # decoder layers: chain positions 0..7
 MB = 1 << 20
@@ -172,8 +172,10 @@ def route(*hops: tuple[str, int, int], weight: float = 1.0) -> PlannedRoute:
 
 def test_layout_load_counts_a_shared_block_once_per_worker_batched_over_its_tenants() -> None:
     base, ft = model("base", BASE, demand=1.0), model("ft", FT, demand=1.0)
-    pipeline = {"base": (route(("w0", 0, 4), ("w1", 4, 8)),),
-                "ft": (route(("w0", 0, 4), ("w1", 4, 8)),)}  # fmt: skip
+    pipeline = {
+        "base": (route(("w0", 0, 4), ("w1", 4, 8)),),
+        "ft": (route(("w0", 0, 4), ("w1", 4, 8)),),
+    }
     loads = layout_load([base, ft], pipeline, batch_exponent=1.0)
     # without a batching discount, every block costs its work x the demand through it
     assert loads["w0"] == pytest.approx(3 * MB + MB * 0.5 + MB * 0.5)  # b3 / ft3: half each
@@ -190,8 +192,7 @@ def test_splitting_tenants_of_a_pipeline_over_workers_is_not_worth_it() -> None:
         model(f"ft{i}", chain("b", {L: f"ft{i}"}), 1.0) for i in range(3)
     ]
     pipeline = {m.name: (route(("w0", 0, 4), ("w1", 4, 8)),) for m in tenants}
-    whole = {m.name: (route(("w0" if i % 2 == 0 else "w1", 0, 8)),)
-             for i, m in enumerate(tenants)}  # fmt: skip
+    whole = {m.name: (route(("w0" if i % 2 == 0 else "w1", 0, 8)),) for i, m in enumerate(tenants)}
     gain = placement_gain(tenants, pipeline, whole, batch_exponent=0.5, hop_cost=MB / 4)
     assert gain < 0  # costlier: it must not be made
     assert placement_gain(tenants, whole, pipeline, 0.5, MB / 4) > 0.15

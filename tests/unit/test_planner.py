@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from blockllm.broker.planner import Planner
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
 from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
-from blockllm.worker.items import stage_key
+from blockllm.zoo.chain import stage_key
 
 L = 4  # decoder layers; chain positions 0..5
 MB = 1 << 20
@@ -211,14 +211,19 @@ def test_room_is_not_made_by_uncovering_a_model_until_the_load_has_waited_long()
 
 
 def test_batch_tuner_shrinks_full_batches_of_a_slow_worker_and_grows_queued_ones() -> None:
-    from blockllm.broker.batching import BatchTuner
+    from blockllm.broker.planner.batching import BatchTuner
 
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))
 
     def worker(p95: float, mean: float, limit: int, queued: int) -> dict:
-        return {"step_ms_p95": p95, "max_batch_size": 32, "stage_batch_limits": {"k": limit},
-                "stage_mean_batch": {"k": mean}, "queue_depths": {"k": queued}}  # fmt: skip
+        return {
+            "step_ms_p95": p95,
+            "max_batch_size": 32,
+            "stage_batch_limits": {"k": limit},
+            "stage_mean_batch": {"k": mean},
+            "queue_depths": {"k": queued},
+        }
 
     (cmd,) = tuner.step({"w0": worker(250, 30, 32, 4)}, set(), 0.0, lambda: str(next(ids)))
     assert (cmd.worker, cmd.key, cmd.max_batch_size) == ("w0", "k", 16)
@@ -337,7 +342,7 @@ def test_running_requests_move_to_a_duplicate_only_when_the_straggler_is_far_slo
 
 
 def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> None:
-    from blockllm.broker.duplicates import pace, stragglers
+    from blockllm.broker.planner.stragglers import pace, stragglers
 
     c = cfg(dup_factor=3.0, dup_step_ms=0.0)
     layout = {"w0": [("m", 0, 3), ("ft", 3, 5), ("m", 5, 6)], "w1": [("m", 3, 5)]}
@@ -367,29 +372,40 @@ def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> 
 
 
 def test_batch_tuner_with_per_stage_latency_halves_the_expensive_stage_only() -> None:
-    from blockllm.broker.batching import BatchTuner
+    from blockllm.broker.planner.batching import BatchTuner
 
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))
     # a step of 160 ms: the big stage takes 120 of it, the small one 20; both fill 16
-    over = {"step_ms_p95": 160.0, "max_batch_size": 32,
-            "stage_batch_limits": {"big": 16, "small": 16},
-            "stage_mean_batch": {"big": 15.0, "small": 15.0},
-            "stage_step_ms": {"big": 120.0, "small": 20.0}}  # fmt: skip
+    over = {
+        "step_ms_p95": 160.0,
+        "max_batch_size": 32,
+        "stage_batch_limits": {"big": 16, "small": 16},
+        "stage_mean_batch": {"big": 15.0, "small": 15.0},
+        "stage_step_ms": {"big": 120.0, "small": 20.0},
+    }
     cmds = tuner.step({"w0": over}, set(), 0.0, lambda: str(next(ids)))
     assert [(c.key, c.max_batch_size) for c in cmds] == [("big", 8)]  # 60 ms saved >= 60 over
     # well under: grow the queued stages while the step stays under the target if each doubled
-    under = {"step_ms_p95": 40.0, "max_batch_size": 32,
-             "stage_batch_limits": {"a": 8, "b": 8, "c": 8},
-             "stage_mean_batch": {"a": 8.0, "b": 8.0, "c": 8.0},
-             "stage_step_ms": {"a": 10.0, "b": 25.0, "c": 40.0},
-             "queue_depths": {"a": 2, "b": 2, "c": 2}}  # fmt: skip
+    under = {
+        "step_ms_p95": 40.0,
+        "max_batch_size": 32,
+        "stage_batch_limits": {"a": 8, "b": 8, "c": 8},
+        "stage_mean_batch": {"a": 8.0, "b": 8.0, "c": 8.0},
+        "stage_step_ms": {"a": 10.0, "b": 25.0, "c": 40.0},
+        "queue_depths": {"a": 2, "b": 2, "c": 2},
+    }
     cmds = BatchTuner(cfg(batch_target_ms=100.0)).step({"w0": under}, set(), 0.0, str)
     assert sorted((c.key, c.max_batch_size) for c in cmds) == [("a", 16), ("b", 16)]
 
 
-BAD_SETTINGS = [{"batch_exponent": 1.5}, {"hop_cost_bytes": -1}, {"min_gain": 1.0},
-                {"dup_confirm_s": -1}, {"dup_move_factor": 0.5}]  # fmt: skip
+BAD_SETTINGS = [
+    {"batch_exponent": 1.5},
+    {"hop_cost_bytes": -1},
+    {"min_gain": 1.0},
+    {"dup_confirm_s": -1},
+    {"dup_move_factor": 0.5},
+]
 
 
 @pytest.mark.parametrize("bad", BAD_SETTINGS)

@@ -7,6 +7,7 @@ import dataclasses
 import msgpack
 import pytest
 import torch
+
 from blockllm.broker import frames, protocol
 from blockllm.broker.protocol import (
     MESSAGES,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from blockllm.worker.errors import BadRequest
 from blockllm.worker.sampling import SamplingParams, position_seed, sample
 

@@ -1,4 +1,4 @@
-"""broker/sdnotify.py against a real AF_UNIX datagram socket standing in for systemd."""
+"""broker/lifecycle.py notify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from blockllm.broker.sdnotify import notify
+from blockllm.broker.lifecycle import notify
 
 
 def test_notify_outside_systemd_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,7 +42,7 @@ def test_notify_to_a_missing_socket_is_reported_not_raised(
 
 
 def test_watchdog_kicks_at_half_the_interval(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from blockllm.broker.sdnotify import Watchdog
+    from blockllm.broker.lifecycle import Watchdog
 
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
@@ -62,7 +62,7 @@ def test_watchdog_kicks_at_half_the_interval(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_watchdog_off_without_usec_or_for_another_pid(monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockllm.broker.sdnotify import Watchdog
+    from blockllm.broker.lifecycle import Watchdog
 
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     assert Watchdog().interval_s == 0

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import zmq
+from click.testing import CliRunner
+
 from blockllm.broker import security
 from blockllm.broker.sockets import CurveKeys, bound_endpoint, make_socket
-from blockllm.client.cli_keys import keys as keys_cli
-from click.testing import CliRunner
+from blockllm.client.cli.keys import keys as keys_cli
 
 DEADLINE_MS = 5000  # bound on every wait; the happy paths take milliseconds
 

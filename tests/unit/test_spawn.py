@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blockllm.broker.planner import Planner
-from blockllm.broker.planner_config import PlannerConfig
+from blockllm.broker.lifecycle import stop_processes
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
+from blockllm.broker.planner.spawn import SpawnAction, Spawner
 from blockllm.broker.protocol import LoadStage
-from blockllm.broker.spawn import SpawnAction, Spawner, shutdown_children
 from tests.unit.test_planner import MANIFESTS, MB, cfg, snapshot
 
 NONE = {"m": False, "ft": False}
@@ -165,9 +166,19 @@ def test_a_child_worker_gets_the_planners_broker_zoo_keys_and_extra_flags() -> N
     argv = Spawner(cfg).worker_argv("spare3")
     assert argv[:4] == [sys.executable, "-m", "blockllm.client.cli", "worker"]
     assert argv[4:] == [
-        "--broker", "tcp://10.0.0.1:5555", "--name", "spare3", "--zoo", "/z", "--keys", "/k",
-        "--device", "cuda:1", "--memory-budget", "8GiB",
-    ]  # fmt: skip
+        "--broker",
+        "tcp://10.0.0.1:5555",
+        "--name",
+        "spare3",
+        "--zoo",
+        "/z",
+        "--keys",
+        "/k",
+        "--device",
+        "cuda:1",
+        "--memory-budget",
+        "8GiB",
+    ]
 
 
 def test_a_child_ignoring_sigterm_is_killed_after_the_timeout() -> None:
@@ -178,7 +189,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout() -> None:
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None and child.stdout.readline() == b"1\n"  # handler installed
-    shutdown_children([child], timeout=0.5)
+    stop_processes([child], timeout=0.5)
     assert child.returncode == -9
 
 
@@ -186,8 +197,9 @@ def test_serve_gives_spawned_workers_its_own_workers_flags() -> None:
     from blockllm.client.launcher import spare_worker_args
     from blockllm.worker.config import MiB, WorkerProcConfig
 
-    wcfg = WorkerProcConfig("tcp://b:1", "/z", device="cuda:1", kv_budget_bytes=64 * MiB,
-                            memory_budget_bytes=512 * MiB)  # fmt: skip
+    wcfg = WorkerProcConfig(
+        "tcp://b:1", "/z", device="cuda:1", kv_budget_bytes=64 * MiB, memory_budget_bytes=512 * MiB
+    )
     args = spare_worker_args(wcfg, threads=2)
     flags = dict(zip(args[::2], args[1::2], strict=True))
     assert flags["--device"] == "cuda:1" and flags["--threads"] == "2"
@@ -198,11 +210,12 @@ def test_planner_cli_spawn_flags_reach_the_config_and_a_lone_template_is_refused
     from click.testing import CliRunner
 
     from blockllm.client.cli import cli
-    from blockllm.client.cli_common import CliError
-    from blockllm.client.cli_planner import planner_config
+    from blockllm.client.cli.common import CliError
+    from blockllm.client.cli.planner import planner_config
 
-    cfg = planner_config({"max_spawn": 2, "spawn_hold_s": 5.0, "spawn_command": "a {n}",
-                          "stop_command": "b {n}"})  # fmt: skip
+    cfg = planner_config(
+        {"max_spawn": 2, "spawn_hold_s": 5.0, "spawn_command": "a {n}", "stop_command": "b {n}"}
+    )
     assert (cfg.max_spawn, cfg.spawn_hold_s, cfg.spawn_command) == (2, 5.0, "a {n}")
     assert planner_config({}).max_spawn == 0  # off unless asked for
     result = CliRunner().invoke(cli, ["planner", "--spawn-command", "systemctl start x@{n}"])

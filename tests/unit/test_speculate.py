@@ -188,11 +188,12 @@ def test_only_single_token_decodes_speculate(engine) -> None:
 
 def test_a_speculation_carries_its_own_tolerance(engine) -> None:
     """The worker process gives each run the tolerance of its model (SPECULATE.tolerance);
-    an accepted result can be taken at once (`take_ready`) instead of by the next step."""
+    an accepted result can be answered at once (`on_accept`) instead of by the next step."""
     worker, keys = engine
     key = keys[SPEC_HOP]
     h = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
-    spec = Speculation(worker, tolerance=0.0)
+    accepted: list = []
+    spec = Speculation(worker, tolerance=0.0, on_accept=accepted.append)
     for rid in ("loose", "strict"):
         _one(spec, WorkItem(rid, 0, (key,), 0, hidden=h[:3], max_total_len=4))
     spec.speculate(WorkItem("loose", 1, (key,), 3, hidden=h[3:] * 1.5), tolerance=0.6)
@@ -200,7 +201,7 @@ def test_a_speculation_carries_its_own_tolerance(engine) -> None:
     assert spec.step() == []
     assert spec.submit(WorkItem("loose", 1, (key,), 3, hidden=h[3:])) == "accepted"
     assert spec.submit(WorkItem("strict", 1, (key,), 3, hidden=h[3:])) == "rejected"
-    (ready,) = spec.take_ready()
+    (ready,) = accepted
     assert ready.request_id == "loose" and ready.step == 1
     (r,) = spec.step()  # only the rejected one ran again
     assert r.request_id == "strict"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from blockllm.zoo import Zoo
 from blockllm.zoo.equiv import Measurer, candidate_pairs
-
 from tests.unit.test_zoo_support import finetune
 
 LIGHT, HEAVY = 1e-3, 1e-1
@@ -78,8 +78,9 @@ def test_records_are_kept_skipped_and_pruned(family_zoo):
 def test_suffix_rerun_matches_full_forward(tmp_path, tiny_checkpoint, family):
     """run_from (replaying recorded layer inputs) equals a full forward under substitution."""
     import torch
-    from blockllm.zoo.hfmodel import build_hf_model, run_from, substituted, trace
     from transformers import AutoModelForCausalLM
+
+    from blockllm.zoo.hfmodel import build_hf_model, run_from, substituted, trace
 
     src = tiny_checkpoint(family)
     zoo = Zoo(tmp_path / "zoo")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_file
+
 from blockllm.zoo import Zoo, block_id
 from blockllm.zoo.hashing import file_block_id
-from safetensors.torch import save_file
 
 
 def _block() -> dict[str, torch.Tensor]:

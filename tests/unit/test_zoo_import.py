@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from blockllm.zoo import CheckpointError, UnsupportedModelError, Zoo
 
+from blockllm.zoo import CheckpointError, UnsupportedModelError, Zoo
 from tests.unit.test_zoo_support import finetune, read_tensors, rewrite_checkpoint
 
 
@@ -96,9 +96,13 @@ def test_unsupported_model_type_is_refused_by_name(tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig(
-        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-        vocab_size=50, max_position_embeddings=32,
-    )  # fmt: skip
+        num_hidden_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
     GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
     zoo = Zoo(tmp_path / "zoo")
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt_neox' is not supported"):

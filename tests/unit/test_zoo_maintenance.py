@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
+
 from blockllm.zoo import Zoo
 from blockllm.zoo.fsutil import is_temp
-
 from tests.unit.test_zoo_support import finetune
 
 # Runs an import that SIGKILLs itself on the 3rd block rename: the 3rd block's temp file is

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+
 from blockllm.zoo import (
     CheckpointError,
     IntegrityError,
@@ -16,7 +18,6 @@ from blockllm.zoo import (
     ZooError,
     block_id,
 )
-from safetensors import safe_open
 
 
 def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,491 @@
+"""Planner: the cluster's policy, a pure control loop (no sockets, no clock; STYLE 7.1).
+
+`Planner.on_stats(body, now)` takes one STATS snapshot of the broker (broker/stats.py) and
+returns the commands to send it (broker/commands.py). It keeps a **target** placement
+(planner/placement.py) and reconciles the cluster towards it:
+1. **When to (re)plan**: a model not covered, a worker lost or joined, a model added or
+   removed, or, at most every `replan_interval_s`, demand that changed the replicas each model
+   should have. An idle cluster whose models are all covered keeps the placement it started
+   with (no demand, nothing to improve). A re-placement for demand alone is made only when it
+   cuts the estimated cost per token of the live routes by `min_gain` (plan.layout_cost:
+   the busiest worker's batched work plus a fixed cost per hop): loads, unloads and moved
+   requests are not free, and splitting tenants that share blocks over workers loses batching.
+2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
+   budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
+   loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
+   drains) last, so no model loses its route on the way.
+3. **Stragglers** (planner/stragglers.py): a worker much slower than the others gets its stages
+   duplicated on a healthy worker and its routes moved there (running requests move at their
+   next step); the duplicate is retired once the worker is healthy again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from blockllm.broker.planner.assembly import assemble
+from blockllm.broker.planner.batching import BatchTuner
+from blockllm.broker.planner.budgets import Room, removable
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.placement import (
+    ModelInfo,
+    Placement,
+    WorkerInfo,
+    place,
+    placement_gain,
+    replica_targets,
+)
+from blockllm.broker.planner.spawn import SpawnPolicy
+from blockllm.broker.planner.stragglers import Duplicates
+from blockllm.broker.protocol import (
+    LoadStage,
+    Message,
+    PlannedRoute,
+    SetChain,
+    SetRoutes,
+    UnloadStage,
+)
+from blockllm.broker.routing import WorkerView, find_route
+from blockllm.zoo.chain import stage_blocks, stage_key
+
+logger = logging.getLogger(__name__)
+
+Catalog = Callable[[], tuple[Mapping[str, Any], list[Any]]]  # -> (manifests, equivalences)
+# re-placements for demand alone: made only when worth their cost (Planner._worth_it)
+DEMAND_REASONS = frozenset({"demand", "demand changed"})
+Key = tuple[str, str]  # (worker name, stage key)
+
+
+@dataclass
+class Target:
+    """The placement being applied, and how far it got."""
+
+    plan: Placement
+    workers: frozenset[str]
+    models: frozenset[str]
+    replicas: dict[str, int]
+    chains: dict[str, tuple[str, ...]]
+    at: float
+    stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
+    routes_sent: bool = False
+    routes_at: float = 0.0
+
+
+class Planner:
+    """Policy of the cluster (module docstring). Feed it every STATS body; send what it returns.
+
+    Single-threaded; never raises on a malformed snapshot entry (it is skipped and logged).
+    """
+
+    def __init__(self, cfg: PlannerConfig, catalog: Catalog) -> None:
+        self.cfg = cfg
+        self._catalog = catalog
+        self.manifests: dict[str, Any] = {}
+        self.equivalences: list[Any] = []
+        self.demand: dict[str, float] = {}
+        self.target: Target | None = None
+        self.chains_sent: dict[str, tuple[str, ...]] = {}
+        self.pending_loads: dict[Key, tuple[float, int]] = {}  # -> (retry at, tries)
+        self.pending_unloads: dict[Key, float] = {}
+        self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
+        self.duplicates = Duplicates(cfg)
+        self.spawns = SpawnPolicy(cfg)  # worker processes it may start (broker/planner/spawn.py)
+        self.batching = BatchTuner(cfg)
+        self._ids = itertools.count(1)
+        self._last_time: float | None = None
+        self._last_catalog = -math.inf
+        self._hot_since: float | None = None
+        self.replans = 0
+        self.declined = 0  # demand re-placements not worth their cost (placement_gain)
+        self._declined_at = -math.inf
+
+    def command_id(self) -> str:
+        return f"p{next(self._ids)}"
+
+    # -- the loop --------------------------------------------------------------------------
+    def on_stats(self, body: Mapping[str, Any], now: float) -> list[Message]:
+        """Commands for one snapshot (module docstring)."""
+        workers = self._parse_workers(body)
+        models: Mapping[str, Any] = body.get("models") or {}
+        self._refresh_catalog(models, now)
+        self._update_demand(models, now)
+        served = sorted(m for m in models if m in self.manifests)
+        why = self._replan_reason(workers, models, served, now)
+        out: list[Message] = []
+        if why is not None:
+            self._adopt(workers, served, now, why, models)
+        if self.target is not None:
+            out += self._reconcile(workers, now)
+        out += self.duplicates.step(self, workers, current_routes(models), now)
+        self.spawns.step(self, workers, models, served, now)  # actions: PlannerProc
+        if self.cfg.batch_target_ms > 0:
+            entries = {w["name"]: w for w in body.get("workers") or () if isinstance(w, Mapping)}
+            out += self.batching.step(entries, self._shared_keys(workers), now, self.command_id)
+        return out
+
+    def _shared_keys(self, workers: Mapping[str, WorkerFacts]) -> set[str]:
+        """Stage keys that serve more than one model (their blocks are the same for them)."""
+        shared = set()
+        for w in workers.values():
+            for key, st in w.stages.items():
+                users = [m for m in self.manifests if self._key(m, st.start, st.end) == key]
+                if len(users) > 1:
+                    shared.add(key)
+        return shared
+
+    def _parse_workers(self, body: Mapping[str, Any]) -> dict[str, WorkerFacts]:
+        workers = {}
+        for w in body.get("workers") or ():
+            try:
+                facts = WorkerFacts.parse(w, self.cfg.worker_memory_bytes)
+            except (KeyError, TypeError, ValueError) as e:
+                logger.warning("[planner] skipping a malformed worker entry: %r", e)
+                continue
+            workers[facts.name] = facts
+        return workers
+
+    def _refresh_catalog(self, models: Mapping[str, Any], now: float) -> None:
+        """Re-read the zoo when the broker serves models the planner has not seen (rate-limited)."""
+        if set(models) <= set(self.manifests) and self.manifests:
+            return
+        if now - self._last_catalog < self.cfg.catalog_interval_s:
+            return
+        self._last_catalog = now
+        try:
+            manifests, equivalences = self._catalog()
+        except Exception:  # a zoo being written: try again later
+            logger.exception("[planner] reading the zoo failed")
+            return
+        self.manifests, self.equivalences = dict(manifests), list(equivalences)
+
+    def _update_demand(self, models: Mapping[str, Any], now: float) -> None:
+        """Demand per model: tokens/s (and waiting requests), smoothed with a half-life."""
+        dt = 0.0 if self._last_time is None else max(0.0, now - self._last_time)
+        self._last_time = now
+        keep = 0.5 ** (dt / self.cfg.demand_halflife_s) if dt else 0.0
+        for name, m in models.items():
+            seen = float(m.get("token_rate") or 0.0) + float(m.get("waiting") or 0)
+            old = self.demand.get(name, seen)
+            self.demand[name] = keep * old + (1 - keep) * seen
+        for name in [n for n in self.demand if n not in models]:
+            del self.demand[name]
+
+    # -- planning ----------------------------------------------------------------------------
+    def _hot(self) -> bool:
+        return sum(self.demand.values()) >= self.cfg.min_demand
+
+    def _settled(self, now: float) -> bool:
+        """Demand has been at least `min_demand` for `settle_s` without a break."""
+        if not self._hot():
+            self._hot_since = None
+            return False
+        if self._hot_since is None:
+            self._hot_since = now
+        return now - self._hot_since >= self.cfg.settle_s
+
+    def _replan_reason(
+        self,
+        workers: Mapping[str, WorkerFacts],
+        models: Mapping[str, Any],
+        served: list[str],
+        now: float,
+    ) -> str | None:
+        t = self.target
+        uncovered = [m for m in served if not (models.get(m) or {}).get("covered")]
+        settled = self._settled(now)
+        if not workers or not served:
+            return None
+        if self.duplicates.retried:
+            self.duplicates.retried.clear()
+            return "a straggler is retried"
+        if t is None:
+            if uncovered:
+                return f"not covered: {', '.join(uncovered)}"
+            return "demand" if settled and self._may_reconsider(now) else None
+        if t.workers != frozenset(workers):
+            return "workers changed"
+        if t.models != frozenset(served):
+            return "models changed"
+        due = now - t.at >= self.cfg.replan_interval_s and settled and self._may_reconsider(now)
+        if due and self._replica_targets(served, len(workers)) != t.replicas:
+            return "demand changed"
+        return None
+
+    def _may_reconsider(self, now: float) -> bool:
+        """A declined demand re-placement is looked at again only a replan interval later."""
+        return now - self._declined_at >= self.cfg.replan_interval_s
+
+    def _worth_it(
+        self, infos: list[ModelInfo], plan: Placement, models: Mapping[str, Any], now: float
+    ) -> bool:
+        """Whether a demand-driven placement is worth its loads, unloads and moves: it must cut
+        the estimated cost per token of the live routes by `min_gain` (plan.layout_cost)."""
+        gain = placement_gain(
+            infos,
+            live_routes(models),
+            plan.routes,
+            self.cfg.batch_exponent,
+            self.cfg.hop_cost_bytes,
+        )
+        if gain >= self.cfg.min_gain:
+            logger.info("[planner] re-placing: estimated cost -%.0f%%", 100 * gain)
+            return True
+        self.declined += 1
+        self._declined_at = now
+        logger.info(
+            "[planner] keeping the placement: a new one would change the estimated cost by "
+            "%+.0f%% (needs -%.0f%%)",
+            -100 * gain,
+            100 * self.cfg.min_gain,
+        )
+        return False
+
+    def _replica_targets(self, served: list[str], n_workers: int) -> dict[str, int]:
+        infos = [ModelInfo(m, (), (), demand=self._demand_of(m)) for m in served]
+        targets = replica_targets(infos, n_workers)
+        if not self.cfg.replicate:
+            return dict.fromkeys(targets, 1)
+        return targets
+
+    def _demand_of(self, model: str) -> float:
+        return self.demand.get(model, 0.0) if self._hot() else 0.0
+
+    def _adopt(
+        self,
+        workers: Mapping[str, WorkerFacts],
+        served: list[str],
+        now: float,
+        why: str,
+        models: Mapping[str, Any] | None = None,
+    ) -> None:
+        chains = {m: assemble(self, m) for m in served}
+        infos = [self._model_info(m, chains[m]) for m in served]
+        infos = [i for i in infos if i is not None]
+        nodes = [
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)))
+            for w in workers.values()
+            if w.name not in self.duplicates.slow
+        ] or [
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
+        ]
+        max_replicas = None if self.cfg.replicate else 1
+        plan = self.spawns.place(
+            nodes, lambda n: n.name, lambda ns: place(infos, ns, max_replicas=max_replicas)
+        )
+        if why in DEMAND_REASONS and not self._worth_it(infos, plan, models or {}, now):
+            return
+        target = Target(
+            plan=plan,
+            workers=frozenset(workers),
+            models=frozenset(served),
+            replicas=self._replica_targets(served, len(workers)),
+            chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
+            at=now,
+        )
+        for w, stages in plan.stages.items():
+            for owner, s, e in stages:
+                key = self._key(owner, s, e)
+                if key is not None:
+                    target.stage_keys[(w, key)] = (owner, s, e)
+        self.target = target
+        self.replans += 1
+        hops = ", ".join(f"{m}:{len(r)}x{plan.hops(m)}" for m, r in sorted(plan.replicas.items()))
+        logger.info("[planner] new placement (%s): replicas x hops %s", why, hops or "-")
+        if plan.uncovered:
+            logger.warning("[planner] cannot place %s within the budgets", plan.uncovered)
+
+    def _model_info(self, name: str, chain: tuple[str, ...]) -> ModelInfo | None:
+        m = self.manifests.get(name)
+        if m is None:
+            return None
+        tied = bool(m.tie_word_embeddings)
+        owners = tuple(self._owners(chain, p, tied) or (name,) for p in range(len(chain)))
+        sizes = tuple(self._block_size(owners[p][0], p) for p in range(len(chain)))
+        return ModelInfo(
+            name=name,
+            chain=chain,
+            block_bytes=sizes,
+            fingerprint=m.fingerprint,
+            tied=tied,
+            demand=self._demand_of(name),
+            owners=owners,
+            compute=compute_weights(m),
+        )
+
+    def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
+        """The models whose own chain holds what `chain` holds at p (any can load it): the
+        block, and for a tied head also the embedding its lm_head is."""
+        out = []
+        for name in sorted(self.manifests):
+            own = tuple(self.manifests[name].chain)
+            if len(own) != len(chain) or own[p] != chain[p]:
+                continue
+            other_tied = bool(self.manifests[name].tie_word_embeddings)
+            head = p == len(chain) - 1 and (tied or other_tied)
+            if head and (own[0] != chain[0] or other_tied != tied):
+                continue
+            out.append(name)
+        return tuple(out)
+
+    def _block_size(self, owner: str, p: int) -> int:
+        sizes = tuple(self.manifests[owner].block_bytes)
+        return int(sizes[p]) if p < len(sizes) else 0
+
+    def _resident(self, w: WorkerFacts) -> set[str]:
+        blocks: set[str] = set()
+        for s in w.stages.values():
+            m = self.manifests.get(s.model)
+            if m is not None:
+                blocks.update(stage_blocks(m, s.start, s.end))
+        return blocks
+
+    def _key(self, model: str, start: int, end: int) -> str | None:
+        m = self.manifests.get(model)
+        try:
+            return None if m is None else stage_key(m, start, end)
+        except Exception:
+            return None
+
+    # -- reconciling ---------------------------------------------------------------------------
+    def _reconcile(self, workers: Mapping[str, WorkerFacts], now: float) -> list[Message]:
+        t = self.target
+        assert t is not None
+        have = {(w.name, k) for w in workers.values() for k in w.stages}
+        for k in [k for k in self.pending_loads if k in have or k[0] not in workers]:
+            del self.pending_loads[k]
+        for k in [
+            k for k in self.pending_unloads if k not in have or now >= self.pending_unloads[k]
+        ]:
+            del self.pending_unloads[k]
+        out: list[Message] = []
+        missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
+        room = Room(self.manifests, workers, self._loading())
+        for k in missing:
+            if room.fits(k[0], t.stage_keys[k]):
+                self.waiting_room.pop(k, None)
+                room.take(k[0], t.stage_keys[k])
+                out += self._load(k, t.stage_keys[k], workers, now)
+            else:
+                since = self.waiting_room.setdefault(k, now)
+                out += self._make_room(workers[k[0]], workers, now - since, now)
+        given_up = [
+            k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
+        ]
+        if len(given_up) == len(missing) and not t.routes_sent:
+            out += self._send_routes(t)
+            t.routes_at = now
+        # superseded stages stay a while: the requests routed through them finish there
+        if t.routes_sent and not missing and now - t.routes_at >= self.cfg.unload_delay_s:
+            out += self._unload_extra(workers, have, now)
+        return out
+
+    def _loading(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Stages whose LOAD_STAGE is on its way, per worker (they will take memory)."""
+        stages = dict(self.target.stage_keys) if self.target is not None else {}
+        for d in self.duplicates.active.values():
+            stages.update(d.stages)
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for k, (retry_at, _tries) in self.pending_loads.items():
+            if k in stages and retry_at != math.inf:
+                out.setdefault(k[0], []).append(stages[k])
+        return out
+
+    def _make_room(
+        self, w: WorkerFacts, workers: Mapping[str, WorkerFacts], waited: float, now: float
+    ) -> list[Message]:
+        """Unload stages of `w` the target does not keep so that a load fits (see budgets.py)."""
+        t = self.target
+        assert t is not None
+        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+
+        def covered_without(worker: str, key: str) -> bool:
+            rest = dict(workers)
+            rest[worker] = replace(w, stages={k: v for k, v in w.stages.items() if k != key})
+            return all(self.covered(m, rest) for m in t.models if self.covered(m, workers))
+
+        force = waited >= self.cfg.load_timeout_s
+        out: list[Message] = []
+        for key in removable(w, keep, set(self.pending_unloads), covered_without, force):
+            self.pending_unloads[(w.name, key)] = now + self.cfg.drain_s + self.cfg.load_timeout_s
+            logger.info("[planner] unload %s from %s to make room", w.stages[key], w.name)
+            out.append(UnloadStage(key, w.name, self.command_id(), self.cfg.drain_s))
+        return out
+
+    def _load(
+        self, k: Key, stage: tuple[str, int, int], workers: Mapping[str, WorkerFacts], now: float
+    ) -> list[Message]:
+        retry_at, tries = self.pending_loads.get(k, (0.0, 0))
+        if now < retry_at or tries > self.cfg.load_tries:
+            return []
+        if tries == self.cfg.load_tries:
+            logger.warning("[planner] giving up loading %s on %s", stage, k[0])
+            self.pending_loads[k] = (math.inf, tries + 1)
+            return []
+        self.pending_loads[k] = (now + self.cfg.load_timeout_s, tries + 1)
+        owner, s, e = stage
+        logger.info("[planner] load %s:%d-%d on %s", owner, s, e, k[0])
+        return [LoadStage(owner, s, e, 0, k[0], self.command_id())]
+
+    def routes(self) -> dict[str, tuple[PlannedRoute, ...]]:
+        """The target's routes with the duplicates' changes (what SET_ROUTES sends)."""
+        planned = dict(self.target.plan.routes) if self.target is not None else {}
+        return self.duplicates.adjust(planned)
+
+    def _send_routes(self, t: Target, move_running: bool = False) -> list[Message]:
+        out: list[Message] = []
+        for model in sorted(set(t.chains) | set(self.chains_sent)):
+            chain = t.chains.get(model, ())
+            if self.chains_sent.get(model, ()) != chain and model in self.manifests:
+                out.append(SetChain(self.command_id(), model, chain))
+                self.chains_sent[model] = chain
+        out.append(SetRoutes(self.command_id(), self.routes(), move_running))
+        t.routes_sent = True
+        return out
+
+    def _unload_extra(
+        self, workers: Mapping[str, WorkerFacts], have: set[Key], now: float
+    ) -> list[Message]:
+        """Unload stages neither the target nor a duplicate needs, one model's cover kept. A
+        stage with work queued is still in use (requests routed before the new routes): it
+        goes once that traffic has left, rather than by draining (each move is a replay)."""
+        t = self.target
+        assert t is not None
+        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        out: list[Message] = []
+        for k in sorted(have - keep):
+            w = workers[k[0]]
+            if k in self.pending_unloads or k[1] in w.draining or w.queues.get(k[1], 0) > 0:
+                continue
+            self.pending_unloads[k] = now + self.cfg.drain_s + self.cfg.load_timeout_s
+            logger.info("[planner] unload %s from %s", w.stages[k[1]], k[0])
+            out.append(UnloadStage(k[1], k[0], self.command_id(), self.cfg.drain_s))
+        return out
+
+    def covered(self, model: str, workers: Mapping[str, WorkerFacts]) -> bool:
+        """Whether `workers`' stages cover `model`'s own chain (routing as the broker does)."""
+        m = self.manifests.get(model)
+        if m is None:
+            return False
+        views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
+        return find_route(model, len(m.chain), views, self._key) is not None
+
+
+def compute_weights(manifest: Any) -> tuple[float, ...]:
+    """Work per token at each chain position: a decoder layer its weight bytes, the embedding a
+    row read, the head its norm plus the lm_head matmul (also when tied to the embedding)."""
+    sizes = [float(b) for b in manifest.block_bytes]
+    if len(sizes) != len(manifest.chain):
+        return ()
+    cfg = manifest.config or {}
+    itemsize = 2 if manifest.dtype in ("bfloat16", "float16") else 4
+    hidden = float(cfg.get("hidden_size", 0)) * itemsize
+    sizes[0] = max(1.0, hidden)
+    if manifest.tie_word_embeddings:
+        sizes[-1] += float(cfg.get("vocab_size", 0)) * hidden
+    return tuple(sizes)

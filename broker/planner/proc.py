@@ -1,0 +1,291 @@
+"""PlannerProc: the planner's IO (a SUB to the broker's stats, a DEALER for commands) around
+the pure `Planner`, `run_planner_process(cfg)`, and `send_command` for one-shot tools.
+
+    broker PUB ──STATS──► SUB ┐
+                              ├ PlannerProc loop (one thread, zmq.Poller) ─► Planner.on_stats
+    broker ROUTER ◄─DEALER────┘   commands out, ACKs in (logged)
+
+The stats endpoint is `cfg.stats`, or what the broker's STATUS reports (`stats_endpoint`),
+asked for at start with a deadline. A stats message is handled when it arrives; commands go
+out without blocking (a broker that stopped reading loses them, and the next snapshot, which
+still shows the old state, makes the planner send them again once their time is up).
+Shutdown: SIGTERM/SIGINT set a flag and wake the loop; it closes its sockets and returns 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import zmq
+
+from blockllm.broker import frames
+from blockllm.broker.lifecycle import (
+    WakePipe,
+    Watchdog,
+    notify,
+    on_stop_signals,
+    start_process,
+)
+from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.planner import Planner
+from blockllm.broker.planner.spawn import Spawner
+from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
+from blockllm.broker.sockets import make_socket
+
+logger = logging.getLogger(__name__)
+
+STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
+STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
+
+
+def zoo_catalog(zoo_dir: str | None) -> Any:
+    """A Planner catalog: () -> (manifests by name, equivalence records) of the zoo."""
+
+    def read() -> tuple[Mapping[str, Any], list[Any]]:
+        if not zoo_dir:
+            return {}, []
+        from blockllm.zoo import Zoo
+
+        zoo = Zoo(zoo_dir)
+        manifests = {}
+        for name in zoo.list_models():
+            with contextlib.suppress(Exception):  # one unreadable model must not hide the rest
+                manifests[name] = zoo.manifest(name)
+        return manifests, zoo.equivalences()
+
+    return read
+
+
+def _curve(keys_dir: str | None) -> Any:
+    if not keys_dir:
+        return None
+    from blockllm.broker.security import load_client_keys
+
+    return load_client_keys(keys_dir)
+
+
+def send_command(
+    broker: str, msg: Message, timeout: float = 10.0, keys_dir: str | None = None
+) -> Ack:
+    """Send one command to the broker and return its ACK (TimeoutError when none comes)."""
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER, broker, bind=False, curve=_curve(keys_dir))
+    try:
+        sock.send_multipart(frames.encode(msg))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                break
+            reply, _ = frames.decode(sock.recv_multipart())
+            if isinstance(reply, Ack) and reply.command_id == getattr(msg, "command_id", ""):
+                return reply
+        raise TimeoutError(f"no answer from the broker at {broker} within {timeout:.0f} s")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+class PlannerProc:
+    """Owns the context and both sockets; `run()` on the thread that built it.
+
+    `request_shutdown()` is the only method another thread or a signal handler may call.
+    """
+
+    def __init__(self, cfg: PlannerConfig, planner: Planner | None = None) -> None:
+        self.cfg = cfg
+        self.planner = planner or Planner(cfg, zoo_catalog(cfg.zoo_dir))
+        self.spawner = Spawner(cfg)  # the workers the planner's SpawnPolicy asks for
+        self.ctx = zmq.Context()
+        self._curve = _curve(cfg.keys_dir)
+        identity = f"planner-{os.getpid()}".encode()
+        self.dealer = make_socket(
+            self.ctx, zmq.DEALER, cfg.broker, bind=False, identity=identity, curve=self._curve
+        )
+        self.sub: zmq.Socket | None = None
+        self._wake = WakePipe()
+        self.shutdown_requested = False
+        self.sent = 0
+        self.refused = 0
+        self._last_stats = time.monotonic()
+        self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
+        self._prom_server: Any = None
+
+    def start_metrics(self) -> int | None:
+        """Serve the planner's metrics if configured; returns the bound port (or None)."""
+        if self.cfg.metrics_port is None or self._prom_server is not None:
+            return None
+        from blockllm.broker import prom
+
+        self.prom = prom.PlannerMetrics()
+        self._prom_server, port = prom.serve(
+            self.prom.registry, self.cfg.metrics_host, self.cfg.metrics_port
+        )
+        return port
+
+    def request_shutdown(self) -> None:
+        self.shutdown_requested = True
+        self._wake.wake()
+
+    def connect_stats(self) -> str:
+        """Subscribe to the broker's STATS (asking its STATUS for the endpoint if not given)."""
+        endpoint = self.cfg.stats or self._ask_stats_endpoint()
+        self.sub = make_socket(
+            self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
+        )
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._last_stats = time.monotonic()
+        logger.info("[ready] planner: commands to %s, stats from %s", self.cfg.broker, endpoint)
+        return endpoint
+
+    def _ask_stats_endpoint(self) -> str:
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        while not self.shutdown_requested and time.monotonic() < deadline:
+            self.dealer.send_multipart(frames.encode(StatusRequest("planner")))
+            if self.dealer.poll(1000):
+                msg, _ = frames.decode(self.dealer.recv_multipart())
+                endpoint = getattr(msg, "body", {}).get("stats_endpoint", "")
+                if endpoint:
+                    return str(endpoint)
+                if msg.KIND is Kind.STATUS:
+                    raise RuntimeError(f"the broker at {self.cfg.broker} publishes no stats")
+        raise TimeoutError(
+            f"no STATUS from the broker at {self.cfg.broker} within {self.cfg.ready_timeout_s} s"
+        )
+
+    def close(self) -> None:
+        self.spawner.close()  # first: no spawned worker outlives the planner
+        if self._prom_server is not None:
+            self._prom_server.shutdown()
+            self._prom_server = None
+        for sock in (self.sub, self.dealer):
+            if sock is not None:
+                sock.close(linger=0)
+        self.ctx.term()
+        self._wake.close()
+
+    def run(self) -> None:
+        """The loop; returns after a requested shutdown."""
+        if self.sub is None:
+            self.connect_stats()
+        assert self.sub is not None
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
+        watchdog = Watchdog()
+        while not self.shutdown_requested:
+            watchdog.kick()
+            events = dict(poller.poll(1000))
+            if self._wake.fd in events:
+                self._wake.drain()
+            if self.dealer in events:
+                self._drain_acks()
+            if self.sub in events:
+                self._on_stats()
+            for name, code in self.spawner.reap():
+                self.planner.spawns.exited(name, code, time.monotonic())
+            if time.monotonic() - self._last_stats > STATS_SILENCE_S and not self.cfg.stats:
+                poller.unregister(self.sub)
+                self._resubscribe()
+                poller.register(self.sub, zmq.POLLIN)
+        notify("STOPPING=1")
+        logger.info("[shutdown] planner stopped (%d commands sent)", self.sent)
+
+    def _resubscribe(self) -> None:
+        """The stats went silent (a restarted broker publishes elsewhere): subscribe anew."""
+        logger.warning("[planner] no stats for %.0f s: asking the broker again", STATS_SILENCE_S)
+        self._last_stats = time.monotonic()
+        try:
+            endpoint = self._ask_stats_endpoint()
+        except (TimeoutError, RuntimeError) as e:  # keep the old subscription; ask again later
+            logger.warning("[planner] %s", e)
+            return
+        assert self.sub is not None
+        self.sub.close(linger=0)
+        self.sub = make_socket(
+            self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
+        )
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        logger.info("[ready] planner: stats from %s", endpoint)
+
+    def _latest_stats(self) -> Stats | None:
+        """The newest snapshot waiting (older ones are skipped: they are out of date)."""
+        assert self.sub is not None
+        latest = None
+        while True:
+            try:
+                parts = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return latest
+            try:
+                msg, _ = frames.decode(parts)
+            except ProtocolError as e:
+                logger.warning("[planner] bad stats message: %s", e)
+                continue
+            if isinstance(msg, Stats):
+                latest = msg
+        return latest
+
+    def _on_stats(self) -> None:
+        msg = self._latest_stats()
+        if msg is None:
+            return
+        self._last_stats = time.monotonic()
+        try:
+            commands = self.planner.on_stats(msg.body, time.monotonic())
+        except Exception:  # a policy bug costs one snapshot, not the planner
+            logger.exception("[planner] failed on stats %d", msg.seq)
+            return
+        if self.prom is not None:
+            self.prom.on_stats(msg.body, commands)
+        for cmd in commands:
+            with contextlib.suppress(zmq.Again):
+                self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
+                self.sent += 1
+        self.spawner.apply(self.planner.spawns.take())
+
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                parts = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg, _ = frames.decode(parts)
+            except ProtocolError as e:
+                logger.warning("[planner] bad message from the broker: %s", e)
+                continue
+            if isinstance(msg, Ack) and not msg.ok:
+                self.refused += 1
+                if self.prom is not None:
+                    self.prom.refused.inc()
+                logger.warning("[planner] command %s refused: %s", msg.command_id, msg.message)
+            elif isinstance(msg, Ack):
+                logger.debug("[planner] command %s: %s", msg.command_id, msg.message)
+
+
+def run_planner_process(cfg: PlannerConfig) -> int:
+    """Entry point (a spawned child or `blockllm planner`): plan until SIGTERM/SIGINT.
+
+    Returns 0 after a clean stop, 1 after a fatal error (logged)."""
+    start_process(cfg.parent_pid, cfg.log_level)
+    proc: PlannerProc | None = None
+    try:
+        proc = PlannerProc(cfg)
+        on_stop_signals(lambda _signum: proc.request_shutdown())
+        proc.start_metrics()
+        stats = proc.connect_stats()
+        notify("READY=1", f"STATUS=planning: commands to {cfg.broker}, stats from {stats}")
+        proc.run()
+        return 0
+    except Exception:
+        logger.exception("[shutdown] planner failed")
+        return 1
+    finally:
+        if proc is not None:
+            proc.close()

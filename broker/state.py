@@ -1,0 +1,174 @@
+"""What the broker knows, in one object: the registries of workers and requests, the waiting
+queue, counters and metrics, the models (zoo manifests) and the planner's inputs (preferred
+routes, assembled chains). Pure: no sockets, no clock. The parts of the `Broker` (the request
+flow, hedging, KV migration, commands) each receive this object and read and change it on the
+broker's loop thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from blockllm.broker.config import BrokerConfig
+from blockllm.broker.models import Catalog, ModelSpec
+from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute
+from blockllm.broker.requests import RequestState
+from blockllm.broker.stats import Metrics
+from blockllm.broker.status import COUNTERS
+from blockllm.broker.workers import WorkerState
+
+logger = logging.getLogger(__name__)
+
+StageKeyFn = Callable[[Any, int, int], str]
+
+
+class Out(NamedTuple):
+    """One message to send: to `peer` (a ROUTER identity), `msg`, then `frames` as they are."""
+
+    peer: bytes
+    msg: Message
+    frames: tuple[Any, ...] = ()
+
+
+def error_code(code: str) -> ErrorCode:
+    """A protocol ErrorCode for a peer's code string (INTERNAL when it is not one)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+class ChainView:
+    """A manifest seen through an assembled chain (SET_CHAIN): what `stage_key` reads."""
+
+    def __init__(self, manifest: Any, chain: tuple[str, ...]) -> None:
+        self.chain = chain
+        self.name = manifest.name
+        self.fingerprint = getattr(manifest, "fingerprint", "")
+        self.config = getattr(manifest, "config", {})
+        self.tie_word_embeddings = getattr(manifest, "tie_word_embeddings", False)
+
+
+class BrokerState:
+    """Registries, queues and counters of one broker (its loop thread only)."""
+
+    def __init__(
+        self, cfg: BrokerConfig, catalog: Catalog, stage_key: StageKeyFn, now: float = 0.0
+    ) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.stage_key = stage_key
+        self.models: dict[str, ModelSpec] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.requests: dict[str, RequestState] = {}
+        self.waiting: deque[str] = deque()  # request ids without a route, in arrival order
+        self.by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> request id
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.metrics = Metrics()
+        self.shutting_down = False
+        self.ids = itertools.count(1)
+        # SET_ROUTES: the planner's preferred routes per model; routes_gen bumps on every change,
+        # move_gen is the last routes_gen that asked running requests to move
+        self.preferred: dict[str, tuple[PlannedRoute, ...]] = {}
+        self.routes_gen = 0
+        self.move_gen = 0
+        self.chains: dict[str, tuple[str, ...]] = {}  # SET_CHAIN: assembled chains
+        self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
+        self.key_cache: dict[tuple[str, int, int], str | None] = {}
+        self.last_reload = now
+
+    # -- peers -------------------------------------------------------------------------------
+    def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
+        """A message that failed to decode (or makes no sense here): count it, answer it."""
+        self.counters["bad_messages"] += 1
+        worker = self.workers.get(peer)
+        if worker is not None:
+            worker.touch(now, self.cfg.expiry_s)
+        logger.debug("bad message from %r: %s", peer, reason)
+        return [Out(peer, Error("", ErrorCode.BAD_REQUEST.value, reason[:200]))]
+
+    def requests_on(self, peer: bytes) -> list[RequestState]:
+        return [r for r in self.requests.values() if peer in r.workers()]
+
+    def named(self, name: str) -> WorkerState | None:
+        for w in self.workers.values():
+            if w.name == name:
+                return w
+        return None
+
+    # -- models and chains -------------------------------------------------------------------
+    def reload(self, now: float = 0.0) -> None:
+        """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
+        self.last_reload = now
+        try:
+            self.models = dict(self.catalog())
+        except Exception:  # a broken zoo must not take the broker down: keep the old view
+            logger.exception("[models] reading the zoo failed; keeping %d models", len(self.models))
+        self.key_cache.clear()
+        logger.info("[models] %d: %s", len(self.models), ", ".join(sorted(self.models)) or "-")
+
+    def reload_for(
+        self, names: Sequence[str], now: float, want: str | None = None
+    ) -> ModelSpec | None:
+        """Re-read the zoo (rate-limited) when a name is unknown; the spec of `want` if any."""
+        missing = [n for n in names if n not in self.models]
+        if missing and now >= self.last_reload + self.cfg.reload_min_interval_s:
+            self.reload(now)
+        return self.models.get(want) if want is not None else None
+
+    def key_of(self, model: str, start: int, end: int) -> str | None:
+        """stage_key over the chain `model` is served with (its own, or the assembled one of
+        SET_CHAIN), memoized; None for an unknown model or span."""
+        k = (model, start, end)
+        if k not in self.key_cache:
+            spec = self.models.get(model)
+            manifest = None if spec is None else spec.manifest
+            if manifest is not None and model in self.chains:
+                manifest = ChainView(manifest, self.chains[model])
+            try:
+                self.key_cache[k] = None if spec is None else self.stage_key(manifest, start, end)
+            except Exception:  # a span the model does not have
+                self.key_cache[k] = None
+        return self.key_cache[k]
+
+    def own_key(self, spec: ModelSpec, start: int, end: int) -> str | None:
+        """stage_key over the model's own chain (what a worker loading it computes)."""
+        if spec.name not in self.chains:
+            return self.key_of(spec.name, start, end)
+        try:
+            return self.stage_key(spec.manifest, start, end)
+        except Exception:
+            return None
+
+    def set_chain(self, model: str, chain: tuple[str, ...]) -> None:
+        """Serve `model` with `chain` (its own chain or () = exactly)."""
+        own = tuple(getattr(self.models[model].manifest, "chain", ()))
+        if not chain or chain == own:
+            self.chains.pop(model, None)
+        else:
+            self.chains[model] = tuple(chain)
+        self.key_cache.clear()
+
+    def substitutions(self, model: str) -> list[dict[str, Any]]:
+        """Positions where `model` is served by another block than its own, and whose it is."""
+        chain = self.chains.get(model)
+        spec = self.models.get(model)
+        if not chain or spec is None:
+            return []
+        own = tuple(getattr(spec.manifest, "chain", ()))
+        subs = []
+        for pos, (mine, used) in enumerate(zip(own, chain, strict=False)):
+            if mine != used:
+                subs.append({"position": pos, "block": used, "from": self._owner(pos, used)})
+        return subs
+
+    def _owner(self, pos: int, block: str) -> str | None:
+        """The first model (by name) whose own chain has `block` at `pos`."""
+        for name, s in sorted(self.models.items()):
+            if len(s.manifest.chain) > pos and s.manifest.chain[pos] == block:
+                return name
+        return None

@@ -1,0 +1,471 @@
+"""`blockllm bench multitenant`: many fine-tuned tenants, three ways of serving them, one trace,
+one memory budget.
+
+1. Tenants (`bench_family`): SmolLM2-135M and K variants fine-tuned on slices of its upper
+   layers (`quick`: a tiny random Llama family); all in one zoo.
+2. Budget: what the shared zoo needs (the distinct blocks of all tenants) plus a KV reserve, or
+   `budget_bytes`; raised to what the `blockllm` cluster actually holds if that is more (a tied
+   head, for one, is held by the worker that runs it as well), so no baseline gets less memory.
+3. The trace (`bench_trace`), replayed by `blockllm`, `per_model` and `hf_generate`
+   (`bench_systems`, `bench_per_model`), one after the other on this machine.
+
+The result is the JSON contract `{"blockllm": {...}, "per_model": {...}, "hf_generate": {...},
+"meta": {...}}` (see `bench_trace.summarize` for the per-system keys; per_model adds
+`resident_bytes_unshared`: every tenant held whole). `blockllm` runs once per planner mode
+(`planner`: off = static placement, placement = the planner places by demand, dups = also
+duplicates stragglers); `meta["planner_modes"]`: `{mode: {...summary, "counters",
+"load_average", "other_processes_cores"}}` has each run, and `"blockllm"` is the first mode's.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockllm.client.bench.family import (
+    Family,
+    FamilySpec,
+    Recipe,
+    kv_bytes_per_token,
+    model_bytes,
+    prepare_family,
+    shared_bytes,
+)
+from blockllm.client.bench.trace import (
+    Outcome,
+    TraceRequest,
+    TraceSpec,
+    make_trace,
+    summarize,
+    trace_facts,
+)
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+SYSTEMS = ("blockllm", "per_model", "hf_generate")
+KV_RESERVE_TOKENS = 4096  # default KV reserve: this many tokens of one tenant, all layers
+# goals of issue 6 on this CPU
+GOAL_P95_REDUCTION = 0.335
+GOAL_MEMORY_RATIO = 0.5
+GOAL_THROUGHPUT_RATIO = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MultitenantConfig:
+    """What to run. The default trace (64 requests at 2/s) offers about 60 tokens/s: more than
+    one request at a time can serve (~27 on the 2-core CPU) and about what per_model can, less
+    than the blockllm cluster can; README "Results" has the sweep over rates."""
+
+    quick: bool = False
+    variants: int = 6  # fine-tuned tenants besides the base
+    requests: int | None = None  # None: 64
+    rate: float | None = None  # requests/s; None: 2.0 (quick: 16)
+    seed: int = 0
+    budget_bytes: int | None = None  # None: the shared zoo + KV reserve
+    kv_reserve_tokens: int = KV_RESERVE_TOKENS
+    workers: int = 2
+    threads: int | None = None  # per worker; None: the cores split across the workers
+    planner: tuple[str, ...] = ("off",)  # blockllm runs once per mode (bench_systems)
+    straggler_delay_s: float = 0.0  # added to every step of blockllm's last worker
+    baseline_threads: int | None = None  # None: the faster of 1 and all cores, measured
+    cache_dir: Path | None = None
+    systems: tuple[str, ...] = SYSTEMS
+
+    def trace_spec(self) -> TraceSpec:
+        if self.quick:
+            return TraceSpec(
+                self.requests or 64,
+                self.rate or 16.0,
+                self.seed,
+                prompt_tokens=(8, 32),
+                new_tokens=(8, 32),
+            )
+        return TraceSpec(
+            self.requests or 64,
+            self.rate or 2.0,
+            self.seed,
+            prompt_tokens=(16, 48),
+            new_tokens=(16, 48),
+        )
+
+
+def family_spec(cfg: MultitenantConfig, mode: str = "partial") -> FamilySpec:
+    return FamilySpec(
+        kind="tiny" if cfg.quick else "smollm2",
+        mode=mode,
+        variants=cfg.variants,
+        cache_dir=cfg.cache_dir,
+        recipe=Recipe(steps=4, seq_len=32, batch_size=2, lr=5e-4),
+    )
+
+
+def token_stream(checkpoint: Path, limit: int = 20000) -> list[int]:
+    """Prompt material: the local text corpus through the family's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from blockllm.zoo.tiny import local_corpus
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids: list[int] = []
+    for doc in local_corpus():
+        ids.extend(tok(doc, add_special_tokens=False).input_ids)
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything a run produced: the JSON document and the raw outcomes (for the plot)."""
+
+    doc: dict[str, Any]
+    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
+
+
+def _popularity(trace: Sequence[TraceRequest]) -> list[str]:
+    counts: dict[str, int] = {}
+    for r in trace:
+        counts[r.model] = counts.get(r.model, 0) + 1
+    return sorted(counts, key=lambda m: -counts[m])
+
+
+@dataclass(frozen=True, slots=True)
+class _Memory:
+    shared: int
+    unshared: int
+    kv_reserve: int
+    whole: dict[str, int]
+
+
+def _memory(family: Family, cfg: MultitenantConfig) -> _Memory:
+    from blockllm.zoo import Zoo
+
+    zoo = Zoo(family.zoo_dir)
+    whole = {n: model_bytes(zoo, n) for n in family.names}
+    kv = kv_bytes_per_token(zoo, family.base.name) * cfg.kv_reserve_tokens
+    return _Memory(shared_bytes(zoo, family.names), sum(whole.values()), kv, whole)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(slots=True)
+class _Bench:
+    """One run's shared facts; each system method returns (outcomes, facts with
+    "resident_bytes")."""
+
+    cfg: MultitenantConfig
+    family: Family
+    trace: list[TraceRequest]
+    mem: _Memory
+    budget: int
+    say: Say
+
+    def blockllm(self, mode: str = "off") -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench.systems import ClusterSpec, run_blockllm
+
+        self.say(f"blockllm (planner {mode}): starting the cluster and replaying the trace")
+        cluster = ClusterSpec(
+            zoo_dir=str(self.family.zoo_dir),
+            models=self.family.names,
+            kv_budget_bytes=max(1, self.mem.kv_reserve // self.cfg.workers),
+            workers=self.cfg.workers,
+            threads=self.cfg.threads,
+            planner=mode,
+            straggler_delay_s=self.cfg.straggler_delay_s,
+        )
+        outcomes, facts = run_blockllm(cluster, self.trace, self.say)
+        # no baseline gets less memory than the cluster really holds
+        self.budget = max(self.budget, facts["resident_bytes"])
+        return outcomes, facts
+
+    def per_model(self) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench.per_model import PerModelConfig, run_per_model
+
+        self.say(f"per_model: whole models under a budget of {self.budget / 2**20:.1f} MiB")
+        threads = self.pick_threads("per_model")
+        pm = PerModelConfig(
+            zoo_dir=str(self.family.zoo_dir),
+            weight_budget_bytes=self.budget - self.mem.kv_reserve,
+            kv_budget_bytes=self.mem.kv_reserve,
+            threads=threads["threads"],
+        )
+        outcomes, facts = run_per_model(pm, self.trace, _popularity(self.trace), self.say)
+        facts["resident_bytes"] = facts["peak_weight_bytes"] + self.mem.kv_reserve
+        return outcomes, {**facts, **threads}
+
+    def hf_generate(self) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench.systems import HfSpec, run_hf_generate
+
+        self.say("hf_generate: one request at a time with model.generate")
+        threads = self.pick_threads("hf_generate")
+        hf = HfSpec(
+            checkpoints={t.name: t.checkpoint for t in self.family.tenants},
+            model_bytes=self.mem.whole,
+            weight_budget_bytes=self.budget - self.mem.kv_reserve,
+            threads=threads["threads"],
+        )
+        outcomes, facts = run_hf_generate(hf, self.trace, _popularity(self.trace), self.say)
+        facts["resident_bytes"] = facts["peak_weight_bytes"]  # its KV is per request, transient
+        return outcomes, {**facts, **threads}
+
+    def pick_threads(self, system: str) -> dict[str, Any]:
+        """The in-process baseline's torch threads: as given, or the faster of 1 and all cores
+        measured right before it runs (on a busy machine more threads can be far slower)."""
+        if self.cfg.baseline_threads is not None:
+            return {"threads": self.cfg.baseline_threads, "step_ms_by_threads": {}}
+        from blockllm.client.bench.per_model import fastest_threads
+
+        zoo, base = str(self.family.zoo_dir), self.family.base.name
+        threads, timings = fastest_threads(zoo, base, (1, _cores()))
+        self.say(f"{system}: {threads} torch thread(s) (decode step ms by threads: {timings})")
+        return {"threads": threads, "step_ms_by_threads": timings}
+
+
+def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
+    """Prepare the tenants, draw the trace, run every system; raises ModelBuildError,
+    LaunchError, ZooError, ValueError."""
+    t_start = time.monotonic()
+    family = prepare_family(family_spec(cfg), say)
+    spec = cfg.trace_spec()
+    trace = make_trace(spec, family.names, token_stream(family.base.checkpoint))
+    mem = _memory(family, cfg)
+    bench = _Bench(cfg, family, trace, mem, cfg.budget_bytes or mem.shared + mem.kv_reserve, say)
+    say(
+        f"{len(family.names)} tenants, {len(trace)} requests at {spec.rate:g}/s; shared zoo "
+        f"{mem.shared / 2**20:.1f} MiB, all whole {mem.unshared / 2**20:.1f} MiB, KV reserve "
+        f"{mem.kv_reserve / 2**20:.1f} MiB"
+    )
+    facts: dict[str, Any] = {}
+    run = Run({})
+    modes: dict[str, Any] = {}
+    if "blockllm" in cfg.systems:  # first: its resident bytes may raise the budget
+        modes = _planner_modes(bench, cfg.planner, run, facts, say)
+    for name in SYSTEMS[1:]:
+        if name in cfg.systems:
+            mark = _cpu_marks()
+            outcomes, facts[name] = getattr(bench, name)()
+            facts[name]["other_processes_cores"] = _other_cores(mark)
+            run.outcomes[name] = outcomes
+            run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
+            _report(say, name, run.doc[name])
+            gc.collect()
+    if "per_model" in run.doc:
+        run.doc["per_model"]["resident_bytes_unshared"] = mem.unshared + mem.kv_reserve
+    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts, run.doc)
+    run.doc["meta"]["planner_modes"] = modes
+    run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
+    return run
+
+
+def _planner_modes(
+    bench: _Bench, modes: Sequence[str], run: Run, facts: dict[str, Any], say: Say
+) -> dict[str, Any]:
+    """Run blockllm once per planner mode; the first is "blockllm" in the document."""
+    out: dict[str, Any] = {}
+    for mode in modes or ("off",):
+        mark = _cpu_marks()
+        outcomes, f = bench.blockllm(mode)
+        f["other_processes_cores"] = _other_cores(mark)
+        summary = summarize(outcomes, f.pop("resident_bytes"))
+        out[mode] = {
+            **summary,
+            "counters": f["counters"],
+            "other_processes_cores": f["other_processes_cores"],
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+        _report(say, f"blockllm (planner {mode})", summary)
+        if "blockllm" not in run.doc:
+            run.doc["blockllm"], run.outcomes["blockllm"], facts["blockllm"] = summary, outcomes, f
+        else:
+            run.outcomes[f"blockllm[{mode}]"] = outcomes
+        gc.collect()
+    return out
+
+
+def _cpu_marks() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its
+    reaped children) now."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    me = os.times()
+    return time.monotonic(), busy, me.user + me.system + me.children_user + me.children_system
+
+
+def _other_cores(start: tuple[float, float, float]) -> float:
+    """Cores other processes (not this benchmark) kept busy on average since `start`: the
+    machine is shared, and this says how much it was while a system ran."""
+    end = _cpu_marks()
+    wall = max(1e-9, end[0] - start[0])
+    return round(max(0.0, (end[1] - start[1]) - (end[2] - start[2])) / wall, 2)
+
+
+def _report(say: Say, name: str, s: dict[str, Any]) -> None:
+    say(
+        f"{name}: p95 {s['p95_ms']} ms, {s['tokens_per_s']} tok/s, "
+        f"{s['errors']} errors of {s['requests']}"
+    )
+
+
+def _meta(
+    cfg: MultitenantConfig,
+    family: Family,
+    spec: TraceSpec,
+    trace: Sequence[TraceRequest],
+    mem: _Memory,
+    budget: int,
+    facts: dict[str, Any],
+    doc: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "family": family.kind,
+        "tenants": list(family.names),
+        "variant_layers": {t.name: t.layers for t in family.tenants[1:]},
+        "trace": {
+            "seed": spec.seed,
+            "rate_rps": spec.rate,
+            "zipf_s": spec.zipf_s,
+            "prompt_tokens": list(spec.prompt_tokens),
+            "new_tokens": list(spec.new_tokens),
+            **trace_facts(trace),
+        },
+        "budget_bytes": budget,
+        "planner": list(cfg.planner),
+        "straggler_delay_s": cfg.straggler_delay_s,
+        "shared_zoo_bytes": mem.shared,
+        "kv_reserve_bytes": mem.kv_reserve,
+        "cores": _cores(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "systems": facts,
+        "goals": goals(doc),
+    }
+
+
+def goals(doc: dict[str, Any]) -> dict[str, Any]:
+    """Issue 6's goals, each with the measured value and whether it is met (None: not run)."""
+    out: dict[str, Any] = {}
+    b, pm, hf = doc.get("blockllm"), doc.get("per_model"), doc.get("hf_generate")
+    if b and pm and b["p95_ms"] and pm["p95_ms"]:
+        red = 1.0 - b["p95_ms"] / pm["p95_ms"]
+        out["p95_reduction_vs_per_model"] = {
+            "value": round(red, 3),
+            "goal": GOAL_P95_REDUCTION,
+            "met": red >= GOAL_P95_REDUCTION,
+        }
+    if b and pm:
+        ratio = b["resident_bytes"] / pm["resident_bytes_unshared"]
+        out["memory_vs_unshared"] = {
+            "value": round(ratio, 3),
+            "goal": GOAL_MEMORY_RATIO,
+            "met": ratio <= GOAL_MEMORY_RATIO,
+        }
+    if b and hf and hf["tokens_per_s"]:
+        ratio = b["tokens_per_s"] / hf["tokens_per_s"]
+        out["tokens_per_s_vs_hf_generate"] = {
+            "value": round(ratio, 2),
+            "goal": GOAL_THROUGHPUT_RATIO,
+            "met": ratio >= GOAL_THROUGHPUT_RATIO,
+        }
+    return out
+
+
+# -- presentation -------------------------------------------------------------------------------
+
+
+def table(doc: dict[str, Any]) -> list[str]:
+    """The readable table of a result document, one line per row."""
+    head = (
+        f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+        f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6} "
+        f"{'others':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    facts = doc.get("meta", {}).get("systems", {})
+    for name in SYSTEMS:
+        s = doc.get(name)
+        if not s:
+            continue
+        lines.append(
+            f"{name:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
+            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
+            f"{s['resident_bytes'] / 2**20:>12.1f} {s['requests']:>8} {s['errors']:>6} "
+            f"{_num(facts.get(name, {}).get('other_processes_cores'), '.1f'):>6}"
+        )
+    pm = doc.get("per_model")
+    if pm:
+        lines.append(
+            f"(per_model with every tenant whole: {pm['resident_bytes_unshared'] / 2**20:.1f} MiB)"
+        )
+    lines.append("(others: cores that other processes on this machine kept busy meanwhile)")
+    lines += planner_table(doc)
+    for name, g in doc.get("meta", {}).get("goals", {}).items():
+        lines.append(
+            f"goal {name}: {g['value']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
+        )
+    return lines
+
+
+def planner_table(doc: dict[str, Any]) -> list[str]:
+    """blockllm per planner mode (what each mechanism buys), when more than static ran."""
+    modes = doc.get("meta", {}).get("planner_modes") or {}
+    if list(modes) in ([], ["off"]):
+        return []
+    delay = doc.get("meta", {}).get("straggler_delay_s") or 0
+    head = (
+        f"{'planner':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
+        f"{'tok/s':>7} {'resident MiB':>12} {'errors':>6} {'commands':>8} {'moved':>5} "
+        f"{'replays':>7} {'load1':>5}"
+    )
+    slowed = f" (last worker slowed by {delay:g} s per step)" if delay else ""
+    lines = ["", f"blockllm by planner mode{slowed}:", head, "-" * len(head)]
+    for mode, s in modes.items():
+        c = s.get("counters", {})
+        lines.append(
+            f"{mode:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
+            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
+            f"{s['resident_bytes'] / 2**20:>12.1f} {s['errors']:>6} {c.get('commands', 0):>8} "
+            f"{c.get('moved', 0):>5} {c.get('replays', 0):>7} "
+            f"{_num(s.get('load_average', [None])[0], '.2f'):>5}"
+        )
+    return lines
+
+
+def _num(x: float | None, fmt: str = ".0f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def plot_cdf(outcomes: dict[str, list[Outcome]], path: Path, title: str) -> None:
+    """Latency CDF of each system to a PNG. Raises ImportError when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blockllm.client.bench.trace import latencies_ms
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, outs in outcomes.items():
+        xs = latencies_ms(outs)
+        if xs:
+            ys = [(i + 1) / len(outs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("request latency (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""`blockllm keys ...`: make and manage the CurveZMQ keys that secure TCP between nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blockllm.broker import security
+from blockllm.client.cli.common import CliError, echo_json, json_option
+
+_dir_arg = click.argument("keys_dir", metavar="DIR", type=click.Path(path_type=Path))
+
+
+def _fail(e: security.KeysError) -> CliError:
+    return CliError(str(e), exit_code=1)
+
+
+@click.group("keys")
+def keys() -> None:
+    """CurveZMQ keys: authentication and encryption between broker, workers and clients."""
+
+
+@keys.command("gen")
+@_dir_arg
+@click.option("--force", is_flag=True, help="Replace existing key pairs in DIR.")
+@click.option(
+    "--broker-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Join a cluster: use this broker public key (its broker.key) instead of making a "
+    "broker pair; then admit this node's client.key on the broker with `keys add`.",
+)
+def gen(keys_dir: Path, force: bool, broker_key: Path | None) -> None:
+    """Write a key pair for the broker and one for clients/workers, plus authorized/.
+
+    \b
+    DIR/broker.key, broker.key_secret   the broker's pair (secret: mode 0600)
+    DIR/client.key, client.key_secret   what workers, the planner and clients present
+    DIR/authorized/client.key           the public keys the broker admits
+    """
+    try:
+        written = security.generate_keys(keys_dir, force=force, broker_key=broker_key)
+    except security.KeysError as e:
+        raise _fail(e) from None
+    for path in written:
+        click.echo(str(path))
+
+
+@keys.command("add")
+@_dir_arg
+@click.argument("pubkey_file", metavar="PUBKEY_FILE", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Name under authorized/ [default: the file's stem].")
+@click.option("--force", is_flag=True, help="Replace an admitted key of the same name.")
+def add(keys_dir: Path, pubkey_file: Path, name: str | None, force: bool) -> None:
+    """Admit another node's public key (its client.key) into DIR/authorized/.
+
+    A running broker reads the change at the next connection attempt; no restart needed.
+    """
+    if name is None and pubkey_file.name.split(".", 1)[0] == security.CLIENT:
+        # Every node's pair is called client.key: name it, or it would replace this node's own.
+        raise CliError("name the key of another node: `keys add DIR FILE --name NODE`")
+    try:
+        dest = security.admit_key(keys_dir, pubkey_file, name=name, force=force)
+    except security.KeysError as e:
+        raise _fail(e) from None
+    click.echo(str(dest))
+
+
+@keys.command("revoke")
+@_dir_arg
+@click.argument("name")
+def revoke(keys_dir: Path, name: str) -> None:
+    """Stop admitting DIR/authorized/NAME.key (new connections; restart the broker to cut
+    established ones)."""
+    try:
+        click.echo(str(security.revoke_key(keys_dir, name)))
+    except security.KeysError as e:
+        raise _fail(e) from None
+
+
+@keys.command("ls")
+@_dir_arg
+@json_option
+def ls(keys_dir: Path, as_json: bool) -> None:
+    """Show the public keys in DIR and the admitted ones (compare them across nodes)."""
+    if not keys_dir.is_dir():
+        raise CliError(f"{keys_dir}: no such keys directory")
+    own: dict[str, str | None] = {}
+    for name in (security.BROKER, security.CLIENT):
+        path = keys_dir / f"{name}{security.PUBLIC_SUFFIX}"
+        try:
+            own[name] = security.read_key_file(path, secret=False)[0].decode()
+        except security.KeysError:
+            own[name] = None
+    try:
+        admitted = {n: k.decode() for n, k in security.authorized_keys(keys_dir).items()}
+    except security.KeysError:
+        admitted = {}
+    if as_json:
+        echo_json({"dir": str(keys_dir), **own, "authorized": admitted})
+        return
+    for name, key in own.items():
+        click.echo(f"{name:<12} {key or '-'}")
+    for name, key in admitted.items():
+        click.echo(f"authorized   {key}  {name}")

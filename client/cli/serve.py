@@ -1,0 +1,475 @@
+"""`blockllm serve`, `blockllm broker`, `blockllm worker`: start processes (thin click layer).
+
+`serve` runs a whole single-machine cluster in the foreground (broker + N workers placed by
+`broker.placement.static_placement` weighted by compute per token, then the planner, which
+refines that placement live); `broker` and `worker` run one process each, as the systemd units
+do. Every command takes `--config FILE`: the cluster TOML
+(`deploy/cluster.example.toml`, read with tomllib); flags given on the command line override it.
+
+Exit codes: 0 clean stop (SIGINT/SIGTERM); 1 a failure (a child died, a fatal error); 2 usage;
+3 injected test fault (worker); 78 bad --config or --keys; 130 interrupted while starting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from blockllm.broker.cluster_config import (
+    EXIT_CONFIG,
+    ClusterConfig,
+    ConfigError,
+    load_cluster_config,
+    merge_click,
+)
+from blockllm.client.cli.common import (
+    SIZE,
+    CliError,
+    config_option,
+    default_zoo_dir,
+    metrics_fields,
+    metrics_host_option,
+    metrics_port_option,
+    parse_model_values,
+    zoo_option,
+)
+from blockllm.client.cli.planner import (
+    SPAWN_FIELDS,
+    planner_config,
+    planner_options,
+    spawn_options,
+)
+from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+EXIT_INTERRUPTED = 130
+
+
+keys_option = click.option(
+    "--keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="CurveZMQ keys folder (`blockllm keys gen`); default: plain TCP.",
+)
+
+
+speculate_option = click.option(
+    "--speculate",
+    "speculate",
+    multiple=True,
+    metavar="MODEL=TOL",
+    help="Speculative execution for MODEL (docs/internals.md): a hop also runs a decode step "
+    "early on the previous hop's input, kept when the real input is within relative L2 "
+    "distance TOL (0: only an identical one, exact). Repeatable [default: off].",
+)
+
+
+def _speculate(values: Any) -> tuple[tuple[str, float], ...]:
+    """("model=tol", ...) -> ((model, tol), ...); click.BadParameter naming a bad one."""
+    return parse_model_values(values, "--speculate", "TOL")
+
+
+def _cluster_config(path: Path | None) -> ClusterConfig | None:
+    if path is None:
+        return None
+    try:
+        return load_cluster_config(path)
+    except ConfigError as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+
+
+def _log_level() -> str:
+    """The level the root command configured (-v, BLOCKLLM_LOG_LEVEL), for the children."""
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel())
+
+
+def _stages(values: Any) -> tuple[StageSpec, ...]:
+    try:
+        return tuple(StageSpec.parse(s) for s in values or ())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--stage") from None
+
+
+def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
+    """A WorkerProcConfig from merged flag/file values (keys as in the [worker] section)."""
+    fields = {
+        "broker": v.get("broker") or DEFAULT_BIND,
+        "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
+        "stages": _stages(v.get("stages")),
+        "device": v.get("device") or "cpu",
+        "kv_budget_bytes": int(v.get("kv_budget_bytes") or 256 * MiB),
+        "max_batch_size": int(v.get("max_batch_size") or 32),
+        "max_batch_tokens": int(v.get("max_batch_tokens") or 4096),
+        "threads": v.get("threads"),
+        "name": v.get("name") or "",
+        "keys_dir": str(v["keys"]) if v.get("keys") else None,
+        "log_level": _log_level(),
+    }
+    for key in (
+        "heartbeat_interval_s",
+        "liveness",
+        "reconnect_max_s",
+        "grace_s",
+        "memory_budget_bytes",
+    ):
+        if v.get(key) is not None:
+            fields[key] = v[key]
+    if v.get("input_queue_size") is not None:
+        fields["input_queue_size"] = v["input_queue_size"]
+    fields.update(metrics_fields(v))
+    fields.update(overrides)
+    return WorkerProcConfig(**fields)
+
+
+# -- blockllm worker ------------------------------------------------------------------------
+
+
+@click.command()
+@config_option
+@click.option(
+    "--broker",
+    envvar="BLOCKLLM_BROKER",
+    default=DEFAULT_BIND,
+    show_default=True,
+    help="Broker address to connect to.",
+)
+@zoo_option
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    metavar="MODEL:START-END",
+    help="Stage to load at start: chain positions [START, END) of MODEL (0 = the "
+    "embedding, 1..L = decoder layers, L+1 = the head). Repeatable.",
+)
+@click.option(
+    "--name",
+    default="",
+    help="Worker name (its identity at the broker; selects "
+    "[workers.NAME] of --config) [default: HOST-PID].",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--kv-budget",
+    "kv_budget_bytes",
+    type=SIZE,
+    default="256MiB",
+    show_default=True,
+    help="KV-cache memory of this worker (bytes or 512MiB, 2GiB).",
+)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads [default: torch's, all cores].",
+)
+@click.option(
+    "--heartbeat-interval",
+    "heartbeat_interval_s",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between liveness beats.",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM: seconds to finish in-flight work.",
+)
+@click.option(
+    "--memory-budget",
+    "memory_budget_bytes",
+    type=SIZE,
+    default=None,
+    help="Weights + KV this worker may hold, told to the planner (bytes or 8GiB) "
+    "[default: the planner's --worker-memory].",
+)
+@keys_option
+@metrics_port_option
+@metrics_host_option
+def worker(**params: Any) -> None:
+    """Run one block worker process: load stages from the zoo, serve the broker.
+
+    SIGTERM/SIGINT: stop taking work, finish in-flight steps (up to --grace), tell the broker
+    (DEAD), exit 0. A fatal error is logged, sent to the broker as DEAD, and exits 1.
+    """
+    from blockllm.worker.proc import run_worker_process
+
+    ctx = click.get_current_context()
+    cluster = _cluster_config(params.pop("config_file"))
+    values = dict(ctx.params)
+    if cluster is not None:
+        try:
+            values = merge_click(ctx, cluster.worker(params["name"]))
+        except ConfigError as e:
+            raise CliError(str(e), EXIT_CONFIG) from None
+    cfg = _worker_config(values)
+    if cfg.keys_dir:
+        from blockllm.broker.security import load_client_keys
+
+        _check_keys(load_client_keys, cfg.keys_dir)
+    sys.exit(run_worker_process(cfg))
+
+
+def _check_keys(load: Any, keys_dir: Any) -> Any:
+    """load(keys_dir), a bad keys folder turned into a one-line error (exit 78)."""
+    from blockllm.broker.security import KeysError
+
+    try:
+        return load(keys_dir)
+    except KeysError as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
+
+
+# -- blockllm broker ------------------------------------------------------------------------
+
+
+def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
+    """A BrokerConfig from merged flag/file values (keys as in the [broker] section)."""
+    from blockllm.broker.config import BrokerConfig
+    from blockllm.broker.security import load_server_keys
+
+    fields: dict[str, Any] = {
+        "bind": v.get("bind") or DEFAULT_BIND,
+        "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
+        "log_level": _log_level(),
+    }
+    for key in (
+        "heartbeat_s",
+        "liveness",
+        "max_waiting",
+        "max_prompt_tokens",
+        "max_new_tokens_limit",
+        "default_timeout_s",
+        "max_replays",
+        "drain_timeout_s",
+    ):
+        if v.get(key) is not None:
+            fields[key] = v[key]
+    if v.get("stats_bind") is not None:
+        fields["stats_bind"] = v["stats_bind"]
+    if v.get("speculate"):
+        fields["speculate"] = _speculate(v["speculate"])
+    if v.get("keys"):
+        _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
+        fields["keys_dir"] = str(v["keys"])
+    fields.update(metrics_fields(v))
+    fields.update(overrides)
+    try:
+        return BrokerConfig(**fields)
+    except ValueError as e:
+        raise CliError(f"bad broker settings: {e}", EXIT_CONFIG) from None
+
+
+@click.command()
+@config_option
+@click.option(
+    "--bind",
+    default=DEFAULT_BIND,
+    show_default=True,
+    help="Endpoint the broker's ROUTER binds (tcp://0.0.0.0:5555 for other nodes).",
+)
+@zoo_option
+@click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds of worker silence before a ping.",
+)
+@click.option(
+    "--max-waiting",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Requests waiting for a route beyond this are refused (OVERLOADED).",
+)
+@click.option(
+    "--drain-timeout",
+    "drain_timeout_s",
+    type=click.FloatRange(min=0.0),
+    default=5.0,
+    show_default=True,
+    help="On SIGTERM: seconds running requests get to finish.",
+)
+@click.option(
+    "--stats-bind",
+    "stats_bind",
+    default=None,
+    help="Where the STATS PUB socket for the planner binds [default: the --bind host, "
+    "a port the OS picks; `blockllm status --json` shows it]. '' = none.",
+)
+@speculate_option
+@keys_option
+@metrics_port_option
+@metrics_host_option
+def broker(**params: Any) -> None:
+    """Run the broker process: the ROUTER that clients, workers and the planner connect to.
+
+    It logs `[ready] broker listening on ADDR` once bound. SIGTERM/SIGINT: stop admitting,
+    finish running requests (up to --drain-timeout), exit 0.
+    """
+    from blockllm.broker.proc import run_broker_process
+
+    ctx = click.get_current_context()
+    cluster = _cluster_config(params["config_file"])
+    values = dict(ctx.params)
+    if cluster is not None:
+        values = merge_click(ctx, cluster.broker())
+    sys.exit(run_broker_process(_broker_config(values)) or 0)
+
+
+# -- blockllm serve -------------------------------------------------------------------------
+
+
+def _models(value: str | None) -> tuple[str, ...]:
+    return tuple(m.strip() for m in (value or "").split(",") if m.strip())
+
+
+@click.command()
+@config_option
+@zoo_option
+@click.option(
+    "--bind",
+    default=DEFAULT_BIND,
+    show_default=True,
+    help="Broker endpoint (tcp://127.0.0.1:0: a free port the OS picks).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes; the models' chains are split across them.",
+)
+@click.option(
+    "--models",
+    "models_text",
+    default=None,
+    metavar="A,B",
+    help="Models to serve [default: every model in the zoo].",
+)
+@click.option(
+    "--kv-budget",
+    "kv_budget_bytes",
+    type=SIZE,
+    default="256MiB",
+    show_default=True,
+    help="KV-cache memory per worker (bytes or 512MiB, 2GiB).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads per worker [default: the cores split across workers].",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--ready-timeout",
+    type=click.FloatRange(min=1.0),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the broker and every worker.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Announce as one JSON line: {"broker": ADDR, "models": [...], "workers": [...]}.',
+)
+@click.option(
+    "--planner/--no-planner",
+    "with_planner",
+    default=True,
+    show_default=True,
+    help="Run the planner: it places stages by demand, moves them off failed or "
+    "slow workers, and assembles chains within --tolerance.",
+)
+@planner_options
+@spawn_options(default_max=1)
+@speculate_option
+@keys_option
+def serve(**params: Any) -> None:
+    """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.
+
+    When every model is served, prints one line on stdout and flushes it:
+
+    \b
+        blockllm: serving MODEL[,MODEL...] at ADDR
+
+    ADDR (the last word of that line; or the "broker" field with --json) is what
+    `blockllm generate --broker ADDR` takes. Logs go to stderr. Ctrl-C or SIGTERM stops the
+    workers (they finish in-flight steps), then the broker, and exits 0. A child process
+    that dies unexpectedly is reported, everything is stopped and the exit code is 1 (no
+    automatic restart: the broker already replays its requests elsewhere while it can, and a
+    supervisor such as systemd owns restarts). The planner may start up to --max-spawn more
+    workers (e.g. for a straggler's duplicate when no worker has room); they are its children,
+    retired when unneeded and stopped with it.
+    """
+    from blockllm.client.launcher import LaunchError, ServeConfig, run_serve
+
+    ctx = click.get_current_context()
+    cluster = _cluster_config(params["config_file"])
+    values = dict(ctx.params)
+    if cluster is not None:
+        planner = cluster.planner()
+        spawn = {k: v for k, v in planner.items() if k in SPAWN_FIELDS}
+        if "tolerance" in planner:
+            spawn["tolerances"] = planner["tolerance"]
+        file_values = {**cluster.worker(""), **cluster.broker(), **spawn}
+        file_values.pop("name", None)
+        file_values.pop("broker", None)
+        file_values.pop("stages", None)  # serve places stages itself
+        values = merge_click(ctx, file_values)
+    broker_cfg = _broker_config(values)
+    worker_cfg = _worker_config(values, stages=(), threads=None)
+    cfg = ServeConfig(
+        zoo_dir=broker_cfg.zoo_dir,
+        broker=broker_cfg,
+        worker=worker_cfg,
+        workers=values["workers"],
+        models=_models(values.get("models_text")),
+        threads=values.get("threads"),
+        ready_timeout_s=values["ready_timeout"],
+        log_level=_log_level(),
+        planner=_planner_config(values, worker_cfg.keys_dir),
+    )
+    try:
+        code = run_serve(cfg, lambda s: _announce(s, values["as_json"]))
+    except LaunchError as e:
+        raise CliError(str(e)) from None
+    sys.exit(code)
+
+
+def _planner_config(values: dict[str, Any], keys_dir: str | None) -> Any:
+    """The planner `serve` starts (None with --no-planner); broker and zoo are filled in."""
+    if not values.get("with_planner", True):
+        return None
+    return planner_config(values, keys_dir=keys_dir, log_level=_log_level())
+
+
+def _announce(s: Any, as_json: bool) -> None:
+    if as_json:
+        workers = [{"name": n, "pid": pid, "stages": list(st)} for n, pid, st in s.workers]
+        doc = {"broker": s.endpoint, "models": list(s.models), "workers": workers}
+        click.echo(json.dumps(doc))
+    else:
+        click.echo(f"blockllm: serving {','.join(s.models)} at {s.endpoint}")
+    sys.stdout.flush()
+
+
+commands = [serve, broker, worker]

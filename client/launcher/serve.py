@@ -1,0 +1,191 @@
+"""`blockllm serve`: a broker, N workers placed by the static placement and the planner on this
+machine, in the foreground, until SIGINT/SIGTERM (or a child's death) stops them all.
+
+`run_serve(cfg, announce)` plans the workers' stages (`plan_workers`: the static placement,
+weighted by compute per token), starts everything through a `Launcher`, calls `announce` once
+every model is covered, and stops the children in order at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from blockllm.broker.lifecycle import WakePipe
+from blockllm.client.launcher.launcher import Death, Launcher, LaunchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """One machine's cluster: a broker and `workers` workers over the zoo at `zoo_dir`.
+
+    `broker` (a BrokerConfig) and `worker` (a WorkerProcConfig) are templates: the launcher
+    fills in the endpoint, each worker's name, stages and thread count.
+    """
+
+    zoo_dir: str
+    broker: Any
+    worker: Any
+    workers: int = 2
+    models: tuple[str, ...] = ()  # () = every model in the zoo
+    threads: int | None = None  # per worker; None = the usable cores split across workers
+    ready_timeout_s: float = 120.0
+    log_level: str = "WARNING"
+    planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What `run_serve` announces once everything is ready."""
+
+    endpoint: str
+    models: tuple[str, ...]
+    workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while the cluster was still starting."""
+
+
+def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """(models served, stages of each worker) by static placement over the zoo's manifests."""
+    from blockllm.broker.routing import static_placement
+    from blockllm.worker.config import StageSpec
+    from blockllm.zoo import Zoo
+
+    zoo = Zoo(cfg.zoo_dir)
+    known = zoo.list_models()
+    models = cfg.models or tuple(known)
+    unknown = [m for m in models if m not in known]
+    if not models or unknown:
+        have = ", ".join(known) or "none"
+        what = f"unknown models {', '.join(unknown)}" if unknown else "no models"
+        raise LaunchError(
+            f"{what} in zoo {cfg.zoo_dir} (it has: {have}); import one with "
+            "`blockllm zoo import PATH --name NAME`"
+        )
+    plan = static_placement([ComputeWeighted(zoo.manifest(m)) for m in models], cfg.workers)
+    return tuple(models), [tuple(StageSpec(*s) for s in stages) for stages in plan]
+
+
+class ComputeWeighted:
+    """A manifest whose `block_bytes` estimate each position's compute per token, so that
+    `static_placement` (which balances `block_bytes`) balances the pipeline's step times.
+
+    Stored bytes mislead at both ends of a chain: the embedding is a lookup (a big block,
+    almost no compute), while the head's lm_head matmul costs vocab x hidden multiply-adds
+    per token even when it is tied (a tiny stored block). Decoder layers cost their weights.
+    """
+
+    def __init__(self, manifest: Any) -> None:
+        self._m = manifest
+        self.name = manifest.name
+        self.chain = manifest.chain
+        self.fingerprint = manifest.fingerprint
+
+    @property
+    def block_bytes(self) -> tuple[int, ...]:
+        stored = tuple(self._m.block_bytes)
+        if len(stored) != len(self.chain):
+            return stored  # sizes unknown: placement balances by block count
+        cfg = self._m.config
+        itemsize = 2 if self._m.dtype in ("bfloat16", "float16") else 4
+        lm_head = int(cfg.get("vocab_size", 0)) * int(cfg.get("hidden_size", 0)) * itemsize
+        embed = max(1, int(cfg.get("hidden_size", 0)) * itemsize)  # one row read per token
+        return (embed, *stored[1:-1], stored[-1] + (lm_head if self._m.tie_word_embeddings else 0))
+
+
+def default_threads(workers: int) -> int:
+    """torch threads per worker: the usable cores split evenly (at least one each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
+    """The `blockllm worker` flags of a worker the planner spawns (broker/planner/spawn.py):
+    those of serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
+    args = ["--device", wcfg.device, "--kv-budget", str(wcfg.kv_budget_bytes)]
+    args += ["--max-batch-size", str(wcfg.max_batch_size), "--threads", str(threads)]
+    args += ["--max-batch-tokens", str(wcfg.max_batch_tokens)]
+    args += ["--heartbeat-interval", str(wcfg.heartbeat_interval_s), "--grace", str(wcfg.grace_s)]
+    if wcfg.memory_budget_bytes:
+        args += ["--memory-budget", str(wcfg.memory_budget_bytes)]
+    return tuple(args)
+
+
+def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
+    """Start the cluster, call `announce` once it is ready, run until SIGINT/SIGTERM (-> 0)
+    or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
+    130 when interrupted while starting. Main thread only (signal handlers)."""
+    models, plan = plan_workers(cfg)
+    wake = WakePipe()
+    state = {"serving": False, "stop": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        state["stop"] = True
+        wake.wake(b"s")
+        if not state["serving"]:
+            raise Interrupted(signal.Signals(signum).name)
+
+    def on_death(_death: Death) -> None:
+        wake.wake(b"d")
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+    launcher = Launcher(log_level=cfg.log_level, on_death=on_death)
+    try:
+        serving = _start_cluster(launcher, cfg, models, plan)
+        state["serving"] = True
+        if state["stop"]:
+            return 0
+        announce(serving)
+        while not state["stop"] and not launcher.deaths:
+            multiprocessing.connection.wait([wake.fd])
+            wake.drain()
+        if launcher.deaths:
+            logger.error("[shutdown] stopping: %s", "; ".join(map(str, launcher.deaths)))
+            return 1
+        logger.info("[shutdown] signal received; stopping")
+        return 0
+    except Interrupted as e:
+        logger.warning("[shutdown] %s while starting; stopping", e)
+        return 130
+    finally:
+        state["serving"] = True  # no Interrupted from here on: the teardown must finish
+        launcher.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        wake.close()
+
+
+def _start_cluster(
+    launcher: Launcher, cfg: ServeConfig, models: tuple[str, ...], plan: list[tuple[Any, ...]]
+) -> Serving:
+    endpoint = launcher.start_broker(cfg.broker, cfg.ready_timeout_s)
+    threads = cfg.threads or default_threads(sum(1 for p in plan if p))
+    describe: dict[str, str] = {}
+    for i, stages in enumerate(plan):
+        if not stages:
+            continue  # more workers than chain positions
+        name = f"worker-{i}"
+        wcfg = replace(cfg.worker, broker=endpoint, name=name, stages=stages, threads=threads)
+        launcher.start_worker(name, wcfg)
+        describe[name] = "stages " + ", ".join(map(str, stages))
+    launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
+    if cfg.planner is not None:  # it refines the static placement from the live stats
+        spare = spare_worker_args(cfg.worker, threads)
+        launcher.start_planner(
+            replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir, spawn_worker_args=spare)
+        )
+    workers = tuple(
+        (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
+        for name, p in launcher.workers.items()
+    )
+    return Serving(endpoint, models, workers)

@@ -1,0 +1,52 @@
+"""A text-in/text-out client, the CLI's help and the broker's envelope path never import torch
+(checked in a fresh interpreter through `sys.modules`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PROBE = r"""
+import sys
+{body}
+heavy = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
+print(",".join(heavy) or "light")
+"""
+
+
+def _probe(body: str) -> str:
+    code = PROBE.format(body=body)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_importing_the_client_does_not_import_torch() -> None:
+    assert (
+        _probe("import blockllm.client\nfrom blockllm.client import AsyncClient, Client") == "light"
+    )
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    body = """
+from blockllm.client.cli import cli
+for args in (["serve", "--help"], ["demo", "--help"], ["generate", "--help"]):
+    try:
+        cli.main(args, standalone_mode=False)
+    except SystemExit:
+        pass
+"""
+    assert _probe(body) == "light"
+
+
+def test_broker_envelope_path_does_not_import_torch() -> None:
+    body = """
+from blockllm.broker import frames
+from blockllm.broker.protocol import Result, TensorMeta
+meta = TensorMeta("bfloat16", (2, 3))
+wire = frames.encode_passthrough(Result("r", 1, tensors=(meta,)), [b"x" * 12])
+msg = frames.decode_header(wire)
+assert frames.tensor_nbytes(msg.tensors[0]) == 12
+import blockllm.broker.proc, blockllm.broker.planner.proc
+"""
+    assert _probe(body) == "light"
