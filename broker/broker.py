@@ -360,7 +360,7 @@ class Broker(Commands, Hedging, Migrating, RequestFlow):
             return out + self._speculative(req, tuple(msg.tensors), frames)  # speculation: flow.py
         if msg.tensors or not 0 <= msg.token_id < req.spec.vocab_size:
             return self._misbehaved(req, peer, now, f"bad final RESULT (token {msg.token_id})")
-        return self._on_token(req, msg.token_id, now)
+        return self._on_token(req, msg.token_id, now, msg)
 
     def _misbehaved(self, req: RequestState, peer: bytes, now: float, why: str) -> list[Out]:
         self.counters["bad_messages"] += 1
@@ -448,6 +448,8 @@ class Broker(Commands, Hedging, Migrating, RequestFlow):
             deadline=now + timeout,
             created=now,
             generated=list(msg.resume_ids),
+            top_logprobs=msg.top_logprobs,
+            prompt_logprobs=msg.prompt_logprobs,
         )
         if spec.tokenizer is not None:
             req.detok = IncrementalDetokenizer(spec.tokenizer)

@@ -52,7 +52,9 @@ class Hedging:
                      past_len: Any = None) -> Any:  # fmt: skip
             raise NotImplementedError
 
-        def _on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
+        def _on_token(
+            self, req: RequestState, token_id: int, now: float, res: Any = None
+        ) -> list[Out]:
             raise NotImplementedError
 
         def _drop_shadow(self, req: RequestState) -> list[Out]:
@@ -121,7 +123,7 @@ class Hedging:
             return self._drop_shadow(req)
         self.counters["hedges_won"] += 1
         logger.info("[hedge] request %s step %d: the re-sent attempt won", req.client_rid, req.step)
-        return self._promote(req) + self._on_token(req, msg.token_id, now)
+        return self._promote(req) + self._on_token(req, msg.token_id, now, msg)
 
     def _shadow_error(self, req: RequestState, msg: Error) -> list[Out]:
         logger.info("[hedge] request %s: re-sent attempt failed (%s)", req.client_rid, msg.code)

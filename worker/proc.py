@@ -324,6 +324,8 @@ class WorkerProc:
             hidden=None if is_ids else x,
             max_total_len=msg.max_total_len,
             sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+            top_logprobs=msg.top_logprobs,
+            targets=tuple(msg.targets),
         )
         try:
             proc_spec.submit(self, item)

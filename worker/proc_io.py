@@ -95,7 +95,14 @@ def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
         return Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step), ()
     if r.token_id is not None:
         logprob = float(r.logprob) if r.logprob is not None else 0.0
-        return Result(r.request_id, r.step, int(r.token_id), logprob), ()
+        flat = [alt for row in r.prompt_top for alt in row]
+        return Result(
+            r.request_id, r.step, int(r.token_id), logprob,
+            top_ids=tuple(t for t, _ in r.top), top_logprobs=tuple(lp for _, lp in r.top),
+            prompt_logprobs=tuple(r.prompt_logprobs),
+            prompt_top_ids=tuple(t for t, _ in flat),
+            prompt_top_logprobs=tuple(lp for _, lp in flat),
+        ), ()  # fmt: skip
     hidden = r.hidden.detach()
     if hidden.device.type != "cpu":
         hidden = hidden.to("cpu")

@@ -52,6 +52,7 @@ def handle_speculate(proc: Any, msg: Speculate, tensors: list[torch.Tensor]) -> 
         hidden=x,
         max_total_len=msg.max_total_len,
         sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+        top_logprobs=msg.top_logprobs,
     )
     spec = speculation(proc)
     try:
