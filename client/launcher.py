@@ -44,6 +44,7 @@ SPAWN = multiprocessing.get_context("spawn")
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
 PLANNER_TARGET = "blockllm.broker.planner_proc:run_planner_process"
+HTTP_TARGET = "blockllm.client.http.server:run_http_process"
 
 
 class LaunchError(RuntimeError):
@@ -91,6 +92,8 @@ class Launcher:
         self._brokers: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
         self._planners: list[BaseProcess] = []
+        self._https: list[BaseProcess] = []
+        self.http_url: str | None = None
         self._stopping = threading.Event()
         # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
         # threads polling one child can make one of them see None for a dead child.
@@ -99,7 +102,7 @@ class Launcher:
         self._expected: set[int] = set()  # id() of children whose exit is not a failure
         self._monitor: threading.Thread | None = None
         # The planner, workers, then the broker: the lists are filled as children start.
-        groups = [self._planners, self._workers, self._brokers]
+        groups = [self._https, self._planners, self._workers, self._brokers]
         self._finalizer = weakref.finalize(
             self, _shutdown_groups, groups, stop_timeout, self._stopping
         )
@@ -162,6 +165,33 @@ class Launcher:
         self._start_monitor()
         return proc
 
+    def start_http(self, cfg: Any, ready_timeout: float = 60.0) -> str:
+        """Start the HTTP API (`cfg`: an HttpConfig whose `broker` is set); return its base URL
+        once it listens and answers GET /health (LaunchError if not)."""
+        from blockllm.client.http.config import answers, url_host
+
+        recv, send = SPAWN.Pipe(duplex=False)
+        proc = self._spawn("http", HTTP_TARGET, replace(cfg, ready_conn=send))
+        self._https.append(proc)
+        send.close()
+        deadline = time.monotonic() + ready_timeout
+        bound = None
+        try:
+            if recv in multiprocessing.connection.wait([recv, proc.sentinel], ready_timeout):
+                with contextlib.suppress(EOFError):
+                    bound = recv.recv_bytes().decode()
+        finally:
+            recv.close()
+        if bound is None or not answers(bound, deadline):
+            code = self.wait_exit(proc, 2.0)
+            what = f"exited with code {code}" if code is not None else "not answering"
+            raise LaunchError(f"HTTP API {what} on {cfg.host}:{cfg.port}; see its log above")
+        host, _, port = bound.rpartition(":")
+        self.http_url = f"http://{url_host(host)}:{port}/v1"
+        logger.info("[ready] HTTP API at %s", self.http_url)
+        self._start_monitor()
+        return self.http_url
+
     def wait_ready(
         self,
         models: Sequence[str] | None,
@@ -218,7 +248,7 @@ class Launcher:
                 )
 
     def _children(self) -> list[BaseProcess]:
-        return [*self._brokers, *self._workers, *self._planners]
+        return [*self._brokers, *self._workers, *self._planners, *self._https]
 
     # -- monitoring --------------------------------------------------------------------------
     def _start_monitor(self) -> None:
@@ -279,7 +309,8 @@ class Launcher:
             self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
         logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
-        shutdown(self._planners, t)  # first: it must not react to the workers leaving
+        shutdown(self._https, t)  # first: no new requests
+        shutdown(self._planners, t)  # it must not react to the workers leaving
         shutdown(self._workers, t)
         shutdown(self._brokers, t)
         self._finalizer.detach()
@@ -329,6 +360,7 @@ class ServeConfig:
     ready_timeout_s: float = 120.0
     log_level: str = "WARNING"
     planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
+    http: Any = None  # an HttpConfig: the OpenAI-compatible API, started last; None = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +370,7 @@ class Serving:
     endpoint: str
     models: tuple[str, ...]
     workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
+    http: str = ""  # the HTTP API's base URL ("": none)
 
 
 class Interrupted(Exception):
@@ -481,4 +514,7 @@ def _start_cluster(
         (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
         for name, p in launcher.workers.items()
     )
-    return Serving(endpoint, models, workers)
+    http = ""
+    if cfg.http is not None:  # last: its ready line means every model answers over HTTP
+        http = launcher.start_http(replace(cfg.http, broker=endpoint), cfg.ready_timeout_s)
+    return Serving(endpoint, models, workers, http)
