@@ -40,6 +40,7 @@ def _register() -> None:
         ("blockllm.client.cli_keys", "keys"),
         ("blockllm.client.cli_planner", "commands"),
         ("blockllm.client.cli_demo", "demo"),
+        ("blockllm.client.http.cli", "commands"),
     ):
         try:
             mod = importlib.import_module(module)

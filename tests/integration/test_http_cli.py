@@ -1,0 +1,99 @@
+"""`blockllm serve --http` and `blockllm http` as real subprocesses: the ready line appears only
+once the HTTP API answers; an open endpoint off the loopback address warns; bad key files are
+one-line errors; SIGINT stops everything."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.cluster import cluster, make_zoo
+from tests.integration.test_serve_cli import BLOCKLLM, read_line
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_zoo(tmp_path_factory.mktemp("zoo"), {"m": tiny_checkpoint("llama")})
+
+
+def get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=10) as r:  # no retry: it must answer now
+        return r.status, json.loads(r.read())
+
+
+def test_serve_http_ready_line_only_once_http_answers(zoo: Path, tmp_path: Path) -> None:
+    cmd = [*BLOCKLLM, "serve", "--zoo", str(zoo), "--bind", "tcp://127.0.0.1:0", "--workers",
+           "1", "--threads", "1", "--kv-budget", "32MiB", "--http", "127.0.0.1:0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)  # fmt: skip
+    try:
+        line = read_line(proc, 180)
+        assert line.startswith("blockllm: OpenAI-compatible API at http://127.0.0.1:"), line
+        url = line.split()[-1]
+        status, body = get(url + "/models")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["m"]
+        assert get(url.removesuffix("/v1") + "/health")[0] == 200
+        assert read_line(proc, 30).startswith("blockllm: serving m at tcp://127.0.0.1:")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
+def test_http_command_warns_when_open_off_loopback(zoo: Path) -> None:
+    """127.0.0.2 is a loopback address the check does not know: it stands for any interface
+    without ever leaving this machine."""
+    with cluster(zoo, {"w": ["m:0-6"]}, ["m"]) as c:
+        cmd = [*BLOCKLLM, "http", "--broker", c.endpoint, "--bind", "127.0.0.2:0"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = read_line(proc, 120)
+            assert line.startswith("blockllm: OpenAI-compatible API at http://127.0.0.2:"), line
+            url = line.split()[4]
+            assert get(url + "/models")[1]["data"][0]["id"] == "m"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert "without --api-keys" in err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+
+
+def test_bad_api_keys_file_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "keys.toml"
+    bad.write_text('[keys.a]\nsha256 = "nothex"\nmodels = ["m"]\n')
+    out = subprocess.run([*BLOCKLLM, "http", "--api-keys", str(bad)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 78 and out.stderr.startswith("error: ") and "sha256" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_keys_api_add_prints_once_and_stores_the_hash(tmp_path: Path) -> None:
+    from blockllm.client.http.apikeys import key_hash, load_api_keys
+
+    path = tmp_path / "k.toml"
+    out = subprocess.run([*BLOCKLLM, "keys", "api-add", "alice", "--models", "a,b", "--rpm",
+                          "5", "--file", str(path)], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    assert key.startswith("sk-blockllm-") and key not in path.read_text()
+    (entry,) = load_api_keys(path).values()
+    assert entry.sha256 == key_hash(key) and entry.models == ("a", "b") and entry.rpm == 5
+    again = subprocess.run([*BLOCKLLM, "keys", "api-add", "alice", "--models", "a", "--file",
+                            str(path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 1 and "exists already" in again.stderr
