@@ -187,6 +187,11 @@ class AsyncClient:
         self, q: asyncio.Queue[Any], t0: float, timeout: float | None, grace: bool
     ) -> Any:
         """As Client._next: the next item, Timeout, or BrokerUnavailable."""
+        if not q.empty():  # fast path (a stream's tokens often wait already): no future
+            wait_budget(self.demux, t0, timeout, grace, self.connect_timeout)
+            item = q.get_nowait()
+            if item is not CONNECTION_LOST:
+                return item
         getter = asyncio.ensure_future(q.get())  # kept across slices: no item is lost
         try:
             while True:

@@ -115,6 +115,9 @@ def _register() -> None:
     from blockllm.client.bench_speculative import speculative
 
     bench.add_command(speculative)
+    from blockllm.client.http.bench import bench_command
+
+    bench.add_command(bench_command())
 
 
 _register()

@@ -170,6 +170,10 @@ async def _events(call: Call, p: Plan, counts: list[int]) -> AsyncIterator[bytes
 
 def _chunk_choice(p: Plan, d: Any, started: bool) -> dict[str, Any] | None:
     """One delta as a streamed choice (None: nothing to send for it)."""
+    if not p.req.echo and not p.scored:  # the common case, once per token: keep it lean
+        if not d.text and d.finish_reason is None:
+            return None
+        return R.completion_choice(d.index, d.text, d.finish_reason, None)
     c = ChoiceResult(d.index, p.prompt_ids[p.prompt_of(d.index)])
     c.add(d)
     prefix = p.prompt_texts[p.prompt_of(d.index)] if p.req.echo and not started else ""

@@ -2,15 +2,15 @@
 
 Lifecycle (STYLE 7.8, docs/internals.md): uvicorn owns SIGINT/SIGTERM (stop accepting, finish
 the open responses for a few seconds, run the lifespan's teardown: the broker client is closed,
-its in-flight requests cancelled); once it listens, the bound "host:port" goes to
-`cfg.ready_conn` (the launcher of `blockllm serve --http`) and READY=1 to systemd; WATCHDOG=1
-from the event loop. Exit codes: 0 after a signal, 1 on a failure (e.g. the port is taken),
-78 for a bad --api-keys file.
+its in-flight requests cancelled) and its event loop (uvloop and httptools when installed);
+once it listens, the bound "host:port" goes to `cfg.ready_conn` (the launcher of
+`blockllm serve --http`) and READY=1 to systemd; WATCHDOG=1 from uvicorn's loop tick.
+Exit codes: 0 after a signal, 1 on a failure (e.g. the port is taken), 78 for a bad
+--api-keys file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -33,35 +33,40 @@ def bound_port(server: Any) -> int:
     raise RuntimeError("uvicorn started without a listening socket")
 
 
-async def _announce(server: Any, cfg: HttpConfig, on_ready: Callable[[str], None] | None) -> None:
-    """Once uvicorn listens: report the port, READY=1, then kick the watchdog."""
-    while not server.started:
-        if server.should_exit:
-            return
-        await asyncio.sleep(0.01)  # uvicorn exposes no start event: poll its flag
-    port = bound_port(server)
-    url = cfg.base_url(port)
-    logger.info("[ready] OpenAI-compatible API at %s (broker %s)", url, cfg.broker)
-    if on_ready is not None:
-        on_ready(url)
-    if cfg.ready_conn is not None:
-        with contextlib.suppress(OSError):
-            cfg.ready_conn.send_bytes(f"{cfg.host}:{port}".encode())
-            cfg.ready_conn.close()
-    notify("READY=1", f"STATUS=serving {url}")
-    dog = Watchdog()
-    while not server.should_exit:
-        dog.kick()
-        await asyncio.sleep(max(0.5, min(dog.interval_s or 5.0, 5.0)))
-    notify("STOPPING=1")
+def _server_class() -> type:
+    """uvicorn.Server that announces itself once listening and kicks systemd's watchdog."""
+    import uvicorn
 
+    class Server(uvicorn.Server):
+        def __init__(self, config: Any, cfg: HttpConfig, on_ready: Callable[[str], None] | None):
+            super().__init__(config)
+            self.cfg, self.on_ready = cfg, on_ready
+            self.watchdog = Watchdog()
 
-async def _serve(server: Any, cfg: HttpConfig, on_ready: Callable[[str], None] | None) -> None:
-    announce = asyncio.create_task(_announce(server, cfg, on_ready))
-    try:
-        await server.serve()
-    finally:
-        announce.cancel()
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.should_exit or not self.servers:
+                return
+            port = bound_port(self)
+            url = self.cfg.base_url(port)
+            logger.info("[ready] OpenAI-compatible API at %s (broker %s)", url, self.cfg.broker)
+            if self.cfg.ready_conn is not None:
+                with contextlib.suppress(OSError):
+                    self.cfg.ready_conn.send_bytes(f"{self.cfg.host}:{port}".encode())
+                    self.cfg.ready_conn.close()
+            notify("READY=1", f"STATUS=serving {url}")
+            if self.on_ready is not None:
+                self.on_ready(url)
+
+        async def on_tick(self, counter: int) -> bool:
+            self.watchdog.kick()  # uvicorn's loop ticks every 0.1 s
+            return await super().on_tick(counter)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            notify("STOPPING=1")
+            await super().shutdown(sockets)
+
+    return Server
 
 
 def run_http_process(cfg: HttpConfig, on_ready: Callable[[str], None] | None = None) -> int:
@@ -91,11 +96,14 @@ def run_http_process(cfg: HttpConfig, on_ready: Callable[[str], None] | None = N
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_S,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config, cfg, on_ready)
     try:
-        asyncio.run(_serve(server, cfg, on_ready))
+        server.run()  # uvicorn's loop (uvloop when installed), its signal handling
     except KeyboardInterrupt:
         return 0
+    except SystemExit as e:  # uvicorn's own exit when it cannot start (it logged why)
+        logger.error("[dead] the HTTP server did not start on %s:%d", cfg.host, cfg.port)
+        return int(e.code) if isinstance(e.code, int) and e.code else 1
     except Exception:
         logger.exception("[dead] the HTTP server failed")
         return 1
