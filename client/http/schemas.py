@@ -76,6 +76,7 @@ class CompletionRequest(_Request):
             raise bad_request("best_of other than n is not supported", "best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
+        self.prompts()  # 400 for an empty prompt (or list) now
         if self.max_tokens == 0 and not self.echo:
             raise bad_request("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
 

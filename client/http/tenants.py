@@ -40,7 +40,7 @@ class Tenants:
         self.status_at = 0.0  # monotonic time of the last answer (0: none yet)
         self.status_error = "no answer from the broker yet"
         self._manifests: dict[str, dict[str, Any]] = {}
-        self._tokenizers: dict[str, asyncio.Future[Any]] = {}  # tokenizer id -> loaded one
+        self._tokenizers: dict[str, asyncio.Future[Any]] = {}  # tokenizer id -> its load
         self._dir = Path(tempfile.mkdtemp(prefix="blockllm-http-"))
         self._parents: dict[str, str | None] | None = None
 
@@ -130,18 +130,16 @@ class Tenants:
         digest = (await self.manifest(model)).get("tokenizer")
         if not digest:
             raise bad_request(f"model {model!r} has no tokenizer in the zoo: send token ids")
-        fut = self._tokenizers.get(digest)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._tokenizers[digest] = fut
-            try:
-                fut.set_result(await self._load_tokenizer(digest))
-            except BaseException as e:
-                del self._tokenizers[digest]
-                fut.set_exception(e)
-                fut.exception()  # retrieved: the waiters below get it too
-                raise
-        return await asyncio.shield(fut)
+        task = self._tokenizers.get(digest)
+        if task is None:  # one load per tokenizer, whoever asks first; a failed one is retried
+            task = asyncio.ensure_future(self._load_tokenizer(digest))
+            self._tokenizers[digest] = task
+            task.add_done_callback(lambda t: self._forget_failed(digest, t))
+        return await asyncio.shield(task)  # a caller that goes away does not cancel the load
+
+    def _forget_failed(self, digest: str, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._tokenizers.pop(digest, None)
 
     async def _load_tokenizer(self, digest: str) -> Any:
         from blockllm.zoo.store import TOKENIZER_FILES
@@ -191,4 +189,5 @@ def parents_of(manifests: dict[str, dict[str, Any]]) -> dict[str, str | None]:
 
 def _earlier(stamp: str) -> str:
     """A sort key where an earlier string (import time, name) ranks higher; "" lowest."""
-    return "".join(chr(0x10FFFF - ord(c)) for c in stamp) if stamp else ""
+    # each character inverted, and a top sentinel so that a prefix ranks above its extensions
+    return "".join(chr(0x10FFFE - ord(c)) for c in stamp) + chr(0x10FFFF) if stamp else ""

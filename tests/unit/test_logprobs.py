@@ -41,8 +41,16 @@ def test_prompt_and_token_logprobs_match_hf(engine) -> None:
     other = [3, 4, 5, 6]
     k = 3
     w.submit(
-        WorkItem("scored", 1, keys, 0, tokens=torch.tensor(prompt), max_total_len=16,
-                 top_logprobs=k, targets=tuple(prompt[1:]))  # fmt: skip
+        WorkItem(
+            "scored",
+            1,
+            keys,
+            0,
+            tokens=torch.tensor(prompt),
+            max_total_len=16,
+            top_logprobs=k,
+            targets=tuple(prompt[1:]),
+        )  # fmt: skip
     )
     w.submit(WorkItem("plain", 1, keys, 0, tokens=torch.tensor(other), max_total_len=16))
     results = {r.request_id: r for r in w.step()}
