@@ -63,13 +63,15 @@ def sdk(url: str, key: str = "none", strict: bool = True) -> Any:
     """The SDK with strict response validation; not for streamed *completions*: its model of
     a completions chunk requires a finish_reason, which OpenAI's own chunks leave null until
     the last one (chat chunks are modelled right)."""
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60,
-                         _strict_response_validation=strict)  # fmt: skip
+    return openai.OpenAI(
+        base_url=url, api_key=key, max_retries=0, timeout=60, _strict_response_validation=strict
+    )
 
 
 def async_sdk(url: str, strict: bool = True) -> Any:
-    return openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=60,
-                              _strict_response_validation=strict)  # fmt: skip
+    return openai.AsyncOpenAI(
+        base_url=url, api_key="none", max_retries=0, timeout=60, _strict_response_validation=strict
+    )
 
 
 def tokenizer(ckpt: Path) -> Any:
@@ -112,8 +114,9 @@ def test_greedy_completion_equals_hf(served, checkpoints, model) -> None:
     assert out.usage.prompt_tokens == len(ids)
     assert out.usage.completion_tokens == len(want_ids)
     # the same as token ids, two prompts in one request
-    out = sdk(url).completions.create(model=model, prompt=[ids, ids[:3]], max_tokens=5,
-                                      temperature=0)  # fmt: skip
+    out = sdk(url).completions.create(
+        model=model, prompt=[ids, ids[:3]], max_tokens=5, temperature=0
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[1].text == hf_text(checkpoints[model], ids[:3], 5)[0]
 
@@ -126,9 +129,13 @@ def test_chat_stream_equals_hf_over_the_template(served, checkpoints) -> None:
     ids = tok(text, add_special_tokens=False).input_ids
     want, want_ids = hf_text(checkpoints["ft"], ids, 10)
     stream = sdk(url).chat.completions.create(
-        model="ft", messages=messages, max_tokens=10, temperature=0, stream=True,
+        model="ft",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -137,8 +144,9 @@ def test_chat_stream_equals_hf_over_the_template(served, checkpoints) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == len(ids)
     assert chunks[-1].usage.completion_tokens == len(want_ids)
-    whole = sdk(url).chat.completions.create(model="ft", messages=messages, max_tokens=10,
-                                             temperature=0)  # fmt: skip
+    whole = sdk(url).chat.completions.create(
+        model="ft", messages=messages, max_tokens=10, temperature=0
+    )
     assert whole.choices[0].message.content == want
 
 
@@ -149,8 +157,9 @@ def test_stop_sequences(served, checkpoints) -> None:
     stop = want[len(want) // 2 : len(want) // 2 + 3]
     assert stop and stop.strip(), want
     cut = want[: want.index(stop)]
-    out = sdk(url).completions.create(model="base", prompt=PROMPT, max_tokens=16, temperature=0,
-                                      stop=[stop, "never-seen"])  # fmt: skip
+    out = sdk(url).completions.create(
+        model="base", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop, "never-seen"]
+    )
     assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
     stream = sdk(url, strict=False).completions.create(
         model="base", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True
@@ -177,8 +186,9 @@ def test_logprobs_of_generated_tokens_equal_hf(served, checkpoints) -> None:
     _, url, _, _ = served
     ckpt = checkpoints["ft"]
     ids = tokenizer(ckpt)(PROMPT).input_ids
-    out = sdk(url).completions.create(model="ft", prompt=ids, max_tokens=6, temperature=0,
-                                      logprobs=3)  # fmt: skip
+    out = sdk(url).completions.create(
+        model="ft", prompt=ids, max_tokens=6, temperature=0, logprobs=3
+    )
     gen = hf_greedy(ckpt, ids, 6)
     ref = hf_logprobs(ckpt, ids + gen)
     lp = out.choices[0].logprobs
@@ -191,13 +201,18 @@ def test_logprobs_of_generated_tokens_equal_hf(served, checkpoints) -> None:
         assert 1 <= len(alts) <= 3 and alts[0] == pytest.approx(top[0], abs=1e-4)
         assert all(min(abs(a - t) for t in top) < 1e-4 for a in alts)
     chat = sdk(url).chat.completions.create(
-        model="ft", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
-        logprobs=True, top_logprobs=2,
-    )  # fmt: skip
+        model="ft",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
-    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
-               for c in content)  # fmt: skip
+    assert all(
+        len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])
@@ -274,8 +289,9 @@ def test_concurrent_async_streams_to_several_tenants(served, checkpoints) -> Non
     jobs = [(m, p) for m in ("base", "ft") for p in prompts]
 
     async def one(client: Any, model: str, prompt: str) -> str:
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=10,
-                                                 temperature=0, stream=True)  # fmt: skip
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=10, temperature=0, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream if c.choices])
 
     async def all_of() -> list[str]:

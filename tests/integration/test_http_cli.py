@@ -28,10 +28,25 @@ def get(url: str) -> tuple[int, dict]:
 
 
 def test_serve_http_ready_line_only_once_http_answers(zoo: Path, tmp_path: Path) -> None:
-    cmd = [*BLOCKLLM, "serve", "--zoo", str(zoo), "--bind", "tcp://127.0.0.1:0", "--workers",
-           "1", "--threads", "1", "--kv-budget", "32MiB", "--http", "127.0.0.1:0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path)  # fmt: skip
+    cmd = [
+        *BLOCKLLM,
+        "serve",
+        "--zoo",
+        str(zoo),
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--kv-budget",
+        "32MiB",
+        "--http",
+        "127.0.0.1:0",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         line = read_line(proc, 180)
         assert line.startswith("blockllm: OpenAI-compatible API at http://127.0.0.1:"), line
@@ -76,8 +91,9 @@ def test_http_command_warns_when_open_off_loopback(zoo: Path) -> None:
 def test_bad_api_keys_file_is_a_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "keys.toml"
     bad.write_text('[keys.a]\nsha256 = "nothex"\nmodels = ["m"]\n')
-    out = subprocess.run([*BLOCKLLM, "http", "--api-keys", str(bad)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [*BLOCKLLM, "http", "--api-keys", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 78 and out.stderr.startswith("error: ") and "sha256" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
@@ -86,14 +102,32 @@ def test_keys_api_add_prints_once_and_stores_the_hash(tmp_path: Path) -> None:
     from blockllm.client.http.apikeys import key_hash, load_api_keys
 
     path = tmp_path / "k.toml"
-    out = subprocess.run([*BLOCKLLM, "keys", "api-add", "alice", "--models", "a,b", "--rpm",
-                          "5", "--file", str(path)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [
+            *BLOCKLLM,
+            "keys",
+            "api-add",
+            "alice",
+            "--models",
+            "a,b",
+            "--rpm",
+            "5",
+            "--file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip()
     assert key.startswith("sk-blockllm-") and key not in path.read_text()
     (entry,) = load_api_keys(path).values()
     assert entry.sha256 == key_hash(key) and entry.models == ("a", "b") and entry.rpm == 5
-    again = subprocess.run([*BLOCKLLM, "keys", "api-add", "alice", "--models", "a", "--file",
-                            str(path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    again = subprocess.run(
+        [*BLOCKLLM, "keys", "api-add", "alice", "--models", "a", "--file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 1 and "exists already" in again.stderr

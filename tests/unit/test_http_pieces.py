@@ -97,8 +97,11 @@ def _bad(schema: type, body: object) -> ApiError:
     with pytest.raises(ApiError) as e:
         parse(schema, body)
     assert e.value.status == 400 and set(e.value.body()["error"]) == {
-        "message", "type", "param", "code",
-    }  # fmt: skip
+        "message",
+        "type",
+        "param",
+        "code",
+    }
     return e.value
 
 
@@ -116,15 +119,26 @@ def test_validation_errors_are_openai_400s_naming_the_field() -> None:
     assert _bad(CompletionRequest, {"model": "m", "prompt": "x", "presence_penalty": 1}).param
     assert _bad(ChatRequest, {"model": "m", "messages": []}).param == "messages"
     assert _bad(ChatRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]})
-    assert _bad(ChatRequest, {"model": "m", "messages": [{"role": "user"}],
-                              "top_logprobs": 2}).param == "top_logprobs"  # fmt: skip
+    assert (
+        _bad(ChatRequest, {"model": "m", "messages": [{"role": "user"}], "top_logprobs": 2}).param
+        == "top_logprobs"
+    )
     assert _bad(CompletionRequest, ["not", "an", "object"])
     ok = parse(CompletionRequest, {"model": "m", "prompt": [[1, 2], [3]], "whatever": {"x": 1}})
     assert ok.prompts() == [[1, 2], [3]] and ok.max_tokens == 16  # OpenAI's default
     assert parse(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
-    chat = parse(ChatRequest, {"model": "m", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
-    ]})  # fmt: skip
+    chat = parse(
+        ChatRequest,
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                }
+            ],
+        },
+    )
     assert chat.messages[0].text() == "ab"
 
 
@@ -146,8 +160,9 @@ def test_parent_is_the_closest_more_central_model() -> None:
     base = [f"b{i}" for i in range(8)]
     ft = {f"ft{k}": [*base[:6], f"x{k}", f"y{k}"] for k in range(3)}
     other = _manifest([f"z{i}" for i in range(8)], family="g")
-    parents = parents_of({"base": _manifest(base), **{n: _manifest(c) for n, c in ft.items()},
-                          "other": other})  # fmt: skip
+    parents = parents_of(
+        {"base": _manifest(base), **{n: _manifest(c) for n, c in ft.items()}, "other": other}
+    )
     assert parents == {"base": None, "ft0": "base", "ft1": "base", "ft2": "base", "other": None}
     # two models only: the one imported first, then the name that sorts first, is the parent
     two = {"b": _manifest(base, "2026-01-02"), "a": _manifest(ft["ft0"], "2026-01-01")}

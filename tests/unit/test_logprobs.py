@@ -50,7 +50,7 @@ def test_prompt_and_token_logprobs_match_hf(engine) -> None:
             max_total_len=16,
             top_logprobs=k,
             targets=tuple(prompt[1:]),
-        )  # fmt: skip
+        )
     )
     w.submit(WorkItem("plain", 1, keys, 0, tokens=torch.tensor(other), max_total_len=16))
     results = {r.request_id: r for r in w.step()}
@@ -63,8 +63,9 @@ def test_prompt_and_token_logprobs_match_hf(engine) -> None:
     for i, alts in enumerate(got.prompt_top):
         top = torch.topk(ref[i], k)
         assert [t for t, _ in alts] == top.indices.tolist()
-        torch.testing.assert_close(torch.tensor([lp for _, lp in alts]), top.values, atol=1e-4,
-                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor([lp for _, lp in alts]), top.values, atol=1e-4, rtol=0
+        )
     # the sampled (greedy) token: its logprob and alternatives from the last position
     assert got.token_id == int(ref[-1].argmax())
     assert got.logprob == pytest.approx(float(ref[-1].max()), abs=1e-4)
@@ -80,8 +81,16 @@ def test_sampled_token_logprob_is_the_models(engine) -> None:
     w, keys, ckpt = engine
     prompt = [11, 12, 13]
     sampling = SamplingParams(temperature=1.5, seed=3)
-    item = WorkItem("s", 1, keys, 0, tokens=torch.tensor(prompt), max_total_len=8,
-                    sampling=sampling, top_logprobs=2)  # fmt: skip
+    item = WorkItem(
+        "s",
+        1,
+        keys,
+        0,
+        tokens=torch.tensor(prompt),
+        max_total_len=8,
+        sampling=sampling,
+        top_logprobs=2,
+    )
     w.submit(item)
     (r,) = w.step()
     ref = _hf_logprobs(ckpt, prompt)[-1]
