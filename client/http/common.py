@@ -128,10 +128,6 @@ async def unless_disconnected(request: Any, work: Awaitable[T]) -> T | None:
     return task.result()
 
 
-def broker_errors(model: str) -> Callable[[BlockLLMError], ApiError]:
-    return lambda e: from_broker(e, model)
-
-
 async def first_event(request: Any, body: AsyncIterator[bytes], model: str) -> bytes | None:
     """The first SSE event of a stream, before any header is sent, so that an error before
     the first token still gets its HTTP status. None: the client went away meanwhile."""
