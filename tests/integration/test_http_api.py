@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,7 @@ import torch
 from blockllm.client.http.apikeys import add_api_key
 from blockllm.client.http.config import HttpConfig
 from tests.integration.cluster import cluster, hf_greedy, make_zoo, perturbed_copy
+from tests.integration.test_serve_cli import BLOCKLLM, read_line
 
 openai = pytest.importorskip("openai")
 
@@ -337,3 +340,25 @@ def test_health_and_metrics(served) -> None:
         text = r.read().decode()
     assert 'blockllm_http_requests_total{endpoint="completions",model="base",status="200"}' in text
     assert "blockllm_http_time_to_first_token_seconds_bucket" in text
+
+
+def test_http_command_warns_when_open_off_loopback(served) -> None:
+    """127.0.0.2 is a loopback address the check does not know: it stands for any interface
+    without ever leaving this machine."""
+    c = served[0]
+    cmd = [*BLOCKLLM, "http", "--broker", c.endpoint, "--bind", "127.0.0.2:0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line(proc, 120)
+        assert line.startswith("blockllm: OpenAI-compatible API at http://127.0.0.2:"), line
+        url = line.split()[4]
+        with urllib.request.urlopen(url + "/models", timeout=10) as r:
+            assert {m["id"] for m in json.loads(r.read())["data"]} == {"base", "ft"}
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "without --api-keys" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
