@@ -35,13 +35,13 @@ from blockllm.client.cli_common import (
     parse_model_values,
     zoo_option,
 )
-from blockllm.client.http.cli import HOST_PORT, api_keys_option, http_config
 from blockllm.client.cli_planner import (
     SPAWN_FIELDS,
     planner_config,
     planner_options,
     spawn_options,
 )
+from blockllm.client.http.cli import HOST_PORT, api_keys_option, http_config
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 logger = logging.getLogger(__name__)
