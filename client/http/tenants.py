@@ -14,6 +14,7 @@ the one-off tokenizer loads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import shutil
@@ -43,8 +44,11 @@ class Tenants:
         self._tokenizers: dict[str, asyncio.Future[Any]] = {}  # tokenizer id -> its load
         self._dir = Path(tempfile.mkdtemp(prefix="blockllm-http-"))
         self._parents: dict[str, str | None] | None = None
+        self._warming: set[asyncio.Future[None]] = set()
 
     def close(self) -> None:
+        for task in [*self._warming, *self._tokenizers.values()]:
+            task.cancel()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- status ------------------------------------------------------------------------------
@@ -61,9 +65,21 @@ class Tenants:
         self.status, self.status_at = body, time.monotonic()
 
     async def run(self) -> None:
+        """The status task; it also loads each new model's tokenizer ahead of its first
+        request (a load takes a fetch and a second or so)."""
+        warmed: set[str] = set()
         while True:
             await self.refresh()
+            for model in set(self.models()) - warmed:
+                warmed.add(model)
+                task = asyncio.ensure_future(self._warm(model))
+                self._warming.add(task)
+                task.add_done_callback(self._warming.discard)
             await asyncio.sleep(self.interval)
+
+    async def _warm(self, model: str) -> None:
+        with contextlib.suppress(Exception):  # a model without one, or a failed fetch: later
+            await self.tokenizer(model)
 
     @property
     def reachable(self) -> bool:
