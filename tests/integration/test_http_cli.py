@@ -110,3 +110,46 @@ def test_keys_api_add_prints_once_and_stores_the_hash(tmp_path: Path) -> None:
         timeout=60,
     )
     assert again.returncode == 1 and "exists already" in again.stderr
+
+
+def test_503_for_an_uncovered_model_and_an_unreachable_broker(
+    tiny_checkpoint, tmp_path: Path
+) -> None:
+    """/health is 200 only when the broker answers and every model is covered; a request for
+    a model no worker serves, or any request once the broker is gone, is a 503."""
+    import os
+    import time
+    import urllib.error
+
+    import openai
+
+    from blockllm.client.http.config import HttpConfig
+    from tests.integration.cluster import cluster
+
+    zoo = make_zoo(tmp_path / "zoo", {"m": tiny_checkpoint("llama"),
+                                      "other": tiny_checkpoint("llama", seed=1)})  # fmt: skip
+    with cluster(zoo, {"w": ["m:0-6"]}, ["m"]) as c:
+        url = c.launcher.start_http(HttpConfig(broker=c.endpoint, port=0), 60)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30)
+        health = url.removesuffix("/v1") + "/health"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(health, timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["uncovered"] == ["other"]
+        assert client.completions.create(model="m", prompt=[5, 6], max_tokens=2).choices
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="other", prompt=[5, 6], max_tokens=2)
+        assert err.value.status_code == 503
+        assert c.launcher.broker is not None and c.launcher.broker.pid is not None
+        os.kill(c.launcher.broker.pid, 9)
+        deadline = time.monotonic() + 30
+        while True:  # the status task notices within a few intervals
+            try:
+                urllib.request.urlopen(health, timeout=10)
+            except urllib.error.HTTPError as gone:
+                if json.loads(gone.read()).get("broker") is False:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)  # polling /health with a deadline
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="m", prompt=[5, 6], max_tokens=2)
+        assert err.value.status_code == 503 and "unreachable" in err.value.message
