@@ -21,7 +21,7 @@ from blockllm.client.http.common import (
     sse_stream,
     unless_disconnected,
 )
-from blockllm.client.http.errors import ApiError, from_broker
+from blockllm.client.http.errors import ApiError, bad_request, from_broker
 from blockllm.client.http.schemas import CompletionRequest
 
 
@@ -50,8 +50,13 @@ class Plan:
         return sum(len(ids) for ids in self.prompt_ids)
 
 
+MAX_CHOICES = 128  # prompts x n of one request (each is a GENERATE at the broker)
+
+
 async def plan(call: Call, req: CompletionRequest) -> Plan:
     prompts = req.prompts()
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise bad_request(f"at most {MAX_CHOICES} prompts x n per request", "prompt")
     texts_given = any(isinstance(p, str) for p in prompts)
     tok = None
     try:

@@ -54,7 +54,8 @@ def test_serve_http_ready_line_only_once_http_answers(zoo: Path, tmp_path: Path)
         status, body = get(url + "/models")
         assert status == 200 and [m["id"] for m in body["data"]] == ["m"]
         assert get(url.removesuffix("/v1") + "/health")[0] == 200
-        assert read_line(proc, 30).startswith("blockllm: serving m at tcp://127.0.0.1:")
+        assert proc.stdout is not None  # printed with the first line: already buffered here
+        assert proc.stdout.readline().startswith("blockllm: serving m at tcp://127.0.0.1:")
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
