@@ -372,7 +372,7 @@ class Broker:
             )  # speculation: flow.py
         if msg.tensors or not 0 <= msg.token_id < req.spec.vocab_size:
             return self._misbehaved(req, peer, now, f"bad final RESULT (token {msg.token_id})")
-        return self.flow.on_token(req, msg.token_id, now)
+        return self.flow.on_token(req, msg.token_id, now, msg)
 
     def _misbehaved(self, req: RequestState, peer: bytes, now: float, why: str) -> list[Out]:
         self.state.counters["bad_messages"] += 1
@@ -462,6 +462,8 @@ class Broker:
             deadline=now + timeout,
             created=now,
             generated=list(msg.resume_ids),
+            top_logprobs=msg.top_logprobs,
+            prompt_logprobs=msg.prompt_logprobs,
         )
         if spec.tokenizer is not None:
             req.detok = IncrementalDetokenizer(spec.tokenizer)

@@ -53,6 +53,7 @@ _STAGE_RE = re.compile(r"^(\S+):(\d+)-(\d+)$")
 _ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$")
 WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
 
 
@@ -188,6 +189,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "worker": _WORKER_KEYS,
     "workers": {},  # [workers.<name>] tables, each with the keys of [worker]
     "security": {"keys": _PATH},
+    # the OpenAI-compatible HTTP API (`blockllm http`, `blockllm serve --http`)
+    "http": {
+        "bind": _matching(_HOST_PORT_RE, 'HOST:PORT like "127.0.0.1:8000"'),
+        "api_keys": _PATH,
+        "default_max_tokens": _int(1),
+        "request_timeout_s": _positive_float,
+    },
     "metrics": {"host": _str, "broker_port": _port, "planner_port": _port},
 }
 
@@ -264,6 +272,10 @@ class ClusterConfig:
     def worker_names(self) -> list[str]:
         """The names of the [workers.<name>] sections, in file order."""
         return list(self.sections.get("workers", {}))
+
+    def http(self) -> dict[str, Any]:
+        """Values for `blockllm http`: [http] + broker (address) + keys."""
+        return self._with_address({**self._section("http"), **self._common()})
 
     def client(self) -> dict[str, Any]:
         """Values for `blockllm generate|status`: broker (address) + keys."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from blockllm.broker.migrate import Migration
@@ -16,6 +17,7 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Release,
+    Result,
     Speculate,
     TensorMeta,
     Token,
@@ -26,6 +28,21 @@ from blockllm.broker.routing import Hop, WorkerView, find_route
 from blockllm.broker.state import BrokerState, Out
 
 logger = logging.getLogger(__name__)
+
+
+def with_logprobs(token: Token, req: RequestState, res: Result) -> Token:
+    """`token` with the logprobs its RESULT carries (the prompt's once, in the first TOKEN)."""
+    prompt: dict[str, Any] = {}
+    if req.prompt_logprobs:
+        req.prompt_logprobs = False
+        prompt = {
+            "prompt_logprobs": res.prompt_logprobs,
+            "prompt_top_ids": res.prompt_top_ids,
+            "prompt_top_logprobs": res.prompt_top_logprobs,
+        }
+    return replace(
+        token, logprob=res.logprob, top_ids=res.top_ids, top_logprobs=res.top_logprobs, **prompt
+    )
 
 
 class RequestFlow:
@@ -136,17 +153,20 @@ class RequestFlow:
         wire: str | None = None,
         past_len: int | None = None,
     ) -> Forward:
+        past_len = req.past_len if past_len is None else past_len
         return Forward(
             request_id=req.wire_id if wire is None else wire,
             step=req.step,
             stage_keys=hop.stage_keys,
-            past_len=req.past_len if past_len is None else past_len,
+            past_len=past_len,
             max_total_len=req.max_total_len,
             temperature=req.temperature,
             top_k=req.top_k,
             top_p=req.top_p,
             seed=req.seed,
             tensors=tensors,
+            top_logprobs=req.top_logprobs,
+            targets=req.targets(hop, past_len),
         )
 
     def speculative(
@@ -177,6 +197,7 @@ class RequestFlow:
             req.top_p,
             req.seed,
             tensors,
+            req.top_logprobs,
         )
         return [Out(nxt.worker, msg, tuple(frames))]
 
@@ -192,8 +213,11 @@ class RequestFlow:
         return Out(hop.worker, self.forward(req, hop, (meta,)), (frame,))
 
     # -- tokens and the end of a request -----------------------------------------------------
-    def on_token(self, req: RequestState, token_id: int, now: float) -> list[Out]:
-        """The last hop sampled `token_id`: stream it, then finish or start the next step."""
+    def on_token(
+        self, req: RequestState, token_id: int, now: float, res: Result | None = None
+    ) -> list[Out]:
+        """The last hop sampled `token_id` (RESULT `res`): stream it, then finish or start the
+        next step."""
         lost_race = self.drop_shadow(req)  # this step is done: a hedged attempt lost
         req.generated.append(token_id)
         req.prefill = False
@@ -211,6 +235,8 @@ class RequestFlow:
         token = Token(
             req.client_rid, len(req.generated) - 1, token_id, text, finish, len(req.prompt)
         )
+        if res is not None:
+            token = with_logprobs(token, req, res)
         out = [Out(req.client, token), *lost_race]
         if finish is None:
             if self.should_move(req, now):

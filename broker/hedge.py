@@ -107,7 +107,7 @@ class Hedging:
             return self.flow.drop_shadow(req)
         self.state.counters["hedges_won"] += 1
         logger.info("[hedge] request %s step %d: the re-sent attempt won", req.client_rid, req.step)
-        return self.promote(req) + self.flow.on_token(req, msg.token_id, now)
+        return self.promote(req) + self.flow.on_token(req, msg.token_id, now, msg)
 
     def on_error(self, req: RequestState, msg: Error) -> list[Out]:
         logger.info("[hedge] request %s: re-sent attempt failed (%s)", req.client_rid, msg.code)

@@ -22,6 +22,10 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 30
 MAX_FRAMES = 16
+# Log-probability alternatives one position may ask for (Generate.top_logprobs); with the
+# prompt's log-probabilities at most MAX_PROMPT_TOP (they bound the first TOKEN's header)
+MAX_TOP_LOGPROBS = 20
+MAX_PROMPT_TOP = 5
 
 
 class Kind(bytes, enum.Enum):
@@ -182,6 +186,10 @@ class Forward:
     top_p: float = 1.0
     seed: int = 0
     tensors: tuple[TensorMeta, ...] = ()
+    # head stage only: top-k alternatives of the sampled token (0: none), and the prompt's
+    # tokens 1..T-1 whose log-probabilities to return (a prefill; worker/logprobs.py)
+    top_logprobs: int = 0
+    targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +202,14 @@ class Result:
     token_id: int = -1
     logprob: float = 0.0
     tensors: tuple[TensorMeta, ...] = ()
+    # asked for by Forward.top_logprobs / targets: the sampled token's alternatives (ids and
+    # logprobs, most likely first), the targets' logprobs, and per target position its
+    # top_logprobs alternatives, flattened (len(prompt_logprobs) * top_logprobs each)
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    prompt_logprobs: tuple[float, ...] = ()
+    prompt_top_ids: tuple[int, ...] = ()
+    prompt_top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +269,11 @@ class Generate:
     seed: int = 0
     timeout_s: float = 0.0
     resume_ids: tuple[int, ...] = ()
+    # log-probabilities (the model's own, before temperature/filtering): every TOKEN carries
+    # its logprob; `top_logprobs` alternatives per position (0..20); `prompt_logprobs`: the
+    # first TOKEN also carries the prompt's (positions 1..T-1; then top_logprobs <= 5)
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +303,14 @@ class Token:
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    # see Generate.top_logprobs / prompt_logprobs (the prompt's only in the first TOKEN); the
+    # alternatives are flattened as in Result
+    logprob: float = 0.0
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    prompt_logprobs: tuple[float, ...] = ()
+    prompt_top_ids: tuple[int, ...] = ()
+    prompt_top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +512,7 @@ class Speculate:
     top_p: float = 1.0
     seed: int = 0
     tensors: tuple[TensorMeta, ...] = ()
+    top_logprobs: int = 0  # as Forward.top_logprobs (a kept run answers the real FORWARD)
 
 
 Message = (

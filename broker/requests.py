@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec
-from blockllm.broker.protocol import ErrorCode, Generate, TensorMeta
+from blockllm.broker.protocol import (
+    MAX_PROMPT_TOP,
+    MAX_TOP_LOGPROBS,
+    ErrorCode,
+    Generate,
+    TensorMeta,
+)
 from blockllm.broker.routing import Hop
 from blockllm.broker.text import IncrementalDetokenizer
 
@@ -86,6 +92,14 @@ class RequestState:
     attempts: int = 0  # attempts made so far
     hop_sent_at: float = 0.0  # when the current hop's FORWARD left
     shadow: Shadow | None = None
+    top_logprobs: int = 0  # alternatives per position (Generate.top_logprobs)
+    prompt_logprobs: bool = False  # the first TOKEN carries the prompt's logprobs; then False
+
+    def targets(self, hop: Hop, past_len: int) -> tuple[int, ...]:
+        """What a FORWARD of a prefill to the head's hop asks for the prompt's logprobs."""
+        if not self.prompt_logprobs or past_len != 0 or hop.spans[-1][1] != self.spec.chain_len:
+            return ()
+        return self.prompt[1:]
 
     @property
     def wire_id(self) -> str:
@@ -132,6 +146,10 @@ def _check_sampling(msg: Generate) -> None:
         raise bad("seed must fit in 64 bits")
     if not math.isfinite(msg.timeout_s) or msg.timeout_s < 0:
         raise bad(f"timeout_s must be >= 0 (0: the broker's default), got {msg.timeout_s}")
+    most = MAX_PROMPT_TOP if msg.prompt_logprobs else MAX_TOP_LOGPROBS
+    if not 0 <= msg.top_logprobs <= most:
+        what = " with prompt_logprobs" if msg.prompt_logprobs else ""
+        raise bad(f"top_logprobs{what} must be in [0, {most}], got {msg.top_logprobs}")
 
 
 def prompt_ids(msg: Generate, spec: ModelSpec, cfg: BrokerConfig) -> tuple[int, ...]:

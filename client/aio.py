@@ -30,7 +30,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
+from blockllm.broker.protocol import Blob, Cancel, Fetch, Generate, StatusRequest, Token
 from blockllm.client.demux import (
     CONNECTION_LOST,
     MONITOR_EVENTS,
@@ -176,7 +176,9 @@ class AsyncClient:
         self._finalizer.detach()
 
     # ---- requests ------------------------------------------------------------------------
-    async def _submit(self, msg: Generate | StatusRequest, maxsize: int) -> asyncio.Queue[Any]:
+    async def _submit(
+        self, msg: Generate | StatusRequest | Fetch, maxsize: int
+    ) -> asyncio.Queue[Any]:
         self._ensure_tasks()
         q: asyncio.Queue[Any] = asyncio.Queue(maxsize)
         self.demux.add(msg, q.put_nowait)
@@ -189,6 +191,11 @@ class AsyncClient:
         self, q: asyncio.Queue[Any], t0: float, timeout: float | None, grace: bool
     ) -> Any:
         """As Client._next: the next item, Timeout, or BrokerUnavailable."""
+        if not q.empty():  # fast path (a stream's tokens often wait already): no future
+            wait_budget(self.demux, t0, timeout, grace, self.connect_timeout)
+            item = q.get_nowait()
+            if item is not CONNECTION_LOST:
+                return item
         getter = asyncio.ensure_future(q.get())  # kept across slices: no item is lost
         try:
             while True:
@@ -214,6 +221,34 @@ class AsyncClient:
         if err is not None:
             raise err
         return dict(item.body)
+
+    async def fetch(self, what: str, name: str, timeout: float | None = 30.0) -> bytes:
+        """A whole object of the broker's zoo (`what`: "manifest" (name: a model) or
+        "tokenizer" (name: "<tokenizer id>/<file>"), see broker/fetch.py), chunk by chunk.
+        Raises UnknownModel / BadRequest (no such object), Timeout, BrokerUnavailable."""
+        data = bytearray()
+        total: int | None = None
+        while total is None or len(data) < total:
+            msg = Fetch(new_request_id(), what, name, len(data))
+            q = await self._submit(msg, 2)
+            try:
+                item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
+            except BlockLLMError:
+                self.demux.remove(msg.request_id)
+                raise
+            err = reply_error(item)
+            if err is not None:
+                raise err
+            blob, chunk = item
+            if (
+                not isinstance(blob, Blob)
+                or blob.offset != len(data)
+                or (not chunk and len(data) < blob.total)
+            ):
+                raise ConnectionFailed(f"bad answer to FETCH {what} {name} from {self.addr}")
+            data += chunk
+            total = blob.total
+        return bytes(data)
 
     async def wait_ready(
         self, models: Sequence[str] | None = None, timeout: float = 60.0
@@ -259,6 +294,21 @@ class AsyncClient:
                 yield to_event(tok)
         finally:  # leaving early closes (cancels) the request now, not at garbage collection
             await tokens.aclose()
+
+    def tokens(
+        self,
+        model: str,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        *,
+        params: GenerateParams | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[Token]:
+        """As `stream`, but the raw TOKEN messages (broker/protocol.py): the prompt's
+        log-probabilities (GenerateParams.prompt_logprobs) in the first, the alternatives
+        flattened; `index` counts from 0 across resumes. What the HTTP front end reads."""
+        msg, timeout = self._message(model, prompt, input_ids, GenerateParams.of(params, fields))
+        return self._tokens(msg, timeout)
 
     async def _tokens(self, msg: Generate, timeout: float | None) -> AsyncIterator[Token]:
         t0 = time.monotonic()

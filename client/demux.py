@@ -17,7 +17,16 @@ from typing import Any
 import zmq
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Error, Generate, ProtocolError, Status, StatusRequest, Token
+from blockllm.broker.protocol import (
+    Blob,
+    Error,
+    Fetch,
+    Generate,
+    ProtocolError,
+    Status,
+    StatusRequest,
+    Token,
+)
 from blockllm.broker.sockets import CurveKeys, make_socket
 from blockllm.client.errors import (
     BlockLLMError,
@@ -99,7 +108,7 @@ Sink = Callable[[Any], None]  # non-blocking put of Token | Error | Status | Blo
 @dataclass(slots=True)
 class _Pending:
     sink: Sink
-    msg: Generate | StatusRequest  # as last sent: its request_id is the id on the wire now
+    msg: Generate | StatusRequest | Fetch  # as last sent: its request_id is the id on the wire now
     epoch: int | None  # the connection it went out on; None: not connected when sent
     lost: bool = False  # its connection dropped: re-send (resume) on the next one
     received: list[int] = field(default_factory=list)  # token ids delivered so far
@@ -128,7 +137,7 @@ class Demux:
     dropped: int = 0
     resumed: int = 0
 
-    def add(self, msg: Generate | StatusRequest, sink: Sink) -> None:
+    def add(self, msg: Generate | StatusRequest | Fetch, sink: Sink) -> None:
         epoch = self.epoch if self.connected else None
         self.pending[msg.request_id] = _Pending(sink, msg, epoch)
         self.wire[msg.request_id] = msg.request_id
@@ -151,6 +160,10 @@ class Demux:
             return
         if isinstance(msg, Token):
             self._deliver(msg.request_id, msg, terminal=msg.finish_reason is not None)
+        elif isinstance(msg, Blob):  # a chunk of a zoo object (AsyncClient.fetch)
+            self._deliver(
+                msg.request_id, (msg, bytes(raw[2]) if len(raw) == 3 else b""), terminal=True
+            )
         elif isinstance(msg, (Error, Status)):
             if isinstance(msg, Error) and not msg.request_id:
                 logger.warning("[error] broker %s: %s %s", self.addr, msg.code, msg.message)
@@ -182,12 +195,12 @@ class Demux:
             self.dropped += 1
             logger.warning("[drop] reply queue full for request %s", p.msg.request_id)
 
-    def on_connected(self) -> list[Generate | StatusRequest]:
+    def on_connected(self) -> list[Generate | StatusRequest | Fetch]:
         """A new connection: the messages to send again on it (requests lost with the last)."""
         self.epoch += 1
         self.connected = True
         self.handshake_error = None
-        resend: list[Generate | StatusRequest] = []
+        resend: list[Generate | StatusRequest | Fetch] = []
         for key, p in self.pending.items():
             if p.lost:
                 self.wire.pop(p.msg.request_id, None)
@@ -234,7 +247,9 @@ class Demux:
         return wire_ids
 
 
-def _resumed(msg: Generate | StatusRequest, received: list[int]) -> Generate | StatusRequest:
+def _resumed(
+    msg: Generate | StatusRequest | Fetch, received: list[int]
+) -> Generate | StatusRequest | Fetch:
     if isinstance(msg, Generate):
         return replace(msg, request_id=new_request_id(), resume_ids=tuple(received))
     return replace(msg, request_id=new_request_id())

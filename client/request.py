@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockllm.broker.protocol import Generate, Token
+from blockllm.broker.protocol import MAX_PROMPT_TOP, MAX_TOP_LOGPROBS, Generate, Token
 from blockllm.client.errors import BadRequest
 
 
@@ -22,7 +22,13 @@ from blockllm.client.errors import BadRequest
 class GenerateParams:
     """Sampling and limits of one generation. temperature 0 is greedy; top_k 0 and top_p 1
     disable those filters; `seed` makes sampling reproducible; `timeout` (seconds, None: the
-    client's default) bounds the whole request."""
+    client's default) bounds the whole request.
+
+    Log-probabilities (the model's own, before temperature and filtering): every token carries
+    its `logprob`; `top_logprobs` (0..20) adds that many most likely alternatives per position;
+    `prompt_logprobs` makes the first token also carry the prompt's (positions 1..T-1, then
+    `top_logprobs` <= 5): `TokenEvent` carries a token's, the raw TOKEN messages of
+    `AsyncClient.tokens` also the prompt's."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -30,6 +36,8 @@ class GenerateParams:
     top_p: float = 1.0
     seed: int = 0
     timeout: float | None = None
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     @classmethod
     def of(cls, params: GenerateParams | None, fields: Mapping[str, Any]) -> GenerateParams:
@@ -52,22 +60,39 @@ class GenerateParams:
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (isinstance(self.seed, int), "seed must be an int"),
             (self.timeout is None or self.timeout > 0, "timeout must be > 0 seconds (or None)"),
+            (isinstance(self.prompt_logprobs, bool), "prompt_logprobs must be a bool"),
+            (
+                _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= self._most_top(),
+                f"top_logprobs{' with prompt_logprobs' if self.prompt_logprobs else ''} must "
+                f"be an int in [0, {self._most_top()}]",
+            ),
         )
         for ok, what in checks:
             if not ok:
                 raise BadRequest(what)
         return self
 
+    def _most_top(self) -> int:
+        return MAX_PROMPT_TOP if self.prompt_logprobs else MAX_TOP_LOGPROBS
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     """One generated token: `text` is the new text it completes ("" while a multi-byte
-    character is pending); `finish_reason` is None until the last event ("stop"/"length")."""
+    character is pending); `finish_reason` is None until the last event ("stop"/"length");
+    `logprob` is the model's log-probability of the token, `top_logprobs` the
+    GenerateParams.top_logprobs most likely (token id, logprob) there, most likely first."""
 
     token_id: int
     text: str
     index: int
     finish_reason: str | None = None
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +139,14 @@ def build_generate(
         top_p=float(p.top_p),
         seed=p.seed,
         timeout_s=float(p.timeout or 0.0),
+        top_logprobs=p.top_logprobs,
+        prompt_logprobs=p.prompt_logprobs,
     )
 
 
 def to_event(t: Token) -> TokenEvent:
-    return TokenEvent(t.token_id, t.text, t.index, t.finish_reason)
+    top = tuple(zip(t.top_ids, t.top_logprobs, strict=True)) if t.top_ids else ()
+    return TokenEvent(t.token_id, t.text, t.index, t.finish_reason, t.logprob, top)
 
 
 @dataclass

@@ -96,6 +96,10 @@ class WorkItem:
     hidden: torch.Tensor | None = None
     max_total_len: int = 0
     sampling: SamplingParams | None = None
+    # head stage only: top-k alternatives of the sampled token (0: none), and the prompt's
+    # tokens 1..T-1 whose log-probabilities at positions 0..T-2 to return (worker/logprobs.py)
+    top_logprobs: int = 0
+    targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,11 @@ class WorkResult:
     logprob: float | None = None
     error: ErrorCode | None = None
     message: str = ""
+    # with WorkItem.top_logprobs / targets: (token id, logprob) alternatives of the sampled
+    # token, the targets' logprobs, and each target position's alternatives
+    top: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: tuple[float, ...] = ()
+    prompt_top: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 def check_span(chain_len: int, start: int, end: int) -> None:

@@ -90,7 +90,9 @@ FetchAnswer = tuple[Message, list[torch.Tensor]] | None
 
 def work_item(msg: Forward | Speculate, x: torch.Tensor) -> WorkItem:
     """The engine item of a FORWARD or SPECULATE whose input tensor `x` is on the device:
-    token ids (int64) enter the embedding, anything else is hidden states."""
+    token ids (int64) enter the embedding, anything else is hidden states. Both carry
+    `top_logprobs` (a kept speculative run answers the real FORWARD with its alternatives);
+    only a FORWARD carries prompt `targets` (a prefill is never speculated)."""
     is_ids = x.dtype == torch.int64
     return WorkItem(
         request_id=msg.request_id,
@@ -101,6 +103,8 @@ def work_item(msg: Forward | Speculate, x: torch.Tensor) -> WorkItem:
         hidden=None if is_ids else x,
         max_total_len=msg.max_total_len,
         sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
+        top_logprobs=msg.top_logprobs,
+        targets=tuple(msg.targets) if isinstance(msg, Forward) else (),
     )
 
 
@@ -113,7 +117,19 @@ def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
         return Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step), ()
     if r.token_id is not None:
         logprob = float(r.logprob) if r.logprob is not None else 0.0
-        return Result(r.request_id, r.step, int(r.token_id), logprob), ()
+        flat = [alt for row in r.prompt_top for alt in row]
+        res = Result(
+            r.request_id,
+            r.step,
+            int(r.token_id),
+            logprob,
+            top_ids=tuple(t for t, _ in r.top),
+            top_logprobs=tuple(lp for _, lp in r.top),
+            prompt_logprobs=tuple(r.prompt_logprobs),
+            prompt_top_ids=tuple(t for t, _ in flat),
+            prompt_top_logprobs=tuple(lp for _, lp in flat),
+        )
+        return res, ()
     hidden = r.hidden.detach()
     if hidden.device.type != "cpu":
         hidden = hidden.to("cpu")

@@ -38,6 +38,7 @@ from blockllm.worker.items import (
     check_span,
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
+from blockllm.worker.logprobs import check_logprobs, prompt_logprobs, top_alternatives
 from blockllm.worker.sampling import GREEDY, sample
 from blockllm.zoo.chain import stage_blocks, stage_key
 
@@ -269,6 +270,7 @@ class Worker:
         sampling = GREEDY
         if last.info.has_head:
             sampling = (item.sampling or GREEDY).validate()
+            check_logprobs(item, n, last.model.family.config.vocab_size)
         if item.request_id in self._queued:
             raise BadRequest(f"request {item.request_id!r} already has an item queued")
         entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling)
@@ -464,14 +466,33 @@ class Worker:
         t0 = time.perf_counter()
         h = self._forward(st, entries)
         if st.info.has_head:
-            # only each request's last position goes through the head
+            # only each request's last position goes through the head (and, for an item that
+            # asks for its prompt's logprobs, the positions before it: worker/logprobs.py)
             last = torch.tensor([e.n for e in entries], device=h.device).cumsum(0) - 1
             logits = st.model.logits(h[last])  # [B, D] -> [B, V]
             positions = [e.item.past_len + e.n for e in entries]
             tokens, logprobs = sample(logits, [e.sampling for e in entries], positions)
+            tops = top_alternatives(logits, [e.item.top_logprobs for e in entries])
+            for i, (e, tok, lp) in enumerate(zip(entries, tokens, logprobs, strict=True)):
+                lps, alts = (), ()
+                if e.item.targets:  # this item's rows of h: [last - n + 1, last]
+                    rows = h[int(last[i]) - e.n + 1 : int(last[i])]  # [n - 1, D]
+                    k = e.item.top_logprobs
+                    lps, alts = prompt_logprobs(st.model.logits, rows, e.item.targets, k)
+                item = e.item
+                results.append(
+                    WorkResult(
+                        item.request_id,
+                        item.step,
+                        None,
+                        tok,
+                        lp,
+                        top=tops[i],
+                        prompt_logprobs=lps,
+                        prompt_top=alts,
+                    )
+                )
             st.busy_s += time.perf_counter() - t0
-            for e, tok, lp in zip(entries, tokens, logprobs, strict=True):
-                results.append(WorkResult(e.item.request_id, e.item.step, None, tok, lp))
             return
         st.busy_s += time.perf_counter() - t0
         # h: [N, D] -> one [T_i, D] view per entry, in batch order

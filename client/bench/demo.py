@@ -98,11 +98,13 @@ def prompt_ids(family: Family, question: str) -> list[int]:
 
 
 @contextmanager
-def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Phase 4: broker + workers over the demo zoo; yields (endpoint, STATUS body) and stops
-    every child on exit (LaunchError if they do not come up)."""
+def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """Phase 4: broker + workers over the demo zoo, and the OpenAI-compatible HTTP API in front
+    (127.0.0.1, a free port); yields (endpoint, STATUS body, HTTP base URL) and stops every
+    child on exit (LaunchError if they do not come up)."""
     from blockllm.client.bench.systems import ClusterSpec, start_cluster
     from blockllm.client.client import Client
+    from blockllm.client.http.config import HttpConfig
     from blockllm.client.launcher import Launcher
 
     spec = ClusterSpec(
@@ -118,7 +120,8 @@ def local_cluster(family: Family, cfg: DemoConfig) -> Iterator[tuple[str, dict[s
         endpoint = start_cluster(launcher, spec)
         with Client(endpoint, timeout=60) as client:
             status = client.status()
-        yield endpoint, status
+        http = launcher.start_http(HttpConfig(broker=endpoint, port=0), cfg.ready_timeout_s)
+        yield endpoint, status, http
 
 
 def stream_answers(
@@ -179,3 +182,27 @@ def leftover_children() -> list[int]:
 
     keep = {getattr(resource_tracker._resource_tracker, "_pid", None)}
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+
+
+def http_example(
+    url: str, model: str, question: str, chat: bool, max_tokens: int
+) -> tuple[str, str]:
+    """(the curl command line of one request to the HTTP API, the text it answers): a chat
+    request for a model with a chat template, else a completion."""
+    import json
+    import shlex
+    import urllib.request
+
+    if chat:
+        path = "/chat/completions"
+        body = {"model": model, "messages": [{"role": "user", "content": question}]}
+    else:
+        path = "/completions"
+        body = {"model": model, "prompt": question}
+    body.update(max_tokens=max_tokens, temperature=0)
+    data = json.dumps(body)
+    curl = f"curl {url}{path} -H 'Content-Type: application/json' -d {shlex.quote(data)}"
+    req = urllib.request.Request(url + path, data.encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        choice = json.loads(r.read())["choices"][0]
+    return curl, choice["message"]["content"] if chat else choice["text"]

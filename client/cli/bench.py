@@ -285,8 +285,10 @@ def speculative(
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
+    from blockllm.client.http.bench import bench_command
 
     bench.add_command(multitenant)
+    bench.add_command(bench_command())
 
 
 _register()

@@ -212,6 +212,16 @@ def _show_results(answers: Sequence[Any], wall: float) -> None:
     )
 
 
+def _show_http(url: str, model: str, cfg: Any) -> None:
+    """The same cluster through its OpenAI-compatible API: the curl line, and its answer."""
+    from blockllm.client.bench.demo import http_example
+
+    _note(f"the same tenants over the OpenAI-compatible API at {url} (`blockllm serve --http`):")
+    curl, text = http_example(url, model, cfg.question, not cfg.tiny, min(cfg.max_tokens, 32))
+    click.echo(f"  $ {curl}")
+    _note(f"-> {text.strip()[:200]!r}")
+
+
 @click.command()
 @click.option(
     "--tiny",
@@ -275,13 +285,14 @@ def _run(cfg: Any) -> None:
     _show_zoo(family)
     _phase(3, f"starting a local cluster: broker + {cfg.workers} worker processes")
     t = time.monotonic()
-    with local_cluster(family, cfg) as (endpoint, status):
+    with local_cluster(family, cfg) as (endpoint, status, http):
         _note(f"broker at {endpoint}, ready in {time.monotonic() - t:.1f} s")
         _show_cluster(family, status)
         _phase(4, f"streaming one answer from each of the {len(family.names)} tenants")
         answers, wall = _stream(endpoint, family, cfg)
         _phase(5, "latency and throughput")
         _show_results(answers, wall)
+        _show_http(http, family.names[-1], cfg)
         _phase(6, "stopping the cluster")
     left = leftover_children()
     if left:

@@ -104,3 +104,47 @@ def ls(keys_dir: Path, as_json: bool) -> None:
         click.echo(f"{name:<12} {key or '-'}")
     for name, key in admitted.items():
         click.echo(f"authorized   {key}  {name}")
+
+
+@keys.command("api-add")
+@click.argument("name")
+@click.option(
+    "--models",
+    "models_text",
+    required=True,
+    metavar="A,B",
+    help='Models the key may use, comma-separated ("*": every model).',
+)
+@click.option(
+    "--rpm",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Requests per minute the key may make (0: no limit).",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BLOCKLLM_API_KEYS",
+    default="api_keys.toml",
+    show_default=True,
+    help="The API keys file `blockllm http --api-keys FILE` reads (created mode 0600).",
+)
+def api_add(name: str, models_text: str, rpm: int, path: Path) -> None:
+    """Make an API key for the HTTP API: print it once, store only its SHA-256 in FILE.
+
+    A running `blockllm http` reads the file at start: restart it to admit the new key.
+    """
+    from blockllm.client.http.apikeys import ApiKeysError, add_api_key
+
+    models = [m.strip() for m in models_text.split(",") if m.strip()]
+    try:
+        key = add_api_key(path, name, models, rpm)
+    except ApiKeysError as e:
+        raise CliError(str(e)) from None
+    click.echo(key)
+    click.echo(
+        f"(key {name!r} for {', '.join(models)} stored as a hash in {path}; it is shown only now)",
+        err=True,
+    )

@@ -1,7 +1,7 @@
 """`blockllm serve`, `blockllm broker`, `blockllm worker`: start processes (thin click layer).
 
 `serve` runs a whole single-machine cluster in the foreground (broker + N workers placed by
-`broker.placement.static_placement` weighted by compute per token, then the planner, which
+`broker.routing.static_placement` weighted by compute per token, then the planner, which
 refines that placement live); `broker` and `worker` run one process each, as the systemd units
 do. Every command takes `--config FILE`: the cluster TOML
 (`deploy/cluster.example.toml`, read with tomllib); flags given on the command line override it.
@@ -44,6 +44,7 @@ from blockllm.client.cli.planner import (
     planner_options,
     spawn_options,
 )
+from blockllm.client.http.cli import HOST_PORT, api_keys_option, http_config
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 logger = logging.getLogger(__name__)
@@ -403,6 +404,15 @@ def _models(value: str | None) -> tuple[str, ...]:
 @spawn_options(default_max=1)
 @speculate_option
 @keys_option
+@click.option(
+    "--http",
+    "http_bind",
+    type=HOST_PORT,
+    default=None,
+    help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (127.0.0.1:8000; "
+    "see `blockllm http`) [default: off].",
+)
+@api_keys_option
 def serve(**params: Any) -> None:
     """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.
 
@@ -412,7 +422,9 @@ def serve(**params: Any) -> None:
         blockllm: serving MODEL[,MODEL...] at ADDR
 
     ADDR (the last word of that line; or the "broker" field with --json) is what
-    `blockllm generate --broker ADDR` takes. Logs go to stderr. Ctrl-C or SIGTERM stops the
+    `blockllm generate --broker ADDR` takes. With --http, the line
+    `blockllm: OpenAI-compatible API at URL` comes first ("http" with --json), once the
+    HTTP API answers. Logs go to stderr. Ctrl-C or SIGTERM stops the
     workers (they finish in-flight steps), then the broker, and exits 0. A child process
     that dies unexpectedly is reported, everything is stopped and the exit code is 1 (no
     automatic restart: the broker already replays its requests elsewhere while it can, and a
@@ -434,6 +446,12 @@ def serve(**params: Any) -> None:
         file_values.pop("name", None)
         file_values.pop("broker", None)
         file_values.pop("stages", None)  # serve places stages itself
+        http_file = cluster.http()
+        if "bind" in http_file:
+            file_values["http_bind"] = http_file["bind"]
+        for key in ("api_keys", "default_max_tokens", "request_timeout_s"):
+            if key in http_file:
+                file_values["api_keys_file" if key == "api_keys" else key] = http_file[key]
         values = merge_click(ctx, file_values)
     broker_cfg = _broker_config(values)
     worker_cfg = _worker_config(values, stages=(), threads=None)
@@ -447,6 +465,7 @@ def serve(**params: Any) -> None:
         ready_timeout_s=values["ready_timeout"],
         log_level=_log_level(),
         planner=_planner_config(values, worker_cfg.keys_dir),
+        http=_http_config(values),
     )
     try:
         code = run_serve(cfg, lambda s: _announce(s, values["as_json"]))
@@ -462,12 +481,24 @@ def _planner_config(values: dict[str, Any], keys_dir: str | None) -> Any:
     return planner_config(values, keys_dir=keys_dir, log_level=_log_level())
 
 
+def _http_config(values: dict[str, Any]) -> Any:
+    """The HTTP API `serve --http` starts (None without --http); the broker is filled in."""
+    if not values.get("http_bind"):
+        return None
+    http = {**values, "bind": values["http_bind"]}
+    return http_config(http, broker="", log_level=_log_level())
+
+
 def _announce(s: Any, as_json: bool) -> None:
     if as_json:
         workers = [{"name": n, "pid": pid, "stages": list(st)} for n, pid, st in s.workers]
         doc = {"broker": s.endpoint, "models": list(s.models), "workers": workers}
+        if s.http:
+            doc["http"] = s.http
         click.echo(json.dumps(doc))
     else:
+        if s.http:
+            click.echo(f"blockllm: OpenAI-compatible API at {s.http}")
         click.echo(f"blockllm: serving {','.join(s.models)} at {s.endpoint}")
     sys.stdout.flush()
 

@@ -13,7 +13,7 @@ STYLE 7.8, in order:
 4. a monitor thread watches the children's sentinels and reports any that exits unexpectedly;
 5. cleanup is the module-level `stop_processes(procs, timeout)` (terminate -> join until the
    deadline -> kill the process tree with psutil), registered with `weakref.finalize` on the
-   `Launcher`; teardown order is the planner, the workers, then the broker.
+   `Launcher`; teardown order is the HTTP API, the planner, the workers, then the broker.
 Steps 2 and 5 are broker/lifecycle.py's, shared by every process.
 """
 
@@ -47,6 +47,7 @@ SPAWN = multiprocessing.get_context("spawn")
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
 PLANNER_TARGET = "blockllm.broker.planner.proc:run_planner_process"
+HTTP_TARGET = "blockllm.client.http.server:run_http_process"
 
 
 def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: str) -> None:
@@ -118,6 +119,9 @@ class Launcher:
         self._brokers: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
         self._planners: list[BaseProcess] = []
+        self._https: list[BaseProcess] = []
+        self.http: BaseProcess | None = None  # the HTTP API process (start_http)
+        self.http_url: str | None = None
         self._stopping = threading.Event()
         # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
         # threads polling one child can make one of them see None for a dead child.
@@ -125,8 +129,8 @@ class Launcher:
         self._wake = WakePipe()
         self._expected: set[int] = set()  # id() of children whose exit is not a failure
         self._monitor: threading.Thread | None = None
-        # The planner, workers, then the broker: the lists are filled as children start.
-        groups = [self._planners, self._workers, self._brokers]
+        # The HTTP API, the planner, workers, then the broker (filled as children start).
+        groups = [self._https, self._planners, self._workers, self._brokers]
         self._finalizer = weakref.finalize(self, _stop_groups, groups, stop_timeout, self._stopping)
 
     def __enter__(self) -> Launcher:
@@ -187,6 +191,33 @@ class Launcher:
         self._start_monitor()
         return proc
 
+    def start_http(self, cfg: Any, ready_timeout: float = 60.0) -> str:
+        """Start the HTTP API (`cfg`: an HttpConfig whose `broker` is set); return its base URL
+        once it listens and answers GET /health (LaunchError if not)."""
+        from blockllm.client.http.config import answers, url_host
+
+        recv, send = SPAWN.Pipe(duplex=False)
+        proc = self.http = self._spawn("http", HTTP_TARGET, replace(cfg, ready_conn=send))
+        self._https.append(proc)
+        send.close()
+        deadline = time.monotonic() + ready_timeout
+        bound = None
+        try:
+            if recv in multiprocessing.connection.wait([recv, proc.sentinel], ready_timeout):
+                with contextlib.suppress(EOFError):
+                    bound = recv.recv_bytes().decode()
+        finally:
+            recv.close()
+        if bound is None or not answers(bound, deadline):
+            code = self.wait_exit(proc, 2.0)
+            what = f"exited with code {code}" if code is not None else "not answering"
+            raise LaunchError(f"HTTP API {what} on {cfg.host}:{cfg.port}; see its log above")
+        host, _, port = bound.rpartition(":")
+        self.http_url = f"http://{url_host(host)}:{port}/v1"
+        logger.info("[ready] HTTP API at %s", self.http_url)
+        self._start_monitor()
+        return self.http_url
+
     def wait_ready(
         self,
         models: Sequence[str] | None,
@@ -243,7 +274,7 @@ class Launcher:
                 )
 
     def _children(self) -> list[BaseProcess]:
-        return [*self._brokers, *self._workers, *self._planners]
+        return [*self._brokers, *self._workers, *self._planners, *self._https]
 
     # -- monitoring --------------------------------------------------------------------------
     def _start_monitor(self) -> None:
@@ -303,7 +334,8 @@ class Launcher:
             self._monitor.join(timeout=5.0)
         t = self.stop_timeout if timeout is None else timeout
         logger.info("[shutdown] stopping %d workers and the broker", len(self._workers))
-        stop_processes(self._planners, t)  # first: it must not react to the workers leaving
+        stop_processes(self._https, t)  # first: no new requests
+        stop_processes(self._planners, t)  # it must not react to the workers leaving
         stop_processes(self._workers, t)
         stop_processes(self._brokers, t)
         self._finalizer.detach()

@@ -1,5 +1,6 @@
 """`blockllm serve`: a broker, N workers placed by the static placement and the planner on this
-machine, in the foreground, until SIGINT/SIGTERM (or a child's death) stops them all.
+machine (and with --http the OpenAI-compatible HTTP API), in the foreground, until
+SIGINT/SIGTERM (or a child's death) stops them all.
 
 `run_serve(cfg, announce)` plans the workers' stages (`plan_workers`: the static placement,
 weighted by compute per token), starts everything through a `Launcher`, calls `announce` once
@@ -39,6 +40,7 @@ class ServeConfig:
     ready_timeout_s: float = 120.0
     log_level: str = "WARNING"
     planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
+    http: Any = None  # an HttpConfig: the OpenAI-compatible API, started last; None = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Serving:
     endpoint: str
     models: tuple[str, ...]
     workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
+    http: str = ""  # the HTTP API's base URL ("": none)
 
 
 class Interrupted(Exception):
@@ -188,4 +191,7 @@ def _start_cluster(
         (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
         for name, p in launcher.workers.items()
     )
-    return Serving(endpoint, models, workers)
+    http = ""
+    if cfg.http is not None:  # last: its ready line means every model answers over HTTP
+        http = launcher.start_http(replace(cfg.http, broker=endpoint), cfg.ready_timeout_s)
+    return Serving(endpoint, models, workers, http)

@@ -72,4 +72,5 @@ def test_demo_tiny_streams_every_tenant_and_stops_cleanly(tmp_path: Path) -> Non
     for name in ("tiny", "tiny-ft1", "tiny-ft2", "tiny-ft3"):
         assert f"{name} |" in out or f"| {name}" in out  # streamed lines / the side-by-side view
     assert "4 concurrent streams: 32 tokens" in out
+    assert "$ curl http://127.0.0.1:" in out and "/v1/completions" in out  # the HTTP API too
     assert "stopped cleanly" in out

@@ -15,7 +15,12 @@ from blockllm.broker.cluster_config import load_cluster_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = DEPLOY / "systemd"
-SERVICES = ("blockllm-broker.service", "blockllm-planner.service", "blockllm-worker@.service")
+SERVICES = (
+    "blockllm-broker.service",
+    "blockllm-planner.service",
+    "blockllm-worker@.service",
+    "blockllm-http.service",
+)
 INSTALLED_BIN = "/opt/blockllm/venv/bin/blockllm"
 
 systemd_analyze = shutil.which("systemd-analyze")
@@ -107,6 +112,7 @@ def test_security_exposure(tmp_path: Path) -> None:
         "blockllm-broker.service",
         "blockllm-planner.service",
         "blockllm-worker@0.service",
+        "blockllm-http.service",
     ):
         result = subprocess.run(
             [systemd_analyze, "security", "--offline=true", f"./{unit}"],
@@ -228,7 +234,12 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:
     print("no-mdwe"); sys.exit(0)
 import torch
 from blockllm.broker import frames, protocol
-for name in ("blockllm.broker.proc", "blockllm.broker.broker", "blockllm.broker.planner.proc"):
+for name in (
+    "blockllm.broker.proc",
+    "blockllm.broker.broker",
+    "blockllm.broker.planner.proc",
+    "blockllm.client.http.app",
+):
     if importlib.util.find_spec(name) is not None:
         importlib.import_module(name)
 t = torch.arange(6, dtype=torch.bfloat16).view(2, 3)
@@ -243,11 +254,20 @@ print("ok")
 
 
 def test_broker_code_runs_with_write_execute_memory_denied() -> None:
-    """The broker and planner units set MemoryDenyWriteExecute=yes: their imports and the frame
-    codec must work under it (the kernel's PR_SET_MDWE gives the same refusal here)."""
+    """The broker, planner and HTTP units set MemoryDenyWriteExecute=yes: their imports and the
+    frame codec must work under it (the kernel's PR_SET_MDWE gives the same refusal here)."""
     result = subprocess.run(
         [sys.executable, "-c", _MDWE_PROBE], capture_output=True, text=True, timeout=120
     )
     if result.stdout.strip() == "no-mdwe":
         pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_http_section_of_the_example_config() -> None:
+    """[http] of the example config reaches `blockllm http` (bind, api_keys, broker address)."""
+    cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
+    http = cfg.http()
+    assert http["bind"] == "0.0.0.0:8000" and http["api_keys"].endswith("api_keys.toml")
+    assert http["broker"] == cfg.broker_address() and http["keys"]
+    assert "[http]" in (DEPLOY / "README.md").read_text()

@@ -1,5 +1,5 @@
-"""A text-in/text-out client, the CLI's help and the broker's envelope path never import torch
-(checked in a fresh interpreter through `sys.modules`)."""
+"""A text-in/text-out client, the CLI's help and the broker's envelope path never import torch,
+nor the HTTP server's stack (checked in a fresh interpreter through `sys.modules`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 PROBE = r"""
 import sys
 {body}
-heavy = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
+heavy = ("torch", "transformers", "safetensors", "fastapi", "starlette", "uvicorn")
+heavy = sorted(m for m in heavy if m in sys.modules)
 print(",".join(heavy) or "light")
 """
 
@@ -22,15 +23,19 @@ def _probe(body: str) -> str:
 
 
 def test_importing_the_client_does_not_import_torch() -> None:
-    assert (
-        _probe("import blockllm.client\nfrom blockllm.client import AsyncClient, Client") == "light"
-    )
+    body = """
+import blockllm.client, blockllm.client.http
+from blockllm.client import AsyncClient, Client, GenerateParams
+from blockllm.client.http import HttpConfig
+"""
+    assert _probe(body) == "light"
 
 
 def test_cli_help_does_not_import_torch() -> None:
     body = """
 from blockllm.client.cli import cli
-for args in (["serve", "--help"], ["demo", "--help"], ["generate", "--help"]):
+for args in (["serve", "--help"], ["demo", "--help"], ["generate", "--help"], ["http", "--help"],
+             ["bench", "http", "--help"], ["keys", "api-add", "--help"]):
     try:
         cli.main(args, standalone_mode=False)
     except SystemExit:
