@@ -1,9 +1,10 @@
-"""`blockllm bench http`: what the HTTP layer costs. The same closed-loop workload (S
-concurrent streams, greedy, token-id prompts, tenants round-robin) runs against one cluster
-through the native `AsyncClient` and through `POST /v1/completions` with `stream: true` (a
-minimal asyncio HTTP/1.1 reader, so the client side costs as little as the native one), in
-alternating rounds after a warm-up; reported: TTFT and inter-token latency p50/p95 and
-tokens/s of each, and the HTTP cost against the goals (<= 5% tokens/s, <= 10 ms TTFT p50).
+"""What the HTTP layer costs (`blockllm bench http`, client/cli/bench.py). The same
+closed-loop workload (S concurrent streams, greedy, token-id prompts, tenants round-robin) runs
+against one cluster through the native `AsyncClient` and through `POST /v1/completions` with
+`stream: true` (a minimal asyncio HTTP/1.1 reader, so the client side costs as little as the
+native one), in alternating rounds after a warm-up; reported: TTFT and inter-token latency
+p50/p95 and tokens/s of each, and the HTTP cost against the goals (<= 5% tokens/s, <= 10 ms
+TTFT p50).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ async def _measure(
         }
         warm = jobs[: cfg.streams]
         for name, one in systems.items():
-            say(f"[bench] warm-up: {len(warm)} requests through {name}")
+            say(f"warm-up: {len(warm)} requests through {name}")
             await closed_loop(one, warm, cfg.streams)
         for r in range(cfg.rounds):
             for name, one in systems.items():
@@ -217,7 +218,7 @@ async def _measure(
                     http_cpu += _cpu_s(http_pid) - cpu0
                 results[name].append((samples, wall))
                 say(
-                    f"[bench] round {r + 1}/{cfg.rounds} {name}: "
+                    f"round {r + 1}/{cfg.rounds} {name}: "
                     f"{sum(s.tokens for s in samples) / wall:.1f} tokens/s"
                 )
     doc: dict[str, Any] = {}
@@ -253,7 +254,7 @@ def run_http_bench(cfg: HttpBenchConfig, say: Say) -> dict[str, Any]:
     with Launcher(log_level="WARNING") as launcher:
         endpoint = start_cluster(launcher, spec)
         url = launcher.start_http(HttpConfig(broker=endpoint, port=0), 300)
-        say(f"[bench] cluster at {endpoint}, HTTP API at {url}")
+        say(f"cluster at {endpoint}, HTTP API at {url}")
         pid = launcher.http.pid if launcher.http is not None else None
         doc = asyncio.run(_measure(cfg, endpoint, url, models, vocab, say, pid))
     native, http = doc["native"], doc["http"]
@@ -318,62 +319,3 @@ def report(doc: dict[str, Any]) -> list[str]:
         f"ms): {'met' if met_ttft else 'missed'}"
     )
     return lines
-
-
-def bench_command() -> Any:
-    """The click command `blockllm bench http` (built lazily: click only when the CLI runs)."""
-    import click
-
-    @click.command("http")
-    @click.option("--quick", is_flag=True, help="A tiny random family instead of SmolLM2.")
-    @click.option(
-        "--streams",
-        type=click.IntRange(1, 256),
-        default=16,
-        show_default=True,
-        help="Requests in flight at all times.",
-    )
-    @click.option(
-        "--requests",
-        type=click.IntRange(1),
-        default=64,
-        show_default=True,
-        help="Requests per round and system.",
-    )
-    @click.option(
-        "--rounds",
-        type=click.IntRange(1),
-        default=2,
-        show_default=True,
-        help="Alternating native/HTTP rounds after the warm-up.",
-    )
-    @click.option("--variants", type=click.IntRange(0, 16), default=3, show_default=True)
-    @click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
-    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-    def http(
-        quick: bool,
-        streams: int,
-        requests: int,
-        rounds: int,
-        variants: int,
-        workers: int,
-        as_json: bool,
-    ) -> None:
-        """What the OpenAI-compatible HTTP API costs over the native client: the same
-        concurrent greedy streams through both (TTFT, inter-token latency, tokens/s)."""
-        cfg = HttpBenchConfig(
-            quick=quick,
-            variants=variants,
-            streams=streams,
-            requests=requests,
-            rounds=rounds,
-            workers=workers,
-        )
-        doc = run_http_bench(cfg, lambda m: click.echo(m, err=True))
-        if as_json:
-            click.echo(json.dumps(doc, indent=2))
-            return
-        for line in report(doc):
-            click.echo(line)
-
-    return http

@@ -282,13 +282,66 @@ def speculative(
             )
 
 
+@bench.command("http")
+@click.option("--quick", is_flag=True, help="A tiny random family instead of SmolLM2.")
+@click.option(
+    "--streams",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Requests in flight at all times.",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Requests per round and system.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Alternating native/HTTP rounds after the warm-up.",
+)
+@click.option("--variants", type=click.IntRange(0, 16), default=3, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@json_option
+def http(
+    quick: bool,
+    streams: int,
+    requests: int,
+    rounds: int,
+    variants: int,
+    workers: int,
+    as_json: bool,
+) -> None:
+    """What the OpenAI-compatible HTTP API costs over the native client: the same
+    concurrent greedy streams through both (TTFT, inter-token latency, tokens/s)."""
+    from blockllm.client.bench.http_api import HttpBenchConfig, report, run_http_bench
+
+    cfg = HttpBenchConfig(
+        quick=quick,
+        variants=variants,
+        streams=streams,
+        requests=requests,
+        rounds=rounds,
+        workers=workers,
+    )
+    doc = run_http_bench(cfg, _bench_say)
+    if as_json:
+        echo_json(doc)
+        return
+    for line in report(doc):
+        click.echo(line)
+
+
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
-    from blockllm.client.http.bench import bench_command
 
     bench.add_command(multitenant)
-    bench.add_command(bench_command())
 
 
 _register()
