@@ -44,7 +44,12 @@ from blockllm.client.cli.planner import (
     planner_options,
     spawn_options,
 )
-from blockllm.client.http.cli import HOST_PORT, api_keys_option, http_config
+from blockllm.client.http.cli import (
+    HOST_PORT,
+    api_keys_option,
+    serve_file_values,
+    serve_http_config,
+)
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 
 logger = logging.getLogger(__name__)
@@ -446,12 +451,7 @@ def serve(**params: Any) -> None:
         file_values.pop("name", None)
         file_values.pop("broker", None)
         file_values.pop("stages", None)  # serve places stages itself
-        http_file = cluster.http()
-        if "bind" in http_file:
-            file_values["http_bind"] = http_file["bind"]
-        for key in ("api_keys", "default_max_tokens", "request_timeout_s"):
-            if key in http_file:
-                file_values["api_keys_file" if key == "api_keys" else key] = http_file[key]
+        file_values.update(serve_file_values(cluster.http()))
         values = merge_click(ctx, file_values)
     broker_cfg = _broker_config(values)
     worker_cfg = _worker_config(values, stages=(), threads=None)
@@ -465,7 +465,7 @@ def serve(**params: Any) -> None:
         ready_timeout_s=values["ready_timeout"],
         log_level=_log_level(),
         planner=_planner_config(values, worker_cfg.keys_dir),
-        http=_http_config(values),
+        http=serve_http_config(values, _log_level()),
     )
     try:
         code = run_serve(cfg, lambda s: _announce(s, values["as_json"]))
@@ -479,14 +479,6 @@ def _planner_config(values: dict[str, Any], keys_dir: str | None) -> Any:
     if not values.get("with_planner", True):
         return None
     return planner_config(values, keys_dir=keys_dir, log_level=_log_level())
-
-
-def _http_config(values: dict[str, Any]) -> Any:
-    """The HTTP API `serve --http` starts (None without --http); the broker is filled in."""
-    if not values.get("http_bind"):
-        return None
-    http = {**values, "bind": values["http_bind"]}
-    return http_config(http, broker="", log_level=_log_level())
 
 
 def _announce(s: Any, as_json: bool) -> None:

@@ -63,6 +63,20 @@ def http_config(values: dict[str, Any], broker: str, log_level: str) -> HttpConf
     return HttpConfig(**fields)
 
 
+def serve_file_values(section: dict[str, Any]) -> dict[str, Any]:
+    """The cluster TOML's [http] section as `blockllm serve`'s parameters (--http, ...)."""
+    names = {"bind": "http_bind", "api_keys": "api_keys_file"}
+    keys = ("bind", "api_keys", "default_max_tokens", "request_timeout_s")
+    return {names.get(k, k): section[k] for k in keys if k in section}
+
+
+def serve_http_config(values: dict[str, Any], log_level: str) -> HttpConfig | None:
+    """The HTTP API `serve --http` starts (None without --http); the broker is filled in."""
+    if not values.get("http_bind"):
+        return None
+    return http_config({**values, "bind": values["http_bind"]}, broker="", log_level=log_level)
+
+
 api_keys_option = click.option(
     "--api-keys",
     "api_keys_file",
