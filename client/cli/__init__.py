@@ -40,7 +40,7 @@ def _register() -> None:
         ("blockllm.client.cli.keys", "keys"),
         ("blockllm.client.cli.planner", "commands"),
         ("blockllm.client.cli.demo", "demo"),
-        ("blockllm.client.http.cli", "commands"),
+        ("blockllm.client.cli.http_api", "commands"),
     ):
         try:
             mod = importlib.import_module(module)

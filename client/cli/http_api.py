@@ -1,4 +1,5 @@
-"""`blockllm http`: the OpenAI-compatible HTTP API in front of a broker (thin click layer)."""
+"""`blockllm http`: the OpenAI-compatible HTTP API in front of a broker (thin click layer over
+client/http/); its flag types and config building, shared with `blockllm serve --http`."""
 
 from __future__ import annotations
 

@@ -38,17 +38,17 @@ from blockllm.client.cli.common import (
     parse_model_values,
     zoo_option,
 )
+from blockllm.client.cli.http_api import (
+    HOST_PORT,
+    api_keys_option,
+    serve_file_values,
+    serve_http_config,
+)
 from blockllm.client.cli.planner import (
     SPAWN_FIELDS,
     planner_config,
     planner_options,
     spawn_options,
-)
-from blockllm.client.http.cli import (
-    HOST_PORT,
-    api_keys_option,
-    serve_file_values,
-    serve_http_config,
 )
 from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
 

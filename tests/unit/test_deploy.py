@@ -271,3 +271,12 @@ def test_http_section_of_the_example_config() -> None:
     assert http["bind"] == "0.0.0.0:8000" and http["api_keys"].endswith("api_keys.toml")
     assert http["broker"] == cfg.broker_address() and http["keys"]
     assert "[http]" in (DEPLOY / "README.md").read_text()
+    # `blockllm serve --config` takes the same section as its --http and --api-keys
+    from blockllm.client.cli.http_api import serve_file_values
+
+    assert serve_file_values(http) == {
+        "http_bind": "0.0.0.0:8000",
+        "api_keys_file": http["api_keys"],
+        "default_max_tokens": 256,
+        "request_timeout_s": 300.0,
+    }
