@@ -75,6 +75,7 @@ class Target:
     stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
     routes_sent: bool = False
     routes_at: float = 0.0
+    refused: dict[str, frozenset[str]] = field(default_factory=dict)  # worker -> blocks
 
 
 class Planner:
@@ -210,6 +211,9 @@ class Planner:
             return "demand" if settled and self._may_reconsider(now) else None
         if t.workers != frozenset(workers):
             return "workers changed"
+        refused = {w.name: w.refused for w in workers.values() if w.refused}
+        if refused != t.refused:
+            return "a worker cannot get some blocks"
         if t.models != frozenset(served):
             return "models changed"
         due = now - t.at >= self.cfg.replan_interval_s and settled and self._may_reconsider(now)
@@ -268,11 +272,12 @@ class Planner:
         infos = [self._model_info(m, chains[m]) for m in served]
         infos = [i for i in infos if i is not None]
         nodes = [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)))
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
             for w in workers.values()
             if w.name not in self.duplicates.slow
         ] or [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
+            for w in workers.values()
         ]
         max_replicas = None if self.cfg.replicate else 1
         plan = self.spawns.place(
@@ -287,6 +292,7 @@ class Planner:
             replicas=self._replica_targets(served, len(workers)),
             chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
             at=now,
+            refused={w.name: w.refused for w in workers.values() if w.refused},
         )
         for w, stages in plan.stages.items():
             for owner, s, e in stages:
