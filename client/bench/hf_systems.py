@@ -40,6 +40,7 @@ class HfSpec:
     threads: int | None = None
     dtype: str = "auto"  # torch dtype name of the weights ("auto": the checkpoint's)
     max_batch: int = 32  # hf_batched: rows per generate call
+    device: str = "cpu"
 
 
 class _Steps:
@@ -83,7 +84,7 @@ class HfModels:
         t = time.monotonic()
         dtype = self.spec.dtype if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
         model = AutoModelForCausalLM.from_pretrained(self.spec.checkpoints[name], dtype=dtype)
-        self.models[name] = model.eval()
+        self.models[name] = model.to(self.spec.device).eval()
         self.loads += 1
         self.load_seconds += time.monotonic() - t
         self.peak = max(self.peak, self.nbytes())
@@ -126,8 +127,8 @@ def generate_batch(model: Any, reqs: Sequence[TraceRequest]) -> list[tuple[list[
     steps = _Steps()
     with torch.inference_mode():
         out = model.generate(
-            ids,
-            attention_mask=mask,
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max(r.max_new_tokens for r in reqs),
             do_sample=False,
             pad_token_id=pad,
@@ -135,7 +136,7 @@ def generate_batch(model: Any, reqs: Sequence[TraceRequest]) -> list[tuple[list[
         )
     rows = []
     for i, r in enumerate(reqs):
-        new = [int(t) for t in out[i, width:]][: r.max_new_tokens]
+        new = out[i, width:].tolist()[: r.max_new_tokens]
         cut = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
         rows.append((new[:cut], steps.times[:cut]))
     return rows

@@ -86,6 +86,7 @@ class MultitenantConfig:
     systems: tuple[str, ...] = SYSTEMS
     dtype: str = "float32"  # of every tenant, so of every system (one of DTYPES)
     saturate: int | None = None  # closed loop with this many clients; None: open loop at `rate`
+    device: str = "cpu"  # of every system
 
     def trace_spec(self) -> TraceSpec:
         if self.quick:
@@ -191,6 +192,7 @@ class _Bench:
             threads=self.cfg.threads,
             planner=mode,
             straggler_delay_s=self.cfg.straggler_delay_s,
+            device=self.cfg.device,
         )
         outcomes, facts = run_blockllm(cluster, self.trace, self.say, self.cfg.saturate)
         # no baseline gets less memory than the cluster really holds
@@ -215,6 +217,7 @@ class _Bench:
             weight_budget_bytes=weights,
             kv_budget_bytes=self.mem.kv_reserve,
             threads=threads["threads"],
+            device=self.cfg.device,
         )
         args = {"cfg": pm, "trace": self.trace, "by_popularity": _popularity(self.trace)}
         target = "blockllm.client.bench.per_model:run_per_model"
@@ -241,6 +244,7 @@ class _Bench:
             weight_budget_bytes=self.budget - self.mem.kv_reserve,
             threads=threads["threads"],
             dtype=self.cfg.dtype,
+            device=self.cfg.device,
         )
         args = {"spec": hf, "trace": self.trace, "by_popularity": _popularity(self.trace)}
         target = "blockllm.client.bench.hf_systems:run_hf"
@@ -397,6 +401,7 @@ def _meta(
         },
         "budget_bytes": budget,
         "dtype": cfg.dtype,
+        "device": cfg.device,
         "saturate_clients": cfg.saturate,
         "planner": list(cfg.planner),
         "straggler_delay_s": cfg.straggler_delay_s,

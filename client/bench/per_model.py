@@ -60,6 +60,7 @@ class PerModelConfig:
     kv_budget_bytes: int  # each engine's KV pool
     threads: int | None = None
     max_batch_size: int = 32
+    device: str = "cpu"
 
 
 class PerModelServer:
@@ -96,6 +97,7 @@ class PerModelServer:
                 max_batch_size=self.cfg.max_batch_size,
                 threads=self.cfg.threads,
                 verify_blocks=False,
+                device=self.cfg.device,
             ),
         )
         m = self.zoo.manifest(model)

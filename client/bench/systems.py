@@ -48,6 +48,7 @@ class ClusterSpec:
     request_timeout_s: float = 900.0
     name_prefix: str = "bench-worker"
     log_level: str = "WARNING"  # of the broker and worker processes
+    device: str = "cpu"  # of every worker
 
 
 def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
@@ -77,6 +78,7 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
             max_batch_size=spec.max_batch_size,
             log_level=spec.log_level,
             fault_step_delay_s=slow,
+            device=spec.device,
         )
         launcher.start_worker(name, cfg)
     launcher.wait_ready(list(models), spec.ready_timeout_s)

@@ -103,6 +103,7 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
     show_default=True,
     help="Weights and activations of every tenant, hence of every system.",
 )
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option(
     "--seed",
     type=int,
@@ -211,6 +212,7 @@ def multitenant(**p: Any) -> None:
         systems=systems,
         dtype=p["dtype"],
         saturate=p["saturate"],
+        device=p["device"],
     )
     if p["rates"] and len(p["rates"]) > 1:
         _run_sweep(cfg, p)

@@ -71,25 +71,29 @@ def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
     assert "[bench]" in proc.stderr  # progress goes to stderr, the JSON alone to stdout
 
 
-def test_bench_multitenant_saturate_and_rate_sweep(tmp_path: Path) -> None:
-    common = ["--quick", "--tenants", "1", "--requests", "6", "--baseline-threads", "1"]
-    common += ["--json", "--cache-dir", str(tmp_path)]
-    closed = ["bench", "multitenant", "--saturate", "3", "--systems", "blockllm,per_model"]
-    proc = _blockllm([*closed, *common], timeout=240)
+QUICK = ["--quick", "--tenants", "1", "--requests", "4", "--baseline-threads", "1", "--json"]
+
+
+def test_bench_multitenant_saturate_is_a_closed_loop(tmp_path: Path) -> None:
+    args = ["bench", "multitenant", "--saturate", "2", "--systems", "blockllm,per_model"]
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
-    assert doc["meta"]["saturate_clients"] == 3
+    assert doc["meta"]["saturate_clients"] == 2
     assert "capacity_vs_per_model" in doc["meta"]["goals"]
     assert "p95_reduction_vs_per_model" not in doc["meta"]["goals"]  # open loop only
     for name in ("blockllm", "per_model"):
         assert doc[name]["errors"] == 0 and doc[name]["tokens_per_s"] > 0, doc[name]
-    sweep = ["bench", "multitenant", "--rate", "10,20", "--systems", "per_model,hf_batched"]
-    proc = _blockllm([*sweep, *common], timeout=240)
+
+
+def test_bench_multitenant_rate_sweep_is_one_table(tmp_path: Path) -> None:
+    args = ["bench", "multitenant", "--rate", "10,20", "--systems", "per_model,hf_batched"]
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert [r["rate_rps"] for r in doc["rates"]] == [10.0, 20.0]
     for r in doc["rates"]:
-        assert r["per_model"]["requests"] == 6 and r["hf_batched"]["errors"] == 0, r
+        assert r["per_model"]["requests"] == 4 and r["hf_batched"]["errors"] == 0, r
 
 
 def test_demo_tiny_streams_every_tenant_and_stops_cleanly(tmp_path: Path) -> None:
