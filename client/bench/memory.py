@@ -5,6 +5,11 @@ measured figure is PSS (proportional set size: each page divided by the processe
 psutil `memory_full_info().pss`) summed over ALL the processes of the system, sampled every
 `interval_s` while it serves the trace: the peak and the mean.
 
+Reading PSS is not free: the kernel walks the page tables of each process (smaps_rollup;
+measured 50-350 ms for a SmolLM2 worker on the loaded 2-core machine), on the benchmark's CPU
+time, which the systems share. So the sampler waits at least `DUTY` ^-1 times as long as its
+last reading took between two readings: it takes at most ~5% of one core, whatever the load.
+
 Which processes: the children of this benchmark process (recursively) while the system runs.
 `blockllm`'s are its broker, workers (and planner); every in-process baseline (per_model,
 hf_generate, hf_batched) is run by `run_isolated` in a fresh spawned process of its own, so
@@ -21,12 +26,14 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from blockllm.client.bench.trace import Outcome
 
 SPAWN = multiprocessing.get_context("spawn")
+DUTY = 0.05  # at most this fraction of the time is spent reading PSS
 
 
 def pss_of_children() -> tuple[int, int]:
@@ -47,7 +54,7 @@ class PssSampler:
     """Samples `pss_of_children` in a thread between start() and stop()."""
 
     def __init__(
-        self, interval_s: float = 0.25, read: Callable[[], tuple[int, int]] = pss_of_children
+        self, interval_s: float = 0.5, read: Callable[[], tuple[int, int]] = pss_of_children
     ):
         self.interval_s = interval_s
         self.read = read
@@ -63,8 +70,10 @@ class PssSampler:
 
     def _run(self) -> None:
         while True:
+            t = time.monotonic()
             self._sample()
-            if self._stop.wait(self.interval_s):
+            took = time.monotonic() - t
+            if self._stop.wait(max(self.interval_s, took / DUTY - took)):
                 return
 
     def _sample(self) -> None:
@@ -112,7 +121,7 @@ class IsolatedError(RuntimeError):
 
 
 def run_isolated(
-    target: str, kwargs: dict[str, Any], interval_s: float = 0.25
+    target: str, kwargs: dict[str, Any], interval_s: float = 0.5
 ) -> tuple[list[Outcome], dict[str, Any]]:
     """Run `target(**kwargs, say=, on_start=)` -> (outcomes, facts) in a spawned process; PSS is
     sampled from the moment it calls on_start() (its replay begins) until it answers. Returns
