@@ -29,7 +29,7 @@ import zmq
 from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
-from blockllm.broker.fetch import serve_fetch
+from blockllm.broker.fetch import catalog_document, serve_fetch
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
@@ -111,6 +111,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
+        self._catalog: tuple[int, bytes] | None = None  # (catalog_gen, document)
         self._wake = WakePipe()
         self.shutdown_requested = False
         self.prom: Any = None  # BrokerMetrics when --metrics-port is given
@@ -388,10 +389,17 @@ class BrokerProc:
         if worker is not None:
             worker.touch(now, self.cfg.expiry_s)
             self.broker.counters["fetches_by_workers"] += 1
-        answer, data = serve_fetch(self.cfg.zoo_dir, msg)
+        answer, data = serve_fetch(self.cfg.zoo_dir, msg, self._catalog_document)
         self.broker.counters["fetches"] += 1
         self.broker.counters["fetch_bytes"] += len(data or b"")
         self._send([Out(peer, answer, () if data is None else (data,))])
+
+    def _catalog_document(self) -> bytes:
+        """The planner's catalog (broker/fetch.py), built once per reload of the models."""
+        state = self.broker.state
+        if self._catalog is None or self._catalog[0] != state.catalog_gen:
+            self._catalog = (state.catalog_gen, catalog_document(state.models, self.cfg.zoo_dir))
+        return self._catalog[1]
 
     def _send(self, outs: list[Out]) -> None:
         """Send without blocking; failures go back to the Broker, whose answers are sent too."""
