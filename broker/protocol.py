@@ -573,7 +573,7 @@ _WORKER = ("READY", "HEARTBEAT", "DEAD", "RESULT", "ERROR", "KV_SHARD", "KV_ACK"
 _CLIENT = ("GENERATE", "CANCEL", "STATUS_REQUEST", "FETCH")
 ROLE_KINDS: dict[str, frozenset[Kind]] = {
     "worker": frozenset(Kind[name] for name in _WORKER),
-    "planner": COMMAND_KINDS | {Kind.STATUS_REQUEST, Kind.FETCH},
+    "planner": COMMAND_KINDS | {Kind.STATUS_REQUEST, Kind.FETCH, Kind.PLANNER_REPORT},
     "client": frozenset(Kind[name] for name in _CLIENT),
 }
 
