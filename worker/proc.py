@@ -60,8 +60,9 @@ from blockllm.broker.protocol import (
     StageRef,
     UnloadStage,
 )
+from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import InjectedFault, StartupLoadFailed, WorkerError
+from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.loader import (
@@ -119,6 +120,8 @@ class WorkerProc(KvMigration):
         self._announced = False  # the first READY went out
         self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
         self._unhealthy = ""  # why the watchdog is not fed now ("" = every loop is healthy)
+        self.bad_messages = 0  # messages whose handling failed (dropped)
+        self._bad_log = RateLimitedLog(logger)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
@@ -279,9 +282,23 @@ class WorkerProc(KvMigration):
         msg, tensors = item
         handler = self._handlers.get(msg.KIND)
         if handler is None:
-            logger.warning("worker %s ignores a %s message", self.name, msg.KIND.name)
+            self._bad_log.log(msg.KIND.name, "worker %s ignores %s messages", self.name, msg.KIND)
             return
-        handler(msg, tensors)
+        try:
+            handler(msg, tensors)
+        except BrokerRejected:
+            raise
+        except Exception as e:  # a peer's message must never take the worker down
+            self.bad_messages += 1
+            self._bad_log.log(
+                f"{msg.KIND.name}:{type(e).__name__}",
+                "worker %s dropped a %s (%d so far): %s: %s",
+                self.name,
+                msg.KIND.name,
+                self.bad_messages,
+                type(e).__name__,
+                e,
+            )
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -394,7 +411,7 @@ class WorkerProc(KvMigration):
 
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
-            raise RuntimeError(f"broker rejected this worker: {msg.message}")
+            raise BrokerRejected(f"broker rejected this worker: {msg.message}")
         if msg.code == ErrorCode.WORKER_LOST.value and not msg.request_id:
             # The broker does not know us (it restarted, or purged us): start over.
             logger.warning("worker %s: broker says %r; registering again", self.name, msg.message)
