@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -32,15 +33,25 @@ from blockllm.broker.lifecycle import (
 )
 from blockllm.broker.planner.catalog import BrokerCatalog
 from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.notes import uncovered_notes
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
-from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
+from blockllm.broker.protocol import (
+    Ack,
+    Kind,
+    Message,
+    PlannerReport,
+    ProtocolError,
+    Stats,
+    StatusRequest,
+)
 from blockllm.broker.sockets import make_socket
 
 logger = logging.getLogger(__name__)
 
 STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
 STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
+REPORT_EVERY_S = 3.0  # PLANNER_REPORT at least this often (broker: PLANNER_STALE_S)
 
 
 def _curve(keys_dir: str | None) -> Any:
@@ -97,6 +108,8 @@ class PlannerProc:
         self.sent = 0
         self.refused = 0
         self._last_stats = time.monotonic()
+        self._notes: dict[str, str] | None = None  # the last PLANNER_REPORT sent, and when
+        self._reported = -REPORT_EVERY_S
         self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
         self._prom_server: Any = None
 
@@ -233,7 +246,23 @@ class PlannerProc:
             with contextlib.suppress(zmq.Again):
                 self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
                 self.sent += 1
+        self._report(msg.body)
         self.spawner.apply(self.planner.spawns.take())
+
+    def _report(self, body: Mapping[str, Any]) -> None:
+        """PLANNER_REPORT: why models are uncovered, when that changes and every few seconds
+        (the broker also reads it as "a planner is connected")."""
+        try:
+            notes = uncovered_notes(self.planner, body)
+        except Exception:  # a bug in the notes must not stop the planning
+            logger.exception("[planner] notes failed")
+            return
+        now = time.monotonic()
+        if notes == self._notes and now - self._reported < REPORT_EVERY_S:
+            return
+        with contextlib.suppress(zmq.Again):
+            self.dealer.send_multipart(frames.encode(PlannerReport(notes)), flags=zmq.NOBLOCK)
+            self._notes, self._reported = notes, now
 
     def _drain_acks(self) -> None:
         while True:

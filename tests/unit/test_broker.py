@@ -484,6 +484,7 @@ def test_status_body_shape(split: Harness) -> None:
         "layers": LAYERS,
         "chain_len": LAYERS + 2,
         "covered": True,
+        "uncovered": "",
         "route": [["w0", [[0, 3]]], ["w1", [[3, 4], [4, 6]]]],
         "running": 1,
         "waiting": 0,
