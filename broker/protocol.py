@@ -163,6 +163,8 @@ class Heartbeat:
     speculated: int = 0
     accepted: int = 0
     rejected: int = 0
+    # per stage key: LoRA adapter blocks resident for its decoder layers (worker/lora.py)
+    stage_adapters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +198,10 @@ class Forward:
     # tokens 1..T-1 whose log-probabilities to return (a prefill; worker/logprobs.py)
     top_logprobs: int = 0
     targets: tuple[int, ...] = ()
+    # a LoRA adapter's request: its adapter block per chain position of these stages (the
+    # positions where it changes the layer; worker/lora.py), as two parallel arrays
+    adapter_positions: tuple[int, ...] = ()
+    adapter_blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
