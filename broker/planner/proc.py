@@ -67,7 +67,7 @@ def _curve(keys_dir: str | None) -> Any:
         return None
     from blockllm.broker.security import load_client_keys
 
-    return load_client_keys(keys_dir)
+    return load_client_keys(keys_dir, role="planner")
 
 
 def send_command(
