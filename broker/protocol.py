@@ -92,6 +92,9 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_STAGE = "UNKNOWN_STAGE"
     PROTOCOL_VERSION = "PROTOCOL_VERSION"
     INTERNAL = "INTERNAL"
+    # the broker is stopping (drain over, or not admitting): retry on the next broker, resuming
+    # from the tokens received, as after a lost connection (client/demux.py)
+    SHUTTING_DOWN = "SHUTTING_DOWN"
     FORBIDDEN = "FORBIDDEN"  # the sender's key has no role that may send this kind
 
 
