@@ -372,8 +372,10 @@ def http(
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
+    from blockllm.client.cli.bench_soak import soak
 
     bench.add_command(multitenant)
+    bench.add_command(soak)
 
 
 _register()
