@@ -48,6 +48,7 @@ class SoakConfig:
     max_new_tokens: int = 16
     request_timeout_s: float = 60.0
     faults_per_kind: int = 1
+    faults: tuple[str, ...] = FAULTS  # the kinds injected with chaos
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Soak:
     # -- chaos ---------------------------------------------------------------------------------
     def schedule(self, duration: float) -> list[tuple[float, str]]:
         rng = random.Random(self.cfg.seed)
-        kinds = [k for k in FAULTS for _ in range(self.cfg.faults_per_kind)]
+        kinds = [k for k in self.cfg.faults for _ in range(self.cfg.faults_per_kind)]
         rng.shuffle(kinds)
         lo, hi = duration * 0.1, duration * (5 / 6)
         slot = (hi - lo) / max(1, len(kinds))
@@ -202,11 +203,23 @@ class Soak:
             launcher.wait_exit(old, 30)
             launcher.start_broker(self.bcfg, 60.0)
 
-    def chaos(self, t0: float, duration: float) -> None:
+    def chaos(self, t0: float, duration: float, rss_at: float) -> dict[str, tuple[int, int]]:
+        """Inject the scheduled faults; the RSS sample taken `rss_at` s into the run.
+
+        Runs on the main thread, as the Launcher requires: a child arms PR_SET_PDEATHSIG, which
+        fires when the *thread* that started it ends, so a broker, planner or worker restarted
+        from a helper thread would be SIGTERMed as soon as that thread returned (the broker
+        restarted by the last fault went with it, and the requests it had were lost)."""
         rng = random.Random(self.cfg.seed + 1)
-        for at, kind in self.schedule(duration):
+        plan = self.schedule(duration) if self.cfg.chaos else []
+        plan = sorted([*plan, (rss_at, "rss")], key=lambda e: e[0])
+        rss: dict[str, tuple[int, int]] = {}
+        for at, kind in plan:
             if self.stop.wait(max(0.0, t0 + at - time.monotonic())):
-                return
+                break
+            if kind == "rss":
+                rss = self.rss()
+                continue
             started = time.monotonic()
             self.progress(f"fault at {started - t0:.0f} s: {kind}")
             self.inject(kind, rng)
@@ -218,6 +231,14 @@ class Soak:
                     "over": time.monotonic(),
                 }
             )
+        return rss
+
+    def await_recovery(self, limit: float) -> None:
+        """Past the run's end, give a fault not yet recovered from up to `limit` s (the load
+        goes on meanwhile); a bench's bounded wait on its own tally, not a synchronisation."""
+        end = time.monotonic() + limit
+        while any(self.recovery(f) is None for f in self.faults) and time.monotonic() < end:
+            self.stop.wait(0.2)
 
     def recovery(self, fault: dict[str, Any]) -> float | None:
         """From the fault until a request started after it was over completed (None: none)."""
@@ -240,11 +261,9 @@ class Soak:
             ]
             for t in threads:
                 t.start()
-            if cfg.chaos:
-                threading.Thread(target=self.chaos, args=(t0, duration), daemon=True).start()
-            self.stop.wait(min(60.0, duration / 4))
-            rss_start = self.rss()
+            rss_start = self.chaos(t0, duration, min(60.0, duration / 4))
             self.stop.wait(max(0.0, t0 + duration - time.monotonic()))
+            self.await_recovery(cfg.request_timeout_s)
             rss_end = self.rss()
             self.stop.set()
             for t in threads:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from blockllm.client.bench.soak import FAULTS
 from blockllm.client.cli.common import CliError, echo_json, json_option
 
 
@@ -26,6 +27,13 @@ from blockllm.client.cli.common import CliError, echo_json, json_option
     help="How long the load runs (bounded).",
 )
 @click.option("--chaos", is_flag=True, help="Inject faults at seeded times (see --help text).")
+@click.option(
+    "--faults",
+    default=",".join(FAULTS),
+    show_default=True,
+    metavar="KIND,...",
+    help="With --chaos: the fault kinds to inject, each once, comma-separated.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Chaos schedule seed.")
 @click.option("--streams", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(2, 8), default=3, show_default=True)
@@ -36,6 +44,7 @@ def soak(
     models: str,
     minutes: float,
     chaos: bool,
+    faults: str,
     seed: int,
     streams: int,
     workers: int,
@@ -52,11 +61,16 @@ def soak(
     names = tuple(m.strip() for m in models.split(",") if m.strip())
     if not names:
         raise CliError("--models needs at least one model")
+    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULTS]
+    if unknown or not kinds:
+        raise CliError(f"--faults: unknown kind(s) {unknown} (known: {', '.join(FAULTS)})")
     cfg = SoakConfig(
         zoo=str(zoo_dir),
         models=names,
         minutes=minutes,
         chaos=chaos,
+        faults=kinds,
         seed=seed,
         streams=streams,
         workers=workers,
