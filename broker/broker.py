@@ -432,7 +432,7 @@ class Broker:
         except RequestError as e:
             return error(e.code, e.message, e.retryable)
         req = self._new_request(peer, msg, spec, prompt, now)
-        self.state.requests[req.rid] = req
+        self.state.add_request(req)
         self.state.by_client[(peer, msg.request_id)] = req.rid
         self.state.waiting.append(req.rid)
         out = self.flow.dispatch(now)

@@ -87,6 +87,7 @@ class Planner:
         self.cfg = cfg
         self._catalog = catalog
         self.manifests: dict[str, Any] = {}
+        self._owner_index: tuple[Any, dict[tuple[int, int, str], list[str]]] | None = None
         self.equivalences: list[Any] = []
         self.demand: dict[str, float] = {}
         self.target: Target | None = None
@@ -320,12 +321,19 @@ class Planner:
 
     def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
         """The models whose own chain holds what `chain` holds at p (any can load it): the
-        block, and for a tied head also the embedding its lm_head is."""
+        block, and for a tied head also the embedding its lm_head is. From an index of the
+        catalog by (chain length, position, block), rebuilt when the catalog changes."""
+        index = self._owner_index
+        if index is None or index[0] is not self.manifests:
+            by_block: dict[tuple[int, int, str], list[str]] = {}
+            for name in sorted(self.manifests):
+                own = tuple(self.manifests[name].chain)
+                for q, b in enumerate(own):
+                    by_block.setdefault((len(own), q, b), []).append(name)
+            index = self._owner_index = (self.manifests, by_block)
         out = []
-        for name in sorted(self.manifests):
-            own = tuple(self.manifests[name].chain)
-            if len(own) != len(chain) or own[p] != chain[p]:
-                continue
+        for name in index[1].get((len(chain), p, chain[p]), ()):
+            own = self.manifests[name].chain
             other_tied = bool(self.manifests[name].tie_word_embeddings)
             head = p == len(chain) - 1 and (tied or other_tied)
             if head and (own[0] != chain[0] or other_tied != tied):
