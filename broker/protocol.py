@@ -71,6 +71,9 @@ class Kind(bytes, enum.Enum):
     # speculative execution: broker -> worker, a decode step's input forwarded (frames as
     # received) to the hop after the one it is meant for, as that hop's predicted input
     SPECULATE = b"P"
+    # planner -> broker: why each uncovered model is uncovered, as the planner sees it (also
+    # its liveness for STATUS); not answered
+    PLANNER_REPORT = b"r"
 
 
 class ErrorCode(str, enum.Enum):
@@ -131,6 +134,9 @@ class Ready:
     free_slots: int = 0
     # weights + KV the worker may use (0: not limited by the worker; the planner's default)
     memory_budget_bytes: int = 0
+    # block ids this worker cannot get (fetched corrupt from its source): the planner places
+    # stages holding them elsewhere
+    refused_blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +521,15 @@ class Speculate:
     top_logprobs: int = 0  # as Forward.top_logprobs (a kept run answers the real FORWARD)
 
 
+@dataclass(frozen=True, slots=True)
+class PlannerReport:
+    """Planner -> broker, after STATS snapshots (at least every few seconds): for each model
+    the planner sees uncovered, why (STATUS `models[m].uncovered`). Not answered."""
+
+    KIND: ClassVar[Kind] = Kind.PLANNER_REPORT
+    notes: dict[str, str] = field(default_factory=dict)
+
+
 Message = (
     Ready
     | Heartbeat
@@ -542,6 +557,7 @@ Message = (
     | KvShard
     | KvAck
     | Speculate
+    | PlannerReport
 )
 
 MESSAGES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}

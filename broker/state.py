@@ -95,6 +95,9 @@ class BrokerState:
         self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
         self.key_cache: dict[tuple[str, int, int], str | None] = {}
         self.last_reload = now
+        self.catalog_gen = 0  # reloads so far: the planner's catalog version
+        self.planner_notes: dict[str, str] = {}  # PLANNER_REPORT: model -> why uncovered
+        self.planner_seen: float | None = None  # when the last PLANNER_REPORT came
 
     # -- peers -------------------------------------------------------------------------------
     def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
@@ -142,6 +145,7 @@ class BrokerState:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.last_reload = now
         old = self.models
+        self.catalog_gen += 1  # the planner re-reads its catalog (STATS "catalog_gen")
         try:
             self.models = dict(self.catalog())
         except Exception:  # a broken zoo must not take the broker down: keep the old view

@@ -31,8 +31,11 @@ def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
     return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
 
 
-def ready_message(name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any) -> Ready:
-    """The READY a worker named `name` (a WorkerProcConfig `cfg`) sends with `stages`."""
+def ready_message(
+    name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any, refused: tuple[str, ...] = ()
+) -> Ready:
+    """The READY a worker named `name` (a WorkerProcConfig `cfg`) sends with `stages` (and
+    the blocks it cannot get, `refused`)."""
     kv_total, kv_free, free_slots, _depths = engine_load(engine)
     return Ready(
         protocol_version=PROTOCOL_VERSION,
@@ -46,6 +49,7 @@ def ready_message(name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any
         max_batch_size=cfg.max_batch_size,
         free_slots=free_slots,
         memory_budget_bytes=cfg.memory_budget_bytes,
+        refused_blocks=refused,
     )
 
 

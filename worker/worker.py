@@ -494,6 +494,7 @@ class Worker:
                 )
             st.busy_s += time.perf_counter() - t0
             return
+        settle(h)  # CUDA: the stage's kernels done, so busy_s times them, not their launch
         st.busy_s += time.perf_counter() - t0
         # h: [N, D] -> one [T_i, D] view per entry, in batch order
         for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
@@ -531,6 +532,13 @@ class Worker:
             s.length = e.item.past_len + e.n  # type: ignore[union-attr]
             s.last_used = self._step_no  # type: ignore[union-attr]
         return h
+
+
+def settle(t: torch.Tensor) -> None:
+    """Wait until the kernels queued for `t`'s device are done (CUDA runs them asynchronously:
+    a clock read before this times their launch only). Free on the CPU."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def _error(item: WorkItem, err: WorkerError) -> WorkResult:

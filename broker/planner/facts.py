@@ -27,6 +27,7 @@ class WorkerFacts:
     weight_bytes: int = 0
     queues: dict[str, int] = field(default_factory=dict)  # stage key -> items queued
     stage_ms: dict[str, float] = field(default_factory=dict)  # stage key -> ms per forward
+    refused: frozenset[str] = frozenset()  # block ids it cannot get (a corrupt source)
 
     @classmethod
     def parse(cls, w: Mapping[str, Any], default_memory: int) -> WorkerFacts:
@@ -48,6 +49,7 @@ class WorkerFacts:
             weight_bytes=int(w.get("weight_bytes") or 0),
             queues={str(k): int(v) for k, v in queues.items()},
             stage_ms={str(k): float(v) for k, v in (w.get("stage_step_ms") or {}).items()},
+            refused=frozenset(str(b) for b in w.get("refused_blocks") or ()),
         )
 
 

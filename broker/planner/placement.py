@@ -17,6 +17,7 @@ requests take:
 3. **Stages and routes.** On each worker, the positions a set of models covers with the same
    block form one stage (loaded under a model that owns those blocks), so tenants sharing a
    run of blocks are batched together; each replica becomes one `PlannedRoute`.
+A worker never gets a position whose block it reported it cannot get (`WorkerInfo.refused`).
 Budgets are never exceeded: a replica that does not fit is not placed (the model is reported
 in `uncovered` when not even one fits).
 
@@ -85,6 +86,7 @@ class WorkerInfo:
     name: str
     capacity_bytes: float = math.inf
     resident: frozenset[str] = frozenset()  # block ids held in the live cluster (stability)
+    refused: frozenset[str] = frozenset()  # block ids it cannot get: never placed there
 
 
 @dataclass

@@ -95,9 +95,9 @@ class Cluster:
         self.covers: dict[str, dict[tuple[str, int], int]] = {w: {} for w in self.workers}
         self.total = total_demand or 1.0
         self.holders: dict[str, set[str]] = {}  # block -> workers holding it
-        self.resident_holders: dict[str, set[str]] = {}
+        self.resident_holders: dict[str, set[str]] = {}  # resident or refused there
         for w in workers:
-            for b in w.resident:
+            for b in w.resident | w.refused:  # a refused block: searched exactly (reach)
                 self.resident_holders.setdefault(b, set()).add(w.name)
         self._room_key: dict[str, tuple] = {}
         self._tie_key: dict[str, tuple] = {}
@@ -153,16 +153,19 @@ class Cluster:
         """(farthest end, new bytes, bytes not resident) of a segment of c on w from start."""
         room = self.room(w)
         held = self.held[w]
-        resident = self.workers[w].resident
+        resident, refused = self.workers[w].resident, self.workers[w].refused
+        blocked = bool(refused) and not refused.isdisjoint(c.suffix(start))
         missing = c.suffix(start).difference(held)
         new = sum(c.nbytes(b) for b in missing)
-        if new <= room:  # the rest of the chain fits
+        if new <= room and not blocked:  # the rest of the chain fits
             churn = sum(c.nbytes(b) for b in missing if b not in resident)
             return len(c.at), new, churn
         seen: set[str] = set()
         new = churn = 0
         end = start
         for p in range(start, len(c.at)):
+            if blocked and not refused.isdisjoint(c.at[p]):
+                break  # the worker cannot get this position's block
             extra = [b for b in c.at[p] if b not in held and b not in seen]
             cost = sum(c.nbytes(b) for b in extra)
             if new + cost > room:
@@ -250,7 +253,7 @@ class Cluster:
         self._unindex(w)
         for b in self.held.pop(w):
             self.holders[b].discard(w)
-        for b in self.workers[w].resident:
+        for b in self.workers[w].resident | self.workers[w].refused:
             self.resident_holders.get(b, set()).discard(w)
         del self.workers[w], self.used[w], self.load[w], self.covers[w]
 

@@ -33,6 +33,7 @@ from blockllm.broker.planner.batching import BatchTuner
 from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.owners import Owners
 from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
@@ -75,6 +76,7 @@ class Target:
     stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
     routes_sent: bool = False
     routes_at: float = 0.0
+    refused: dict[str, frozenset[str]] = field(default_factory=dict)  # worker -> blocks
 
 
 class Planner:
@@ -87,7 +89,7 @@ class Planner:
         self.cfg = cfg
         self._catalog = catalog
         self.manifests: dict[str, Any] = {}
-        self._owner_index: tuple[Any, dict[tuple[int, int, str], list[str]]] | None = None
+        self.owners = Owners()  # which models can load a block (an index of the catalog)
         self.equivalences: list[Any] = []
         self.demand: dict[str, float] = {}
         self.target: Target | None = None
@@ -101,6 +103,7 @@ class Planner:
         self._ids = itertools.count(1)
         self._last_time: float | None = None
         self._last_catalog = -math.inf
+        self._catalog_gen: Any = None  # the broker's STATS "catalog_gen" the catalog is from
         self._hot_since: float | None = None
         self.replans = 0
         self.declined = 0  # demand re-placements not worth their cost (placement_gain)
@@ -114,7 +117,7 @@ class Planner:
         """Commands for one snapshot (module docstring)."""
         workers = self._parse_workers(body)
         models: Mapping[str, Any] = body.get("models") or {}
-        self._refresh_catalog(models, now)
+        self._refresh_catalog(models, now, body.get("catalog_gen"))
         self._update_demand(models, now)
         served = sorted(m for m in models if m in self.manifests)
         why = self._replan_reason(workers, models, served, now)
@@ -151,19 +154,19 @@ class Planner:
             workers[facts.name] = facts
         return workers
 
-    def _refresh_catalog(self, models: Mapping[str, Any], now: float) -> None:
-        """Re-read the zoo when the broker serves models the planner has not seen (rate-limited)."""
-        if set(models) <= set(self.manifests) and self.manifests:
-            return
-        if now - self._last_catalog < self.cfg.catalog_interval_s:
+    def _refresh_catalog(self, models: Mapping[str, Any], now: float, gen: Any = None) -> None:
+        """Re-read the catalog (rate-limited) on unseen models or a new STATS `catalog_gen`."""
+        fresh = set(models) <= set(self.manifests) and self.manifests and gen == self._catalog_gen
+        if fresh or now - self._last_catalog < self.cfg.catalog_interval_s:
             return
         self._last_catalog = now
         try:
             manifests, equivalences = self._catalog()
-        except Exception:  # a zoo being written: try again later
-            logger.exception("[planner] reading the zoo failed")
+        except Exception as e:  # a zoo being written, a broker not answering: try again later
+            logger.warning("[planner] reading the catalog failed: %s", e)
             return
         self.manifests, self.equivalences = dict(manifests), list(equivalences)
+        self._catalog_gen = gen
 
     def _update_demand(self, models: Mapping[str, Any], now: float) -> None:
         """Demand per model: tokens/s (and waiting requests), smoothed with a half-life."""
@@ -211,6 +214,9 @@ class Planner:
             return "demand" if settled and self._may_reconsider(now) else None
         if t.workers != frozenset(workers):
             return "workers changed"
+        refused = {w.name: w.refused for w in workers.values() if w.refused}
+        if refused != t.refused:
+            return "a worker cannot get some blocks"
         if t.models != frozenset(served):
             return "models changed"
         due = now - t.at >= self.cfg.replan_interval_s and settled and self._may_reconsider(now)
@@ -269,11 +275,12 @@ class Planner:
         infos = [self._model_info(m, chains[m]) for m in served]
         infos = [i for i in infos if i is not None]
         nodes = [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)))
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
             for w in workers.values()
             if w.name not in self.duplicates.slow
         ] or [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
+            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
+            for w in workers.values()
         ]
         max_replicas = None if self.cfg.replicate else 1
         plan = self.spawns.place(
@@ -288,6 +295,7 @@ class Planner:
             replicas=self._replica_targets(served, len(workers)),
             chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
             at=now,
+            refused={w.name: w.refused for w in workers.values() if w.refused},
         )
         for w, stages in plan.stages.items():
             for owner, s, e in stages:
@@ -320,26 +328,8 @@ class Planner:
         )
 
     def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
-        """The models whose own chain holds what `chain` holds at p (any can load it): the
-        block, and for a tied head also the embedding its lm_head is. From an index of the
-        catalog by (chain length, position, block), rebuilt when the catalog changes."""
-        index = self._owner_index
-        if index is None or index[0] is not self.manifests:
-            by_block: dict[tuple[int, int, str], list[str]] = {}
-            for name in sorted(self.manifests):
-                own = tuple(self.manifests[name].chain)
-                for q, b in enumerate(own):
-                    by_block.setdefault((len(own), q, b), []).append(name)
-            index = self._owner_index = (self.manifests, by_block)
-        out = []
-        for name in index[1].get((len(chain), p, chain[p]), ()):
-            own = self.manifests[name].chain
-            other_tied = bool(self.manifests[name].tie_word_embeddings)
-            head = p == len(chain) - 1 and (tied or other_tied)
-            if head and (own[0] != chain[0] or other_tied != tied):
-                continue
-            out.append(name)
-        return tuple(out)
+        """The models that can load what `chain` holds at p (planner/owners.py)."""
+        return self.owners.of(self.manifests, chain, p, tied)
 
     def _block_size(self, owner: str, p: int) -> int:
         sizes = tuple(self.manifests[owner].block_bytes)

@@ -31,34 +31,27 @@ from blockllm.broker.lifecycle import (
     on_stop_signals,
     start_process,
 )
+from blockllm.broker.planner.catalog import BrokerCatalog
 from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.notes import uncovered_notes
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
-from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
+from blockllm.broker.protocol import (
+    Ack,
+    Kind,
+    Message,
+    PlannerReport,
+    ProtocolError,
+    Stats,
+    StatusRequest,
+)
 from blockllm.broker.sockets import make_socket
 
 logger = logging.getLogger(__name__)
 
 STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
 STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
-
-
-def zoo_catalog(zoo_dir: str | None) -> Any:
-    """A Planner catalog: () -> (manifests by name, equivalence records) of the zoo."""
-
-    def read() -> tuple[Mapping[str, Any], list[Any]]:
-        if not zoo_dir:
-            return {}, []
-        from blockllm.zoo import Zoo
-
-        zoo = Zoo(zoo_dir)
-        manifests = {}
-        for name in zoo.list_models():
-            with contextlib.suppress(Exception):  # one unreadable model must not hide the rest
-                manifests[name] = zoo.manifest(name)
-        return manifests, zoo.equivalences()
-
-    return read
+REPORT_EVERY_S = 3.0  # PLANNER_REPORT at least this often (broker: PLANNER_STALE_S)
 
 
 def _curve(keys_dir: str | None) -> Any:
@@ -98,10 +91,13 @@ class PlannerProc:
 
     def __init__(self, cfg: PlannerConfig, planner: Planner | None = None) -> None:
         self.cfg = cfg
-        self.planner = planner or Planner(cfg, zoo_catalog(cfg.zoo_dir))
         self.spawner = Spawner(cfg)  # the workers the planner's SpawnPolicy asks for
         self.ctx = zmq.Context()
         self._curve = _curve(cfg.keys_dir)
+        # the models to place: the broker's (broker/planner/catalog.py); --zoo only names the
+        # zoo of the workers it spawns
+        self.catalog = BrokerCatalog(self.ctx, cfg.broker, self._curve)
+        self.planner = planner or Planner(cfg, self.catalog)
         identity = f"planner-{os.getpid()}".encode()
         self.dealer = make_socket(
             self.ctx, zmq.DEALER, cfg.broker, bind=False, identity=identity, curve=self._curve
@@ -112,6 +108,8 @@ class PlannerProc:
         self.sent = 0
         self.refused = 0
         self._last_stats = time.monotonic()
+        self._notes: dict[str, str] | None = None  # the last PLANNER_REPORT sent, and when
+        self._reported = -REPORT_EVERY_S
         self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
         self._prom_server: Any = None
 
@@ -162,6 +160,7 @@ class PlannerProc:
         if self._prom_server is not None:
             self._prom_server.shutdown()
             self._prom_server = None
+        self.catalog.close()
         for sock in (self.sub, self.dealer):
             if sock is not None:
                 sock.close(linger=0)
@@ -247,7 +246,23 @@ class PlannerProc:
             with contextlib.suppress(zmq.Again):
                 self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
                 self.sent += 1
+        self._report(msg.body)
         self.spawner.apply(self.planner.spawns.take())
+
+    def _report(self, body: Mapping[str, Any]) -> None:
+        """PLANNER_REPORT: why models are uncovered, when that changes and every few seconds
+        (the broker also reads it as "a planner is connected")."""
+        try:
+            notes = uncovered_notes(self.planner, body)
+        except Exception:  # a bug in the notes must not stop the planning
+            logger.exception("[planner] notes failed")
+            return
+        now = time.monotonic()
+        if notes == self._notes and now - self._reported < REPORT_EVERY_S:
+            return
+        with contextlib.suppress(zmq.Again):
+            self.dealer.send_multipart(frames.encode(PlannerReport(notes)), flags=zmq.NOBLOCK)
+            self._notes, self._reported = notes, now
 
     def _drain_acks(self) -> None:
         while True:
