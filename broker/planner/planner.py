@@ -90,6 +90,7 @@ class Planner:
         self._catalog = catalog
         self.manifests: dict[str, Any] = {}
         self.owners = Owners()  # which models can load a block (an index of the catalog)
+        self._keys: tuple[Any, dict[tuple[str, int, int], str | None]] = (None, {})
         self.equivalences: list[Any] = []
         self.demand: dict[str, float] = {}
         self.target: Target | None = None
@@ -344,11 +345,17 @@ class Planner:
         return blocks
 
     def _key(self, model: str, start: int, end: int) -> str | None:
-        m = self.manifests.get(model)
-        try:
-            return None if m is None else stage_key(m, start, end)
-        except Exception:
-            return None
+        if self._keys[0] is not self.manifests:  # memoized per catalog
+            self._keys = (self.manifests, {})
+        cache = self._keys[1]
+        k = (model, start, end)
+        if k not in cache:
+            m = self.manifests.get(model)
+            try:
+                cache[k] = None if m is None else stage_key(m, start, end)
+            except Exception:
+                cache[k] = None
+        return cache[k]
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self, workers: Mapping[str, WorkerFacts], now: float) -> list[Message]:
@@ -403,9 +410,13 @@ class Planner:
         keep = set(t.stage_keys) | self.duplicates.stage_keys()
 
         def covered_without(worker: str, key: str) -> bool:
+            st = w.stages[key]  # only the models this stage serves can lose coverage
+            users = [m for m in sorted(t.models) if self._key(m, st.start, st.end) == key]
+            if not users:
+                return True
             rest = dict(workers)
             rest[worker] = replace(w, stages={k: v for k, v in w.stages.items() if k != key})
-            return all(self.covered(m, rest) for m in t.models if self.covered(m, workers))
+            return all(self.covered(m, rest) for m in users if self.covered(m, workers))
 
         force = waited >= self.cfg.load_timeout_s
         out: list[Message] = []
