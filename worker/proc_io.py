@@ -188,7 +188,7 @@ class IOThread(threading.Thread):
         if cfg.keys_dir:  # fail at start-up, not at the first reconnect
             from blockllm.broker.security import load_client_keys
 
-            self._curve = load_client_keys(cfg.keys_dir)
+            self._curve = load_client_keys(cfg.keys_dir, role="worker")
 
     # -- any thread ------------------------------------------------------------------------
     def send(self, msg: Message, tensors: tuple[torch.Tensor, ...] = ()) -> None:
