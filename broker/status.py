@@ -91,6 +91,7 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "stage_batch_limits": dict(w.stage_batch_limits),
         "stage_mean_batch": dict(w.stage_mean_batch),
         "stage_step_ms": dict(w.stage_step_ms),
+        "stage_adapters": dict(w.stage_adapters),
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "refused_blocks": list(w.refused_blocks),

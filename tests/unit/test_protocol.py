@@ -167,3 +167,23 @@ def test_every_kind_has_its_own_byte():
     from blockllm.broker.protocol import Kind
 
     assert len(Kind) == len(Kind.__members__)
+
+
+def test_every_kind_a_peer_sends_belongs_to_a_role() -> None:
+    """Each message kind the broker receives is allowed to some key role (broker/security.py):
+    a new kind missing here would be refused (FORBIDDEN) from every key once roles are on."""
+    from blockllm.broker.protocol import ROLE_KINDS
+
+    broker_sends = {
+        Kind.FORWARD,
+        Kind.RELEASE,
+        Kind.TOKEN,
+        Kind.STATUS,
+        Kind.ACK,
+        Kind.STATS,
+        Kind.BLOB,
+        Kind.KV_EXPORT,
+        Kind.SPECULATE,
+    }
+    allowed = set().union(*ROLE_KINDS.values())
+    assert set(Kind) - broker_sends <= allowed
