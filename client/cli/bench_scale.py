@@ -31,7 +31,7 @@ def _say(text: str) -> None:
     "--table",
     is_flag=True,
     help="The issue's table: 18/4, 105/16, 510/64 and 2,020/256 (the larger sizes take long; "
-    "--workers).",
+    "ignores --models, --workers).",
 )
 @click.option(
     "--duration",
