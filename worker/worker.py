@@ -172,8 +172,9 @@ class Worker:
                 tied = self.blocks.acquire(m.chain[0])
                 acquired.append(m.chain[0])
             stage_model = StageModel(family, start, end, blocks, tied, self.device)
-            if stage_model.layers:
-                self.kv.ensure_pool(family.kv_geometry(stage_model.dtype, self.device))
+            if stage_model.layers:  # refused (CacheFull) when the KV budget cannot hold it
+                geometry = family.kv_geometry(stage_model.dtype, self.device)
+                self.kv.add_stage(key, geometry, len(stage_model.layers))
         except BaseException:
             for bid in acquired:
                 self.blocks.release(bid)
@@ -217,7 +218,7 @@ class Worker:
             self._queued.discard(e.item.request_id)
             self._deferred.append(_error(e.item, UnknownStage(f"stage {key} was unloaded")))
         del self._stages[key]
-        self.kv.free_stage(key)
+        self.kv.remove_stage(key)
         for bid in st.blocks:
             self.blocks.release(bid)
         logger.info("[stage] unloaded %s", key[:12])
@@ -369,7 +370,7 @@ class Worker:
         """Load facts for READY / heartbeats (cheap; compute thread)."""
         kv = self.kv.stats()
         total, free = kv.total_bytes, kv.free_bytes
-        if self.kv.pool is None:  # allocated with the first stage that has layers
+        if self.kv.arena is None:  # allocated with the first stage that has layers
             total = free = self.config.kv_budget_bytes
         return WorkerStats(
             kv_total_bytes=total,
@@ -446,7 +447,10 @@ class Worker:
             return
         for st in with_kv:  # a restart drops what the request held before
             self.kv.free(st.info.key, item.request_id)
-        need = sum(self.kv.pages_for(len(st.model.layers), item.max_total_len) for st in with_kv)
+        need = sum(
+            self.kv.pages_for(len(st.model.layers), item.max_total_len, st.info.key)
+            for st in with_kv
+        )
         self.kv.make_room(need, protected | {item.request_id})
         for st in with_kv:
             layers = len(st.model.layers)
@@ -518,8 +522,7 @@ class Worker:
             return h
         seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
         assert all(s is not None for s in seqs), "admitted items hold KV in every stage"
-        pool = self.kv.pool
-        assert pool is not None
+        pool = self.kv.pool_of(st.info.key)
         plan = plan_step(
             pool,
             model.layer0,
