@@ -112,6 +112,20 @@ class StageRef:
     start: int
     end: int
     nbytes: int = 0
+    dtype: str = ""  # what the worker serves it in ("": not said; an older worker)
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometryUse:
+    """One KV geometry of a worker's arena (worker/kv_cache.py): its label (`<kv heads>x<head
+    dim>/<dtype>`), tokens per page, bytes in use, sequences and stages holding it."""
+
+    label: str
+    page_size: int = 0
+    used_bytes: int = 0
+    sequences: int = 0
+    stages: int = 0
+    page_bytes: int = 0  # what one page costs (the same for every geometry of the arena)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +145,7 @@ class Ready:
     free_slots: int = 0
     # weights + KV the worker may use (0: not limited by the worker; the planner's default)
     memory_budget_bytes: int = 0
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +172,7 @@ class Heartbeat:
     speculated: int = 0
     accepted: int = 0
     rejected: int = 0
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,14 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "host": w.host,
         "device": w.device,
         "stages": [
-            {"key": s.key, "model": s.model, "start": s.start, "end": s.end, "nbytes": s.nbytes}
+            {
+                "key": s.key,
+                "model": s.model,
+                "start": s.start,
+                "end": s.end,
+                "nbytes": s.nbytes,
+                "dtype": s.dtype,
+            }
             for s in w.stages
         ],
         "queue_depths": dict(w.queue_depths),
@@ -92,6 +99,17 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "speculation": {k: w.speculation.get(k, 0) for k in ("speculated", "accepted", "rejected")},
+        "kv_geometries": [
+            {
+                "label": g.label,
+                "page_size": g.page_size,
+                "used_bytes": g.used_bytes,
+                "sequences": g.sequences,
+                "stages": g.stages,
+                "page_bytes": g.page_bytes,
+            }
+            for g in w.kv_geometries
+        ],
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from blockllm.broker.protocol import Heartbeat, Ready, StageRef
+from blockllm.broker.protocol import Heartbeat, KVGeometryUse, Ready, StageRef
 
 
 @dataclass(slots=True)
@@ -54,6 +54,7 @@ class WorkerState:
     last_error: str = ""
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
@@ -78,6 +79,7 @@ class WorkerState:
         self.kv_total_bytes = msg.kv_total_bytes
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
+        self.kv_geometries = msg.kv_geometries
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
@@ -93,6 +95,7 @@ class WorkerState:
         self.stage_batch_limits = dict(msg.stage_batch_limits)
         self.stage_mean_batch = dict(msg.stage_mean_batch)
         self.stage_step_ms = dict(msg.stage_step_ms)
+        self.kv_geometries = msg.kv_geometries
         self.speculation = {
             "speculated": msg.speculated,
             "accepted": msg.accepted,

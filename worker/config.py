@@ -78,6 +78,7 @@ class WorkerProcConfig:
     # Test-only fault injection (STYLE 7.9): after this many engine steps that did work.
     fault_after_steps: int | None = None
     fault_mode: FaultMode = FaultMode.RAISE
+    dtype: str | None = None  # serve blocks in this dtype (cast at load); None: as stored
     # Test-only: every engine step that did work takes this much longer (a straggler).
     fault_step_delay_s: float = 0.0
     # Test-only: before reading the weights of a stage commanded by LOAD_STAGE, the loader

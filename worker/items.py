@@ -53,6 +53,9 @@ class WorkerConfig:
     page_size: int = 16  # tokens per KV page
     threads: int | None = None  # torch.set_num_threads at construction; None = leave as is
     verify_blocks: bool = True  # re-hash blocks loaded from the zoo
+    # serve every block in this dtype ("float32", "bfloat16", "float16"), cast once at load
+    # (the zoo keeps them as imported; KV follows the stage's dtype); None: as stored
+    dtype: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

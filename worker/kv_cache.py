@@ -90,6 +90,7 @@ class GeometryStats:
     used_bytes: int
     n_sequences: int
     stages: int
+    page_bytes: int  # what one page costs (the arena's page, the same for every geometry)
 
 
 class KVArena(nn.Module):
@@ -419,5 +420,9 @@ class KVCacheManager:
             used = sum(s.n_pages for s in seqs)
             stages = sum(1 for p, _n in self._stages.values() if p is pool)
             nbytes = used * pool.page_bytes
-            out.append(GeometryStats(g.label, pool.page_size, used, nbytes, len(seqs), stages))
+            out.append(
+                GeometryStats(
+                    g.label, pool.page_size, used, nbytes, len(seqs), stages, pool.page_bytes
+                )
+            )
         return out

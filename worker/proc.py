@@ -449,7 +449,7 @@ class WorkerProc:
         info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
         if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
             self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes)
+                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
             )
         if job.max_batch_size > 0:
             self.engine.set_max_batch_size(info.key, job.max_batch_size)

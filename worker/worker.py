@@ -102,6 +102,10 @@ class Worker:
     def __init__(self, zoo: Any, config: WorkerConfig | None = None) -> None:
         self.zoo = zoo
         self.config = config or WorkerConfig()
+        if self.config.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be float32, bfloat16 or float16, not {self.config.dtype!r}"
+            )
         self.device = torch.device(self.config.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
@@ -119,7 +123,21 @@ class Worker:
         tensors = self._preread.get(block_id)
         if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
             return tensors
-        return self.zoo.load_block(block_id, device=self.device, verify=self.config.verify_blocks)
+        return self._read(block_id)
+
+    def _read(self, block_id: str) -> dict[str, torch.Tensor]:
+        """A block from the zoo (verified as stored), cast once to the served dtype."""
+        tensors = self.zoo.load_block(
+            block_id, device=self.device, verify=self.config.verify_blocks
+        )
+        dtype = self.config.dtype
+        if dtype is None:
+            return tensors
+        want = getattr(torch, dtype)
+        return {
+            k: t.to(want) if t.is_floating_point() and t.dtype != want else t
+            for k, t in tensors.items()
+        }
 
     def read_blocks(self, model: str, start: int, end: int) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors of the blocks of stage [start, end) of `model` not held yet, read (and
@@ -130,7 +148,7 @@ class Worker:
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
         return {
-            bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
+            bid: self._read(bid)
             for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }

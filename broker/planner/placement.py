@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from blockllm.broker.protocol import PlannedHop, PlannedRoute
 
 Stage = tuple[str, int, int]  # (model to load it from, start, end)
+KV_PAGE_TOKENS = 16  # tokens of the first geometry a worker's KV page holds (WorkerConfig)
 Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
 
 
@@ -51,6 +52,7 @@ class ModelInfo:
     demand: float = 0.0
     owners: tuple[tuple[str, ...], ...] = ()
     compute: tuple[float, ...] = ()
+    kv_row_bytes: int = 0  # one token's K (or V) in one layer, as served (0: not limited)
 
     def owners_at(self, p: int) -> frozenset[str]:
         return frozenset(self.owners[p]) if self.owners else frozenset({self.name})
@@ -80,6 +82,8 @@ class WorkerInfo:
     name: str
     capacity_bytes: float = math.inf
     resident: frozenset[str] = frozenset()  # block ids held in the live cluster (stability)
+    kv_budget_bytes: int = 0  # its KV arena (0: not limited)
+    kv_page_bytes: int = 0  # what a KV page costs there (0: no arena yet: the first stage's)
 
 
 @dataclass
@@ -109,6 +113,21 @@ class _Cluster:
         # worker -> (model, position) pairs it covers
         self.covers: dict[str, set[tuple[str, int]]] = {w.name: set() for w in workers}
         self.total = total_demand or 1.0
+        # KV: decoder layers placed per worker (each needs a page of the arena at least) and
+        # the page size (set by the first geometry: worker/kv_cache.py)
+        self.kv_layers: dict[str, int] = {w.name: 0 for w in workers}
+        self.kv_page: dict[str, int] = {w.name: w.kv_page_bytes for w in workers}
+
+    def kv_pages_left(self, w: str, m: ModelInfo) -> int:
+        """Decoder layers of m that w's KV arena can still take (a page each), or a large
+        number when not limited; 0 when m's rows do not fit a page there."""
+        budget = self.workers[w].kv_budget_bytes
+        if budget <= 0 or m.kv_row_bytes <= 0:
+            return 1 << 30
+        page = self.kv_page[w] or 2 * KV_PAGE_TOKENS * m.kv_row_bytes
+        if 2 * m.kv_row_bytes > page:
+            return 0
+        return budget // page - self.kv_layers[w]
 
     def new_blocks(self, w: str, m: ModelInfo, start: int, end: int) -> dict[str, int]:
         blocks: dict[str, int] = {}
@@ -121,14 +140,17 @@ class _Cluster:
     def reach(self, w: str, m: ModelInfo, start: int) -> tuple[int, int, int]:
         """(farthest end, new bytes, bytes not resident) of a segment of m on w from start."""
         room = self.workers[w].capacity_bytes - self.used[w]
+        kv_room = self.kv_pages_left(w, m)
         seen: set[str] = set()
-        new = churn = 0
+        new = churn = layers = 0
         end = start
         for p in range(start, len(m.chain)):
             extra = [b for b in m.blocks_at(p) if b not in self.held[w] and b not in seen]
             cost = sum(m.nbytes(b) for b in extra)
-            if new + cost > room:
+            kv = 1 if extra and 1 <= p < len(m.chain) - 1 else 0  # a new decoder layer
+            if new + cost > room or layers + kv > kv_room:
                 break
+            layers += kv
             seen.update(extra)
             new += cost
             churn += sum(m.nbytes(b) for b in extra if b not in self.workers[w].resident)
@@ -137,6 +159,12 @@ class _Cluster:
 
     def add(self, w: str, m: ModelInfo, start: int, end: int, share: float) -> None:
         blocks = self.new_blocks(w, m, start, end)
+        layers = sum(
+            1 for p in range(max(1, start), min(end, len(m.chain) - 1)) if m.chain[p] in blocks
+        )
+        if layers and m.kv_row_bytes and not self.kv_page[w]:
+            self.kv_page[w] = 2 * KV_PAGE_TOKENS * m.kv_row_bytes
+        self.kv_layers[w] += layers
         self.held[w].update(blocks)
         self.used[w] += sum(blocks.values())
         total_work = sum(m.work(p) for p in range(len(m.chain))) or 1.0

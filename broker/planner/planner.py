@@ -52,7 +52,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.routing import WorkerView, find_route
-from blockllm.zoo.chain import stage_blocks, stage_key
+from blockllm.zoo.chain import kv_row_bytes, stage_blocks, stage_key
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +268,8 @@ class Planner:
         infos = [self._model_info(m, chains[m]) for m in served]
         infos = [i for i in infos if i is not None]
         nodes = [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)))
-            for w in workers.values()
-            if w.name not in self.duplicates.slow
-        ] or [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w))) for w in workers.values()
-        ]
+            self._worker_info(w) for w in workers.values() if w.name not in self.duplicates.slow
+        ] or [self._worker_info(w) for w in workers.values()]
         max_replicas = None if self.cfg.replicate else 1
         plan = self.spawns.place(
             nodes, lambda n: n.name, lambda ns: place(infos, ns, max_replicas=max_replicas)
@@ -316,7 +312,12 @@ class Planner:
             demand=self._demand_of(name),
             owners=owners,
             compute=compute_weights(m),
+            kv_row_bytes=kv_row_bytes(m),
         )
+
+    def _worker_info(self, w: WorkerFacts) -> WorkerInfo:
+        resident = frozenset(self._resident(w))
+        return WorkerInfo(w.name, w.capacity, resident, w.kv_budget_bytes, w.kv_page_bytes)
 
     def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
         """The models whose own chain holds what `chain` holds at p (any can load it): the

@@ -103,6 +103,9 @@ def _stages(values: Any) -> tuple[StageSpec, ...]:
         raise click.BadParameter(str(e), param_hint="--stage") from None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
     """A WorkerProcConfig from merged flag/file values (keys as in the [worker] section)."""
     fields = {
@@ -110,6 +113,7 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
         "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
         "stages": _stages(v.get("stages")),
         "device": v.get("device") or "cpu",
+        "dtype": v.get("dtype") or None,
         "kv_budget_bytes": int(v.get("kv_budget_bytes") or 256 * MiB),
         "max_batch_size": int(v.get("max_batch_size") or 32),
         "max_batch_tokens": int(v.get("max_batch_tokens") or 4096),
@@ -162,6 +166,13 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
     "[workers.NAME] of --config) [default: HOST-PID].",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
+    "imported; the KV cache follows) [default: as imported].",
+)
 @click.option(
     "--kv-budget",
     "kv_budget_bytes",
@@ -383,6 +394,13 @@ def _models(value: str | None) -> tuple[str, ...]:
     help="torch threads per worker [default: the cores split across workers].",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
+    "imported; the KV cache follows) [default: as imported].",
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--ready-timeout",
