@@ -258,6 +258,11 @@ def plan_step(
     """
     page = pool.page_size
     device = pool.k.device
+    # In bf16/fp16, sdpa without a mask (keys sliced to the rows' common length) rounds
+    # differently from sdpa under a mask over whole pages, so the sliced fast path would make a
+    # request's tokens depend on its batch: reduced precision always takes the masked path
+    # (its result does not depend on the other rows' lengths). fp32 keeps the fast path.
+    exact = pool.k.dtype == torch.float32
     positions, writes, prefills = [], [], []
     dec_pages: list[torch.Tensor] = []
     dec_lens: list[int] = []
@@ -292,7 +297,7 @@ def plan_step(
         n_decode=len(dec_lens),
         dec_gather=dec_gather,
         dec_lens=torch.tensor(dec_lens, device=device) if dec_lens else None,
-        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 else 0,
+        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 and exact else 0,
         prefills=prefills,
         positions=torch.cat(positions),  # [N]
     )

@@ -490,6 +490,7 @@ class WorkerProc:
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
+            self.prom.update_geometries(self.engine.kv.geometry_stats())
 
 
 def run_worker_process(cfg: WorkerProcConfig) -> int:

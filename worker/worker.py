@@ -113,6 +113,7 @@ class Worker:
         self.blocks = BlockCache(self._load_block)
         self._stages: dict[str, _Stage] = {}
         self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
+        self._serving = "float32"  # the dtype load_stage casts the blocks it reads to
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
@@ -123,16 +124,18 @@ class Worker:
         tensors = self._preread.get(block_id)
         if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
             return tensors
-        return self._read(block_id)
+        return self._read(block_id, self._serving)
 
-    def _read(self, block_id: str) -> dict[str, torch.Tensor]:
-        """A block from the zoo (verified as stored), cast once to the served dtype."""
+    def served_dtype(self, manifest: Any) -> str:
+        """The dtype this worker serves a model's blocks in: --dtype, else the model's own
+        (a checkpoint that mixed dtypes is served in its dominant one)."""
+        return self.config.dtype or getattr(manifest, "dtype", "") or "float32"
+
+    def _read(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block from the zoo (verified as stored), its tensors cast once to `dtype`."""
         tensors = self.zoo.load_block(
             block_id, device=self.device, verify=self.config.verify_blocks
         )
-        dtype = self.config.dtype
-        if dtype is None:
-            return tensors
         want = getattr(torch, dtype)
         return {
             k: t.to(want) if t.is_floating_point() and t.dtype != want else t
@@ -148,7 +151,7 @@ class Worker:
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
         return {
-            bid: self._read(bid)
+            bid: self._read(bid, self.served_dtype(m))
             for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }
@@ -179,6 +182,7 @@ class Worker:
                 st.info = replace(st.info, models=(*st.info.models, model))
             return st.info
         family = self._family(m)
+        self._serving = self.served_dtype(m)  # what _load_block casts to
         acquired: list[str] = []
         try:
             blocks = {}
