@@ -44,7 +44,13 @@ from blockllm.broker.protocol import (
     StatusRequest,
     Token,
 )
-from blockllm.broker.requests import RequestError, RequestState, split_wire_id, validate
+from blockllm.broker.requests import (
+    RequestError,
+    RequestState,
+    hidden_problem,
+    split_wire_id,
+    validate,
+)
 from blockllm.broker.routing import Hop, WorkerView
 from blockllm.broker.state import BrokerState, Out, StageKeyFn, error_code
 from blockllm.broker.stats import Metrics, stats_body
@@ -361,8 +367,9 @@ class Broker:
         self.state.workers[peer].ban_count = 0
         last = req.hop == len(req.route) - 1
         if not last:
-            if len(msg.tensors) != 1:
-                return self._misbehaved(req, peer, now, "RESULT mid-route without one tensor")
+            why = hidden_problem(req, msg.tensors, req.step_tokens())
+            if why:
+                return self._misbehaved(req, peer, now, why)
             req.hop += 1
             req.hop_sent_at = now
             hop = req.route[req.hop]

@@ -208,9 +208,19 @@ def decode_header(frames: Sequence[Any]) -> Message:
         f"{kind.name}: {len(frames) - 2} frames, header says {n_tensors}",
     )
     for meta in msg.tensors if kind in TENSOR_KINDS else ():
-        _check(meta.dtype in ITEMSIZE, f"unsupported dtype {meta.dtype!r}")
-        _check(all(d >= 0 for d in meta.shape) and len(meta.shape) <= 8, "bad tensor shape")
+        check_meta(meta)
     return msg
+
+
+def check_meta(meta: TensorMeta) -> None:
+    """ProtocolError unless `meta` is a tensor we can hold: a known dtype, at most 8 dims, and
+    at most MAX_TENSOR_BYTES counting every dimension as at least 1. So a zero dimension
+    beside huge ones (0 bytes: it passes the size checks) is refused too, and every stride
+    (a product of dimensions) stays bounded."""
+    _check(meta.dtype in ITEMSIZE, f"unsupported dtype {meta.dtype!r}")
+    _check(len(meta.shape) <= 8 and all(d >= 0 for d in meta.shape), "bad tensor shape")
+    span = math.prod(max(d, 1) for d in meta.shape) * ITEMSIZE[meta.dtype]
+    _check(span <= MAX_TENSOR_BYTES, f"tensor shape {meta.shape} too large")
 
 
 def _buf(frame: Any) -> Buffer:

@@ -20,7 +20,14 @@ from typing import Any
 
 from blockllm.broker.flow import RequestFlow
 from blockllm.broker.protocol import Error, Result
-from blockllm.broker.requests import RequestState, Shadow, split_wire_id, token_frame, wire_id
+from blockllm.broker.requests import (
+    RequestState,
+    Shadow,
+    hidden_problem,
+    split_wire_id,
+    token_frame,
+    wire_id,
+)
 from blockllm.broker.rewire import same_route
 from blockllm.broker.state import BrokerState, Out
 
@@ -95,8 +102,9 @@ class Hedging:
         if msg.step != req.step or sh.route[sh.hop].worker != peer:
             self.state.counters["stale_results"] += 1
             return []
-        if sh.hop < len(sh.route) - 1:
-            if len(msg.tensors) != 1:
+        if sh.hop < len(sh.route) - 1:  # a shadow prefills prompt + generated
+            if hidden_problem(req, msg.tensors, len(req.prompt) + len(req.generated)):
+                self.state.counters["bad_messages"] += 1
                 return self.flow.drop_shadow(req)
             sh.hop += 1
             hop = sh.route[sh.hop]

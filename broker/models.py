@@ -41,6 +41,13 @@ class ModelSpec:
     def num_layers(self) -> int:
         return self.chain_len - 2
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of a hidden state between two stages (0: unknown, not checked)."""
+        config = getattr(self.manifest, "config", None) or {}
+        value = config.get("hidden_size", 0)
+        return value if isinstance(value, int) and value > 0 else 0
+
     def decoder_layers_in(self, start: int, end: int) -> int:
         """How many decoder layers (positions 1..L) the span [start, end) holds."""
         return decoder_layers_in(self.chain_len, start, end)
@@ -141,6 +148,9 @@ class ZooCatalog:
                 continue
             except Exception:  # e.g. a tokenizer transformers cannot load: skip just this one
                 logger.exception("[models] skipping %s", name)
+                continue
+            if manifest.adapter is not None:  # never serve it as its bare base
+                logger.warning("[models] skipping %s: LoRA adapters are not served yet", name)
                 continue
             specs[name] = spec_from_manifest(manifest, tokenizer, self._eos_fallback)
         return specs

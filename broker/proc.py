@@ -29,7 +29,7 @@ import zmq
 from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
-from blockllm.broker.fetch import serve_fetch
+from blockllm.broker.fetch import catalog_document, serve_fetch
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
@@ -49,6 +49,7 @@ from blockllm.broker.protocol import (
     ProtocolError,
     Stats,
 )
+from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import bound_endpoint, make_socket
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class BrokerProc:
         self.broker = broker or Broker(cfg, catalog, now=time.monotonic())
         for name in FETCH_COUNTERS:
             self.broker.counters.setdefault(name, 0)
+        self._errors = RateLimitedLog(logger)  # what a peer's message broke, rate-limited
         self.ctx = zmq.Context()
         self._auth: Any = None
         self._handshakes: zmq.Socket | None = None  # failed CurveZMQ handshakes (keyless peers)
@@ -105,6 +107,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
+        self._catalog: tuple[int, bytes] | None = None  # (catalog_gen, document)
         self._wake = WakePipe()
         self.shutdown_requested = False
         self.prom: Any = None  # BrokerMetrics when --metrics-port is given
@@ -265,7 +268,19 @@ class BrokerProc:
             self._on_message(parts)
 
     def _on_message(self, parts: list[zmq.Frame]) -> None:
-        """Decode the envelope of one message and let the Broker handle it; never raises."""
+        """One message from a peer; never raises: whatever escapes is counted
+        (`internal_errors`), logged rate-limited, and the message dropped."""
+        try:
+            self._handle_parts(parts)
+        except Exception as e:
+            self.broker.counters["internal_errors"] += 1
+            peer = parts[0].bytes if parts else b""
+            self._errors.log(
+                type(e).__name__, "dropped a message from %r: %s: %s", peer, type(e).__name__, e
+            )
+
+    def _handle_parts(self, parts: list[zmq.Frame]) -> None:
+        """Decode the envelope of one message and let the Broker handle it."""
         peer = parts[0].bytes
         body = parts[1:]
         now = time.monotonic()
@@ -280,8 +295,15 @@ class BrokerProc:
             return
         try:
             outs = self.broker.handle(peer, msg, tuple(body[2:]), now)
-        except Exception:  # a bug must cost one message, not the broker
-            logger.exception("internal error handling %s from %r", msg.KIND.name, peer)
+        except Exception as e:  # a bug must cost one message, not the broker
+            self._errors.log(
+                f"{msg.KIND.name}:{type(e).__name__}",
+                "internal error handling %s from %r: %s: %s",
+                msg.KIND.name,
+                peer,
+                type(e).__name__,
+                e,
+            )
             self.broker.counters["internal_errors"] += 1
             rid = getattr(msg, "request_id", "")
             outs = [Out(peer, Error(rid, ErrorCode.INTERNAL.value, "internal broker error"))]
@@ -297,10 +319,17 @@ class BrokerProc:
         if worker is not None:
             worker.touch(now, self.cfg.expiry_s)
             self.broker.counters["fetches_by_workers"] += 1
-        answer, data = serve_fetch(self.cfg.zoo_dir, msg)
+        answer, data = serve_fetch(self.cfg.zoo_dir, msg, self._catalog_document)
         self.broker.counters["fetches"] += 1
         self.broker.counters["fetch_bytes"] += len(data or b"")
         self._send([Out(peer, answer, () if data is None else (data,))])
+
+    def _catalog_document(self) -> bytes:
+        """The planner's catalog (broker/fetch.py), built once per reload of the models."""
+        state = self.broker.state
+        if self._catalog is None or self._catalog[0] != state.catalog_gen:
+            self._catalog = (state.catalog_gen, catalog_document(state.models, self.cfg.zoo_dir))
+        return self._catalog[1]
 
     def _send(self, outs: list[Out]) -> None:
         """Send without blocking; failures go back to the Broker, whose answers are sent too."""

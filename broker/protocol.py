@@ -145,6 +145,9 @@ class Ready:
     free_slots: int = 0
     # weights + KV the worker may use (0: not limited by the worker; the planner's default)
     memory_budget_bytes: int = 0
+    # block ids this worker cannot get (fetched corrupt from its source): the planner places
+    # stages holding them elsewhere
+    refused_blocks: tuple[str, ...] = ()
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 

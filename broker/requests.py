@@ -117,11 +117,33 @@ class RequestState:
         """The distinct workers of the current route, in hop order."""
         return list(dict.fromkeys(h.worker for h in self.route or ()))
 
+    def step_tokens(self) -> int:
+        """How many new positions the step in flight runs (its input's length)."""
+        return len(self.prompt) + len(self.generated) - self.past_len
+
     def step_input(self) -> tuple[list[int], int]:
         """Token ids for the next step's first hop and its past_len."""
         if self.prefill:
             return [*self.prompt, *self.generated], 0
         return [self.generated[-1]], len(self.prompt) + len(self.generated) - 1
+
+
+HIDDEN_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+
+def hidden_problem(req: RequestState, metas: tuple[TensorMeta, ...], tokens: int) -> str:
+    """Why a mid-route RESULT cannot be the next hop's input ("" = it can): one hidden-state
+    tensor [tokens, hidden size] of a float dtype, `tokens` the step's new positions. The
+    broker checks the header only (the frames are forwarded untouched, never decoded)."""
+    if len(metas) != 1:
+        return f"RESULT mid-route with {len(metas)} tensors"
+    meta, hidden = metas[0], req.spec.hidden_size
+    if meta.dtype not in HIDDEN_DTYPES:
+        return f"RESULT mid-route with a {meta.dtype} tensor"
+    if len(meta.shape) != 2 or meta.shape[0] != tokens or (hidden and meta.shape[1] != hidden):
+        want = f"({tokens}, {hidden or 'hidden'})"
+        return f"RESULT mid-route with shape {tuple(meta.shape)}, expected {want}"
+    return ""
 
 
 def token_frame(ids: list[int]) -> tuple[TensorMeta, bytes]:

@@ -80,6 +80,7 @@ class BrokerState:
         self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
         self.key_cache: dict[tuple[str, int, int], str | None] = {}
         self.last_reload = now
+        self.catalog_gen = 0  # reloads so far: the planner's catalog version
 
     # -- peers -------------------------------------------------------------------------------
     def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:
@@ -104,6 +105,7 @@ class BrokerState:
     def reload(self, now: float = 0.0) -> None:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.last_reload = now
+        self.catalog_gen += 1  # the planner re-reads its catalog (STATS "catalog_gen")
         try:
             self.models = dict(self.catalog())
         except Exception:  # a broken zoo must not take the broker down: keep the old view

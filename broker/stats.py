@@ -97,4 +97,5 @@ def stats_body(b: BrokerState, route_of: RouteFn, now: float) -> dict[str, Any]:
         entry.update(b.metrics.model_stats(name, now))
     body["time"] = now
     body["interval_s"] = b.cfg.stats_interval_s
+    body["catalog_gen"] = b.catalog_gen  # changes on reload: the planner re-reads its catalog
     return body

@@ -52,6 +52,8 @@ class WorkerState:
     # stage key -> when its drain ends: no new routes use it; then UNLOAD_STAGE is sent
     draining: dict[str, float] = field(default_factory=dict)
     last_error: str = ""
+    # block ids the worker cannot get (READY): the planner places their stages elsewhere
+    refused_blocks: tuple[str, ...] = ()
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
@@ -79,6 +81,7 @@ class WorkerState:
         self.kv_total_bytes = msg.kv_total_bytes
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
+        self.refused_blocks = msg.refused_blocks
         self.kv_geometries = msg.kv_geometries
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}

@@ -93,6 +93,9 @@ class WorkerProcConfig:
     fetch_from_broker: bool = True
     fetch_timeout_s: float = 30.0  # per chunk: a broker silent this long fails the load
     load_queue_size: int = 64  # stage loads waiting for the loader thread (more are refused)
+    # a load without progress (a fetched chunk, a job's start or end) this long stops the
+    # systemd watchdog kicks: a hung loader gets the process restarted (worker/loader.py)
+    loader_stall_s: float = 120.0
     # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

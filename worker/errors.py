@@ -27,6 +27,10 @@ class StartupLoadFailed(RuntimeError):
     """A configured stage could not be loaded at start: the worker cannot serve as asked."""
 
 
+class BrokerRejected(RuntimeError):
+    """The broker refused this worker for good (protocol version): fatal, never dropped."""
+
+
 class WorkerError(Exception):
     """Base of the engine's typed errors; `code` is the ErrorCode sent back to the caller."""
 

@@ -42,8 +42,11 @@ def kv_geometries(engine: Any) -> tuple[KVGeometryUse, ...]:
     )
 
 
-def ready_message(name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any) -> Ready:
-    """The READY a worker named `name` (a WorkerProcConfig `cfg`) sends with `stages`."""
+def ready_message(
+    name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any, refused: tuple[str, ...] = ()
+) -> Ready:
+    """The READY a worker named `name` (a WorkerProcConfig `cfg`) sends with `stages` (and
+    the blocks it cannot get, `refused`)."""
     kv_total, kv_free, free_slots, _depths = engine_load(engine)
     return Ready(
         protocol_version=PROTOCOL_VERSION,
@@ -57,6 +60,7 @@ def ready_message(name: str, cfg: Any, stages: tuple[StageRef, ...], engine: Any
         max_batch_size=cfg.max_batch_size,
         free_slots=free_slots,
         memory_budget_bytes=cfg.memory_budget_bytes,
+        refused_blocks=refused,
         kv_geometries=kv_geometries(engine),
     )
 

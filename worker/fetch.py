@@ -8,6 +8,12 @@ so memory is one chunk, then one block while it is stored. Each block is re-stor
 one asked for is an error, never stored. The manifest is published last, so the zoo never
 names a block it does not hold.
 
+A corrupt block (bytes that do not parse, or tensors hashing to another id) fails the fetch
+with `CorruptBlock`, naming the block and the source, before anything is stored: its content is
+hashed from the temp file, never from the zoo, and no lock is taken on the error path (an
+earlier version took the exclusive collect lock to delete what `put_block` had written while
+still holding the shared one, and hung for ever).
+
 Runs on the worker's loader thread (worker/loader.py). The FETCH goes out through the IO
 thread, which owns the worker's one DEALER (`proc_io.IOThread.fetch`) and hands the BLOB or
 ERROR answering it back to the caller, never to the compute loop.
@@ -40,6 +46,18 @@ class FetchRefused(FetchError):
     """The broker answered ERROR: it has no such object (or refused the name)."""
 
 
+class CorruptBlock(FetchError):
+    """A block arrived unreadable or with content hashing to another id (nothing stored).
+
+    `block` is the id asked for, `source` where it came from; the worker reports the block as
+    one it cannot get (READY `refused_blocks`), so the planner places its stages elsewhere."""
+
+    def __init__(self, block: str, source: str, why: str) -> None:
+        super().__init__(f"block {block} from {source} is corrupt: {why}")
+        self.block = block
+        self.source = source
+
+
 def _fetch_to(ask: Ask, what: str, name: str, write: Callable[[memoryview], Any]) -> int:
     """Stream object `what`/`name` from the broker into `write`; returns its size."""
     offset, total = 0, None
@@ -63,10 +81,13 @@ def _fetch_to(ask: Ask, what: str, name: str, write: Callable[[memoryview], Any]
     return offset
 
 
-def _fetch_block(ask: Ask, zoo: Any, bid: str) -> int:
+def _fetch_block(ask: Ask, zoo: Any, bid: str, source: str) -> int:
+    """Fetch block `bid` into a temp file, check its content hash, then store it; raises
+    CorruptBlock (nothing stored) when the bytes do not parse or hash to another id."""
     from safetensors.torch import load_file
 
     from blockllm.zoo.fsutil import temp_path
+    from blockllm.zoo.hashing import block_id
 
     path = zoo.block_path(bid)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,24 +95,30 @@ def _fetch_block(ask: Ask, zoo: Any, bid: str) -> int:
     try:
         with tmp.open("wb") as f:
             size = _fetch_to(ask, "block", bid, f.write)
-        stored = zoo.put_block(load_file(str(tmp)))
+        try:
+            tensors = load_file(str(tmp))
+            got = block_id(tensors)
+        except Exception as e:  # safetensors raises its own types for bad bytes
+            raise CorruptBlock(bid, source, f"unreadable ({type(e).__name__}: {e})") from e
+        if got != bid:
+            raise CorruptBlock(bid, source, f"its content hashes to {got}")
+        zoo.put_block(tensors)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    if stored.id != bid:
-        with zoo.collect_lock():
-            zoo.block_path(stored.id).unlink(missing_ok=True)
-        raise FetchError(f"block {bid} arrived with content hashing to {stored.id}")
     return size
 
 
 def _fetch_tokenizer(ask: Ask, zoo: Any, digest: str) -> int:
-    """The tokenizer folder `digest`: each known file the broker has, re-stored by content."""
+    """The tokenizer folder `digest`: each known file the broker has, re-stored by content
+    (checked before it is stored: a mismatch stores nothing)."""
     import tempfile
 
+    from blockllm.zoo.hashing import files_digest
     from blockllm.zoo.store import TOKENIZER_FILES
 
     size = 0
+    files: list[tuple[str, bytes]] = []
     with tempfile.TemporaryDirectory(dir=zoo.root, prefix=".fetch-") as tmp:
         for fname in TOKENIZER_FILES:  # small files (a few MiB at most): held whole
             buf = bytearray()
@@ -100,9 +127,11 @@ def _fetch_tokenizer(ask: Ask, zoo: Any, digest: str) -> int:
             except FetchRefused:
                 continue  # the broker's tokenizer has no such file
             Path(tmp, fname).write_bytes(buf)
-        got = zoo.put_tokenizer(Path(tmp))
-    if got != digest:
-        raise FetchError(f"tokenizer {digest} arrived with content hashing to {got}")
+            files.append((fname, bytes(buf)))
+        got = files_digest(files) if files else None
+        if got != digest:
+            raise FetchError(f"tokenizer {digest} arrived with content hashing to {got}")
+        zoo.put_tokenizer(Path(tmp))
     return size
 
 
@@ -118,10 +147,11 @@ def complete(zoo: Any, name: str) -> bool:
     return all(zoo.has_block(b) for b in m.chain) and not _tokenizer_missing(zoo, m)
 
 
-def fetch_model(ask: Ask, zoo: Any, name: str) -> int:
-    """Make model `name` complete in `zoo`, pulling from the broker; bytes fetched (0: it was).
+def fetch_model(ask: Ask, zoo: Any, name: str, source: str = "the broker") -> int:
+    """Make model `name` complete in `zoo`, pulling from the broker (`source`: its address, for
+    errors); bytes fetched (0: it was).
 
-    Raises FetchError (broker refused, silent, hash mismatch) or a ZooError.
+    Raises FetchError (broker refused, silent; CorruptBlock: hash mismatch) or a ZooError.
     """
     from blockllm.zoo.manifest import ModelManifest
 
@@ -138,7 +168,7 @@ def fetch_model(ask: Ask, zoo: Any, name: str) -> int:
     with zoo.shared_lock():  # gc must not remove fetched blocks before the manifest
         for bid in dict.fromkeys(m.chain):
             if not zoo.has_block(bid):
-                fetched += _fetch_block(ask, zoo, bid)
+                fetched += _fetch_block(ask, zoo, bid, source)
         if _tokenizer_missing(zoo, m):
             fetched += _fetch_tokenizer(ask, zoo, m.tokenizer)
         if not local:

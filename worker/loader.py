@@ -9,6 +9,11 @@ engine only has to build its modules from tensors already in memory. So the load
 slow part and hands the tensors to the compute loop through its inbox as a `Loaded` item; the
 compute loop installs them (`Worker.load_stage(..., preread=...)`) between two steps, and
 requests on stages already loaded keep stepping meanwhile. Jobs run one at a time, in order.
+
+Health: the loader notes when it last made progress (a job started or ended, a fetched chunk
+arrived); `stalled_for(now)` is how long a job has gone without any. The compute loop feeds
+systemd's watchdog only while that stays under `loader_stall_s` (worker/proc.py), so a hung
+loader gets the process restarted instead of leaving every later load queued behind it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,20 +88,25 @@ class _Stop:
 def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> StageLoader:
     """The started loader thread of a worker process (a WorkerProcConfig `cfg`): reads blocks
     with the engine's `read_blocks` and, when the engine has a zoo and `fetch_from_broker`,
-    first pulls what it lacks through `ask` (the IO thread's `fetch`)."""
-    zoo = getattr(engine, "zoo", None)
-    fetch = None
-    if zoo is not None and cfg.fetch_from_broker:
-        from blockllm.worker.fetch import fetch_model
-
-        fetch = functools.partial(fetch_model, ask, zoo)
+    first pulls what it lacks through `ask` (the IO thread's `fetch`); each answer counts as
+    the loader's progress."""
     loader = StageLoader(
         engine.read_blocks,
-        fetch,
+        None,
         inbox,
         max_jobs=max(cfg.load_queue_size, len(cfg.stages)),
         gate=cfg.fault_load_gate,
     )
+    zoo = getattr(engine, "zoo", None)
+    if zoo is not None and cfg.fetch_from_broker:
+        from blockllm.worker.fetch import fetch_model
+
+        def ask_noting_progress(msg: Any) -> Any:
+            answer = ask(msg)
+            loader.touch()
+            return answer
+
+        loader.fetch = functools.partial(fetch_model, ask_noting_progress, zoo, source=cfg.broker)
     loader.start()
     return loader
 
@@ -116,11 +127,12 @@ class StageLoader(threading.Thread):
     ) -> None:
         super().__init__(name="worker-loader", daemon=True)
         self._read = read
-        self._fetch = fetch
+        self.fetch = fetch  # set before start()
         self._inbox = inbox
         self._jobs: queue.Queue[LoadJob | _Stop] = queue.Queue(maxsize=max_jobs)
         self._gate = gate
         self.loading: LoadJob | None = None  # the job in progress (for logs and facts)
+        self._progress_at = time.monotonic()  # last job start/end or fetched chunk
         self._stopping = False
 
     def submit(self, job: LoadJob) -> None:
@@ -137,20 +149,35 @@ class StageLoader(threading.Thread):
         with contextlib.suppress(queue.Full):
             self._jobs.put_nowait(_Stop())
 
+    def touch(self) -> None:
+        """Note progress of the job in progress (any thread; one float store)."""
+        self._progress_at = time.monotonic()
+
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds the job in progress has gone without progress; 0 when idle. A loader
+        thread that died counts as stalled since it was last seen."""
+        now = time.monotonic() if now is None else now
+        if self.loading is None and self.is_alive():
+            return 0.0
+        return max(0.0, now - self._progress_at)
+
     def run(self) -> None:
         while True:
             job = self._jobs.get()
             if isinstance(job, _Stop) or self._stopping:
                 return
+            self.touch()
             self.loading = job
-            self._inbox.put(self._run_job(job))
+            loaded = self._run_job(job)
             self.loading = None
+            self.touch()
+            self._inbox.put(loaded)
 
     def _run_job(self, job: LoadJob) -> Loaded:
         """Fetch and read one stage; every error is the job's, never the thread's."""
         try:
-            if self._fetch is not None:
-                self._fetch(job.model)
+            if self.fetch is not None:
+                self.fetch(job.model)
             if not job.startup:
                 self._wait_gate()
             blocks = self._read(job.model, job.start, job.end)

@@ -12,7 +12,9 @@ compute loop drops all KV and sends READY again (the broker replays those reques
 The main thread runs the engine (`Worker`) directly: it drains the inbox (blocking when idle),
 submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
 SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
-(broker/migrate.py) export and import a request's KV of one stage between two steps.
+(broker/migrate.py) export and import a request's KV of one stage between two steps
+(worker/proc_kv.py). systemd's watchdog is fed only while the IO and loader threads are
+healthy too (`_healthy`).
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
@@ -38,7 +40,6 @@ from typing import Any
 
 import torch
 
-from blockllm.broker import frames
 from blockllm.broker.lifecycle import (
     Watchdog,
     begin_drain,
@@ -52,9 +53,6 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Kind,
-    KvAck,
-    KvExport,
-    KvShard,
     LoadStage,
     Release,
     SetBatch,
@@ -62,9 +60,11 @@ from blockllm.broker.protocol import (
     StageRef,
     UnloadStage,
 )
+from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import InjectedFault, StartupLoadFailed, WorkerError
+from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
+from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.loader import (
     Loaded,
     LoaderBusy,
@@ -84,12 +84,13 @@ from blockllm.worker.proc_io import (
     result_message,
     work_item,
 )
+from blockllm.worker.proc_kv import KvMigration
 from blockllm.worker.speculate import Speculation
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerProc:
+class WorkerProc(KvMigration):
     """The compute loop around one engine `Worker`; call from the process's main thread.
 
     `start()` connects and starts loading the configured stages (READY follows once they are
@@ -117,6 +118,10 @@ class WorkerProc:
         self.loader: StageLoader | None = None
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
+        self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
+        self._unhealthy = ""  # why the watchdog is not fed now ("" = every loop is healthy)
+        self.bad_messages = 0  # messages whose handling failed (dropped)
+        self._bad_log = RateLimitedLog(logger)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
@@ -163,7 +168,8 @@ class WorkerProc:
         deadline: float | None = None
         watchdog = Watchdog()  # the compute loop wakes at least once a heartbeat interval
         while True:
-            watchdog.kick()
+            if self._healthy():
+                watchdog.kick()
             if self.stop_requested and deadline is None:
                 queued = self.engine.queued()
                 logger.info("[shutdown] worker %s draining %d requests", self.name, queued)
@@ -187,6 +193,25 @@ class WorkerProc:
         self.io.send(Dead("shutdown"))
         logger.info("[shutdown] worker %s stopped", self.name)
         return EXIT_OK
+
+    def _healthy(self) -> bool:
+        """Whether every loop of the process works: the IO thread runs and the loader thread
+        has made progress within `loader_stall_s` (this loop is the caller). The watchdog is
+        fed only then, so systemd restarts a worker whose loader hung; logged on change."""
+        why = ""
+        if not self.io.is_alive():
+            why = "the IO thread is not running"
+        elif self.loader is not None:
+            stalled = self.loader.stalled_for()
+            if stalled > self.cfg.loader_stall_s:
+                why = f"loader stuck on {self.loader.loading} for {stalled:.0f} s"
+        if why != self._unhealthy:
+            if why:
+                logger.error("[watchdog] worker %s: %s; not feeding the watchdog", self.name, why)
+            else:
+                logger.warning("[watchdog] worker %s: healthy again", self.name)
+            self._unhealthy = why
+        return not why
 
     def fail(self, reason: str) -> None:
         """Fatal path: DEAD(reason) to the broker, with linger so it leaves before exit."""
@@ -257,9 +282,23 @@ class WorkerProc:
         msg, tensors = item
         handler = self._handlers.get(msg.KIND)
         if handler is None:
-            logger.warning("worker %s ignores a %s message", self.name, msg.KIND.name)
+            self._bad_log.log(msg.KIND.name, "worker %s ignores %s messages", self.name, msg.KIND)
             return
-        handler(msg, tensors)
+        try:
+            handler(msg, tensors)
+        except BrokerRejected:
+            raise
+        except Exception as e:  # a peer's message must never take the worker down
+            self.bad_messages += 1
+            self._bad_log.log(
+                f"{msg.KIND.name}:{type(e).__name__}",
+                "worker %s dropped a %s (%d so far): %s: %s",
+                self.name,
+                msg.KIND.name,
+                self.bad_messages,
+                type(e).__name__,
+                e,
+            )
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -343,51 +382,6 @@ class WorkerProc:
             return
         self._known.add(msg.request_id)
 
-    def _handle_kv_export(self, msg: KvExport, _tensors: list[torch.Tensor]) -> None:
-        """KV_SHARD with the request's K and V of the stage (fresh CPU copies, referenced by
-        the outbox until zmq has sent them), or a refusal (KV_ACK ok=false, typed code)."""
-        try:
-            k, v = self.engine.export_kv(msg.request_id, msg.stage_key, msg.length)
-        except Exception as e:  # a peer's request must never take the worker down
-            self._kv_refuse(msg, e)
-            return
-        metas = (frames.meta_of(k), frames.meta_of(v))
-        shard = KvShard(msg.transfer_id, msg.request_id, msg.stage_key, msg.length, 0, metas)
-        self.io.send(shard, (k, v))
-
-    def _handle_kv_shard(self, msg: KvShard, tensors: list[torch.Tensor]) -> None:
-        """Import a request's KV of one stage (admitted like a new request) and KV_ACK it."""
-        if self.stop_requested:
-            self._kv_refuse(msg, WorkerError("worker is shutting down"), ErrorCode.WORKER_LOST)
-            return
-        if len(tensors) != 2 or msg.length != (
-            tensors[0].shape[1] if tensors[0].dim() == 4 else -1
-        ):
-            why = WorkerError("KV_SHARD needs K and V [L, n, H, Dh]")
-            self._kv_refuse(msg, why, ErrorCode.BAD_REQUEST)
-            return
-        k, v = tensors
-        try:
-            self.engine.import_kv(msg.request_id, msg.stage_key, k, v, msg.max_total_len)
-        except Exception as e:
-            self._kv_refuse(msg, e)
-            return
-        self._known.add(msg.request_id)  # it holds KV here now: released by RELEASE or a reset
-        self.io.send(KvAck(msg.transfer_id, msg.request_id, msg.stage_key, True))
-
-    def _kv_refuse(
-        self, msg: KvExport | KvShard, e: Exception, code: ErrorCode | None = None
-    ) -> None:
-        """KV_ACK(ok=false): `code`, or the WorkerError's own (INTERNAL for anything else)."""
-        if code is None:
-            if not isinstance(e, WorkerError):
-                logger.exception("[kv] migration of %s failed", msg.request_id)
-            code = ErrorCode(e.code.value) if isinstance(e, WorkerError) else ErrorCode.INTERNAL
-        text = str(e)[:300]
-        logger.info("[kv] %s of %s refused: %s %s", msg.KIND.name, msg.request_id, code.value, text)
-        ack = KvAck(msg.transfer_id, msg.request_id, msg.stage_key, False, code.value, text)
-        self.io.send(ack)
-
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
         """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
         assert self.loader is not None, "start() first"
@@ -417,7 +411,7 @@ class WorkerProc:
 
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
-            raise RuntimeError(f"broker rejected this worker: {msg.message}")
+            raise BrokerRejected(f"broker rejected this worker: {msg.message}")
         if msg.code == ErrorCode.WORKER_LOST.value and not msg.request_id:
             # The broker does not know us (it restarted, or purged us): start over.
             logger.warning("worker %s: broker says %r; registering again", self.name, msg.message)
@@ -460,6 +454,8 @@ class WorkerProc:
     def _load_failed(self, job: LoadJob, e: BaseException) -> None:
         """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
         logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
+        if isinstance(e, CorruptBlock):  # READY names it: the planner places it elsewhere
+            self._refused.add(e.block)
         code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
         self.io.send(Error("", str(code), f"load {job}: {e}"))
 
@@ -483,7 +479,8 @@ class WorkerProc:
             self._send_ready()
 
     def _send_ready(self) -> None:
-        self.io.send(ready_message(self.name, self.cfg, tuple(self._stages.values()), self.engine))
+        stages, refused = tuple(self._stages.values()), tuple(sorted(self._refused))
+        self.io.send(ready_message(self.name, self.cfg, stages, self.engine, refused))
 
     def _refresh_facts(self, *, force: bool = False) -> None:
         """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""

@@ -37,10 +37,10 @@ from blockllm.broker.protocol import (
     Heartbeat,
     Kind,
     Message,
-    ProtocolError,
     Result,
     Speculate,
 )
+from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import make_socket
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError
@@ -162,6 +162,7 @@ class IOThread(threading.Thread):
         self._fetches: dict[str, queue.SimpleQueue[FetchAnswer]] = {}  # request id -> waiter
         self._fetch_lock = threading.Lock()
         self._fetch_ids = itertools.count(1)
+        self._bad_log = RateLimitedLog(logger)
         self.fetch_chunks = 0  # answers routed to fetchers
         self._wake_r, self._wake_w = os.pipe()
         self._pipe_lock = threading.Lock()
@@ -374,14 +375,22 @@ class IOThread(threading.Thread):
             self._dispatch(parts)
 
     def _dispatch(self, parts: list[zmq.Frame]) -> None:
+        """One message from the broker; nothing a message does escapes (counted in
+        `bad_messages`, logged rate-limited, dropped): the IO thread is the worker's life."""
         try:
-            msg, views = frames.decode(parts)
-        except ProtocolError as e:
+            self._dispatch_one(parts)
+        except Exception as e:
             self.bad_messages += 1
-            logger.warning(
-                "dropped a bad message from the broker (%d so far): %s", self.bad_messages, e
+            self._bad_log.log(
+                type(e).__name__,
+                "dropped a bad message from the broker (%d so far): %s: %s",
+                self.bad_messages,
+                type(e).__name__,
+                e,
             )
-            return
+
+    def _dispatch_one(self, parts: list[zmq.Frame]) -> None:
+        msg, views = frames.decode(parts)
         if msg.KIND is Kind.HEARTBEAT:
             self._pinged = True  # answered with our load facts (the pong)
             return

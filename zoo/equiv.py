@@ -119,6 +119,8 @@ def candidate_pairs(manifests: dict[str, ModelManifest]) -> list[Pair]:
     slots: dict[tuple[str, int], dict[str, str]] = {}
     for name in sorted(manifests):
         m = manifests[name]
+        if m.adapter is not None:  # its chain is its base's; hosts run without adapters
+            continue
         for p, bid in enumerate(m.chain):
             slots.setdefault((m.fingerprint, p), {}).setdefault(bid, name)
     pairs = []

@@ -52,6 +52,10 @@ def export_model(zoo: Zoo, name: str, out: Path) -> Path:
     m = zoo.manifest(name)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ZooError(f"output folder {out} exists and is not empty")
+    if m.adapter is not None:
+        from blockllm.zoo.adapters import export_adapter
+
+        return export_adapter(zoo, m, out)
     out.mkdir(parents=True, exist_ok=True)
     sd = hf_state_dict(zoo, m)
     logger.info("[export] %s: %d tensors -> %s", name, len(sd), out)

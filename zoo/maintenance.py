@@ -57,10 +57,10 @@ class GcReport:
 
 
 def block_users(manifests: dict[str, ModelManifest]) -> dict[str, list[str]]:
-    """Block id -> names of the models whose chain uses it."""
+    """Block id -> names of the models whose chain (or adapter) uses it."""
     users: dict[str, list[str]] = defaultdict(list)
     for name, m in manifests.items():
-        for bid in dict.fromkeys(m.chain):
+        for bid in dict.fromkeys(m.all_blocks()):
             users[bid].append(name)
     return users
 
@@ -80,14 +80,23 @@ def disk_usage(zoo: Zoo) -> dict[str, Any]:
         chain_sizes = [
             sizes.get(bid, recorded[p] if p < len(recorded) else 0) for p, bid in enumerate(m.chain)
         ]
-        unique = sum(sizes.get(b, 0) for b in set(m.chain) if len(users[b]) == 1)
+        adapter = [sizes.get(b, 0) for _, b in m.adapter_blocks]
+        unique = sum(sizes.get(b, 0) for b in set(m.all_blocks()) if len(users[b]) == 1)
         models[name] = {
-            "logical_bytes": sum(chain_sizes),
+            "logical_bytes": sum(chain_sizes) + sum(adapter),
             "unique_bytes": unique,
             "layers": m.num_layers,
             "dtype": m.dtype,
             "model_type": m.model_type,
         }
+        if m.adapter is not None:
+            models[name]["adapter"] = {
+                "base": m.adapter["base"],
+                "bytes": sum(adapter),
+                "layers": len(adapter),
+                "ranks": sorted(set(m.adapter["ranks"].values())),
+                "targets": m.adapter["targets"],
+            }
     return {
         "logical_bytes": sum(v["logical_bytes"] for v in models.values()),
         "physical_bytes": sum(sizes.values()),

@@ -40,6 +40,24 @@ class ModelManifest:
     tokenizer: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    # a LoRA adapter (zoo/adapters.py): its chain is its base's, plus these facts
+    # {"base", "blocks": [adapter block id | None per chain position], "config", ...}
+    adapter: dict[str, Any] | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
+
+    @property
+    def adapter_blocks(self) -> tuple[tuple[int, str], ...]:
+        """(chain position, adapter block id) of every position the adapter changes."""
+        if self.adapter is None:
+            return ()
+        return tuple((p, b) for p, b in enumerate(self.adapter["blocks"]) if b)
+
+    def all_blocks(self) -> tuple[str, ...]:
+        """Every block id the model references: its chain, then its adapter blocks."""
+        return (*self.chain, *(b for _, b in self.adapter_blocks))
 
     @property
     def num_layers(self) -> int:
@@ -64,6 +82,8 @@ class ModelManifest:
             "config": self.config,
             "source": self.source,
         }
+        if self.adapter is not None:
+            doc["adapter"] = self.adapter
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
@@ -84,8 +104,11 @@ class ModelManifest:
                 tokenizer=doc.get("tokenizer"),
                 source=doc.get("source") or {},
                 fingerprint=doc.get("fingerprint", ""),
+                adapter=doc.get("adapter"),
             )
             layers = m.config["num_hidden_layers"]
+            if m.adapter is not None and len(m.adapter["blocks"]) != len(m.chain):
+                raise IntegrityError(f"{where}: adapter blocks do not match the chain")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{where}: malformed manifest ({e})") from e
         if len(m.chain) != layers + 2:

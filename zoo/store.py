@@ -194,7 +194,7 @@ class Zoo:
 
         The caller holds `shared_lock()` (the blocks it references are then safe from gc).
         """
-        for bid in m.chain:
+        for bid in m.all_blocks():
             if not self.has_block(bid):
                 raise IntegrityError(f"manifest {m.name!r} references missing block {bid}")
         path = self._manifest_path(m.name)
@@ -268,8 +268,24 @@ class Zoo:
 
         return import_checkpoint(self, Path(path), name, progress=progress, force=force)
 
+    def import_adapter(
+        self,
+        path: str | Path,
+        name: str,
+        progress: Progress | None = None,
+        *,
+        base: str | None = None,
+        force: bool = False,
+    ) -> ModelManifest:
+        """Import a PEFT LoRA adapter folder as model `name` on top of zoo model `base` (or the
+        one its config names; see zoo/adapters.py)."""
+        from blockllm.zoo.adapters import import_adapter
+
+        return import_adapter(self, Path(path), name, base=base, progress=progress, force=force)
+
     def export(self, name: str, out_dir: str | Path) -> Path:
-        """Write model `name` as a HF checkpoint folder (see zoo/export.py)."""
+        """Write model `name` as a HF checkpoint folder, or an adapter as a PEFT adapter
+        folder (see zoo/export.py, zoo/adapters.py)."""
         from blockllm.zoo.export import export_model
 
         return export_model(self, name, Path(out_dir))

@@ -17,21 +17,26 @@ requests take:
 3. **Stages and routes.** On each worker, the positions a set of models covers with the same
    block form one stage (loaded under a model that owns those blocks), so tenants sharing a
    run of blocks are batched together; each replica becomes one `PlannedRoute`.
+A worker never gets a position whose block it reported it cannot get (`WorkerInfo.refused`).
 Budgets are never exceeded: a replica that does not fit is not placed (the model is reported
 in `uncovered` when not even one fits).
+
+The search is indexed (placement_index.py: the same choices as scanning every worker, ~1 s for
+2,000 models on 256 workers) and the stages and routes are derived in placement_layout.py.
+`replace_lost` re-places after workers are lost, touching only the replicas that were on them
+(milliseconds at that size); `place_in` returns the search state it starts from.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from blockllm.broker.protocol import PlannedHop, PlannedRoute
-
-Stage = tuple[str, int, int]  # (model to load it from, start, end)
-KV_PAGE_TOKENS = 16  # tokens of the first geometry a worker's KV page holds (WorkerConfig)
-Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
+from blockllm.broker.planner.placement_index import Cluster, Segment, place_replica
+from blockllm.broker.planner.placement_layout import Stage, layout, relayout
+from blockllm.broker.protocol import PlannedRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class WorkerInfo:
     name: str
     capacity_bytes: float = math.inf
     resident: frozenset[str] = frozenset()  # block ids held in the live cluster (stability)
+    refused: frozenset[str] = frozenset()  # block ids it cannot get: never placed there
     kv_budget_bytes: int = 0  # its KV arena (0: not limited)
     kv_page_bytes: int = 0  # what a KV page costs there (0: no arena yet: the first stage's)
 
@@ -102,105 +108,6 @@ class Placement:
         return min((len(r) for r in self.replicas.get(model, [])), default=0)
 
 
-class _Cluster:
-    """Placement state: per worker the blocks held, bytes, load, and who covers what."""
-
-    def __init__(self, workers: Sequence[WorkerInfo], total_demand: float) -> None:
-        self.workers = {w.name: w for w in workers}
-        self.held: dict[str, set[str]] = {w.name: set() for w in workers}
-        self.used: dict[str, int] = {w.name: 0 for w in workers}
-        self.load: dict[str, float] = {w.name: 0.0 for w in workers}
-        # worker -> (model, position) pairs it covers
-        self.covers: dict[str, set[tuple[str, int]]] = {w.name: set() for w in workers}
-        self.total = total_demand or 1.0
-        # KV: decoder layers placed per worker (each needs a page of the arena at least) and
-        # the page size (set by the first geometry: worker/kv_cache.py)
-        self.kv_layers: dict[str, int] = {w.name: 0 for w in workers}
-        self.kv_page: dict[str, int] = {w.name: w.kv_page_bytes for w in workers}
-
-    def kv_pages_left(self, w: str, m: ModelInfo) -> int:
-        """Decoder layers of m that w's KV arena can still take (a page each), or a large
-        number when not limited; 0 when m's rows do not fit a page there."""
-        budget = self.workers[w].kv_budget_bytes
-        if budget <= 0 or m.kv_row_bytes <= 0:
-            return 1 << 30
-        page = self.kv_page[w] or 2 * KV_PAGE_TOKENS * m.kv_row_bytes
-        if 2 * m.kv_row_bytes > page:
-            return 0
-        return budget // page - self.kv_layers[w]
-
-    def new_blocks(self, w: str, m: ModelInfo, start: int, end: int) -> dict[str, int]:
-        blocks: dict[str, int] = {}
-        for p in range(start, end):
-            for b in m.blocks_at(p):
-                if b not in self.held[w] and b not in blocks:
-                    blocks[b] = m.nbytes(b)
-        return blocks
-
-    def reach(self, w: str, m: ModelInfo, start: int) -> tuple[int, int, int]:
-        """(farthest end, new bytes, bytes not resident) of a segment of m on w from start."""
-        room = self.workers[w].capacity_bytes - self.used[w]
-        kv_room = self.kv_pages_left(w, m)
-        seen: set[str] = set()
-        new = churn = layers = 0
-        end = start
-        for p in range(start, len(m.chain)):
-            extra = [b for b in m.blocks_at(p) if b not in self.held[w] and b not in seen]
-            cost = sum(m.nbytes(b) for b in extra)
-            kv = 1 if extra and 1 <= p < len(m.chain) - 1 else 0  # a new decoder layer
-            if new + cost > room or layers + kv > kv_room:
-                break
-            layers += kv
-            seen.update(extra)
-            new += cost
-            churn += sum(m.nbytes(b) for b in extra if b not in self.workers[w].resident)
-            end = p + 1
-        return end, new, churn
-
-    def add(self, w: str, m: ModelInfo, start: int, end: int, share: float) -> None:
-        blocks = self.new_blocks(w, m, start, end)
-        layers = sum(
-            1 for p in range(max(1, start), min(end, len(m.chain) - 1)) if m.chain[p] in blocks
-        )
-        if layers and m.kv_row_bytes and not self.kv_page[w]:
-            self.kv_page[w] = 2 * KV_PAGE_TOKENS * m.kv_row_bytes
-        self.kv_layers[w] += layers
-        self.held[w].update(blocks)
-        self.used[w] += sum(blocks.values())
-        total_work = sum(m.work(p) for p in range(len(m.chain))) or 1.0
-        self.load[w] += share * sum(m.work(p) for p in range(start, end)) / total_work
-        self.covers[w].update((m.name, p) for p in range(start, end))
-
-
-def _place_replica(
-    c: _Cluster, m: ModelInfo, share: float, exclude: set[str]
-) -> list[Segment] | None:
-    """Cut one replica of m's chain into the fewest segments that fit; None if none fits."""
-    segments: list[Segment] = []
-    pos = 0
-    chain_len = len(m.chain)
-    while pos < chain_len:
-        best: tuple | None = None
-        for w in sorted(c.workers):
-            if w in exclude:
-                continue
-            end, new, churn = c.reach(w, m, pos)
-            if end == pos:
-                continue
-            rank = (-end, round(c.load[w] / c.total, 2), new, churn, len(c.covers[w]), w)
-            if best is None or rank < best[0]:
-                best = (rank, w, end)
-        if best is None:
-            return None
-        _, w, end = best
-        segments.append((w, pos, end))
-        exclude = exclude | {w}  # a replica visits a worker once
-        pos = end
-    for w, start, end in segments:
-        c.add(w, m, start, end, share)
-    return segments
-
-
 def replica_targets(models: Sequence[ModelInfo], n_workers: int) -> dict[str, int]:
     """Replicas per model: round(W * demand share), at least 1 and at most W."""
     total = sum(max(0.0, m.demand) for m in models)
@@ -219,42 +126,171 @@ def place(
     max_replicas: int | None = None,
 ) -> Placement:
     """The placement of `models` on `workers` (module docstring); deterministic."""
+    plan, _ = place_in(models, workers, max_replicas=max_replicas)
+    return plan
+
+
+def place_in(
+    models: Sequence[ModelInfo],
+    workers: Sequence[WorkerInfo],
+    *,
+    max_replicas: int | None = None,
+) -> tuple[Placement, Cluster]:
+    """`place`, and the search state it ends in (what `replace_lost` re-places from)."""
     order = sorted(models, key=lambda m: (-m.demand, m.name))
     total = sum(max(0.0, m.demand) for m in models)
-    c = _Cluster(workers, total)
+    c = Cluster(workers, total)
     plan = Placement()
-    targets = replica_targets(models, len(workers))
-    if max_replicas is not None:
-        targets = {k: min(v, max(1, max_replicas)) for k, v in targets.items()}
+    targets = c.targets = capped_targets(models, len(workers), max_replicas)
     for m in order:  # coverage, hottest first
-        share = m.demand / targets[m.name]
-        segs = _place_replica(c, m, share, set())
+        segs = place_replica(c, m, m.demand / targets[m.name], ())
         if segs is None:
             plan.uncovered.append(m.name)
         else:
             plan.replicas[m.name] = [segs]
-    live = {m.name: m for m in order if m.name in plan.replicas}
-    while live:  # replication: most demand per replica first
-        m = max(live.values(), key=lambda m: (m.demand / len(plan.replicas[m.name]), m.name))
+    replicate(c, plan, [m for m in order if m.name in plan.replicas], targets)
+    layout(c, plan)
+    return plan, c
+
+
+def replace_lost(plan: Placement, c: Cluster, lost: Iterable[str]) -> Placement:
+    """The placement after `lost` workers are gone, re-placing only what moved: the replicas
+    that had a segment on a lost worker are dropped (their other segments freed), then the
+    models left without a replica are covered again (hottest first, with the models `plan`
+    could not cover) and the models below their replica target get replicas (`replicate`),
+    with the same search as `place`. Other replicas, and the stages and routes of workers no
+    new segment lands on, stay as they are. `c` is the state `place_in` (or an earlier
+    `replace_lost`) returned with `plan`; it is updated. Targets stay those of the full
+    placement (a worker fewer changes `round(W * share)` by at most one)."""
+    gone = set(lost) & set(c.workers)
+    affected = sorted({name for w in gone for name, _ in c.covers[w]})
+    new = Placement(
+        stages=dict(plan.stages),
+        routes=dict(plan.routes),
+        replicas=dict(plan.replicas),
+        bytes_used=dict(plan.bytes_used),
+        uncovered=[],
+    )
+    dirty = set(gone)
+    for name in affected:
+        m = c.chains[name].info
+        share = m.demand / c.targets[name]
+        keep = []
+        for r in plan.replicas[name]:
+            if not any(w in gone for w, _, _ in r):
+                keep.append(r)
+                continue
+            for w, start, end in r:
+                if w not in gone:
+                    c.remove(w, m, start, end, share)
+                    dirty.add(w)
+        new.replicas[name] = keep
+    for w in sorted(gone):
+        c.drop_worker(w)
+    retry = [c.chains[n].info for n in plan.uncovered if n in c.chains]
+    retry += [c.chains[n].info for n in affected if not new.replicas[n]]
+    moved = {m.name for m in retry} | set(affected)
+    _cover(c, new, retry, dirty, moved)
+    replicate(c, new, [c.chains[n].info for n in sorted(moved) if new.replicas.get(n)], c.targets)
+    for n in moved:  # where the moved models are now (where they were is in dirty already)
+        dirty.update(w for r in new.replicas.get(n) or () for w, _, _ in r)
+    relayout(c, new, dirty, moved)
+    return new
+
+
+def capped_targets(
+    models: Sequence[ModelInfo], n_workers: int, max_replicas: int | None
+) -> dict[str, int]:
+    targets = replica_targets(models, n_workers)
+    if max_replicas is not None:
+        targets = {k: min(v, max(1, max_replicas)) for k, v in targets.items()}
+    return targets
+
+
+def replicate(
+    c: Cluster, plan: Placement, live: Sequence[ModelInfo], targets: Mapping[str, int]
+) -> None:
+    """Add replicas up to the targets, the model with the most demand per replica first (ties:
+    the greater name), while memory lasts. A heap keyed by (demand per replica, name)."""
+    rank = {name: i for i, name in enumerate(sorted(m.name for m in live))}
+    heap = [(-m.demand / len(plan.replicas[m.name]), -rank[m.name], m) for m in live]
+    heapq.heapify(heap)
+    while heap:
+        _, _, m = heapq.heappop(heap)
         reps = plan.replicas[m.name]
         if len(reps) >= targets[m.name]:
-            del live[m.name]
             continue
         hosts = {w for r in reps for w, _, _ in r}
-        segs = _place_replica(c, m, m.demand / targets[m.name], hosts)
+        segs = place_replica(c, m, m.demand / targets[m.name], hosts)
         if segs is None:
-            del live[m.name]
             continue
         reps.append(segs)
-    plan.bytes_used = dict(c.used)
-    by_name = {m.name: m for m in models}
-    grouped = {w: _stages_of(c, w, by_name) for w in sorted(c.workers)}
-    plan.stages = {w: [st for st, _ in runs] for w, runs in grouped.items()}
-    plan.routes = {
-        name: tuple(_route_of(grouped, name, r) for r in reps)
-        for name, reps in plan.replicas.items()
-    }
-    return plan
+        heapq.heappush(heap, (-m.demand / len(reps), -rank[m.name], m))
+
+
+def _cover(
+    c: Cluster, plan: Placement, todo: list[ModelInfo], dirty: set[str], moved: set[str]
+) -> None:
+    """Cover `todo` hottest first, as `place` would: to make room, free spare replicas first,
+    then the only replica of the coldest model colder than the one being covered (that model
+    is then covered again in its turn, or left uncovered)."""
+    heap = [(-m.demand, m.name, m) for m in todo]
+    heapq.heapify(heap)
+    while heap:
+        _, _, m = heapq.heappop(heap)
+        share = m.demand / c.targets[m.name]
+        segs = place_replica(c, m, share, ())
+        while segs is None and _drop_extra_replica(c, plan, dirty, moved):
+            segs = place_replica(c, m, share, ())
+        while segs is None:
+            colder = [
+                (k.demand, k.name)
+                for n in plan.replicas
+                for k in (c.chains[n].info,)
+                if (-k.demand, k.name) > (-m.demand, m.name)
+            ]
+            if not colder:
+                break
+            victim = c.chains[min(colder)[1]].info
+            for r in plan.replicas.pop(victim.name):
+                _free(c, victim, r, dirty)
+            moved.add(victim.name)
+            heapq.heappush(heap, (-victim.demand, victim.name, victim))
+            segs = place_replica(c, m, share, ())
+        if segs is None:
+            plan.uncovered.append(m.name)
+            plan.replicas.pop(m.name, None)
+        else:
+            plan.replicas[m.name] = [segs]
+            if m.name in plan.uncovered:
+                plan.uncovered.remove(m.name)
+    plan.uncovered.sort(key=lambda n: (-c.chains[n].info.demand, n))
+
+
+def _free(c: Cluster, m: ModelInfo, replica: list[Segment], dirty: set[str]) -> None:
+    for w, start, end in replica:
+        c.remove(w, m, start, end, m.demand / c.targets[m.name])
+        dirty.add(w)
+
+
+def _drop_extra_replica(c: Cluster, plan: Placement, dirty: set[str], moved: set[str]) -> bool:
+    """Free the replica the replication loop would have added last (the least demand per
+    replica among models with more than one), as `place` covers every model before it
+    replicates any; False when no model has a spare replica."""
+    spare = [
+        (m.demand / len(r), n)
+        for n, r in plan.replicas.items()
+        if len(r) > 1
+        for m in (c.chains[n].info,)
+    ]
+    if not spare:
+        return False
+    name = min(spare)[1]
+    m = c.chains[name].info
+    reps = plan.replicas[name] = list(plan.replicas[name])
+    _free(c, m, reps.pop(), dirty)
+    moved.add(name)
+    return True
 
 
 def layout_load(
@@ -330,56 +366,3 @@ def placement_gain(
     now = layout_cost(models, current, batch_exponent, hop_cost)
     new = layout_cost(models, candidate, batch_exponent, hop_cost)
     return 0.0 if now <= 0 else 1.0 - new / now
-
-
-def _groups(
-    c: _Cluster, w: str, models: Mapping[str, ModelInfo], p: int, family: tuple[str, int]
-) -> dict[frozenset[str], frozenset[str]]:
-    """Models of `family` covering p on w, grouped by what p holds -> who can load it."""
-    by_block: dict[tuple[str, ...], set[str]] = {}
-    for name, q in c.covers[w]:
-        m = models[name]
-        if q == p and (m.fingerprint, len(m.chain)) == family:
-            by_block.setdefault(m.blocks_at(p), set()).add(name)
-    return {
-        frozenset(g): frozenset().union(*(models[n].owners_at(p) for n in g))
-        for g in by_block.values()
-    }
-
-
-def _stages_of(
-    c: _Cluster, w: str, models: Mapping[str, ModelInfo]
-) -> list[tuple[Stage, frozenset[str]]]:
-    """Maximal runs over which the same group of models persists and one model owns every
-    block (so the stage can be loaded under its name), each with the models it serves."""
-    families = sorted({(models[n].fingerprint, len(models[n].chain)) for n, _ in c.covers[w]})
-    stages: list[tuple[Stage, frozenset[str]]] = []
-    for family in families:
-        runs: dict[frozenset[str], tuple[int, frozenset[str]]] = {}  # group -> (start, owners)
-        for p in range(family[1] + 1):
-            here = _groups(c, w, models, p, family) if p < family[1] else {}
-            for group, (start, owners) in list(runs.items()):
-                still = owners & here.get(group, frozenset())
-                if still:
-                    runs[group] = (start, still)
-                else:
-                    stages.append(((min(owners), start, p), group))
-                    del runs[group]
-            for group, owners in here.items():
-                runs.setdefault(group, (p, owners))
-    return sorted(stages, key=lambda s: (s[0][1], s[0][2], s[0][0]))
-
-
-def _route_of(
-    grouped: Mapping[str, list[tuple[Stage, frozenset[str]]]], model: str, replica: list[Segment]
-) -> PlannedRoute:
-    """The planned route of one replica: per segment, the worker's stages serving the model
-    inside it, in chain order (they tile the segment: m is in one group per position)."""
-    hops = []
-    for w, start, end in replica:
-        spans = sorted(
-            (s, e) for (_, s, e), group in grouped[w] if model in group and start <= s < end
-        )
-        assert spans and spans[0][0] == start and spans[-1][1] == end, (model, w, spans)
-        hops.append(PlannedHop(w, tuple(spans)))
-    return PlannedRoute(tuple(hops), 1.0)

@@ -75,6 +75,7 @@ class Target:
     stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
     routes_sent: bool = False
     routes_at: float = 0.0
+    refused: dict[str, frozenset[str]] = field(default_factory=dict)  # worker -> blocks
 
 
 class Planner:
@@ -100,6 +101,7 @@ class Planner:
         self._ids = itertools.count(1)
         self._last_time: float | None = None
         self._last_catalog = -math.inf
+        self._catalog_gen: Any = None  # the broker's STATS "catalog_gen" the catalog is from
         self._hot_since: float | None = None
         self.replans = 0
         self.declined = 0  # demand re-placements not worth their cost (placement_gain)
@@ -113,7 +115,7 @@ class Planner:
         """Commands for one snapshot (module docstring)."""
         workers = self._parse_workers(body)
         models: Mapping[str, Any] = body.get("models") or {}
-        self._refresh_catalog(models, now)
+        self._refresh_catalog(models, now, body.get("catalog_gen"))
         self._update_demand(models, now)
         served = sorted(m for m in models if m in self.manifests)
         why = self._replan_reason(workers, models, served, now)
@@ -150,19 +152,23 @@ class Planner:
             workers[facts.name] = facts
         return workers
 
-    def _refresh_catalog(self, models: Mapping[str, Any], now: float) -> None:
-        """Re-read the zoo when the broker serves models the planner has not seen (rate-limited)."""
-        if set(models) <= set(self.manifests) and self.manifests:
+    def _refresh_catalog(self, models: Mapping[str, Any], now: float, gen: Any = None) -> None:
+        """Read the catalog again (rate-limited) when the broker serves models the planner has
+        not seen, or reloaded its models (`gen`: STATS "catalog_gen")."""
+        if set(models) <= set(self.manifests) and self.manifests and gen == self._catalog_gen:
             return
         if now - self._last_catalog < self.cfg.catalog_interval_s:
             return
         self._last_catalog = now
         try:
             manifests, equivalences = self._catalog()
-        except Exception:  # a zoo being written: try again later
-            logger.exception("[planner] reading the zoo failed")
+        except Exception as e:  # a zoo being written, a broker not answering: try again later
+            logger.warning("[planner] reading the catalog failed: %s", e)
             return
+        if set(manifests) != set(self.manifests):
+            logger.info("[planner] catalog: %s", ", ".join(sorted(manifests)) or "no models")
         self.manifests, self.equivalences = dict(manifests), list(equivalences)
+        self._catalog_gen = gen
 
     def _update_demand(self, models: Mapping[str, Any], now: float) -> None:
         """Demand per model: tokens/s (and waiting requests), smoothed with a half-life."""
@@ -210,6 +216,9 @@ class Planner:
             return "demand" if settled and self._may_reconsider(now) else None
         if t.workers != frozenset(workers):
             return "workers changed"
+        refused = {w.name: w.refused for w in workers.values() if w.refused}
+        if refused != t.refused:
+            return "a worker cannot get some blocks"
         if t.models != frozenset(served):
             return "models changed"
         due = now - t.at >= self.cfg.replan_interval_s and settled and self._may_reconsider(now)
@@ -283,6 +292,7 @@ class Planner:
             replicas=self._replica_targets(served, len(workers)),
             chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
             at=now,
+            refused={w.name: w.refused for w in workers.values() if w.refused},
         )
         for w, stages in plan.stages.items():
             for owner, s, e in stages:
@@ -317,7 +327,9 @@ class Planner:
 
     def _worker_info(self, w: WorkerFacts) -> WorkerInfo:
         resident = frozenset(self._resident(w))
-        return WorkerInfo(w.name, w.capacity, resident, w.kv_budget_bytes, w.kv_page_bytes)
+        return WorkerInfo(
+            w.name, w.capacity, resident, w.refused, w.kv_budget_bytes, w.kv_page_bytes
+        )
 
     def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
         """The models whose own chain holds what `chain` holds at p (any can load it): the

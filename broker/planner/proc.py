@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -31,6 +30,7 @@ from blockllm.broker.lifecycle import (
     on_stop_signals,
     start_process,
 )
+from blockllm.broker.planner.catalog import BrokerCatalog
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
@@ -41,24 +41,6 @@ logger = logging.getLogger(__name__)
 
 STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
 STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
-
-
-def zoo_catalog(zoo_dir: str | None) -> Any:
-    """A Planner catalog: () -> (manifests by name, equivalence records) of the zoo."""
-
-    def read() -> tuple[Mapping[str, Any], list[Any]]:
-        if not zoo_dir:
-            return {}, []
-        from blockllm.zoo import Zoo
-
-        zoo = Zoo(zoo_dir)
-        manifests = {}
-        for name in zoo.list_models():
-            with contextlib.suppress(Exception):  # one unreadable model must not hide the rest
-                manifests[name] = zoo.manifest(name)
-        return manifests, zoo.equivalences()
-
-    return read
 
 
 def _curve(keys_dir: str | None) -> Any:
@@ -98,10 +80,13 @@ class PlannerProc:
 
     def __init__(self, cfg: PlannerConfig, planner: Planner | None = None) -> None:
         self.cfg = cfg
-        self.planner = planner or Planner(cfg, zoo_catalog(cfg.zoo_dir))
         self.spawner = Spawner(cfg)  # the workers the planner's SpawnPolicy asks for
         self.ctx = zmq.Context()
         self._curve = _curve(cfg.keys_dir)
+        # the models to place: the broker's (broker/planner/catalog.py); --zoo only names the
+        # zoo of the workers it spawns
+        self.catalog = BrokerCatalog(self.ctx, cfg.broker, self._curve)
+        self.planner = planner or Planner(cfg, self.catalog)
         identity = f"planner-{os.getpid()}".encode()
         self.dealer = make_socket(
             self.ctx, zmq.DEALER, cfg.broker, bind=False, identity=identity, curve=self._curve
@@ -162,6 +147,7 @@ class PlannerProc:
         if self._prom_server is not None:
             self._prom_server.shutdown()
             self._prom_server = None
+        self.catalog.close()
         for sock in (self.sub, self.dealer):
             if sock is not None:
                 sock.close(linger=0)

@@ -111,3 +111,31 @@ metrics_host_option = click.option(
     show_default=True,
     help="Interface the metrics endpoint listens on.",
 )
+
+
+def crash_loop_options(f: Any) -> Any:
+    """`serve`'s healing limits: when a restarted worker slot counts as crash-looping."""
+    f = click.option(
+        "--crash-loop-window",
+        "crash_loop_window_s",
+        type=click.FloatRange(min=0.0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Seconds over which --crash-loop-deaths are counted.",
+    )(f)
+    return click.option(
+        "--crash-loop-deaths",
+        type=click.IntRange(min=1),
+        default=3,
+        show_default=True,
+        help="A worker that dies is restarted in its slot; one that dies this often within "
+        "--crash-loop-window is crash-looping and serve stops (exit 1). 1 = never restart.",
+    )(f)
+
+
+process_keys_option = click.option(
+    "--keys",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="CurveZMQ keys folder (`blockllm keys gen`); default: plain TCP.",
+)

@@ -200,3 +200,97 @@ def tiny_cmd(
     except ValueError as e:
         raise CliError(str(e)) from e
     click.echo(str(out))
+
+
+@models.command("lora")
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--layers",
+    "layers_spec",
+    default="all",
+    show_default=True,
+    help="Decoder layers the adapter covers, 0-based and inclusive: A-B, A, or 'all'.",
+)
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="LoRA alpha [default: 2 x rank].",
+)
+@click.option(
+    "--targets",
+    default="q_proj,v_proj",
+    show_default=True,
+    help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.",
+)
+@click.option("--rslora", is_flag=True, help="rsLoRA scaling (alpha / sqrt(rank)).")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Training steps; 0 saves PEFT's random (non-zero) initialisation untrained.",
+)
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="UTF-8 text file to train on [default: Python's own docstrings].",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes data and init.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it already holds something.")
+def lora_cmd(
+    base: Path,
+    out: Path,
+    layers_spec: str,
+    rank: int,
+    alpha: float | None,
+    targets: str,
+    rslora: bool,
+    steps: int,
+    text: Path | None,
+    lr: float,
+    seed: int,
+    seq_len: int,
+    batch_size: int,
+    force: bool,
+) -> None:
+    """Train a LoRA adapter of the checkpoint BASE with peft and save it to OUT.
+
+    A real PEFT adapter folder (adapter_config.json + adapter_model.safetensors): AdamW on
+    causal-LM loss of the adapter only, for --steps steps. Needs `pip install 'blockllm[lora]'`.
+    Import it with `blockllm zoo import OUT --name NAME` once BASE is in the zoo. Example:
+    blockllm models lora smol smol-lora --layers 20-29 --rank 8 --steps 20
+    """
+    from blockllm.zoo.lora import train_lora
+    from blockllm.zoo.models import ModelBuildError
+
+    layers = parse_layers(layers_spec)
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise CliError(f"{out} already exists and is not empty; remove it or pass --force")
+    try:
+        result = train_lora(
+            base,
+            out,
+            layers,
+            rank=rank,
+            alpha=alpha,
+            targets=[t.strip() for t in targets.split(",") if t.strip()],
+            rslora=rslora,
+            steps=steps,
+            text=text,
+            lr=lr,
+            seed=seed,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            overwrite=force,
+            progress=_progress,
+        )
+    except ModelBuildError as e:
+        raise CliError(str(e)) from e
+    click.echo(str(result))

@@ -191,6 +191,9 @@ def planner(**params: Any) -> None:
     """Run the planner process: subscribe to the broker's stats and place stages, set routes,
     duplicate stragglers and restore coverage after failures, by commands to the broker.
 
+    The models (manifests, equivalence records) come from the broker: only --broker (and
+    --keys) is needed; --zoo is the zoo of the workers it spawns (--max-spawn).
+
     SIGTERM/SIGINT stop it (exit 0); the cluster keeps serving with what is placed.
     """
     from blockllm.broker.cluster_config import parse_size

@@ -6,8 +6,9 @@ refines that placement live); `broker` and `worker` run one process each, as the
 do. Every command takes `--config FILE`: the cluster TOML
 (`deploy/cluster.example.toml`, read with tomllib); flags given on the command line override it.
 
-Exit codes: 0 clean stop (SIGINT/SIGTERM); 1 a failure (a child died, a fatal error); 2 usage;
-3 injected test fault (worker); 78 bad --config or --keys; 130 interrupted while starting.
+Exit codes: 0 clean stop (SIGINT/SIGTERM); 1 a failure (serve: a death it cannot heal; a fatal
+error); 2 usage; 3 injected test fault (worker); 78 bad --config or --keys; 130 interrupted while
+starting.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from blockllm.client.cli.common import (
     SIZE,
     CliError,
     config_option,
+    crash_loop_options,
     default_zoo_dir,
     metrics_fields,
     metrics_host_option,
     metrics_port_option,
     parse_model_values,
     zoo_option,
+)
+from blockllm.client.cli.common import (
+    process_keys_option as keys_option,
 )
 from blockllm.client.cli.http_api import (
     HOST_PORT,
@@ -56,14 +61,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 EXIT_INTERRUPTED = 130
-
-
-keys_option = click.option(
-    "--keys",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="CurveZMQ keys folder (`blockllm keys gen`); default: plain TCP.",
-)
 
 
 speculate_option = click.option(
@@ -436,6 +433,7 @@ def _models(value: str | None) -> tuple[str, ...]:
     "see `blockllm http`) [default: off].",
 )
 @api_keys_option
+@crash_loop_options
 def serve(**params: Any) -> None:
     """Run a broker and N workers on this machine, in the foreground, until Ctrl-C.
 
@@ -448,12 +446,12 @@ def serve(**params: Any) -> None:
     `blockllm generate --broker ADDR` takes. With --http, the line
     `blockllm: OpenAI-compatible API at URL` comes first ("http" with --json), once the
     HTTP API answers. Logs go to stderr. Ctrl-C or SIGTERM stops the
-    workers (they finish in-flight steps), then the broker, and exits 0. A child process
-    that dies unexpectedly is reported, everything is stopped and the exit code is 1 (no
-    automatic restart: the broker already replays its requests elsewhere while it can, and a
-    supervisor such as systemd owns restarts). The planner may start up to --max-spawn more
-    workers (e.g. for a straggler's duplicate when no worker has room); they are its children,
-    retired when unneeded and stopped with it.
+    workers (they finish in-flight steps), then the broker, and exits 0. A worker that dies
+    (a crash, the OOM killer) is logged and restarted with the same stages while the broker
+    replays its requests: accepted requests are still answered. Serve stops everything and
+    exits 1 when it cannot heal: the broker, planner or HTTP API died, or a worker crash-loops
+    (--crash-loop-deaths within --crash-loop-window). The planner may start up to --max-spawn
+    more workers; they are its children, retired when unneeded and stopped with it.
     """
     from blockllm.client.launcher import LaunchError, ServeConfig, run_serve
 
@@ -484,6 +482,8 @@ def serve(**params: Any) -> None:
         log_level=_log_level(),
         planner=_planner_config(values, worker_cfg.keys_dir),
         http=serve_http_config(values, _log_level()),
+        crash_loop_deaths=values["crash_loop_deaths"],
+        crash_loop_window_s=values["crash_loop_window_s"],
     )
     try:
         code = run_serve(cfg, lambda s: _announce(s, values["as_json"]))

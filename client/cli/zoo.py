@@ -56,29 +56,64 @@ def zoo() -> None:
 @zoo.command("import")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Model name (letters, digits, '-', '_', '.').")
+@click.option(
+    "--base",
+    default=None,
+    help="For a PEFT LoRA adapter folder: the zoo model it sits on [default: the one its "
+    "adapter_config.json names, matched by name or content].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing model of that name.")
 @zoo_option
 @json_option
-def import_cmd(path: Path, name: str, force: bool, zoo_dir: Path | None, as_json: bool) -> None:
-    """Import the local HF checkpoint folder PATH as model NAME."""
+def import_cmd(
+    path: Path, name: str, base: str | None, force: bool, zoo_dir: Path | None, as_json: bool
+) -> None:
+    """Import the local HF checkpoint folder PATH as model NAME.
+
+    PATH may also be a PEFT LoRA adapter folder (adapter_config.json +
+    adapter_model.safetensors): it is stored as per-layer adapter blocks on top of its base
+    model's chain and served as a tenant of its own.
+    """
+    from blockllm.zoo.adapters import is_adapter_folder
+
     z = _open(zoo_dir)
+    progress = _progress(f"[import {name}] block", as_json)
     with _errors():
-        m = z.import_checkpoint(
-            path, name, _progress(f"[import {name}] block", as_json), force=force
-        )
+        if is_adapter_folder(path):
+            m = z.import_adapter(path, name, progress, base=base, force=force)
+        elif base is not None:
+            raise CliError(f"--base is for PEFT adapter folders; {path} has no adapter_config.json")
+        else:
+            m = z.import_checkpoint(path, name, progress, force=force)
     added = m.source["written_bytes"]  # blocks this import wrote (the rest were deduped)
+    adapter_bytes = sum(m.adapter["block_bytes"]) if m.adapter else 0
     info = {
         "name": m.name,
         "model_type": m.model_type,
         "dtype": m.dtype,
         "layers": m.num_layers,
         "blocks": len(m.chain),
-        "logical_bytes": sum(m.block_bytes),
+        "logical_bytes": sum(m.block_bytes) + adapter_bytes,
         "added_bytes": added,
         "tokenizer": m.tokenizer,
     }
+    if m.adapter is not None:
+        info["adapter"] = {
+            "base": m.adapter["base"],
+            "layers": len(m.adapter_blocks),
+            "bytes": adapter_bytes,
+            "ranks": sorted(set(m.adapter["ranks"].values())),
+            "targets": m.adapter["targets"],
+        }
     if as_json:
         echo_json(info)
+    elif m.adapter is not None:
+        a = info["adapter"]
+        click.echo(
+            f"imported {m.name}: LoRA adapter on {a['base']}, {a['layers']} layers "
+            f"({', '.join(a['targets'])}; rank {'/'.join(map(str, a['ranks']))}), "
+            f"{fmt_bytes(adapter_bytes)} ({fmt_bytes(added)} new on disk)"
+        )
     else:
         click.echo(
             f"imported {m.name}: {m.model_type} {m.dtype}, {m.num_layers} layers, "
@@ -131,10 +166,13 @@ def ls_cmd(zoo_dir: Path | None, as_json: bool) -> None:
         return
     rows = [("NAME", "TYPE", "LAYERS", "DTYPE", "BYTES", "UNIQUE", "EQUIV")]
     for n, u in usage.items():
+        adapter = u.get("adapter")
         rows.append(
             (
                 n,
-                u["model_type"],
+                f"lora r{'/'.join(map(str, adapter['ranks']))} on {adapter['base']}"
+                if adapter
+                else u["model_type"],
                 str(u["layers"]),
                 u["dtype"],
                 fmt_bytes(u["logical_bytes"]),
@@ -196,7 +234,11 @@ def verify_cmd(zoo_dir: Path | None, as_json: bool) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @zoo_option
 def export_cmd(name: str, out_dir: Path, zoo_dir: Path | None) -> None:
-    """Write model NAME as a HF checkpoint folder OUT_DIR (new or empty)."""
+    """Write model NAME as a HF checkpoint folder OUT_DIR (new or empty).
+
+    An adapter is written as a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors) that PeftModel.from_pretrained loads over its base.
+    """
     z = _open(zoo_dir)
     with _errors():
         z.export(name, out_dir)

@@ -1,10 +1,16 @@
 """`blockllm serve`: a broker, N workers placed by the static placement and the planner on this
 machine (and with --http the OpenAI-compatible HTTP API), in the foreground, until
-SIGINT/SIGTERM (or a child's death) stops them all.
+SIGINT/SIGTERM (or a failure it cannot heal) stops them all.
 
 `run_serve(cfg, announce)` plans the workers' stages (`plan_workers`: the static placement,
 weighted by compute per token), starts everything through a `Launcher`, calls `announce` once
 every model is covered, and stops the children in order at the end.
+
+Healing: a worker that dies (SIGKILL by the OOM killer, a crash) is restarted in its slot (same
+name, same stages); meanwhile the broker keeps its requests waiting and replays them on the new
+worker (or wherever the planner moved the stages), so an accepted request is answered. A slot
+that dies `crash_loop_deaths` times within `crash_loop_window_s` is crash-looping: serve stops
+(exit 1), as it does when the broker, the planner or the HTTP API dies (nothing to heal them).
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import logging
 import multiprocessing.connection
 import os
 import signal
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blockllm.broker.lifecycle import WakePipe
@@ -43,6 +51,8 @@ class ServeConfig:
     log_level: str = "WARNING"
     planner: Any = None  # a PlannerConfig: started once the cluster is ready; None = no planner
     http: Any = None  # an HttpConfig: the OpenAI-compatible API, started last; None = none
+    crash_loop_deaths: int = 3  # a worker slot dying this often within the window: give up
+    crash_loop_window_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +63,37 @@ class Serving:
     models: tuple[str, ...]
     workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
     http: str = ""  # the HTTP API's base URL ("": none)
+    configs: dict[str, Any] = field(default_factory=dict)  # worker slot name -> its config
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived while the cluster was still starting."""
+
+
+class WorkerSlots:
+    """The worker slots serve restarts, and the crash-loop rule (pure: no processes).
+
+    `death(name, now)` records a death of slot `name`: True if it may be restarted, False if
+    the slot died `deaths` times within `window_s` seconds (or is not a slot: unhealable).
+    """
+
+    def __init__(self, names: Any, deaths: int, window_s: float) -> None:
+        self.deaths = deaths
+        self.window_s = window_s
+        self.history: dict[str, deque[float]] = {n: deque() for n in names}
+
+    def death(self, name: str, now: float) -> bool:
+        times = self.history.get(name)
+        if times is None:
+            return False
+        times.append(now)
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return len(times) < self.deaths
+
+    def recent(self, name: str) -> int:
+        """Deaths of slot `name` within the window (as of its last death)."""
+        return len(self.history.get(name, ()))
 
 
 def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
@@ -174,8 +211,9 @@ def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
 
 def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
     """Start the cluster, call `announce` once it is ready, run until SIGINT/SIGTERM (-> 0)
-    or a child's unexpected death (-> 1). Raises LaunchError if it cannot start; returns
-    130 when interrupted while starting. Main thread only (signal handlers)."""
+    or a death it cannot heal (-> 1; a dead worker is restarted, see the module doc). Raises
+    LaunchError if it cannot start; returns 130 when interrupted while starting. Main thread
+    only (signal handlers)."""
     models, plan = plan_workers(cfg)
     wake = WakePipe()
     state = {"serving": False, "stop": False}
@@ -198,12 +236,16 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
         if state["stop"]:
             return 0
         announce(serving)
-        while not state["stop"] and not launcher.deaths:
+        slots = WorkerSlots(serving.configs, cfg.crash_loop_deaths, cfg.crash_loop_window_s)
+        seen = 0
+        while not state["stop"]:
             multiprocessing.connection.wait([wake.fd])
             wake.drain()
-        if launcher.deaths:
-            logger.error("[shutdown] stopping: %s", "; ".join(map(str, launcher.deaths)))
-            return 1
+            while seen < len(launcher.deaths) and not state["stop"]:
+                death = launcher.deaths[seen]
+                seen += 1
+                if not _heal(launcher, slots, serving, death):
+                    return 1
         logger.info("[shutdown] signal received; stopping")
         return 0
     except Interrupted as e:
@@ -217,18 +259,45 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
         wake.close()
 
 
+def _heal(launcher: Launcher, slots: WorkerSlots, serving: Serving, death: Death) -> bool:
+    """Restart the worker slot of `death`; False (logged) when it cannot be healed."""
+    if not slots.death(death.name, time.monotonic()):
+        if death.name in slots.history:
+            why = (
+                f"worker slot {death.name} is crash-looping: {slots.recent(death.name)} deaths "
+                f"within {slots.window_s:g} s (--crash-loop-deaths/--crash-loop-window)"
+            )
+        else:
+            why = f"{death}: serve cannot run without it"
+        logger.error("[shutdown] stopping: %s", why)
+        return False
+    proc = launcher.start_worker(death.name, serving.configs[death.name])
+    logger.warning(
+        "[restart] %s; restarted it as pid %s with the same stages (death %d of %d allowed "
+        "within %g s); the broker replays its requests",
+        death,
+        proc.pid,
+        slots.recent(death.name),
+        slots.deaths - 1,
+        slots.window_s,
+    )
+    return True
+
+
 def _start_cluster(
     launcher: Launcher, cfg: ServeConfig, models: tuple[str, ...], plan: list[tuple[Any, ...]]
 ) -> Serving:
     endpoint = launcher.start_broker(cfg.broker, cfg.ready_timeout_s)
     threads = cfg.threads or default_threads(sum(1 for p in plan if p))
     describe: dict[str, str] = {}
+    configs: dict[str, Any] = {}
     for i, stages in enumerate(plan):
         if not stages:
             continue  # more workers than chain positions
         name = f"worker-{i}"
         wcfg = replace(cfg.worker, broker=endpoint, name=name, stages=stages, threads=threads)
         launcher.start_worker(name, wcfg)
+        configs[name] = wcfg
         describe[name] = "stages " + ", ".join(map(str, stages))
     launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
     if cfg.planner is not None:  # it refines the static placement from the live stats
@@ -243,4 +312,4 @@ def _start_cluster(
     http = ""
     if cfg.http is not None:  # last: its ready line means every model answers over HTTP
         http = launcher.start_http(replace(cfg.http, broker=endpoint), cfg.ready_timeout_s)
-    return Serving(endpoint, models, workers, http)
+    return Serving(endpoint, models, workers, http, configs)

@@ -266,8 +266,8 @@ def test_fake_workers_round_trip_over_sockets(
     fwd, rest = recv_kind(workers[b"wa"], Forward)
     assert fwd.past_len == 0 and fwd.tensors == (TensorMeta("int64", (3,)),)
     assert struct.unpack("<3q", rest[0].bytes) == (5, 6, 7)
-    hidden = bytes(range(256)) * 4  # [1, 256] float32: 1 KiB
-    meta = (TensorMeta("float32", (1, 256)),)
+    hidden = bytes(range(256)) * 3  # [3, 64] float32: the 3 prompt positions, hidden 64
+    meta = (TensorMeta("float32", (3, 64)),)
     result = Result(fwd.request_id, fwd.step, tensors=meta)
     workers[b"wa"].send_multipart(frames.encode_passthrough(result, [hidden]))
     fwd2, rest2 = recv_kind(workers[b"wb"], Forward)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +28,8 @@ FAST = {"stats_interval_s": 0.2}
 
 
 def planner_cfg(c: Cluster, **kw: Any) -> PlannerConfig:
-    fields: dict[str, Any] = {
+    fields: dict[str, Any] = {  # no zoo_dir: the catalog comes from the broker
         "broker": c.endpoint,
-        "zoo_dir": str(c.zoo),
         "replan_interval_s": 1.0,
         "demand_halflife_s": 1.0,
         "catalog_interval_s": 0.2,
@@ -237,3 +239,24 @@ def test_tolerance_shares_resident_blocks_and_reload_serves_a_new_model(family: 
         q_got = client.generate("q", input_ids=q_prompt, max_new_tokens=12).token_ids
         assert q_got == hf_greedy(family["q"], q_prompt, 12)
         assert streams.join() == [want[tuple(PROMPTS[0])]]
+
+
+def test_a_planner_given_only_the_broker_places_its_models(zoo: Path, want, tmp_path: Path):
+    """14.6: `blockllm planner --broker ADDR` on a node without the broker's zoo (an empty
+    HOME, no BLOCKLLM_ZOO) takes the models from the broker and places them; SIGTERM: exit 0."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("BLOCKLLM_ZOO", None)
+    cmd = [sys.executable, "-m", "blockllm.client.cli", "planner", "--broker"]
+    with cluster(zoo, {"w0": []}, [], broker=FAST) as c, c.client(timeout=60) as client:
+        proc = subprocess.Popen(
+            [*cmd, c.endpoint], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_status(c, lambda b: b["models"]["m"]["covered"], 90, "m placed")
+            got = client.generate("m", input_ids=PROMPTS[1], max_new_tokens=12).token_ids
+            assert got == want[tuple(PROMPTS[1])][:12]
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert not (tmp_path / ".cache").exists()  # it read no zoo of its own

@@ -2,7 +2,8 @@
 
 The contract tested: the first stdout line ends with the broker address (its last word);
 `blockllm generate --json` against it works; SIGINT stops everything with exit 0 and leaves no
-process behind; a child that dies makes serve stop everything and exit non-zero.
+process behind; a worker that dies is restarted while its streams complete HF-equal; a worker
+slot that crash-loops, or a broker that dies, makes serve stop everything and exit non-zero.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,14 +116,86 @@ def test_serve_json_announcement_and_sigterm(serve):
     assert not alive
 
 
-def test_serve_exits_nonzero_when_a_worker_dies(serve):
-    proc = serve("--workers", "2", "--threads", "1", "--json")
+LONG_PROMPT = [11, 23, 5, 77, 140, 9]
+LONG = 240  # new tokens: long enough that a kill after the first few lands mid-generation
+
+
+def worker_pid(address: str, name: str, timeout: float, other_than: int = 0) -> int:
+    """The pid of worker `name` once the broker lists it (with a pid other than `other_than`)."""
+    from blockllm.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(address) as client:
+        while time.monotonic() < deadline:
+            for w in client.status(timeout=5)["workers"]:
+                if w["name"] == name and w["pid"] != other_than:
+                    return w["pid"]
+            # a bounded poll of the broker's view: there is no event to wait on from outside
+            time.sleep(0.1)
+    raise TimeoutError(f"{name} (pid != {other_than}) not registered within {timeout} s")
+
+
+def test_serve_heals_a_sigkilled_worker_then_stops_when_it_crash_loops(serve, llama: Path):
+    """14.5: a worker SIGKILLed under streams is restarted and every stream ends HF-equal;
+    the slot's second death within the window is a crash loop: exit 1, nothing left running."""
+    from blockllm.client import Client
+
+    want = hf_greedy(llama, LONG_PROMPT, LONG)
+    args = ("--workers", "2", "--threads", "1", "--json", "--kv-budget", "64MiB")
+    proc = serve(*args, "--crash-loop-deaths", "2")
     doc = json.loads(read_line(proc, 120))
+    victim = doc["workers"][1]["pid"]
+    started = threading.Barrier(4, timeout=120)
+    results: list[list[int] | BaseException] = []
+
+    def stream() -> None:
+        tokens: list[int] = []
+        try:
+            with Client(doc["broker"]) as client:
+                for ev in client.stream(
+                    "m", input_ids=LONG_PROMPT, max_new_tokens=LONG, timeout=120
+                ):
+                    tokens.append(ev.token_id)
+                    if len(tokens) == 3:
+                        started.wait()  # every stream is running before the kill
+            results.append(tokens)
+        except BaseException as e:  # reported by the main thread
+            started.abort()
+            results.append(e)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=180)
+    assert [r == want for r in results] == [True] * 3, results
+    assert proc.poll() is None, "serve stopped instead of healing"
+    second = worker_pid(doc["broker"], "worker-1", 120, other_than=victim)
+    with Client(doc["broker"]) as client:  # it keeps serving
+        out = client.generate("m", input_ids=PROMPT_IDS, max_new_tokens=6, timeout=60)
+    assert out.token_ids == hf_greedy(llama, PROMPT_IDS, 6)
     children = descendants(proc.pid)
-    os.kill(doc["workers"][1]["pid"], signal.SIGKILL)
+    assert second in {c.pid for c in children}
+    os.kill(second, signal.SIGKILL)  # death 2 of the slot within the window: crash-looping
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "[restart] worker-1" in err and "killed by signal 9" in err
+    assert "worker slot worker-1 is crash-looping: 2 deaths within 60 s" in err
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {alive}"
+
+
+def test_serve_exits_nonzero_when_the_broker_dies(serve):
+    proc = serve("--workers", "1", "--threads", "1", "--json", "--no-planner")
+    json.loads(read_line(proc, 120))
+    children = descendants(proc.pid)
+    (broker,) = [c for c in children if c.name() == "blockllm-broker"]
+    broker.kill()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "worker-1" in err and "exited unexpectedly" in err
+    assert "broker" in err and "serve cannot run without it" in err
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
 

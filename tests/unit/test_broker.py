@@ -41,7 +41,11 @@ CHAIN = LAYERS + 2
 VOCAB = 384
 EOS = 1
 W0, W1, W2, CLIENT = b"w0", b"w1", b"w2", b"client"
-HIDDEN = (TensorMeta("float32", (1, 64)),)
+HIDDEN = (TensorMeta("float32", (1, 64)),)  # a decode step's hidden state
+
+
+def hidden_of(tokens: int) -> tuple[TensorMeta, ...]:
+    return (TensorMeta("float32", (tokens, 64)),)
 
 
 def manifest(name: str, changed: dict[int, str] | None = None) -> ModelManifest:
@@ -108,8 +112,10 @@ class Harness:
         return self.send(CLIENT, Generate(rid, model, **kw))
 
     def hidden(self, peer: bytes, fwd: Forward) -> tuple[list[Out], object]:
+        """A hidden-state RESULT [T, 64] answering `fwd` (T: its input's positions)."""
         frame = object()  # stands in for a zmq.Frame: the broker must pass it on untouched
-        return self.send(peer, Result(fwd.request_id, fwd.step, tensors=HIDDEN), (frame,)), frame
+        metas = hidden_of(fwd.tensors[0].shape[0])
+        return self.send(peer, Result(fwd.request_id, fwd.step, tensors=metas), (frame,)), frame
 
     def token(self, peer: bytes, fwd: Forward, token_id: int) -> list[Out]:
         return self.send(peer, Result(fwd.request_id, fwd.step, token_id=token_id))
@@ -220,7 +226,7 @@ def test_routes_across_two_workers_and_streams_tokens(split: Harness) -> None:
     outs, frame = h.hidden(W0, fwd0.msg)
     fwd1 = only(outs, Forward, W1)
     assert fwd1.frames[0] is frame, "the tensor frame is forwarded as received"
-    assert fwd1.msg.tensors == HIDDEN and fwd1.msg.past_len == 0
+    assert fwd1.msg.tensors == hidden_of(3) and fwd1.msg.past_len == 0
     assert fwd1.msg.stage_keys == (stage_key(BASE, 3, 4), stage_key(BASE, 4, 6))
     outs = h.token(W1, fwd1.msg, 42)
     tok = only(outs, Token, CLIENT).msg
@@ -525,3 +531,23 @@ def test_zoo_catalog_reads_models(tiny_checkpoint, tmp_path) -> None:
     assert s.kv_bytes_per_token_layer == 2 * 2 * 16 * 4  # K and V, 2 kv heads x 16, fp32
     assert s.tokenizer("hello").input_ids
     assert stage_key(s.manifest, 0, 3) == stage_key(Zoo(tmp_path).manifest("tiny"), 0, 3)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        TensorMeta("float32", (3, 65)),  # not the model's hidden size
+        TensorMeta("float32", (1, 64)),  # not the step's token count (a 3-token prefill)
+        TensorMeta("float32", (0, 64)),
+        TensorMeta("int64", (3, 64)),
+        TensorMeta("float32", (3, 64, 1)),
+    ],
+)
+def test_a_mid_route_result_with_hostile_metadata_is_not_forwarded(
+    split: Harness, meta: TensorMeta
+) -> None:
+    fwd0 = only(split.generate("b1"), Forward, W0).msg
+    before = split.broker.counters["bad_messages"]
+    outs = split.send(W0, Result(fwd0.request_id, fwd0.step, tensors=(meta,)), (object(),))
+    assert not [o for o in outs if isinstance(o.msg, Forward) and o.peer == W1], outs
+    assert split.broker.counters["bad_messages"] == before + 1

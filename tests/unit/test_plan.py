@@ -155,6 +155,15 @@ def test_placement_prefers_blocks_already_resident() -> None:
     assert plan.replicas["a"] == [[("w1", 0, L + 2)]]
 
 
+def test_a_block_a_worker_cannot_get_is_placed_elsewhere() -> None:
+    models = [model("a", chain("a"), 0)]
+    refused = WorkerInfo("w0", refused=frozenset({"a3"}))  # w0 would win the tie by name
+    plan = place(models, [refused, WorkerInfo("w1")])
+    assert plan.replicas["a"] == [[("w1", 0, L + 2)]]
+    alone = place(models, [WorkerInfo("w0", refused=frozenset({"a3"}))])
+    assert alone.uncovered == ["a"]  # never placed where it cannot load
+
+
 def test_tied_head_counts_the_embedding_it_reuses() -> None:
     tied = ModelInfo("t", chain("t"), (MB,) * (L + 2), "fam", tied=True, demand=1)
     plan = place([tied], [WorkerInfo("w0", 4 * MB), WorkerInfo("w1", 5 * MB)])
