@@ -173,7 +173,20 @@ class RequestFlow:
             tensors=tensors,
             top_logprobs=req.top_logprobs,
             targets=req.targets(hop, past_len),
+            **self.adapter_fields(req, hop),
         )
+
+    def adapter_fields(self, req: RequestState, hop: Hop) -> dict[str, tuple]:
+        """A LoRA adapter's blocks at the positions of the hop's spans (FORWARD's fields)."""
+        spec = self.state.models.get(req.model)
+        pairs = getattr(getattr(spec, "manifest", None), "adapter_blocks", ())
+        inside = [(p, b) for p, b in pairs if any(lo <= p < hi for lo, hi in hop.spans)]
+        if not inside:
+            return {}
+        return {
+            "adapter_positions": tuple(p for p, _ in inside),
+            "adapter_blocks": tuple(b for _, b in inside),
+        }
 
     def speculative(
         self, req: RequestState, tensors: tuple[TensorMeta, ...], frames: Sequence[Any]
@@ -183,6 +196,9 @@ class RequestFlow:
         (one position) past hop 0, when the next hop is on another worker."""
         tol = self.state.cfg.speculation_tolerance(req.model)
         route, j = req.route, req.hop
+        spec = self.state.models.get(req.model)
+        if getattr(getattr(spec, "manifest", None), "adapter", None) is not None:
+            return []  # SPECULATE carries no adapter blocks: a LoRA tenant never speculates
         if tol is None or route is None or req.prefill or not 1 <= j < len(route) - 1:
             return []
         if route[j + 1].worker == route[j].worker or len(tensors) != 1:

@@ -149,9 +149,6 @@ class ZooCatalog:
             except Exception:  # e.g. a tokenizer transformers cannot load: skip just this one
                 logger.exception("[models] skipping %s", name)
                 continue
-            if manifest.adapter is not None:  # never serve it as its bare base
-                logger.warning("[models] skipping %s: LoRA adapters are not served yet", name)
-                continue
             specs[name] = spec_from_manifest(manifest, tokenizer, self._eos_fallback)
         return specs
 

@@ -81,6 +81,8 @@ class BrokerState:
         self.key_cache: dict[tuple[str, int, int], str | None] = {}
         self.last_reload = now
         self.catalog_gen = 0  # reloads so far: the planner's catalog version
+        self.planner_notes: dict[str, str] = {}  # PLANNER_REPORT: model -> why uncovered
+        self.planner_seen: float | None = None  # when the last PLANNER_REPORT came
 
     # -- peers -------------------------------------------------------------------------------
     def bad_message(self, peer: bytes, reason: str, now: float) -> list[Out]:

@@ -7,7 +7,8 @@ models):
                   "credit_slots", "inflight", "max_batch_size", "rss_bytes", "alive",
                   "banned_s", "steps", "step_ms_p50", "step_ms_p95", "mean_batch",
                   "expires_in_s"}],
-     "models": {name: {"layers", "chain_len", "covered", "route": [[worker_name, [[start, end],
+     "models": {name: {"layers", "chain_len", "covered", "uncovered" (why not covered, in
+                       words; "" when covered), "route": [[worker_name, [[start, end],
                        ...]], ...] | None, "running", "waiting", "planned_routes": [[route,
                        weight], ...], "substitutions": [{"position", "block", "from"}]}},
      "requests": {"running", "waiting"},
@@ -97,6 +98,7 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "stage_batch_limits": dict(w.stage_batch_limits),
         "stage_mean_batch": dict(w.stage_mean_batch),
         "stage_step_ms": dict(w.stage_step_ms),
+        "stage_adapters": dict(w.stage_adapters),
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "refused_blocks": list(w.refused_blocks),
@@ -119,6 +121,21 @@ def _route_entry(b: BrokerState, route: list[Hop]) -> list[list[Any]]:
     return [[b.workers[h.worker].name, [list(span) for span in h.spans]] for h in route]
 
 
+PLANNER_STALE_S = 10.0  # no PLANNER_REPORT for this long: no planner is connected
+
+
+def uncovered_reason(b: BrokerState, name: str, now: float) -> str:
+    """Why no live worker set covers model `name`, in words an operator can act on."""
+    if not b.workers:
+        return "no worker is registered"
+    if b.planner_seen is None or now - b.planner_seen > PLANNER_STALE_S:
+        return (
+            "no planner is connected (start `blockllm planner --broker ADDR`) and no workers "
+            "host all of its stages"
+        )
+    return b.planner_notes.get(name) or "the planner has not placed it yet"
+
+
 def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dict[str, Any]:
     spec = b.models[name]
     unbanned = {
@@ -133,6 +150,7 @@ def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dic
         "layers": spec.num_layers,
         "chain_len": spec.chain_len,
         "covered": route is not None,
+        "uncovered": "" if route is not None else uncovered_reason(b, name, now),
         "route": None if route is None else _route_entry(b, route),
         "running": sum(1 for r in mine if r.route is not None),
         "waiting": sum(1 for r in mine if r.route is None),

@@ -48,6 +48,7 @@ class WorkerState:
     weight_bytes: int = 0
     stage_batch_limits: dict[str, int] = field(default_factory=dict)
     stage_mean_batch: dict[str, float] = field(default_factory=dict)
+    stage_adapters: dict[str, int] = field(default_factory=dict)
     stage_step_ms: dict[str, float] = field(default_factory=dict)
     # stage key -> when its drain ends: no new routes use it; then UNLOAD_STAGE is sent
     draining: dict[str, float] = field(default_factory=dict)
@@ -98,6 +99,7 @@ class WorkerState:
         self.stage_batch_limits = dict(msg.stage_batch_limits)
         self.stage_mean_batch = dict(msg.stage_mean_batch)
         self.stage_step_ms = dict(msg.stage_step_ms)
+        self.stage_adapters = dict(msg.stage_adapters)
         self.kv_geometries = msg.kv_geometries
         self.speculation = {
             "speculated": msg.speculated,

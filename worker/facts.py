@@ -149,4 +149,5 @@ class Facts:
             "stage_batch_limits": dict(limits),
             "stage_mean_batch": dict(self._mean),
             "stage_step_ms": dict(self._ms),
+            "stage_adapters": dict(getattr(s, "adapters", None) or {}),
         }

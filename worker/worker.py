@@ -39,6 +39,7 @@ from blockllm.worker.items import (
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
 from blockllm.worker.logprobs import check_logprobs, prompt_logprobs, top_alternatives
+from blockllm.worker.lora import AdapterCache, plan_lora
 from blockllm.worker.sampling import GREEDY, sample
 from blockllm.zoo.chain import stage_blocks, stage_key
 
@@ -72,6 +73,7 @@ class WorkerStats:
     forwards: dict[str, int]  # stage key -> batched forwards run so far
     items: dict[str, int]  # stage key -> items those forwards carried
     busy_s: dict[str, float] = field(default_factory=dict)  # stage key -> forward seconds
+    adapters: dict[str, int] = field(default_factory=dict)  # stage key -> LoRA blocks resident
 
 
 @dataclass(slots=True)
@@ -83,6 +85,7 @@ class _Entry:
     n: int  # T
     at: int = 0  # index into item.stage_keys of the stage it is at
     sampling: SamplingParams = GREEDY
+    adapters: dict[int, str] = field(default_factory=dict)  # chain position -> LoRA block
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class Worker:
             torch.set_num_threads(self.config.threads)
         self.kv = KVCacheManager(self.config.kv_budget_bytes, self.config.page_size)
         self.blocks = BlockCache(self._load_block)
+        self.adapters = AdapterCache(self._load_block, self.config.adapter_idle_blocks)
         self._stages: dict[str, _Stage] = {}
         self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
         self._serving = "float32"  # the dtype load_stage casts the blocks it reads to
@@ -296,7 +300,10 @@ class Worker:
             check_logprobs(item, n, last.model.family.config.vocab_size)
         if item.request_id in self._queued:
             raise BadRequest(f"request {item.request_id!r} already has an item queued")
-        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling)
+        # the item's LoRA blocks by chain position, held for the request from now on
+        layers = [(st.info.start, st.model) for st in stages]
+        adapters = self.adapters.admit(item.request_id, item.adapters, layers)
+        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling, adapters)
         first.queue.push(entry, n)
         self._queued.add(item.request_id)
 
@@ -333,8 +340,10 @@ class Worker:
         return h.to(self.device, first.model.dtype)
 
     def release(self, request_id: str) -> None:
-        """Forget a request: free its KV in every stage and drop its queued items."""
+        """Forget a request: free its KV in every stage, drop its queued items and its hold
+        on LoRA blocks."""
         self.kv.free_request(request_id)
+        self.adapters.release(request_id)
         for st in self._stages.values():
             st.queue.remove_if(lambda e: e.item.request_id == request_id)
         self._queued.discard(request_id)
@@ -405,6 +414,9 @@ class Worker:
             forwards={k: st.forwards for k, st in self._stages.items()},
             items={k: st.items for k, st in self._stages.items()},
             busy_s={k: st.busy_s for k, st in self._stages.items()},
+            adapters=self.adapters.per_span(
+                {k: (st.info.start, st.info.end) for k, st in self._stages.items()}
+            ),
         )
 
     def queued(self) -> int:
@@ -520,6 +532,7 @@ class Worker:
                 )
             st.busy_s += time.perf_counter() - t0
             return
+        settle(h)  # CUDA: the stage's kernels done, so busy_s times them, not their launch
         st.busy_s += time.perf_counter() - t0
         # h: [N, D] -> one [T_i, D] view per entry, in batch order
         for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
@@ -551,11 +564,29 @@ class Worker:
             len(model.layers),
             [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
         )
-        h = model.run_layers(h, plan)
+        model.lora.step = plan_lora(
+            max(st.info.start, 1),
+            len(model.layers),
+            [e.adapters for e in entries],
+            [e.n for e in entries],
+            self.adapters,
+            h.device,
+        )
+        try:
+            h = model.run_layers(h, plan)
+        finally:
+            model.lora.step = None
         for s, e in zip(seqs, entries, strict=True):
             s.length = e.item.past_len + e.n  # type: ignore[union-attr]
             s.last_used = self._step_no  # type: ignore[union-attr]
         return h
+
+
+def settle(t: torch.Tensor) -> None:
+    """Wait until the kernels queued for `t`'s device are done (CUDA runs them asynchronously:
+    a clock read before this times their launch only). Free on the CPU."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def _error(item: WorkItem, err: WorkerError) -> WorkResult:

@@ -153,11 +153,9 @@ class Planner:
         return workers
 
     def _refresh_catalog(self, models: Mapping[str, Any], now: float, gen: Any = None) -> None:
-        """Read the catalog again (rate-limited) when the broker serves models the planner has
-        not seen, or reloaded its models (`gen`: STATS "catalog_gen")."""
-        if set(models) <= set(self.manifests) and self.manifests and gen == self._catalog_gen:
-            return
-        if now - self._last_catalog < self.cfg.catalog_interval_s:
+        """Re-read the catalog (rate-limited) on unseen models or a new STATS `catalog_gen`."""
+        fresh = set(models) <= set(self.manifests) and self.manifests and gen == self._catalog_gen
+        if fresh or now - self._last_catalog < self.cfg.catalog_interval_s:
             return
         self._last_catalog = now
         try:
@@ -165,8 +163,6 @@ class Planner:
         except Exception as e:  # a zoo being written, a broker not answering: try again later
             logger.warning("[planner] reading the catalog failed: %s", e)
             return
-        if set(manifests) != set(self.manifests):
-            logger.info("[planner] catalog: %s", ", ".join(sorted(manifests)) or "no models")
         self.manifests, self.equivalences = dict(manifests), list(equivalences)
         self._catalog_gen = gen
 

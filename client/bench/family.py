@@ -94,6 +94,7 @@ class FamilySpec:
     recipe: Recipe = Recipe()
     tiny_layers: int = 8
     tiny_hidden: int = 128
+    dtype: str = SMOLLM2_DTYPE  # of every checkpoint of the family (the base's, kept by variants)
 
 
 def variant_plans(base: str, n_layers: int, k: int, mode: str) -> list[VariantPlan]:
@@ -115,7 +116,8 @@ def variant_plans(base: str, n_layers: int, k: int, mode: str) -> list[VariantPl
 def _root(spec: FamilySpec) -> Path:
     cache = spec.cache_dir or Path.home() / ".cache" / "blockllm" / "bench"
     size = "" if spec.kind == "smollm2" else f"-l{spec.tiny_layers}-h{spec.tiny_hidden}"
-    return cache / f"{spec.kind}{size}-{spec.mode}-{spec.recipe.tag()}"
+    dtype = "" if spec.dtype == SMOLLM2_DTYPE else f"-{spec.dtype}"
+    return cache / f"{spec.kind}{size}{dtype}-{spec.mode}-{spec.recipe.tag()}"
 
 
 def _base_checkpoint(spec: FamilySpec, root: Path, say: Say) -> tuple[str, Path]:
@@ -123,8 +125,8 @@ def _base_checkpoint(spec: FamilySpec, root: Path, say: Say) -> tuple[str, Path]
     if spec.kind == "smollm2":
         from blockllm.zoo.models import convert_smollm2
 
-        out = Path.home() / ".cache" / "blockllm" / f"smollm2-{SMOLLM2_DTYPE}"
-        return "smollm2", convert_smollm2(out, dtype=SMOLLM2_DTYPE, progress=say)
+        out = Path.home() / ".cache" / "blockllm" / f"smollm2-{spec.dtype}"
+        return "smollm2", convert_smollm2(out, dtype=spec.dtype, progress=say)
     if spec.kind != "tiny":
         raise ValueError(f"unknown family kind {spec.kind!r} (smollm2 or tiny)")
     out = root / "ckpt" / "tiny"
@@ -135,7 +137,10 @@ def _base_checkpoint(spec: FamilySpec, root: Path, say: Say) -> tuple[str, Path]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
         try:
-            build_tiny("llama", tmp, layers=spec.tiny_layers, hidden=spec.tiny_hidden)
+            import torch
+
+            dtype = getattr(torch, spec.dtype)
+            build_tiny("llama", tmp, layers=spec.tiny_layers, hidden=spec.tiny_hidden, dtype=dtype)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)  # whole or absent: config.json marks a finished build
         finally:

@@ -1,4 +1,4 @@
-"""`blockllm bench multitenant`: many fine-tuned tenants, three ways of serving them, one trace,
+"""`blockllm bench multitenant`: many fine-tuned tenants, five ways of serving them, one trace,
 one memory budget.
 
 1. Tenants (`bench_family`): SmolLM2-135M and K variants fine-tuned on slices of its upper
@@ -6,12 +6,17 @@ one memory budget.
 2. Budget: what the shared zoo needs (the distinct blocks of all tenants) plus a KV reserve, or
    `budget_bytes`; raised to what the `blockllm` cluster actually holds if that is more (a tied
    head, for one, is held by the worker that runs it as well), so no baseline gets less memory.
-3. The trace (`bench_trace`), replayed by `blockllm`, `per_model` and `hf_generate`
-   (`bench_systems`, `bench_per_model`), one after the other on this machine.
+3. The trace (`trace.py`), replayed by `blockllm` (`systems.py`), `per_model` (`per_model.py`;
+   `per_model_all` is the same with a budget that holds every tenant whole), `hf_generate` and
+   `hf_batched` (`hf_systems.py`), one after the other on this machine, open loop at the trace's
+   times or closed loop (`saturate`: C clients, `arrivals.py`). Every system but blockllm runs
+   in a fresh process of its own; every row has the measured PSS of the system's processes
+   (`memory.py`) next to its accounted `resident_bytes`. All in the family's `dtype`.
 
 The result is the JSON contract `{"blockllm": {...}, "per_model": {...}, "hf_generate": {...},
-"meta": {...}}` (see `bench_trace.summarize` for the per-system keys; per_model adds
-`resident_bytes_unshared`: every tenant held whole). `blockllm` runs once per planner mode
+"meta": {...}}` plus `per_model_all`, `hf_batched` (see `trace.summarize` for the per-system
+keys, and `pss_peak_bytes`, `pss_mean_bytes`; per_model adds `resident_bytes_unshared`: every
+tenant held whole). `blockllm` runs once per planner mode
 (`planner`: off = static placement, placement = the planner places by demand, dups = also
 duplicates stragglers); `meta["planner_modes"]`: `{mode: {...summary, "counters",
 "load_average", "other_processes_cores"}}` has each run, and `"blockllm"` is the first mode's.
@@ -49,12 +54,14 @@ from blockllm.client.bench.trace import (
 logger = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-SYSTEMS = ("blockllm", "per_model", "hf_generate")
+SYSTEMS = ("blockllm", "per_model", "per_model_all", "hf_generate", "hf_batched")
 KV_RESERVE_TOKENS = 4096  # default KV reserve: this many tokens of one tenant, all layers
-# goals of issue 6 on this CPU
-GOAL_P95_REDUCTION = 0.335
-GOAL_MEMORY_RATIO = 0.5
-GOAL_THROUGHPUT_RATIO = 2.0
+# goals of issue 15 on this CPU
+GOAL_P95_REDUCTION = 0.40  # open loop, vs per_model
+GOAL_MEMORY_RATIO = 0.35  # measured PSS peak, vs per_model_all (every tenant whole)
+GOAL_THROUGHPUT_RATIO = 2.0  # tokens/s vs hf_batched (at saturation)
+GOAL_CAPACITY_RATIO = 1.6  # tokens/s vs per_model at saturation
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,9 @@ class MultitenantConfig:
     baseline_threads: int | None = None  # None: the faster of 1 and all cores, measured
     cache_dir: Path | None = None
     systems: tuple[str, ...] = SYSTEMS
+    dtype: str = "float32"  # of every tenant, so of every system (one of DTYPES)
+    saturate: int | None = None  # closed loop with this many clients; None: open loop at `rate`
+    device: str = "cpu"  # of every system
 
     def trace_spec(self) -> TraceSpec:
         if self.quick:
@@ -103,6 +113,7 @@ def family_spec(cfg: MultitenantConfig, mode: str = "partial") -> FamilySpec:
         variants=cfg.variants,
         cache_dir=cfg.cache_dir,
         recipe=Recipe(steps=4, seq_len=32, batch_size=2, lr=5e-4),
+        dtype=cfg.dtype,
     )
 
 
@@ -181,39 +192,65 @@ class _Bench:
             threads=self.cfg.threads,
             planner=mode,
             straggler_delay_s=self.cfg.straggler_delay_s,
+            device=self.cfg.device,
         )
-        outcomes, facts = run_blockllm(cluster, self.trace, self.say)
+        outcomes, facts = run_blockllm(cluster, self.trace, self.say, self.cfg.saturate)
         # no baseline gets less memory than the cluster really holds
         self.budget = max(self.budget, facts["resident_bytes"])
         return outcomes, facts
 
     def per_model(self) -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench.per_model import PerModelConfig, run_per_model
+        return self._per_model("per_model", self.budget - self.mem.kv_reserve)
 
-        self.say(f"per_model: whole models under a budget of {self.budget / 2**20:.1f} MiB")
-        threads = self.pick_threads("per_model")
+    def per_model_all(self) -> tuple[list[Outcome], dict[str, Any]]:
+        """per_model with a budget that holds every tenant whole (the memory it saves from)."""
+        return self._per_model("per_model_all", max(self.mem.unshared, self.budget))
+
+    def _per_model(self, name: str, weights: int) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench.memory import run_isolated
+        from blockllm.client.bench.per_model import PerModelConfig
+
+        self.say(f"{name}: whole models under {(weights + self.mem.kv_reserve) / 2**20:.1f} MiB")
+        threads = self.pick_threads(name)
         pm = PerModelConfig(
             zoo_dir=str(self.family.zoo_dir),
-            weight_budget_bytes=self.budget - self.mem.kv_reserve,
+            weight_budget_bytes=weights,
             kv_budget_bytes=self.mem.kv_reserve,
             threads=threads["threads"],
+            device=self.cfg.device,
         )
-        outcomes, facts = run_per_model(pm, self.trace, _popularity(self.trace), self.say)
+        args = {"cfg": pm, "trace": self.trace, "by_popularity": _popularity(self.trace)}
+        target = "blockllm.client.bench.per_model:run_per_model"
+        outcomes, facts = run_isolated(target, {**args, "clients": self.cfg.saturate})
         facts["resident_bytes"] = facts["peak_weight_bytes"] + self.mem.kv_reserve
         return outcomes, {**facts, **threads}
 
     def hf_generate(self) -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench.systems import HfSpec, run_hf_generate
-
         self.say("hf_generate: one request at a time with model.generate")
-        threads = self.pick_threads("hf_generate")
+        return self._hf("hf_generate", batched=False)
+
+    def hf_batched(self) -> tuple[list[Outcome], dict[str, Any]]:
+        self.say("hf_batched: each model's waiting requests left-padded into one generate call")
+        return self._hf("hf_batched", batched=True)
+
+    def _hf(self, name: str, batched: bool) -> tuple[list[Outcome], dict[str, Any]]:
+        from blockllm.client.bench.hf_systems import HfSpec
+        from blockllm.client.bench.memory import run_isolated
+
+        threads = self.pick_threads(name)
         hf = HfSpec(
             checkpoints={t.name: t.checkpoint for t in self.family.tenants},
             model_bytes=self.mem.whole,
             weight_budget_bytes=self.budget - self.mem.kv_reserve,
             threads=threads["threads"],
+            dtype=self.cfg.dtype,
+            device=self.cfg.device,
         )
-        outcomes, facts = run_hf_generate(hf, self.trace, _popularity(self.trace), self.say)
+        args = {"spec": hf, "trace": self.trace, "by_popularity": _popularity(self.trace)}
+        target = "blockllm.client.bench.hf_systems:run_hf"
+        outcomes, facts = run_isolated(
+            target, {**args, "batched": batched, "clients": self.cfg.saturate}
+        )
         facts["resident_bytes"] = facts["peak_weight_bytes"]  # its KV is per request, transient
         return outcomes, {**facts, **threads}
 
@@ -255,12 +292,13 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
             outcomes, facts[name] = getattr(bench, name)()
             facts[name]["other_processes_cores"] = _other_cores(mark)
             run.outcomes[name] = outcomes
-            run.doc[name] = summarize(outcomes, facts[name].pop("resident_bytes"))
+            run.doc[name] = _row(outcomes, facts[name])
             _report(say, name, run.doc[name])
             gc.collect()
     if "per_model" in run.doc:
         run.doc["per_model"]["resident_bytes_unshared"] = mem.unshared + mem.kv_reserve
-    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts, run.doc)
+    run.doc["meta"] = _meta(cfg, family, spec, trace, mem, bench.budget, facts)
+    run.doc["meta"]["goals"] = goals(run.doc)
     run.doc["meta"]["planner_modes"] = modes
     run.doc["meta"]["seconds"] = round(time.monotonic() - t_start, 1)
     return run
@@ -275,7 +313,7 @@ def _planner_modes(
         mark = _cpu_marks()
         outcomes, f = bench.blockllm(mode)
         f["other_processes_cores"] = _other_cores(mark)
-        summary = summarize(outcomes, f.pop("resident_bytes"))
+        summary = _row(outcomes, f)
         out[mode] = {
             **summary,
             "counters": f["counters"],
@@ -288,6 +326,29 @@ def _planner_modes(
         else:
             run.outcomes[f"blockllm[{mode}]"] = outcomes
         gc.collect()
+    return out
+
+
+def _row(outcomes: Sequence[Outcome], facts: dict[str, Any]) -> dict[str, Any]:
+    """A system's row: the contract's numbers, the accounted and the measured memory."""
+    row = summarize(outcomes, facts.pop("resident_bytes"))
+    row["pss_peak_bytes"] = facts.pop("pss_peak_bytes", None)
+    row["pss_mean_bytes"] = facts.pop("pss_mean_bytes", None)
+    return row
+
+
+def run_sweep(cfg: MultitenantConfig, rates: Sequence[float], say: Say) -> dict[str, Any]:
+    """One open-loop run per rate (same tenants, same seed): {"rates": [{"rate_rps", every
+    system's row, "goals"}, ...], "meta": the first run's meta}."""
+    from dataclasses import replace
+
+    out: dict[str, Any] = {"rates": []}
+    for rate in rates:
+        say(f"sweep: rate {rate:g}/s")
+        doc = run_multitenant(replace(cfg, rate=rate, saturate=None), say).doc
+        rows = {k: v for k, v in doc.items() if k != "meta"}
+        out["rates"].append({"rate_rps": rate, **rows, "goals": doc["meta"]["goals"]})
+        out.setdefault("meta", doc["meta"])
     return out
 
 
@@ -325,7 +386,6 @@ def _meta(
     mem: _Memory,
     budget: int,
     facts: dict[str, Any],
-    doc: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "family": family.kind,
@@ -340,6 +400,9 @@ def _meta(
             **trace_facts(trace),
         },
         "budget_bytes": budget,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "saturate_clients": cfg.saturate,
         "planner": list(cfg.planner),
         "straggler_delay_s": cfg.straggler_delay_s,
         "shared_zoo_bytes": mem.shared,
@@ -347,125 +410,40 @@ def _meta(
         "cores": _cores(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "systems": facts,
-        "goals": goals(doc),
+    }
+
+
+def _goal(value: float, goal: float, higher: bool) -> dict[str, Any]:
+    return {
+        "value": round(value, 3),
+        "goal": goal,
+        "met": value >= goal if higher else value <= goal,
     }
 
 
 def goals(doc: dict[str, Any]) -> dict[str, Any]:
-    """Issue 6's goals, each with the measured value and whether it is met (None: not run)."""
+    """Issue 15's goals, each with the measured value and whether it is met (absent: a system
+    it needs did not run). Closed loop (`meta.saturate_clients`): capacity ratios; open loop:
+    the p95 reduction. Memory: blockllm's measured PSS peak vs per_model_all's, whose run holds
+    every tenant whole (and the accounted ratio, for reference)."""
     out: dict[str, Any] = {}
-    b, pm, hf = doc.get("blockllm"), doc.get("per_model"), doc.get("hf_generate")
-    if b and pm and b["p95_ms"] and pm["p95_ms"]:
-        red = 1.0 - b["p95_ms"] / pm["p95_ms"]
-        out["p95_reduction_vs_per_model"] = {
-            "value": round(red, 3),
-            "goal": GOAL_P95_REDUCTION,
-            "met": red >= GOAL_P95_REDUCTION,
-        }
-    if b and pm:
+    b, pm, pma = doc.get("blockllm"), doc.get("per_model"), doc.get("per_model_all")
+    hfb = doc.get("hf_batched")
+    closed = bool(doc.get("meta", {}).get("saturate_clients"))
+    if b and pm and b["p95_ms"] and pm["p95_ms"] and not closed:
+        out["p95_reduction_vs_per_model"] = _goal(
+            1.0 - b["p95_ms"] / pm["p95_ms"], GOAL_P95_REDUCTION, True
+        )
+    if b and pm and pm["tokens_per_s"] and closed:
+        ratio = b["tokens_per_s"] / pm["tokens_per_s"]
+        out["capacity_vs_per_model"] = _goal(ratio, GOAL_CAPACITY_RATIO, True)
+    if b and pma and b.get("pss_peak_bytes") and pma.get("pss_peak_bytes"):
+        ratio = b["pss_peak_bytes"] / pma["pss_peak_bytes"]
+        out["measured_memory_vs_per_model_all"] = _goal(ratio, GOAL_MEMORY_RATIO, False)
+    if b and pm and pm.get("resident_bytes_unshared"):
         ratio = b["resident_bytes"] / pm["resident_bytes_unshared"]
-        out["memory_vs_unshared"] = {
-            "value": round(ratio, 3),
-            "goal": GOAL_MEMORY_RATIO,
-            "met": ratio <= GOAL_MEMORY_RATIO,
-        }
-    if b and hf and hf["tokens_per_s"]:
-        ratio = b["tokens_per_s"] / hf["tokens_per_s"]
-        out["tokens_per_s_vs_hf_generate"] = {
-            "value": round(ratio, 2),
-            "goal": GOAL_THROUGHPUT_RATIO,
-            "met": ratio >= GOAL_THROUGHPUT_RATIO,
-        }
+        out["accounted_memory_vs_unshared"] = _goal(ratio, GOAL_MEMORY_RATIO, False)
+    if b and hfb and hfb["tokens_per_s"]:
+        ratio = b["tokens_per_s"] / hfb["tokens_per_s"]
+        out["tokens_per_s_vs_hf_batched"] = _goal(ratio, GOAL_THROUGHPUT_RATIO, True)
     return out
-
-
-# -- presentation -------------------------------------------------------------------------------
-
-
-def table(doc: dict[str, Any]) -> list[str]:
-    """The readable table of a result document, one line per row."""
-    head = (
-        f"{'system':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
-        f"{'tok/s':>7} {'resident MiB':>12} {'requests':>8} {'errors':>6} "
-        f"{'others':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    facts = doc.get("meta", {}).get("systems", {})
-    for name in SYSTEMS:
-        s = doc.get(name)
-        if not s:
-            continue
-        lines.append(
-            f"{name:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
-            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
-            f"{s['resident_bytes'] / 2**20:>12.1f} {s['requests']:>8} {s['errors']:>6} "
-            f"{_num(facts.get(name, {}).get('other_processes_cores'), '.1f'):>6}"
-        )
-    pm = doc.get("per_model")
-    if pm:
-        lines.append(
-            f"(per_model with every tenant whole: {pm['resident_bytes_unshared'] / 2**20:.1f} MiB)"
-        )
-    lines.append("(others: cores that other processes on this machine kept busy meanwhile)")
-    lines += planner_table(doc)
-    for name, g in doc.get("meta", {}).get("goals", {}).items():
-        lines.append(
-            f"goal {name}: {g['value']} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
-        )
-    return lines
-
-
-def planner_table(doc: dict[str, Any]) -> list[str]:
-    """blockllm per planner mode (what each mechanism buys), when more than static ran."""
-    modes = doc.get("meta", {}).get("planner_modes") or {}
-    if list(modes) in ([], ["off"]):
-        return []
-    delay = doc.get("meta", {}).get("straggler_delay_s") or 0
-    head = (
-        f"{'planner':<12} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'ttft p95':>9} "
-        f"{'tok/s':>7} {'resident MiB':>12} {'errors':>6} {'commands':>8} {'moved':>5} "
-        f"{'replays':>7} {'load1':>5}"
-    )
-    slowed = f" (last worker slowed by {delay:g} s per step)" if delay else ""
-    lines = ["", f"blockllm by planner mode{slowed}:", head, "-" * len(head)]
-    for mode, s in modes.items():
-        c = s.get("counters", {})
-        lines.append(
-            f"{mode:<12} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
-            f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
-            f"{s['resident_bytes'] / 2**20:>12.1f} {s['errors']:>6} {c.get('commands', 0):>8} "
-            f"{c.get('moved', 0):>5} {c.get('replays', 0):>7} "
-            f"{_num(s.get('load_average', [None])[0], '.2f'):>5}"
-        )
-    return lines
-
-
-def _num(x: float | None, fmt: str = ".0f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def plot_cdf(outcomes: dict[str, list[Outcome]], path: Path, title: str) -> None:
-    """Latency CDF of each system to a PNG. Raises ImportError when matplotlib is missing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from blockllm.client.bench.trace import latencies_ms
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, outs in outcomes.items():
-        xs = latencies_ms(outs)
-        if xs:
-            ys = [(i + 1) / len(outs) for i in range(len(xs))]
-            ax.step(xs, ys, where="post", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("request latency (ms, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_ylim(0, 1.0)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

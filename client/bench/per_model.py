@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockllm.client.bench.arrivals import Arrivals
 from blockllm.client.bench.family import model_bytes
 from blockllm.client.bench.trace import Outcome, TraceRequest
 
@@ -59,6 +60,7 @@ class PerModelConfig:
     kv_budget_bytes: int  # each engine's KV pool
     threads: int | None = None
     max_batch_size: int = 32
+    device: str = "cpu"
 
 
 class PerModelServer:
@@ -76,6 +78,7 @@ class PerModelServer:
         self.load_seconds = 0.0
         self.peak_weight_bytes = 0
         self._t0 = time.monotonic()
+        self.arrivals = Arrivals(())
 
     # -- residency ----------------------------------------------------------------------------
     def _resident_bytes(self) -> int:
@@ -94,6 +97,7 @@ class PerModelServer:
                 max_batch_size=self.cfg.max_batch_size,
                 threads=self.cfg.threads,
                 verify_blocks=False,
+                device=self.cfg.device,
             ),
         )
         m = self.zoo.manifest(model)
@@ -192,18 +196,19 @@ class PerModelServer:
 
     def _finish(self, res: _Resident, rid: str) -> None:
         res.engine.release(rid)
-        del res.running[rid]
+        self.arrivals.finished(res.running.pop(rid).outcome)
 
-    def replay(self, trace: Sequence[TraceRequest]) -> list[Outcome]:
-        """Serve the trace in real time; one Outcome per request (in trace order)."""
-        outcomes = [Outcome(r.index, r.model, r.arrival_s) for r in trace]
-        arrivals = deque(zip(trace, outcomes, strict=True))
+    def replay(self, trace: Sequence[TraceRequest] | Arrivals) -> list[Outcome]:
+        """Serve the trace in real time (open loop, or closed loop when given `Arrivals` with
+        clients); one Outcome per request (in trace order)."""
+        arrivals = trace if isinstance(trace, Arrivals) else Arrivals(trace)
+        self.arrivals = arrivals
         self._t0 = time.monotonic()
-        while arrivals or any(self.waiting.values()) or self._running():
-            while arrivals and arrivals[0][0].arrival_s <= self.now():
-                req, o = arrivals.popleft()
+        while not arrivals.exhausted() or any(self.waiting.values()) or self._running():
+            for req, o in arrivals.due(self.now()):
                 if not self.fits(req.model):
                     o.error = "model larger than the whole budget"
+                    arrivals.finished(o)
                     continue
                 self.waiting.setdefault(req.model, deque()).append(_Run(req, o))
             self._make_room()
@@ -214,9 +219,10 @@ class PerModelServer:
                     worked = True
                     for result in res.engine.step():
                         self._on_result(res, result)
-            if not worked and arrivals and not any(self.waiting.values()):
-                time.sleep(max(0.0, min(0.05, arrivals[0][0].arrival_s - self.now())))
-        return outcomes
+            nxt = arrivals.next_at()
+            if not worked and nxt is not None and not any(self.waiting.values()):
+                time.sleep(max(0.0, min(0.05, nxt - self.now())))
+        return arrivals.outcomes
 
     def _running(self) -> bool:
         return any(r.running for r in self.resident.values())
@@ -267,15 +273,23 @@ def fastest_threads(zoo_dir: str, model: str, choices: Sequence[int]) -> tuple[i
 
 
 def run_per_model(
-    cfg: PerModelConfig, trace: Sequence[TraceRequest], by_popularity: Sequence[str], say: Say
+    cfg: PerModelConfig,
+    trace: Sequence[TraceRequest],
+    by_popularity: Sequence[str],
+    say: Say,
+    clients: int | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Replay `trace` on the per-model baseline; (outcomes, facts: loads, peak weight bytes)."""
+    """Replay `trace` on the per-model baseline (closed loop with `clients`); (outcomes, facts:
+    loads, peak weight bytes). `on_start` is called as the replay begins."""
     server = PerModelServer(cfg, say)
     server.preload(by_popularity)
     say(f"per_model: {len(server.resident)} model(s) resident at start: {list(server.resident)}")
     server.warm_up()
     server.loads, server.load_seconds = 0, 0.0
-    outcomes = server.replay(trace)
+    if on_start is not None:
+        on_start()
+    outcomes = server.replay(Arrivals(trace, clients))
     facts = {
         "loads": server.loads,
         "load_seconds": round(server.load_seconds, 2),

@@ -4,10 +4,9 @@ checkpoint, at 1 stream and at N concurrent streams.
 
 Both sides run the same greedy requests (one prompt, `--new-tokens` each) and are timed from
 the first request sent to the last token received, prefill included; the in-process side
-batches all its streams into each engine step (its best case). By default the in-process engine
-gets as many torch threads as each worker process (the cores split across the workers), so the
-ratio shows what the pipeline costs or gains at equal per-process compute; pass
-`--inprocess-threads` to compare with an engine that has every core to itself.
+batches all its streams into each engine step (its best case). By default the comparison is at
+equal cores: the in-process engine gets as many torch threads as all the workers together
+(`--inprocess-threads` to choose). `--device cuda` runs both sides on the GPU.
 Result (stdout, --json):
     {"bench": "pipeline", "model": ..., "workers": 2, "threads_per_worker": ...,
      "results": [{"streams": 1, "pipeline_tok_s": ..., "inprocess_tok_s": ..., "ratio": ...},
@@ -40,6 +39,7 @@ class PipelineBenchConfig:
     inprocess_threads: int | None = None  # None: as many as each worker
     kv_budget_bytes: int = 256 << 20
     ready_timeout_s: float = 300.0
+    device: str = "cpu"  # of the workers and of the in-process engine
 
 
 def _say(text: str) -> None:
@@ -78,7 +78,8 @@ def inprocess_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dic
     threads = _inprocess_threads(cfg)
     zoo = Zoo(cfg.zoo_dir)
     chain = len(zoo.manifest(model).chain)
-    engine = Worker(zoo, WorkerConfig(kv_budget_bytes=cfg.kv_budget_bytes, threads=threads))
+    wcfg = WorkerConfig(kv_budget_bytes=cfg.kv_budget_bytes, threads=threads, device=cfg.device)
+    engine = Worker(zoo, wcfg)
     key = engine.load_stage(model, 0, chain).key
     prompt = torch.tensor(ids)
     _engine_generate(engine, key, prompt, 1, 4)  # warm-up
@@ -146,6 +147,7 @@ def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict
                 name=f"bench-{i}",
                 threads=threads,
                 kv_budget_bytes=cfg.kv_budget_bytes,
+                device=cfg.device,
             )
             launcher.start_worker(f"bench-{i}", wcfg)
         launcher.wait_ready([model], cfg.ready_timeout_s)
@@ -209,6 +211,7 @@ def run_pipeline_bench(cfg: PipelineBenchConfig) -> dict[str, Any]:
         "workers": cfg.workers,
         "threads_per_worker": cfg.threads_per_worker or _default_threads(cfg.workers),
         "inprocess_threads": _inprocess_threads(cfg),
+        "device": cfg.device,
         "new_tokens": cfg.new_tokens,
         "prompt_tokens": len(ids),
         "results": results,
@@ -217,7 +220,9 @@ def run_pipeline_bench(cfg: PipelineBenchConfig) -> dict[str, Any]:
 
 
 def _inprocess_threads(cfg: PipelineBenchConfig) -> int:
-    return cfg.inprocess_threads or cfg.threads_per_worker or _default_threads(cfg.workers)
+    """Equal cores by default: as many threads as all the workers together."""
+    per_worker = cfg.threads_per_worker or _default_threads(cfg.workers)
+    return cfg.inprocess_threads or per_worker * cfg.workers
 
 
 def _default_threads(workers: int) -> int:

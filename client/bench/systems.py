@@ -1,4 +1,4 @@
-"""The `blockllm` and `hf_generate` systems of `bench multitenant` (per_model has its module).
+"""The `blockllm` system of `bench multitenant` (per_model and the HF systems have their modules).
 
 - `blockllm`: the real multi-process system as `blockllm serve` runs it (a broker and worker
   processes started by `client.launcher`, stages placed by the same static placement, shared
@@ -7,24 +7,19 @@
   the static placement; "placement" adds the planner process placing by demand; "dups" also
   lets it duplicate stragglers. `straggler_delay_s` slows every step of the last worker (the
   test-only fault hook) to show what duplicates buy.
-- `hf_generate`: what a user without BlockLLM does: each request in arrival order, one at a
-  time, `model.generate` (greedy) on its model, models loaded with `from_pretrained` from their
-  checkpoint folders under the same budget (least recently used evicted; load time on the
-  clock).
+  With `clients` C (closed loop, `--saturate`), C threads each stream the next request of the
+  trace as soon as their last one finished.
 
-Both report one `Outcome` per request with times relative to the trace start.
+It reports one `Outcome` per request with times relative to the trace start.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from blockllm.client.bench.trace import Outcome, TraceRequest
@@ -53,6 +48,7 @@ class ClusterSpec:
     request_timeout_s: float = 900.0
     name_prefix: str = "bench-worker"
     log_level: str = "WARNING"  # of the broker and worker processes
+    device: str = "cpu"  # of every worker
 
 
 def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
@@ -82,6 +78,7 @@ def start_cluster(launcher: Any, spec: ClusterSpec) -> str:
             max_batch_size=spec.max_batch_size,
             log_level=spec.log_level,
             fault_step_delay_s=slow,
+            device=spec.device,
         )
         launcher.start_worker(name, cfg)
     launcher.wait_ready(list(models), spec.ready_timeout_s)
@@ -109,31 +106,57 @@ def cluster_resident_bytes(status: Mapping[str, Any]) -> int:
     )
 
 
-def _replay_client(client: Any, trace: Sequence[TraceRequest], timeout: float) -> list[Outcome]:
-    """One thread per request: sleep until its arrival, stream it, record the times."""
+def _stream_one(client: Any, req: TraceRequest, o: Outcome, t0: float, timeout: float) -> None:
+    """Stream one request, noting its first token, finish and tokens (or its error)."""
+    try:
+        for _ev in client.stream(
+            req.model,
+            input_ids=list(req.prompt_ids),
+            max_new_tokens=req.max_new_tokens,
+            timeout=timeout,
+        ):
+            if o.tokens == 0:
+                o.first_token_s = time.monotonic() - t0
+            o.tokens += 1
+        o.finish_s = time.monotonic() - t0
+    except Exception as e:  # a typed client error: counted, the run goes on
+        o.error = f"{type(e).__name__}: {e}"
+
+
+def _replay_client(
+    client: Any, trace: Sequence[TraceRequest], timeout: float, clients: int | None = None
+) -> list[Outcome]:
+    """Open loop: one thread per request, sleeping until its arrival. Closed loop (`clients`
+    C): C threads, each streaming the next request of the trace once its last one is over."""
     outcomes = [Outcome(r.index, r.model, r.arrival_s) for r in trace]
     t0 = time.monotonic() + 0.2  # every thread is started before the first arrival
+    pending = list(zip(trace, outcomes, strict=True))[::-1]
+    lock = threading.Lock()
 
-    def run(req: TraceRequest, o: Outcome) -> None:
+    def timed(req: TraceRequest, o: Outcome) -> None:
         time.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
-        try:
-            for _ev in client.stream(
-                req.model,
-                input_ids=list(req.prompt_ids),
-                max_new_tokens=req.max_new_tokens,
-                timeout=timeout,
-            ):
-                if o.tokens == 0:
-                    o.first_token_s = time.monotonic() - t0
-                o.tokens += 1
-            o.finish_s = time.monotonic() - t0
-        except Exception as e:  # a typed client error: counted, the run goes on
-            o.error = f"{type(e).__name__}: {e}"
+        _stream_one(client, req, o, t0, timeout)
 
-    threads = [
-        threading.Thread(target=run, args=(r, o), daemon=True, name=f"bench-req-{r.index}")
-        for r, o in zip(trace, outcomes, strict=True)
-    ]
+    def closed_client() -> None:
+        time.sleep(max(0.0, t0 - time.monotonic()))
+        while True:
+            with lock:
+                if not pending:
+                    return
+                req, o = pending.pop()
+            o.arrival_s = time.monotonic() - t0
+            _stream_one(client, req, o, t0, timeout)
+
+    if clients is None:
+        threads = [
+            threading.Thread(target=timed, args=(r, o), daemon=True, name=f"bench-req-{r.index}")
+            for r, o in zip(trace, outcomes, strict=True)
+        ]
+    else:
+        threads = [
+            threading.Thread(target=closed_client, daemon=True, name=f"bench-client-{i}")
+            for i in range(clients)
+        ]
     for t in threads:
         t.start()
     for t in threads:
@@ -142,9 +165,11 @@ def _replay_client(client: Any, trace: Sequence[TraceRequest], timeout: float) -
 
 
 def run_blockllm(
-    spec: ClusterSpec, trace: Sequence[TraceRequest], say: Say
+    spec: ClusterSpec, trace: Sequence[TraceRequest], say: Say, clients: int | None = None
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Start the cluster, warm it up, replay the trace, stop it; (outcomes, facts)."""
+    """Start the cluster, warm it up, replay the trace (closed loop with `clients`), stop it;
+    (outcomes, facts with the PSS of the cluster's processes during the replay)."""
+    from blockllm.client.bench.memory import PssSampler
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher
 
@@ -155,7 +180,9 @@ def run_blockllm(
         with Client(endpoint, timeout=spec.request_timeout_s) as client:
             client.generate(trace[0].model, input_ids=list(trace[0].prompt_ids), max_new_tokens=2)
             before = client.status()
-            outcomes = _replay_client(client, trace, spec.request_timeout_s)
+            sampler = PssSampler().start()
+            outcomes = _replay_client(client, trace, spec.request_timeout_s, clients)
+            pss = sampler.stop()
             after = client.status()
     resident = max(cluster_resident_bytes(before), cluster_resident_bytes(after))
     workers = {
@@ -176,121 +203,4 @@ def run_blockllm(
             for k in PLANNER_COUNTERS
         },
     }
-    return outcomes, {**facts, "resident_bytes": resident}
-
-
-# -- hf_generate -------------------------------------------------------------------------------
-
-
-class _FirstToken:
-    """A generate() streamer that notes when the first new token comes out."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.at: float | None = None
-
-    def put(self, _value: Any) -> None:
-        self.calls += 1  # the first call carries the prompt
-        if self.calls == 2:
-            self.at = time.monotonic()
-
-    def end(self) -> None:
-        pass
-
-
-@dataclass(frozen=True, slots=True)
-class HfSpec:
-    checkpoints: Mapping[str, Path]  # tenant -> checkpoint folder
-    model_bytes: Mapping[str, int]  # tenant -> bytes held whole (for the budget)
-    weight_budget_bytes: int
-    threads: int | None = None
-
-
-class _HfModels:
-    """from_pretrained models under a weight budget, least recently used evicted first."""
-
-    def __init__(self, spec: HfSpec) -> None:
-        self.spec = spec
-        self.models: OrderedDict[str, Any] = OrderedDict()
-        self.loads = 0
-        self.load_seconds = 0.0
-        self.peak = 0
-
-    def get(self, name: str) -> Any:
-        if name in self.models:
-            self.models.move_to_end(name)
-            return self.models[name]
-        from transformers import AutoModelForCausalLM
-
-        need = self.spec.model_bytes[name]
-        while self.models and self._bytes() + need > self.spec.weight_budget_bytes:
-            self.models.popitem(last=False)
-            gc.collect()
-        t = time.monotonic()
-        model = AutoModelForCausalLM.from_pretrained(self.spec.checkpoints[name], dtype="auto")
-        self.models[name] = model.eval()
-        self.loads += 1
-        self.load_seconds += time.monotonic() - t
-        self.peak = max(self.peak, self._bytes())
-        return model
-
-    def _bytes(self) -> int:
-        return sum(self.spec.model_bytes[n] for n in self.models)
-
-
-def _hf_one(model: Any, req: TraceRequest) -> tuple[int, float | None]:
-    import torch
-
-    streamer = _FirstToken()
-    ids = torch.tensor([req.prompt_ids], dtype=torch.long)
-    gen = model.generation_config
-    pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
-    if isinstance(pad, list):
-        pad = pad[0]
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=req.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            streamer=streamer,
-        )
-    return int(out.shape[1] - ids.shape[1]), streamer.at
-
-
-def run_hf_generate(
-    spec: HfSpec, trace: Sequence[TraceRequest], by_popularity: Sequence[str], say: Say
-) -> tuple[list[Outcome], dict[str, Any]]:
-    """Replay the trace one request at a time in arrival order; (outcomes, facts)."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    hf_logging.disable_progress_bar()
-    models = _HfModels(spec)
-    for name in by_popularity:  # warm start, as per_model gets: off the clock
-        if models._bytes() + spec.model_bytes[name] <= spec.weight_budget_bytes:
-            models.get(name)
-    _hf_one(models.get(next(reversed(models.models))), trace[0])  # warm-up
-    models.loads, models.load_seconds = 0, 0.0
-    outcomes = [Outcome(r.index, r.model, r.arrival_s) for r in trace]
-    t0 = time.monotonic()
-    for i, (req, o) in enumerate(zip(trace, outcomes, strict=True)):
-        time.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
-        try:
-            o.tokens, first = _hf_one(models.get(req.model), req)
-        except Exception as e:  # counted, the run goes on
-            o.error = f"{type(e).__name__}: {e}"
-            continue
-        o.finish_s = time.monotonic() - t0
-        o.first_token_s = None if first is None else first - t0
-        if (i + 1) % 10 == 0:
-            say(f"hf_generate: {i + 1}/{len(trace)} requests done")
-    facts = {
-        "loads": models.loads,
-        "load_seconds": round(models.load_seconds, 2),
-        "peak_weight_bytes": models.peak,
-    }
-    return outcomes, facts
+    return outcomes, {**facts, **pss, "resident_bytes": resident}

@@ -43,6 +43,27 @@ def _default_model_dir(dtype: str) -> Path:
         raise CliError(f"cannot prepare SmolLM2 (pass --model-dir DIR instead): {e}") from e
 
 
+def _tiny_model_dir() -> Path:
+    """A tiny random Llama checkpoint, built once (whole or absent: built aside, renamed)."""
+    import os
+    import shutil
+    import tempfile
+
+    out = Path.home() / ".cache" / "blockllm" / "bench-tiny"
+    if not (out / "config.json").is_file():
+        from blockllm.zoo.tiny import build_tiny
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".bench-tiny-", dir=out.parent))
+        try:
+            build_tiny("llama", tmp, layers=8, hidden=128)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 @bench.command("stage")
 @click.option(
     "--model-dir",
@@ -151,7 +172,15 @@ def _streams(text: str) -> tuple[int, ...]:
     "--inprocess-threads",
     type=click.IntRange(1),
     default=None,
-    help="torch threads of the in-process engine [default: as many as each worker].",
+    help="torch threads of the in-process engine [default: as many as all the workers "
+    "together: equal cores].",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A tiny random Llama (built once into ~/.cache/blockllm/bench-tiny) instead of "
+    "SmolLM2: a run of seconds that checks the machinery, not a measurement.",
 )
 @json_option
 def pipeline(
@@ -162,11 +191,13 @@ def pipeline(
     workers: int,
     threads: int | None,
     inprocess_threads: int | None,
+    device: str,
+    quick: bool,
     as_json: bool,
 ) -> None:
     """Generation tokens/s over broker + workers vs the engine in-process, 1 and N streams."""
     if model_dir is None:
-        model_dir = _default_model_dir("float32")
+        model_dir = _tiny_model_dir() if quick else _default_model_dir("float32")
     from blockllm.client.bench.pipeline import PipelineBenchConfig, run_pipeline_bench
 
     cfg = PipelineBenchConfig(
@@ -177,6 +208,7 @@ def pipeline(
         workers=workers,
         threads_per_worker=threads,
         inprocess_threads=inprocess_threads,
+        device=device,
     )
     result = run_pipeline_bench(cfg)
     if as_json:

@@ -29,6 +29,18 @@ def _size(ctx: Any, param: Any, value: str | None) -> int | None:
         raise click.BadParameter(f"{value!r}: {e}") from None
 
 
+def _rates(ctx: Any, param: Any, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated numbers, e.g. 1,1.5,2") from None
+    if not rates or min(rates) <= 0:
+        raise click.BadParameter(f"{value!r}: rates must be > 0")
+    return rates
+
+
 def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
     from blockllm.client.bench.systems import PLANNER_MODES
 
@@ -69,10 +81,29 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0.001),
+    "rates",
     default=None,
-    help="Mean arrivals per second (Poisson) [default: 2.0; --quick: 16].",
+    callback=_rates,
+    metavar="RATES",
+    help="Mean arrivals per second (Poisson) [default: 2.0; --quick: 16]; several "
+    "(1,1.5,2,2.5,3) run one open-loop trace each, printed as one table.",
 )
+@click.option(
+    "--saturate",
+    type=click.IntRange(1, 256),
+    default=None,
+    metavar="CLIENTS",
+    help="Closed loop instead of arrivals: CLIENTS clients, each sending its next request "
+    "when its last one finished; tok/s is then each system's capacity.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Weights and activations of every tenant, hence of every system.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option(
     "--seed",
     type=int,
@@ -127,7 +158,7 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
 )
 @click.option(
     "--systems",
-    default="blockllm,per_model,hf_generate",
+    default="blockllm,per_model,per_model_all,hf_generate,hf_batched",
     show_default=True,
     help="Which systems to run (comma-separated).",
 )
@@ -145,22 +176,19 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
 )
 @json_option
 def multitenant(**p: Any) -> None:
-    """Serve K fine-tuned tenants three ways on one trace at one memory budget: blockllm
+    """Serve K fine-tuned tenants five ways on one trace at one memory budget: blockllm
     (shared blocks, batched across tenants), per_model (each tenant whole, LRU under the
-    budget) and hf_generate (transformers, one request at a time). Prints p50/p95/p99
-    latency, TTFT p95, tokens/s and resident memory of each."""
+    budget), per_model_all (every tenant whole at once), hf_generate (transformers, one
+    request at a time) and hf_batched (transformers, each model's waiting requests padded into
+    one generate call). Prints p50/p95/p99 latency, TTFT p95, tokens/s, accounted memory and
+    the measured PSS (peak, mean) of each."""
     if p["plot"] is not None:
         _require_matplotlib()
     if p["family_mode"] == "full":
         _run_full(p)
         return
-    from blockllm.client.bench.multitenant import (
-        SYSTEMS,
-        MultitenantConfig,
-        plot_cdf,
-        run_multitenant,
-        table,
-    )
+    from blockllm.client.bench.multitenant import SYSTEMS, MultitenantConfig, run_multitenant
+    from blockllm.client.bench.multitenant_report import plot_cdf, table
 
     systems = tuple(s.strip() for s in p["systems"].split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -172,7 +200,7 @@ def multitenant(**p: Any) -> None:
         quick=p["quick"],
         variants=p["variants"] or 6,
         requests=p["requests"],
-        rate=p["rate"],
+        rate=p["rates"][0] if p["rates"] else None,
         seed=p["seed"],
         budget_bytes=p["budget"],
         workers=p["workers"],
@@ -182,7 +210,13 @@ def multitenant(**p: Any) -> None:
         baseline_threads=p["baseline_threads"],
         cache_dir=p["cache_dir"],
         systems=systems,
+        dtype=p["dtype"],
+        saturate=p["saturate"],
+        device=p["device"],
     )
+    if p["rates"] and len(p["rates"]) > 1:
+        _run_sweep(cfg, p)
+        return
     run = _guarded(lambda: run_multitenant(cfg, _say))
     if p["plot"] is not None:
         family = run.doc["meta"]["family"]
@@ -193,24 +227,48 @@ def multitenant(**p: Any) -> None:
         return
     meta = run.doc["meta"]
     t = meta["trace"]
+    load = (
+        f"{meta['saturate_clients']} closed-loop clients" if cfg.saturate else f"{t['rate_rps']}/s"
+    )
     click.echo(
-        f"{len(meta['tenants'])} tenants ({meta['family']}), {t['requests']} requests at "
-        f"{t['rate_rps']}/s (seed {t['seed']}), budget {meta['budget_bytes'] / 2**20:.1f} MiB, "
+        f"{len(meta['tenants'])} tenants ({meta['family']}, {meta['dtype']}), {t['requests']} "
+        f"requests at {load} (seed {t['seed']}), budget {meta['budget_bytes'] / 2**20:.1f} MiB, "
         f"{meta['cores']} cores, load average {meta['load_average'][0]}"
     )
     for line in table(run.doc):
         click.echo(line)
 
 
+def _run_sweep(cfg: Any, p: dict[str, Any]) -> None:
+    from blockllm.client.bench.multitenant import run_sweep
+    from blockllm.client.bench.multitenant_report import sweep_table
+
+    if cfg.saturate or p["plot"] is not None:
+        raise click.UsageError("several --rate values: no --saturate, no --plot")
+    doc = _guarded(lambda: run_sweep(cfg, p["rates"], _say))
+    if p["as_json"]:
+        echo_json(doc)
+        return
+    meta = doc["meta"]
+    click.echo(
+        f"{len(meta['tenants'])} tenants ({meta['family']}, {meta['dtype']}), "
+        f"{meta['trace']['requests']} requests per rate (seed {meta['trace']['seed']}), "
+        f"{meta['cores']} cores, load average {meta['load_average'][0]}"
+    )
+    for line in sweep_table(doc):
+        click.echo(line)
+
+
 def _guarded(fn: Any) -> Any:
     """Run `fn`, turning the failures a user can act on into one-line errors."""
+    from blockllm.client.bench.memory import IsolatedError
     from blockllm.client.launcher import LaunchError
     from blockllm.zoo import ZooError
     from blockllm.zoo.models import ModelBuildError
 
     try:
         return fn()
-    except (ModelBuildError, LaunchError, ZooError, ValueError) as e:
+    except (ModelBuildError, LaunchError, ZooError, ValueError, IsolatedError) as e:
         raise CliError(str(e)) from e
 
 

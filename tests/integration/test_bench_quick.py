@@ -18,7 +18,10 @@ CONTRACT = (
     "resident_bytes",
     "requests",
     "errors",
+    "pss_peak_bytes",
+    "pss_mean_bytes",
 )
+SYSTEMS = ("blockllm", "per_model", "per_model_all", "hf_generate", "hf_batched")
 
 
 def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -49,17 +52,49 @@ def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
         "--cache-dir",
         str(tmp_path),
     ]
-    proc = _blockllm(args, timeout=240)
+    proc = _blockllm(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
-    assert set(doc) == {"blockllm", "per_model", "hf_generate", "meta"}
-    for name in ("blockllm", "per_model", "hf_generate"):
+    assert set(doc) == {*SYSTEMS, "meta"}
+    for name in SYSTEMS:
         assert all(k in doc[name] for k in CONTRACT), (name, doc[name])
         assert doc[name]["requests"] == 8 and doc[name]["errors"] == 0, (name, doc[name])
         assert doc[name]["tokens_per_s"] > 0 and doc[name]["p50_ms"] <= doc[name]["p99_ms"]
+        # measured: every system's processes hold at least an interpreter with torch
+        assert doc[name]["pss_peak_bytes"] >= doc[name]["pss_mean_bytes"] > 50 << 20, name
     assert doc["per_model"]["resident_bytes_unshared"] > doc["blockllm"]["resident_bytes"]
+    assert doc["meta"]["systems"]["per_model_all"]["loads"] == 0  # every tenant held whole
     assert doc["meta"]["tenants"] == ["tiny", "tiny-ft1", "tiny-ft2"]
+    assert doc["meta"]["dtype"] == "float32"
+    assert "measured_memory_vs_per_model_all" in doc["meta"]["goals"]
+    assert "tokens_per_s_vs_hf_batched" in doc["meta"]["goals"]
     assert "[bench]" in proc.stderr  # progress goes to stderr, the JSON alone to stdout
+
+
+QUICK = ["--quick", "--tenants", "1", "--requests", "4", "--baseline-threads", "1", "--json"]
+
+
+def test_bench_multitenant_saturate_is_a_closed_loop(tmp_path: Path) -> None:
+    args = ["bench", "multitenant", "--saturate", "2", "--systems", "blockllm,per_model"]
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["meta"]["saturate_clients"] == 2
+    assert "capacity_vs_per_model" in doc["meta"]["goals"]
+    assert "p95_reduction_vs_per_model" not in doc["meta"]["goals"]  # open loop only
+    for name in ("blockllm", "per_model"):
+        assert doc[name]["errors"] == 0 and doc[name]["tokens_per_s"] > 0, doc[name]
+
+
+def test_bench_multitenant_rate_sweep_is_one_table(tmp_path: Path) -> None:
+    args = ["bench", "multitenant", "--rate", "10,20", "--systems", "per_model"]
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert [r["rate_rps"] for r in doc["rates"]] == [10.0, 20.0]
+    for r in doc["rates"]:
+        assert r["per_model"]["requests"] == 4 and r["per_model"]["errors"] == 0, r
+        assert r["per_model"]["pss_peak_bytes"] > 0
 
 
 def test_demo_tiny_streams_every_tenant_and_stops_cleanly(tmp_path: Path) -> None:

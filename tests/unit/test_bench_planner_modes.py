@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from blockllm.client.bench.multitenant import planner_table
+from blockllm.client.bench.multitenant_report import planner_table
 from blockllm.client.cli.bench_multitenant import _planner_modes
 
 
