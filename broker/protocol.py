@@ -141,6 +141,9 @@ class Ready:
     # block ids this worker cannot get (fetched corrupt from its source): the planner places
     # stages holding them elsewhere
     refused_blocks: tuple[str, ...] = ()
+    # keys of the stages its operator configured (`blockllm worker --stage`): pins the planner
+    # keeps while the worker lives (docs/internals.md, Planner)
+    pinned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

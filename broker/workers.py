@@ -55,6 +55,7 @@ class WorkerState:
     last_error: str = ""
     # block ids the worker cannot get (READY): the planner places their stages elsewhere
     refused_blocks: tuple[str, ...] = ()
+    pinned: tuple[str, ...] = ()  # stage keys configured by its operator (READY)
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +83,7 @@ class WorkerState:
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
         self.refused_blocks = msg.refused_blocks
+        self.pinned = msg.pinned
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
