@@ -39,6 +39,8 @@ from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
 from blockllm.broker.protocol import (
     Ack,
+    Error,
+    ErrorCode,
     Kind,
     Message,
     PlannerReport,
@@ -106,6 +108,8 @@ def send_command(
             reply, _ = frames.decode(sock.recv_multipart())
             if isinstance(reply, Ack) and reply.command_id == getattr(msg, "command_id", ""):
                 return reply
+            if isinstance(reply, Error) and reply.code == ErrorCode.FORBIDDEN.value:
+                return Ack(reply.request_id, False, reply.message)  # this key's role may not
         raise TimeoutError(f"no answer from the broker at {broker} within {timeout:.0f} s")
     finally:
         sock.close(linger=0)
