@@ -41,3 +41,16 @@ def test_pins_are_kept_and_take_over_their_models_once_they_cover_them():
     lost = p.on_stats(snapshot({"w0": PIN_A}, {"m": False, "ft": False}, extra=pins(w0=PIN_A)), 4)
     assert [c for c in lost if isinstance(c, LoadStage)]
     assert not [c for c in lost if isinstance(c, UnloadStage)]
+
+
+def test_a_worker_marks_its_configured_stages_pinned_only_when_told():
+    from dataclasses import replace
+
+    from blockllm.broker.protocol import StageRef
+    from blockllm.worker.config import StageSpec, WorkerProcConfig
+    from blockllm.worker.facts import pinned_keys
+
+    cfg = WorkerProcConfig("tcp://127.0.0.1:1", "/zoo", stages=(StageSpec("m", 0, 3),))
+    loaded = (StageRef("k0", "m", 0, 3), StageRef("k1", "m", 3, 6))  # k1: the planner's load
+    assert pinned_keys(cfg, loaded) == ()  # serve's and test clusters' workers
+    assert pinned_keys(replace(cfg, pin_stages=True), loaded) == ("k0",)  # blockllm worker
