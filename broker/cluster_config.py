@@ -167,6 +167,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "broker": {
         "bind": _endpoint,
         "public": _endpoint,
+        "stats_bind": _endpoint,  # the STATS PUB socket (--stats-bind); default: an OS port
         "zoo": _PATH,
         "heartbeat_s": _positive_float,
         "liveness": _int(1),

@@ -155,6 +155,9 @@ class Ready:
     # block ids this worker cannot get (fetched corrupt from its source): the planner places
     # stages holding them elsewhere
     refused_blocks: tuple[str, ...] = ()
+    # keys of the stages its operator configured (`blockllm worker --stage`): pins the planner
+    # keeps while the worker lives (docs/internals.md, Planner)
+    pinned: tuple[str, ...] = ()
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 

@@ -55,6 +55,7 @@ class WorkerState:
     last_error: str = ""
     # block ids the worker cannot get (READY): the planner places their stages elsewhere
     refused_blocks: tuple[str, ...] = ()
+    pinned: tuple[str, ...] = ()  # stage keys configured by its operator (READY)
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
@@ -83,6 +84,7 @@ class WorkerState:
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
         self.refused_blocks = msg.refused_blocks
+        self.pinned = msg.pinned
         self.kv_geometries = msg.kv_geometries
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}

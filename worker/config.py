@@ -99,3 +99,6 @@ class WorkerProcConfig:
     # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # the `stages` are the operator's (`blockllm worker --stage`): READY marks them pinned, and
+    # the planner keeps them; serve's and test clusters' stages are a start it may change
+    pin_stages: bool = False

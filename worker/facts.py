@@ -61,8 +61,17 @@ def ready_message(
         free_slots=free_slots,
         memory_budget_bytes=cfg.memory_budget_bytes,
         refused_blocks=refused,
+        pinned=pinned_keys(cfg, stages),
         kv_geometries=kv_geometries(engine),
     )
+
+
+def pinned_keys(cfg: Any, stages: tuple[StageRef, ...]) -> tuple[str, ...]:
+    """Keys of the loaded `stages` that `cfg` configured, when its stages are pins."""
+    if not getattr(cfg, "pin_stages", False):
+        return ()
+    configured = {(s.model, s.start, s.end) for s in cfg.stages}
+    return tuple(s.key for s in stages if (s.model, s.start, s.end) in configured)
 
 
 class Facts:

@@ -111,6 +111,17 @@ def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> 
     return loader
 
 
+def unhealthy(io: Any, loader: StageLoader | None, stall_s: float) -> str:
+    """Why a worker's threads are not all healthy ("" if they are): its IO thread `io` must
+    run, its loader must have made progress within `stall_s` (the watchdog's condition)."""
+    if not io.is_alive():
+        return "the IO thread is not running"
+    stalled = loader.stalled_for() if loader is not None else 0.0
+    if stalled > stall_s:
+        return f"loader stuck on {loader.loading if loader else None} for {stalled:.0f} s"
+    return ""
+
+
 class StageLoader(threading.Thread):
     """Runs `LoadJob`s in order: `fetch(model)` (None: no fetching), then `read(model, start,
     end)`; puts a `Loaded` into `inbox` for each. `submit` and `stop` may be called from any

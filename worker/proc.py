@@ -72,6 +72,7 @@ from blockllm.worker.loader import (
     StageLoader,
     build_engine,
     start_loader,
+    unhealthy,
 )
 from blockllm.worker.proc_io import (
     RETRYABLE,
@@ -198,13 +199,7 @@ class WorkerProc(KvMigration):
         """Whether every loop of the process works: the IO thread runs and the loader thread
         has made progress within `loader_stall_s` (this loop is the caller). The watchdog is
         fed only then, so systemd restarts a worker whose loader hung; logged on change."""
-        why = ""
-        if not self.io.is_alive():
-            why = "the IO thread is not running"
-        elif self.loader is not None:
-            stalled = self.loader.stalled_for()
-            if stalled > self.cfg.loader_stall_s:
-                why = f"loader stuck on {self.loader.loading} for {stalled:.0f} s"
+        why = unhealthy(self.io, self.loader, self.cfg.loader_stall_s)
         if why != self._unhealthy:
             if why:
                 logger.error("[watchdog] worker %s: %s; not feeding the watchdog", self.name, why)

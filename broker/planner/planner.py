@@ -33,6 +33,7 @@ from blockllm.broker.planner.batching import BatchTuner
 from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.pins import pin_covered, pinned_keys
 from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
@@ -270,7 +271,8 @@ class Planner:
         models: Mapping[str, Any] | None = None,
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
-        infos = [self._model_info(m, chains[m]) for m in served]
+        mine = [m for m in served if not pin_covered(self, m, workers)]  # pins.py
+        infos = [self._model_info(m, chains[m]) for m in mine]
         infos = [i for i in infos if i is not None]
         nodes = [
             self._worker_info(w) for w in workers.values() if w.name not in self.duplicates.slow
@@ -411,7 +413,7 @@ class Planner:
         """Unload stages of `w` the target does not keep so that a load fits (see budgets.py)."""
         t = self.target
         assert t is not None
-        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
 
         def covered_without(worker: str, key: str) -> bool:
             rest = dict(workers)
@@ -465,7 +467,7 @@ class Planner:
         goes once that traffic has left, rather than by draining (each move is a replay)."""
         t = self.target
         assert t is not None
-        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
         out: list[Message] = []
         for k in sorted(have - keep):
             w = workers[k[0]]

@@ -229,7 +229,7 @@ def worker(**params: Any) -> None:
             values = merge_click(ctx, cluster.worker(params["name"]))
         except ConfigError as e:
             raise CliError(str(e), EXIT_CONFIG) from None
-    cfg = _worker_config(values)
+    cfg = _worker_config(values, pin_stages=True)  # an operator's stages: the planner keeps them
     if cfg.keys_dir:
         from blockllm.broker.security import load_client_keys
 

@@ -17,6 +17,7 @@ import zmq
 
 from blockllm.broker import frames
 from blockllm.broker.config import BrokerConfig
+from blockllm.broker.planner.proc import send_command
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -123,6 +124,17 @@ def test_each_role_sends_only_its_kinds(tiny_checkpoint, tmp_path: Path):
             assert counters["commands"] == before["counters"]["commands"] + 1  # the legacy one
             tok = legacy.ask(Generate("g2", "llama", None, (5, 17), 2), (Token,))
             assert tok.request_id == "g2"
+            # `blockllm reload` (send_command) with a folder whose only pair is a client key
+            # (it presents client.key): refused at once, not after its timeout
+            only_client = tmp_path / "only-client"
+            only_client.mkdir()
+            for f in ("broker.key", "client.key", "client.key_secret"):
+                (only_client / f).write_bytes((keys / f).read_bytes())
+            (only_client / "client.key_secret").chmod(0o600)
+            t0 = time.monotonic()
+            ack = send_command(endpoint, Reload("c3"), 20.0, str(only_client))
+            assert not ack.ok and "may not send RELOAD" in ack.message
+            assert time.monotonic() - t0 < 10
             # a client key presenting worker w0's routing identity (the ROUTER hands w0's
             # traffic over to it): the broker sees another key under w0's identity, refuses
             # it and drops w0 (its requests would replay); the real w0 registers again
@@ -131,7 +143,7 @@ def test_each_role_sends_only_its_kinds(tiny_checkpoint, tmp_path: Path):
                 thief.sock.send_multipart(frames.encode(StatusRequest("steal")))
                 with Client(endpoint, keys_dir=str(keys), timeout=60) as c:
                     deadline = time.monotonic() + 30
-                    while c.status()["counters"]["forbidden"] < 6:
+                    while c.status()["counters"]["forbidden"] < 7:
                         assert time.monotonic() < deadline, "the identity theft went unseen"
             finally:
                 thief.close()

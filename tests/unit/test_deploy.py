@@ -264,6 +264,19 @@ def test_broker_code_runs_with_write_execute_memory_denied() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_the_guide_installs_what_the_example_config_needs() -> None:
+    """19.1: the example config turns metrics ports on, so every `pip install` of blockllm in
+    the guide installs the metrics extra (without prometheus_client the broker exits 78)."""
+    cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
+    assert cfg.broker()["metrics_port"]
+    installs = [
+        line
+        for line in (DEPLOY / "README.md").read_text().splitlines()
+        if "pip install" in line and "/opt/blockllm/src" in line
+    ]
+    assert len(installs) >= 2 and all("[metrics]" in line for line in installs), installs
+
+
 def test_http_section_of_the_example_config() -> None:
     """[http] of the example config reaches `blockllm http` (bind, api_keys, broker address)."""
     cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
