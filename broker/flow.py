@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from blockllm.broker.migrate import Migration
+from blockllm.broker.models import kv_reservation
 from blockllm.broker.protocol import (
     Error,
     ErrorCode,
@@ -84,10 +85,15 @@ class RequestFlow:
     def kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
         """KV bytes the request reserves on each worker of `route` (estimate)."""
         need: dict[bytes, int] = {}
-        per_token = req.spec.kv_bytes_per_token_layer * req.max_total_len
         for hop in route:
             layers = sum(req.spec.decoder_layers_in(a, b) for a, b in hop.spans)
-            need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
+            w = self.state.workers.get(hop.worker)
+            # in the dtype the worker serves the hop's stages in, in its arena's pages
+            dtypes = {s.key: s.dtype for s in w.stages} if w is not None else {}
+            dtype = next((dtypes[k] for k in hop.stage_keys if dtypes.get(k)), "")
+            geometries = w.kv_geometries if w is not None else ()
+            nbytes = kv_reservation(req.spec, geometries, dtype, layers, req.max_total_len)
+            need[hop.worker] = need.get(hop.worker, 0) + nbytes
         return need
 
     def route_with_credit(

@@ -181,6 +181,32 @@ def best_route(
     skipped), so its cost does not grow with the workers that cannot serve the model."""
     if chain_len < 1:
         return None
+    dtypes = {getattr(st, "dtype", "") for found in edges.values() for _w, st in found}
+    if len(dtypes - {""}) <= 1:
+        return _cheapest(chain_len, workers_view, edges)
+    # stages served in several dtypes: a route keeps to one (hidden states are not cast
+    # silently between hops); the cheapest over the dtypes (a stage that does not say its
+    # dtype joins any)
+    routes = []
+    for dtype in sorted(dtypes - {""}):
+        only = {
+            p: [(w, st) for w, st in found if getattr(st, "dtype", "") in (dtype, "")]
+            for p, found in edges.items()
+        }
+        route = _cheapest(chain_len, workers_view, only, with_cost=True)
+        if route is not None:
+            routes.append(route)
+    return min(routes, key=lambda r: r[0])[1] if routes else None
+
+
+def _cheapest(
+    chain_len: int,
+    workers_view: Mapping[Hashable, WorkerView],
+    edges: Mapping[int, Sequence[tuple[Hashable, StageLike]]],
+    with_cost: bool = False,
+) -> Any:
+    """The cheapest route over `edges` (find_route's cost), or None; with `with_cost`, as
+    ((cost, tie-break), hops). Unavailable workers are skipped as they come up."""
     usable: dict[Hashable, bool] = {}
     # DAG over (position, last worker): positions only increase, so one pass in order
     Cost = tuple[int, float, int]
@@ -211,7 +237,9 @@ def best_route(
     finals = [(best[s][0], _order(s[1]), s) for s in at.get(chain_len, ())]
     if not finals:
         return None
-    return _backtrack(best, min(finals, key=lambda f: (f[0], f[1]))[2])
+    cost, order, state = min(finals, key=lambda f: (f[0], f[1]))
+    hops = _backtrack(best, state)
+    return ((cost, order), hops) if with_cost else hops
 
 
 def _order(worker: Hashable) -> str:

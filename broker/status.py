@@ -15,8 +15,8 @@ models):
      "counters": {name: n for name in COUNTERS},
      "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none)}
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
-    "stage_mean_batch", "stage_step_ms", "draining", "last_error" and "refused_blocks" for the
-    planner, and
+    "stage_mean_batch", "stage_step_ms", "draining", "last_error", "refused_blocks" and
+    "pinned" for the planner, and
     "speculation": {"speculated", "accepted", "rejected"}, the worker's speculative runs)
 "The chain really served" is the model's own chain with `substitutions` applied.
 """
@@ -68,7 +68,14 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "host": w.host,
         "device": w.device,
         "stages": [
-            {"key": s.key, "model": s.model, "start": s.start, "end": s.end, "nbytes": s.nbytes}
+            {
+                "key": s.key,
+                "model": s.model,
+                "start": s.start,
+                "end": s.end,
+                "nbytes": s.nbytes,
+                "dtype": s.dtype,
+            }
             for s in w.stages
         ],
         "queue_depths": dict(w.queue_depths),
@@ -95,7 +102,19 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "refused_blocks": list(w.refused_blocks),
+        "pinned": list(w.pinned),
         "speculation": {k: w.speculation.get(k, 0) for k in ("speculated", "accepted", "rejected")},
+        "kv_geometries": [
+            {
+                "label": g.label,
+                "page_size": g.page_size,
+                "used_bytes": g.used_bytes,
+                "sequences": g.sequences,
+                "stages": g.stages,
+                "page_bytes": g.page_bytes,
+            }
+            for g in w.kv_geometries
+        ],
     }
 
 

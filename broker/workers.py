@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockllm.broker.protocol import Heartbeat, Ready, StageRef
+from blockllm.broker.protocol import Heartbeat, KVGeometryUse, Ready, StageRef
 
 
 class Watched(dict):
@@ -115,8 +115,10 @@ class WorkerState:
     last_error: str = ""
     # block ids the worker cannot get (READY): the planner places their stages elsewhere
     refused_blocks: tuple[str, ...] = ()
+    pinned: tuple[str, ...] = ()  # stage keys configured by its operator (READY)
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
 
     # the Registry's dirty set once registered: told when stages or drains change
     watch: set[Any] | None = field(default=None, repr=False, compare=False)
@@ -157,6 +159,8 @@ class WorkerState:
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
         self.refused_blocks = msg.refused_blocks
+        self.pinned = msg.pinned
+        self.kv_geometries = msg.kv_geometries
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
@@ -173,6 +177,7 @@ class WorkerState:
         self.stage_mean_batch = dict(msg.stage_mean_batch)
         self.stage_step_ms = dict(msg.stage_step_ms)
         self.stage_adapters = dict(msg.stage_adapters)
+        self.kv_geometries = msg.kv_geometries
         self.speculation = {
             "speculated": msg.speculated,
             "accepted": msg.accepted,

@@ -1,10 +1,13 @@
 """Which catalog models can load a block: an index of the planner's catalog by (chain length,
-position, block), so a chain's owners cost its length, not the catalog's size times it."""
+position, block), so a chain's owners cost its length, not the catalog's size times it; and
+the stage keys of the catalog's models, memoized."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from blockllm.zoo.chain import stage_key
 
 
 class Owners:
@@ -15,6 +18,21 @@ class Owners:
     def __init__(self) -> None:
         self._for: Mapping[str, Any] | None = None
         self._by_block: dict[tuple[int, int, str], list[str]] = {}
+        self._keys_for: Mapping[str, Any] | None = None
+        self._keys: dict[tuple[str, int, int], str | None] = {}
+
+    def key(self, manifests: Mapping[str, Any], model: str, start: int, end: int) -> str | None:
+        """stage_key of `model` over [start, end) (None: unknown model or span)."""
+        if self._keys_for is not manifests:
+            self._keys_for, self._keys = manifests, {}
+        k = (model, start, end)
+        if k not in self._keys:
+            m = manifests.get(model)
+            try:
+                self._keys[k] = None if m is None else stage_key(m, start, end)
+            except Exception:
+                self._keys[k] = None
+        return self._keys[k]
 
     def of(
         self, manifests: Mapping[str, Any], chain: tuple[str, ...], p: int, tied: bool

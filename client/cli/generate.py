@@ -52,7 +52,9 @@ keys_option = click.option(
     "keys_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`).",
+    envvar="BLOCKLLM_KEYS",
+    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`) "
+    "[default: $BLOCKLLM_KEYS].",
 )
 
 
