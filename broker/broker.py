@@ -222,21 +222,25 @@ class Broker:
         return []
 
     def begin_shutdown(self, now: float) -> list[Out]:
-        """Stop admitting (new GENERATEs get OVERLOADED). An accepted request waiting for credit
-        still runs in the drain; one whose model no live worker covers fails now (retryable)."""
+        """Stop admitting (new GENERATEs get SHUTTING_DOWN: clients resume on the next broker).
+        An accepted request waiting for credit still runs in the drain; one whose model no
+        live worker covers gets SHUTTING_DOWN now."""
         self.state.shutting_down = True
         out: list[Out] = []
         for rid in list(self.state.waiting):
             req = self.state.requests[rid]
             if not self.flow.covered(req.model):
-                out += self.flow.fail(req, ErrorCode.OVERLOADED, "broker shutting down")
+                out += self.flow.fail(
+                    req, ErrorCode.SHUTTING_DOWN, "broker shutting down", retryable=True
+                )
         return out
 
     def abort_all(self, now: float, reason: str) -> list[Out]:
-        """Fail every request still running (retryable) and release its hops."""
+        """End every request still running with SHUTTING_DOWN (its client resumes it on the next
+        broker from the tokens it has, as after a lost connection) and release its hops."""
         out: list[Out] = []
         for req in list(self.state.requests.values()):
-            out += self.flow.fail(req, ErrorCode.INTERNAL, reason, retryable=True)
+            out += self.flow.fail(req, ErrorCode.SHUTTING_DOWN, reason, retryable=True)
         return out
 
     @property
@@ -426,7 +430,7 @@ class Broker:
             return [Out(peer, Error(msg.request_id, code.value, text, retryable))]
 
         if self.state.shutting_down:
-            return error(ErrorCode.OVERLOADED, "broker shutting down", True)
+            return error(ErrorCode.SHUTTING_DOWN, "broker shutting down", True)
         if not msg.request_id or (peer, msg.request_id) in self.state.by_client:
             return error(ErrorCode.BAD_REQUEST, f"request_id {msg.request_id!r} empty or in use")
         spec = self.state.models.get(msg.model) or self.state.reload_for(
@@ -439,7 +443,7 @@ class Broker:
         except RequestError as e:
             return error(e.code, e.message, e.retryable)
         req = self._new_request(peer, msg, spec, prompt, now)
-        self.state.requests[req.rid] = req
+        self.state.add_request(req)
         self.state.by_client[(peer, msg.request_id)] = req.rid
         self.state.waiting.append(req.rid)
         out = self.flow.dispatch(now)

@@ -53,6 +53,7 @@ class Commands:
             Kind.SET_BATCH: self._handle_set_batch,
             Kind.SET_CHAIN: self._handle_set_chain,
             Kind.RELOAD: self._handle_reload,
+            Kind.PLANNER_REPORT: self._handle_planner_report,
         }
 
     # -- helpers ---------------------------------------------------------------------------
@@ -174,3 +175,13 @@ class Commands:
                 logger.info("[rewire] unloading %s from %s", key[:12], w.name)
                 out.append(Out(w.identity, UnloadStage(key)))
         return out
+
+    def _handle_planner_report(
+        self, peer: bytes, msg: Any, _frames: Sequence[Any], now: float
+    ) -> list[Out]:
+        """The planner's view of uncovered models (STATUS `uncovered`); also its liveness."""
+        if peer in self.state.workers:
+            return self.state.bad_message(peer, "a worker sent PLANNER_REPORT", now)
+        self.state.planner_notes = {str(k): str(v)[:300] for k, v in list(msg.notes.items())[:4096]}
+        self.state.planner_seen = now
+        return []

@@ -41,7 +41,9 @@ from blockllm.broker.lifecycle import (
 from blockllm.broker.models import ZooCatalog
 from blockllm.broker.protocol import (
     MAX_TENSOR_BYTES,
+    ROLE_KINDS,
     TENSOR_KINDS,
+    Dead,
     Error,
     ErrorCode,
     Kind,
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 RECV_BATCH = 256  # messages read per poll wake-up before timers get a turn
 # FETCH chunks served, their bytes, and the chunks asked for by registered workers
-FETCH_COUNTERS = ("fetches", "fetch_bytes", "fetches_by_workers")
+FETCH_COUNTERS = ("fetches", "fetch_bytes", "fetches_by_workers", "forbidden")
 CLOSE_LINGER_MS = 1000  # the last errors to clients get this long to leave
 STATS_HWM = 4  # a slow subscriber loses old snapshots, never slows the broker
 # A refused peer retries its handshake every ~100 ms: log one failure per interval, count the rest.
@@ -99,6 +101,8 @@ class BrokerProc:
         for name in FETCH_COUNTERS:
             self.broker.counters.setdefault(name, 0)
         self._errors = RateLimitedLog(logger)  # what a peer's message broke, rate-limited
+        self._refusals = RateLimitedLog(logger)  # messages a key's role may not send
+        self._worker_keys: dict[bytes, str | None] = {}  # worker identity -> its READY's key
         self.ctx = zmq.Context()
         self._auth: Any = None
         self._handshakes: zmq.Socket | None = None  # failed CurveZMQ handshakes (keyless peers)
@@ -290,6 +294,8 @@ class BrokerProc:
         except ProtocolError as e:
             self._send(self.broker.bad_message(peer, str(e), now))
             return
+        if self._auth is not None and not self._allowed(peer, body[0], msg):
+            return
         if msg.KIND is Kind.FETCH:
             self._serve_fetch(peer, msg, now)
             return
@@ -308,6 +314,70 @@ class BrokerProc:
             rid = getattr(msg, "request_id", "")
             outs = [Out(peer, Error(rid, ErrorCode.INTERNAL.value, "internal broker error"))]
         self._send(outs)
+
+    def _allowed(self, peer: bytes, first: Any, msg: Any) -> bool:
+        """Whether the role of the sender's key (its connection's User-Id, set by our ZAP
+        handler) may send `msg` (protocol.ROLE_KINDS); if not: ERROR(FORBIDDEN), a counter,
+        and a rate-limited log line naming the key."""
+        from blockllm.broker.security import ANY_ROLE, peer_role
+
+        try:
+            user_id = first.get("User-Id")
+        except (zmq.ZMQError, AttributeError):  # no metadata: not a CurveZMQ connection
+            user_id = None
+        role, name = peer_role(user_id)
+        if not self._same_key(peer, user_id, msg):
+            return False
+        if role == ANY_ROLE:
+            if msg.KIND is Kind.READY:
+                self._worker_keys[peer] = user_id
+            return True
+        allowed = msg.KIND in ROLE_KINDS[role]
+        if allowed and msg.KIND is Kind.FETCH and role == "client":
+            allowed = msg.what != "block"  # weights only to workers and the planner
+        if allowed:
+            if msg.KIND is Kind.READY:
+                self._worker_keys[peer] = user_id
+            return True
+        self.broker.counters["forbidden"] += 1
+        what = msg.KIND.name + (f" {msg.what}" if msg.KIND is Kind.FETCH else "")
+        self._refusals.log(
+            f"{name}:{what}", "[auth] refused %s from key %s (role %s)", what, name, role
+        )
+        rid = getattr(msg, "request_id", "") or getattr(msg, "command_id", "")
+        text = f"key {name} (role {role}) may not send {what}"
+        self._send([Out(peer, Error(rid, ErrorCode.FORBIDDEN.value, text))])
+        return False
+
+    def _same_key(self, peer: bytes, user_id: str | None, msg: Any) -> bool:
+        """A registered worker's routing identity stays bound to the key it registered with.
+        The ROUTER hands an identity over to a new connection (a restarted worker reclaims its
+        name), so a message under a worker's identity from another key means someone took it:
+        the worker is dropped (its requests replay; the real one re-registers) and the
+        message refused."""
+        if peer not in self.broker.workers:
+            self._worker_keys.pop(peer, None)
+            return True
+        if msg.KIND is Kind.READY:  # (re-)registration: bound once its role is checked
+            return True
+        bound = self._worker_keys.get(peer, user_id)
+        if bound == user_id:
+            return True
+        self.broker.counters["forbidden"] += 1
+        self._refusals.log(
+            f"{user_id}:identity",
+            "[auth] key %s sent %s under worker identity %r registered by key %s: worker dropped",
+            user_id,
+            msg.KIND.name,
+            peer[:64],
+            bound,
+        )
+        del self._worker_keys[peer]
+        now = time.monotonic()
+        self._send(self.broker.handle(peer, Dead("identity taken by another key"), (), now))
+        text = "this routing identity belongs to another key"
+        self._send([Out(peer, Error("", ErrorCode.FORBIDDEN.value, text))])
+        return False
 
     def _serve_fetch(self, peer: bytes, msg: Any, now: float) -> None:
         """A zoo read (broker/fetch.py): file IO, no routing state, one chunk per FETCH.

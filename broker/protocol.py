@@ -71,6 +71,9 @@ class Kind(bytes, enum.Enum):
     # speculative execution: broker -> worker, a decode step's input forwarded (frames as
     # received) to the hop after the one it is meant for, as that hop's predicted input
     SPECULATE = b"P"
+    # planner -> broker: why each uncovered model is uncovered, as the planner sees it (also
+    # its liveness for STATUS); not answered
+    PLANNER_REPORT = b"r"
 
 
 class ErrorCode(str, enum.Enum):
@@ -89,6 +92,10 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_STAGE = "UNKNOWN_STAGE"
     PROTOCOL_VERSION = "PROTOCOL_VERSION"
     INTERNAL = "INTERNAL"
+    # the broker is stopping (drain over, or not admitting): retry on the next broker, resuming
+    # from the tokens received, as after a lost connection (client/demux.py)
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    FORBIDDEN = "FORBIDDEN"  # the sender's key has no role that may send this kind
 
 
 class ProtocolError(ValueError):
@@ -112,6 +119,20 @@ class StageRef:
     start: int
     end: int
     nbytes: int = 0
+    dtype: str = ""  # what the worker serves it in ("": not said; an older worker)
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometryUse:
+    """One KV geometry of a worker's arena (worker/kv_cache.py): its label (`<kv heads>x<head
+    dim>/<dtype>`), tokens per page, bytes in use, sequences and stages holding it."""
+
+    label: str
+    page_size: int = 0
+    used_bytes: int = 0
+    sequences: int = 0
+    stages: int = 0
+    page_bytes: int = 0  # what one page costs (the same for every geometry of the arena)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +155,10 @@ class Ready:
     # block ids this worker cannot get (fetched corrupt from its source): the planner places
     # stages holding them elsewhere
     refused_blocks: tuple[str, ...] = ()
+    # keys of the stages its operator configured (`blockllm worker --stage`): pins the planner
+    # keeps while the worker lives (docs/internals.md, Planner)
+    pinned: tuple[str, ...] = ()
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +185,9 @@ class Heartbeat:
     speculated: int = 0
     accepted: int = 0
     rejected: int = 0
+    # per stage key: LoRA adapter blocks resident for its decoder layers (worker/lora.py)
+    stage_adapters: dict[str, int] = field(default_factory=dict)
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +221,10 @@ class Forward:
     # tokens 1..T-1 whose log-probabilities to return (a prefill; worker/logprobs.py)
     top_logprobs: int = 0
     targets: tuple[int, ...] = ()
+    # a LoRA adapter's request: its adapter block per chain position of these stages (the
+    # positions where it changes the layer; worker/lora.py), as two parallel arrays
+    adapter_positions: tuple[int, ...] = ()
+    adapter_blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,6 +550,15 @@ class Speculate:
     top_logprobs: int = 0  # as Forward.top_logprobs (a kept run answers the real FORWARD)
 
 
+@dataclass(frozen=True, slots=True)
+class PlannerReport:
+    """Planner -> broker, after STATS snapshots (at least every few seconds): for each model
+    the planner sees uncovered, why (STATUS `models[m].uncovered`). Not answered."""
+
+    KIND: ClassVar[Kind] = Kind.PLANNER_REPORT
+    notes: dict[str, str] = field(default_factory=dict)
+
+
 Message = (
     Ready
     | Heartbeat
@@ -545,6 +586,7 @@ Message = (
     | KvShard
     | KvAck
     | Speculate
+    | PlannerReport
 )
 
 MESSAGES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
@@ -552,6 +594,16 @@ MESSAGES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 # Commands a planner (any peer that is not a worker) may send the broker.
 _COMMANDS = ("LOAD_STAGE", "UNLOAD_STAGE", "SET_ROUTES", "SET_BATCH", "SET_CHAIN", "RELOAD")
 COMMAND_KINDS = frozenset(Kind[name] for name in _COMMANDS)
+
+# What each key role may send the broker (broker/security.py: roles; the broker refuses the
+# rest with ERROR(FORBIDDEN)). A client may FETCH manifests and tokenizers, not blocks.
+_WORKER = ("READY", "HEARTBEAT", "DEAD", "RESULT", "ERROR", "KV_SHARD", "KV_ACK", "FETCH")
+_CLIENT = ("GENERATE", "CANCEL", "STATUS_REQUEST", "FETCH")
+ROLE_KINDS: dict[str, frozenset[Kind]] = {
+    "worker": frozenset(Kind[name] for name in _WORKER),
+    "planner": COMMAND_KINDS | {Kind.STATUS_REQUEST, Kind.FETCH, Kind.PLANNER_REPORT},
+    "client": frozenset(Kind[name] for name in _CLIENT),
+}
 
 # Messages whose header carries `tensors: tuple[TensorMeta, ...]` (the only ones with frames).
 TENSOR_KINDS = frozenset({Kind.FORWARD, Kind.RESULT, Kind.BLOB, Kind.KV_SHARD, Kind.SPECULATE})

@@ -3,8 +3,18 @@
 A keys directory (`blockllm keys gen DIR`) holds
 
     broker.key, broker.key_secret   the broker's pair (for the sockets the broker binds)
-    client.key, client.key_secret   the pair workers, the planner and clients present
-    authorized/*.key                public keys the broker admits (client.key is copied there)
+    worker.key, worker.key_secret   the pair workers present (role worker)
+    planner.key, planner.key_secret the pair the planner presents (role planner: commands)
+    client.key, client.key_secret   the pair clients present (role client)
+    authorized/*.key                public keys the broker admits, each with its role
+
+Roles: a public key file may carry `role = "worker"|"planner"|"client"` in its metadata
+section; the ZAP handler records the role of each admitted key as the connection's User-Id
+("ROLE:NAME"), and the broker accepts each message kind only from the roles allowed to send
+it (`ROLE_KINDS`). An admitted key WITHOUT a role (key folders made before roles) may act
+as any role, as before; the broker warns about each at start (re-admit it with `keys add
+--role`). A process given `--keys DIR` presents its own role's pair, or `client.key` when
+DIR has none (an old folder).
 
 The files are ZeroMQ certificates (`zmq.auth.create_certificates`). Secret files are mode 0600,
 the directory 0700. A node that only connects needs `broker.key` (public) and a client pair
@@ -49,7 +59,12 @@ logger = logging.getLogger(__name__)
 
 BROKER = "broker"
 CLIENT = "client"
+WORKER = "worker"
+PLANNER = "planner"
+ROLES = (WORKER, PLANNER, CLIENT)
+ANY_ROLE = "any"  # an admitted key without a role (made before roles): every kind allowed
 AUTHORIZED = "authorized"
+_ROLE_RE = re.compile(r'^\s*role\s*=\s*"([a-z]+)"\s*$', re.MULTILINE)
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 # A refused key reconnects every few hundred ms: warn once per key per interval, not each time.
@@ -108,10 +123,12 @@ def load_server_keys(keys_dir: Path | str) -> CurveKeys:
     return CurveKeys(public=public, secret=secret_key)
 
 
-def load_client_keys(keys_dir: Path | str) -> CurveKeys:
-    """The client pair plus the broker's public key, for sockets that connect. Raises KeysError."""
+def load_client_keys(keys_dir: Path | str, role: str = CLIENT) -> CurveKeys:
+    """The pair of `role` (`client.key` when DIR has no such pair: an old folder) plus the
+    broker's public key, for sockets that connect. Raises KeysError."""
     keys_dir = Path(keys_dir)
-    public, secret_key = _load_pair(keys_dir, CLIENT)
+    name = role if (keys_dir / f"{role}{SECRET_SUFFIX}").is_file() else CLIENT
+    public, secret_key = _load_pair(keys_dir, name)
     server_public, _ = read_key_file(keys_dir / f"{BROKER}{PUBLIC_SUFFIX}", secret=False)
     return CurveKeys(public=public, secret=secret_key, server_public=server_public)
 
@@ -140,12 +157,28 @@ def _install(staging: Path, keys_dir: Path, name: str) -> None:
         os.replace(src, keys_dir / f"{name}{suffix}")
 
 
-def _write_public(public: bytes, dest: Path) -> None:
+def check_role(role: str | None) -> str | None:
+    if role is not None and role not in ROLES:
+        raise KeysError(f"bad role {role!r}: one of {', '.join(ROLES)}")
+    return role
+
+
+def read_role(path: Path) -> str | None:
+    """The `role` in a key file's metadata section; None without one (or unreadable)."""
+    try:
+        found = _ROLE_RE.search(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    return found.group(1) if found and found.group(1) in ROLES else None
+
+
+def _write_public(public: bytes, dest: Path, role: str | None = None) -> None:
     """Write a public-only certificate (the format zmq.auth reads) atomically: temp, rename."""
+    metadata = f'metadata\n    role = "{role}"\n' if role else "metadata\n"
     text = (
         "#   ZeroMQ CURVE Public Certificate (written by blockllm keys)\n"
         "#   Public: safe to copy to other nodes.\n\n"
-        f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+        f'{metadata}curve\n    public-key = "{public.decode()}"\n'
     )
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".pub")
     try:
@@ -159,33 +192,56 @@ def _write_public(public: bytes, dest: Path) -> None:
 
 
 def generate_keys(
-    keys_dir: Path | str, *, force: bool = False, broker_key: Path | str | None = None
+    keys_dir: Path | str,
+    *,
+    force: bool = False,
+    broker_key: Path | str | None = None,
+    role: str | None = None,
+    name: str | None = None,
 ) -> list[Path]:
     """Write a keys directory; returns the files written. Raises KeysError.
 
-    Without `broker_key`: the broker pair, a client pair and `authorized/client.key`. With it
-    (a node joining a cluster): that broker public key as `broker.key` and a fresh client pair,
-    whose `client.key` the broker's operator then admits with `blockllm keys add`.
-    Refuses to replace existing pairs unless `force`.
+    Without `broker_key` or `role`: the broker pair and one pair per role (worker, planner,
+    client), each admitted in `authorized/` with its role. With `broker_key` (a node joining a
+    cluster): that broker public key as `broker.key` and a fresh pair per role (or only
+    `role`'s), whose public files the broker's operator admits with `blockllm keys add`. With
+    `role` alone: one more pair NAME (default: the role) of that role, admitted when DIR has an
+    `authorized/` folder. Refuses to replace existing pairs unless `force`.
     """
     keys_dir = Path(keys_dir)
+    check_role(role)
     server_public = None
     if broker_key is not None:
         server_public, _ = read_key_file(Path(broker_key), secret=False)
-    names = [CLIENT] if server_public is not None else [BROKER, CLIENT]
-    pairs = [keys_dir / f"{n}{s}" for n in names for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)]
+    roles = [role] if role else list(ROLES)
+    names = [name or role] if role else list(ROLES)
+    if name is not None and not _NAME_RE.match(name):
+        raise KeysError(f"bad key name {name!r}: use letters, digits, '_', '.', '-'")
+    make_broker = server_public is None and role is None
+    pairs = [
+        keys_dir / f"{n}{s}"
+        for n in ([BROKER] if make_broker else []) + names
+        for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)
+    ]
     broker_public = keys_dir / f"{BROKER}{PUBLIC_SUFFIX}"
-    _prepare_dir(keys_dir, [*pairs, broker_public], force)
+    _prepare_dir(keys_dir, [*pairs, broker_public] if server_public else pairs, force)
     with tempfile.TemporaryDirectory(dir=keys_dir, prefix=".staging-") as staging:
-        for name in names:
-            zmq.auth.create_certificates(staging, name)
-            _install(Path(staging), keys_dir, name)
+        if make_broker:
+            zmq.auth.create_certificates(staging, BROKER)
+            _install(Path(staging), keys_dir, BROKER)
+        for n, r in zip(names, roles, strict=True):
+            zmq.auth.create_certificates(staging, n)
+            _install(Path(staging), keys_dir, n)
+            pub = keys_dir / f"{n}{PUBLIC_SUFFIX}"
+            _write_public(read_key_file(pub, secret=False)[0], pub, r)  # names its role
     written = list(pairs)
     if server_public is not None:
         _write_public(server_public, broker_public)
         written.append(broker_public)
-    else:
-        written.append(admit_key(keys_dir, keys_dir / f"{CLIENT}{PUBLIC_SUFFIX}", force=True))
+    elif make_broker or (keys_dir / AUTHORIZED).is_dir():
+        for n, r in zip(names, roles, strict=True):
+            src = keys_dir / f"{n}{PUBLIC_SUFFIX}"
+            written.append(admit_key(keys_dir, src, name=n, force=True, role=r))
     logger.info("[keys] wrote %s", ", ".join(str(p) for p in written))
     return written
 
@@ -196,14 +252,17 @@ def admit_key(
     *,
     name: str | None = None,
     force: bool = False,
+    role: str | None = None,
 ) -> Path:
-    """Copy a peer's public key into `authorized/` (as NAME.key); returns the new file.
+    """Copy a peer's public key into `authorized/` (as NAME.key) with its role (`role`, else
+    the one its file names, else none: any role); returns the new file.
 
     Only the public key is copied, even from a secret file. A running broker picks the change
     up at the next handshake. Raises KeysError (bad file, bad name, NAME exists without force).
     """
     keys_dir, src = Path(keys_dir), Path(public_key_file)
     public, _ = read_key_file(src, secret=False)
+    role = check_role(role) or read_role(src)
     name = name or src.name.split(".", 1)[0]
     if not _NAME_RE.match(name):
         raise KeysError(f"bad key name {name!r}: use letters, digits, '_', '.', '-'")
@@ -213,10 +272,10 @@ def admit_key(
     auth_dir.mkdir(mode=0o755, exist_ok=True)
     dest = auth_dir / f"{name}{PUBLIC_SUFFIX}"
     if dest.exists() and not force:
-        if read_key_file(dest, secret=False)[0] == public:
+        if read_key_file(dest, secret=False)[0] == public and read_role(dest) == role:
             return dest
-        raise KeysError(f"{dest}: exists with another key (pass --force, or choose --name)")
-    _write_public(public, dest)
+        raise KeysError(f"{dest}: exists with another key or role (pass --force, or --name)")
+    _write_public(public, dest, role)
     return dest
 
 
@@ -231,6 +290,15 @@ def revoke_key(keys_dir: Path | str, name: str) -> Path:
         raise KeysError(f"{path}: no such admitted key")
     path.unlink()
     return path
+
+
+def authorized_roles(keys_dir: Path | str) -> dict[str, tuple[bytes, str]]:
+    """Admitted keys by name with their role (ANY_ROLE: the file names none)."""
+    auth_dir = Path(keys_dir) / AUTHORIZED
+    keys = authorized_keys(keys_dir)
+    return {
+        n: (k, read_role(auth_dir / f"{n}{PUBLIC_SUFFIX}") or ANY_ROLE) for n, k in keys.items()
+    }
 
 
 def authorized_keys(keys_dir: Path | str) -> dict[str, bytes]:
@@ -264,7 +332,7 @@ class _AdmittedKeys:
     def __init__(self, auth_dir: Path) -> None:
         self._dir = auth_dir
         self._signature_seen: tuple[tuple[str, int, int, int], ...] | None = None
-        self._keys: dict[bytes, str] = {}
+        self._keys: dict[bytes, tuple[str, str]] = {}  # z85 key -> (name, role)
         self._last_warned: dict[bytes, float] = {}
         self.refused = 0  # read by other threads for stats; written on the ZAP thread only
         self.reload_if_changed()
@@ -289,19 +357,32 @@ class _AdmittedKeys:
             signature = self._signature()
             if signature == self._signature_seen:
                 return
-            keys = authorized_keys(self._dir.parent)
+            keys = authorized_roles(self._dir.parent)
         except (OSError, KeysError) as e:
             logger.error("[auth] cannot read %s (%s): keeping the keys loaded before", self._dir, e)
             return
         self._signature_seen = signature
-        self._keys = {key: name for name, key in keys.items()}
+        self._keys = {key: (name, role) for name, (key, role) in keys.items()}
         logger.info("[auth] %d admitted key(s) from %s", len(self._keys), self._dir)
+        for name, (_key, role) in sorted(keys.items()):
+            if role == ANY_ROLE:
+                logger.warning(
+                    "[auth] %s/%s.key has no role: it may act as any role (worker, planner,"
+                    " client); re-admit it with `blockllm keys add --role ROLE`",
+                    self._dir,
+                    name,
+                )
+
+    def user_id(self, key: bytes) -> str:
+        """The User-Id of an admitted z85 key: "ROLE:NAME" (the broker reads the role)."""
+        name, role = self._keys.get(key, ("?", ANY_ROLE))
+        return f"{role}:{name}"
 
     def callback(self, domain: str, key: bytes) -> bool:
         self.reload_if_changed()
-        name = self._keys.get(key)
-        if name is not None:
-            logger.debug("[auth] admitted %s (%s)", name, key.decode())
+        found = self._keys.get(key)
+        if found is not None:
+            logger.debug("[auth] admitted %s as %s (%s)", found[0], found[1], key.decode())
             return True
         self.refused += 1
         now = time.monotonic()
@@ -315,6 +396,24 @@ class _AdmittedKeys:
                 self._dir,
             )
         return False
+
+
+class _RoleAuthenticator(ThreadAuthenticator):
+    """The ZAP handler whose User-Id for an admitted CURVE key is "ROLE:NAME"."""
+
+    provider: _AdmittedKeys
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.provider.user_id(z85.encode(client_public_key))
+
+
+def peer_role(user_id: str | None) -> tuple[str, str]:
+    """(role, key name) of a connection's User-Id ("ROLE:NAME"); ANY_ROLE for anything else
+    (no CurveZMQ, or a ZAP handler that is not ours)."""
+    role, sep, name = (user_id or "").partition(":")
+    if not sep or role not in (*ROLES, ANY_ROLE):
+        return ANY_ROLE, user_id or ""
+    return role, name
 
 
 def start_authenticator(ctx: zmq.Context, keys_dir: Path | str) -> ThreadAuthenticator:
@@ -331,7 +430,8 @@ def start_authenticator(ctx: zmq.Context, keys_dir: Path | str) -> ThreadAuthent
     provider = _AdmittedKeys(auth_dir)
     if not provider.admitted:
         logger.warning("[auth] %s admits no key: every peer will be refused", keys_dir)
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
+    auth = _RoleAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
+    auth.provider = provider
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=provider)
     return auth

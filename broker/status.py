@@ -7,15 +7,16 @@ models):
                   "credit_slots", "inflight", "max_batch_size", "rss_bytes", "alive",
                   "banned_s", "steps", "step_ms_p50", "step_ms_p95", "mean_batch",
                   "expires_in_s"}],
-     "models": {name: {"layers", "chain_len", "covered", "route": [[worker_name, [[start, end],
+     "models": {name: {"layers", "chain_len", "covered", "uncovered" (why not covered, in
+                       words; "" when covered), "route": [[worker_name, [[start, end],
                        ...]], ...] | None, "running", "waiting", "planned_routes": [[route,
                        weight], ...], "substitutions": [{"position", "block", "from"}]}},
      "requests": {"running", "waiting"},
      "counters": {name: n for name in COUNTERS},
      "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none)}
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
-    "stage_mean_batch", "stage_step_ms", "draining", "last_error" and "refused_blocks" for the
-    planner, and
+    "stage_mean_batch", "stage_step_ms", "draining", "last_error", "refused_blocks" and
+    "pinned" for the planner, and
     "speculation": {"speculated", "accepted", "rejected"}, the worker's speculative runs)
 "The chain really served" is the model's own chain with `substitutions` applied.
 """
@@ -67,7 +68,14 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "host": w.host,
         "device": w.device,
         "stages": [
-            {"key": s.key, "model": s.model, "start": s.start, "end": s.end, "nbytes": s.nbytes}
+            {
+                "key": s.key,
+                "model": s.model,
+                "start": s.start,
+                "end": s.end,
+                "nbytes": s.nbytes,
+                "dtype": s.dtype,
+            }
             for s in w.stages
         ],
         "queue_depths": dict(w.queue_depths),
@@ -90,15 +98,43 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "stage_batch_limits": dict(w.stage_batch_limits),
         "stage_mean_batch": dict(w.stage_mean_batch),
         "stage_step_ms": dict(w.stage_step_ms),
+        "stage_adapters": dict(w.stage_adapters),
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "refused_blocks": list(w.refused_blocks),
+        "pinned": list(w.pinned),
         "speculation": {k: w.speculation.get(k, 0) for k in ("speculated", "accepted", "rejected")},
+        "kv_geometries": [
+            {
+                "label": g.label,
+                "page_size": g.page_size,
+                "used_bytes": g.used_bytes,
+                "sequences": g.sequences,
+                "stages": g.stages,
+                "page_bytes": g.page_bytes,
+            }
+            for g in w.kv_geometries
+        ],
     }
 
 
 def _route_entry(b: BrokerState, route: list[Hop]) -> list[list[Any]]:
     return [[b.workers[h.worker].name, [list(span) for span in h.spans]] for h in route]
+
+
+PLANNER_STALE_S = 10.0  # no PLANNER_REPORT for this long: no planner is connected
+
+
+def uncovered_reason(b: BrokerState, name: str, now: float) -> str:
+    """Why no live worker set covers model `name`, in words an operator can act on."""
+    if not b.workers:
+        return "no worker is registered"
+    if b.planner_seen is None or now - b.planner_seen > PLANNER_STALE_S:
+        return (
+            "no planner is connected (start `blockllm planner --broker ADDR`) and no workers "
+            "host all of its stages"
+        )
+    return b.planner_notes.get(name) or "the planner has not placed it yet"
 
 
 def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dict[str, Any]:
@@ -115,6 +151,7 @@ def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dic
         "layers": spec.num_layers,
         "chain_len": spec.chain_len,
         "covered": route is not None,
+        "uncovered": "" if route is not None else uncovered_reason(b, name, now),
         "route": None if route is None else _route_entry(b, route),
         "running": sum(1 for r in mine if r.route is not None),
         "waiting": sum(1 for r in mine if r.route is None),

@@ -20,6 +20,7 @@ from blockllm.broker import frames
 from blockllm.broker.protocol import (
     Blob,
     Error,
+    ErrorCode,
     Fetch,
     Generate,
     ProtocolError,
@@ -180,6 +181,12 @@ class Demux:
             logger.debug("[drop] reply for unknown request %s", wire_id)
             return
         p = self.pending[key]
+        if isinstance(item, Error) and item.code == ErrorCode.SHUTTING_DOWN.value:
+            # the broker is stopping: resume on the next one, as after a lost connection (the
+            # caller's timeout still bounds the wait)
+            p.lost = True
+            logger.info("[resume] broker %s shutting down: request %s waits", self.addr, key)
+            return
         if terminal:
             self.remove(key)
         if isinstance(item, Token):

@@ -119,11 +119,8 @@ class PagedCacheView:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.batch
         slots = b.write_idx[layer_idx - b.layer0]  # [N]
-        pool = b.pool
-        # k: [1, Hkv, N, Dh] -> [N, Hkv, Dh]; pool: [pages, page, Hkv, Dh] -> [slots, Hkv, Dh]
-        hkv, dh = key_states.shape[1], key_states.shape[3]
-        pool.k.view(-1, hkv, dh).index_copy_(0, slots, key_states[0].transpose(0, 1))
-        pool.v.view(-1, hkv, dh).index_copy_(0, slots, value_states[0].transpose(0, 1))
+        # k: [1, Hkv, N, Dh] -> [N, Hkv, Dh], into the pool's [pages, page, Hkv, Dh] slots
+        b.pool.write(slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
 
 
@@ -261,6 +258,11 @@ def plan_step(
     """
     page = pool.page_size
     device = pool.k.device
+    # In bf16/fp16, sdpa without a mask (keys sliced to the rows' common length) rounds
+    # differently from sdpa under a mask over whole pages, so the sliced fast path would make a
+    # request's tokens depend on its batch: reduced precision always takes the masked path
+    # (its result does not depend on the other rows' lengths). fp32 keeps the fast path.
+    exact = pool.k.dtype == torch.float32
     positions, writes, prefills = [], [], []
     dec_pages: list[torch.Tensor] = []
     dec_lens: list[int] = []
@@ -281,10 +283,12 @@ def plan_step(
     dec_gather = None
     if dec_pages:
         p_max = max(t.shape[1] for t in dec_pages)
-        # padding pages point at page 0: read, then masked out by dec_mask
-        table = torch.zeros(n_layers, len(dec_pages), p_max, dtype=torch.int64, device=device)
+        # padding pages repeat the row's first page: read, then masked out by dec_mask (a
+        # page of the row's own geometry: never another dtype's bits read as NaN)
+        table = torch.empty(n_layers, len(dec_pages), p_max, dtype=torch.int64, device=device)
         for i, t in enumerate(dec_pages):
             table[:, i, : t.shape[1]] = t
+            table[:, i, t.shape[1] :] = t[:, :1]
         dec_gather = table.view(n_layers, -1)  # [L, nd, Pmax] -> [L, nd * Pmax]
     return StepBatch(
         pool=pool,
@@ -293,7 +297,7 @@ def plan_step(
         n_decode=len(dec_lens),
         dec_gather=dec_gather,
         dec_lens=torch.tensor(dec_lens, device=device) if dec_lens else None,
-        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 else 0,
+        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 and exact else 0,
         prefills=prefills,
         positions=torch.cat(positions),  # [N]
     )

@@ -29,6 +29,7 @@ from torch import nn
 from blockllm.worker.attention import ATTN_IMPLEMENTATION, STEP_KWARG, PagedCacheView, StepBatch
 from blockllm.worker.errors import BadRequest
 from blockllm.worker.kv_cache import KVGeometry
+from blockllm.worker.lora import LoraHooks
 from blockllm.zoo.errors import ZooError
 from blockllm.zoo.families import (
     FAMILIES,
@@ -216,6 +217,8 @@ class StageModel:
                 self.layer_types.append(types[pos - 1] if types else None)
             else:
                 self._build_head(tensors, tied_embed, device)
+        # per-request LoRA deltas on the target projections (worker/lora.py)
+        self.lora = LoraHooks(self.layers)
         ref = next(iter(blocks[start].values()))
         self.dtype: torch.dtype = ref.dtype
         self.device = device

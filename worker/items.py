@@ -53,6 +53,10 @@ class WorkerConfig:
     page_size: int = 16  # tokens per KV page
     threads: int | None = None  # torch.set_num_threads at construction; None = leave as is
     verify_blocks: bool = True  # re-hash blocks loaded from the zoo
+    adapter_idle_blocks: int = 256  # LoRA adapter blocks kept resident while no request uses them
+    # serve every block in this dtype ("float32", "bfloat16", "float16"), cast once at load
+    # (the zoo keeps them as imported; KV follows the stage's dtype); None: as stored
+    dtype: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,9 @@ class WorkItem:
     # tokens 1..T-1 whose log-probabilities at positions 0..T-2 to return (worker/logprobs.py)
     top_logprobs: int = 0
     targets: tuple[int, ...] = ()
+    # LoRA: (chain position, adapter block id) of the positions of these stages where the
+    # request's adapter applies (worker/lora.py); () = none
+    adapters: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

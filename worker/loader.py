@@ -48,6 +48,7 @@ def build_engine(cfg: Any) -> Any:
             max_batch_size=cfg.max_batch_size,
             max_batch_tokens=cfg.max_batch_tokens,
             threads=cfg.threads,
+            dtype=getattr(cfg, "dtype", None),
         ),
     )
 
@@ -108,6 +109,17 @@ def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> 
         loader.fetch = functools.partial(fetch_model, ask_noting_progress, zoo, source=cfg.broker)
     loader.start()
     return loader
+
+
+def unhealthy(io: Any, loader: StageLoader | None, stall_s: float) -> str:
+    """Why a worker's threads are not all healthy ("" if they are): its IO thread `io` must
+    run, its loader must have made progress within `stall_s` (the watchdog's condition)."""
+    if not io.is_alive():
+        return "the IO thread is not running"
+    stalled = loader.stalled_for() if loader is not None else 0.0
+    if stalled > stall_s:
+        return f"loader stuck on {loader.loading if loader else None} for {stalled:.0f} s"
+    return ""
 
 
 class StageLoader(threading.Thread):

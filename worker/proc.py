@@ -72,6 +72,7 @@ from blockllm.worker.loader import (
     StageLoader,
     build_engine,
     start_loader,
+    unhealthy,
 )
 from blockllm.worker.proc_io import (
     RETRYABLE,
@@ -198,13 +199,7 @@ class WorkerProc(KvMigration):
         """Whether every loop of the process works: the IO thread runs and the loader thread
         has made progress within `loader_stall_s` (this loop is the caller). The watchdog is
         fed only then, so systemd restarts a worker whose loader hung; logged on change."""
-        why = ""
-        if not self.io.is_alive():
-            why = "the IO thread is not running"
-        elif self.loader is not None:
-            stalled = self.loader.stalled_for()
-            if stalled > self.cfg.loader_stall_s:
-                why = f"loader stuck on {self.loader.loading} for {stalled:.0f} s"
+        why = unhealthy(self.io, self.loader, self.cfg.loader_stall_s)
         if why != self._unhealthy:
             if why:
                 logger.error("[watchdog] worker %s: %s; not feeding the watchdog", self.name, why)
@@ -443,7 +438,7 @@ class WorkerProc(KvMigration):
         info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
         if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
             self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes)
+                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
             )
         if job.max_batch_size > 0:
             self.engine.set_max_batch_size(info.key, job.max_batch_size)
@@ -487,6 +482,7 @@ class WorkerProc(KvMigration):
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
+            self.prom.update_geometries(self.engine.kv.geometry_stats())
 
 
 def run_worker_process(cfg: WorkerProcConfig) -> int:

@@ -105,7 +105,19 @@ def work_item(msg: Forward | Speculate, x: torch.Tensor) -> WorkItem:
         sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
         top_logprobs=msg.top_logprobs,
         targets=tuple(msg.targets) if isinstance(msg, Forward) else (),
+        adapters=_adapters(msg) if isinstance(msg, Forward) else (),
     )
+
+
+def _adapters(msg: Forward) -> tuple[tuple[int, str], ...]:
+    """A FORWARD's LoRA blocks as (position, block id) pairs; BadRequest when the arrays differ
+    in length."""
+    from blockllm.worker.errors import BadRequest
+
+    pos, blocks = tuple(msg.adapter_positions), tuple(msg.adapter_blocks)
+    if len(pos) != len(blocks):
+        raise BadRequest(f"{len(pos)} adapter positions for {len(blocks)} adapter blocks")
+    return tuple(zip(pos, blocks, strict=True))
 
 
 def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
@@ -176,7 +188,7 @@ class IOThread(threading.Thread):
         if cfg.keys_dir:  # fail at start-up, not at the first reconnect
             from blockllm.broker.security import load_client_keys
 
-            self._curve = load_client_keys(cfg.keys_dir)
+            self._curve = load_client_keys(cfg.keys_dir, role="worker")
 
     # -- any thread ------------------------------------------------------------------------
     def send(self, msg: Message, tensors: tuple[torch.Tensor, ...] = ()) -> None:

@@ -39,6 +39,7 @@ from blockllm.worker.items import (
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
 from blockllm.worker.logprobs import check_logprobs, prompt_logprobs, top_alternatives
+from blockllm.worker.lora import AdapterCache, plan_lora
 from blockllm.worker.sampling import GREEDY, sample
 from blockllm.zoo.chain import stage_blocks, stage_key
 
@@ -72,6 +73,7 @@ class WorkerStats:
     forwards: dict[str, int]  # stage key -> batched forwards run so far
     items: dict[str, int]  # stage key -> items those forwards carried
     busy_s: dict[str, float] = field(default_factory=dict)  # stage key -> forward seconds
+    adapters: dict[str, int] = field(default_factory=dict)  # stage key -> LoRA blocks resident
 
 
 @dataclass(slots=True)
@@ -83,6 +85,7 @@ class _Entry:
     n: int  # T
     at: int = 0  # index into item.stage_keys of the stage it is at
     sampling: SamplingParams = GREEDY
+    adapters: dict[int, str] = field(default_factory=dict)  # chain position -> LoRA block
 
 
 @dataclass(slots=True)
@@ -102,13 +105,19 @@ class Worker:
     def __init__(self, zoo: Any, config: WorkerConfig | None = None) -> None:
         self.zoo = zoo
         self.config = config or WorkerConfig()
+        if self.config.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be float32, bfloat16 or float16, not {self.config.dtype!r}"
+            )
         self.device = torch.device(self.config.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self.kv = KVCacheManager(self.config.kv_budget_bytes, self.config.page_size)
         self.blocks = BlockCache(self._load_block)
+        self.adapters = AdapterCache(self._load_block, self.config.adapter_idle_blocks)
         self._stages: dict[str, _Stage] = {}
         self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
+        self._serving = "float32"  # the dtype load_stage casts the blocks it reads to
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
@@ -119,7 +128,23 @@ class Worker:
         tensors = self._preread.get(block_id)
         if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
             return tensors
-        return self.zoo.load_block(block_id, device=self.device, verify=self.config.verify_blocks)
+        return self._read(block_id, self._serving)
+
+    def served_dtype(self, manifest: Any) -> str:
+        """The dtype this worker serves a model's blocks in: --dtype, else the model's own
+        (a checkpoint that mixed dtypes is served in its dominant one)."""
+        return self.config.dtype or getattr(manifest, "dtype", "") or "float32"
+
+    def _read(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block from the zoo (verified as stored), its tensors cast once to `dtype`."""
+        tensors = self.zoo.load_block(
+            block_id, device=self.device, verify=self.config.verify_blocks
+        )
+        want = getattr(torch, dtype)
+        return {
+            k: t.to(want) if t.is_floating_point() and t.dtype != want else t
+            for k, t in tensors.items()
+        }
 
     def read_blocks(self, model: str, start: int, end: int) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors of the blocks of stage [start, end) of `model` not held yet, read (and
@@ -130,7 +155,7 @@ class Worker:
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
         return {
-            bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
+            bid: self._read(bid, self.served_dtype(m))
             for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }
@@ -161,6 +186,7 @@ class Worker:
                 st.info = replace(st.info, models=(*st.info.models, model))
             return st.info
         family = self._family(m)
+        self._serving = self.served_dtype(m)  # what _load_block casts to
         acquired: list[str] = []
         try:
             blocks = {}
@@ -172,8 +198,9 @@ class Worker:
                 tied = self.blocks.acquire(m.chain[0])
                 acquired.append(m.chain[0])
             stage_model = StageModel(family, start, end, blocks, tied, self.device)
-            if stage_model.layers:
-                self.kv.ensure_pool(family.kv_geometry(stage_model.dtype, self.device))
+            if stage_model.layers:  # refused (CacheFull) when the KV budget cannot hold it
+                geometry = family.kv_geometry(stage_model.dtype, self.device)
+                self.kv.add_stage(key, geometry, len(stage_model.layers))
         except BaseException:
             for bid in acquired:
                 self.blocks.release(bid)
@@ -217,7 +244,7 @@ class Worker:
             self._queued.discard(e.item.request_id)
             self._deferred.append(_error(e.item, UnknownStage(f"stage {key} was unloaded")))
         del self._stages[key]
-        self.kv.free_stage(key)
+        self.kv.remove_stage(key)
         for bid in st.blocks:
             self.blocks.release(bid)
         logger.info("[stage] unloaded %s", key[:12])
@@ -273,7 +300,10 @@ class Worker:
             check_logprobs(item, n, last.model.family.config.vocab_size)
         if item.request_id in self._queued:
             raise BadRequest(f"request {item.request_id!r} already has an item queued")
-        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling)
+        # the item's LoRA blocks by chain position, held for the request from now on
+        layers = [(st.info.start, st.model) for st in stages]
+        adapters = self.adapters.admit(item.request_id, item.adapters, layers)
+        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling, adapters)
         first.queue.push(entry, n)
         self._queued.add(item.request_id)
 
@@ -310,8 +340,10 @@ class Worker:
         return h.to(self.device, first.model.dtype)
 
     def release(self, request_id: str) -> None:
-        """Forget a request: free its KV in every stage and drop its queued items."""
+        """Forget a request: free its KV in every stage, drop its queued items and its hold
+        on LoRA blocks."""
         self.kv.free_request(request_id)
+        self.adapters.release(request_id)
         for st in self._stages.values():
             st.queue.remove_if(lambda e: e.item.request_id == request_id)
         self._queued.discard(request_id)
@@ -369,7 +401,7 @@ class Worker:
         """Load facts for READY / heartbeats (cheap; compute thread)."""
         kv = self.kv.stats()
         total, free = kv.total_bytes, kv.free_bytes
-        if self.kv.pool is None:  # allocated with the first stage that has layers
+        if self.kv.arena is None:  # allocated with the first stage that has layers
             total = free = self.config.kv_budget_bytes
         return WorkerStats(
             kv_total_bytes=total,
@@ -382,6 +414,9 @@ class Worker:
             forwards={k: st.forwards for k, st in self._stages.items()},
             items={k: st.items for k, st in self._stages.items()},
             busy_s={k: st.busy_s for k, st in self._stages.items()},
+            adapters=self.adapters.per_span(
+                {k: (st.info.start, st.info.end) for k, st in self._stages.items()}
+            ),
         )
 
     def queued(self) -> int:
@@ -446,7 +481,10 @@ class Worker:
             return
         for st in with_kv:  # a restart drops what the request held before
             self.kv.free(st.info.key, item.request_id)
-        need = sum(self.kv.pages_for(len(st.model.layers), item.max_total_len) for st in with_kv)
+        need = sum(
+            self.kv.pages_for(len(st.model.layers), item.max_total_len, st.info.key)
+            for st in with_kv
+        )
         self.kv.make_room(need, protected | {item.request_id})
         for st in with_kv:
             layers = len(st.model.layers)
@@ -519,15 +557,25 @@ class Worker:
             return h
         seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
         assert all(s is not None for s in seqs), "admitted items hold KV in every stage"
-        pool = self.kv.pool
-        assert pool is not None
+        pool = self.kv.pool_of(st.info.key)
         plan = plan_step(
             pool,
             model.layer0,
             len(model.layers),
             [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
         )
-        h = model.run_layers(h, plan)
+        model.lora.step = plan_lora(
+            max(st.info.start, 1),
+            len(model.layers),
+            [e.adapters for e in entries],
+            [e.n for e in entries],
+            self.adapters,
+            h.device,
+        )
+        try:
+            h = model.run_layers(h, plan)
+        finally:
+            model.lora.step = None
         for s, e in zip(seqs, entries, strict=True):
             s.length = e.item.past_len + e.n  # type: ignore[union-attr]
             s.last_used = self._step_no  # type: ignore[union-attr]

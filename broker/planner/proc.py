@@ -18,9 +18,11 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from blockllm.broker import frames
 from blockllm.broker.lifecycle import (
@@ -32,15 +34,49 @@ from blockllm.broker.lifecycle import (
 )
 from blockllm.broker.planner.catalog import BrokerCatalog
 from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.notes import uncovered_notes
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.spawn import Spawner
-from blockllm.broker.protocol import Ack, Kind, Message, ProtocolError, Stats, StatusRequest
+from blockllm.broker.protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    Kind,
+    Message,
+    PlannerReport,
+    ProtocolError,
+    Stats,
+    StatusRequest,
+)
 from blockllm.broker.sockets import make_socket
 
 logger = logging.getLogger(__name__)
 
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+EXIT_REFUSED = 78  # the key is refused: a configuration error (systemd does not restart it)
 STATS_HWM = 4  # old snapshots are worth nothing: keep only a few
 STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its stats are again
+REPORT_EVERY_S = 3.0  # PLANNER_REPORT at least this often (broker: PLANNER_STALE_S)
+
+
+WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def reachable(advertised: str, broker: str) -> str:
+    """The STATS endpoint to dial: a wildcard host (a broker bound to every interface
+    advertises tcp://0.0.0.0:PORT) becomes the host we reach the broker by."""
+    if not advertised.startswith("tcp://") or not broker.startswith("tcp://"):
+        return advertised
+    host, _, port = advertised.removeprefix("tcp://").rpartition(":")
+    if host not in WILDCARDS:
+        return advertised
+    broker_host = broker.removeprefix("tcp://").rpartition(":")[0]
+    return f"tcp://{broker_host}:{port}"
 
 
 def _curve(keys_dir: str | None) -> Any:
@@ -48,7 +84,7 @@ def _curve(keys_dir: str | None) -> Any:
         return None
     from blockllm.broker.security import load_client_keys
 
-    return load_client_keys(keys_dir)
+    return load_client_keys(keys_dir, role="planner")
 
 
 def send_command(
@@ -58,18 +94,34 @@ def send_command(
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.DEALER, broker, bind=False, curve=_curve(keys_dir))
     try:
-        sock.send_multipart(frames.encode(msg))
         deadline = time.monotonic() + timeout
+        # bounded: with no connection (a refused key) a blocking send would wait forever
+        if not sock.poll(int(timeout * 1000) + 1, zmq.POLLOUT):
+            raise TimeoutError(f"no connection to the broker at {broker} within {timeout:.0f} s")
+        try:
+            sock.send_multipart(frames.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise TimeoutError(f"no connection to the broker at {broker}") from None
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(left * 1000) + 1):
                 break
             reply, _ = frames.decode(sock.recv_multipart())
             if isinstance(reply, Ack) and reply.command_id == getattr(msg, "command_id", ""):
                 return reply
+            if isinstance(reply, Error) and reply.code == ErrorCode.FORBIDDEN.value:
+                return Ack(reply.request_id, False, reply.message)  # this key's role may not
         raise TimeoutError(f"no answer from the broker at {broker} within {timeout:.0f} s")
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+class Refused(RuntimeError):
+    """The broker refused the planner's CurveZMQ key (a failed handshake)."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM/SIGINT arrived while the planner was still connecting."""
 
 
 class PlannerProc:
@@ -88,15 +140,23 @@ class PlannerProc:
         self.catalog = BrokerCatalog(self.ctx, cfg.broker, self._curve)
         self.planner = planner or Planner(cfg, self.catalog)
         identity = f"planner-{os.getpid()}".encode()
+        # the monitor is attached before the connect: a refused key is seen on the first try
+        placeholder = f"inproc://blockllm-planner-{os.getpid()}"
         self.dealer = make_socket(
-            self.ctx, zmq.DEALER, cfg.broker, bind=False, identity=identity, curve=self._curve
+            self.ctx, zmq.DEALER, placeholder, bind=False, identity=identity, curve=self._curve
         )
+        self.dealer.disconnect(placeholder)
+        self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_EVENTS)
+        self.dealer.connect(cfg.broker)
+        self.handshake_failure = ""  # why the broker refused our key ("": it did not)
         self.sub: zmq.Socket | None = None
         self._wake = WakePipe()
         self.shutdown_requested = False
         self.sent = 0
         self.refused = 0
         self._last_stats = time.monotonic()
+        self._notes: dict[str, str] | None = None  # the last PLANNER_REPORT sent, and when
+        self._reported = -REPORT_EVERY_S
         self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
         self._prom_server: Any = None
 
@@ -118,7 +178,7 @@ class PlannerProc:
 
     def connect_stats(self) -> str:
         """Subscribe to the broker's STATS (asking its STATUS for the endpoint if not given)."""
-        endpoint = self.cfg.stats or self._ask_stats_endpoint()
+        endpoint = self.cfg.stats or reachable(self._ask_stats_endpoint(), self.cfg.broker)
         self.sub = make_socket(
             self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
         )
@@ -128,19 +188,62 @@ class PlannerProc:
         return endpoint
 
     def _ask_stats_endpoint(self) -> str:
+        """The broker's STATS endpoint from its STATUS; every wait bounded and interruptible.
+
+        Raises Refused (the broker refused our key), Stopped (SIGTERM meanwhile), TimeoutError
+        or RuntimeError (a broker that publishes no stats)."""
         deadline = time.monotonic() + self.cfg.ready_timeout_s
-        while not self.shutdown_requested and time.monotonic() < deadline:
-            self.dealer.send_multipart(frames.encode(StatusRequest("planner")))
-            if self.dealer.poll(1000):
-                msg, _ = frames.decode(self.dealer.recv_multipart())
-                endpoint = getattr(msg, "body", {}).get("stats_endpoint", "")
-                if endpoint:
-                    return str(endpoint)
-                if msg.KIND is Kind.STATUS:
-                    raise RuntimeError(f"the broker at {self.cfg.broker} publishes no stats")
+        ask = frames.encode(StatusRequest("planner"))
+        sent = False
+        while time.monotonic() < deadline:
+            self._check_handshake()
+            if self.shutdown_requested:
+                raise Stopped("stop requested while waiting for the broker")
+            if not sent:
+                try:  # NOBLOCK: with no connection yet (or a refused key) a send would hang
+                    self.dealer.send_multipart(ask, flags=zmq.NOBLOCK)
+                    sent = True
+                except zmq.Again:
+                    pass
+            ready = dict(self._poller().poll(1000))
+            if self._wake.fd in ready:
+                self._wake.drain()
+            if self.dealer not in ready:
+                sent = False  # ask again: the first question may have gone nowhere
+                continue
+            try:
+                msg, _ = frames.decode(self.dealer.recv_multipart(zmq.NOBLOCK))
+            except (zmq.Again, ProtocolError):
+                continue
+            endpoint = getattr(msg, "body", {}).get("stats_endpoint", "")
+            if endpoint:
+                return str(endpoint)
+            if msg.KIND is Kind.STATUS:
+                raise RuntimeError(f"the broker at {self.cfg.broker} publishes no stats")
+        self._check_handshake()
         raise TimeoutError(
             f"no STATUS from the broker at {self.cfg.broker} within {self.cfg.ready_timeout_s} s"
         )
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in (self.dealer, self.monitor):
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
+        return poller
+
+    def _check_handshake(self) -> None:
+        """Raise Refused once the monitor reports a failed handshake (a refused key)."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            ok = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.handshake_failure = "" if ok else zmq.Event(event).name
+        if self.handshake_failure:
+            raise Refused(
+                f"the broker at {self.cfg.broker} refused this planner's key "
+                f"({self.handshake_failure}): admit its client.key on the broker node "
+                "(`blockllm keys add`), or pass the --keys folder the broker admits"
+            )
 
     def close(self) -> None:
         self.spawner.close()  # first: no spawned worker outlives the planner
@@ -148,7 +251,8 @@ class PlannerProc:
             self._prom_server.shutdown()
             self._prom_server = None
         self.catalog.close()
-        for sock in (self.sub, self.dealer):
+        self.dealer.disable_monitor()
+        for sock in (self.sub, self.dealer, self.monitor):
             if sock is not None:
                 sock.close(linger=0)
         self.ctx.term()
@@ -187,8 +291,10 @@ class PlannerProc:
         logger.warning("[planner] no stats for %.0f s: asking the broker again", STATS_SILENCE_S)
         self._last_stats = time.monotonic()
         try:
-            endpoint = self._ask_stats_endpoint()
+            endpoint = reachable(self._ask_stats_endpoint(), self.cfg.broker)
         except (TimeoutError, RuntimeError) as e:  # keep the old subscription; ask again later
+            if isinstance(e, Stopped):
+                return
             logger.warning("[planner] %s", e)
             return
         assert self.sub is not None
@@ -233,7 +339,23 @@ class PlannerProc:
             with contextlib.suppress(zmq.Again):
                 self.dealer.send_multipart(frames.encode(cmd), flags=zmq.NOBLOCK)
                 self.sent += 1
+        self._report(msg.body)
         self.spawner.apply(self.planner.spawns.take())
+
+    def _report(self, body: Mapping[str, Any]) -> None:
+        """PLANNER_REPORT: why models are uncovered, when that changes and every few seconds
+        (the broker also reads it as "a planner is connected")."""
+        try:
+            notes = uncovered_notes(self.planner, body)
+        except Exception:  # a bug in the notes must not stop the planning
+            logger.exception("[planner] notes failed")
+            return
+        now = time.monotonic()
+        if notes == self._notes and now - self._reported < REPORT_EVERY_S:
+            return
+        with contextlib.suppress(zmq.Again):
+            self.dealer.send_multipart(frames.encode(PlannerReport(notes)), flags=zmq.NOBLOCK)
+            self._notes, self._reported = notes, now
 
     def _drain_acks(self) -> None:
         while True:
@@ -269,6 +391,12 @@ def run_planner_process(cfg: PlannerConfig) -> int:
         notify("READY=1", f"STATUS=planning: commands to {cfg.broker}, stats from {stats}")
         proc.run()
         return 0
+    except Stopped:
+        logger.info("[shutdown] planner stopped before it reached the broker")
+        return 0
+    except Refused as e:
+        logger.error("[shutdown] %s", e)
+        return EXIT_REFUSED
     except Exception:
         logger.exception("[shutdown] planner failed")
         return 1

@@ -52,7 +52,9 @@ keys_option = click.option(
     "keys_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`).",
+    envvar="BLOCKLLM_KEYS",
+    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`) "
+    "[default: $BLOCKLLM_KEYS].",
 )
 
 
@@ -193,7 +195,12 @@ def status(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) ->
         click.echo(render_status(broker, body))
     uncovered = require_covered(body, None)
     if uncovered:
-        raise CliError(f"models not covered by workers: {', '.join(uncovered)}", EXIT_FAILED)
+        models = body.get("models", {})
+        why = [
+            f"{m} ({models[m]['uncovered']})" if models[m].get("uncovered") else m
+            for m in uncovered
+        ]
+        raise CliError(f"models not covered by workers: {'; '.join(why)}", EXIT_FAILED)
 
 
 # ---- the readable table ---------------------------------------------------------------------
@@ -295,6 +302,13 @@ def render_status(broker: str, body: dict[str, Any]) -> str:
     lines += ["", *_table(header, [_worker_row(w) for w in workers])]
     rows = [_model_row(name, m) for name, m in models.items()]
     lines += ["", *_table(["MODEL", "COVERED", "RUNNING", "WAITING", "CHAIN", "ROUTE"], rows)]
+    why = [
+        f"  {name}: {m['uncovered']}"
+        for name, m in models.items()
+        if isinstance(m, dict) and not m.get("covered") and m.get("uncovered")
+    ]
+    if why:
+        lines += ["", "not covered:", *why]
     counters = body.get("counters")
     if isinstance(counters, dict) and any(counters.values()):
         lines += ["", "counters: " + " ".join(f"{k}={v}" for k, v in counters.items() if v)]

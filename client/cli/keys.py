@@ -21,6 +21,15 @@ def keys() -> None:
     """CurveZMQ keys: authentication and encryption between broker, workers and clients."""
 
 
+_role_opt = click.option(
+    "--role",
+    type=click.Choice(security.ROLES),
+    default=None,
+    help="worker: may register and serve; planner: may send commands (load, routes, reload);"
+    " client: may generate, cancel, ask status.",
+)
+
+
 @keys.command("gen")
 @_dir_arg
 @click.option("--force", is_flag=True, help="Replace existing key pairs in DIR.")
@@ -29,18 +38,33 @@ def keys() -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
     help="Join a cluster: use this broker public key (its broker.key) instead of making a "
-    "broker pair; then admit this node's client.key on the broker with `keys add`.",
+    "broker pair; then admit this node's public keys on the broker with `keys add`.",
 )
-def gen(keys_dir: Path, force: bool, broker_key: Path | None) -> None:
-    """Write a key pair for the broker and one for clients/workers, plus authorized/.
+@_role_opt
+@click.option("--name", default=None, help="With --role: the pair's name [default: the role].")
+def gen(
+    keys_dir: Path, force: bool, broker_key: Path | None, role: str | None, name: str | None
+) -> None:
+    """Write the broker's pair and one pair per role, each admitted with its role.
 
     \b
-    DIR/broker.key, broker.key_secret   the broker's pair (secret: mode 0600)
-    DIR/client.key, client.key_secret   what workers, the planner and clients present
-    DIR/authorized/client.key           the public keys the broker admits
+    DIR/broker.key, broker.key_secret     the broker's pair (secret: mode 0600)
+    DIR/worker.key, worker.key_secret     what workers present (role worker)
+    DIR/planner.key, planner.key_secret   what the planner presents (role planner)
+    DIR/client.key, client.key_secret     what clients present (role client)
+    DIR/authorized/*.key                  the public keys the broker admits, with roles
+
+    Every process given --keys DIR presents its own role's pair. With --role: make one more
+    pair of that role (named --name) and admit it when DIR has authorized/. Keys admitted
+    without a role (folders made before roles) may act as any role: re-admit them with
+    `keys add --role`.
     """
+    if name is not None and role is None:
+        raise CliError("--name needs --role")
     try:
-        written = security.generate_keys(keys_dir, force=force, broker_key=broker_key)
+        written = security.generate_keys(
+            keys_dir, force=force, broker_key=broker_key, role=role, name=name
+        )
     except security.KeysError as e:
         raise _fail(e) from None
     for path in written:
@@ -52,18 +76,22 @@ def gen(keys_dir: Path, force: bool, broker_key: Path | None) -> None:
 @click.argument("pubkey_file", metavar="PUBKEY_FILE", type=click.Path(path_type=Path))
 @click.option("--name", default=None, help="Name under authorized/ [default: the file's stem].")
 @click.option("--force", is_flag=True, help="Replace an admitted key of the same name.")
-def add(keys_dir: Path, pubkey_file: Path, name: str | None, force: bool) -> None:
-    """Admit another node's public key (its client.key) into DIR/authorized/.
+@_role_opt
+def add(keys_dir: Path, pubkey_file: Path, name: str | None, force: bool, role: str | None) -> None:
+    """Admit another node's public key into DIR/authorized/ with its role (--role, else the
+    role its file names; a key with neither may act as any role).
 
     A running broker reads the change at the next connection attempt; no restart needed.
     """
-    if name is None and pubkey_file.name.split(".", 1)[0] == security.CLIENT:
-        # Every node's pair is called client.key: name it, or it would replace this node's own.
+    if name is None and pubkey_file.name.split(".", 1)[0] in (security.BROKER, *security.ROLES):
+        # Every node's pairs have these names: name it, or it would replace this node's own.
         raise CliError("name the key of another node: `keys add DIR FILE --name NODE`")
     try:
-        dest = security.admit_key(keys_dir, pubkey_file, name=name, force=force)
+        dest = security.admit_key(keys_dir, pubkey_file, name=name, force=force, role=role)
     except security.KeysError as e:
         raise _fail(e) from None
+    if security.read_role(dest) is None:
+        click.echo(f"warning: {dest} has no role: it may act as any role (use --role)", err=True)
     click.echo(str(dest))
 
 
@@ -87,23 +115,31 @@ def ls(keys_dir: Path, as_json: bool) -> None:
     if not keys_dir.is_dir():
         raise CliError(f"{keys_dir}: no such keys directory")
     own: dict[str, str | None] = {}
-    for name in (security.BROKER, security.CLIENT):
+    for name in (security.BROKER, *security.ROLES):
         path = keys_dir / f"{name}{security.PUBLIC_SUFFIX}"
         try:
             own[name] = security.read_key_file(path, secret=False)[0].decode()
         except security.KeysError:
             own[name] = None
     try:
-        admitted = {n: k.decode() for n, k in security.authorized_keys(keys_dir).items()}
+        roles = security.authorized_roles(keys_dir)
     except security.KeysError:
-        admitted = {}
+        roles = {}
+    admitted = {n: k.decode() for n, (k, _role) in roles.items()}
     if as_json:
-        echo_json({"dir": str(keys_dir), **own, "authorized": admitted})
+        echo_json(
+            {
+                "dir": str(keys_dir),
+                **own,
+                "authorized": admitted,
+                "roles": {n: r for n, (_k, r) in roles.items()},
+            }
+        )
         return
     for name, key in own.items():
         click.echo(f"{name:<12} {key or '-'}")
-    for name, key in admitted.items():
-        click.echo(f"authorized   {key}  {name}")
+    for name, (key, role) in roles.items():
+        click.echo(f"authorized   {key.decode()}  {name} ({role})")
 
 
 @keys.command("api-add")

@@ -57,3 +57,54 @@ def test_keys_admit_worker_and_client_refuse_keyless_ones(tiny_checkpoint, tmp_p
             names = {w["name"] for w in client.status()["workers"]}
         assert names == {"w0"}, names  # the keyless worker is not registered
         assert launcher.workers["intruder"].is_alive()  # still knocking, never admitted
+
+
+def test_a_planner_with_a_refused_key_exits_clearly(tmp_path: Path):
+    """19.3: a planner whose key the broker refuses logs why and exits 78 (it used to block in
+    a send forever, deaf to SIGTERM); `blockllm reload` with that key fails within --timeout."""
+    import subprocess
+    import sys
+
+    keys, node = tmp_path / "keys", tmp_path / "node"
+    generate_keys(keys)
+    generate_keys(node, broker_key=keys / "broker.key")  # a key the broker never admitted
+    with Launcher(log_level="WARNING", stop_timeout=15.0) as launcher:
+        cfg = BrokerConfig(bind="tcp://127.0.0.1:0", heartbeat_s=FAST_BEAT, keys_dir=str(keys))
+        endpoint = launcher.start_broker(cfg, 60.0)
+        cli = [sys.executable, "-m", "blockllm.client.cli"]
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [*cli, "planner", "--broker", endpoint, "--keys", str(node)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 78, out.stderr
+        assert "refused this planner's key (HANDSHAKE_FAILED" in out.stderr
+        assert time.monotonic() - t0 < 45
+        out = subprocess.run(
+            [*cli, "reload", "--broker", endpoint, "--keys", str(node), "--timeout", "3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1 and "broker" in out.stderr, out.stderr
+
+
+def test_a_planner_waiting_for_its_broker_stops_when_asked():
+    """19.3: SIGTERM's handler only calls request_shutdown(): the wait for the broker ends."""
+    import threading
+
+    from blockllm.broker.planner.config import PlannerConfig
+    from blockllm.broker.planner.proc import PlannerProc, Stopped
+
+    # an endpoint nobody binds: the planner waits for its broker (as for a host that is down)
+    proc = PlannerProc(PlannerConfig(broker="inproc://no-broker-here", ready_timeout_s=120))
+    try:
+        threading.Timer(0.5, proc.request_shutdown).start()
+        t0 = time.monotonic()
+        with pytest.raises(Stopped):
+            proc.connect_stats()
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.close()

@@ -248,6 +248,13 @@ def test_a_planner_given_only_the_broker_places_its_models(zoo: Path, want, tmp_
     env.pop("BLOCKLLM_ZOO", None)
     cmd = [sys.executable, "-m", "blockllm.client.cli", "planner", "--broker"]
     with cluster(zoo, {"w0": []}, [], broker=FAST) as c, c.client(timeout=60) as client:
+        from click.testing import CliRunner
+
+        from blockllm.client.cli import cli
+
+        out = CliRunner().invoke(cli, ["status", "--broker", c.endpoint])
+        assert out.exit_code == 1  # a health check: m is not covered, and it says why
+        assert "m: no planner is connected (start `blockllm planner --broker" in out.output
         proc = subprocess.Popen(
             [*cmd, c.endpoint], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
         )

@@ -4,7 +4,10 @@ thread, speaking the real protocol (broker.frames / broker.protocol).
 It answers GENERATE for model "base" with a few TOKENs (token ids derived from the seed, so
 concurrent requests can be told apart), ERROR(code) for model "err-<CODE>",
 ERROR(UNKNOWN_MODEL) for any other name, nothing for model "silent", and STATUS_REQUEST with
-its `status_body`. Model "vanish" gets one token, then the stand-in closes its socket (a
+its `status_body`. Model "drain" gets one token, then ERROR(SHUTTING_DOWN) and the stand-in
+closes its socket (a broker whose drain timed out); "stopping" gets the ERROR at once (a broker
+no longer admitting). Model "vanish" gets one token, then the
+stand-in closes its socket (a
 crashed broker). Every wait is bounded; nothing sleeps. Tests get it as the `peer` fixture
 (tests/unit/conftest.py).
 """
@@ -96,7 +99,13 @@ class StandIn:
             for i in range(2):
                 self._send(ident, Token(rid, i, i, PIECES[i]))
             return None
-        if g.model not in ("base", "vanish"):
+        if g.model in ("drain", "stopping") and self.vanish:  # a broker that is stopping
+            if g.model == "drain":
+                self._send(ident, Token(rid, 0, g.seed * 100, PIECES[0]))
+            text = "broker shut down"
+            self._send(ident, Error(rid, ErrorCode.SHUTTING_DOWN.value, text, True))
+            return "vanish"
+        if g.model not in ("base", "vanish", "drain", "stopping"):
             self._send(ident, Error(rid, ErrorCode.UNKNOWN_MODEL.value, f"no model {g.model!r}"))
             return None
         n_prompt = len(g.input_ids) if g.input_ids is not None else len(g.prompt or "")

@@ -478,12 +478,15 @@ def test_status_body_shape(split: Harness) -> None:
         "start": 0,
         "end": 3,
         "nbytes": 0,
+        "dtype": "",  # the harness's worker does not say
     }
+    assert w["kv_geometries"] == []
     base = body["models"]["base"]
     assert base == {
         "layers": LAYERS,
         "chain_len": LAYERS + 2,
         "covered": True,
+        "uncovered": "",
         "route": [["w0", [[0, 3]]], ["w1", [[3, 4], [4, 6]]]],
         "running": 1,
         "waiting": 0,
@@ -499,8 +502,9 @@ def test_status_body_shape(split: Harness) -> None:
 def test_shutdown_fails_uncovered_waiting_and_refuses_new(h: Harness) -> None:
     h.generate("r1")  # no worker covers "base": it cannot run in the drain
     outs = h.broker.begin_shutdown(h.now)
-    assert only(outs, Error).msg.code == ErrorCode.OVERLOADED.value
-    assert only(h.generate("r2"), Error).msg.code == ErrorCode.OVERLOADED.value
+    err = only(outs, Error).msg
+    assert err.code == ErrorCode.SHUTTING_DOWN.value and err.retryable  # the client resumes
+    assert only(h.generate("r2"), Error).msg.code == ErrorCode.SHUTTING_DOWN.value
     assert h.broker.idle
 
 
@@ -509,7 +513,7 @@ def test_shutdown_drains_accepted_requests_waiting_for_credit(h: Harness) -> Non
     fwd = only(h.generate("r1", max_new_tokens=1), Forward, W0)
     assert h.generate("r2", max_new_tokens=1) == [], "no credit: r2 waits"
     assert h.broker.begin_shutdown(h.now) == [], "accepted r2 is not failed"
-    assert only(h.generate("r3"), Error).msg.code == ErrorCode.OVERLOADED.value
+    assert only(h.generate("r3"), Error).msg.code == ErrorCode.SHUTTING_DOWN.value
     outs = h.token(W0, fwd.msg, 42)  # r1 finishes, its slot goes to r2
     assert ids_of(only(outs, Forward, W0)) == [5, 6, 7]
     assert not h.broker.idle

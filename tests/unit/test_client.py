@@ -233,6 +233,28 @@ def test_broker_restart_resumes_the_stream() -> None:
     assert got[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("model", ["drain", "stopping"])
+def test_a_stopping_broker_is_a_resume_not_an_answer(model: str) -> None:
+    """19.4: ERROR(SHUTTING_DOWN) (a drain that timed out, or a GENERATE the stopping broker
+    no longer admits) resumes on the next broker like a lost connection: complete output."""
+    first = StandIn()
+    with Client(first.addr, timeout=10) as c:
+        events = c.stream(model, prompt="Hello", max_new_tokens=4, seed=1)
+        got = [next(events)] if model == "drain" else []
+        first.next_message(Generate)
+        first.close()  # it stopped after its SHUTTING_DOWN
+        second = StandIn(endpoint=first.addr, vanish=False)  # the upgraded broker
+        try:
+            got += list(events)
+            resumed = second.next_message(Generate)
+        finally:
+            second.close()
+    assert resumed.resume_ids == ((100,) if model == "drain" else ())
+    assert [e.token_id for e in got] == [100, 101, 102, 103]
+    assert [e.index for e in got] == [0, 1, 2, 3]
+    assert got[-1].finish_reason == "length"
+
+
 def test_wait_ready_until_covered(client: Client, peer: StandIn) -> None:
     uncovered = {"workers": [], "models": {"base": {"covered": False}}}
     peer.status_hook = lambda n: uncovered if n < 3 else None

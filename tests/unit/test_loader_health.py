@@ -41,3 +41,35 @@ def test_a_hung_load_counts_as_stalled_and_a_finished_one_does_not() -> None:
         loader.stop()
         loader.join(10)
     assert loader.stalled_for(time.monotonic() + 100) > 0  # a dead loader is not healthy
+
+
+def test_unhealthy_names_a_dead_io_thread_or_a_stuck_loader() -> None:
+    from blockllm.worker.loader import unhealthy
+
+    class Thread:
+        def __init__(self, alive: bool) -> None:
+            self.alive = alive
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+    assert unhealthy(Thread(True), None, 1.0) == ""
+    assert "IO thread" in unhealthy(Thread(False), None, 1.0)
+    stuck = StageLoader(lambda m, s, e: {}, None, queue.SimpleQueue())  # never started: dead
+    assert "loader stuck" in unhealthy(Thread(True), stuck, -1.0)
+
+
+def test_rate_limited_log_holds_back_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from blockllm.broker.ratelog import RateLimitedLog
+
+    log = RateLimitedLog(logging.getLogger("t.ratelog"), interval_s=10.0)
+    with caplog.at_level(logging.WARNING, logger="t.ratelog"):
+        assert log.log("k", "bad %s", 1, now=0.0)
+        assert not log.log("k", "bad %s", 2, now=1.0)
+        assert not log.log("k", "bad %s", 3, now=2.0)
+        assert log.log("other", "other", now=2.0)
+        assert log.log("k", "bad %s", 4, now=11.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["bad 1", "other", "bad 4 (and 2 more like it in 11 s)"]

@@ -37,12 +37,18 @@ UNIFORM = [(6, 1), (6, 1), (6, 1), (3, 4)]  # equal decode lengths: sliced inste
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("shapes", [RAGGED, UNIFORM], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_ragged_batch_matches_reference(window: int | None, shapes, softcap) -> None:
+@pytest.mark.parametrize("strided", [False, True], ids=["exact", "strided"])
+def test_ragged_batch_matches_reference(window: int | None, shapes, softcap, strided) -> None:
     torch.manual_seed(0)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
-    kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
-    pool = kv.ensure_pool(geo)
-    kv.pool._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
+    if strided:  # another geometry came first: its 288-byte K pages hold 4 of our 64-byte rows
+        kv = KVCacheManager(64 * 2 * 288, page_size=1)
+        kv.add_stage("first", KVGeometry(9, 8, torch.float32, torch.device("cpu")), 1)
+    else:
+        kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.add_stage("s", geo, LAYERS)
+    assert pool.page_size == PAGE and pool.k.is_contiguous() != strided
+    kv.arena._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
     items, full_k, full_v = [], [], []
     for i, (past, n) in enumerate(shapes):
         seq = kv.reserve("s", f"r{i}", LAYERS, past + n, step=0)
@@ -93,7 +99,7 @@ def test_single_prefill_and_decode_only_fast_paths() -> None:
     torch.manual_seed(1)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
     kv = KVCacheManager(16 * geo.page_bytes(PAGE), page_size=PAGE)
-    pool = kv.ensure_pool(geo)
+    pool = kv.add_stage("s", geo, 1)
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=H // HKV)
     seq = kv.reserve("s", "r", 1, 8, step=0)
     k, v, q = torch.randn(HKV, 6, DH), torch.randn(HKV, 6, DH), torch.randn(1, H, 6, DH)

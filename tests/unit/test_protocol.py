@@ -62,6 +62,7 @@ SAMPLES = [
     protocol.SetBatch("c4", "w0", "k1", 8),
     protocol.SetChain("c5", "ft", ("a" * 64, "b" * 64)),
     protocol.Reload("c6"),
+    protocol.PlannerReport({"m": "no worker has room for it"}),
     protocol.Ack("c6", True, "3 models"),
     protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
     protocol.Fetch("f1", "block", "a" * 64, 4 << 20, 1 << 20),
@@ -159,3 +160,30 @@ def test_error_codes_are_strings() -> None:
     assert protocol.ErrorCode.KV_MISS == "KV_MISS"
     msg, _ = frames.decode(frames.encode(Error("r", protocol.ErrorCode.KV_MISS, "m")))
     assert msg.code == "KV_MISS" and type(msg.code) is str
+
+
+def test_every_kind_has_its_own_byte():
+    """An Enum silently makes a member with a repeated value an alias of the first one."""
+    from blockllm.broker.protocol import Kind
+
+    assert len(Kind) == len(Kind.__members__)
+
+
+def test_every_kind_a_peer_sends_belongs_to_a_role() -> None:
+    """Each message kind the broker receives is allowed to some key role (broker/security.py):
+    a new kind missing here would be refused (FORBIDDEN) from every key once roles are on."""
+    from blockllm.broker.protocol import ROLE_KINDS
+
+    broker_sends = {
+        Kind.FORWARD,
+        Kind.RELEASE,
+        Kind.TOKEN,
+        Kind.STATUS,
+        Kind.ACK,
+        Kind.STATS,
+        Kind.BLOB,
+        Kind.KV_EXPORT,
+        Kind.SPECULATE,
+    }
+    allowed = set().union(*ROLE_KINDS.values())
+    assert set(Kind) - broker_sends <= allowed

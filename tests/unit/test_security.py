@@ -167,12 +167,15 @@ def test_revoked_key_is_refused(ctx: zmq.Context, server: Server, keys_dir: Path
 
 def test_key_files_are_private(keys_dir: Path) -> None:
     assert stat.S_IMODE(keys_dir.stat().st_mode) == 0o700
-    for name in ("broker.key_secret", "client.key_secret"):
-        assert stat.S_IMODE((keys_dir / name).stat().st_mode) == 0o600
+    for name in ("broker", *security.ROLES):
+        assert stat.S_IMODE((keys_dir / f"{name}.key_secret").stat().st_mode) == 0o600
     assert (keys_dir / "authorized" / "client.key").read_text().count("secret-key") == 0
     server, client = security.load_server_keys(keys_dir), security.load_client_keys(keys_dir)
     assert client.server_public == server.public and client.public != server.public
-    assert security.authorized_keys(keys_dir) == {"client": client.public}
+    assert security.authorized_roles(keys_dir) == {
+        role: (security.load_client_keys(keys_dir, role).public, role) for role in security.ROLES
+    }
+    assert security.authorized_keys(keys_dir)["client"] == client.public
 
 
 def test_no_overwrite_without_force(keys_dir: Path) -> None:
@@ -210,11 +213,14 @@ def test_admit_copies_only_the_public_key(keys_dir: Path, tmp_path: Path) -> Non
     node = tmp_path / "node"
     security.generate_keys(node, broker_key=keys_dir / "broker.key")
     assert not (node / "broker.key_secret").exists()  # a joining node never holds it
-    dest = security.admit_key(keys_dir, node / "client.key_secret", name="node2")
+    dest = security.admit_key(keys_dir, node / "client.key_secret", name="node2", role="client")
     assert "secret" not in dest.read_text().replace("Secret", "")
     assert security.authorized_keys(keys_dir)["node2"] == security.load_client_keys(node).public
-    # Same key again: no-op; another key under the same name: refused without force.
+    # Same key and role again (client.key names its role): no-op; another key or another
+    # role under the same name: refused without force.
     assert security.admit_key(keys_dir, node / "client.key", name="node2") == dest
+    with pytest.raises(security.KeysError, match="exists with another key"):
+        security.admit_key(keys_dir, node / "client.key", name="node2", role="worker")
     with pytest.raises(security.KeysError, match="exists with another key"):
         security.admit_key(keys_dir, keys_dir / "broker.key", name="node2")
     with pytest.raises(security.KeysError, match="bad key name"):
@@ -243,7 +249,19 @@ def test_keys_cli(tmp_path: Path) -> None:
     result = runner.invoke(keys_cli, ["ls", str(d), "--json"])
     assert result.exit_code == 0, result.output
     listing = json.loads(result.output)
-    assert set(listing["authorized"]) == {"client", "node2"}
+    assert set(listing["authorized"]) == {"client", "planner", "worker", "node2"}
+    assert listing["roles"] == {
+        "client": "client",
+        "planner": "planner",
+        "worker": "worker",
+        "node2": "client",
+    }
+    # one more key of a role, made and admitted in one go
+    result = runner.invoke(keys_cli, ["gen", str(d), "--role", "worker", "--name", "gpu7"])
+    assert result.exit_code == 0, result.output
+    assert security.authorized_roles(d)["gpu7"][1] == "worker"
+    result = runner.invoke(keys_cli, ["add", str(d), str(node / "worker.key"), "--name", "n2w"])
+    assert result.exit_code == 0 and security.authorized_roles(d)["n2w"][1] == "worker"
     assert listing["broker"] == security.load_server_keys(d).public.decode()
     assert runner.invoke(keys_cli, ["revoke", str(d), "node2"]).exit_code == 0
     assert "node2" not in security.authorized_keys(d)
