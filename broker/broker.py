@@ -251,9 +251,9 @@ class Broker:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.state.reload(now)
 
-    def status(self, now: float) -> dict[str, Any]:
-        """The STATUS body (see broker/status.py)."""
-        return status_body(self.state, self.flow.route, now)
+    def status(self, now: float, model: str = "", worker: str = "") -> dict[str, Any]:
+        """The STATUS body (see broker/status.py), filtered to a model and/or a worker."""
+        return status_body(self.state, self.flow.route, now, model=model, worker=worker)
 
     def stats(self, now: float) -> dict[str, Any]:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
@@ -495,4 +495,4 @@ class Broker:
     def _handle_status_request(
         self, peer: bytes, msg: StatusRequest, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        return [Out(peer, Status(msg.request_id, self.status(now)))]
+        return [Out(peer, Status(msg.request_id, self.status(now, msg.model, msg.worker)))]

@@ -161,6 +161,7 @@ class Sim:
         self.tenants = {t.name: t for t in tenants}
         self.manifests = {t.name: manifest_of(t) for t in tenants}
         self.specs = {n: spec_of(m) for n, m in self.manifests.items()}
+        self.chain_len = {t.name: len(t.chain) for t in tenants}  # kept when a tenant leaves
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._seq = itertools.count()
         self.c = Counters()
@@ -250,6 +251,7 @@ class Sim:
     def add_tenant(self, t: Tenant) -> None:
         """A model imported into the zoo: the broker re-reads it (the planner on its own)."""
         self.tenants[t.name] = t
+        self.chain_len[t.name] = len(t.chain)
         self.manifests[t.name] = manifest_of(t)
         self.specs[t.name] = spec_of(self.manifests[t.name])
         self.broker.reload(self.now)
@@ -353,7 +355,7 @@ class Sim:
             if s is None:
                 res: Any = Error(fwd.request_id, "UNKNOWN_STAGE", "unloaded", retryable=True)
                 frames: tuple = ()
-            elif s.end == len(self.manifests[s.model].chain):
+            elif s.end == self.chain_len.get(s.model, -1):
                 res, frames = Result(fwd.request_id, fwd.step, token_id=7), ()
             else:
                 meta = (TensorMeta("bfloat16", (1, HIDDEN_BYTES // 2)),)
