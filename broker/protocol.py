@@ -325,6 +325,9 @@ class StatusRequest:
 
     KIND: ClassVar[Kind] = Kind.STATUS_REQUEST
     request_id: str = ""
+    # filters ("" = all): one model and the workers serving it; one worker and its models
+    model: str = ""
+    worker: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -403,8 +403,10 @@ def mixed(
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
+    from blockllm.client.cli.bench_scale import scale
 
     bench.add_command(multitenant)
+    bench.add_command(scale)
 
 
 _register()

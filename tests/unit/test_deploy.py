@@ -307,3 +307,12 @@ def test_http_section_of_the_example_config() -> None:
         "default_max_tokens": 256,
         "request_timeout_s": 300.0,
     }
+
+
+def test_the_guide_rotates_the_broker_key_with_the_command() -> None:
+    """Issue 19.2: copying authorized/*.key by hand overwrote the new folder's own keys; the
+    guide's steps (tested in tests/integration/test_key_rotation.py) use the command."""
+    guide = (DEPLOY / "README.md").read_text()
+    rotation = guide[guide.index("## 9. Rotate keys") : guide.index("## 10.")]
+    assert "blockllm keys rotate-broker /etc/blockllm/keys /etc/blockllm/keys.new" in rotation
+    assert "copy the old `authorized/*.key`" not in rotation
