@@ -52,7 +52,9 @@ keys_option = click.option(
     "keys_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`).",
+    envvar="BLOCKLLM_KEYS",
+    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`) "
+    "[default: $BLOCKLLM_KEYS].",
 )
 
 
@@ -178,15 +180,23 @@ def _write_flush(text: str) -> None:
     show_default=True,
     help="Seconds to wait for the broker's answer.",
 )
+@click.option("--model", default="", help="Only this model and the workers serving it.")
+@click.option("--worker", default="", help="Only this worker and the models it serves.")
 @keys_option
-def status(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
+def status(
+    broker: str, as_json: bool, timeout: float, model: str, worker: str, keys_dir: Path | None
+) -> None:
     """Workers (pid, host, stages, queues, KV use, memory) and models with their routes.
 
     Exits non-zero (a health check) when the broker does not answer within --timeout, or when a
     model is not covered by workers.
     """
     with cli_errors(), Client(broker, keys_dir=keys_dir) as client:
-        body = client.status(timeout=timeout)
+        body = client.status(timeout=timeout, model=model, worker=worker)
+    if model and model not in body.get("models", {}):
+        raise CliError(f"unknown model {model!r} (or no worker filter matches it)")
+    if worker and not any(w.get("name") == worker for w in body.get("workers", ())):
+        raise CliError(f"no worker {worker!r}")
     if as_json:
         echo_json(body)
     else:
