@@ -46,7 +46,13 @@ def _say(text: str) -> None:
     default=None,
     help="Requests per simulated second.  [default: 2 x workers]",
 )
-@click.option("--tokens", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option(
+    "--tokens",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="New tokens per request (prompts are 64 tokens).",
+)
 @click.option(
     "--worker-gb",
     type=click.FloatRange(1.0),
@@ -57,7 +63,9 @@ def _say(text: str) -> None:
 @click.option(
     "--per-node", type=click.IntRange(1), default=8, show_default=True, help="Workers per node."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the cluster and the trace."
+)
 @json_option
 def scale(
     models: int,
