@@ -251,9 +251,9 @@ class Broker:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.state.reload(now)
 
-    def status(self, now: float) -> dict[str, Any]:
-        """The STATUS body (see broker/status.py)."""
-        return status_body(self.state, self.flow.route, now)
+    def status(self, now: float, model: str = "", worker: str = "") -> dict[str, Any]:
+        """The STATUS body (see broker/status.py), filtered to a model and/or a worker."""
+        return status_body(self.state, self.flow.route, now, model=model, worker=worker)
 
     def stats(self, now: float) -> dict[str, Any]:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
@@ -443,7 +443,7 @@ class Broker:
         except RequestError as e:
             return error(e.code, e.message, e.retryable)
         req = self._new_request(peer, msg, spec, prompt, now)
-        self.state.requests[req.rid] = req
+        self.state.add_request(req)
         self.state.by_client[(peer, msg.request_id)] = req.rid
         self.state.waiting.append(req.rid)
         out = self.flow.dispatch(now)
@@ -495,4 +495,4 @@ class Broker:
     def _handle_status_request(
         self, peer: bytes, msg: StatusRequest, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        return [Out(peer, Status(msg.request_id, self.status(now)))]
+        return [Out(peer, Status(msg.request_id, self.status(now, msg.model, msg.worker)))]

@@ -52,6 +52,7 @@ _SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _STAGE_RE = re.compile(r"^(\S+):(\d+)-(\d+)$")
 _ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_DTYPE_RE = re.compile(r"^(float32|bfloat16|float16)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$")
 WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
@@ -148,6 +149,7 @@ _port = _int(0, 65535)
 _WORKER_KEYS: dict[str, Any] = {
     "zoo": _PATH,
     "device": _matching(_DEVICE_RE, 'a device: "cpu", "cuda", "cuda:N" or "mps"'),
+    "dtype": _matching(_DTYPE_RE, 'a dtype: "float32", "bfloat16" or "float16"'),
     "kv_budget_bytes": parse_size,
     "memory_budget_bytes": parse_size,
     "threads": _int(1),
@@ -165,6 +167,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "broker": {
         "bind": _endpoint,
         "public": _endpoint,
+        "stats_bind": _endpoint,  # the STATS PUB socket (--stats-bind); default: an OS port
         "zoo": _PATH,
         "heartbeat_s": _positive_float,
         "liveness": _int(1),

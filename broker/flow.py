@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from blockllm.broker.migrate import Migration
+from blockllm.broker.models import kv_reservation
 from blockllm.broker.protocol import (
     Error,
     ErrorCode,
@@ -24,7 +25,8 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.requests import RequestState, token_frame, wire_id
 from blockllm.broker.rewire import best_planned, same_route, signature
-from blockllm.broker.routing import Hop, WorkerView, find_route
+from blockllm.broker.routing import Hop, WorkerView, best_route
+from blockllm.broker.stage_index import LiveViews
 from blockllm.broker.state import BrokerState, Out
 
 logger = logging.getLogger(__name__)
@@ -55,35 +57,43 @@ class RequestFlow:
     # -- routing ---------------------------------------------------------------------------
     def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
         """The best route of `model` over `views`: a planner-preferred one if one resolves,
-        else the fewest-hops, least-loaded one (placement.find_route); None if none exists."""
+        else the fewest-hops, least-loaded one (routing.find_route, over the stages the routing
+        index says serve the model: broker/stage_index.py); None if none exists."""
         spec = self.state.models.get(model)
         if spec is None:
             return None
         planned = self.state.preferred.get(model)
         if planned:
-            by_name = {w.name: p for p, w in self.state.workers.items()}
             running = Counter(
                 signature(r.route)
-                for r in self.state.requests.values()
-                if r.model == model and r.route
+                for rid in self.state.by_model.get(model, ())
+                if (r := self.state.requests.get(rid)) is not None and r.route
             )
+            by_name = self.state.names()
             hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
             if hops is not None:
                 return hops
-        return find_route(model, spec.chain_len, views, self.state.key_of)
+        edges = self.state.stage_index.edges(
+            model, spec.chain_len, self.state.workers, self.state.keys_gen, self.state.key_of
+        )
+        return best_route(spec.chain_len, edges, views)
 
     def covered(self, model: str) -> bool:
         """Whether live workers (banned or busy alike) cover the whole chain of `model`."""
-        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in self.state.workers.items()}
-        return self.route(model, views) is not None
+        return self.route(model, LiveViews(self.state.workers, lambda p, w: True)) is not None
 
     def kv_need(self, req: RequestState, route: list[Hop]) -> dict[bytes, int]:
         """KV bytes the request reserves on each worker of `route` (estimate)."""
         need: dict[bytes, int] = {}
-        per_token = req.spec.kv_bytes_per_token_layer * req.max_total_len
         for hop in route:
             layers = sum(req.spec.decoder_layers_in(a, b) for a, b in hop.spans)
-            need[hop.worker] = need.get(hop.worker, 0) + layers * per_token
+            w = self.state.workers.get(hop.worker)
+            # in the dtype the worker serves the hop's stages in, in its arena's pages
+            dtypes = {s.key: s.dtype for s in w.stages} if w is not None else {}
+            dtype = next((dtypes[k] for k in hop.stage_keys if dtypes.get(k)), "")
+            geometries = w.kv_geometries if w is not None else ()
+            nbytes = kv_reservation(req.spec, geometries, dtype, layers, req.max_total_len)
+            need[hop.worker] = need.get(hop.worker, 0) + nbytes
         return need
 
     def route_with_credit(
@@ -94,17 +104,20 @@ class RequestFlow:
         were what was missing. A route whose worker lacks the KV bytes is retried without it.
         """
         bytes_short = False
+        st = self.state
+        if not st.stage_index.coverable(
+            req.model, req.spec.chain_len, st.workers, st.keys_gen, st.key_of
+        ):
+            return None, False  # no live stages chain the model: nothing to look at per worker
         for avoid in (req.avoid, set()):
             excluded = set(avoid) | exclude
             while True:
-                views = {
-                    peer: WorkerView(
-                        w.live_stages(),
-                        w.load(),
-                        peer not in excluded and not w.banned(now) and w.credit_slots() >= 1,
-                    )
-                    for peer, w in self.state.workers.items()
-                }
+                views = LiveViews(
+                    self.state.workers,
+                    lambda peer, w, excluded=excluded: (
+                        peer not in excluded and not w.banned(now) and w.credit_slots() >= 1
+                    ),
+                )
                 route = self.route(req.model, views)
                 if route is None:
                     break
@@ -302,7 +315,7 @@ class RequestFlow:
         """Forget the request: RELEASE its hops, return its credit, send `final` if any."""
         out = [final] if final is not None else []
         out += self.release(req)
-        self.state.requests.pop(req.rid, None)
+        self.state.drop_request(req)
         self.state.by_client.pop((req.client, req.client_rid), None)
         if req.route is None and req.rid in self.state.waiting:
             self.state.waiting.remove(req.rid)

@@ -35,6 +35,7 @@ class ModelSpec:
     kv_bytes_per_token_layer: int = 0
     tokenizer: Any = None
     manifest: Any = None
+    kv_heads_dim: str = ""  # "<kv heads>x<head dim>": how a worker's KV arena labels it
 
     @property
     def num_layers(self) -> int:
@@ -63,6 +64,35 @@ def eos_ids_of(manifest: Any, fallback: int | None) -> frozenset[int]:
     return frozenset() if fallback is None else frozenset({fallback})
 
 
+def kv_reservation(spec: ModelSpec, geometries: Any, dtype: str, layers: int, tokens: int) -> int:
+    """KV bytes a worker's arena takes for `layers` decoder layers x `tokens` tokens of the
+    model served in `dtype` (its stage's): whole pages of that geometry when the worker
+    reports it (HEARTBEAT `kv_geometries`), else the manifest's per-token estimate in `dtype`
+    (the stored dtype when unknown)."""
+    if layers <= 0:
+        return 0
+    label = f"{spec.kv_heads_dim}/{dtype}"
+    for g in geometries or ():
+        if g.label == label and g.page_size > 0 and g.page_bytes > 0:
+            return layers * -(-tokens // g.page_size) * g.page_bytes
+    per = spec.kv_bytes_per_token_layer
+    stored = _ITEMSIZE.get(getattr(spec.manifest, "dtype", ""), 4)
+    if dtype in _ITEMSIZE and per:
+        per = per // stored * _ITEMSIZE[dtype]
+    return layers * tokens * per
+
+
+def kv_heads_dim(config: Mapping[str, Any]) -> str:
+    """`<kv heads>x<head dim>` of a config ("" when it does not say)."""
+    try:
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return ""
+    return f"{kv_heads}x{head_dim}"
+
+
 def kv_bytes_per_token_layer(config: Mapping[str, Any], dtype: str) -> int:
     """K and V of one token in one layer: 2 * kv_heads * head_dim * itemsize."""
     try:
@@ -87,6 +117,7 @@ def spec_from_manifest(manifest: Any, tokenizer: Any, eos_fallback: int | None) 
         kv_bytes_per_token_layer=kv_bytes_per_token_layer(config, manifest.dtype),
         tokenizer=tokenizer,
         manifest=manifest,
+        kv_heads_dim=kv_heads_dim(config),
     )
 
 

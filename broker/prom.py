@@ -13,7 +13,8 @@ Series (all prefixed `blockllm_`):
           time_to_first_token_seconds{model}, time_per_output_token_seconds{model} (histograms)
   worker: stage_queue_depth{worker,stage,model}, batch_size{worker} and
           step_latency_seconds{worker} (histograms), kv_used_bytes{worker},
-          kv_total_bytes{worker}
+          kv_total_bytes{worker}, kv_geometry_used_bytes{worker,geometry},
+          kv_geometry_sequences{worker,geometry}
   planner: planner_snapshots_total, planner_commands_total{kind},
            planner_commands_refused_total, planner_workers
 """
@@ -170,6 +171,18 @@ class WorkerMetrics:
         )
         self.kv_total.labels(worker)
         self.kv_used.labels(worker)
+        self.geo_used = prom.Gauge(
+            "blockllm_kv_geometry_used_bytes",
+            "KV arena bytes in use per KV geometry (kv heads x head dim / dtype)",
+            ["worker", "geometry"],
+            registry=r,
+        )
+        self.geo_seqs = prom.Gauge(
+            "blockllm_kv_geometry_sequences",
+            "Requests holding KV per KV geometry",
+            ["worker", "geometry"],
+            registry=r,
+        )
         self._stages: set[tuple[str, str]] = set()
 
     def on_step(self, seconds: float, batch: int) -> None:
@@ -188,3 +201,9 @@ class WorkerMetrics:
         for gone in self._stages - seen:  # an unloaded stage's series goes away
             self.queue_depth.remove(self.worker, *gone)
         self._stages = seen
+
+    def update_geometries(self, geometries: Any) -> None:
+        """Per KV geometry (worker/kv_cache.py `GeometryStats`): bytes and sequences."""
+        for g in geometries:
+            self.geo_used.labels(self.worker, g.label).set(g.used_bytes)
+            self.geo_seqs.labels(self.worker, g.label).set(g.n_sequences)

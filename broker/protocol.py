@@ -119,6 +119,20 @@ class StageRef:
     start: int
     end: int
     nbytes: int = 0
+    dtype: str = ""  # what the worker serves it in ("": not said; an older worker)
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometryUse:
+    """One KV geometry of a worker's arena (worker/kv_cache.py): its label (`<kv heads>x<head
+    dim>/<dtype>`), tokens per page, bytes in use, sequences and stages holding it."""
+
+    label: str
+    page_size: int = 0
+    used_bytes: int = 0
+    sequences: int = 0
+    stages: int = 0
+    page_bytes: int = 0  # what one page costs (the same for every geometry of the arena)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +155,10 @@ class Ready:
     # block ids this worker cannot get (fetched corrupt from its source): the planner places
     # stages holding them elsewhere
     refused_blocks: tuple[str, ...] = ()
+    # keys of the stages its operator configured (`blockllm worker --stage`): pins the planner
+    # keeps while the worker lives (docs/internals.md, Planner)
+    pinned: tuple[str, ...] = ()
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +187,7 @@ class Heartbeat:
     rejected: int = 0
     # per stage key: LoRA adapter blocks resident for its decoder layers (worker/lora.py)
     stage_adapters: dict[str, int] = field(default_factory=dict)
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +325,9 @@ class StatusRequest:
 
     KIND: ClassVar[Kind] = Kind.STATUS_REQUEST
     request_id: str = ""
+    # filters ("" = all): one model and the workers serving it; one worker and its models
+    model: str = ""
+    worker: str = ""
 
 
 @dataclass(frozen=True, slots=True)

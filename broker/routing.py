@@ -166,14 +166,62 @@ def find_route(
     """
     if chain_len < 1:
         return None
-    edges = _usable_stages(model, chain_len, workers_view, key_of)
+    return best_route(
+        chain_len, _usable_stages(model, chain_len, workers_view, key_of), workers_view
+    )
+
+
+def best_route(
+    chain_len: int,
+    edges: Mapping[int, Sequence[tuple[Hashable, StageLike]]],
+    workers_view: Mapping[Hashable, WorkerView],
+) -> list[Hop] | None:
+    """`find_route` over given edges (start position -> [(worker, stage)] serving the model,
+    in scan order); only the edges' workers are looked up in `workers_view` (unavailable ones
+    skipped), so its cost does not grow with the workers that cannot serve the model."""
+    if chain_len < 1:
+        return None
+    dtypes = {getattr(st, "dtype", "") for found in edges.values() for _w, st in found}
+    if len(dtypes - {""}) <= 1:
+        return _cheapest(chain_len, workers_view, edges)
+    # stages served in several dtypes: a route keeps to one (hidden states are not cast
+    # silently between hops); the cheapest over the dtypes (a stage that does not say its
+    # dtype joins any)
+    routes = []
+    for dtype in sorted(dtypes - {""}):
+        only = {
+            p: [(w, st) for w, st in found if getattr(st, "dtype", "") in (dtype, "")]
+            for p, found in edges.items()
+        }
+        route = _cheapest(chain_len, workers_view, only, with_cost=True)
+        if route is not None:
+            routes.append(route)
+    return min(routes, key=lambda r: r[0])[1] if routes else None
+
+
+def _cheapest(
+    chain_len: int,
+    workers_view: Mapping[Hashable, WorkerView],
+    edges: Mapping[int, Sequence[tuple[Hashable, StageLike]]],
+    with_cost: bool = False,
+) -> Any:
+    """The cheapest route over `edges` (find_route's cost), or None; with `with_cost`, as
+    ((cost, tie-break), hops). Unavailable workers are skipped as they come up."""
+    usable: dict[Hashable, bool] = {}
     # DAG over (position, last worker): positions only increase, so one pass in order
     Cost = tuple[int, float, int]
     best: dict[tuple[int, Any], tuple[Cost, Any, Any]] = {(0, None): ((0, 0.0, 0), None, None)}
+    at: dict[int, list[tuple[int, Any]]] = {0: [(0, None)]}  # position -> states, as inserted
     for pos in range(chain_len):
-        states = [(s, v) for s, v in best.items() if s[0] == pos]
+        states = [(s, best[s]) for s in at.get(pos, ())]
         for (_, last), ((hops, load, n), _, _) in states:
             for worker, stage in edges.get(pos, ()):
+                ok = usable.get(worker)
+                if ok is None:
+                    view = workers_view.get(worker)
+                    ok = usable[worker] = view is not None and view.available
+                if not ok:
+                    continue
                 new_hop = worker != last
                 cost = (
                     hops + new_hop,
@@ -181,12 +229,17 @@ def find_route(
                     n + 1,
                 )
                 state = (stage.end, worker)
-                if state not in best or cost < best[state][0]:
+                if state not in best:
+                    at.setdefault(stage.end, []).append(state)
                     best[state] = (cost, (pos, last), stage)
-    finals = [(v[0], _order(s[1]), s) for s, v in best.items() if s[0] == chain_len]
+                elif cost < best[state][0]:
+                    best[state] = (cost, (pos, last), stage)
+    finals = [(best[s][0], _order(s[1]), s) for s in at.get(chain_len, ())]
     if not finals:
         return None
-    return _backtrack(best, min(finals, key=lambda f: (f[0], f[1]))[2])
+    cost, order, state = min(finals, key=lambda f: (f[0], f[1]))
+    hops = _backtrack(best, state)
+    return ((cost, order), hops) if with_cost else hops
 
 
 def _order(worker: Hashable) -> str:

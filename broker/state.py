@@ -17,9 +17,10 @@ from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute
 from blockllm.broker.requests import RequestState
+from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
 from blockllm.broker.status import COUNTERS
-from blockllm.broker.workers import WorkerState
+from blockllm.broker.workers import Registry, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,17 @@ def error_code(code: str) -> ErrorCode:
         return ErrorCode(code)
     except ValueError:
         return ErrorCode.INTERNAL
+
+
+def _keyed(spec: ModelSpec | None) -> Any:
+    """What a model's stage keys depend on (None: no model)."""
+    m = None if spec is None else spec.manifest
+    if m is None:
+        return None if spec is None else (spec.name,)
+    chain = tuple(getattr(m, "chain", ()))
+    fingerprint = getattr(m, "fingerprint", "")
+    config = None if fingerprint else getattr(m, "config", None)  # the family, if no fingerprint
+    return chain, fingerprint, getattr(m, "tie_word_embeddings", False), config
 
 
 class ChainView:
@@ -63,10 +75,13 @@ class BrokerState:
         self.catalog = catalog
         self.stage_key = stage_key
         self.models: dict[str, ModelSpec] = {}
-        self.workers: dict[bytes, WorkerState] = {}
+        self.workers: dict[bytes, WorkerState] = Registry()
+        self.stage_index = StageIndex(self.family_of)
+        self.keys_gen = 0  # moves when stage keys of models may change (reload, SET_CHAIN)
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[str] = deque()  # request ids without a route, in arrival order
         self.by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> request id
+        self.by_model: dict[str, set[str]] = {}  # model -> its request ids
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.metrics = Metrics()
         self.shutting_down = False
@@ -98,21 +113,51 @@ class BrokerState:
         return [r for r in self.requests.values() if peer in r.workers()]
 
     def named(self, name: str) -> WorkerState | None:
-        for w in self.workers.values():
-            if w.name == name:
-                return w
-        return None
+        peer = self.names().get(name)
+        return None if peer is None else self.workers.get(peer)
+
+    def family_of(self, model: str) -> Any:
+        """(fingerprint, chain length) of a model: stages of one family serve only its models;
+        None for a model not in the catalog."""
+        spec = self.models.get(model)
+        if spec is None:
+            return None
+        return getattr(spec.manifest, "fingerprint", "") or None, spec.chain_len
+
+    def names(self) -> dict[str, Any]:
+        """Worker name -> peer (from the routing index; no scan)."""
+        return self.stage_index.peers(self.workers, self.keys_gen)
+
+    def add_request(self, req: RequestState) -> None:
+        self.requests[req.rid] = req
+        self.by_model.setdefault(req.model, set()).add(req.rid)
+
+    def drop_request(self, req: RequestState) -> None:
+        self.requests.pop(req.rid, None)
+        rids = self.by_model.get(req.model)
+        if rids is not None:
+            rids.discard(req.rid)
+            if not rids:
+                del self.by_model[req.model]
 
     # -- models and chains -------------------------------------------------------------------
     def reload(self, now: float = 0.0) -> None:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.last_reload = now
+        old = self.models
         self.catalog_gen += 1  # the planner re-reads its catalog (STATS "catalog_gen")
         try:
             self.models = dict(self.catalog())
         except Exception:  # a broken zoo must not take the broker down: keep the old view
             logger.exception("[models] reading the zoo failed; keeping %d models", len(self.models))
-        self.key_cache.clear()
+        # forget the stage keys of models that changed or went (and the None cached for a
+        # name unknown until now); routes cached over keys are stale only in the first case
+        changed = {n for n, spec in old.items() if _keyed(self.models.get(n)) != _keyed(spec)}
+        drop = changed | (self.models.keys() - old.keys())
+        if drop:
+            self.key_cache = {k: v for k, v in self.key_cache.items() if k[0] not in drop}
+        if changed:
+            self.keys_gen += 1
         logger.info("[models] %d: %s", len(self.models), ", ".join(sorted(self.models)) or "-")
 
     def reload_for(
@@ -156,6 +201,7 @@ class BrokerState:
         else:
             self.chains[model] = tuple(chain)
         self.key_cache.clear()
+        self.keys_gen += 1
 
     def substitutions(self, model: str) -> list[dict[str, Any]]:
         """Positions where `model` is served by another block than its own, and whose it is."""

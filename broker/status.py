@@ -13,10 +13,12 @@ models):
                        weight], ...], "substitutions": [{"position", "block", "from"}]}},
      "requests": {"running", "waiting"},
      "counters": {name: n for name in COUNTERS},
-     "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none)}
+     "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none),
+     "totals": {"workers", "models"}: what the broker has (STATUS_REQUEST may filter the
+               lists to one model and the workers serving it, or one worker and its models)}
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
-    "stage_mean_batch", "stage_step_ms", "draining", "last_error" and "refused_blocks" for the
-    planner, and
+    "stage_mean_batch", "stage_step_ms", "draining", "last_error", "refused_blocks" and
+    "pinned" for the planner, and
     "speculation": {"speculated", "accepted", "rejected"}, the worker's speculative runs)
 "The chain really served" is the model's own chain with `substitutions` applied.
 """
@@ -68,7 +70,14 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "host": w.host,
         "device": w.device,
         "stages": [
-            {"key": s.key, "model": s.model, "start": s.start, "end": s.end, "nbytes": s.nbytes}
+            {
+                "key": s.key,
+                "model": s.model,
+                "start": s.start,
+                "end": s.end,
+                "nbytes": s.nbytes,
+                "dtype": s.dtype,
+            }
             for s in w.stages
         ],
         "queue_depths": dict(w.queue_depths),
@@ -95,7 +104,19 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "draining": sorted(w.draining),
         "last_error": w.last_error,
         "refused_blocks": list(w.refused_blocks),
+        "pinned": list(w.pinned),
         "speculation": {k: w.speculation.get(k, 0) for k in ("speculated", "accepted", "rejected")},
+        "kv_geometries": [
+            {
+                "label": g.label,
+                "page_size": g.page_size,
+                "used_bytes": g.used_bytes,
+                "sequences": g.sequences,
+                "stages": g.stages,
+                "page_bytes": g.page_bytes,
+            }
+            for g in w.kv_geometries
+        ],
     }
 
 
@@ -144,14 +165,31 @@ def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dic
     }
 
 
-def status_body(b: BrokerState, route_of: RouteFn, now: float) -> dict[str, Any]:
+def status_body(
+    b: BrokerState, route_of: RouteFn, now: float, *, model: str = "", worker: str = ""
+) -> dict[str, Any]:
+    """The body (module docstring). `model`: only that model and the workers with a stage
+    serving it; `worker`: only that worker and the models it has a stage of (both: both
+    filters); "totals" counts what the broker has, filtered or not."""
     running = sum(1 for r in b.requests.values() if r.route is not None)
+    workers = sorted(b.workers.values(), key=lambda w: w.registered_at)
+    names = sorted(b.models)
+    if worker:
+        workers = [w for w in workers if w.name == worker]
+        names = [n for n in names if any(_serves(b, n, w) for w in workers)]
+    if model:
+        names = [n for n in names if n == model]
+        workers = [w for w in workers if any(_serves(b, n, w) for n in names)]
     return {
-        "workers": [
-            worker_entry(w, now) for w in sorted(b.workers.values(), key=lambda w: w.registered_at)
-        ],
-        "models": {name: model_entry(b, route_of, name, now) for name in sorted(b.models)},
+        "workers": [worker_entry(w, now) for w in workers],
+        "models": {name: model_entry(b, route_of, name, now) for name in names},
         "requests": {"running": running, "waiting": len(b.requests) - running},
         "counters": dict(b.counters),
         "stats_endpoint": b.stats_endpoint,
+        "totals": {"workers": len(b.workers), "models": len(b.models)},
     }
+
+
+def _serves(b: BrokerState, model: str, w: WorkerState) -> bool:
+    """Whether one of w's stages serves `model` (its key over the span is the model's)."""
+    return any(b.key_of(model, s.start, s.end) == s.key for s in w.stages)

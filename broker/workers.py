@@ -9,8 +9,68 @@ burst of requests cannot overrun a worker that has not reported yet:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from blockllm.broker.protocol import Heartbeat, Ready, StageRef
+from blockllm.broker.protocol import Heartbeat, KVGeometryUse, Ready, StageRef
+
+
+class Watched(dict):
+    """A dict that calls `notify(key)` before every change (None: a change of several keys):
+    the broker's worker registry (a `Registry`) and each worker's drains."""
+
+    def __init__(self, *args: Any, notify: Any = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.notify = notify
+
+    def _changed(self, key: Any) -> None:
+        if self.notify is not None:
+            self.notify(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._changed(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._changed(key)
+        super().__delitem__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._changed(key)
+        return super().pop(key, *default)
+
+    def popitem(self) -> Any:
+        item = super().popitem()
+        self._changed(item[0])
+        return item
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._changed(key)
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        for key in dict(*args, **kw):
+            self._changed(key)
+        super().update(*args, **kw)
+
+    def clear(self) -> None:
+        for key in list(self):
+            self._changed(key)
+        super().clear()
+
+
+class Registry(Watched):
+    """The broker's workers by identity. `dirty` collects the identities whose stages or drains
+    changed, or that joined or left, since the routing index (broker/stage_index.py) last
+    looked: it is updated from those alone."""
+
+    def __init__(self) -> None:
+        self.dirty: set[Any] = set()
+        super().__init__(notify=self.dirty.add)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if isinstance(value, WorkerState):
+            object.__setattr__(value, "watch", self.dirty)
 
 
 @dataclass(slots=True)
@@ -55,8 +115,25 @@ class WorkerState:
     last_error: str = ""
     # block ids the worker cannot get (READY): the planner places their stages elsewhere
     refused_blocks: tuple[str, ...] = ()
+    pinned: tuple[str, ...] = ()  # stage keys configured by its operator (READY)
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
+    kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
+
+    # the Registry's dirty set once registered: told when stages or drains change
+    watch: set[Any] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "draining":
+            value = Watched(value, notify=self._stages_changed)
+        if name in ("stages", "draining"):
+            self._stages_changed()
+        object.__setattr__(self, name, value)
+
+    def _stages_changed(self, key: Any = None) -> None:
+        watch = getattr(self, "watch", None)
+        if watch is not None:
+            watch.add(self.identity)
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
@@ -82,6 +159,8 @@ class WorkerState:
         self.max_batch_size = msg.max_batch_size
         self.memory_budget_bytes = msg.memory_budget_bytes
         self.refused_blocks = msg.refused_blocks
+        self.pinned = msg.pinned
+        self.kv_geometries = msg.kv_geometries
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
@@ -98,6 +177,7 @@ class WorkerState:
         self.stage_mean_batch = dict(msg.stage_mean_batch)
         self.stage_step_ms = dict(msg.stage_step_ms)
         self.stage_adapters = dict(msg.stage_adapters)
+        self.kv_geometries = msg.kv_geometries
         self.speculation = {
             "speculated": msg.speculated,
             "accepted": msg.accepted,

@@ -208,9 +208,11 @@ class AsyncClient:
         finally:
             getter.cancel()
 
-    async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+    async def status(
+        self, timeout: float | None = 10.0, *, model: str = "", worker: str = ""
+    ) -> dict[str, Any]:
         """The broker's STATUS body; raises Timeout / BrokerUnavailable."""
-        msg = StatusRequest(new_request_id())
+        msg = StatusRequest(new_request_id(), model, worker)
         q = await self._submit(msg, 2)
         try:
             item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)

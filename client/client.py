@@ -291,9 +291,13 @@ class Client:
             if item is not CONNECTION_LOST:
                 return item
 
-    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        """The broker's STATUS body (`{"workers": [...], "models": {...}, ...}`)."""
-        msg = StatusRequest(new_request_id())
+    def status(
+        self, timeout: float | None = 10.0, *, model: str = "", worker: str = ""
+    ) -> dict[str, Any]:
+        """The broker's STATUS body (`{"workers": [...], "models": {...}, ...}`); `model` /
+        `worker` keep only that model (and the workers serving it) / that worker (and its
+        models)."""
+        msg = StatusRequest(new_request_id(), model, worker)
         q = self._submit(msg, 2)
         try:
             item = self._next(q, time.monotonic(), timeout, grace=timeout is None)

@@ -21,20 +21,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: tiny_checkpoint("llama"|"mistral"|"qwen2", seed=0, layers=4) -> folder.
 
-    Built once per (family, seed, layers, dtype) per test session.
+    Built once per (family, seed, layers, dtype, kv_heads) per test session.
     """
     from blockllm.zoo.tiny import build_tiny
 
     cache: dict[tuple, Path] = {}
 
-    def make(family: str = "llama", seed: int = 0, layers: int = 4, dtype: str = "float32"):
+    def make(
+        family: str = "llama",
+        seed: int = 0,
+        layers: int = 4,
+        dtype: str = "float32",
+        kv_heads: int | None = None,
+    ):
         import torch
 
-        key = (family, seed, layers, dtype)
+        key = (family, seed, layers, dtype, kv_heads)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"tiny-{family}-{seed}-{layers}-{dtype}")
+            out = tmp_path_factory.mktemp(f"tiny-{family}-{seed}-{layers}-{dtype}-{kv_heads}")
             cache[key] = build_tiny(
-                family, out, seed=seed, layers=layers, dtype=getattr(torch, dtype)
+                family,
+                out,
+                seed=seed,
+                layers=layers,
+                dtype=getattr(torch, dtype),
+                kv_heads=kv_heads,
             )
         return cache[key]
 

@@ -78,6 +78,7 @@ class WorkerProcConfig:
     # Test-only fault injection (STYLE 7.9): after this many engine steps that did work.
     fault_after_steps: int | None = None
     fault_mode: FaultMode = FaultMode.RAISE
+    dtype: str | None = None  # serve blocks in this dtype (cast at load); None: as stored
     # Test-only: every engine step that did work takes this much longer (a straggler).
     fault_step_delay_s: float = 0.0
     # Test-only: before reading the weights of a stage commanded by LOAD_STAGE, the loader
@@ -98,3 +99,6 @@ class WorkerProcConfig:
     # Prometheus endpoint (broker/prom.py; needs prometheus_client): None = off, 0 = OS pick
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # the `stages` are the operator's (`blockllm worker --stage`): READY marks them pinned, and
+    # the planner keeps them; serve's and test clusters' stages are a start it may change
+    pin_stages: bool = False

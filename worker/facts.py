@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, Ready, StageRef
+from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, KVGeometryUse, Ready, StageRef
 
 FACTS_WINDOW_S = 10.0
 
@@ -29,6 +29,17 @@ def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
     """
     s = engine.stats()
     return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
+
+
+def kv_geometries(engine: Any) -> tuple[KVGeometryUse, ...]:
+    """The engine's KV arena per geometry (none for an engine without one)."""
+    kv = getattr(engine, "kv", None)
+    if kv is None or not hasattr(kv, "geometry_stats"):
+        return ()
+    return tuple(
+        KVGeometryUse(g.label, g.page_size, g.used_bytes, g.n_sequences, g.stages, g.page_bytes)
+        for g in kv.geometry_stats()
+    )
 
 
 def ready_message(
@@ -50,7 +61,17 @@ def ready_message(
         free_slots=free_slots,
         memory_budget_bytes=cfg.memory_budget_bytes,
         refused_blocks=refused,
+        pinned=pinned_keys(cfg, stages),
+        kv_geometries=kv_geometries(engine),
     )
+
+
+def pinned_keys(cfg: Any, stages: tuple[StageRef, ...]) -> tuple[str, ...]:
+    """Keys of the loaded `stages` that `cfg` configured, when its stages are pins."""
+    if not getattr(cfg, "pin_stages", False):
+        return ()
+    configured = {(s.model, s.start, s.end) for s in cfg.stages}
+    return tuple(s.key for s in stages if (s.model, s.start, s.end) in configured)
 
 
 class Facts:
@@ -98,6 +119,7 @@ class Facts:
             mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
             **self._stage_facts(engine),
             **self._speculation_facts(),
+            kv_geometries=kv_geometries(engine),
         )
         return True
 

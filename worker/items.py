@@ -54,6 +54,9 @@ class WorkerConfig:
     threads: int | None = None  # torch.set_num_threads at construction; None = leave as is
     verify_blocks: bool = True  # re-hash blocks loaded from the zoo
     adapter_idle_blocks: int = 256  # LoRA adapter blocks kept resident while no request uses them
+    # serve every block in this dtype ("float32", "bfloat16", "float16"), cast once at load
+    # (the zoo keeps them as imported; KV follows the stage's dtype); None: as stored
+    dtype: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ def build_engine(cfg: Any) -> Any:
             max_batch_size=cfg.max_batch_size,
             max_batch_tokens=cfg.max_batch_tokens,
             threads=cfg.threads,
+            dtype=getattr(cfg, "dtype", None),
         ),
     )
 

@@ -438,7 +438,7 @@ class WorkerProc(KvMigration):
         info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
         if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
             self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes)
+                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
             )
         if job.max_batch_size > 0:
             self.engine.set_max_batch_size(info.key, job.max_batch_size)
@@ -482,6 +482,7 @@ class WorkerProc(KvMigration):
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
             models = {key: ref.model for key, ref in self._stages.items()}
             self.prom.update(self.engine.stats(), models)
+            self.prom.update_geometries(self.engine.kv.geometry_stats())
 
 
 def run_worker_process(cfg: WorkerProcConfig) -> int:

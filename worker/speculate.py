@@ -193,8 +193,8 @@ class Speculation:
             if not model.layers:
                 continue
             seq = self.worker.kv.get(key, item.request_id)
-            pool = self.worker.kv.pool
-            assert seq is not None and pool is not None, "the speculative run wrote KV here"
+            assert seq is not None, "the speculative run wrote KV here"
+            pool = seq.pool
             # the first layer's page table only: [L, P] -> [1, P]
             plan = plan_step(pool, model.layer0, 1, [(seq.pages[:1], item.past_len, 1)])
             x = item.hidden.to(model.device, model.dtype)  # [1, D]

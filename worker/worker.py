@@ -105,6 +105,10 @@ class Worker:
     def __init__(self, zoo: Any, config: WorkerConfig | None = None) -> None:
         self.zoo = zoo
         self.config = config or WorkerConfig()
+        if self.config.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be float32, bfloat16 or float16, not {self.config.dtype!r}"
+            )
         self.device = torch.device(self.config.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
@@ -113,6 +117,7 @@ class Worker:
         self.adapters = AdapterCache(self._load_block, self.config.adapter_idle_blocks)
         self._stages: dict[str, _Stage] = {}
         self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
+        self._serving = "float32"  # the dtype load_stage casts the blocks it reads to
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
@@ -123,7 +128,23 @@ class Worker:
         tensors = self._preread.get(block_id)
         if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
             return tensors
-        return self.zoo.load_block(block_id, device=self.device, verify=self.config.verify_blocks)
+        return self._read(block_id, self._serving)
+
+    def served_dtype(self, manifest: Any) -> str:
+        """The dtype this worker serves a model's blocks in: --dtype, else the model's own
+        (a checkpoint that mixed dtypes is served in its dominant one)."""
+        return self.config.dtype or getattr(manifest, "dtype", "") or "float32"
+
+    def _read(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block from the zoo (verified as stored), its tensors cast once to `dtype`."""
+        tensors = self.zoo.load_block(
+            block_id, device=self.device, verify=self.config.verify_blocks
+        )
+        want = getattr(torch, dtype)
+        return {
+            k: t.to(want) if t.is_floating_point() and t.dtype != want else t
+            for k, t in tensors.items()
+        }
 
     def read_blocks(self, model: str, start: int, end: int) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors of the blocks of stage [start, end) of `model` not held yet, read (and
@@ -134,7 +155,7 @@ class Worker:
         m = self.zoo.manifest(model)
         check_span(len(m.chain), start, end)
         return {
-            bid: self.zoo.load_block(bid, device=self.device, verify=self.config.verify_blocks)
+            bid: self._read(bid, self.served_dtype(m))
             for bid in dict.fromkeys(stage_blocks(m, start, end))
             if bid not in self.blocks
         }
@@ -165,6 +186,7 @@ class Worker:
                 st.info = replace(st.info, models=(*st.info.models, model))
             return st.info
         family = self._family(m)
+        self._serving = self.served_dtype(m)  # what _load_block casts to
         acquired: list[str] = []
         try:
             blocks = {}
@@ -176,8 +198,9 @@ class Worker:
                 tied = self.blocks.acquire(m.chain[0])
                 acquired.append(m.chain[0])
             stage_model = StageModel(family, start, end, blocks, tied, self.device)
-            if stage_model.layers:
-                self.kv.ensure_pool(family.kv_geometry(stage_model.dtype, self.device))
+            if stage_model.layers:  # refused (CacheFull) when the KV budget cannot hold it
+                geometry = family.kv_geometry(stage_model.dtype, self.device)
+                self.kv.add_stage(key, geometry, len(stage_model.layers))
         except BaseException:
             for bid in acquired:
                 self.blocks.release(bid)
@@ -221,7 +244,7 @@ class Worker:
             self._queued.discard(e.item.request_id)
             self._deferred.append(_error(e.item, UnknownStage(f"stage {key} was unloaded")))
         del self._stages[key]
-        self.kv.free_stage(key)
+        self.kv.remove_stage(key)
         for bid in st.blocks:
             self.blocks.release(bid)
         logger.info("[stage] unloaded %s", key[:12])
@@ -378,7 +401,7 @@ class Worker:
         """Load facts for READY / heartbeats (cheap; compute thread)."""
         kv = self.kv.stats()
         total, free = kv.total_bytes, kv.free_bytes
-        if self.kv.pool is None:  # allocated with the first stage that has layers
+        if self.kv.arena is None:  # allocated with the first stage that has layers
             total = free = self.config.kv_budget_bytes
         return WorkerStats(
             kv_total_bytes=total,
@@ -458,7 +481,10 @@ class Worker:
             return
         for st in with_kv:  # a restart drops what the request held before
             self.kv.free(st.info.key, item.request_id)
-        need = sum(self.kv.pages_for(len(st.model.layers), item.max_total_len) for st in with_kv)
+        need = sum(
+            self.kv.pages_for(len(st.model.layers), item.max_total_len, st.info.key)
+            for st in with_kv
+        )
         self.kv.make_room(need, protected | {item.request_id})
         for st in with_kv:
             layers = len(st.model.layers)
@@ -531,8 +557,7 @@ class Worker:
             return h
         seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
         assert all(s is not None for s in seqs), "admitted items hold KV in every stage"
-        pool = self.kv.pool
-        assert pool is not None
+        pool = self.kv.pool_of(st.info.key)
         plan = plan_step(
             pool,
             model.layer0,

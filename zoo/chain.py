@@ -58,3 +58,39 @@ def stage_key(manifest: Any, start: int, end: int) -> str:
         blocks.append(f"tied:{chain[0]}")
     doc = {"family": fingerprint, "start": start, "end": end, "blocks": blocks}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_row_bytes(manifest: Any, dtype: str | None = None) -> int:
+    """Bytes of one token's K (or V) in one decoder layer of `manifest`, served in `dtype`
+    (default: as stored), as the worker's KV arena counts them (worker/kv_cache.py)."""
+    c = manifest.config
+    heads = int(c.get("num_attention_heads") or 1)
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or int(c.get("hidden_size") or 0) // heads)
+    return kv_heads * head_dim * DTYPE_BYTES.get(dtype or manifest.dtype, 4)
+
+
+def kv_refusal(stages: Any, budget_bytes: int, page_size: int) -> str | None:
+    """Why a worker with this KV budget would refuse one of `stages` ((row bytes, decoder
+    layers) in the order it loads them), or None when it takes them all: the first stage with
+    layers sets the page (`page_size` of its tokens), each needs one page per layer next to
+    the others, and no row may be larger than a page (worker/kv_cache.py, `add_stage`)."""
+    half = n_pages = used = 0
+    for row, layers in stages:
+        if layers <= 0:
+            continue
+        if not half:
+            half = page_size * row
+            n_pages = budget_bytes // (2 * half)
+        if row > half:
+            return f"a KV row of {row} bytes is larger than the worker's page ({half} bytes)"
+        used += layers
+        if used > n_pages:
+            return (
+                f"{used} decoder layers need a KV page each, the budget of {budget_bytes}"
+                f" bytes holds {n_pages} pages of {2 * half} bytes"
+            )
+    return None

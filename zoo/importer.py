@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,16 @@ class Checkpoint(contextlib.ExitStack):
 
 
 def check_keys(ckpt: Checkpoint, lay: Layout) -> str:
-    """Names of missing/extra/misshapen tensors as errors; returns the common dtype."""
+    """Names of missing/extra/misshapen tensors as errors; returns the model's dtype: the
+    common one, or for a checkpoint whose tensors mix dtypes (fp32 norms next to bf16
+    matrices) the one holding the most bytes, which workers serve it in (each block is
+    stored with its own tensors' dtypes, as imported)."""
     specs = lay.specs()
     missing = sorted(set(specs) - set(ckpt.where))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"missing tensor {', '.join(missing[:5])}{more}")
-    dtypes: dict[str, str] = {}
+    dtypes: dict[str, int] = {}  # dtype -> bytes
     for key in sorted(ckpt.where):
         if key in specs:
             shape, st_dtype = ckpt.shape_dtype(key)
@@ -139,16 +143,18 @@ def check_keys(ckpt: Checkpoint, lay: Layout) -> str:
                 raise UnsupportedModelError(
                     f"tensor {key} has dtype {st_dtype}; supported: float32, bfloat16, float16"
                 )
-            dtypes.setdefault(DTYPES[st_dtype], key)
+            size = math.prod(shape) * (4 if DTYPES[st_dtype] == "float32" else 2)
+            dtypes[DTYPES[st_dtype]] = dtypes.get(DTYPES[st_dtype], 0) + size
         elif key == _tied_key(lay) and lay.tie_word_embeddings:
             continue  # checked for equality with the embedding while importing
         elif lay.ignored(key):
             logger.info("[import] ignoring %s (a non-persistent buffer HF drops on load)", key)
         else:
             raise CheckpointError(f"unexpected tensor {key} for model_type {lay.model_type!r}")
+    dtype = max(sorted(dtypes), key=dtypes.__getitem__)
     if len(dtypes) > 1:
-        raise CheckpointError(f"mixed dtypes are not supported: {dtypes}")
-    return next(iter(dtypes))
+        logger.info("[import] tensors in %s (bytes): served as %s", dtypes, dtype)
+    return dtype
 
 
 def _tied_key(lay: Layout) -> str:

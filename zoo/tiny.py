@@ -88,7 +88,14 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB):
     )
 
 
-def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidden: int = 64):
+def tiny_config(
+    family: str,
+    vocab_size: int = TINY_VOCAB,
+    layers: int = 4,
+    hidden: int = 64,
+    kv_heads: int | None = None,
+    overrides: dict | None = None,
+):
     """Config of a tiny model of `family`, each exercising what sets its family apart.
 
     Every family keeps one KV geometry (2 KV heads of 16 dims), so one worker hosts them all.
@@ -98,6 +105,9 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidd
     with their own rope, q/k norms. phi3: fused qkv and gate_up, a sliding window. olmo2:
     post-norms only, q/k norms over all heads. granite: embedding/residual/attention/logit
     multipliers. gpt2: learned positions, LayerNorm, Conv1D, tied.
+    `kv_heads` (a divisor of the family's attention heads; not gpt2) gives another KV geometry:
+    a cluster of several geometries is what a mixed zoo of real models looks like.
+    `overrides`: more config fields (e.g. mistral's `sliding_window`).
     """
     from transformers import AutoConfig
 
@@ -162,6 +172,8 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidd
         ),
     }
     if family == "gpt2":  # its own names; 2 heads of 16 dims keep the common KV geometry
+        if kv_heads not in (None, 2):
+            raise ValueError("tiny gpt2 has 2 KV heads (no grouped-query attention)")
         return AutoConfig.for_model(
             "gpt2",
             vocab_size=vocab_size,
@@ -176,7 +188,13 @@ def tiny_config(family: str, vocab_size: int = TINY_VOCAB, layers: int = 4, hidd
         )
     if family not in extra:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
-    return AutoConfig.for_model(family, **{**common, **extra[family]})
+    kw = {**common, **extra[family]}
+    if kv_heads is not None:
+        if kv_heads < 1 or kw["num_attention_heads"] % kv_heads:
+            heads = kw["num_attention_heads"]
+            raise ValueError(f"kv_heads {kv_heads} must divide the {heads} attention heads")
+        kw["num_key_value_heads"] = kv_heads
+    return AutoConfig.for_model(family, **{**kw, **(overrides or {})})
 
 
 def build_tiny(
@@ -187,14 +205,24 @@ def build_tiny(
     layers: int = 4,
     hidden: int = 64,
     dtype: torch.dtype = torch.float32,
+    kv_heads: int | None = None,
+    overrides: dict | None = None,
 ) -> Path:
-    """Write a random tiny `family` checkpoint (weights from `seed`) with its tokenizer."""
+    """Write a random tiny `family` checkpoint (weights from `seed`) with its tokenizer;
+    `kv_heads` and `overrides` as in `tiny_config`."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = tiny_config(family, vocab_size=len(tokenizer), layers=layers, hidden=hidden)
+    config = tiny_config(
+        family,
+        vocab_size=len(tokenizer),
+        layers=layers,
+        hidden=hidden,
+        kv_heads=kv_heads,
+        overrides=overrides,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

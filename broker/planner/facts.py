@@ -28,6 +28,9 @@ class WorkerFacts:
     queues: dict[str, int] = field(default_factory=dict)  # stage key -> items queued
     stage_ms: dict[str, float] = field(default_factory=dict)  # stage key -> ms per forward
     refused: frozenset[str] = frozenset()  # block ids it cannot get (a corrupt source)
+    pinned: frozenset[str] = frozenset()  # stage keys its operator configured: kept
+    kv_budget_bytes: int = 0  # the KV arena's bytes (0: unknown, not limited)
+    kv_page_bytes: int = 0  # what one KV page costs (0: no arena yet)
 
     @classmethod
     def parse(cls, w: Mapping[str, Any], default_memory: int) -> WorkerFacts:
@@ -38,6 +41,7 @@ class WorkerFacts:
         budget = w.get("memory_budget_bytes") or default_memory
         capacity = budget - w.get("kv_total_bytes", 0) if budget else math.inf
         queues = w.get("queue_depths") or {}
+        geometries = w.get("kv_geometries") or ()
         return cls(
             name=w["name"],
             stages=stages,
@@ -50,6 +54,9 @@ class WorkerFacts:
             queues={str(k): int(v) for k, v in queues.items()},
             stage_ms={str(k): float(v) for k, v in (w.get("stage_step_ms") or {}).items()},
             refused=frozenset(str(b) for b in w.get("refused_blocks") or ()),
+            pinned=frozenset(str(k) for k in w.get("pinned") or ()),
+            kv_budget_bytes=int(w.get("kv_total_bytes") or 0),
+            kv_page_bytes=max((int(g.get("page_bytes") or 0) for g in geometries), default=0),
         )
 
 

@@ -57,6 +57,7 @@ class ModelInfo:
     demand: float = 0.0
     owners: tuple[tuple[str, ...], ...] = ()
     compute: tuple[float, ...] = ()
+    kv_row_bytes: int = 0  # one token's K (or V) in one layer, as served (0: not limited)
 
     def owners_at(self, p: int) -> frozenset[str]:
         return frozenset(self.owners[p]) if self.owners else frozenset({self.name})
@@ -87,6 +88,8 @@ class WorkerInfo:
     capacity_bytes: float = math.inf
     resident: frozenset[str] = frozenset()  # block ids held in the live cluster (stability)
     refused: frozenset[str] = frozenset()  # block ids it cannot get: never placed there
+    kv_budget_bytes: int = 0  # its KV arena (0: not limited)
+    kv_page_bytes: int = 0  # what a KV page costs there (0: no arena yet: the first stage's)
 
 
 @dataclass

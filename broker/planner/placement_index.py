@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from blockllm.broker.planner.placement import ModelInfo, WorkerInfo
 
 Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
+KV_PAGE_TOKENS = 16  # tokens of the first geometry a worker's KV page holds (WorkerConfig)
 
 
 class Chain:
@@ -107,6 +108,10 @@ class Cluster:
             self._index(w)
         self.chains: dict[str, Chain] = {}
         self.targets: dict[str, int] = {}  # replicas wanted per model (place_in)
+        # KV (worker/kv_cache.py): a page per decoder-layer block placed on a worker, pages of
+        # the first geometry's size; a worker with KV too tight for a chain is searched exactly
+        self.kv_layers: dict[str, int] = dict.fromkeys(self.workers, 0)
+        self.kv_page: dict[str, int] = {w.name: w.kv_page_bytes for w in workers}
         # the layout derived from the segments (placement_layout): per worker its stages with
         # the models each serves, and per worker per model the spans of those stages
         self.grouped: dict[str, list] = {}
@@ -141,12 +146,34 @@ class Cluster:
         return c
 
     def touching(self, c: Chain) -> set[str]:
-        """Workers that hold or have resident some block of the chain."""
+        """Workers that hold or have resident some block of the chain, or whose KV arena
+        could not take all of its decoder layers (their reach is not a function of room)."""
         out: set[str] = set()
         for b in c.blocks:
             out.update(self.holders.get(b, ()))
             out.update(self.resident_holders.get(b, ()))
+        if c.info.kv_row_bytes > 0:
+            layers = len(c.at) - 2
+            out.update(w for w in self.workers if self.kv_left(w, c) < layers)
         return out
+
+    def kv_left(self, w: str, c: Chain) -> int:
+        """Decoder layers of c that w's KV arena can still take (a page each); a large number
+        when not limited, 0 when c's rows do not fit its page (worker/kv_cache.py)."""
+        budget, row = self.workers[w].kv_budget_bytes, c.info.kv_row_bytes
+        if budget <= 0 or row <= 0:
+            return 1 << 30
+        page = self.kv_page[w] or 2 * KV_PAGE_TOKENS * row
+        return 0 if 2 * row > page else max(0, budget // page - self.kv_layers[w])
+
+    def _kv_new(self, c: Chain, w: str, blocks: Iterable[str], start: int, end: int) -> int:
+        """Decoder layers among positions [start, end) of c whose block w does not hold."""
+        held = self.held[w]
+        return sum(
+            1
+            for p in range(max(1, start), min(end, len(c.at) - 1))
+            if c.at[p][0] not in held and c.at[p][0] in blocks
+        )
 
     # -- the search ---------------------------------------------------------------------------
     def reach(self, w: str, c: Chain, start: int) -> tuple[int, int, int]:
@@ -157,19 +184,23 @@ class Cluster:
         blocked = bool(refused) and not refused.isdisjoint(c.suffix(start))
         missing = c.suffix(start).difference(held)
         new = sum(c.nbytes(b) for b in missing)
-        if new <= room and not blocked:  # the rest of the chain fits
+        kv_room = self.kv_left(w, c)
+        kv_ok = kv_room >= len(c.at) - 2 or self._kv_new(c, w, missing, start, len(c.at)) <= kv_room
+        if new <= room and not blocked and kv_ok:  # the rest of the chain fits
             churn = sum(c.nbytes(b) for b in missing if b not in resident)
             return len(c.at), new, churn
         seen: set[str] = set()
-        new = churn = 0
+        new = churn = layers = 0
         end = start
         for p in range(start, len(c.at)):
             if blocked and not refused.isdisjoint(c.at[p]):
                 break  # the worker cannot get this position's block
             extra = [b for b in c.at[p] if b not in held and b not in seen]
             cost = sum(c.nbytes(b) for b in extra)
-            if new + cost > room:
+            kv = 1 if 1 <= p < len(c.at) - 1 and c.at[p][0] in extra else 0  # a new layer
+            if new + cost > room or layers + kv > kv_room:
                 break
+            layers += kv
             seen.update(extra)
             new += cost
             churn += sum(c.nbytes(b) for b in extra if b not in resident)
@@ -214,6 +245,10 @@ class Cluster:
         c = self.chain(m)
         self._unindex(w)
         held = self.held[w]
+        layers = self._kv_new(c, w, c.blocks, start, end)
+        if layers and c.info.kv_row_bytes > 0 and not self.kv_page[w]:
+            self.kv_page[w] = 2 * KV_PAGE_TOKENS * c.info.kv_row_bytes
+        self.kv_layers[w] += layers
         for p in range(start, end):
             for b in c.at[p]:
                 if b not in held:
@@ -233,6 +268,8 @@ class Cluster:
         self._unindex(w)
         held = self.held[w]
         for p in range(start, end):
+            if 1 <= p < len(c.at) - 1 and held.get(c.at[p][0]) == 1:
+                self.kv_layers[w] -= 1  # the last segment using this layer's block
             for b in c.at[p]:
                 held[b] -= 1
                 if held[b] == 0:
@@ -256,6 +293,7 @@ class Cluster:
         for b in self.workers[w].resident | self.workers[w].refused:
             self.resident_holders.get(b, set()).discard(w)
         del self.workers[w], self.used[w], self.load[w], self.covers[w]
+        del self.kv_layers[w], self.kv_page[w]
 
 
 def place_replica(

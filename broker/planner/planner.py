@@ -33,6 +33,8 @@ from blockllm.broker.planner.batching import BatchTuner
 from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.owners import Owners
+from blockllm.broker.planner.pins import pin_covered, pinned_keys
 from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
@@ -52,7 +54,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.routing import WorkerView, find_route
-from blockllm.zoo.chain import stage_blocks, stage_key
+from blockllm.zoo.chain import kv_row_bytes, stage_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class Planner:
         self.cfg = cfg
         self._catalog = catalog
         self.manifests: dict[str, Any] = {}
+        self.owners = Owners()  # who can load a block; stage keys (memoized per catalog)
         self.equivalences: list[Any] = []
         self.demand: dict[str, float] = {}
         self.target: Target | None = None
@@ -270,16 +273,12 @@ class Planner:
         models: Mapping[str, Any] | None = None,
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
-        infos = [self._model_info(m, chains[m]) for m in served]
+        mine = [m for m in served if not pin_covered(self, m, workers)]  # pins.py
+        infos = [self._model_info(m, chains[m]) for m in mine]
         infos = [i for i in infos if i is not None]
         nodes = [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
-            for w in workers.values()
-            if w.name not in self.duplicates.slow
-        ] or [
-            WorkerInfo(w.name, w.capacity, frozenset(self._resident(w)), w.refused)
-            for w in workers.values()
-        ]
+            self._worker_info(w) for w in workers.values() if w.name not in self.duplicates.slow
+        ] or [self._worker_info(w) for w in workers.values()]
         max_replicas = None if self.cfg.replicate else 1
         plan = self.spawns.place(
             nodes, lambda n: n.name, lambda ns: place(infos, ns, max_replicas=max_replicas)
@@ -323,22 +322,18 @@ class Planner:
             demand=self._demand_of(name),
             owners=owners,
             compute=compute_weights(m),
+            kv_row_bytes=kv_row_bytes(m),
+        )
+
+    def _worker_info(self, w: WorkerFacts) -> WorkerInfo:
+        resident = frozenset(self._resident(w))
+        return WorkerInfo(
+            w.name, w.capacity, resident, w.refused, w.kv_budget_bytes, w.kv_page_bytes
         )
 
     def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
-        """The models whose own chain holds what `chain` holds at p (any can load it): the
-        block, and for a tied head also the embedding its lm_head is."""
-        out = []
-        for name in sorted(self.manifests):
-            own = tuple(self.manifests[name].chain)
-            if len(own) != len(chain) or own[p] != chain[p]:
-                continue
-            other_tied = bool(self.manifests[name].tie_word_embeddings)
-            head = p == len(chain) - 1 and (tied or other_tied)
-            if head and (own[0] != chain[0] or other_tied != tied):
-                continue
-            out.append(name)
-        return tuple(out)
+        """The models that can load what `chain` holds at p (planner/owners.py)."""
+        return self.owners.of(self.manifests, chain, p, tied)
 
     def _block_size(self, owner: str, p: int) -> int:
         sizes = tuple(self.manifests[owner].block_bytes)
@@ -353,11 +348,7 @@ class Planner:
         return blocks
 
     def _key(self, model: str, start: int, end: int) -> str | None:
-        m = self.manifests.get(model)
-        try:
-            return None if m is None else stage_key(m, start, end)
-        except Exception:
-            return None
+        return self.owners.key(self.manifests, model, start, end)  # memoized per catalog
 
     # -- reconciling ---------------------------------------------------------------------------
     def _reconcile(self, workers: Mapping[str, WorkerFacts], now: float) -> list[Message]:
@@ -409,12 +400,16 @@ class Planner:
         """Unload stages of `w` the target does not keep so that a load fits (see budgets.py)."""
         t = self.target
         assert t is not None
-        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
 
         def covered_without(worker: str, key: str) -> bool:
+            st = w.stages[key]  # only the models this stage serves can lose coverage
+            users = [m for m in sorted(t.models) if self._key(m, st.start, st.end) == key]
+            if not users:
+                return True
             rest = dict(workers)
             rest[worker] = replace(w, stages={k: v for k, v in w.stages.items() if k != key})
-            return all(self.covered(m, rest) for m in t.models if self.covered(m, workers))
+            return all(self.covered(m, rest) for m in users if self.covered(m, workers))
 
         force = waited >= self.cfg.load_timeout_s
         out: list[Message] = []
@@ -463,7 +458,7 @@ class Planner:
         goes once that traffic has left, rather than by draining (each move is a replay)."""
         t = self.target
         assert t is not None
-        keep = set(t.stage_keys) | self.duplicates.stage_keys()
+        keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
         out: list[Message] = []
         for k in sorted(have - keep):
             w = workers[k[0]]

@@ -64,6 +64,21 @@ STATS_SILENCE_S = 10.0  # no snapshot for this long: ask the broker where its st
 REPORT_EVERY_S = 3.0  # PLANNER_REPORT at least this often (broker: PLANNER_STALE_S)
 
 
+WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def reachable(advertised: str, broker: str) -> str:
+    """The STATS endpoint to dial: a wildcard host (a broker bound to every interface
+    advertises tcp://0.0.0.0:PORT) becomes the host we reach the broker by."""
+    if not advertised.startswith("tcp://") or not broker.startswith("tcp://"):
+        return advertised
+    host, _, port = advertised.removeprefix("tcp://").rpartition(":")
+    if host not in WILDCARDS:
+        return advertised
+    broker_host = broker.removeprefix("tcp://").rpartition(":")[0]
+    return f"tcp://{broker_host}:{port}"
+
+
 def _curve(keys_dir: str | None) -> Any:
     if not keys_dir:
         return None
@@ -163,7 +178,7 @@ class PlannerProc:
 
     def connect_stats(self) -> str:
         """Subscribe to the broker's STATS (asking its STATUS for the endpoint if not given)."""
-        endpoint = self.cfg.stats or self._ask_stats_endpoint()
+        endpoint = self.cfg.stats or reachable(self._ask_stats_endpoint(), self.cfg.broker)
         self.sub = make_socket(
             self.ctx, zmq.SUB, endpoint, bind=False, hwm=STATS_HWM, curve=self._curve
         )
@@ -276,7 +291,7 @@ class PlannerProc:
         logger.warning("[planner] no stats for %.0f s: asking the broker again", STATS_SILENCE_S)
         self._last_stats = time.monotonic()
         try:
-            endpoint = self._ask_stats_endpoint()
+            endpoint = reachable(self._ask_stats_endpoint(), self.cfg.broker)
         except (TimeoutError, RuntimeError) as e:  # keep the old subscription; ask again later
             if isinstance(e, Stopped):
                 return

@@ -277,7 +277,9 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     mem = _memory(family, cfg)
     bench = _Bench(cfg, family, trace, mem, cfg.budget_bytes or mem.shared + mem.kv_reserve, say)
     say(
-        f"{len(family.names)} tenants, {len(trace)} requests at {spec.rate:g}/s; shared zoo "
+        f"{len(family.names)} tenants, {len(trace)} requests "
+        f"{f'from {cfg.saturate} closed-loop clients' if cfg.saturate else f'at {spec.rate:g}/s'}"
+        f"; shared zoo "
         f"{mem.shared / 2**20:.1f} MiB, all whole {mem.unshared / 2**20:.1f} MiB, KV reserve "
         f"{mem.kv_reserve / 2**20:.1f} MiB"
     )

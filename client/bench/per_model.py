@@ -61,6 +61,22 @@ class PerModelConfig:
     threads: int | None = None
     max_batch_size: int = 32
     device: str = "cpu"
+    # each engine holds its own copy of its blocks, as a tenant served whole from its own
+    # checkpoint would (zoo blocks are memory-mapped files: engines in one process mapping the
+    # same block file would share its pages, and the measured memory would not be "whole")
+    private_weights: bool = True
+
+
+def _private_zoo(root: str) -> Any:
+    """A zoo whose blocks come out as private in-memory copies, not file mappings."""
+    from blockllm.zoo import Zoo
+
+    class PrivateCopies(Zoo):
+        def load_block(self, block_id: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            tensors = super().load_block(block_id, *args, **kwargs)
+            return {name: t.clone() for name, t in tensors.items()}
+
+    return PrivateCopies(root)
 
 
 class PerModelServer:
@@ -72,6 +88,7 @@ class PerModelServer:
         self.cfg = cfg
         self.say = say
         self.zoo = Zoo(cfg.zoo_dir)
+        self.weights = _private_zoo(cfg.zoo_dir) if cfg.private_weights else self.zoo
         self.resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU first
         self.waiting: dict[str, deque[_Run]] = {}
         self.loads = 0
@@ -91,7 +108,7 @@ class PerModelServer:
 
         t = time.monotonic()
         engine = Worker(
-            self.zoo,
+            self.weights,
             WorkerConfig(
                 kv_budget_bytes=self.cfg.kv_budget_bytes,
                 max_batch_size=self.cfg.max_batch_size,

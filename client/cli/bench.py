@@ -369,12 +369,45 @@ def http(
         click.echo(line)
 
 
+@bench.command("mixed")
+@click.option("--workers", type=click.IntRange(1, 8), default=2, show_default=True)
+@click.option("--requests", type=click.IntRange(1), default=48, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1), default=24, show_default=True)
+@click.option("--layers", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--hidden", type=click.IntRange(8), default=256, show_default=True)
+@json_option
+def mixed(
+    workers: int,
+    requests: int,
+    concurrency: int,
+    new_tokens: int,
+    layers: int,
+    hidden: int,
+    as_json: bool,
+) -> None:
+    """Tokens/s of a 3-family, 6-tenant trace (tiny llama, qwen2, mistral of three KV
+    geometries and a fine-tune of each) on workers hosting every family, against the same
+    trace with one family per worker."""
+    from blockllm.client.bench.mixed import MixedBenchConfig, report, run_mixed_bench
+
+    cfg = MixedBenchConfig(workers, requests, concurrency, new_tokens, layers, hidden)
+    doc = run_mixed_bench(cfg, _bench_say)
+    if as_json:
+        echo_json(doc)
+        return
+    for line in report(doc):
+        click.echo(line)
+
+
 def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
+    from blockllm.client.cli.bench_scale import scale
     from blockllm.client.cli.bench_soak import soak
 
     bench.add_command(multitenant)
+    bench.add_command(scale)
     bench.add_command(soak)
 
 

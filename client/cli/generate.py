@@ -52,7 +52,9 @@ keys_option = click.option(
     "keys_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`).",
+    envvar="BLOCKLLM_KEYS",
+    help="CurveZMQ keys folder (client.key_secret and broker.key, from `blockllm keys gen`) "
+    "[default: $BLOCKLLM_KEYS].",
 )
 
 
@@ -116,6 +118,13 @@ def read_prompt(prompt: str | None, input_ids: list[int] | None) -> str | None:
     help="Seconds for the whole request [default: none].",
 )
 @keys_option
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="PROMPT is a user message: apply the model's chat template (its tokenizer from the "
+    "broker's zoo), as POST /v1/chat/completions does. Needed for Instruct models.",
+)
+@click.option("--system", default=None, help="With --chat: a system message before PROMPT.")
 @click.argument("prompt", required=False)
 def generate(
     broker: str,
@@ -129,6 +138,8 @@ def generate(
     as_json: bool,
     timeout: float | None,
     keys_dir: Path | None,
+    chat: bool,
+    system: str | None,
     prompt: str | None,
 ) -> None:
     """Generate from PROMPT (or stdin, or --input-ids); stream the text as it comes.
@@ -137,7 +148,14 @@ def generate(
     end.
     """
     input_ids = parse_ids(input_ids_text)
+    if (chat or system is not None) and input_ids is not None:
+        raise click.UsageError("--chat takes PROMPT (a user message), not --input-ids")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     prompt = read_prompt(prompt, input_ids)
+    if chat:
+        assert prompt is not None  # read_prompt returns text when no ids were given
+        input_ids, prompt = chat_ids(broker, keys_dir, model, prompt, system, timeout), None
     write: Callable[[str], None] = _no_write if as_json else _write_flush
     ids: list[int] = []
     texts: list[str] = []
@@ -156,6 +174,28 @@ def generate(
             click.echo("")  # end the streamed line, also before an error on stderr
     if as_json:
         echo_json({"token_ids": ids, "text": "".join(texts), "finish_reason": finish_reason})
+
+
+def chat_ids(
+    broker: str,
+    keys_dir: Path | None,
+    model: str,
+    prompt: str,
+    system: str | None,
+    timeout: float | None,
+) -> list[int]:
+    """The prompt ids of PROMPT as a user message under the model's chat template."""
+    import asyncio
+
+    from blockllm.client.chat_template import ChatTemplateError, fetch_chat_ids
+
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    try:
+        with cli_errors():
+            return asyncio.run(fetch_chat_ids(broker, keys_dir, model, messages, timeout or 60.0))
+    except ChatTemplateError as e:
+        raise CliError(f"{e} (drop --chat to send PROMPT as it is)", EXIT_BAD_REQUEST) from None
 
 
 def _no_write(_text: str) -> None:
@@ -178,15 +218,23 @@ def _write_flush(text: str) -> None:
     show_default=True,
     help="Seconds to wait for the broker's answer.",
 )
+@click.option("--model", default="", help="Only this model and the workers serving it.")
+@click.option("--worker", default="", help="Only this worker and the models it serves.")
 @keys_option
-def status(broker: str, as_json: bool, timeout: float, keys_dir: Path | None) -> None:
+def status(
+    broker: str, as_json: bool, timeout: float, model: str, worker: str, keys_dir: Path | None
+) -> None:
     """Workers (pid, host, stages, queues, KV use, memory) and models with their routes.
 
     Exits non-zero (a health check) when the broker does not answer within --timeout, or when a
     model is not covered by workers.
     """
     with cli_errors(), Client(broker, keys_dir=keys_dir) as client:
-        body = client.status(timeout=timeout)
+        body = client.status(timeout=timeout, model=model, worker=worker)
+    if model and model not in body.get("models", {}):
+        raise CliError(f"unknown model {model!r} (or no worker filter matches it)")
+    if worker and not any(w.get("name") == worker for w in body.get("workers", ())):
+        raise CliError(f"no worker {worker!r}")
     if as_json:
         echo_json(body)
     else:

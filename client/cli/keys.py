@@ -95,6 +95,45 @@ def add(keys_dir: Path, pubkey_file: Path, name: str | None, force: bool, role: 
     click.echo(str(dest))
 
 
+@keys.command("rotate-broker")
+@click.argument("old_dir", metavar="OLD", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("new_dir", metavar="NEW", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def rotate_broker(old_dir: Path, new_dir: Path, as_json: bool) -> None:
+    """Make NEW: the broker keys folder OLD with a new broker pair, admitting every key OLD
+    admits (other nodes', clients', this node's own).
+
+    \b
+    NEW absent: a new broker pair, and this node's worker/planner/client pairs copied from
+    OLD (only the broker key changes). NEW made before (`keys gen NEW`): its pairs and
+    admitted keys stay. Each OLD/authorized/NAME.key is admitted in NEW as NAME, or as
+    NAME-old where NEW has another key of that name. Nothing in NEW is replaced; OLD is only
+    read. Then give NEW/broker.key to every node and restart the broker on NEW.
+    """
+    from blockllm.broker.keyrotate import rotate_broker as rotate
+
+    try:
+        done = rotate(old_dir, new_dir)
+    except security.KeysError as e:
+        raise _fail(e) from None
+    if as_json:
+        echo_json(
+            {
+                "new_dir": str(done.new_dir),
+                "created": done.created,
+                "broker_key": str(done.new_dir / f"{security.BROKER}{security.PUBLIC_SUFFIX}"),
+                "kept": done.kept,
+                "already_admitted": done.already,
+            }
+        )
+        return
+    for old, new in done.kept.items():
+        click.echo(f"admitted {old}" + (f" as {new}" if new != old else ""))
+    for name in done.already:
+        click.echo(f"admitted {name} (already in {new_dir})")
+    click.echo(f"new broker key: {done.new_dir / (security.BROKER + security.PUBLIC_SUFFIX)}")
+
+
 @keys.command("revoke")
 @_dir_arg
 @click.argument("name")

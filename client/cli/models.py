@@ -161,7 +161,21 @@ def finetune_cmd(
     default="float32",
     show_default=True,
 )
-def tiny_cmd(family: str, out_dir: Path, layers: int, hidden: int, seed: int, dtype: str) -> None:
+@click.option(
+    "--kv-heads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KV heads (a divisor of the attention heads; default 2): another KV geometry.",
+)
+def tiny_cmd(
+    family: str,
+    out_dir: Path,
+    layers: int,
+    hidden: int,
+    seed: int,
+    dtype: str,
+    kv_heads: int | None,
+) -> None:
     """Write a tiny random FAMILY checkpoint (with a locally trained tokenizer) to OUT_DIR."""
     import torch
 
@@ -173,9 +187,18 @@ def tiny_cmd(family: str, out_dir: Path, layers: int, hidden: int, seed: int, dt
         # 4 heads, and rotary embeddings need an even head size
         raise CliError(f"--hidden {hidden} must be a multiple of 8")
     _progress(f"building tiny {family} ({layers} layers, hidden {hidden}, seed {seed})")
-    out = build_tiny(
-        family, out_dir, seed=seed, layers=layers, hidden=hidden, dtype=getattr(torch, dtype)
-    )
+    try:
+        out = build_tiny(
+            family,
+            out_dir,
+            seed=seed,
+            layers=layers,
+            hidden=hidden,
+            dtype=getattr(torch, dtype),
+            kv_heads=kv_heads,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from e
     click.echo(str(out))
 
 

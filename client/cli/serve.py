@@ -100,6 +100,9 @@ def _stages(values: Any) -> tuple[StageSpec, ...]:
         raise click.BadParameter(str(e), param_hint="--stage") from None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
     """A WorkerProcConfig from merged flag/file values (keys as in the [worker] section)."""
     fields = {
@@ -107,6 +110,7 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
         "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
         "stages": _stages(v.get("stages")),
         "device": v.get("device") or "cpu",
+        "dtype": v.get("dtype") or None,
         "kv_budget_bytes": int(v.get("kv_budget_bytes") or 256 * MiB),
         "max_batch_size": int(v.get("max_batch_size") or 32),
         "max_batch_tokens": int(v.get("max_batch_tokens") or 4096),
@@ -159,6 +163,13 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
     "[workers.NAME] of --config) [default: HOST-PID].",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
+    "imported; the KV cache follows) [default: as imported].",
+)
 @click.option(
     "--kv-budget",
     "kv_budget_bytes",
@@ -218,7 +229,7 @@ def worker(**params: Any) -> None:
             values = merge_click(ctx, cluster.worker(params["name"]))
         except ConfigError as e:
             raise CliError(str(e), EXIT_CONFIG) from None
-    cfg = _worker_config(values)
+    cfg = _worker_config(values, pin_stages=True)  # an operator's stages: the planner keeps them
     if cfg.keys_dir:
         from blockllm.broker.security import load_client_keys
 
@@ -380,6 +391,13 @@ def _models(value: str | None) -> tuple[str, ...]:
     help="torch threads per worker [default: the cores split across workers].",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
+    "imported; the KV cache follows) [default: as imported].",
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--ready-timeout",

@@ -30,6 +30,8 @@ from blockllm.client.launcher.launcher import Death, Launcher, LaunchError
 
 logger = logging.getLogger(__name__)
 
+KV_PAGE_SIZE = 16  # the engine's tokens per KV page (worker.items.WorkerConfig.page_size)
+
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
@@ -111,8 +113,53 @@ def plan_workers(cfg: ServeConfig) -> tuple[tuple[str, ...], list[tuple[Any, ...
             f"{what} in zoo {cfg.zoo_dir} (it has: {have}); import one with "
             "`blockllm zoo import PATH --name NAME`"
         )
-    plan = static_placement([ComputeWeighted(zoo.manifest(m)) for m in models], cfg.workers)
+    manifests = {m: zoo.manifest(m) for m in models}
+    plan = static_placement([ComputeWeighted(manifests[m]) for m in models], cfg.workers)
+    plan = [kv_order(stages, manifests) for stages in plan]
+    budget = getattr(cfg.worker, "kv_budget_bytes", None)
+    refused = _kv_refusals(plan, manifests, budget) if budget is not None else []
+    if refused:  # a worker would refuse its stage: say so now rather than start it
+        raise LaunchError(
+            f"--kv-budget {budget} is too small for these models on {cfg.workers} workers"
+            f" ({refused[0]}); give the workers a larger --kv-budget"
+        )
     return tuple(models), [tuple(StageSpec(*s) for s in stages) for stages in plan]
+
+
+def kv_order(stages: list[tuple[str, int, int]], manifests: dict[str, Any]) -> list[Any]:
+    """A worker's stages in the order that gives its KV arena the most pages: the first stage
+    with layers sets the page (16 of its tokens), so a geometry with small rows comes first,
+    yet one whose page still holds a token of the largest rows (worker/kv_cache.py)."""
+    from blockllm.zoo.chain import decoder_layers_in, kv_row_bytes
+
+    def row(stage: tuple[str, int, int]) -> int:
+        m = manifests[stage[0]]
+        return kv_row_bytes(m) if decoder_layers_in(len(m.chain), stage[1], stage[2]) else 0
+
+    rows = [row(s) for s in stages if row(s)]
+    if not rows:
+        return list(stages)
+    first = min(r for r in rows if r * KV_PAGE_SIZE >= max(rows))
+    # stable: stages without layers and those of the first geometry first, in their order
+    return sorted(stages, key=lambda s: row(s) not in (0, first))
+
+
+def _kv_refusals(
+    plan: list[list[tuple[str, int, int]]], manifests: dict[str, Any], budget: int
+) -> list[str]:
+    """Why workers would refuse their stages of `plan` for KV (zoo.chain.kv_refusal)."""
+    from blockllm.zoo.chain import decoder_layers_in, kv_refusal, kv_row_bytes
+
+    out = []
+    for i, stages in enumerate(plan):
+        rows = []
+        for model, start, end in stages:
+            m = manifests[model]
+            rows.append((kv_row_bytes(m), decoder_layers_in(len(m.chain), start, end)))
+        why = kv_refusal(rows, budget, KV_PAGE_SIZE)
+        if why:
+            out.append(f"worker-{i}: {why}")
+    return out
 
 
 class ComputeWeighted:
@@ -152,6 +199,8 @@ def spare_worker_args(wcfg: Any, threads: int) -> tuple[str, ...]:
     """The `blockllm worker` flags of a worker the planner spawns (broker/planner/spawn.py):
     those of serve's own workers (the planner adds --broker, --zoo, --keys and --name)."""
     args = ["--device", wcfg.device, "--kv-budget", str(wcfg.kv_budget_bytes)]
+    if getattr(wcfg, "dtype", None):
+        args += ["--dtype", wcfg.dtype]
     args += ["--max-batch-size", str(wcfg.max_batch_size), "--threads", str(threads)]
     args += ["--max-batch-tokens", str(wcfg.max_batch_tokens)]
     args += ["--heartbeat-interval", str(wcfg.heartbeat_interval_s), "--grace", str(wcfg.grace_s)]

@@ -108,3 +108,24 @@ def test_run_isolated_returns_outcomes_facts_and_the_child_pss() -> None:
     assert [o.index for o in outcomes] == [0, 1, 2] and outcomes[0].tokens == 1
     assert facts["peak_weight_bytes"] == 7
     assert facts["pss_peak_bytes"] >= 32 << 20 and facts["pss_samples"] >= 2
+
+
+def test_per_model_engines_hold_private_copies_not_zoo_file_mappings(zoo: Path) -> None:
+    import gc
+
+    from blockllm.client.bench.per_model import PerModelConfig, PerModelServer
+    from blockllm.zoo import Zoo
+
+    blocks = set(Zoo(zoo).manifest("m").chain)
+
+    def mapped() -> set[str]:
+        gc.collect()
+        maps = Path("/proc/self/maps").read_text()
+        return {b for b in blocks if b in maps}
+
+    for private, expect_mapped in ((False, True), (True, False)):
+        cfg = PerModelConfig(str(zoo), 1 << 30, 1 << 20, private_weights=private)
+        server = PerModelServer(cfg, lambda _m: None)
+        server.load("m")
+        assert bool(mapped()) is expect_mapped, private  # a mapped file's pages are shared
+        server.evict("m")

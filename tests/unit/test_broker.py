@@ -467,7 +467,7 @@ def test_heartbeat_from_unknown_worker_asks_for_ready(h: Harness) -> None:
 def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
     body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
-    assert set(body) == {"workers", "models", "requests", "counters", "stats_endpoint"}
+    assert set(body) == {"workers", "models", "requests", "counters", "stats_endpoint", "totals"}
     w = body["workers"][0]
     for key in ("name", "pid", "host", "device", "stages", "queue_depths", "kv_free_bytes"):
         assert key in w
@@ -478,7 +478,9 @@ def test_status_body_shape(split: Harness) -> None:
         "start": 0,
         "end": 3,
         "nbytes": 0,
+        "dtype": "",  # the harness's worker does not say
     }
+    assert w["kv_geometries"] == []
     base = body["models"]["base"]
     assert base == {
         "layers": LAYERS,

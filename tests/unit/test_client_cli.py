@@ -159,3 +159,19 @@ def test_cli_status_unreachable() -> None:
     r = run_cli("status", "--broker", dead.addr, "--timeout", "0.3")
     e = cli_error(r)
     assert e.exit_code == 4 and dead.addr in str(e)
+
+
+def test_blockllm_keys_env_names_the_keys_folder(tmp_path) -> None:
+    """19.7: BLOCKLLM_KEYS spares --keys on generate/status/reload."""
+    from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
+
+    missing = tmp_path / "no-keys-here"
+    out = CliRunner().invoke(
+        cli,
+        ["status", "--broker", "tcp://127.0.0.1:9", "--timeout", "1"],
+        env={"BLOCKLLM_KEYS": str(missing)},
+    )
+    assert out.exit_code != 0
+    assert str(missing) in out.output + str(out.exception)  # the folder it was given to read

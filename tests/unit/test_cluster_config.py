@@ -32,6 +32,7 @@ def test_example_file_parses_and_covers_every_key() -> None:
         # Every key of the schema is shown (and commented) in the example.
         assert shown == set(keys) or section == "workers", section
     assert cfg.broker()["bind"] == "tcp://0.0.0.0:5555"
+    assert cfg.broker()["stats_bind"] == "tcp://0.0.0.0:5556"  # 19.6: a port a firewall names
     assert cfg.broker()["metrics_port"] == 9100
     assert cfg.planner()["broker"] == "tcp://10.0.0.1:5555"
     gpu = cfg.worker("gpu0")
@@ -188,3 +189,15 @@ def test_model_value_flags_refuse_bad_pairs(bad: str) -> None:
         parse_tolerances(["ok=0.1", bad])
     assert e.value.param_hint == "--tolerance"
     assert parse_tolerances(["ok=0.1", "ft=0"]) == (("ok", 0.1), ("ft", 0.0))
+
+
+def test_a_wildcard_stats_endpoint_is_dialled_at_the_brokers_host() -> None:
+    """19.6: a broker bound to every interface advertises tcp://0.0.0.0:PORT; a planner on
+    another node dials the host it reached the broker by."""
+    from blockllm.broker.planner.proc import reachable
+
+    broker = "tcp://10.0.0.1:5555"
+    assert reachable("tcp://0.0.0.0:5556", broker) == "tcp://10.0.0.1:5556"
+    assert reachable("tcp://*:41234", broker) == "tcp://10.0.0.1:41234"
+    assert reachable("tcp://10.0.0.2:5556", broker) == "tcp://10.0.0.2:5556"  # as given
+    assert reachable("ipc:///run/stats", broker) == "ipc:///run/stats"

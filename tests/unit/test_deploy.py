@@ -264,6 +264,33 @@ def test_broker_code_runs_with_write_execute_memory_denied() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_the_guide_installs_what_the_example_config_needs() -> None:
+    """19.1: the example config turns metrics ports on, so every `pip install` of blockllm in
+    the guide installs the metrics extra (without prometheus_client the broker exits 78)."""
+    cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
+    assert cfg.broker()["metrics_port"]
+    installs = [
+        line
+        for line in (DEPLOY / "README.md").read_text().splitlines()
+        if "pip install" in line and "/opt/blockllm/src" in line
+    ]
+    assert len(installs) >= 2 and all("[metrics]" in line for line in installs), installs
+
+
+def test_the_guide_matches_the_example_config_and_names_reload() -> None:
+    """19.7: the model the guide imports is the one the example's stages name; `blockllm
+    reload` is in the guide; metrics listen on loopback unless the operator says otherwise."""
+    import re
+
+    guide = (DEPLOY / "README.md").read_text()
+    cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
+    imported = set(re.findall(r"blockllm zoo import \S+ --name (\S+)", guide))
+    staged = {s.rsplit(":", 1)[0] for n in cfg.worker_names() for s in cfg.worker(n)["stages"]}
+    assert staged and staged <= imported, (staged, imported)
+    assert "blockllm reload --broker" in guide
+    assert cfg.broker()["metrics_host"] == "127.0.0.1"
+
+
 def test_http_section_of_the_example_config() -> None:
     """[http] of the example config reaches `blockllm http` (bind, api_keys, broker address)."""
     cfg = load_cluster_config(DEPLOY / "cluster.example.toml")
@@ -280,3 +307,12 @@ def test_http_section_of_the_example_config() -> None:
         "default_max_tokens": 256,
         "request_timeout_s": 300.0,
     }
+
+
+def test_the_guide_rotates_the_broker_key_with_the_command() -> None:
+    """Issue 19.2: copying authorized/*.key by hand overwrote the new folder's own keys; the
+    guide's steps (tested in tests/integration/test_key_rotation.py) use the command."""
+    guide = (DEPLOY / "README.md").read_text()
+    rotation = guide[guide.index("## 9. Rotate keys") : guide.index("## 10.")]
+    assert "blockllm keys rotate-broker /etc/blockllm/keys /etc/blockllm/keys.new" in rotation
+    assert "copy the old `authorized/*.key`" not in rotation

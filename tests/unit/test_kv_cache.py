@@ -14,7 +14,8 @@ PAGE_BYTES = 2 * 4 * 2 * 8 * 4  # K+V x 4 tokens x 2 heads x 8 dims x 4 bytes = 
 
 def manager(pages: int, extra: int = 0) -> KVCacheManager:
     kv = KVCacheManager(pages * PAGE_BYTES + extra, page_size=4)
-    kv.ensure_pool(GEO)
+    for stage in ("s", "s1", "s2"):
+        kv.add_stage(stage, GEO, n_layers=0)
     return kv
 
 
@@ -23,7 +24,9 @@ def test_page_bytes_and_pool_shape_are_exact() -> None:
     assert GEO.page_bytes(4) == PAGE_BYTES
     s = kv.stats()
     assert (s.n_pages, s.total_bytes, s.used_bytes, s.free_bytes) == (10, 10 * 512, 0, 10 * 512)
-    assert kv.pool.k.shape == (10, 4, 2, 8) and kv.pool.v.shape == (10, 4, 2, 8)
+    pool = kv.pool_of("s")
+    assert pool.k.shape == (10, 4, 2, 8) and pool.v.shape == (10, 4, 2, 8)
+    assert pool.k.is_contiguous()  # the first geometry fills its pages exactly
     bf16 = KVGeometry(2, 8, torch.bfloat16, torch.device("cpu"))
     assert bf16.page_bytes(4) == PAGE_BYTES // 2
 
@@ -85,12 +88,67 @@ def test_free_stage_and_request() -> None:
     assert kv.stats().used_bytes == PAGE_BYTES
 
 
-def test_one_geometry_per_pool() -> None:
-    kv = manager(4)
-    other = KVGeometry(4, 8, torch.float32, torch.device("cpu"))
-    with pytest.raises(BadRequest, match="one model family"):
-        kv.ensure_pool(other)
-    assert kv.ensure_pool(GEO) is kv.pool
+CPU = torch.device("cpu")
+
+
+def test_geometries_share_one_budget_without_mixing_bytes() -> None:
+    kv = KVCacheManager(12 * PAGE_BYTES, page_size=4)  # pages of 512 bytes (GEO: 4 tokens)
+    geos = {
+        "a": GEO,
+        "b": KVGeometry(2, 8, torch.bfloat16, CPU),  # 8 tokens a page
+        "c": KVGeometry(4, 8, torch.float32, CPU),  # 2 tokens a page
+        "d": KVGeometry(3, 8, torch.float32, CPU),  # 2 tokens (192 of 256 bytes): strided
+    }
+    pools = {name: kv.add_stage(name, g, n_layers=1) for name, g in geos.items()}
+    assert [pools[n].page_size for n in "abcd"] == [4, 8, 2, 2]
+    assert pools["d"].k.shape == (12, 2, 3, 8) and not pools["d"].k.is_contiguous()
+    seqs = {name: kv.reserve(name, "r" + name, 1, 8, step=1) for name in geos}
+    assert [seqs[n].n_pages for n in "abcd"] == [2, 1, 4, 4]  # 11 of 12 pages, one free list
+    assert kv.stats().free_pages == 1 and kv.stats().used_bytes == 11 * PAGE_BYTES
+    for i, (name, seq) in enumerate(seqs.items()):  # each writes its own 8 tokens
+        pool, t = pools[name], torch.arange(8)
+        slots = seq.pages[0][t // pool.page_size] * pool.page_size + t % pool.page_size
+        rows = torch.full((8, pool.geometry.n_kv_heads, 8), float(i + 1))
+        pool.write(slots, rows.to(pool.geometry.dtype), -rows.to(pool.geometry.dtype))
+        seq.length = 8
+    for i, name in enumerate(seqs):  # and reads back only its own
+        k, v = kv.export(name, "r" + name, 8)
+        assert (k == i + 1).all() and (v == -(i + 1)).all(), name
+    stats = {g.label: g for g in kv.geometry_stats()}
+    assert stats["3x8/float32"].used_pages == 4 and stats["2x8/bfloat16"].n_sequences == 1
+    assert stats["2x8/float32"].used_bytes == 2 * PAGE_BYTES
+
+
+def test_eviction_is_lru_across_geometries_and_pages_are_zeroed_between_them() -> None:
+    kv = KVCacheManager(4 * PAGE_BYTES, page_size=4)
+    a = kv.add_stage("a", GEO, n_layers=1)
+    b = kv.add_stage("b", KVGeometry(2, 8, torch.bfloat16, CPU), n_layers=1)
+    old = kv.reserve("a", "old", 1, 8, step=1)  # 2 pages
+    kv.reserve("a", "new", 1, 8, step=2)  # 2 pages: the arena is full
+    a.k[old.pages[0]] = float("nan")  # bits that must never reach another dtype's reader
+    a.v[old.pages[0]] = float("nan")
+    kv.make_room(kv.pages_for(1, 16, "b"), protected=set())  # one bf16 page: evicts "old"
+    assert kv.get("a", "old") is None and kv.get("a", "new") is not None
+    seq = kv.reserve("b", "r", 1, 16, step=3)
+    assert set(seq.pages.flatten().tolist()) <= set(old.pages.flatten().tolist())
+    assert not b.k[seq.pages[0]].isnan().any() and not b.k[seq.pages[0]].any()
+
+
+def test_a_stage_whose_minimum_does_not_fit_is_refused() -> None:
+    kv = KVCacheManager(4 * PAGE_BYTES, page_size=4)
+    kv.add_stage("a", GEO, n_layers=3)
+    with pytest.raises(CacheFull, match="cannot hold") as e:
+        kv.add_stage("b", KVGeometry(4, 8, torch.float32, CPU), n_layers=2)
+    assert e.value.code == ErrorCode.CACHE_FULL
+    assert [g.stages for g in kv.geometry_stats()] == [1, 0]  # nothing registered
+    kv.remove_stage("a")
+    kv.add_stage("b", KVGeometry(4, 8, torch.float32, CPU), n_layers=2)  # fits alone
+
+
+def test_a_geometry_whose_rows_exceed_a_page_is_a_bad_request() -> None:
+    kv = manager(4)  # pages of 256 bytes of K: GEO's 4 tokens of 64 bytes
+    with pytest.raises(BadRequest, match="largest rows first"):
+        kv.add_stage("big", KVGeometry(40, 8, torch.float32, CPU), n_layers=1)
 
 
 def test_no_pool_until_a_stage_with_layers() -> None:

@@ -16,7 +16,8 @@ PAGE_BYTES = GEO.page_bytes(4)
 
 def manager(pages: int) -> KVCacheManager:
     kv = KVCacheManager(pages * PAGE_BYTES, page_size=4)
-    kv.ensure_pool(GEO)
+    for stage in ("s", "other"):
+        kv.add_stage(stage, GEO, n_layers=0)
     return kv
 
 
@@ -29,8 +30,8 @@ def filled(kv: KVCacheManager, rid: str, n_layers: int, length: int, capacity: i
     for layer in range(n_layers):
         for t in range(length):
             page = int(seq.pages[layer, t // 4])
-            kv.pool.k[page, t % 4] = k[layer, t]
-            kv.pool.v[page, t % 4] = v[layer, t]
+            seq.pool.k[page, t % 4] = k[layer, t]
+            seq.pool.v[page, t % 4] = v[layer, t]
     seq.length = length
     return k, v
 

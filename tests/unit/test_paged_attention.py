@@ -37,12 +37,18 @@ UNIFORM = [(6, 1), (6, 1), (6, 1), (3, 4)]  # equal decode lengths: sliced inste
 @pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("shapes", [RAGGED, UNIFORM], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_ragged_batch_matches_reference(window: int | None, shapes, softcap) -> None:
+@pytest.mark.parametrize("strided", [False, True], ids=["exact", "strided"])
+def test_ragged_batch_matches_reference(window: int | None, shapes, softcap, strided) -> None:
     torch.manual_seed(0)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
-    kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
-    pool = kv.ensure_pool(geo)
-    kv.pool._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
+    if strided:  # another geometry came first: its 288-byte K pages hold 4 of our 64-byte rows
+        kv = KVCacheManager(64 * 2 * 288, page_size=1)
+        kv.add_stage("first", KVGeometry(9, 8, torch.float32, torch.device("cpu")), 1)
+    else:
+        kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.add_stage("s", geo, LAYERS)
+    assert pool.page_size == PAGE and pool.k.is_contiguous() != strided
+    kv.arena._free.reverse()  # pages come out in a scrambled order, not 0, 1, 2, ...
     items, full_k, full_v = [], [], []
     for i, (past, n) in enumerate(shapes):
         seq = kv.reserve("s", f"r{i}", LAYERS, past + n, step=0)
@@ -93,7 +99,7 @@ def test_single_prefill_and_decode_only_fast_paths() -> None:
     torch.manual_seed(1)
     geo = KVGeometry(HKV, DH, torch.float32, torch.device("cpu"))
     kv = KVCacheManager(16 * geo.page_bytes(PAGE), page_size=PAGE)
-    pool = kv.ensure_pool(geo)
+    pool = kv.add_stage("s", geo, 1)
     module = SimpleNamespace(layer_idx=0, num_key_value_groups=H // HKV)
     seq = kv.reserve("s", "r", 1, 8, step=0)
     k, v, q = torch.randn(HKV, 6, DH), torch.randn(HKV, 6, DH), torch.randn(1, H, 6, DH)
@@ -109,3 +115,39 @@ def test_single_prefill_and_decode_only_fast_paths() -> None:
         module, q[:, :, 5:], k[None, :, 5:], v[None, :, 5:], None, blockllm_step=batch
     )
     torch.testing.assert_close(out[0], reference(q[0, :, 5:], k, v, None))
+
+
+def test_bf16_decode_rows_get_the_same_bits_alone_and_batched() -> None:
+    """In bf16 a masked sdpa over padded pages rounds differently from sdpa over a row's
+    exact keys: rows of different lengths are attended per length, so each row's output is
+    bit-identical to its output alone (a batch never changes a request's tokens)."""
+    torch.manual_seed(2)
+    geo = KVGeometry(HKV, DH, torch.bfloat16, torch.device("cpu"))
+    kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.add_stage("s", geo, 1)
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=H // HKV)
+    lens = [3, 9, 6, 9]  # past lengths of 4 decode rows
+    seqs = []
+    for i, past in enumerate(lens):
+        seq = kv.reserve("s", f"r{i}", 1, past + 1, step=0)
+        for t in range(past):
+            page, off = seq.pages[0, t // PAGE], t % PAGE
+            pool.k[page, off] = torch.randn(HKV, DH).to(torch.bfloat16)
+            pool.v[page, off] = torch.randn(HKV, DH).to(torch.bfloat16)
+        seqs.append(seq)
+    q = torch.randn(1, H, len(lens), DH).to(torch.bfloat16)
+    k_new = torch.randn(1, HKV, len(lens), DH).to(torch.bfloat16)
+    v_new = torch.randn(1, HKV, len(lens), DH).to(torch.bfloat16)
+
+    def attend(rows: list[int]) -> torch.Tensor:
+        batch = plan_step(pool, 0, 1, [(seqs[i].pages, lens[i], 1) for i in rows])
+        at = torch.tensor(rows)
+        PagedCacheView(batch).update(k_new[:, :, at], v_new[:, :, at], 0)
+        out, _ = paged_attention(
+            module, q[:, :, at], k_new[:, :, at], v_new[:, :, at], None, blockllm_step=batch
+        )
+        return out[0]  # [rows, H, Dh]
+
+    together = attend([0, 1, 2, 3])
+    for i in range(len(lens)):
+        assert torch.equal(together[i], attend([i])[0]), i

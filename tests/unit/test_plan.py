@@ -223,3 +223,25 @@ def test_a_model_the_live_layout_cannot_route_makes_any_placement_worth_it() -> 
     m = model("m", BASE, demand=1.0)
     assert placement_gain([m], {}, {"m": (route(("w0", 0, 8)),)}) == 1.0
     assert placement_gain([m], {}, {}) == 0.0  # nothing either way
+
+
+def test_kv_budget_is_a_placement_fact_across_geometries() -> None:
+    """A worker whose KV arena cannot hold a page per layer of another geometry next to what
+    it holds gets none of it: the model goes elsewhere (the worker would refuse the stage)."""
+    row_a, row_b = 128, 512  # bytes of one token's K in one layer: two geometries
+    a = ModelInfo("a", chain("a"), (MB,) * (L + 2), "fa", demand=2.0, kv_row_bytes=row_a)
+    b = ModelInfo("b", chain("b"), (MB,) * (L + 2), "fb", demand=1.0, kv_row_bytes=row_b)
+    page = 2 * 16 * row_a  # the first geometry (a, the hottest) sets the page
+    small = WorkerInfo("w0", kv_budget_bytes=(L + 2) * page)  # a's 6 layers, not b's 6 more
+    plan = place([a, b], [small, WorkerInfo("w1")], max_replicas=1)
+    assert not plan.uncovered
+    assert {w for w, _s, _e in plan.replicas["a"][0]} == {"w0"}
+    assert {w for w, _s, _e in plan.replicas["b"][0]} == {"w1"}
+    # a worker whose page holds no token of b's rows never gets a layer of b, even alone
+    tiny_page = WorkerInfo("w0", kv_budget_bytes=1 << 30, kv_page_bytes=row_b)
+    plan = place([b], [tiny_page, WorkerInfo("w1")], max_replicas=1)
+    layers_on_w0 = [p for w, s, e in plan.replicas["b"][0] if w == "w0" for p in range(s, e)]
+    assert all(p in (0, L + 1) for p in layers_on_w0)
+    # nowhere to go: uncovered, never a layout a worker refuses
+    plan = place([a, b], [small], max_replicas=1)
+    assert plan.uncovered == ["b"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,10 +185,6 @@ def _edited(tmp_path, tiny_checkpoint, edit) -> tuple[Zoo, object]:
             lambda t: t.update({"model.layers.9.input_layernorm.weight": torch.zeros(64)}),
             "unexpected tensor model.layers.9.input_layernorm.weight",
         ),
-        (
-            lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.float16)}),
-            "mixed dtypes",
-        ),
     ],
 )
 def test_bad_tensors_are_named_and_nothing_is_written(tmp_path, tiny_checkpoint, edit, match):
@@ -234,3 +231,40 @@ def test_checkpoint_without_tokenizer_or_generation(tmp_path, tiny_checkpoint):
     m = zoo.import_checkpoint(bare, "bare")
     assert m.tokenizer is None and m.generation == {}
     assert zoo.tokenizer_dir("bare") is None
+
+
+def test_a_checkpoint_mixing_dtypes_is_imported_and_served_in_its_dominant_one(
+    tmp_path, tiny_checkpoint
+):
+    """bf16 matrices next to fp32 norms (as many real checkpoints ship): each block keeps its
+    tensors' own dtypes in the zoo, the manifest names the dominant dtype, and a worker casts
+    to it once at load: the same tokens as the all-bf16 checkpoint."""
+    from blockllm.worker.items import WorkItem
+    from blockllm.worker.worker import Worker, WorkerConfig
+
+    src = tiny_checkpoint("llama")
+    tensors = read_tensors(src)
+    mixed = {k: v if v.dim() == 1 else v.to(torch.bfloat16) for k, v in tensors.items()}
+    uniform = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    zoo = Zoo(tmp_path / "zoo")
+    m = zoo.import_checkpoint(rewrite_checkpoint(src, tmp_path / "mixed", mixed), "mixed")
+    zoo.import_checkpoint(rewrite_checkpoint(src, tmp_path / "bf16", uniform), "bf16")
+    assert m.dtype == "bfloat16"
+    layer = zoo.load_block(m.chain[1])
+    assert layer["input_layernorm.weight"].dtype == torch.float32  # stored as imported
+    assert layer["self_attn.q_proj.weight"].dtype == torch.bfloat16
+    out = {}
+    for name in ("mixed", "bf16"):
+        w = Worker(zoo, WorkerConfig(kv_budget_bytes=1 << 22))
+        key = w.load_stage(name, 0, len(m.chain)).key
+        assert w.stages()[0].dtype == "bfloat16"
+        toks, past = [5, 9, 17, 33, 2], 0
+        for step in range(6):
+            item = WorkItem("r", step, (key,), past, tokens=torch.tensor(toks[past:]))
+            w.submit(replace(item, max_total_len=16))
+            (res,) = w.step()
+            assert res.error is None, res.message
+            past = len(toks)
+            toks.append(res.token_id)
+        out[name] = toks
+    assert out["mixed"] == out["bf16"]

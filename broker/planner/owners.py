@@ -1,0 +1,55 @@
+"""Which catalog models can load a block: an index of the planner's catalog by (chain length,
+position, block), so a chain's owners cost its length, not the catalog's size times it; and
+the stage keys of the catalog's models, memoized."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from blockllm.zoo.chain import stage_key
+
+
+class Owners:
+    """`of(chain, p, tied)`: the models whose own chain holds what `chain` holds at p (any can
+    load it): the block, and for a tied head also the embedding its lm_head is. The index is
+    rebuilt when the manifests mapping is replaced (the planner re-read its catalog)."""
+
+    def __init__(self) -> None:
+        self._for: Mapping[str, Any] | None = None
+        self._by_block: dict[tuple[int, int, str], list[str]] = {}
+        self._keys_for: Mapping[str, Any] | None = None
+        self._keys: dict[tuple[str, int, int], str | None] = {}
+
+    def key(self, manifests: Mapping[str, Any], model: str, start: int, end: int) -> str | None:
+        """stage_key of `model` over [start, end) (None: unknown model or span)."""
+        if self._keys_for is not manifests:
+            self._keys_for, self._keys = manifests, {}
+        k = (model, start, end)
+        if k not in self._keys:
+            m = manifests.get(model)
+            try:
+                self._keys[k] = None if m is None else stage_key(m, start, end)
+            except Exception:
+                self._keys[k] = None
+        return self._keys[k]
+
+    def of(
+        self, manifests: Mapping[str, Any], chain: tuple[str, ...], p: int, tied: bool
+    ) -> tuple[str, ...]:
+        if self._for is not manifests:
+            by_block: dict[tuple[int, int, str], list[str]] = {}
+            for name in sorted(manifests):
+                own = tuple(manifests[name].chain)
+                for q, b in enumerate(own):
+                    by_block.setdefault((len(own), q, b), []).append(name)
+            self._for, self._by_block = manifests, by_block
+        out = []
+        for name in self._by_block.get((len(chain), p, chain[p]), ()):
+            own = manifests[name].chain
+            other_tied = bool(manifests[name].tie_word_embeddings)
+            head = p == len(chain) - 1 and (tied or other_tied)
+            if head and (own[0] != chain[0] or other_tied != tied):
+                continue
+            out.append(name)
+        return tuple(out)

@@ -1,0 +1,287 @@
+"""`blockllm bench scale`: the planner and the broker at thousands of tenants and hundreds of
+workers, by simulation (client/bench/scale_sim.py drives the real `Broker` and `Planner`).
+
+Per size (models x workers) it reports:
+- `place_ms_p50/max`: one full `place()` of the synthetic cluster with its Zipf demand (and
+  each demand drift of the trace), and `replace_lost_ms`: the incremental re-placement after
+  one worker is lost (planner/placement.py);
+- from a day-in-the-life trace over `duration_s` simulated seconds (`trace`): the broker's CPU
+  per routed message (each FORWARD of a hop) and per token, STATS and STATUS body sizes, the
+  planner's command bursts, hops per token of the 10 hottest models, weight memory vs budget,
+  requests that arrived for a model no live worker covered (and how long they waited), and
+  the bytes per token that crossed nodes (workers in nodes of `per_node`, broker on node 0).
+Everything CPU-timed is real time on this machine (time.process_time); the workers' step
+times come from the cost model (scale_sim.StepCost).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import blockllm.broker.planner.planner as planner_module
+from blockllm.broker.planner.placement import place, place_in, replace_lost
+from blockllm.client.bench.scale_sim import Sim
+from blockllm.client.bench.scale_synth import (
+    GB,
+    make_tenants,
+    make_workers,
+    model_infos,
+    worker_name,
+    zipf_demand,
+)
+
+SIZES = ((18, 4), (105, 16), (510, 64), (2020, 256))  # the issue's table
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def placement_latency(
+    n_models: int, n_workers: int, capacity: float, drifts: int, seed: int
+) -> dict[str, Any]:
+    """Full placements under drifting demand, then one incremental re-placement."""
+    tenants = make_tenants(n_models, seed=seed)
+    workers = make_workers(n_workers, capacity=capacity)
+    times = []
+    names = [t.name for t in tenants]
+    plan = state = None
+    for k in range(max(1, drifts)):
+        infos = model_infos(tenants, zipf_demand(names, seed=seed + k))
+        t0 = time.process_time()
+        plan, state = place_in(infos, workers)
+        times.append(time.process_time() - t0)
+    assert plan is not None and state is not None
+    busiest = max(plan.stages, key=lambda w: len(plan.stages[w]))
+    t0 = time.process_time()
+    after = replace_lost(plan, state, [busiest])
+    inc = time.process_time() - t0
+    moved = sum(1 for n, r in plan.replicas.items() if after.replicas.get(n) != r)
+    return {
+        "place_ms_p50": round(1000 * pct(times, 0.5), 1),
+        "place_ms_max": round(1000 * max(times), 1),
+        "replace_lost_ms": round(1000 * inc, 2),
+        "replace_lost_models_moved": moved,
+        "replicas": sum(len(r) for r in plan.replicas.values()),
+        "uncovered": len(plan.uncovered),
+    }
+
+
+class Trace:
+    """A day in the life, compressed into `duration` simulated seconds: requests arrive at
+    `rate` per second over the present tenants by Zipf demand whose ranks drift six times; 10%
+    of the tenants arrive during the run and 5% leave; a worker turns straggler (4x slower)
+    from 20% to 70% of the run; one worker dies at 30% and another at 60%; a new one joins at
+    45%."""
+
+    def __init__(
+        self,
+        sim: Sim,
+        tenants: list,
+        capacity: int,
+        duration: float,
+        rate: float,
+        tokens: int,
+        seed: int,
+    ) -> None:
+        self.sim, self.duration, self.rate, self.tokens = sim, duration, rate, tokens
+        self.rng = random.Random(seed)
+        self.late = tenants[int(0.9 * len(tenants)) :] if len(tenants) > 10 else []
+        self.present = [t.name for t in tenants if t not in self.late]
+        self.capacity = capacity
+        self.seed = seed
+        self.drift = 0
+        self._weights()
+
+    def _weights(self) -> None:
+        demand = zipf_demand(self.present, seed=self.seed * 7 + self.drift)
+        self.names = list(demand)
+        self.cum = list(itertools_accumulate(demand[n] for n in self.names))
+
+    def schedule(self) -> None:
+        sim, d = self.sim, self.duration
+        names = sorted(w.name for w in sim.workers.values())
+        for k in range(1, 6):
+            sim.at(k * d / 6, self._drift)
+        for i, t in enumerate(self.late):
+            sim.at(d * (0.1 + 0.6 * i / max(1, len(self.late))), self._arrive, t)
+        leaving = self.present[len(self.present) // 2 :: 20][: max(0, len(self.present) // 20)]
+        for i, name in enumerate(leaving):
+            sim.at(d * (0.4 + 0.4 * i / max(1, len(leaving))), self._leave, name)
+        if len(names) >= 3:
+            slow = sim.workers[names[-1].encode()]
+            sim.at(0.2 * d, setattr, slow, "slow", 4.0)
+            sim.at(0.7 * d, setattr, slow, "slow", 1.0)
+            sim.at(0.3 * d, sim.kill_worker, names[1])
+            sim.at(0.6 * d, sim.kill_worker, names[len(names) // 2])
+            node = int(names[-1][1:4]) + 1
+            sim.at(0.45 * d, sim.add_worker, worker_name(node, 0), self.capacity)
+        sim.at(self._gap(), self._request)
+
+    def _gap(self) -> float:
+        return self.rng.expovariate(self.rate)
+
+    def _request(self) -> None:
+        if self.sim.now >= self.duration or not self.names:
+            return
+        x = self.rng.random() * self.cum[-1]
+        lo, hi = 0, len(self.cum) - 1
+        while lo < hi:  # bisect over the cumulative demand
+            mid = (lo + hi) // 2
+            if self.cum[mid] < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        self.sim.generate(self.names[lo], tokens=self.tokens)
+        self.sim.at(self.sim.now + self._gap(), self._request)
+
+    def _drift(self) -> None:
+        self.drift += 1
+        self._weights()
+
+    def _arrive(self, t: Any) -> None:
+        self.sim.add_tenant(t)
+        self.present.append(t.name)
+        self._weights()
+
+    def _leave(self, name: str) -> None:
+        if name in self.present:
+            self.present.remove(name)
+            self.sim.remove_tenant(name)
+            self._weights()
+
+
+def itertools_accumulate(values: Any) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def timed_place(sink: list[float]) -> Callable:
+    """`place` that records its CPU time (the planner calls it through its module global)."""
+
+    def run(*args: Any, **kw: Any) -> Any:
+        t0 = time.process_time()
+        try:
+            return place(*args, **kw)
+        finally:
+            sink.append(time.process_time() - t0)
+
+    return run
+
+
+def run_size(
+    n_models: int,
+    n_workers: int,
+    *,
+    duration: float = 30.0,
+    rate: float | None = None,
+    tokens: int = 16,
+    capacity: int = 8 * GB,
+    per_node: int = 8,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """One row of the table (module docstring)."""
+    row: dict[str, Any] = {"models": n_models, "workers": n_workers}
+    progress(f"{n_models} models x {n_workers} workers: placement")
+    row |= placement_latency(n_models, n_workers, capacity, 3, seed)
+    tenants = make_tenants(n_models, seed=seed)
+    initial = tenants[: int(0.9 * len(tenants))] if len(tenants) > 10 else tenants
+    workers = [
+        (w.name, capacity) for w in make_workers(n_workers, capacity=capacity, per_node=per_node)
+    ]
+    sim = Sim(initial, workers)
+    rate = rate if rate is not None else 2.0 * n_workers
+    trace = Trace(sim, tenants, capacity, duration, rate, tokens, seed)
+    trace.schedule()
+    planned: list[float] = []
+    original = planner_module.place
+    planner_module.place = timed_place(planned)
+    try:
+        step = max(1.0, duration / 10)
+        t = 0.0
+        while t < duration + 5.0:
+            t = min(duration + 5.0, t + step)
+            sim.run(t)
+            progress(
+                f"{n_models}x{n_workers}: t={t:.0f}/{duration:.0f} s simulated, "
+                f"{sim.c.tokens} tokens, {len(sim.broker.requests)} running"
+            )
+            sim.status_size()
+    finally:
+        planner_module.place = original
+    c = sim.c
+    hot = sorted(c.hops, key=lambda m: -len(c.hops[m]))[:10]
+    hop_tokens = [h for m in hot for h in c.hops[m]]
+    plan = sim.planner.target.plan if sim.planner and sim.planner.target else None
+    used = [plan.bytes_used.get(w, 0) / capacity for w in plan.stages] if plan else []
+    row |= {
+        "planner_place_ms_p50": round(1000 * pct(planned, 0.5), 1),
+        "planner_place_ms_max": round(1000 * max(planned, default=0.0), 1),
+        "planner_replans": len(planned),
+        "planner_cpu_ms_max": round(1000 * max(c.planner_cpu_s, default=0.0), 1),
+        "broker_us_per_message": round(1e6 * c.broker_cpu_s / max(1, c.routed), 1),
+        "broker_us_per_token": round(1e6 * c.broker_cpu_s / max(1, c.tokens), 1),
+        "stats_kb_max": round(max(c.stats_bytes, default=0) / 1024, 1),
+        "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
+        "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),
+        "burst_commands_max": max(c.bursts, default=0),
+        "burst_kb_max": round(max(c.burst_bytes, default=0) / 1024, 1),
+        "hops_per_token_hot": round(sum(hop_tokens) / max(1, len(hop_tokens)), 2),
+        "memory_used_max": round(max(used, default=0.0), 3),
+        "memory_used_mean": round(sum(used) / max(1, len(used)), 3),
+        "waited_for_coverage": c.waited_for_coverage,
+        "coverage_wait_s_p50": round(pct(c.coverage_wait_s, 0.5), 2),
+        "inter_node_bytes_per_token": round(c.inter_node_bytes / max(1, c.tokens)),
+        "cross_node_hops_per_token": round(c.cross_node_hops / max(1, c.tokens), 3),
+        "tokens": c.tokens,
+        "requests_finished": c.finished,
+        "errors": dict(c.errors),
+        "simulated_s": duration,
+    }
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        ("models", "models"),
+        ("workers", "workers"),
+        ("place_ms_p50", "place p50 ms"),
+        ("place_ms_max", "place max ms"),
+        ("replace_lost_ms", "re-place 1 lost ms"),
+        ("broker_us_per_message", "broker us/msg"),
+        ("broker_us_per_token", "broker us/token"),
+        ("stats_kb_max", "STATS kB"),
+        ("status_kb_max", "STATUS kB"),
+        ("burst_commands_max", "burst cmds"),
+        ("hops_per_token_hot", "hops/token (hot)"),
+        ("memory_used_max", "mem/budget max"),
+        ("waited_for_coverage", "waited for coverage"),
+        ("inter_node_bytes_per_token", "inter-node B/token"),
+    ]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k, "")
+            cells.append(f"{v:,}" if isinstance(v, int) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def meta() -> dict[str, Any]:
+    return {
+        "model": "32 layers of 100 MB + embedding and head of 128 MB (3.46 GB a chain); each "
+        "fine-tune owns 2 layers; sqrt(models/5) families",
+        "worker_bytes": 8 * GB,
+        "cost_model": "this machine's SmolLM2-135M fp32 decode step per layer (DESIGN.md 6)",
+    }

@@ -1,0 +1,115 @@
+"""The broker's routing index: the routes it finds are the scan's (routing.find_route over every
+worker), it stays fresh when stages, drains, workers and models change, and a route lookup
+looks only at the workers that host a stage of the model (not at every worker)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from blockllm.broker.broker import Broker
+from blockllm.broker.config import BrokerConfig
+from blockllm.broker.protocol import PROTOCOL_VERSION, Ready, StageRef
+from blockllm.broker.routing import WorkerView, find_route
+from blockllm.broker.stage_index import LiveViews
+from blockllm.zoo.chain import stage_key
+from tests.unit.test_broker import manifest as base_manifest
+from tests.unit.test_broker import spec
+
+LAYERS = 4
+CHAIN = LAYERS + 2
+
+
+def manifests(n: int) -> dict:
+    out = {"base": base_manifest("base")}
+    for i in range(1, n):
+        out[f"ft{i}"] = base_manifest(f"ft{i}", {1 + i % LAYERS: f"{i:064x}"[::-1]})
+    return out
+
+
+def broker_with(models: dict) -> Broker:
+    specs = {n: spec(m) for n, m in models.items()}
+    return Broker(BrokerConfig(default_timeout_s=30.0), lambda: specs, stage_key, now=0.0)
+
+
+def ready(b: Broker, models: dict, name: str, stages: list[tuple[str, int, int]]) -> None:
+    refs = tuple(StageRef(stage_key(models[m], s, e), m, s, e) for m, s, e in stages)
+    msg = Ready(PROTOCOL_VERSION, name, 7, "host", "cpu", refs, free_slots=8)
+    b.handle(name.encode(), msg, (), 0.0)
+
+
+def scan_route(b: Broker, model: str, available=lambda p, w: True):
+    views = {
+        p: WorkerView(w.live_stages(), w.load(), available(p, w)) for p, w in b.workers.items()
+    }
+    return find_route(model, CHAIN, views, b.state.key_of)
+
+
+def random_stages(rng: random.Random, names: list[str]) -> list[tuple[str, int, int]]:
+    out = []
+    for _ in range(rng.randrange(1, 4)):
+        start = rng.randrange(0, CHAIN - 1)
+        out.append((rng.choice(names), start, rng.randrange(start + 1, CHAIN + 1)))
+    return out
+
+
+def test_indexed_routes_equal_the_scan_while_the_cluster_changes() -> None:
+    rng = random.Random(5)
+    models = manifests(6)
+    names = sorted(models)
+    b = broker_with(models)
+    for i in range(12):
+        ready(b, models, f"w{i:02d}", random_stages(rng, names))
+    for round_ in range(30):
+        what = rng.randrange(4)
+        peer = rng.choice(sorted(b.workers))
+        if what == 0:  # a worker re-registers with other stages
+            ready(b, models, peer.decode(), random_stages(rng, names))
+        elif what == 1 and b.workers[peer].stages:  # a stage starts draining
+            b.workers[peer].draining[b.workers[peer].stages[0].key] = 1e9
+        elif what == 2:  # a worker is lost
+            b.peer_lost(peer, 0.0)
+        else:  # a new worker
+            ready(b, models, f"x{round_:02d}", random_stages(rng, names))
+        busy = {p for p in b.workers if rng.random() < 0.3}
+        for model in names:
+            assert b.flow.route(model, LiveViews(b.workers, lambda p, w: True)) == scan_route(
+                b, model
+            )
+            avail = lambda p, w, busy=busy: p not in busy  # noqa: E731
+            assert b.flow.route(model, LiveViews(b.workers, avail)) == scan_route(b, model, avail)
+            assert b.flow.covered(model) == (scan_route(b, model) is not None)
+
+
+def test_a_changed_chain_or_catalog_changes_the_routes() -> None:
+    models = manifests(2)
+    b = broker_with(models)
+    ready(b, models, "w0", [("base", 0, CHAIN)])
+    assert b.flow.covered("base") and not b.flow.covered("ft1")
+    # SET_CHAIN: ft1 served with the base's blocks -> the base's stage serves it
+    b.state.set_chain("ft1", models["base"].chain)
+    assert b.flow.covered("ft1")
+    b.state.set_chain("ft1", ())
+    assert not b.flow.covered("ft1")
+    # the zoo's ft1 becomes the base's chain (a reload): routed over the base's stage
+    specs = {"base": spec(models["base"]), "ft1": spec(replace(models["base"], name="ft1"))}
+    b.state.catalog = lambda: specs
+    b.reload(1.0)
+    assert b.flow.covered("ft1")
+
+
+def test_a_route_looks_only_at_the_workers_hosting_the_model() -> None:
+    models = manifests(3)
+    b = broker_with(models)
+    ready(b, models, "host", [("ft1", 0, CHAIN)])
+    for i in range(300):  # other tenants' workers
+        ready(b, models, f"other{i:03d}", [("ft2", 0, CHAIN)])
+    looked: list = []
+
+    def available(peer, w) -> bool:
+        looked.append(peer)
+        return True
+
+    hops = b.flow.route("ft1", LiveViews(b.workers, available))
+    assert hops is not None and [h.worker for h in hops] == [b"host"]
+    assert looked == [b"host"]

@@ -1,0 +1,38 @@
+"""STATUS filtered to a model or a worker (`blockllm status --model/--worker`): only what was
+asked for, with the totals of what the broker has."""
+
+from __future__ import annotations
+
+from blockllm.broker.protocol import Status, StatusRequest
+from tests.unit.test_broker import CHAIN, CLIENT, W0, W1, W2, Harness
+
+
+def status(h: Harness, **kw) -> dict:
+    (out,) = h.send(CLIENT, StatusRequest("s", **kw))
+    assert isinstance(out.msg, Status)
+    return out.msg.body
+
+
+def test_status_filters_by_model_and_by_worker() -> None:
+    h = Harness()
+    h.ready(W0, [("base", 0, CHAIN)])  # serves base, and ft where they share blocks
+    h.ready(W1, [("ft", 0, CHAIN)])
+    h.ready(W2, [("base", 0, 2)])
+    everything = status(h)
+    assert len(everything["workers"]) == 3 and set(everything["models"]) == {"base", "ft"}
+    assert everything["totals"] == {"workers": 3, "models": 2}
+
+    ft = status(h, model="ft")  # w0's whole-chain stage holds base's layer 2, not ft's
+    assert set(ft["models"]) == {"ft"} and {w["name"] for w in ft["workers"]} == {"w1", "w2"}
+    assert ft["totals"] == {"workers": 3, "models": 2}
+    base = status(h, model="base")
+    assert {w["name"] for w in base["workers"]} == {"w0", "w2"}
+
+    w1 = status(h, worker="w1")
+    assert [w["name"] for w in w1["workers"]] == ["w1"] and set(w1["models"]) == {"ft"}
+    w2 = status(h, worker="w2")
+    assert [w["name"] for w in w2["workers"]] == ["w2"]
+    assert set(w2["models"]) == {"base", "ft"}  # positions 0-2 are shared by both
+    assert status(h, worker="nobody")["workers"] == []
+    assert status(h, model="nope")["models"] == {}
+    assert status(h, model="base", worker="w1")["workers"] == []
