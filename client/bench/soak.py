@@ -298,7 +298,7 @@ class Soak:
             "wrong": t.wrong,
             "faults": faults,
             "recovery_s": {
-                "p50": statistics.median(times) if times else None,
+                "p50": round(statistics.median(times), 2) if times else None,
                 "max": max(times) if times else None,
                 "unrecovered": sum(1 for f in faults if f["recovery_s"] is None),
             },
