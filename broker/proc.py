@@ -225,7 +225,10 @@ class BrokerProc:
         from blockllm.broker.security import handshake_failure_reason
 
         assert self._handshakes is not None
-        reason = handshake_failure_reason(recv_monitor_message(self._handshakes))
+        event = recv_monitor_message(self._handshakes)
+        reason = handshake_failure_reason(event)
+        if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:  # we have keys, it not
+            reason = "a peer without CurveZMQ keys (give it --keys DIR or BLOCKLLM_KEYS)"
         now = time.monotonic()
         last, unlogged = self._handshake_logged.get(reason, (-HANDSHAKE_LOG_INTERVAL_S, 0))
         if now - last < HANDSHAKE_LOG_INTERVAL_S:

@@ -486,8 +486,8 @@ def handshake_failure_reason(event: Mapping[str, Any]) -> str:
     kind, value = event["event"], event["value"]
     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         reason = (
-            f"CurveZMQ key not admitted (ZAP status {int(value)}): admit the client's "
-            "client.key on the broker with `blockllm keys add`"
+            f"CurveZMQ key not admitted (ZAP status {int(value)}): admit the peer's public "
+            "key (its worker/planner/client.key) on the broker with `blockllm keys add --role`"
         )
     elif value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         reason = "security mismatch: one side uses CurveZMQ (--keys), the other does not"

@@ -84,7 +84,8 @@ async def _read_loop(sock: zmq.asyncio.Socket, demux: Demux) -> None:
 async def _watch_loop(monitor: zmq.asyncio.Socket, sock: zmq.asyncio.Socket, demux: Demux) -> None:
     """Watcher task: connection up / down / handshake failures from the socket monitor."""
     while True:
-        event = parse_monitor_message(await monitor.recv_multipart())["event"]
+        info = parse_monitor_message(await monitor.recv_multipart())
+        event = info["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             for msg in demux.on_connected():
                 await _send(sock, msg)
@@ -92,7 +93,7 @@ async def _watch_loop(monitor: zmq.asyncio.Socket, sock: zmq.asyncio.Socket, dem
             for rid in demux.on_disconnected():
                 await _send(sock, Cancel(rid))  # queued: the GENERATE may not have left
         else:
-            demux.on_handshake_failed(zmq.Event(event).name)
+            demux.on_handshake_failed(info)
 
 
 def _abandon(tasks: list[asyncio.Task[None]], ctx: zmq.asyncio.Context) -> None:
@@ -120,6 +121,7 @@ class AsyncClient:
         self.connect_timeout = connect_timeout
         curve = load_client_keys(keys_dir) if keys_dir is not None else None
         self.demux = Demux(addr)
+        self.demux.keyed = curve is not None
         self._ctx = zmq.asyncio.Context()
         try:
             self._sock = open_dealer(self._ctx, addr, curve)

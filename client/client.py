@@ -71,6 +71,7 @@ class _Transport:
 
     def __init__(self, addr: str, curve: CurveKeys | None) -> None:
         self.demux = Demux(addr)
+        self.demux.keyed = curve is not None
         self._curve = curve
         self._cmds: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -178,7 +179,8 @@ class _Transport:
 
     def _on_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
         while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
+            info = recv_monitor_message(monitor)
+            event = info["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 for msg in self.demux.on_connected():
                     self._send(sock, msg)
@@ -186,7 +188,7 @@ class _Transport:
                 for rid in self.demux.on_disconnected():
                     self._send(sock, Cancel(rid))  # queued: the GENERATE may not have left
             else:
-                self.demux.on_handshake_failed(zmq.Event(event).name)
+                self.demux.on_handshake_failed(info)
 
     def _teardown(
         self,

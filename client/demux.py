@@ -135,6 +135,7 @@ class Demux:
     connected: bool = False
     disconnected_since: float = field(default_factory=time.monotonic)
     handshake_error: str | None = None
+    keyed: bool = False  # this client presents CurveZMQ keys (for the refusal's hint)
     dropped: int = 0
     resumed: int = 0
 
@@ -237,9 +238,11 @@ class Demux:
         logger.warning("[disconnect] broker %s: %d requests wait to resume", self.addr, len(lost))
         return [p.msg.request_id for p in lost]
 
-    def on_handshake_failed(self, what: str) -> None:
-        """zmq retries by itself: warn once per kind of failure, not at every retry."""
-        msg = f"handshake with the broker at {self.addr} failed: {what}; check the keys"
+    def on_handshake_failed(self, event: dict[str, Any]) -> None:
+        """A failed handshake (a socket monitor's event dict), in words with what to do. zmq
+        retries by itself: warn once per kind of failure, not at every retry."""
+        why = handshake_hint(event, self.keyed)
+        msg = f"handshake with the broker at {self.addr} failed: {why}"
         if msg != self.handshake_error:
             logger.warning("[connect] %s", msg)
         self.handshake_error = msg
@@ -252,6 +255,22 @@ class Demux:
             wire_ids.append(self.remove(key) or key)
             self.put(p, make_error())
         return wire_ids
+
+
+def handshake_hint(event: dict[str, Any], keyed: bool) -> str:
+    """Why a client's handshake failed and what to do: a keyless client of a keyed broker is
+    told to pass keys, a keyed client of a keyless broker to drop them; the rest as the broker
+    words them (`security.handshake_failure_reason`)."""
+    from blockllm.broker.security import handshake_failure_reason
+
+    if not keyed:  # a plain handshake fails only on a keyed server (the event may be NO_DETAIL)
+        return (
+            "the broker requires CurveZMQ keys and this client has none: pass --keys DIR "
+            "or set BLOCKLLM_KEYS (Python: keys_dir=DIR), DIR holding an admitted client key"
+        )
+    if event.get("value") == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return "the broker runs without CurveZMQ keys: drop --keys / BLOCKLLM_KEYS"
+    return handshake_failure_reason(event)
 
 
 def _resumed(

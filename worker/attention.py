@@ -77,6 +77,7 @@ class StepBatch:
     dec_gather: torch.Tensor | None  # [L, n_decode * Pmax] page ids (padded)
     dec_lens: torch.Tensor | None  # [n_decode] keys per decode row (past + 1)
     dec_uniform: int  # the common length of all decode rows, or 0 if they differ
+    dec_lens_list: list[int]  # dec_lens as Python ints
     prefills: list[PrefillSpan]
     positions: torch.Tensor  # [N] absolute position of each new token
     _dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -185,10 +186,39 @@ def _decode(
     # as HF's pack_gqa: the n_rep query heads of a KV head attend as n_rep query rows)
     qd = q[0, :, :nd].transpose(0, 1).reshape(nd, k.shape[1], n_rep, q.shape[-1])
     lo, hi, mask = b.dec_keys(window)
+    if mask is not None and k.dtype != torch.float32:
+        return _decode_by_length(qd, k, v, b, window, scaling, softcap)
     if hi - lo != k.shape[2]:
         k, v = k[:, :, lo:hi], v[:, :, lo:hi]  # [nd, Hkv, S, Dh] -> [nd, Hkv, hi - lo, Dh]
     out = _attend(qd, k, v, mask, scaling, softcap)
     return out.reshape(nd, -1, q.shape[-1])  # [nd, Hkv, n_rep, Dh] -> [nd, H, Dh]
+
+
+def _decode_by_length(
+    qd: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: StepBatch,
+    window: int | None,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Decode rows of different lengths in bf16/fp16: one unmasked call per length, keys
+    sliced to it. sdpa under a padding mask rounds differently from sdpa over exactly the
+    keys, so one masked call would make a row's bits (and, a few tokens later, its greedy
+    choice) depend on its batch; per length, a row gets what it gets alone (and what HF
+    computes). Returns [n_decode, H, Dh]."""
+    nd = qd.shape[0]
+    out = qd.new_empty(qd.shape)  # [nd, Hkv, n_rep, Dh]
+    rows: dict[int, list[int]] = {}
+    for i, n in enumerate(b.dec_lens_list):
+        rows.setdefault(n, []).append(i)
+    for n, idx in rows.items():
+        lo = max(0, n - window) if window is not None else 0
+        at = torch.tensor(idx, device=qd.device)
+        ks, vs = k[at, :, lo:n], v[at, :, lo:n]  # [g, Hkv, n - lo, Dh]
+        out[at] = _attend(qd[at], ks, vs, None, scaling, softcap)
+    return out.reshape(nd, -1, qd.shape[-1])
 
 
 def _prefill(
@@ -258,11 +288,6 @@ def plan_step(
     """
     page = pool.page_size
     device = pool.k.device
-    # In bf16/fp16, sdpa without a mask (keys sliced to the rows' common length) rounds
-    # differently from sdpa under a mask over whole pages, so the sliced fast path would make a
-    # request's tokens depend on its batch: reduced precision always takes the masked path
-    # (its result does not depend on the other rows' lengths). fp32 keeps the fast path.
-    exact = pool.k.dtype == torch.float32
     positions, writes, prefills = [], [], []
     dec_pages: list[torch.Tensor] = []
     dec_lens: list[int] = []
@@ -297,7 +322,8 @@ def plan_step(
         n_decode=len(dec_lens),
         dec_gather=dec_gather,
         dec_lens=torch.tensor(dec_lens, device=device) if dec_lens else None,
-        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 and exact else 0,
+        dec_uniform=dec_lens[0] if dec_lens and len(set(dec_lens)) == 1 else 0,
+        dec_lens_list=dec_lens,
         prefills=prefills,
         positions=torch.cat(positions),  # [N]
     )

@@ -141,7 +141,8 @@ class KVPool:
         if self.page_size < 1 or half % geometry.itemsize:
             raise BadRequest(
                 f"KV geometry {geometry.label} ({geometry.row_bytes} bytes a token) does not fit"
-                f" this worker's KV page of {half} bytes: give the worker a larger --page-size"
+                f" this worker's KV page of {half} bytes (set by the first geometry it loaded):"
+                " load the stage with the largest rows first, or host this family elsewhere"
             )
         self.page_bytes = arena.unit_bytes  # what a page costs, whatever fills it
         g = geometry

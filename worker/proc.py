@@ -464,11 +464,12 @@ class WorkerProc(KvMigration):
         logger.info("[ready] worker %s pid %d serving %s", self.name, os.getpid(), stages)
 
     def _reset(self) -> None:
-        """After a reconnect the broker replays everything: drop all KV, announce again."""
+        """A new connection (each backoff attempt): drop all KV, announce again. The IO thread
+        logs `[ready] reconnected` once the broker answers; the broker replays our requests."""
         for rid in self._known:
             self.runner.release(rid)
-        dropped = len(self._known)
-        logger.info("[ready] worker %s reconnected; dropped %d requests", self.name, dropped)
+        if self._known:
+            logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()

@@ -167,6 +167,8 @@ class IOThread(threading.Thread):
         self.outbox: queue.SimpleQueue[Outbound] = queue.SimpleQueue()
         self.bad_messages = 0
         self.reconnects = 0
+        self._lost_at: float | None = None  # monotonic time the broker went silent (None: up)
+        self._attempts = 0  # reconnect attempts since then
         self.dropped = 0
         self._pinged = False
         self._stopping = False
@@ -305,6 +307,14 @@ class IOThread(threading.Thread):
             if events.get(self._sock) and self._receive_all():
                 heard = time.monotonic()
                 backoff = interval
+                if self._lost_at is not None:  # the broker answered the new connection
+                    logger.info(
+                        "[ready] reconnected to broker %s after %.1f s (%d attempts)",
+                        self.cfg.broker,
+                        heard - self._lost_at,
+                        self._attempts,
+                    )
+                    self._lost_at, self._attempts = None, 0
             self._flush()
             if self._stopping:
                 return
@@ -334,6 +344,9 @@ class IOThread(threading.Thread):
             self.cfg.heartbeat_interval_s * self.cfg.liveness,
             backoff,
         )
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        self._attempts += 1
         self._unwatch()
         self._sock.close(linger=0)
         self._sock = None

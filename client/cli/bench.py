@@ -404,9 +404,11 @@ def _register() -> None:
     """Attach the subcommands that live in their own modules."""
     from blockllm.client.cli.bench_multitenant import multitenant
     from blockllm.client.cli.bench_scale import scale
+    from blockllm.client.cli.bench_soak import soak
 
     bench.add_command(multitenant)
     bench.add_command(scale)
+    bench.add_command(soak)
 
 
 _register()

@@ -118,6 +118,13 @@ def read_prompt(prompt: str | None, input_ids: list[int] | None) -> str | None:
     help="Seconds for the whole request [default: none].",
 )
 @keys_option
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="PROMPT is a user message: apply the model's chat template (its tokenizer from the "
+    "broker's zoo), as POST /v1/chat/completions does. Needed for Instruct models.",
+)
+@click.option("--system", default=None, help="With --chat: a system message before PROMPT.")
 @click.argument("prompt", required=False)
 def generate(
     broker: str,
@@ -131,6 +138,8 @@ def generate(
     as_json: bool,
     timeout: float | None,
     keys_dir: Path | None,
+    chat: bool,
+    system: str | None,
     prompt: str | None,
 ) -> None:
     """Generate from PROMPT (or stdin, or --input-ids); stream the text as it comes.
@@ -139,7 +148,14 @@ def generate(
     end.
     """
     input_ids = parse_ids(input_ids_text)
+    if (chat or system is not None) and input_ids is not None:
+        raise click.UsageError("--chat takes PROMPT (a user message), not --input-ids")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     prompt = read_prompt(prompt, input_ids)
+    if chat:
+        assert prompt is not None  # read_prompt returns text when no ids were given
+        input_ids, prompt = chat_ids(broker, keys_dir, model, prompt, system, timeout), None
     write: Callable[[str], None] = _no_write if as_json else _write_flush
     ids: list[int] = []
     texts: list[str] = []
@@ -158,6 +174,28 @@ def generate(
             click.echo("")  # end the streamed line, also before an error on stderr
     if as_json:
         echo_json({"token_ids": ids, "text": "".join(texts), "finish_reason": finish_reason})
+
+
+def chat_ids(
+    broker: str,
+    keys_dir: Path | None,
+    model: str,
+    prompt: str,
+    system: str | None,
+    timeout: float | None,
+) -> list[int]:
+    """The prompt ids of PROMPT as a user message under the model's chat template."""
+    import asyncio
+
+    from blockllm.client.chat_template import ChatTemplateError, fetch_chat_ids
+
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    try:
+        with cli_errors():
+            return asyncio.run(fetch_chat_ids(broker, keys_dir, model, messages, timeout or 60.0))
+    except ChatTemplateError as e:
+        raise CliError(f"{e} (drop --chat to send PROMPT as it is)", EXIT_BAD_REQUEST) from None
 
 
 def _no_write(_text: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from blockllm.client.chat_template import ChatTemplateError, chat_prompt_ids
 from blockllm.client.errors import BlockLLMError
 from blockllm.client.http import responses as R
 from blockllm.client.http.choices import ChoiceResult
@@ -25,14 +26,8 @@ from blockllm.client.http.schemas import ChatRequest
 
 
 def render(tok: Any, model: str, req: ChatRequest) -> list[int]:
-    """The prompt ids: apply_chat_template(messages, add_generation_prompt=True), tokenized
-    the way transformers does it (the template writes the special tokens itself)."""
-    if not getattr(tok, "chat_template", None):
-        raise bad_request(
-            f"model {model!r} has no chat template in its tokenizer files: "
-            "use /v1/completions with a prompt",
-            "messages",
-        )
+    """The prompt ids of the request's messages under the tenant's template; 400 if it has none
+    or the template refuses them."""
     messages = []
     for m in req.messages:
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
@@ -40,11 +35,11 @@ def render(tok: Any, model: str, req: ChatRequest) -> list[int]:
             entry["name"] = m.name
         messages.append(entry)
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # jinja's own errors, raise_exception() of a template
-        why = f"chat template of {model!r} refused the messages: {e}"
-        raise bad_request(why, "messages") from None
-    return check_prompt_ids(list(tok(text, add_special_tokens=False).input_ids), "messages")
+        ids = chat_prompt_ids(tok, model, messages)
+    except ChatTemplateError as e:
+        hint = ": use /v1/completions with a prompt" if "no chat template" in str(e) else ""
+        raise bad_request(f"{e}{hint}", "messages") from None
+    return check_prompt_ids(ids, "messages")
 
 
 async def chat(call: Call, req: ChatRequest, request: Any) -> Any:

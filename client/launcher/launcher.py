@@ -141,6 +141,14 @@ class Launcher:
 
     # -- starting ----------------------------------------------------------------------------
     def _spawn(self, name: str, target: str, cfg: Any) -> BaseProcess:
+        here = threading.current_thread()
+        if here is not threading.main_thread():
+            # The child's PR_SET_PDEATHSIG would fire when this thread ends: a broker restarted
+            # from a helper thread died with it, silently, and took its requests along.
+            raise LaunchError(
+                f"cannot start {name} from thread {here.name!r}: a child started from a thread "
+                "is SIGTERMed by the kernel when that thread ends; start it from the main thread"
+            )
         proc = SPAWN.Process(
             target=_child_main,
             args=(target, cfg, os.getpid(), name, self.log_level),

@@ -3,9 +3,9 @@ bf16: a request's tokens do not depend on what else is in its batch.
 
 Why it needs care: in bf16, sdpa over keys sliced to a row's exact length rounds differently
 from sdpa under a mask over whole pages (measured: 69 % token agreement over 64-token
-continuations of 8 prompts before the engine always took the masked path in reduced
-precision). The linear layers (nn.Linear, GPT-2's Conv1D addmm) and the masked attention
-give each row the same bits whatever the other rows are on this CPU.
+continuations of 8 prompts while ragged decode rows shared one masked call). The engine now
+attends bf16 decode rows per length, unmasked; the linear layers (nn.Linear, GPT-2's Conv1D
+addmm) give each row the same bits whatever the other rows are on this CPU.
 """
 
 from __future__ import annotations

@@ -154,6 +154,31 @@ def test_chat_stream_equals_hf_over_the_template(served, checkpoints) -> None:
     assert whole.choices[0].message.content == want
 
 
+def test_generate_chat_applies_the_tenants_template(served, checkpoints) -> None:
+    """`blockllm generate --chat` (issue 19.7): the prompt goes through the tenant's chat
+    template, its tokenizer fetched from the broker as the HTTP API does; a model without a
+    template is a clear usage error (exit 5), not silent raw text."""
+    from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
+
+    c, _, _, _ = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    tok = tokenizer(checkpoints["ft"])
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    want, want_ids = hf_text(checkpoints["ft"], tok(text, add_special_tokens=False).input_ids, 8)
+    args = ["generate", "--broker", c.endpoint, "--max-tokens", "8", "--timeout", "60"]
+    out = CliRunner().invoke(
+        cli, [*args, "--model", "ft", "--chat", "--system", "Be brief.", "--json", PROMPT]
+    )
+    assert out.exit_code == 0, out.output
+    body = json.loads(out.output)
+    assert body["token_ids"] == want_ids and body["text"] == want
+    refused = CliRunner().invoke(cli, [*args, "--model", "base", "--chat", PROMPT])
+    assert getattr(refused.exception, "exit_code", None) == 5  # CliError: `main` exits 5
+    assert "no chat template" in str(refused.exception)
+
+
 def test_stop_sequences(served, checkpoints) -> None:
     _, url, _, _ = served
     ids = tokenizer(checkpoints["base"])(PROMPT).input_ids

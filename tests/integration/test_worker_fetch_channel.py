@@ -8,6 +8,7 @@ worker's first READY the IO thread sends no heartbeats (the broker does not know
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError, fetch_model
-from blockllm.worker.proc_io import IOThread
+from blockllm.worker.proc_io import IOThread, Reset
 from blockllm.zoo import Zoo
 from tests.integration.cluster import FakeBroker, make_zoo
 
@@ -124,3 +125,25 @@ def test_fetch_model_over_the_channel_stores_a_verified_model(channel, tiny_chec
     ok, nbytes = box.get(timeout=10)
     assert ok and nbytes > 0, nbytes
     assert dst.list_models() == ["llama"] and dst.verify().ok
+
+
+@pytest.mark.timeout(60)
+def test_reconnected_is_logged_only_when_the_broker_answers(channel, caplog):
+    """Issue 19.7: a worker logged "reconnected" on every backoff attempt while no broker ran.
+    The broker (the test) stays silent through two attempts: no such line; then it answers the
+    new connection: one line."""
+    broker, io, inbox = channel
+    caplog.set_level(logging.INFO, logger="blockllm.worker")
+    io.send(Ready(1, "w0", 1, "h", "cpu"))  # registered: liveness applies from now on
+    assert broker.recv_kind({Kind.READY}, timeout=10)[1].KIND is Kind.READY
+    resets = 0
+    while resets < 2:  # two silent intervals: two new connections, each a Reset
+        item = inbox.get(timeout=20)
+        resets += isinstance(item, Reset)
+    assert "reconnected" not in caplog.text
+    io.send(Ready(1, "w0", 1, "h", "cpu"))  # what the compute loop does on a Reset
+    peer, _, _ = broker.recv_kind({Kind.READY}, timeout=20)
+    broker.send(peer, Heartbeat())
+    broker.recv_kind({Kind.HEARTBEAT}, timeout=20)  # its pong: the answer was handled
+    lines = [r.getMessage() for r in caplog.records if "reconnected" in r.getMessage()]
+    assert len(lines) == 1 and "attempts" in lines[0]

@@ -147,7 +147,7 @@ def test_a_stage_whose_minimum_does_not_fit_is_refused() -> None:
 
 def test_a_geometry_whose_rows_exceed_a_page_is_a_bad_request() -> None:
     kv = manager(4)  # pages of 256 bytes of K: GEO's 4 tokens of 64 bytes
-    with pytest.raises(BadRequest, match="larger --page-size"):
+    with pytest.raises(BadRequest, match="largest rows first"):
         kv.add_stage("big", KVGeometry(40, 8, torch.float32, CPU), n_layers=1)
 
 

@@ -115,3 +115,39 @@ def test_single_prefill_and_decode_only_fast_paths() -> None:
         module, q[:, :, 5:], k[None, :, 5:], v[None, :, 5:], None, blockllm_step=batch
     )
     torch.testing.assert_close(out[0], reference(q[0, :, 5:], k, v, None))
+
+
+def test_bf16_decode_rows_get_the_same_bits_alone_and_batched() -> None:
+    """In bf16 a masked sdpa over padded pages rounds differently from sdpa over a row's
+    exact keys: rows of different lengths are attended per length, so each row's output is
+    bit-identical to its output alone (a batch never changes a request's tokens)."""
+    torch.manual_seed(2)
+    geo = KVGeometry(HKV, DH, torch.bfloat16, torch.device("cpu"))
+    kv = KVCacheManager(64 * geo.page_bytes(PAGE), page_size=PAGE)
+    pool = kv.add_stage("s", geo, 1)
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=H // HKV)
+    lens = [3, 9, 6, 9]  # past lengths of 4 decode rows
+    seqs = []
+    for i, past in enumerate(lens):
+        seq = kv.reserve("s", f"r{i}", 1, past + 1, step=0)
+        for t in range(past):
+            page, off = seq.pages[0, t // PAGE], t % PAGE
+            pool.k[page, off] = torch.randn(HKV, DH).to(torch.bfloat16)
+            pool.v[page, off] = torch.randn(HKV, DH).to(torch.bfloat16)
+        seqs.append(seq)
+    q = torch.randn(1, H, len(lens), DH).to(torch.bfloat16)
+    k_new = torch.randn(1, HKV, len(lens), DH).to(torch.bfloat16)
+    v_new = torch.randn(1, HKV, len(lens), DH).to(torch.bfloat16)
+
+    def attend(rows: list[int]) -> torch.Tensor:
+        batch = plan_step(pool, 0, 1, [(seqs[i].pages, lens[i], 1) for i in rows])
+        at = torch.tensor(rows)
+        PagedCacheView(batch).update(k_new[:, :, at], v_new[:, :, at], 0)
+        out, _ = paged_attention(
+            module, q[:, :, at], k_new[:, :, at], v_new[:, :, at], None, blockllm_step=batch
+        )
+        return out[0]  # [rows, H, Dh]
+
+    together = attend([0, 1, 2, 3])
+    for i in range(len(lens)):
+        assert torch.equal(together[i], attend([i])[0]), i

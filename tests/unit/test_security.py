@@ -278,3 +278,22 @@ def test_refusals_are_rate_limited(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert provider.refused == 2
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
     assert time.monotonic() - t0 < security.REFUSAL_LOG_INTERVAL_S
+
+
+def test_a_keyless_client_is_told_to_pass_keys(server: Server, keys_dir: Path) -> None:
+    """Issue 19.7: a keyless `Client` of a keyed broker logged "HANDSHAKE_FAILED_PROTOCOL;
+    check the keys"; now its error says to pass keys. A client with keys (a worker's key
+    refused) no longer reads "admit the client's client.key"."""
+    from blockllm.client import Client
+    from blockllm.client.errors import BrokerUnavailable
+
+    with Client(server.endpoint, timeout=30) as c, pytest.raises(BrokerUnavailable) as e:
+        c.status(timeout=30)
+    assert "requires CurveZMQ keys" in str(e.value) and "BLOCKLLM_KEYS" in str(e.value)
+    security.revoke_key(keys_dir, "client")
+    with (
+        Client(server.endpoint, keys_dir=keys_dir, timeout=30) as c,
+        pytest.raises(BrokerUnavailable) as e,
+    ):
+        c.status(timeout=30)
+    assert "keys add --role" in str(e.value) and "client's client.key" not in str(e.value)
