@@ -41,6 +41,7 @@ def _register() -> None:
         ("blockllm.client.cli.planner", "commands"),
         ("blockllm.client.cli.demo", "demo"),
         ("blockllm.client.cli.http_api", "commands"),
+        ("blockllm.client.cli.doctor", "doctor"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -316,3 +316,11 @@ def test_the_guide_rotates_the_broker_key_with_the_command() -> None:
     rotation = guide[guide.index("## 9. Rotate keys") : guide.index("## 10.")]
     assert "blockllm keys rotate-broker /etc/blockllm/keys /etc/blockllm/keys.new" in rotation
     assert "copy the old `authorized/*.key`" not in rotation
+
+
+def test_the_guide_says_workers_pull_whole_models_and_how_to_size_disks() -> None:
+    """Issue 19.7: the guide implied a worker pulls only the blocks it hosts; it pulls whole
+    models (worker/fetch.py `fetch_model`: every block of the chain), so the guide says so."""
+    guide = (DEPLOY / "README.md").read_text()
+    assert "a worker pulls whole models" in guide and "physical_bytes" in guide
+    assert "pulls the blocks it hosts" not in guide
