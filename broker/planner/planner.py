@@ -10,6 +10,8 @@ returns the commands to send it (broker/commands.py). It keeps a **target** plac
    cuts the estimated cost per token of the live routes by `min_gain` (plan.layout_cost:
    the busiest worker's batched work plus a fixed cost per hop): loads, unloads and moved
    requests are not free, and splitting tenants that share blocks over workers loses batching.
+   After a lost worker only the replicas it had are re-placed (planner/replan.py), a full
+   placement only when that leaves a model uncovered a full one would cover.
 2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
    budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
    loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
@@ -39,10 +41,11 @@ from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
     WorkerInfo,
-    place,
     placement_gain,
     replica_targets,
 )
+from blockllm.broker.planner.placement_index import Cluster
+from blockllm.broker.planner.replan import placement
 from blockllm.broker.planner.spawn import SpawnPolicy
 from blockllm.broker.planner.stragglers import Duplicates
 from blockllm.broker.protocol import (
@@ -78,6 +81,7 @@ class Target:
     routes_sent: bool = False
     routes_at: float = 0.0
     refused: dict[str, frozenset[str]] = field(default_factory=dict)  # worker -> blocks
+    state: Cluster | None = None  # the search state `plan` ends in (replan.py re-places from)
 
 
 class Planner:
@@ -108,6 +112,7 @@ class Planner:
         self._hot_since: float | None = None
         self.replans = 0
         self.declined = 0  # demand re-placements not worth their cost (placement_gain)
+        self.incremental = 0  # re-placements after a lost worker that moved only what it had
         self._declined_at = -math.inf
 
     def command_id(self) -> str:
@@ -279,10 +284,7 @@ class Planner:
         nodes = [
             self._worker_info(w) for w in workers.values() if w.name not in self.duplicates.slow
         ] or [self._worker_info(w) for w in workers.values()]
-        max_replicas = None if self.cfg.replicate else 1
-        plan = self.spawns.place(
-            nodes, lambda n: n.name, lambda ns: place(infos, ns, max_replicas=max_replicas)
-        )
+        plan, state = placement(self, infos, nodes, why)  # replan.py
         if why in DEMAND_REASONS and not self._worth_it(infos, plan, models or {}, now):
             return
         target = Target(
@@ -293,6 +295,7 @@ class Planner:
             chains={m: c for m, c in chains.items() if c != tuple(self.manifests[m].chain)},
             at=now,
             refused={w.name: w.refused for w in workers.values() if w.refused},
+            state=state,
         )
         for w, stages in plan.stages.items():
             for owner, s, e in stages:

@@ -4,7 +4,9 @@ workers, by simulation (client/bench/scale_sim.py drives the real `Broker` and `
 Per size (models x workers) it reports:
 - `place_ms_p50/max`: one full `place()` of the synthetic cluster with its Zipf demand (and
   each demand drift of the trace), and `replace_lost_ms`: the incremental re-placement after
-  one worker is lost (planner/placement.py);
+  one worker is lost (planner/placement.py); in the trace, the planner's own full placements
+  (`planner_place_ms_*`) and incremental ones after a lost worker (`planner_incremental`,
+  `planner_replace_lost_ms_max`, planner/replan.py);
 - from a day-in-the-life trace over `duration_s` simulated seconds (`trace`): the broker's CPU
   per routed message (each FORWARD of a hop) and per token, STATS and STATUS body sizes, the
   planner's command bursts, hops per token of the 10 hottest models, weight memory vs budget,
@@ -21,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import blockllm.broker.planner.planner as planner_module
-from blockllm.broker.planner.placement import place, place_in, replace_lost
+import blockllm.broker.planner.replan as replan_module
+from blockllm.broker.planner.placement import place_in, replace_lost
 from blockllm.client.bench.scale_sim import Sim
 from blockllm.client.bench.scale_synth import (
     GB,
@@ -165,13 +167,13 @@ def itertools_accumulate(values: Any) -> list[float]:
     return out
 
 
-def timed_place(sink: list[float]) -> Callable:
-    """`place` that records its CPU time (the planner calls it through its module global)."""
+def timed(fn: Callable, sink: list[float]) -> Callable:
+    """`fn` that records its CPU time (the planner calls it through its module global)."""
 
     def run(*args: Any, **kw: Any) -> Any:
         t0 = time.process_time()
         try:
-            return place(*args, **kw)
+            return fn(*args, **kw)
         finally:
             sink.append(time.process_time() - t0)
 
@@ -203,9 +205,11 @@ def run_size(
     rate = rate if rate is not None else 2.0 * n_workers
     trace = Trace(sim, tenants, capacity, duration, rate, tokens, seed)
     trace.schedule()
-    planned: list[float] = []
-    original = planner_module.place
-    planner_module.place = timed_place(planned)
+    planned: list[float] = []  # the planner's full placements, CPU s each
+    relost: list[float] = []  # its incremental ones after a lost worker (replan.py)
+    originals = (replan_module.place_in, replan_module.replace_lost)
+    replan_module.place_in = timed(place_in, planned)
+    replan_module.replace_lost = timed(replace_lost, relost)
     try:
         step = max(1.0, duration / 10)
         t = 0.0
@@ -218,7 +222,7 @@ def run_size(
             )
             sim.status_size()
     finally:
-        planner_module.place = original
+        replan_module.place_in, replan_module.replace_lost = originals
     c = sim.c
     hot = sorted(c.hops, key=lambda m: -len(c.hops[m]))[:10]
     hop_tokens = [h for m in hot for h in c.hops[m]]
@@ -227,7 +231,9 @@ def run_size(
     row |= {
         "planner_place_ms_p50": round(1000 * pct(planned, 0.5), 1),
         "planner_place_ms_max": round(1000 * max(planned, default=0.0), 1),
-        "planner_replans": len(planned),
+        "planner_replans": len(planned) + len(relost),
+        "planner_replace_lost_ms_max": round(1000 * max(relost, default=0.0), 1),
+        "planner_incremental": sim.planner.incremental if sim.planner else 0,
         "planner_cpu_ms_max": round(1000 * max(c.planner_cpu_s, default=0.0), 1),
         "broker_us_per_message": round(1e6 * c.broker_cpu_s / max(1, c.routed), 1),
         "broker_us_per_token": round(1e6 * c.broker_cpu_s / max(1, c.tokens), 1),
