@@ -14,7 +14,6 @@ failed worker, and re-prefill prompt + generated tokens with past_len 0.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +55,7 @@ from blockllm.broker.state import BrokerState, Out, StageKeyFn, error_code
 from blockllm.broker.stats import Metrics, stats_body
 from blockllm.broker.status import status_body
 from blockllm.broker.text import IncrementalDetokenizer
+from blockllm.broker.waiting import WaitQueue
 from blockllm.broker.workers import WorkerState
 from blockllm.zoo.chain import stage_key as zoo_stage_key
 
@@ -114,7 +114,7 @@ class Broker:
         return self.state.requests
 
     @property
-    def waiting(self) -> deque[str]:
+    def waiting(self) -> WaitQueue:
         return self.state.waiting
 
     @property
@@ -187,6 +187,7 @@ class Broker:
                 code = ErrorCode.NO_ROUTE
             out += self.flow.fail(req, code, f"deadline passed ({req.last_failure or 'waiting'})")
         for w in list(self.state.workers.values()):
+            w.ban_ended(now)  # the requests waiting for it are tried again (broker/waiting.py)
             if now >= w.expires_at:
                 self.state.counters["workers_expired"] += 1
                 out += self._lose_worker(w, now, "heartbeat expired")
@@ -339,7 +340,7 @@ class Broker:
         for req in self.state.requests.values():  # a hedged attempt through it is dropped
             if req.shadow is not None and worker.identity in {h.worker for h in req.shadow.route}:
                 out += self.flow.drop_shadow(req)
-        for req in self.state.requests_on(worker.identity):
+        for req in self.state.requests_on(worker.identity, worker):
             if req.shadow is not None:  # the hedged attempt carries on: no replay
                 out += self.hedging.promote(req)
                 continue

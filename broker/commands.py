@@ -123,6 +123,7 @@ class Commands:
                     return self._ack(peer, msg.command_id, False, f"{model}: {why}")
         self.state.preferred = {m: tuple(r) for m, r in msg.routes.items() if r}
         self.state.routes_gen += 1
+        self.state.waiting.wake_all()  # the routes the waiting requests would take changed
         if msg.move_running:
             self.state.move_gen = self.state.routes_gen
         n = sum(len(r) for r in self.state.preferred.values())
@@ -162,10 +163,13 @@ class Commands:
         """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up)."""
         out: list[Out] = []
         for w in self.state.workers.values():
+            if not w.draining:
+                continue
+            running = self.state.requests_on(w.identity)
             for key, deadline in list(w.draining.items()):
                 used = any(
                     h.worker == w.identity and key in h.stage_keys
-                    for r in self.state.requests.values()
+                    for r in running
                     for h in r.route or ()
                 )
                 if used and now < deadline:

@@ -6,7 +6,7 @@ returns the messages to send. It owns the KV migration of moving requests (broke
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -53,6 +53,7 @@ class RequestFlow:
     def __init__(self, state: BrokerState) -> None:
         self.state = state
         self.migration = Migration(state, self)  # KV migration of requests that move
+        self.tries = 0  # route_with_credit calls (what dispatching waiting requests costs)
 
     # -- routing ---------------------------------------------------------------------------
     def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
@@ -105,6 +106,7 @@ class RequestFlow:
         """
         bytes_short = False
         st = self.state
+        self.tries += 1
         if not st.stage_index.coverable(
             req.model, req.spec.chain_len, st.workers, st.keys_gen, st.key_of
         ):
@@ -133,30 +135,53 @@ class RequestFlow:
 
     # -- dispatch --------------------------------------------------------------------------
     def dispatch(self, now: float) -> list[Out]:
-        """Start every waiting request that has a route with credit now, in arrival order."""
+        """Start the waiting requests that may have a route now and have one with credit, in
+        arrival order; the others wait until a change wakes them (broker/waiting.py)."""
+        st = self.state
+        self.wake(now)
         out: list[Out] = []
         failed_at: dict[str, int] = {}  # model -> smallest max_total_len that found no route
-        still: deque[str] = deque()
-        while self.state.waiting:
-            rid = self.state.waiting.popleft()
-            req = self.state.requests[rid]
+        for rid in st.waiting.take_ready():
+            req = st.requests[rid]
             if req.max_total_len >= failed_at.get(req.model, 1 << 62):
-                still.append(rid)
                 continue
             route, bytes_short = self.route_with_credit(req, now)
             if route is None:
                 # without a route for lack of slots, no request of the model has one: skip them
                 limit = req.max_total_len if bytes_short else 0
                 failed_at[req.model] = min(limit, failed_at.get(req.model, 1 << 62))
-                still.append(rid)
                 continue
+            st.waiting.remove(rid)
             for peer, nbytes in self.kv_need(req, route).items():
-                self.state.workers[peer].inflight[req.wire_id] = nbytes
+                st.workers[peer].inflight[req.wire_id] = nbytes
             req.route = route
-            req.routed_gen = self.state.routes_gen
+            req.routed_gen = st.routes_gen
             out.append(self.start_step(req, now))
-        self.state.waiting = still
+        for model in failed_at:  # blocked until a worker serving it, or its stages, change
+            spec = st.models.get(model)
+            peers = () if spec is None else self.peers_of(model, spec.chain_len)
+            st.waiting.block(model, peers)
         return out
+
+    def wake(self, now: float) -> None:
+        """Wake the waiting models a change since the last dispatch may have given a route:
+        workers that may take more work, stages that changed (broker/waiting.py)."""
+        st = self.state
+        freed = st.workers.freed
+        if freed:
+            st.waiting.wake_workers(freed)
+            freed.clear()
+        every, models = st.stage_index.take_dropped(st.workers, st.keys_gen)
+        if every:
+            st.waiting.wake_all()
+        else:
+            for model in models:
+                st.waiting.wake(model)
+
+    def peers_of(self, model: str, chain_len: int) -> set[Hashable]:
+        """The workers whose live stages serve `model` (those whose credit it waits for)."""
+        st = self.state
+        return st.stage_index.peers_of(model, chain_len, st.workers, st.keys_gen, st.key_of)
 
     def forward(
         self,

@@ -1,19 +1,24 @@
 """The broker's routing index: which workers advertise which live stage, so a route is found
 from the stages that can serve the model instead of a scan over every worker's stages.
 
-A stage serves a model over [start, end) when its key is `key_of(model, start, end)`. The
-index keeps, per key, the (worker, stage) pairs advertising it (live stages only: not the ones
-being drained), and how many stages advertise each span. The edges of a model (start position
--> [(worker, stage)]) are then its key over each advertised span, looked up: work in the number
-of distinct spans (at most chain_len^2 / 2), not in workers x stages. Edges are listed in the
+A stage serves a model over [start, end) when its key is `key_of(model, start, end)`; the key
+hashes the family's fingerprint (zoo/chain.py stage_key), so only stages of the model's family
+can. The index keeps, per key, the (worker, stage) pairs advertising it (live stages only: not
+the ones being drained), and per family how many stages advertise each span. The edges of a
+model (start position -> [(worker, stage)]) are then its key over each span its family's stages
+advertise, looked up: work in the number of distinct spans (at most chain_len^2 / 2), not in
+workers x stages. Edges are listed in the
 order `routing.find_route`'s scan would meet them (workers by `repr`, then each worker's stage
 order), so the same route is chosen.
 
 Freshness, without a scan: the worker registry (`workers.Registry`) collects the workers whose
 stages or drains changed, or that joined or left; only their entries are re-indexed, and only
-the cached edges of the models of the families those stages belong to are dropped (all of
-them when a span appears that no stage advertised before, or when `keys_gen` says the models'
-stage keys may have changed: reload, SET_CHAIN).
+the cached edges that looked up the keys of the stages that went or came are dropped (and, for
+a stage over a span its family's stages did not advertise before, which no cached edges of that
+family looked up, those of the family's models); all of them when `keys_gen` says the models'
+stage keys may have changed (reload, SET_CHAIN), or a stage of an unknown model brings a span.
+What was dropped is kept for `take_dropped`: the waiting requests of those models may have a
+route now (broker/waiting.py).
 """
 
 from __future__ import annotations
@@ -29,22 +34,31 @@ KeyOf = Callable[[str, int, int], "str | None"]
 
 
 class StageIndex:
-    """Key -> advertising (worker, stage) pairs, and the spans advertised (module docstring).
-    `family_of(model)` names a model's family (None: unknown), whose cached edges a change of
-    one of its stages drops."""
+    """Key -> advertising (worker, stage) pairs, and the spans each family's stages advertise
+    (module docstring). `family_of(model)` names a model's family (None: unknown)."""
 
     def __init__(self, family_of: Callable[[str], Hashable | None]) -> None:
         self.family_of = family_of
-        self.by_key: dict[str, list[Entry]] = {}
-        self.span_count: dict[tuple[int, int], int] = {}
-        self.spans: list[tuple[int, int]] = []
+        self.by_key: dict[str, dict[Hashable, Entry]] = {}  # key -> peer -> its entry
+        # family -> span -> stages advertising it (a stage of an unknown model: family None,
+        # whose spans every model looks up)
+        self.span_count: dict[Hashable, dict[tuple[int, int], int]] = {}
+        self._spans: dict[Hashable, list[tuple[int, int]]] = {}  # sorted, per family
         self.names: dict[str, Hashable] = {}  # worker name -> peer
-        self._indexed: dict[Hashable, tuple[str, tuple[Any, ...]]] = {}  # peer -> (name, stages)
+        # peer -> (name, stages, each stage's family when indexed)
+        self._indexed: dict[Hashable, tuple[str, tuple[Any, ...], tuple[Hashable, ...]]] = {}
         self._keys_gen = -1
         self._built = False
         self._edges: dict[str, Edges] = {}
         self._coverable: dict[str, bool] = {}
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
+        # key -> models whose cached edges looked it up; model -> (family, keys it looked up)
+        self._watch: dict[str, set[str]] = {}
+        self._looked: dict[str, tuple[Hashable, tuple[str, ...]]] = {}
+        # what was dropped since `take_dropped` (the waiting requests of those models may have
+        # a route now: broker/waiting.py)
+        self.dropped: set[str] = set()
+        self.dropped_all = False
 
     # -- freshness ----------------------------------------------------------------------------
     def _fresh(self, workers: Mapping[Hashable, Any], keys_gen: int) -> None:
@@ -60,83 +74,134 @@ class StageIndex:
                 self._index(peer, workers[peer])
             if dirty is not None:
                 dirty.clear()
-            self._after(set(), set(), new_span=True)
+            self._spans = {f: sorted(spans) for f, spans in self.span_count.items()}
+            self._drop_all()
             return
         if not dirty:
             return
-        touched: set[str] = set()
-        models: set[str] = set()  # of the stages that went or came
-        new_span = False
+        changed: set[str] = set()  # keys of the stages that went, came or moved
+        born: set[tuple[Hashable, tuple[int, int]]] = set()  # (family, span) that appeared...
+        died: set[tuple[Hashable, tuple[int, int]]] = set()  # ... or went (maybe both)
         for peer in list(dirty):
-            old = self._indexed.get(peer)
-            touched |= self._unindex(peer)
-            models.update(st.model for st in (old[1] if old else ()))
+            old = self._indexed.get(peer, ("", (), ()))[1]
+            died |= self._unindex(peer)
             w = workers.get(peer)
             if w is not None:
-                keys, fresh = self._index(peer, w)
-                touched |= keys
-                new_span |= fresh
-                models.update(st.model for st in self._indexed[peer][1])
+                born |= self._index(peer, w)
+            now = self._indexed.get(peer, ("", (), ()))[1]
+            # a stage that came, went, or moved in the worker's order (edges list a worker's
+            # stages in that order, as routing.find_route's scan meets them)
+            moved = {(i, st) for i, st in enumerate(old)} ^ {(i, st) for i, st in enumerate(now)}
+            changed.update(st.key for _, st in moved)
         dirty.clear()
-        self._after(touched, models, new_span)
+        self._after(changed, born - died, {fam for fam, _ in born | died})
 
-    def _index(self, peer: Hashable, w: Any) -> tuple[set[str], bool]:
+    def _index(self, peer: Hashable, w: Any) -> set[tuple[Hashable, Any]]:
+        """Index `w`'s live stages; the (family, span) pairs no stage advertised before."""
         stages = tuple(w.live_stages())
-        self._indexed[peer] = (w.name, stages)
+        fams = tuple(self.family_of(s.model) for s in stages)
+        self._indexed[peer] = (w.name, stages, fams)
         self.names[w.name] = peer
         order = repr(peer)
-        keys: set[str] = set()
-        new_span = False
-        for i, s in enumerate(stages):
-            self.by_key.setdefault(s.key, []).append(((order, i), peer, s))
+        born = set()
+        for i, (s, fam) in enumerate(zip(stages, fams, strict=True)):
+            self.by_key.setdefault(s.key, {})[peer] = ((order, i), peer, s)
+            counts = self.span_count.setdefault(fam, {})
             span = (s.start, s.end)
-            n = self.span_count.get(span, 0)
-            new_span |= n == 0
-            self.span_count[span] = n + 1
-            keys.add(s.key)
-        return keys, new_span
+            if span not in counts:
+                born.add((fam, span))
+            counts[span] = counts.get(span, 0) + 1
+        return born
 
-    def _unindex(self, peer: Hashable) -> set[str]:
+    def _unindex(self, peer: Hashable) -> set[tuple[Hashable, Any]]:
+        """Forget `peer`'s entries; the (family, span) pairs no stage advertises any more."""
         old = self._indexed.pop(peer, None)
         if old is None:
             return set()
-        name, stages = old
+        name, stages, fams = old
         if self.names.get(name) == peer:
             del self.names[name]
-        keys = set()
-        for s in stages:
-            keys.add(s.key)
+        died = set()
+        for s, fam in zip(stages, fams, strict=True):
+            entries = self.by_key.get(s.key)
+            if entries is not None:
+                entries.pop(peer, None)
+                if not entries:
+                    del self.by_key[s.key]
+            counts = self.span_count[fam]
             span = (s.start, s.end)
-            self.span_count[span] -= 1
-            if not self.span_count[span]:
-                del self.span_count[span]
-        for key in keys:
-            entries = [e for e in self.by_key.get(key, ()) if e[1] != peer]
-            if entries:
-                self.by_key[key] = entries
-            else:
-                self.by_key.pop(key, None)
-        return keys
+            counts[span] -= 1
+            if not counts[span]:
+                del counts[span]
+                died.add((fam, span))
+        return died
 
-    def _after(self, touched: set[str], models: set[str], new_span: bool) -> None:
-        """Re-sort the changed keys' entries; drop the cached edges of the families whose
-        stages changed (every family's when a new span appeared or a family is unknown)."""
-        self.spans = sorted(self.span_count)
-        for key in touched:
-            entries = self.by_key.get(key)
-            if entries:
-                entries.sort(key=lambda e: e[0])
-        families = {self.family_of(m) for m in models}
-        if new_span or None in families:
+    def _after(
+        self, changed: set[str], born: set[tuple[Hashable, Any]], respan: set[Hashable]
+    ) -> None:
+        """Re-sort the spans of the `respan` families; drop the cached edges that looked up a
+        `changed` key, and those of the families a span was `born` to (their cached edges did
+        not look it up); every model's when such a family is unknown."""
+        families = {fam for fam, _ in born}
+        for fam in respan:
+            counts = self.span_count.get(fam)
+            if counts:
+                self._spans[fam] = sorted(counts)
+            else:
+                self.span_count.pop(fam, None)
+                self._spans.pop(fam, None)
+        # (a span that died is no key's any more: the keys of its stages are `changed`)
+        if None in families:
             self._drop_all()
             return
+        for key in changed:
+            for model in list(self._watch.get(key, ())):
+                self._drop(model)
         for fam in families:
-            for model in self._families.pop(fam, ()):
-                self._edges.pop(model, None)
-                self._coverable.pop(model, None)
+            for model in list(self._families.get(fam, ())):
+                self._drop(model)
+
+    def _drop(self, model: str) -> None:
+        self._edges.pop(model, None)
+        self._coverable.pop(model, None)
+        fam, keys = self._looked.pop(model, (None, ()))
+        for key in keys:
+            watchers = self._watch.get(key)
+            if watchers is not None:
+                watchers.discard(model)
+                if not watchers:
+                    del self._watch[key]
+        same = self._families.get(fam)
+        if same is not None:
+            same.discard(model)
+            if not same:
+                del self._families[fam]
+        self.dropped.add(model)
 
     def _drop_all(self) -> None:
         self._edges, self._coverable, self._families = {}, {}, {}
+        self._watch, self._looked = {}, {}
+        self.dropped_all = True
+
+    def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
+        """(every model's, else the models whose) cached edges were dropped since the last call,
+        after taking in the workers' changes."""
+        self._fresh(workers, keys_gen)
+        out = (self.dropped_all, self.dropped)
+        self.dropped_all, self.dropped = False, set()
+        return out
+
+    def peers_of(
+        self,
+        model: str,
+        chain_len: int,
+        workers: Mapping[Hashable, Any],
+        keys_gen: int,
+        key_of: KeyOf,
+    ) -> set[Hashable]:
+        """The workers advertising a live stage that serves `model`."""
+        edges = self.edges(model, chain_len, workers, keys_gen, key_of)
+        return {peer for found in edges.values() for peer, _ in found}
 
     # -- lookups ------------------------------------------------------------------------------
     def edges(
@@ -147,23 +212,35 @@ class StageIndex:
         keys_gen: int,
         key_of: KeyOf,
     ) -> Edges:
-        """Start position -> [(worker, stage)] of the live stages serving `model`."""
+        """Start position -> [(worker, stage)] of the live stages serving `model`: its key
+        looked up over each span its family's stages (or stages of unknown models) advertise."""
         self._fresh(workers, keys_gen)
         out = self._edges.get(model)
         if out is None:
+            fam = self.family_of(model)
+            spans = self._spans.get(fam, [])
+            if fam is not None and None in self._spans:
+                spans = sorted({*spans, *self._spans[None]})
             found: dict[int, list[Entry]] = {}
-            for start, end in self.spans:
+            looked: list[str] = []
+            for start, end in spans:
                 if not 0 <= start < end <= chain_len:
                     continue
                 key = key_of(model, start, end)
-                for entry in self.by_key.get(key, ()) if key is not None else ():
-                    found.setdefault(start, []).append(entry)
+                if key is None:
+                    continue
+                looked.append(key)
+                self._watch.setdefault(key, set()).add(model)
+                entries = self.by_key.get(key)
+                if entries:
+                    found.setdefault(start, []).extend(entries.values())
             out = {
                 start: [(peer, s) for _, peer, s in sorted(entries, key=lambda e: e[0])]
                 for start, entries in found.items()
             }
             self._edges[model] = out
-            self._families.setdefault(self.family_of(model), set()).add(model)
+            self._families.setdefault(fam, set()).add(model)
+            self._looked[model] = (fam, tuple(looked))
         return out
 
     def coverable(

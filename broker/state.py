@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute
-from blockllm.broker.requests import RequestState
+from blockllm.broker.requests import RequestState, split_wire_id
 from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
 from blockllm.broker.status import COUNTERS
+from blockllm.broker.waiting import WaitQueue
 from blockllm.broker.workers import Registry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class BrokerState:
         self.stage_index = StageIndex(self.family_of)
         self.keys_gen = 0  # moves when stage keys of models may change (reload, SET_CHAIN)
         self.requests: dict[str, RequestState] = {}
-        self.waiting: deque[str] = deque()  # request ids without a route, in arrival order
+        # request ids without a route, in arrival order, retried when woken (broker/waiting.py)
+        self.waiting = WaitQueue(lambda rid: self.requests[rid].model)
         self.by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> request id
         self.by_model: dict[str, set[str]] = {}  # model -> its request ids
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -109,8 +110,19 @@ class BrokerState:
         logger.debug("bad message from %r: %s", peer, reason)
         return [Out(peer, Error("", ErrorCode.BAD_REQUEST.value, reason[:200]))]
 
-    def requests_on(self, peer: bytes) -> list[RequestState]:
-        return [r for r in self.requests.values() if peer in r.workers()]
+    def requests_on(self, peer: bytes, worker: WorkerState | None = None) -> list[RequestState]:
+        """The requests whose route (or hedged attempt's) passes `peer`: found from the worker's
+        reservations (every hop of a route reserves on its worker until released), not a scan
+        of every request. `worker`: the peer's state when it has left the registry."""
+        w = worker if worker is not None else self.workers.get(peer)
+        if w is None:
+            return []
+        out = []
+        for rid in dict.fromkeys(split_wire_id(wire)[0] for wire in w.inflight):
+            r = self.requests.get(rid)
+            if r is not None and peer in r.workers():
+                out.append(r)
+        return out
 
     def named(self, name: str) -> WorkerState | None:
         peer = self.names().get(name)

@@ -58,19 +58,58 @@ class Watched(dict):
         super().clear()
 
 
+class Inflight(dict):
+    """A worker's reservations (request id -> KV bytes): a removal calls `freed()` (its credit
+    rose: waiting requests may have a route now, broker/waiting.py)."""
+
+    def __init__(self, *args: Any, freed: Any = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.freed = freed
+
+    def _gone(self) -> None:
+        if self.freed is not None:
+            self.freed()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._gone()
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        had = key in self
+        value = super().pop(key, *default)
+        if had:
+            self._gone()
+        return value
+
+    def popitem(self) -> Any:
+        item = super().popitem()
+        self._gone()
+        return item
+
+    def clear(self) -> None:
+        had = bool(self)
+        super().clear()
+        if had:
+            self._gone()
+
+
 class Registry(Watched):
     """The broker's workers by identity. `dirty` collects the identities whose stages or drains
     changed, or that joined or left, since the routing index (broker/stage_index.py) last
-    looked: it is updated from those alone."""
+    looked: it is updated from those alone. `freed` collects those that may take more work
+    (a reservation released, a report that raised their credit, a ban that ended) since the
+    waiting requests (broker/waiting.py) last looked."""
 
     def __init__(self) -> None:
         self.dirty: set[Any] = set()
+        self.freed: set[Any] = set()
         super().__init__(notify=self.dirty.add)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, value)
         if isinstance(value, WorkerState):
             object.__setattr__(value, "watch", self.dirty)
+            object.__setattr__(value, "freed", self.freed)
 
 
 @dataclass(slots=True)
@@ -119,16 +158,26 @@ class WorkerState:
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
+    _pages: tuple = ()  # (label, page size, page bytes) of each geometry at the last report
 
     # the Registry's dirty set once registered: told when stages or drains change
     watch: set[Any] | None = field(default=None, repr=False, compare=False)
+    # the Registry's freed set once registered: told when the worker may take more work
+    freed: set[Any] | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "draining":
             value = Watched(value, notify=self._stages_changed)
+        elif name == "inflight":
+            value = Inflight(value, freed=self._credit_rose)
         if name in ("stages", "draining"):
             self._stages_changed()
         object.__setattr__(self, name, value)
+
+    def _credit_rose(self) -> None:
+        freed = getattr(self, "freed", None)
+        if freed is not None:
+            freed.add(self.identity)
 
     def _stages_changed(self, key: Any = None) -> None:
         watch = getattr(self, "watch", None)
@@ -164,6 +213,7 @@ class WorkerState:
         keys = self.stage_keys()
         self.draining = {k: t for k, t in self.draining.items() if k in keys}
         self._report(msg.free_slots, msg.kv_free_bytes)
+        self._credit_rose()  # new facts (KV total, batch size): whatever waits may fit now
 
     def apply_heartbeat(self, msg: Heartbeat) -> None:
         self.queue_depths = dict(msg.queue_depths)
@@ -186,10 +236,16 @@ class WorkerState:
         self._report(msg.free_slots, msg.kv_free_bytes)
 
     def _report(self, free_slots: int, kv_free_bytes: int) -> None:
+        before = (self.credit_slots(), self.credit_bytes())
         self.free_slots = free_slots
         self.kv_free_bytes = kv_free_bytes
         self.base_inflight = len(self.inflight)
         self.base_reserved = sum(self.inflight.values())
+        pages = tuple((g.label, g.page_size, g.page_bytes) for g in self.kv_geometries)
+        after = (self.credit_slots(), self.credit_bytes())
+        if any(b > a for a, b in zip(before, after, strict=True)) or pages != self._pages:
+            self._credit_rose()  # a request waiting for this worker may fit now
+        self._pages = pages
 
     def touch(self, now: float, expiry_s: float) -> None:
         """Any inbound message proves the worker alive."""
@@ -229,6 +285,14 @@ class WorkerState:
 
     def banned(self, now: float) -> bool:
         return now < self.banned_until
+
+    def ban_ended(self, now: float) -> bool:
+        """Whether a ban ended by `now` (once per ban: the worker may take work again)."""
+        if not self.banned_until or now < self.banned_until:
+            return False
+        self.banned_until = 0.0
+        self._credit_rose()
+        return True
 
     def stage_keys(self) -> frozenset[str]:
         return frozenset(s.key for s in self.stages)

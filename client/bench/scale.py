@@ -8,7 +8,10 @@ Per size (models x workers) it reports:
   (`planner_place_ms_*`) and incremental ones after a lost worker (`planner_incremental`,
   `planner_replace_lost_ms_max`, planner/replan.py);
 - from a day-in-the-life trace over `duration_s` simulated seconds (`trace`): the broker's CPU
-  per routed message (each FORWARD of a hop) and per token, STATS and STATUS body sizes, the
+  per routed message (each FORWARD of a hop: all its CPU, control messages and timer included,
+  over the FORWARDs it routed) and per token, per message of each kind (`broker_us_by_kind`;
+  `broker_us_per_result`: a hop's answer and the FORWARD it routes), the waiting requests it
+  tried to route (`broker_route_tries`), STATS and STATUS body sizes, the
   planner's command bursts, hops per token of the 10 hottest models, weight memory vs budget,
   requests that arrived for a model no live worker covered (and how long they waited), and
   the bytes per token that crossed nodes (workers in nodes of `per_node`, broker on node 0).
@@ -237,6 +240,20 @@ def run_size(
         "planner_cpu_ms_max": round(1000 * max(c.planner_cpu_s, default=0.0), 1),
         "broker_us_per_message": round(1e6 * c.broker_cpu_s / max(1, c.routed), 1),
         "broker_us_per_token": round(1e6 * c.broker_cpu_s / max(1, c.tokens), 1),
+        # what one message of each kind costs (RESULT: a hop's answer and the FORWARD it routes)
+        "broker_us_by_kind": {
+            k: round(1e6 * cpu / max(1, calls), 1)
+            for k, (calls, cpu) in sorted(c.broker_by_kind.items())
+        },
+        "broker_messages": {k: int(calls) for k, (calls, _) in sorted(c.broker_by_kind.items())},
+        "broker_us_per_result": round(
+            1e6
+            * c.broker_by_kind.get("Result", [0, 0.0])[1]
+            / max(1, c.broker_by_kind.get("Result", [0, 0.0])[0]),
+            1,
+        ),
+        "broker_route_tries": sim.broker.flow.tries,  # waiting requests tried (flow.dispatch)
+        "broker_bad_messages": sim.broker.counters["bad_messages"],
         "stats_kb_max": round(max(c.stats_bytes, default=0) / 1024, 1),
         "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
         "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),
@@ -266,6 +283,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("replace_lost_ms", "re-place 1 lost ms"),
         ("broker_us_per_message", "broker us/msg"),
         ("broker_us_per_token", "broker us/token"),
+        ("broker_us_per_result", "broker us/RESULT"),
         ("stats_kb_max", "STATS kB"),
         ("status_kb_max", "STATUS kB"),
         ("burst_commands_max", "burst cmds"),

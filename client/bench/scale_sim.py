@@ -123,6 +123,8 @@ class SimWorker:
 class Counters:
     broker_cpu_s: float = 0.0
     broker_calls: int = 0
+    # per message kind ("tick" for the timer): [calls, CPU s]
+    broker_by_kind: dict[str, list[float]] = field(default_factory=dict)
     routed: int = 0  # FORWARDs the broker sent (one per hop of a step)
     tokens: int = 0
     planner_cpu_s: list[float] = field(default_factory=list)
@@ -191,16 +193,20 @@ class Sim:
         self.now = until
 
     # -- the broker, measured -------------------------------------------------------------------
-    def _broker(self, call: Callable[..., list], *args: Any) -> None:
+    def _broker(self, kind: str, call: Callable[..., list], *args: Any) -> None:
         t0 = time.process_time()
         out = call(*args)
-        self.c.broker_cpu_s += time.process_time() - t0
+        dt = time.process_time() - t0
+        self.c.broker_cpu_s += dt
         self.c.broker_calls += 1
+        calls_cpu = self.c.broker_by_kind.setdefault(kind, [0, 0.0])
+        calls_cpu[0] += 1
+        calls_cpu[1] += dt
         for o in out:
             self._deliver(o)
 
     def to_broker(self, peer: bytes, msg: Any, frames: tuple = ()) -> None:
-        self._broker(self.broker.handle, peer, msg, frames, self.now)
+        self._broker(type(msg).__name__, self.broker.handle, peer, msg, frames, self.now)
 
     def _delay(self, worker: SimWorker | None) -> float:
         if worker is None:
@@ -220,7 +226,7 @@ class Sim:
         # the planner's ACKs and errors need no answer here
 
     def _tick(self) -> None:
-        self._broker(self.broker.tick, self.now)
+        self._broker("tick", self.broker.tick, self.now)
         self.at(self.now + self.cfg.tick_s, self._tick)
 
     def _stats(self) -> None:
@@ -358,7 +364,9 @@ class Sim:
             elif s.end == self.chain_len.get(s.model, -1):
                 res, frames = Result(fwd.request_id, fwd.step, token_id=7), ()
             else:
-                meta = (TensorMeta("bfloat16", (1, HIDDEN_BYTES // 2)),)
+                # the hidden state of every position the step ran (a prefill's: all of them)
+                positions = fwd.tensors[0].shape[0] if fwd.tensors else 1
+                meta = (TensorMeta("bfloat16", (positions, HIDDEN_BYTES // 2)),)
                 res, frames = Result(fwd.request_id, fwd.step, tensors=meta), (b"",)
             self.at(self.now + self._delay(w), self.to_broker, w.identity, res, frames)
         if w.queue:

@@ -28,6 +28,8 @@ def test_a_small_day_in_the_life() -> None:
     assert 0 < row["hops_per_token_hot"] <= 2
     assert 0 < row["memory_used_max"] <= 1.0
     assert row["broker_us_per_message"] > 0 and row["stats_kb_max"] > 0
+    assert row["broker_us_per_result"] > 0 and row["broker_messages"]["Result"] > 0
+    assert row["broker_bad_messages"] == 0  # the simulated workers answer as real ones do
     assert row["status_kb_max"] > 0
     assert set(row["errors"]) <= {"WORKER_LOST", "NO_ROUTE"}, row["errors"]
     text = table([row])
