@@ -27,13 +27,14 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockllm.broker.planner.assembly import assemble
 from blockllm.broker.planner.batching import BatchTuner
 from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.coverage import Coverage
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
 from blockllm.broker.planner.owners import Owners
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
@@ -367,6 +368,7 @@ class Planner:
         out: list[Message] = []
         missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
         room = Room(self.manifests, workers, self._loading())
+        cov: list[Coverage] = []  # built once, when some load waits for room
         for k in missing:
             if room.fits(k[0], t.stage_keys[k]):
                 self.waiting_room.pop(k, None)
@@ -374,7 +376,8 @@ class Planner:
                 out += self._load(k, t.stage_keys[k], workers, now)
             else:
                 since = self.waiting_room.setdefault(k, now)
-                out += self._make_room(workers[k[0]], workers, now - since, now)
+                cov = cov or [Coverage(workers, self._key, self.manifests)]
+                out += self._make_room(workers[k[0]], cov[0], now - since, now, workers)
         given_up = [
             k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
         ]
@@ -398,21 +401,23 @@ class Planner:
         return out
 
     def _make_room(
-        self, w: WorkerFacts, workers: Mapping[str, WorkerFacts], waited: float, now: float
+        self,
+        w: WorkerFacts,
+        cov: Coverage,
+        waited: float,
+        now: float,
+        workers: Mapping[str, WorkerFacts],
     ) -> list[Message]:
-        """Unload stages of `w` the target does not keep so that a load fits (see budgets.py)."""
+        """Unload stages of `w` the target does not keep so that a load fits (see budgets.py),
+        none a covered model needs unless the load waited long; `cov`: the snapshot's coverage."""
         t = self.target
         assert t is not None
         keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
 
         def covered_without(worker: str, key: str) -> bool:
             st = w.stages[key]  # only the models this stage serves can lose coverage
-            users = [m for m in sorted(t.models) if self._key(m, st.start, st.end) == key]
-            if not users:
-                return True
-            rest = dict(workers)
-            rest[worker] = replace(w, stages={k: v for k, v in w.stages.items() if k != key})
-            return all(self.covered(m, rest) for m in users if self.covered(m, workers))
+            users = cov.users(st.start, st.end, key, t.models)
+            return all(cov.covers(m, (worker, key)) for m in users if cov.covers(m))
 
         force = waited >= self.cfg.load_timeout_s
         out: list[Message] = []
