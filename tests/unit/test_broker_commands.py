@@ -18,7 +18,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.zoo.chain import stage_key
-from tests.unit.test_broker import BASE, FT, W0, W1, W2, Harness, ids_of, of, only
+from tests.unit.broker_harness import BASE, FT, W0, W1, W2, Harness, ids_of, of, only
 
 PLANNER = b"planner"
 

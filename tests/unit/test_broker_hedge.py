@@ -4,7 +4,7 @@ answer wins, the loser is released and its late answers dropped; no token twice,
 from __future__ import annotations
 
 from blockllm.broker.protocol import Dead, Forward, Release, Result, Token
-from tests.unit.test_broker import W0, W1, Harness, ids_of, of, only
+from tests.unit.broker_harness import W0, W1, Harness, ids_of, of, only
 
 
 def duplicated() -> Harness:

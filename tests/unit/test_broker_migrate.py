@@ -18,7 +18,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.routing import Hop
 from blockllm.zoo.chain import stage_key
-from tests.unit.test_broker import BASE, W0, W1, W2, Harness, ids_of, of, only
+from tests.unit.broker_harness import BASE, W0, W1, W2, Harness, ids_of, of, only
 from tests.unit.test_broker_commands import PLANNER, ack, route, two_full
 
 KV = (TensorMeta("float32", (4, 4, 2, 16)), TensorMeta("float32", (4, 4, 2, 16)))

@@ -9,7 +9,7 @@ import pytest
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import Forward, Result, Speculate, TensorMeta, Token
 from blockllm.zoo.chain import stage_key
-from tests.unit.test_broker import BASE, HIDDEN, W0, W1, W2, Harness, Out, of, only
+from tests.unit.broker_harness import BASE, HIDDEN, W0, W1, W2, Harness, Out, of, only
 
 
 def three_hops(h: Harness) -> Harness:

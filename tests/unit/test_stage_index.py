@@ -13,8 +13,8 @@ from blockllm.broker.protocol import PROTOCOL_VERSION, Ready, StageRef
 from blockllm.broker.routing import WorkerView, find_route
 from blockllm.broker.stage_index import LiveViews
 from blockllm.zoo.chain import stage_key
-from tests.unit.test_broker import manifest as base_manifest
-from tests.unit.test_broker import spec
+from tests.unit.broker_harness import manifest as base_manifest
+from tests.unit.broker_harness import spec
 
 LAYERS = 4
 CHAIN = LAYERS + 2

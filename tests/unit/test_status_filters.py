@@ -4,7 +4,7 @@ asked for, with the totals of what the broker has."""
 from __future__ import annotations
 
 from blockllm.broker.protocol import Status, StatusRequest
-from tests.unit.test_broker import CHAIN, CLIENT, W0, W1, W2, Harness
+from tests.unit.broker_harness import CHAIN, CLIENT, W0, W1, W2, Harness
 
 
 def status(h: Harness, **kw) -> dict:

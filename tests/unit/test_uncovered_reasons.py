@@ -6,7 +6,7 @@ from __future__ import annotations
 from blockllm.broker.planner.notes import uncovered_notes
 from blockllm.broker.protocol import PlannerReport
 from blockllm.broker.status import PLANNER_STALE_S
-from tests.unit.test_broker import Harness
+from tests.unit.broker_harness import Harness
 from tests.unit.test_planner import planner, snapshot
 
 PLANNER = b"planner-1"
