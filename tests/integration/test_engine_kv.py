@@ -19,9 +19,6 @@ from tests.integration.engine_driver import (
     make_reqs,
 )
 
-# tiny models: one intra-op thread (tests/integration/conftest.py)
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 # ---------------------------------------------------------------------------------------------
 # KV accounting: admission, eviction, replay
 

@@ -29,9 +29,6 @@ from tests.integration.engine_driver import (
     make_reqs,
 )
 
-# tiny models: one intra-op thread (tests/integration/conftest.py)
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 # ---------------------------------------------------------------------------------------------
 # greedy parity: 1, 2, 3 stages, cut anywhere, on one worker or split across two
 

@@ -1,12 +1,16 @@
 """`bench soak --chaos` (issue 14): two tenants on three workers under four closed-loop streams.
 
-The broker-restart test is the regression test of the lost requests: the soak once injected
-its faults from a helper thread, and a child arms PR_SET_PDEATHSIG, which fires when the
-*thread* that started it ends; so the broker restarted by the last fault was SIGTERMed at once
-and the four requests resumed on it were never answered. The one-minute run injects every
-fault kind: a worker SIGKILLed (and restarted), a worker SIGSTOPped, the planner killed and
-restarted, the broker killed and restarted on the same address. Nothing is lost, nothing is
-wrong, every fault is recovered from."""
+One run of half a minute injects every fault kind (faults fall between its first tenth and its
+last sixth, a few seconds apart): a worker SIGKILLed (and restarted), a worker SIGSTOPped, the
+planner killed and restarted, the broker killed and restarted on the same address. Nothing is
+lost, nothing is wrong, every fault is recovered from.
+
+It is also the regression test of the lost requests: the soak once injected its faults from a
+helper thread, and a child arms PR_SET_PDEATHSIG, which fires when the *thread* that started it
+ends; so the broker restarted by the last fault was SIGTERMed at once and the requests resumed
+on it were never answered. Seed 0 schedules the broker's restart last (asserted), so that case
+is this run's. (It once had a 15-s broker-restart-only run of its own, and the chaos run lasted
+a minute: the same checks, about 75 s longer.)"""
 
 from __future__ import annotations
 
@@ -32,21 +36,9 @@ def check(doc: dict, kinds: list[str]) -> None:
     assert doc["recovery_s"]["unrecovered"] == 0, doc
 
 
-@pytest.mark.timeout(300)
-def test_a_broker_killed_and_restarted_under_streams_loses_nothing(soak_zoo: Path):
-    cfg = SoakConfig(
-        zoo=str(soak_zoo),
-        models=("base", "ft"),
-        minutes=0.25,
-        chaos=True,
-        workers=2,
-        faults=("restart_broker",),
-        request_timeout_s=45.0,
-    )
-    check(run_soak(cfg), ["restart_broker"])
-
-
 @pytest.mark.timeout(400)
-def test_one_minute_of_chaos_loses_nothing_and_answers_nothing_wrong(soak_zoo: Path):
-    doc = run_soak(SoakConfig(zoo=str(soak_zoo), models=("base", "ft"), minutes=1.0, chaos=True))
+def test_half_a_minute_of_chaos_loses_nothing_and_answers_nothing_wrong(soak_zoo: Path):
+    doc = run_soak(SoakConfig(zoo=str(soak_zoo), models=("base", "ft"), minutes=0.5, chaos=True))
     check(doc, ["kill_worker", "stop_worker", "restart_planner", "restart_broker"])
+    # seed 0 orders the broker's restart last: the case of the lost requests (see above)
+    assert doc["faults"][-1]["kind"] == "restart_broker", doc
