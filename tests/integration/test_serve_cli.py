@@ -1,9 +1,10 @@
 """`blockllm serve` as a real subprocess: announces its address, serves, stops cleanly.
 
 The contract tested: the first stdout line ends with the broker address (its last word);
-`blockllm generate --json` against it works; SIGINT stops everything with exit 0 and leaves no
-process behind; a worker that dies is restarted while its streams complete HF-equal; a worker
-slot that crash-loops, or a broker that dies, makes serve stop everything and exit non-zero.
+`blockllm generate --json` against it works; SIGINT (and SIGTERM) stops everything with exit 0
+and leaves no process behind; a config file's values reach the workers; a worker that dies is
+restarted while its streams complete HF-equal; a worker slot that crash-loops, or a broker that
+dies, makes serve stop everything and exit non-zero.
 """
 
 from __future__ import annotations
@@ -102,20 +103,6 @@ def test_serve_announces_serves_and_stops_on_sigint(serve, llama: Path):
     assert not alive, f"left running: {alive}"
 
 
-def test_serve_json_announcement_and_sigterm(serve):
-    proc = serve("--workers", "1", "--threads", "1", "--json", "--models", "m")
-    doc = json.loads(read_line(proc, 120))
-    assert doc["broker"].startswith("tcp://127.0.0.1:") and doc["models"] == ["m"]
-    assert [w["stages"] for w in doc["workers"]] == [["m:0-6"]]
-    assert all(psutil.pid_exists(w["pid"]) for w in doc["workers"])
-    children = descendants(proc.pid)
-    proc.terminate()
-    proc.communicate(timeout=60)
-    assert proc.returncode == 0
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive
-
-
 LONG_PROMPT = [11, 23, 5, 77, 140, 9]
 LONG = 240  # new tokens: long enough that a kill after the first few lands mid-generation
 
@@ -212,7 +199,11 @@ def test_serve_without_models_fails_with_one_line(tmp_path: Path):
     assert "blockllm zoo import" in out.stderr
 
 
-def test_config_file_values_and_errors(serve, tmp_path: Path):
+def test_config_file_values_json_announcement_and_sigterm(serve, tmp_path: Path):
+    """A bad config file is refused (exit 78); a good one's values reach the worker; --json
+    announces the broker, models and workers; SIGTERM stops everything with exit 0."""
+    from blockllm.client import Client
+
     bad = tmp_path / "bad.toml"
     bad.write_text('[worker]\nkv_budget_bytes = "lots"\n')
     out = subprocess.run(
@@ -222,16 +213,20 @@ def test_config_file_values_and_errors(serve, tmp_path: Path):
 
     good = tmp_path / "cluster.toml"
     good.write_text('[worker]\nkv_budget_bytes = "32MiB"\nthreads = 1\n')
-    proc = serve("--workers", "1", "--json", "--config", str(good))
+    proc = serve("--workers", "1", "--json", "--models", "m", "--config", str(good))
     doc = json.loads(read_line(proc, 120))
-    from blockllm.client import Client
-
+    assert doc["broker"].startswith("tcp://127.0.0.1:") and doc["models"] == ["m"]
+    assert [w["stages"] for w in doc["workers"]] == [["m:0-6"]]
+    assert all(psutil.pid_exists(w["pid"]) for w in doc["workers"])
     with Client(doc["broker"]) as client:
         (worker,) = client.status()["workers"]
     assert worker["kv_total_bytes"] == 32 << 20  # from the file
-    proc.send_signal(signal.SIGINT)
+    children = descendants(proc.pid)
+    proc.terminate()
     proc.communicate(timeout=60)
     assert proc.returncode == 0
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
 
 
 @pytest.mark.parametrize("command", ["serve", "broker", "worker"])
