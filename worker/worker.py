@@ -122,6 +122,7 @@ class Worker:
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
         self._step_no = 0
+        self.forward_s = 0.0  # wall time of all batched forwards so far (every stage)
 
     # -- stages --------------------------------------------------------------------------
     def _load_block(self, block_id: str) -> dict[str, torch.Tensor]:
@@ -530,10 +531,10 @@ class Worker:
                         prompt_top=alts,
                     )
                 )
-            st.busy_s += time.perf_counter() - t0
+            self._busy(st, time.perf_counter() - t0)
             return
         settle(h)  # CUDA: the stage's kernels done, so busy_s times them, not their launch
-        st.busy_s += time.perf_counter() - t0
+        self._busy(st, time.perf_counter() - t0)
         # h: [N, D] -> one [T_i, D] view per entry, in batch order
         for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
             e.at += 1
@@ -542,6 +543,10 @@ class Worker:
                 arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
             else:
                 results.append(WorkResult(e.item.request_id, e.item.step, hidden=out))
+
+    def _busy(self, st: _Stage, seconds: float) -> None:
+        st.busy_s += seconds
+        self.forward_s += seconds
 
     def _forward(self, st: _Stage, entries: list[_Entry]) -> torch.Tensor:
         """Stage input of all entries flattened -> stage output hidden [N, D]."""
