@@ -367,9 +367,9 @@ class Worker:
                     except WorkerError as err:
                         results.append(_error(e.item, err))
                 if entries:
-                    busy = st.busy_s
+                    before = st.busy_s
                     done, moved = run_stage(st, entries, self.kv, self.adapters, self._step_no)
-                    self.forward_s += st.busy_s - busy
+                    self.forward_s += st.busy_s - before
                     results.extend(done)
                     for e in moved:
                         arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
