@@ -63,6 +63,8 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
+from blockllm.broker.timings import clock
+from blockllm.worker.clock import StepClock
 from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
 from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
@@ -86,6 +88,7 @@ from blockllm.worker.proc_io import (
     IOThreadFailed,
     Reset,
     Wake,
+    is_decode,
     result_message,
     work_item,
 )
@@ -120,6 +123,8 @@ class WorkerProc:
         self._prom_server: Any = None
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
+        self.clock = StepClock(self.io.arrived)  # decode items' phases (worker/clock.py)
+        self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
@@ -300,24 +305,30 @@ class WorkerProc:
             )
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        t0, f0 = clock(), getattr(self.engine, "forward_s", 0.0)
         results = self.runner.step()
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
-        self._last_step_s = time.perf_counter() - t0
+        t1 = clock()
+        self._last_step_s = t1 - t0
+        compute = getattr(self.engine, "forward_s", 0.0) - f0
+        timed = self.clock.on_step(t0, t1, compute, results)
         self.facts.on_step(self._last_step_s, len(results))
         if self.prom is not None:
             self.prom.on_step(self._last_step_s, len(results))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
-            self._answer(r)
+            self._answer(r, t1 if r.request_id in timed else 0.0)
         maybe_fault(self.cfg, self.facts.steps, self.name)
 
-    def _answer(self, r: Any) -> None:
-        self.io.send(*result_message(r))
+    def _answer(self, r: Any, step_end: float = 0.0) -> None:
+        """Queue the message answering `r`; `step_end`: a timed decode item's step end."""
+        self.io.send(*result_message(r), timed=bool(step_end))
+        if step_end:
+            self.clock.answered(step_end)
 
     # -- handlers (compute thread) -----------------------------------------------------------
     def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
@@ -327,8 +338,11 @@ class WorkerProc:
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if not is_decode(msg, tensors[0]):
+            self.io.arrived.pop(msg.request_id, None)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
+            self.clock.on_submit(msg.request_id)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -349,6 +363,7 @@ class WorkerProc:
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
         self.runner.release(msg.request_id)
+        self.clock.forget(msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
@@ -468,6 +483,7 @@ class WorkerProc:
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        self.clock.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 
