@@ -89,6 +89,7 @@ class Worker:
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
         self._step_no = 0
+        self.forward_s = 0.0  # wall time of all batched forwards so far (every stage)
 
     # -- stages --------------------------------------------------------------------------
     def _load_block(self, block_id: str) -> dict[str, torch.Tensor]:
@@ -366,7 +367,9 @@ class Worker:
                     except WorkerError as err:
                         results.append(_error(e.item, err))
                 if entries:
+                    before = st.busy_s
                     done, moved = run_stage(st, entries, self.kv, self.adapters, self._step_no)
+                    self.forward_s += st.busy_s - before
                     results.extend(done)
                     for e in moved:
                         arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
