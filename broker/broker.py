@@ -181,7 +181,7 @@ class Broker:
     def tick(self, now: float) -> list[Out]:
         """Deadlines, worker expiry and pings; call at least every `cfg.tick_s`."""
         out: list[Out] = []
-        for req in [r for r in self.state.requests.values() if now >= r.deadline]:
+        for req in self.state.past_deadline(now):
             code = ErrorCode.TIMEOUT
             if req.route is None and not self.flow.covered(req.model):
                 code = ErrorCode.NO_ROUTE
@@ -376,7 +376,7 @@ class Broker:
             if why:
                 return self._misbehaved(req, peer, now, why)
             req.hop += 1
-            req.hop_sent_at = now
+            self.state.hop_sent(req, now)
             hop = req.route[req.hop]
             out = [Out(hop.worker, self.flow.forward(req, hop, tuple(msg.tensors)), tuple(frames))]
             return out + self.flow.speculative(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.routing import Hop, WorkerView
+from blockllm.broker.stage_index import LiveViews
 
 if TYPE_CHECKING:
     from blockllm.broker.state import BrokerState
@@ -141,14 +142,12 @@ def uncovered_reason(b: BrokerState, name: str, now: float) -> str:
 
 def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dict[str, Any]:
     spec = b.models[name]
-    unbanned = {
-        p: WorkerView(w.live_stages(), w.load(), not w.banned(now)) for p, w in b.workers.items()
-    }
+    # views built lazily: routing reads only the workers the routing index names for the model
+    unbanned = LiveViews(b.workers, lambda p, w: not w.banned(now))
     route = route_of(name, unbanned)
     if route is None:  # show the route banned workers give, if only bans are in the way
-        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in b.workers.items()}
-        route = route_of(name, views)
-    mine = [r for r in b.requests.values() if r.model == name]
+        route = route_of(name, LiveViews(b.workers, lambda p, w: True))
+    mine = [r for rid in b.by_model.get(name, ()) if (r := b.requests.get(rid)) is not None]
     return {
         "layers": spec.num_layers,
         "chain_len": spec.chain_len,
