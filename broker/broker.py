@@ -252,9 +252,20 @@ class Broker:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.state.reload(now)
 
-    def status(self, now: float, model: str = "", worker: str = "") -> dict[str, Any]:
-        """The STATUS body (see broker/status.py), filtered to a model and/or a worker."""
-        return status_body(self.state, self.flow.route, now, model=model, worker=worker)
+    def status(
+        self,
+        now: float,
+        model: str = "",
+        worker: str = "",
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """The STATUS body (see broker/status.py), filtered to a model and/or a worker; one
+        page of it with `limit` (0: the broker's page size), all of it with None."""
+        return status_body(
+            self.state, self.flow.route, now, model=model, worker=worker, offset=offset, limit=limit
+        )
 
     def stats(self, now: float) -> dict[str, Any]:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
@@ -496,4 +507,5 @@ class Broker:
     def _handle_status_request(
         self, peer: bytes, msg: StatusRequest, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        return [Out(peer, Status(msg.request_id, self.status(now, msg.model, msg.worker)))]
+        body = self.status(now, msg.model, msg.worker, offset=msg.offset, limit=msg.limit)
+        return [Out(peer, Status(msg.request_id, body))]

@@ -329,6 +329,11 @@ class StatusRequest:
     # filters ("" = all): one model and the workers serving it; one worker and its models
     model: str = ""
     worker: str = ""
+    # one page of the (filtered) lists: entries [offset, offset + limit) of the workers and
+    # of the models; limit 0 (or more than the broker's page) = the broker's page size, so one
+    # STATUS stays bounded (body "page": {"offset", "limit", "next"}; next 0: the last page)
+    offset: int = 0
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
