@@ -61,6 +61,8 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
+from blockllm.broker.timings import clock
+from blockllm.worker.clock import StepClock
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
@@ -82,6 +84,7 @@ from blockllm.worker.proc_io import (
     IOThreadFailed,
     Reset,
     Wake,
+    is_decode,
     result_message,
     work_item,
 )
@@ -116,6 +119,8 @@ class WorkerProc(KvMigration):
         self._prom_server: Any = None
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
+        self.clock = StepClock(self.io.arrived)  # decode items' phases (worker/clock.py)
+        self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
@@ -296,24 +301,30 @@ class WorkerProc(KvMigration):
             )
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        t0, f0 = clock(), getattr(self.engine, "forward_s", 0.0)
         results = self.runner.step()
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
-        self._last_step_s = time.perf_counter() - t0
+        t1 = clock()
+        self._last_step_s = t1 - t0
+        compute = getattr(self.engine, "forward_s", 0.0) - f0
+        timed = self.clock.on_step(t0, t1, compute, results)
         self.facts.on_step(self._last_step_s, len(results))
         if self.prom is not None:
             self.prom.on_step(self._last_step_s, len(results))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
-            self._answer(r)
+            self._answer(r, t1 if r.request_id in timed else 0.0)
         self._maybe_fault()
 
-    def _answer(self, r: Any) -> None:
-        self.io.send(*result_message(r))
+    def _answer(self, r: Any, step_end: float = 0.0) -> None:
+        """Queue the message answering `r`; `step_end`: a timed decode item's step end."""
+        self.io.send(*result_message(r), timed=bool(step_end))
+        if step_end:
+            self.clock.answered(step_end)
 
     def _maybe_fault(self) -> None:
         """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
@@ -333,8 +344,11 @@ class WorkerProc(KvMigration):
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if not is_decode(msg, tensors[0]):
+            self.io.arrived.pop(msg.request_id, None)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
+            self.clock.on_submit(msg.request_id)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -355,6 +369,7 @@ class WorkerProc(KvMigration):
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
         self.runner.release(msg.request_id)
+        self.clock.forget(msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
@@ -471,6 +486,7 @@ class WorkerProc(KvMigration):
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        self.clock.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 

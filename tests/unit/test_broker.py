@@ -467,8 +467,8 @@ def test_heartbeat_from_unknown_worker_asks_for_ready(h: Harness) -> None:
 def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
     body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
-    keys = {"workers", "models", "requests", "counters", "stats_endpoint", "totals", "page"}
-    assert set(body) == keys
+    top = {"workers", "models", "requests", "counters", "stats_endpoint", "totals", "timings"}
+    assert set(body) == top | {"page"}
     assert body["page"] == {"offset": 0, "limit": 128, "next": 0}  # one page holds it all
     w = body["workers"][0]
     for key in ("name", "pid", "host", "device", "stages", "queue_depths", "kv_free_bytes"):
