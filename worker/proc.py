@@ -61,11 +61,13 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
+from blockllm.worker.adapter_loads import AdapterLoads
 from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
 from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.loader import (
+    AdapterJob,
     Loaded,
     LoaderBusy,
     LoadJob,
@@ -117,6 +119,7 @@ class WorkerProc(KvMigration):
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
         self.loader: StageLoader | None = None
+        self.adapter_loads: AdapterLoads | None = None  # LoRA blocks read off this thread
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
         self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
@@ -159,6 +162,11 @@ class WorkerProc(KvMigration):
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
+        if self.loader.read_adapters is not None and hasattr(self.engine, "adapters"):
+            engine = self.engine
+            self.adapter_loads = AdapterLoads(
+                engine.adapters, self.loader.submit, lambda: engine.adapter_dtype
+            )
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -333,6 +341,8 @@ class WorkerProc(KvMigration):
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if self.adapter_loads is not None and self.adapter_loads.waits(msg, tensors, self._refuse):
+            return  # its LoRA blocks load on the loader thread (worker/adapter_loads.py)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
         except WorkerError as e:
@@ -354,6 +364,8 @@ class WorkerProc(KvMigration):
         return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
+        if self.adapter_loads is not None:
+            self.adapter_loads.drop(msg.request_id)
         self.runner.release(msg.request_id)
         self._known.discard(msg.request_id)
 
@@ -418,6 +430,10 @@ class WorkerProc(KvMigration):
     def _handle_loaded(self, item: Loaded) -> None:
         """The loader read a stage: install it between two steps, then announce it."""
         job, error = item.job, item.error
+        if isinstance(job, AdapterJob):
+            assert self.adapter_loads is not None, "adapter jobs come from adapter_loads"
+            self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
+            return
         if error is None:
             try:
                 self._install(job, item.blocks)
@@ -471,6 +487,8 @@ class WorkerProc(KvMigration):
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        if self.adapter_loads is not None:
+            self.adapter_loads.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 

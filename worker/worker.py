@@ -39,7 +39,7 @@ from blockllm.worker.items import (
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
 from blockllm.worker.logprobs import check_logprobs, prompt_logprobs, top_alternatives
-from blockllm.worker.lora import AdapterCache, plan_lora
+from blockllm.worker.lora import AdapterCache, AdapterMap
 from blockllm.worker.sampling import GREEDY, sample
 from blockllm.zoo.chain import stage_blocks, stage_key
 
@@ -85,7 +85,7 @@ class _Entry:
     n: int  # T
     at: int = 0  # index into item.stage_keys of the stage it is at
     sampling: SamplingParams = GREEDY
-    adapters: dict[int, str] = field(default_factory=dict)  # chain position -> LoRA block
+    adapters: AdapterMap = field(default_factory=AdapterMap)  # chain position -> LoRA block
 
 
 @dataclass(slots=True)
@@ -129,6 +129,15 @@ class Worker:
         if tensors is not None:  # read ahead by read_blocks (the process's loader thread)
             return tensors
         return self._read(block_id, self._serving)
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The dtype LoRA adapter blocks are read in now (that of the stage loaded last)."""
+        return self._serving
+
+    def read_block(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block read (and verified) from the zoo, cast to `dtype`. Any thread."""
+        return self._read(block_id, dtype)
 
     def served_dtype(self, manifest: Any) -> str:
         """The dtype this worker serves a model's blocks in: --dtype, else the model's own
@@ -498,7 +507,8 @@ class Worker:
         results: list[WorkResult],
     ) -> None:
         """One batched forward of `entries` through stage `st`; route or finish each entry."""
-        entries.sort(key=lambda e: e.n != 1)  # stable: single-token items first
+        # stable: single-token items first; each adapter's rows consecutive (worker/lora.py)
+        entries.sort(key=lambda e: (e.n != 1, e.adapters.order))
         st.forwards += 1
         st.items += len(entries)
         t0 = time.perf_counter()
@@ -564,9 +574,8 @@ class Worker:
             len(model.layers),
             [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
         )
-        model.lora.step = plan_lora(
+        model.lora.prepare(
             max(st.info.start, 1),
-            len(model.layers),
             [e.adapters for e in entries],
             [e.n for e in entries],
             self.adapters,
@@ -575,7 +584,7 @@ class Worker:
         try:
             h = model.run_layers(h, plan)
         finally:
-            model.lora.step = None
+            model.lora.finish()
         for s, e in zip(seqs, entries, strict=True):
             s.length = e.item.past_len + e.n  # type: ignore[union-attr]
             s.last_used = self._step_no  # type: ignore[union-attr]
