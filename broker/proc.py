@@ -53,6 +53,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import bound_endpoint, make_socket
+from blockllm.broker.timings import clock
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ def check_tensor_frames(msg: Message, body: Sequence[Any]) -> None:
         got = len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
         if got != want:
             raise ProtocolError(f"tensor frame has {got} bytes, header says {want}")
+
+
+def is_decode_result(msg: Any) -> bool:
+    """A RESULT of a decode step (past the first: the prefill; one position: a hidden state
+    [1, D], or a sampled token): what the broker's `timings` sum for `bench pipeline
+    --breakdown` (a replay's prefill past step 1 counts too: rare)."""
+    return msg.step > 1 and (not msg.tensors or tuple(msg.tensors[0].shape[:1]) == (1,))
 
 
 class BrokerProc:
@@ -288,12 +296,14 @@ class BrokerProc:
 
     def _handle_parts(self, parts: list[zmq.Frame]) -> None:
         """Decode the envelope of one message and let the Broker handle it."""
+        t0 = clock()
         peer = parts[0].bytes
         body = parts[1:]
         now = time.monotonic()
         try:
             msg = frames.decode_header(body)
             check_tensor_frames(msg, body)
+            t1 = clock()
         except ProtocolError as e:
             self._send(self.broker.bad_message(peer, str(e), now))
             return
@@ -316,7 +326,13 @@ class BrokerProc:
             self.broker.counters["internal_errors"] += 1
             rid = getattr(msg, "request_id", "")
             outs = [Out(peer, Error(rid, ErrorCode.INTERNAL.value, "internal broker error"))]
+        t2 = clock()
         self._send(outs)
+        if msg.KIND is Kind.RESULT and is_decode_result(msg):
+            timings = self.broker.state.timings
+            timings.add("decode", t1 - t0)
+            timings.add("handle", t2 - t1)
+            timings.add("send", clock() - t2)
 
     def _allowed(self, peer: bytes, first: Any, msg: Any) -> bool:
         """Whether the role of the sender's key (its connection's User-Id, set by our ZAP

@@ -188,6 +188,8 @@ class Heartbeat:
     # per stage key: LoRA adapter blocks resident for its decoder layers (worker/lora.py)
     stage_adapters: dict[str, int] = field(default_factory=dict)
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena's share per geometry
+    # cumulative seconds and counts of the phases its decode items passed (broker/timings.py)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

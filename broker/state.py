@@ -19,6 +19,7 @@ from blockllm.broker.requests import RequestState, split_wire_id
 from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
 from blockllm.broker.status import COUNTERS
+from blockllm.broker.timings import Timings
 from blockllm.broker.waiting import WaitQueue
 from blockllm.broker.workers import Registry, WorkerState
 
@@ -85,6 +86,7 @@ class BrokerState:
         self.by_model: dict[str, set[str]] = {}  # model -> its request ids
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.metrics = Metrics()
+        self.timings = Timings()  # the loop's phases of decode RESULTs (broker/timings.py)
         self.shutting_down = False
         self.ids = itertools.count(1)
         # SET_ROUTES: the planner's preferred routes per model; routes_gen bumps on every change,

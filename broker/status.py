@@ -19,7 +19,9 @@ models):
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
     "stage_mean_batch", "stage_step_ms", "draining", "last_error", "refused_blocks" and
     "pinned" for the planner, and
-    "speculation": {"speculated", "accepted", "rejected"}, the worker's speculative runs)
+    "speculation": {"speculated", "accepted", "rejected"}, the worker's speculative runs, and
+    "timings": the phases of its decode items, cumulative (broker/timings.py); the body's
+    top-level "timings" are the broker loop's, for decode RESULTs)
 "The chain really served" is the model's own chain with `substitutions` applied.
 """
 
@@ -106,6 +108,7 @@ def worker_entry(w: WorkerState, now: float) -> dict[str, Any]:
         "refused_blocks": list(w.refused_blocks),
         "pinned": list(w.pinned),
         "speculation": {k: w.speculation.get(k, 0) for k in ("speculated", "accepted", "rejected")},
+        "timings": dict(w.timings),
         "kv_geometries": [
             {
                 "label": g.label,
@@ -185,6 +188,7 @@ def status_body(
         "models": {name: model_entry(b, route_of, name, now) for name in names},
         "requests": {"running": running, "waiting": len(b.requests) - running},
         "counters": dict(b.counters),
+        "timings": b.timings.snapshot(),
         "stats_endpoint": b.stats_endpoint,
         "totals": {"workers": len(b.workers), "models": len(b.models)},
     }

@@ -8,10 +8,25 @@ burst of requests cannot overrun a worker that has not reported yet:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from blockllm.broker.protocol import Heartbeat, KVGeometryUse, Ready, StageRef
+
+TIMINGS_MAX = 64  # names kept from a worker's heartbeat timings
+
+
+def clean_timings(timings: Any) -> dict[str, float]:
+    """A worker's timings as reported, keeping only name -> finite number (a few dozen)."""
+    if not isinstance(timings, dict):
+        return {}
+    kept = {}
+    for k, v in list(timings.items())[:TIMINGS_MAX]:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if isinstance(k, str) and ok:
+            kept[k] = v
+    return kept
 
 
 class Watched(dict):
@@ -158,6 +173,7 @@ class WorkerState:
     # speculative execution counters (HEARTBEAT): speculated, accepted, rejected
     speculation: dict[str, int] = field(default_factory=dict)
     kv_geometries: tuple[KVGeometryUse, ...] = ()  # the KV arena per geometry (READY, HEARTBEAT)
+    timings: dict[str, float] = field(default_factory=dict)  # HEARTBEAT (broker/timings.py)
     _pages: tuple = ()  # (label, page size, page bytes) of each geometry at the last report
 
     # the Registry's dirty set once registered: told when stages or drains change
@@ -228,6 +244,7 @@ class WorkerState:
         self.stage_step_ms = dict(msg.stage_step_ms)
         self.stage_adapters = dict(msg.stage_adapters)
         self.kv_geometries = msg.kv_geometries
+        self.timings = clean_timings(msg.timings)
         self.speculation = {
             "speculated": msg.speculated,
             "accepted": msg.accepted,

@@ -44,18 +44,27 @@ class AdapterLoads:
 
     def __init__(
         self,
-        cache: AdapterCache,
+        cache: AdapterCache | None,
         submit: Callable[[AdapterJob], None],
         dtype: Callable[[], str],
         limit: int = 256,
     ) -> None:
-        self._cache = cache
+        self._cache = cache  # None: off (the engine reads adapter blocks itself)
         self._submit = submit  # StageLoader.submit (raises LoaderBusy)
         self._dtype = dtype  # the dtype the engine reads adapter blocks in now
         self.limit = limit
         self._parked: list[_Parked] = []
         self._loading: set[str] = set()
         self.jobs = 0
+
+    @classmethod
+    def start(cls, engine: Any, loader: Any) -> AdapterLoads:
+        """For a worker process: on when the loader thread can read adapter blocks for the
+        engine, else off (never parks)."""
+        cache = getattr(engine, "adapters", None)
+        if cache is None or loader is None or loader.read_adapters is None:
+            return cls(None, _no_jobs, str)
+        return cls(cache, loader.submit, lambda: engine.adapter_dtype)
 
     def __len__(self) -> int:
         return len(self._parked)
@@ -65,7 +74,7 @@ class AdapterLoads:
         way). Raises TooManyWaiting, LoaderBusy (nothing parked)."""
         from blockllm.zoo.store import check_block_id
 
-        if not msg.adapter_blocks:
+        if not msg.adapter_blocks or self._cache is None:
             return False
         try:
             ids = {check_block_id(b) for b in msg.adapter_blocks}
@@ -90,7 +99,7 @@ class AdapterLoads:
         """The loader's answer to an AdapterJob: its blocks made resident; returns the parked
         FORWARDs now ready to submit, in arrival order, and those to refuse (code, message)."""
         job = item.job
-        assert isinstance(job, AdapterJob)
+        assert isinstance(job, AdapterJob) and self._cache is not None
         self._loading.difference_update(job.blocks)
         error = _describe(item.error) if item.error is not None else None
         if error is None:
@@ -138,6 +147,10 @@ class AdapterLoads:
 
     def clear(self) -> None:
         self._parked.clear()
+
+
+def _no_jobs(job: AdapterJob) -> None:
+    raise AssertionError(f"adapter loads are off: {job}")
 
 
 def _describe(e: BaseException) -> tuple[ErrorCode, str]:

@@ -93,6 +93,7 @@ class Facts:
         self._at = 0.0
         self._proc = psutil.Process()
         self.spec: Any = None  # a worker/speculate.py Speculation, once the worker speculates
+        self.timings: Any = None  # the compute loop's Timings (worker/clock.py), if any
 
     def on_step(self, seconds: float, batch: int) -> None:
         """One engine step that did work: `seconds` long, `batch` results."""
@@ -120,6 +121,7 @@ class Facts:
             **self._stage_facts(engine),
             **self._speculation_facts(),
             kv_geometries=kv_geometries(engine),
+            timings=self.timings.snapshot() if self.timings is not None else {},
         )
         return True
 

@@ -13,8 +13,8 @@ The main thread runs the engine (`Worker`) directly: it drains the inbox (blocki
 submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
 SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
 (broker/migrate.py) export and import a request's KV of one stage between two steps
-(worker/proc_kv.py). systemd's watchdog is fed only while the IO and loader threads are
-healthy too (`_healthy`).
+(worker/proc_kv.py builds the answers). systemd's watchdog is fed only while the IO and
+loader threads are healthy too (`_healthy`).
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
@@ -53,6 +53,8 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Kind,
+    KvExport,
+    KvShard,
     LoadStage,
     Release,
     SetBatch,
@@ -61,9 +63,11 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
+from blockllm.broker.timings import clock
 from blockllm.worker.adapter_loads import AdapterLoads
-from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
+from blockllm.worker.clock import StepClock
+from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
+from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.loader import (
@@ -73,6 +77,8 @@ from blockllm.worker.loader import (
     LoadJob,
     StageLoader,
     build_engine,
+    install,
+    load_error,
     start_loader,
     unhealthy,
 )
@@ -84,16 +90,17 @@ from blockllm.worker.proc_io import (
     IOThreadFailed,
     Reset,
     Wake,
+    is_decode,
     result_message,
     work_item,
 )
-from blockllm.worker.proc_kv import KvMigration
+from blockllm.worker.proc_kv import export_kv, import_kv
 from blockllm.worker.speculate import Speculation
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerProc(KvMigration):
+class WorkerProc:
     """The compute loop around one engine `Worker`; call from the process's main thread.
 
     `start()` connects and starts loading the configured stages (READY follows once they are
@@ -118,8 +125,10 @@ class WorkerProc(KvMigration):
         self._prom_server: Any = None
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
+        self.clock = StepClock(self.io.arrived)  # decode items' phases (worker/clock.py)
+        self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
-        self.adapter_loads: AdapterLoads | None = None  # LoRA blocks read off this thread
+        self.adapter_loads = AdapterLoads.start(None, None)  # LoRA blocks off this thread
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
         self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
@@ -162,11 +171,7 @@ class WorkerProc(KvMigration):
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
-        if self.loader.read_adapters is not None and hasattr(self.engine, "adapters"):
-            engine = self.engine
-            self.adapter_loads = AdapterLoads(
-                engine.adapters, self.loader.submit, lambda: engine.adapter_dtype
-            )
+        self.adapter_loads = AdapterLoads.start(self.engine, self.loader)
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -304,34 +309,30 @@ class WorkerProc(KvMigration):
             )
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        t0, f0 = clock(), getattr(self.engine, "forward_s", 0.0)
         results = self.runner.step()
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
-        self._last_step_s = time.perf_counter() - t0
+        t1 = clock()
+        self._last_step_s = t1 - t0
+        compute = getattr(self.engine, "forward_s", 0.0) - f0
+        timed = self.clock.on_step(t0, t1, compute, results)
         self.facts.on_step(self._last_step_s, len(results))
         if self.prom is not None:
             self.prom.on_step(self._last_step_s, len(results))
         # Facts first: a ping answered after these results must not predate them.
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
-            self._answer(r)
-        self._maybe_fault()
+            self._answer(r, t1 if r.request_id in timed else 0.0)
+        maybe_fault(self.cfg, self.facts.steps, self.name)
 
-    def _answer(self, r: Any) -> None:
-        self.io.send(*result_message(r))
-
-    def _maybe_fault(self) -> None:
-        """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
-        steps = self.facts.steps
-        if self.cfg.fault_after_steps is None or steps < self.cfg.fault_after_steps:
-            return
-        if self.cfg.fault_mode is FaultMode.EXIT:
-            logger.error("[dead] worker %s: injected crash after %d steps", self.name, steps)
-            os._exit(EXIT_FAULT)
-        raise InjectedFault(f"injected fault after {steps} steps")
+    def _answer(self, r: Any, step_end: float = 0.0) -> None:
+        """Queue the message answering `r`; `step_end`: a timed decode item's step end."""
+        self.io.send(*result_message(r), timed=bool(step_end))
+        if step_end:
+            self.clock.answered(step_end)
 
     # -- handlers (compute thread) -----------------------------------------------------------
     def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
@@ -341,10 +342,13 @@ class WorkerProc(KvMigration):
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
-        if self.adapter_loads is not None and self.adapter_loads.waits(msg, tensors, self._refuse):
+        if self.adapter_loads.waits(msg, tensors, self._refuse):
             return  # its LoRA blocks load on the loader thread (worker/adapter_loads.py)
+        if not is_decode(msg, tensors[0]):
+            self.io.arrived.pop(msg.request_id, None)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
+            self.clock.on_submit(msg.request_id)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -364,9 +368,9 @@ class WorkerProc(KvMigration):
         return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
-        if self.adapter_loads is not None:
-            self.adapter_loads.drop(msg.request_id)
+        self.adapter_loads.drop(msg.request_id)
         self.runner.release(msg.request_id)
+        self.clock.forget(msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
@@ -388,6 +392,15 @@ class WorkerProc(KvMigration):
             logger.exception("[speculate] %s step %d failed", msg.request_id, msg.step)
             return
         self._known.add(msg.request_id)
+
+    def _handle_kv_export(self, msg: KvExport, _tensors: list[torch.Tensor]) -> None:
+        self.io.send(*export_kv(self.engine, msg))
+
+    def _handle_kv_shard(self, msg: KvShard, tensors: list[torch.Tensor]) -> None:
+        ack = import_kv(self.engine, msg, tensors, self.stop_requested)
+        if ack.ok:  # it holds KV here now: released by RELEASE or a reset
+            self._known.add(msg.request_id)
+        self.io.send(ack)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
         """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
@@ -430,8 +443,7 @@ class WorkerProc(KvMigration):
     def _handle_loaded(self, item: Loaded) -> None:
         """The loader read a stage: install it between two steps, then announce it."""
         job, error = item.job, item.error
-        if isinstance(job, AdapterJob):
-            assert self.adapter_loads is not None, "adapter jobs come from adapter_loads"
+        if isinstance(job, AdapterJob):  # worker/adapter_loads.py
             self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
             return
         if error is None:
@@ -451,24 +463,18 @@ class WorkerProc(KvMigration):
             self._send_ready()
 
     def _install(self, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> str:
-        info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
-        if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
-            self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
-            )
-        if job.max_batch_size > 0:
-            self.engine.set_max_batch_size(info.key, job.max_batch_size)
-        logger.info("worker %s loaded %s (%d bytes)", self.name, job, info.nbytes)
+        ref = install(self.engine, job, blocks)
+        self._stages.setdefault(ref.key, ref)  # a stage shared with a loaded one keeps its name
+        logger.info("worker %s loaded %s (%d bytes)", self.name, job, ref.nbytes)
         self._refresh_facts(force=True)
-        return info.key
+        return ref.key
 
     def _load_failed(self, job: LoadJob, e: BaseException) -> None:
         """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
         logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
         if isinstance(e, CorruptBlock):  # READY names it: the planner places it elsewhere
             self._refused.add(e.block)
-        code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
-        self.io.send(Error("", str(code), f"load {job}: {e}"))
+        self.io.send(load_error(job, e))
 
     def _announce(self) -> None:
         """The first READY: every configured stage is installed; tell systemd too."""
@@ -487,8 +493,8 @@ class WorkerProc(KvMigration):
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
-        if self.adapter_loads is not None:
-            self.adapter_loads.clear()
+        self.adapter_loads.clear()
+        self.clock.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 

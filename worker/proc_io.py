@@ -42,6 +42,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import make_socket
+from blockllm.broker.timings import Timings, clock
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError
 from blockllm.worker.items import SamplingParams, WorkItem
@@ -83,7 +84,17 @@ class Failed:
 
 
 Inbound = tuple[Message, list[torch.Tensor]] | Reset | Wake | Failed
-Outbound = tuple[Message, tuple[torch.Tensor, ...]]
+# (message, its tensors, when the compute loop queued it: a clock() for a decode RESULT, else 0)
+Outbound = tuple[Message, tuple[torch.Tensor, ...], float]
+ARRIVED_MAX = 4096  # decode FORWARDs whose arrival time waits for the compute loop
+
+
+def is_decode(msg: Forward, x: torch.Tensor) -> bool:
+    """Whether a FORWARD is a decode step (one new position after a prefill): the items
+    whose phases `Timings` sums for `bench pipeline --breakdown`."""
+    return msg.past_len > 0 and x.shape[0] == 1
+
+
 # The answer to one FETCH (BLOB or ERROR and its tensor views), or None: connection lost.
 FetchAnswer = tuple[Message, list[torch.Tensor]] | None
 
@@ -165,6 +176,10 @@ class IOThread(threading.Thread):
         self.inbox = inbox
         self.facts = facts
         self.outbox: queue.SimpleQueue[Outbound] = queue.SimpleQueue()
+        # this thread's phases of decode items (deserialise, hand-off, serialise), and when each
+        # decode FORWARD was ready for the compute loop (request id -> clock(); it pops them)
+        self.timings = Timings()
+        self.arrived: dict[str, float] = {}
         self.bad_messages = 0
         self.reconnects = 0
         self._lost_at: float | None = None  # monotonic time the broker went silent (None: up)
@@ -193,9 +208,12 @@ class IOThread(threading.Thread):
             self._curve = load_client_keys(cfg.keys_dir, role="worker")
 
     # -- any thread ------------------------------------------------------------------------
-    def send(self, msg: Message, tensors: tuple[torch.Tensor, ...] = ()) -> None:
-        """Queue a message for the broker (tensors are kept referenced until zmq sent them)."""
-        self.outbox.put((msg, tensors))
+    def send(
+        self, msg: Message, tensors: tuple[torch.Tensor, ...] = (), *, timed: bool = False
+    ) -> None:
+        """Queue a message for the broker (tensors are kept referenced until zmq sent them);
+        `timed`: a decode item's RESULT, whose hand-off and serialisation are timed."""
+        self.outbox.put((msg, tensors, clock() if timed else 0.0))
         self._wake()
 
     def stop(self) -> None:
@@ -324,7 +342,7 @@ class IOThread(threading.Thread):
                 continue
             if self._pinged or (now - beat >= interval and now - heard < interval):
                 self._pinged = False
-                self._send(frames.encode(self.facts()))
+                self._send(frames.encode(self._heartbeat()))
                 beat = now
             if now - heard > interval * cfg.liveness:
                 poller.unregister(self._sock)
@@ -334,6 +352,12 @@ class IOThread(threading.Thread):
                 poller.register(self._watch(), zmq.POLLIN)
                 heard = beat = time.monotonic()
                 backoff = min(backoff * 2, cfg.reconnect_max_s)
+
+    def _heartbeat(self) -> Heartbeat:
+        """The compute loop's latest facts, with this thread's timings added as of now."""
+        facts = self.facts()
+        mine = self.timings.snapshot()
+        return replace(facts, timings={**facts.timings, **mine}) if mine else facts
 
     def _reconnect(self, backoff: float) -> None:
         """Broker silent: drop the socket (and what it queued), wait, connect afresh."""
@@ -415,6 +439,7 @@ class IOThread(threading.Thread):
             )
 
     def _dispatch_one(self, parts: list[zmq.Frame]) -> None:
+        t0 = clock()
         msg, views = frames.decode(parts)
         if msg.KIND is Kind.HEARTBEAT:
             self._pinged = True  # answered with our load facts (the pong)
@@ -435,7 +460,14 @@ class IOThread(threading.Thread):
         if msg.KIND is Kind.SPECULATE and self.inbox.qsize() >= self.cfg.input_queue_size:
             return  # a prediction is best effort: the real FORWARD follows
         # Copy out of the zmq frames now: a live view would pin the whole message.
-        self.inbox.put((msg, [v.clone() for v in views]))
+        tensors = [v.clone() for v in views]
+        if msg.KIND is Kind.FORWARD and len(tensors) == 1 and is_decode(msg, tensors[0]):
+            t1 = clock()
+            self.timings.add("deserialise", t1 - t0)
+            if len(self.arrived) >= ARRIVED_MAX:  # never popped (a reset): start over
+                self.arrived.clear()
+            self.arrived[msg.request_id] = t1
+        self.inbox.put((msg, tensors))
 
     def _to_fetcher(self, msg: Message, views: list[torch.Tensor]) -> bool:
         """Hand a BLOB/ERROR answering a pending fetch to its waiter; whether it was one.
@@ -471,9 +503,13 @@ class IOThread(threading.Thread):
         assert self._sock is not None
         while True:
             try:
-                msg, tensors = self.outbox.get_nowait()
+                msg, tensors, queued_at = self.outbox.get_nowait()
             except queue.Empty:
                 return
+            t0 = clock()
             self._send(frames.encode(msg, tensors))
+            if queued_at:
+                self.timings.add("handoff", t0 - queued_at)
+                self.timings.add("serialise", clock() - t0)
             if msg.KIND is Kind.READY:
                 self._registered = True

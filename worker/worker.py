@@ -10,25 +10,17 @@ nothing here is thread-safe. See docs/internals.md, "Engine API".
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from blockllm.worker.attention import plan_step
+from blockllm.worker.admission import admit_kv, check_item
 from blockllm.worker.batch_queue import BatchQueue
 from blockllm.worker.blocks import BlockCache, Family, StageModel, resolve_family
-from blockllm.worker.errors import (
-    BadRequest,
-    ErrorCode,
-    KVMiss,
-    QueueFull,
-    UnknownStage,
-    WorkerError,
-)
+from blockllm.worker.errors import BadRequest, ErrorCode, QueueFull, UnknownStage, WorkerError
+from blockllm.worker.forward import Entry, Stage, run_stage
 from blockllm.worker.items import (
     SamplingParams,
     StageInfo,
@@ -38,9 +30,7 @@ from blockllm.worker.items import (
     check_span,
 )
 from blockllm.worker.kv_cache import KVCacheManager, KVStats
-from blockllm.worker.logprobs import check_logprobs, prompt_logprobs, top_alternatives
-from blockllm.worker.lora import AdapterCache, AdapterMap
-from blockllm.worker.sampling import GREEDY, sample
+from blockllm.worker.lora import AdapterCache
 from blockllm.zoo.chain import stage_blocks, stage_key
 
 __all__ = [
@@ -76,29 +66,6 @@ class WorkerStats:
     adapters: dict[str, int] = field(default_factory=dict)  # stage key -> LoRA blocks resident
 
 
-@dataclass(slots=True)
-class _Entry:
-    """A submitted item on its way through its stages within one step."""
-
-    item: WorkItem
-    x: torch.Tensor  # tokens [T] or hidden [T, D] on the worker's device
-    n: int  # T
-    at: int = 0  # index into item.stage_keys of the stage it is at
-    sampling: SamplingParams = GREEDY
-    adapters: AdapterMap = field(default_factory=AdapterMap)  # chain position -> LoRA block
-
-
-@dataclass(slots=True)
-class _Stage:
-    info: StageInfo
-    model: StageModel
-    queue: BatchQueue[_Entry]
-    blocks: list[str]  # block ids acquired (released on unload)
-    forwards: int = 0
-    items: int = 0
-    busy_s: float = 0.0  # wall time of its forwards (the planner's per-stage latency)
-
-
 class Worker:
     """Hosts stages and runs them batched. Compute-thread only (see module docstring)."""
 
@@ -115,13 +82,14 @@ class Worker:
         self.kv = KVCacheManager(self.config.kv_budget_bytes, self.config.page_size)
         self.blocks = BlockCache(self._load_block)
         self.adapters = AdapterCache(self._load_block, self.config.adapter_idle_blocks)
-        self._stages: dict[str, _Stage] = {}
+        self._stages: dict[str, Stage] = {}
         self._preread: dict[str, dict[str, torch.Tensor]] = {}  # during load_stage only
         self._serving = "float32"  # the dtype load_stage casts the blocks it reads to
         self._families: dict[str, Family] = {}
         self._deferred: list[WorkResult] = []  # results produced outside step()
         self._queued: set[str] = set()  # request ids with an item in some stage queue
         self._step_no = 0
+        self.forward_s = 0.0  # wall time of all batched forwards so far (every stage)
 
     # -- stages --------------------------------------------------------------------------
     def _load_block(self, block_id: str) -> dict[str, torch.Tensor]:
@@ -228,10 +196,10 @@ class Worker:
             models=(model,),
         )
         c = self.config
-        queue: BatchQueue[_Entry] = BatchQueue(
+        queue: BatchQueue[Entry] = BatchQueue(
             c.queue_capacity, c.max_batch_size, c.max_batch_tokens
         )
-        self._stages[key] = _Stage(info, stage_model, queue, acquired)
+        self._stages[key] = Stage(info, stage_model, queue, acquired)
         logger.info("[stage] loaded %s [%d, %d) as %s", model, start, end, key[:12])
         return info
 
@@ -275,7 +243,7 @@ class Worker:
         """Stage key -> its max batch size now."""
         return {k: st.queue.max_batch_size for k, st in self._stages.items()}
 
-    def _stage(self, key: str) -> _Stage:
+    def _stage(self, key: str) -> Stage:
         st = self._stages.get(key)
         if st is None:
             raise UnknownStage(f"stage {key!r} is not loaded on this worker")
@@ -287,66 +255,19 @@ class Worker:
 
         Raises UnknownStage, BadRequest (shapes, ids, lengths, stage order) or QueueFull.
         """
-        stages = self._check_route(item)
-        first, last = stages[0], stages[-1]
-        x = self._check_input(item, first)
+        if not item.stage_keys:
+            raise BadRequest("a work item needs at least one stage key")
+        stages = [self._stage(k) for k in item.stage_keys]
+        x, total, sampling = check_item(item, stages, self.device)
         n = x.shape[0]
-        for name in ("past_len", "max_total_len", "step"):
-            value = getattr(item, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise BadRequest(f"{name} must be an integer >= 0, got {value!r}")
-        total = item.max_total_len or item.past_len + n
-        if total < item.past_len + n:
-            raise BadRequest(
-                f"past_len {item.past_len} + {n} new tokens exceeds max_total_len {total}"
-            )
-        limit = first.model.max_positions  # a learned position embedding has a last row
-        if limit is not None and total > limit:
-            raise BadRequest(f"{total} tokens exceed the model's {limit} positions")
-        sampling = GREEDY
-        if last.info.has_head:
-            sampling = (item.sampling or GREEDY).validate()
-            check_logprobs(item, n, last.model.family.config.vocab_size)
         if item.request_id in self._queued:
             raise BadRequest(f"request {item.request_id!r} already has an item queued")
         # the item's LoRA blocks by chain position, held for the request from now on
         layers = [(st.info.start, st.model) for st in stages]
         adapters = self.adapters.admit(item.request_id, item.adapters, layers)
-        entry = _Entry(replace(item, max_total_len=total), x, n, 0, sampling, adapters)
-        first.queue.push(entry, n)
+        entry = Entry(replace(item, max_total_len=total), x, n, 0, sampling, adapters)
+        stages[0].queue.push(entry, n)
         self._queued.add(item.request_id)
-
-    def _check_route(self, item: WorkItem) -> list[_Stage]:
-        if not item.stage_keys:
-            raise BadRequest("a work item needs at least one stage key")
-        stages = [self._stage(k) for k in item.stage_keys]
-        for a, b in itertools.pairwise(stages):
-            if a.info.end != b.info.start or a.model.family is not b.model.family:
-                raise BadRequest(
-                    f"stages {a.info.key[:12]} [{a.info.start}, {a.info.end}) and "
-                    f"{b.info.key[:12]} [{b.info.start}, {b.info.end}) are not consecutive"
-                )
-        return stages
-
-    def _check_input(self, item: WorkItem, first: _Stage) -> torch.Tensor:
-        cfg = first.model.family.config
-        if first.info.has_embed:
-            t = item.tokens
-            if t is None or item.hidden is not None:
-                raise BadRequest("the first stage embeds: send token ids, not hidden states")
-            if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.int64, torch.int32):
-                raise BadRequest(f"tokens must be int64 [T] with T >= 1, got {t.dtype} {t.shape}")
-            if int(t.min()) < 0 or int(t.max()) >= cfg.vocab_size:
-                raise BadRequest(f"token ids must be in [0, {cfg.vocab_size})")
-            return t.to(self.device, torch.int64)
-        h = item.hidden
-        if h is None or item.tokens is not None:
-            raise BadRequest("the first stage does not embed: send hidden states, not tokens")
-        if h.dim() != 2 or h.shape[0] == 0 or h.shape[1] != cfg.hidden_size:
-            raise BadRequest(f"hidden must be [T, {cfg.hidden_size}], got {tuple(h.shape)}")
-        if not h.is_floating_point():
-            raise BadRequest(f"hidden must be floating point, got {h.dtype}")
-        return h.to(self.device, first.model.dtype)
 
     def release(self, request_id: str) -> None:
         """Forget a request: free its KV in every stage, drop its queued items and its hold
@@ -398,7 +319,7 @@ class Worker:
         protected = set(self._queued)
         self.kv.import_(key, request_id, k, v, max_total_len, self._step_no, protected)
 
-    def _kv_stage(self, key: str, request_id: str) -> _Stage:
+    def _kv_stage(self, key: str, request_id: str) -> Stage:
         st = self._stage(key)
         if not st.model.layers:
             raise BadRequest(f"stage {key[:12]} has no decoder layers: it holds no KV")
@@ -439,7 +360,7 @@ class Worker:
         results, self._deferred = self._deferred, []
         # requests about to run are never evicted to make room for others
         protected = set(self._queued)
-        arrivals: dict[str, list[_Entry]] = {}
+        arrivals: dict[str, list[Entry]] = {}
         ran: set[str] = set()
         with torch.inference_mode():
             while (key := self._next_stage(arrivals, ran)) is not None:
@@ -455,147 +376,27 @@ class Worker:
                     except WorkerError as err:
                         results.append(_error(e.item, err))
                 if entries:
-                    self._run(st, entries, arrivals, results)
+                    before = st.busy_s
+                    done, moved = run_stage(st, entries, self.kv, self.adapters, self._step_no)
+                    self.forward_s += st.busy_s - before
+                    results.extend(done)
+                    for e in moved:
+                        arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
         assert not arrivals, "an item advanced to a stage that already ran this step"
         return results
 
-    def _next_stage(self, arrivals: dict[str, list[_Entry]], ran: set[str]) -> str | None:
+    def _next_stage(self, arrivals: dict[str, list[Entry]], ran: set[str]) -> str | None:
         """The not-yet-run stage with work that comes first in chain order."""
         ready = [
             k for k, st in self._stages.items() if k not in ran and (arrivals.get(k) or st.queue)
         ]
         return min(ready, key=lambda k: (self._stages[k].info.start, k), default=None)
 
-    def _admit(self, e: _Entry, protected: set[str]) -> None:
-        """Check (past_len > 0) or reserve (past_len == 0) KV in every stage of the item's
-        list, all or nothing. Raises KVMiss, CacheFull, BadRequest, UnknownStage."""
-        item = e.item
-        stages = [self._stage(k) for k in item.stage_keys]
-        with_kv = [st for st in stages if st.model.layers]
-        if not with_kv:
-            return
-        if item.past_len > 0:
-            for st in with_kv:
-                seq = self.kv.get(st.info.key, item.request_id)
-                if seq is None or seq.length != item.past_len:
-                    held = "none" if seq is None else f"{seq.length} tokens"
-                    raise KVMiss(
-                        f"stage {st.info.key[:12]} holds no KV of {item.request_id!r} at"
-                        f" {item.past_len} tokens (holds {held}): replay it"
-                    )
-                if item.past_len + e.n > seq.capacity:
-                    raise BadRequest(
-                        f"{item.past_len + e.n} tokens exceed the {seq.capacity} reserved"
-                    )
-            return
-        for st in with_kv:  # a restart drops what the request held before
-            self.kv.free(st.info.key, item.request_id)
-        need = sum(
-            self.kv.pages_for(len(st.model.layers), item.max_total_len, st.info.key)
-            for st in with_kv
-        )
-        self.kv.make_room(need, protected | {item.request_id})
-        for st in with_kv:
-            layers = len(st.model.layers)
-            self.kv.reserve(st.info.key, item.request_id, layers, item.max_total_len, self._step_no)
-
-    def _run(
-        self,
-        st: _Stage,
-        entries: list[_Entry],
-        arrivals: dict[str, list[_Entry]],
-        results: list[WorkResult],
-    ) -> None:
-        """One batched forward of `entries` through stage `st`; route or finish each entry."""
-        # stable: single-token items first; each adapter's rows consecutive (worker/lora.py)
-        entries.sort(key=lambda e: (e.n != 1, e.adapters.order))
-        st.forwards += 1
-        st.items += len(entries)
-        t0 = time.perf_counter()
-        h = self._forward(st, entries)
-        if st.info.has_head:
-            # only each request's last position goes through the head (and, for an item that
-            # asks for its prompt's logprobs, the positions before it: worker/logprobs.py)
-            last = torch.tensor([e.n for e in entries], device=h.device).cumsum(0) - 1
-            logits = st.model.logits(h[last])  # [B, D] -> [B, V]
-            positions = [e.item.past_len + e.n for e in entries]
-            tokens, logprobs = sample(logits, [e.sampling for e in entries], positions)
-            tops = top_alternatives(logits, [e.item.top_logprobs for e in entries])
-            for i, (e, tok, lp) in enumerate(zip(entries, tokens, logprobs, strict=True)):
-                lps, alts = (), ()
-                if e.item.targets:  # this item's rows of h: [last - n + 1, last]
-                    rows = h[int(last[i]) - e.n + 1 : int(last[i])]  # [n - 1, D]
-                    k = e.item.top_logprobs
-                    lps, alts = prompt_logprobs(st.model.logits, rows, e.item.targets, k)
-                item = e.item
-                results.append(
-                    WorkResult(
-                        item.request_id,
-                        item.step,
-                        None,
-                        tok,
-                        lp,
-                        top=tops[i],
-                        prompt_logprobs=lps,
-                        prompt_top=alts,
-                    )
-                )
-            st.busy_s += time.perf_counter() - t0
-            return
-        settle(h)  # CUDA: the stage's kernels done, so busy_s times them, not their launch
-        st.busy_s += time.perf_counter() - t0
-        # h: [N, D] -> one [T_i, D] view per entry, in batch order
-        for e, out in zip(entries, h.split([e.n for e in entries]), strict=True):
-            e.at += 1
-            if e.at < len(e.item.stage_keys):
-                e.x = out
-                arrivals.setdefault(e.item.stage_keys[e.at], []).append(e)
-            else:
-                results.append(WorkResult(e.item.request_id, e.item.step, hidden=out))
-
-    def _forward(self, st: _Stage, entries: list[_Entry]) -> torch.Tensor:
-        """Stage input of all entries flattened -> stage output hidden [N, D]."""
-        model = st.model
-        x = torch.cat([e.x for e in entries]) if len(entries) > 1 else entries[0].x
-        positions = None
-        if model.needs_positions:  # learned positions: each new token's absolute position
-            positions = torch.cat(
-                [torch.arange(e.item.past_len, e.item.past_len + e.n) for e in entries]
-            ).to(x.device)  # [N]
-        h = model.embed(x, positions) if st.info.has_embed else x  # [N] -> [N, D] | [N, D]
-        if not model.layers:
-            return h
-        seqs = [self.kv.get(st.info.key, e.item.request_id) for e in entries]
-        assert all(s is not None for s in seqs), "admitted items hold KV in every stage"
-        pool = self.kv.pool_of(st.info.key)
-        plan = plan_step(
-            pool,
-            model.layer0,
-            len(model.layers),
-            [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
-        )
-        model.lora.prepare(
-            max(st.info.start, 1),
-            [e.adapters for e in entries],
-            [e.n for e in entries],
-            self.adapters,
-            h.device,
-        )
-        try:
-            h = model.run_layers(h, plan)
-        finally:
-            model.lora.finish()
-        for s, e in zip(seqs, entries, strict=True):
-            s.length = e.item.past_len + e.n  # type: ignore[union-attr]
-            s.last_used = self._step_no  # type: ignore[union-attr]
-        return h
-
-
-def settle(t: torch.Tensor) -> None:
-    """Wait until the kernels queued for `t`'s device are done (CUDA runs them asynchronously:
-    a clock read before this times their launch only). Free on the CPU."""
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+    def _admit(self, e: Entry, protected: set[str]) -> None:
+        """Check or reserve the item's KV in every stage of its list, all or nothing.
+        Raises KVMiss, CacheFull, BadRequest, UnknownStage."""
+        stages = [self._stage(k) for k in e.item.stage_keys]
+        admit_kv(self.kv, stages, e.item, e.n, self._step_no, protected)
 
 
 def _error(item: WorkItem, err: WorkerError) -> WorkResult:

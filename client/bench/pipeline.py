@@ -7,9 +7,12 @@ the first request sent to the last token received, prefill included; the in-proc
 batches all its streams into each engine step (its best case). By default the comparison is at
 equal cores: the in-process engine gets as many torch threads as all the workers together
 (`--inprocess-threads` to choose). `--device cuda` runs both sides on the GPU.
+`--breakdown` adds, per stream count, where a decode token's time goes in the pipeline
+(client/bench/breakdown.py): ms per token per phase, per worker and in the broker.
 Result (stdout, --json):
     {"bench": "pipeline", "model": ..., "workers": 2, "threads_per_worker": ...,
-     "results": [{"streams": 1, "pipeline_tok_s": ..., "inprocess_tok_s": ..., "ratio": ...},
+     "results": [{"streams": 1, "pipeline_tok_s": ..., "inprocess_tok_s": ..., "ratio": ...,
+                  "breakdown": {...} (with --breakdown: breakdown.per_token's)},
                  {"streams": 16, ...}],
      "concurrency_speedup": pipeline tok/s at the most streams / at 1 stream}
 """
@@ -40,6 +43,7 @@ class PipelineBenchConfig:
     kv_budget_bytes: int = 256 << 20
     ready_timeout_s: float = 300.0
     device: str = "cpu"  # of the workers and of the in-process engine
+    breakdown: bool = False  # where a decode token's time goes (client/bench/breakdown.py)
 
 
 def _say(text: str) -> None:
@@ -124,9 +128,13 @@ def _engine_generate(engine: Any, key: str, prompt: Any, streams: int, new: int)
 # -- the pipeline: broker + workers processes -----------------------------------------------
 
 
-def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict[int, float]:
-    """tokens/s through broker + workers (static placement), for each stream count."""
+def pipeline_rates(
+    cfg: PipelineBenchConfig, model: str, ids: list[int], breakdowns: dict[int, Any]
+) -> dict[int, float]:
+    """tokens/s through broker + workers (static placement), for each stream count; with
+    `cfg.breakdown`, each count's per-token breakdown goes into `breakdowns`."""
     from blockllm.broker.config import BrokerConfig
+    from blockllm.client.bench import breakdown
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher, ServeConfig, default_threads, plan_workers
     from blockllm.worker.config import WorkerProcConfig
@@ -153,10 +161,18 @@ def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict
         launcher.wait_ready([model], cfg.ready_timeout_s)
         rates = {}
         with Client(endpoint, timeout=600) as client:
-            client.generate(model, input_ids=ids, max_new_tokens=4)  # warm-up
+            warm = client.generate(model, input_ids=ids, max_new_tokens=4)
+            decoded = len(warm.token_ids) - 1  # decode items each worker ran so far
             for n in cfg.streams:
-                tokens, seconds = _client_generate(client, model, ids, n, cfg.new_tokens)
-                rates[n] = tokens / seconds
+                before = breakdown.settled(client, decoded) if cfg.breakdown else None
+                run = _client_generate(client, model, ids, n, cfg.new_tokens)
+                rates[n] = run.tokens / run.seconds
+                decoded += run.decode_tokens
+                if before is not None:
+                    after = breakdown.settled(client, decoded)
+                    b = breakdown.per_token(before, after, run.decode_tokens, run.interval_s)
+                    breakdowns[n] = b
+                    _say(breakdown.table(n, b))
                 _say(
                     f"pipeline    {n:3d} streams: {rates[n]:8.1f} tok/s "
                     f"({cfg.workers} workers x {threads} threads)"
@@ -164,16 +180,27 @@ def pipeline_rates(cfg: PipelineBenchConfig, model: str, ids: list[int]) -> dict
     return rates
 
 
-def _client_generate(client: Any, model: str, ids: Sequence[int], streams: int, new: int):
-    """`streams` concurrent generate() calls from threads; (tokens received, seconds)."""
-    counts = [0] * streams
+@dataclass(frozen=True, slots=True)
+class ClientRun:
+    tokens: int  # received, all streams
+    seconds: float  # first request sent -> last token received
+    decode_tokens: int  # tokens after each stream's first
+    interval_s: float  # mean time between two tokens of a stream (decode tokens only)
+
+
+def _client_generate(
+    client: Any, model: str, ids: Sequence[int], streams: int, new: int
+) -> ClientRun:
+    """`streams` concurrent streams from threads, each token's arrival timed."""
+    times: list[list[float]] = [[] for _ in range(streams)]
     errors: list[BaseException] = []
     start = threading.Barrier(streams + 1)
 
     def run(i: int) -> None:
         try:
             start.wait()
-            counts[i] = len(client.generate(model, input_ids=ids, max_new_tokens=new).token_ids)
+            for _event in client.stream(model, input_ids=ids, max_new_tokens=new):
+                times[i].append(time.perf_counter())
         except BaseException as e:  # re-raised below
             errors.append(e)
 
@@ -187,20 +214,24 @@ def _client_generate(client: Any, model: str, ids: Sequence[int], streams: int, 
     seconds = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return sum(counts), seconds
+    decode = sum(len(t) - 1 for t in times if t)
+    spans = sum(t[-1] - t[0] for t in times if t)
+    return ClientRun(sum(len(t) for t in times), seconds, decode, spans / max(decode, 1))
 
 
 def run_pipeline_bench(cfg: PipelineBenchConfig) -> dict[str, Any]:
     model = _import(cfg)
     ids = _prompt_ids(cfg)
     inproc = inprocess_rates(cfg, model, ids)
-    pipe = pipeline_rates(cfg, model, ids)
+    breakdowns: dict[int, Any] = {}
+    pipe = pipeline_rates(cfg, model, ids, breakdowns)
     results = [
         {
             "streams": n,
             "pipeline_tok_s": round(pipe[n], 2),
             "inprocess_tok_s": round(inproc[n], 2),
             "ratio": round(pipe[n] / inproc[n], 3),
+            **({"breakdown": breakdowns[n]} if n in breakdowns else {}),
         }
         for n in cfg.streams
     ]

@@ -182,6 +182,13 @@ def _streams(text: str) -> tuple[int, ...]:
     help="A tiny random Llama (built once into ~/.cache/blockllm/bench-tiny) instead of "
     "SmolLM2: a run of seconds that checks the machinery, not a measurement.",
 )
+@click.option(
+    "--breakdown",
+    is_flag=True,
+    help="Also report where a decode token's time goes in the pipeline: ms per token per "
+    "phase (compute, queueing, (de)serialisation, Python) per worker and in the broker "
+    "(a table on stderr per stream count; 'breakdown' in --json).",
+)
 @json_option
 def pipeline(
     model_dir: Path | None,
@@ -193,6 +200,7 @@ def pipeline(
     inprocess_threads: int | None,
     device: str,
     quick: bool,
+    breakdown: bool,
     as_json: bool,
 ) -> None:
     """Generation tokens/s over broker + workers vs the engine in-process, 1 and N streams."""
@@ -209,6 +217,7 @@ def pipeline(
         threads_per_worker=threads,
         inprocess_threads=inprocess_threads,
         device=device,
+        breakdown=breakdown,
     )
     result = run_pipeline_bench(cfg)
     if as_json:

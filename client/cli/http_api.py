@@ -58,7 +58,7 @@ def http_config(values: dict[str, Any], broker: str, log_level: str) -> HttpConf
         "api_keys_file": str(api_keys) if api_keys else None,
         "log_level": log_level,
     }
-    for key in ("default_max_tokens", "request_timeout_s"):
+    for key in ("default_max_tokens", "request_timeout_s", "ready_timeout_s"):
         if values.get(key) is not None:
             fields[key] = values[key]
     return HttpConfig(**fields)
@@ -132,6 +132,15 @@ api_keys_option = click.option(
     default=None,
     help="Seconds a request may take [default: the broker's].",
 )
+@click.option(
+    "--ready-timeout",
+    "ready_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait at start for the broker's first answer: the API listens (and is "
+    "ready) only with it; none in time: exit 1 saying so.",
+)
 def http(**params: Any) -> None:
     """Serve the OpenAI-compatible HTTP API of the cluster behind --broker.
 
@@ -142,7 +151,8 @@ def http(**params: Any) -> None:
     GET  /health                200 when the broker answers and every model is served
     GET  /metrics               Prometheus metrics of the HTTP layer
 
-    Prints `blockllm: OpenAI-compatible API at URL` once it listens. SIGTERM/SIGINT: stop
+    Prints `blockllm: OpenAI-compatible API at URL` once it listens, which is once the broker
+    answered (--ready-timeout). SIGTERM/SIGINT: stop
     accepting, finish open responses for a few seconds, exit 0.
     """
     from blockllm.broker.cluster_config import EXIT_CONFIG, ConfigError, load_cluster_config

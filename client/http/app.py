@@ -54,7 +54,14 @@ def create_app(cfg: HttpConfig) -> FastAPI:
         )
         await client.__aenter__()
         tenants = Tenants(client, cfg.status_interval_s)
-        await tenants.refresh()
+        try:  # ready (listening, READY=1) only once the broker answered
+            stop = getattr(app.state, "should_stop", lambda: False)
+            await tenants.first_status(cfg.broker, cfg.ready_timeout_s, stop)
+        except BaseException as e:
+            app.state.startup_error = e  # run_http_process says why it did not start
+            await client.close()
+            tenants.close()
+            raise
         task = asyncio.create_task(tenants.run())
         s = app.state
         s.cfg, s.client, s.tenants, s.keys = cfg, client, tenants, keys

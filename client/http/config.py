@@ -55,6 +55,7 @@ class HttpConfig:
     request_timeout_s: float | None = None  # per request (None: the broker's default)
     default_max_tokens: int = 256  # chat requests without max_tokens (KV is reserved for it)
     connect_timeout_s: float = 10.0  # broker unreachable this long -> 503
+    ready_timeout_s: float = 60.0  # no STATUS from the broker this long at start -> exit 1
     # set by the launcher (`blockllm serve --http`): a pipe to report "host:port" once serving
     ready_conn: Any = None
     parent_pid: int | None = None

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ from blockllm.client.http.errors import bad_request, model_not_found, unavailabl
 logger = logging.getLogger(__name__)
 
 STALE_AFTER = 3  # status intervals without an answer: the broker counts as unreachable
+
+
+class BrokerNotAnswering(Exception):
+    """The broker gave no STATUS before the HTTP API's ready timeout (it never becomes ready)."""
 
 
 class Tenants:
@@ -64,6 +69,37 @@ class Tenants:
             self._manifests.clear()  # models came or went: re-read what they are
             self._parents = None
         self.status, self.status_at = body, time.monotonic()
+
+    async def first_status(
+        self, broker: str, timeout: float, stop: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Wait, bounded, for the broker's first STATUS (the HTTP API is ready only with it, so
+        its first request is not refused "broker unreachable"); BrokerNotAnswering if none.
+        Returns early, without it, once `stop()` (a signal came)."""
+        deadline = time.monotonic() + timeout
+        told = False
+        while not stop():
+            await self.refresh()
+            if self.status_at:
+                if told:
+                    logger.info("[ready] the broker at %s answered", broker)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerNotAnswering(
+                    f"the broker at {broker} did not answer STATUS within {timeout:g} s "
+                    f"({self.status_error}): is it running, is --broker (or [broker] public) its "
+                    "address, and are --keys admitted by it?"
+                )
+            if not told:
+                told = True
+                logger.warning(
+                    "[wait] no answer from the broker at %s yet (%s); waiting up to %g s",
+                    broker,
+                    self.status_error,
+                    timeout,
+                )
+            await asyncio.sleep(min(self.interval, left))  # a refused handshake fails at once
 
     async def run(self) -> None:
         """The status task; it also loads each new model's tokenizer ahead of its first

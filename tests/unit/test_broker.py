@@ -467,7 +467,8 @@ def test_heartbeat_from_unknown_worker_asks_for_ready(h: Harness) -> None:
 def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
     body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
-    assert set(body) == {"workers", "models", "requests", "counters", "stats_endpoint", "totals"}
+    top = {"workers", "models", "requests", "counters", "stats_endpoint", "totals", "timings"}
+    assert set(body) == top
     w = body["workers"][0]
     for key in ("name", "pid", "host", "device", "stages", "queue_depths", "kv_free_bytes"):
         assert key in w

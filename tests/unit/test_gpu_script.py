@@ -33,6 +33,6 @@ def test_the_gpu_script_skips_cleanly_without_cuda() -> None:
 
 
 def test_settle_is_a_no_op_on_cpu_tensors() -> None:
-    from blockllm.worker.worker import settle
+    from blockllm.worker.forward import settle
 
     settle(torch.zeros(3))  # returns at once: no CUDA call on a CPU tensor
