@@ -233,7 +233,8 @@ def worker(**params: Any) -> None:
     if cfg.keys_dir:
         from blockllm.broker.security import load_client_keys
 
-        _check_keys(load_client_keys, cfg.keys_dir)
+        # the pair the worker presents: worker.key (a worker node's folder has only that one)
+        _check_keys(lambda d: load_client_keys(d, role="worker"), cfg.keys_dir)
     sys.exit(run_worker_process(cfg))
 
 
