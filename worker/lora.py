@@ -32,6 +32,7 @@ from blockllm.worker.lora_delta import LoraStep, StackCache, plan_step
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLANS_KEPT = 4  # step plans kept per stage, by batch shape
 # module (relative to the layer) -> (A [r, in], B [out, r], scaling)
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -222,7 +223,8 @@ class LoraHooks:
                     mod.__class__ = LoraLinear  # as torch.nn.utils.parametrize does
                     mod.lora_hooks, mod.lora_key = self, (j, name)
         self.stacks = StackCache()
-        self._last: tuple[tuple, LoraStep | None] | None = None
+        # the last few plans by batch shape (micro-batch groups alternate: worker/groups.py)
+        self._plans: OrderedDict[tuple, LoraStep | None] = OrderedDict()
 
     def unknown(self, j: int, weights: AdapterWeights) -> list[str]:
         """Modules of an adapter block that layer `j` of the stage has no target for."""
@@ -243,13 +245,16 @@ class LoraHooks:
             self.step = None
             return
         key = tuple((m.key, n) for m, n in zip(maps, lengths, strict=True))
-        if self._last is not None and self._last[0] == key:
-            self.step = self._last[1]
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            self.step = self._plans[key]
             return
         self.step = plan_step(
             first_position, self.modules, maps, lengths, cache.weights, self.stacks, device
         )
-        self._last = (key, self.step)
+        self._plans[key] = self.step
+        while len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
 
     def finish(self) -> None:
         self.step = None
