@@ -228,6 +228,9 @@ class Forward:
     # positions where it changes the layer; worker/lora.py), as two parallel arrays
     adapter_positions: tuple[int, ...] = ()
     adapter_blocks: tuple[str, ...] = ()
+    # hops of the request's route (0: not told): the worker keeps about this many groups of
+    # its running requests in flight (worker/groups.py)
+    hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -345,8 +345,9 @@ class Worker:
         return sum(len(st.queue) for st in self._stages.values()) + len(self._deferred)
 
     # -- the step ------------------------------------------------------------------------
-    def step(self) -> list[WorkResult]:
-        """Run every stage with ready work once, in chain order; return finished items."""
+    def step(self, limit: int | None = None) -> list[WorkResult]:
+        """Run every stage with ready work once, in chain order; return finished items.
+        `limit`: at most this many items per forward (a group, worker/groups.py)."""
         self._step_no += 1
         results, self._deferred = self._deferred, []
         # requests about to run are never evicted to make room for others
@@ -359,7 +360,7 @@ class Worker:
                 st = self._stages[key]
                 entries = arrivals.pop(key, [])
                 busy = sum(e.n for e in entries)
-                for e in st.queue.take(len(entries), busy):
+                for e in st.queue.take(len(entries), busy, limit):
                     self._queued.discard(e.item.request_id)
                     try:
                         self._admit(e, protected)
