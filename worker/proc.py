@@ -19,7 +19,8 @@ loader threads are healthy too (`_healthy`).
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
 compute loop only installs them, between two steps, so requests on loaded stages keep going.
-A stage is in READY only once installed. At start the worker connects first (to fetch) and
+A stage is in READY only once installed (`proc_stages.StageTable`: the stages READY lists and
+the commands that change them). At start the worker connects first (to fetch) and
 sends its first READY once every configured stage is installed (then systemd hears READY=1).
 
 Lifecycle (STYLE 7.8, broker/lifecycle.py): SIGTERM/SIGINT set a flag and wake the loop,
@@ -43,7 +44,6 @@ import torch
 from blockllm.broker.lifecycle import (
     Watchdog,
     begin_drain,
-    notify,
     on_stop_signals,
     restore_signals,
 )
@@ -55,31 +55,23 @@ from blockllm.broker.protocol import (
     Kind,
     KvExport,
     KvShard,
-    LoadStage,
     Release,
-    SetBatch,
     Speculate,
-    StageRef,
-    UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.timings import clock
 from blockllm.worker.adapter_loads import AdapterLoads
 from blockllm.worker.clock import StepClock
 from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
-from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
-from blockllm.worker.facts import Facts, ready_message
-from blockllm.worker.fetch import CorruptBlock
+from blockllm.worker.errors import BrokerRejected, WorkerError
+from blockllm.worker.facts import Facts
 from blockllm.worker.groups import Groups
 from blockllm.worker.loader import (
     AdapterJob,
     Loaded,
-    LoaderBusy,
     LoadJob,
     StageLoader,
     build_engine,
-    install,
-    load_error,
     start_loader,
     unhealthy,
 )
@@ -96,6 +88,7 @@ from blockllm.worker.proc_io import (
     work_item,
 )
 from blockllm.worker.proc_kv import export_kv, import_kv
+from blockllm.worker.proc_stages import StageTable
 from blockllm.worker.speculate import Speculation
 
 logger = logging.getLogger(__name__)
@@ -118,7 +111,6 @@ class WorkerProc:
         self.runner: Any = engine
         self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
-        self._stages: dict[str, StageRef] = {}
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
         self._last_step_s = 0.0
         self.facts = Facts(cfg.heartbeat_interval_s)
@@ -131,18 +123,17 @@ class WorkerProc:
         self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
         self.adapter_loads = AdapterLoads.start(None, None)  # LoRA blocks off this thread
-        self._startup_left = len(cfg.stages)  # configured stages not installed yet
-        self._announced = False  # the first READY went out
-        self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
+        # the stages READY lists, and LOAD_STAGE / UNLOAD_STAGE / SET_BATCH (proc_stages.py)
+        self.stages = StageTable(self.name, cfg, self.io, lambda f: self._refresh_facts(force=f))
         self._unhealthy = ""  # why the watchdog is not fed now ("" = every loop is healthy)
         self.bad_messages = 0  # messages whose handling failed (dropped)
         self._bad_log = RateLimitedLog(logger)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
-            Kind.LOAD_STAGE: self._handle_load_stage,
-            Kind.UNLOAD_STAGE: self._handle_unload_stage,
-            Kind.SET_BATCH: self._handle_set_batch,
+            Kind.LOAD_STAGE: self.stages.handle_load_stage,
+            Kind.UNLOAD_STAGE: self.stages.handle_unload_stage,
+            Kind.SET_BATCH: self.stages.handle_set_batch,
             Kind.ERROR: self._handle_error,
             Kind.KV_EXPORT: self._handle_kv_export,
             Kind.KV_SHARD: self._handle_kv_shard,
@@ -174,10 +165,11 @@ class WorkerProc:
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
         self.adapter_loads = AdapterLoads.start(self.engine, self.loader)
+        self.stages.engine, self.stages.loader = self.engine, self.loader
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
-            self._announce()
+            self.stages.announce()
 
     def run(self) -> int:
         """Serve until a stop is requested; returns the exit code. Raises on a fatal error."""
@@ -410,33 +402,6 @@ class WorkerProc:
             self._known.add(msg.request_id)
         self.io.send(ack)
 
-    def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
-        """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
-        assert self.loader is not None, "start() first"
-        job = LoadJob(msg.model, msg.start, msg.end, msg.max_batch_size)
-        try:
-            self.loader.submit(job)
-        except LoaderBusy as e:
-            self._load_failed(job, e)
-            self._send_ready()
-
-    def _handle_unload_stage(self, msg: UnloadStage, _tensors: list[torch.Tensor]) -> None:
-        if msg.key in self._stages:
-            self.engine.unload_stage(msg.key)
-            del self._stages[msg.key]
-        else:
-            self.io.send(Error("", ErrorCode.UNKNOWN_STAGE.value, f"no stage {msg.key}"))
-        self._send_ready()
-
-    def _handle_set_batch(self, msg: SetBatch, _tensors: list[torch.Tensor]) -> None:
-        try:
-            self.engine.set_max_batch_size(msg.key, msg.max_batch_size)
-        except WorkerError as e:
-            self.io.send(Error("", e.code.value, f"set batch of {msg.key[:12]}: {e.message}"))
-            return
-        logger.info("worker %s: stage %s max batch %d", self.name, msg.key[:12], msg.max_batch_size)
-        self._refresh_facts(force=True)
-
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
             raise BrokerRejected(f"broker rejected this worker: {msg.message}")
@@ -449,49 +414,11 @@ class WorkerProc:
 
     # -- state shared with the broker --------------------------------------------------------
     def _handle_loaded(self, item: Loaded) -> None:
-        """The loader read a stage: install it between two steps, then announce it."""
-        job, error = item.job, item.error
-        if isinstance(job, AdapterJob):  # worker/adapter_loads.py
+        """The loader read a stage (installed and announced by `stages`) or LoRA blocks."""
+        if isinstance(item.job, AdapterJob):  # worker/adapter_loads.py
             self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
             return
-        if error is None:
-            try:
-                self._install(job, item.blocks)
-            except Exception as e:
-                error = e
-        if error is not None and job.startup:
-            raise StartupLoadFailed(f"cannot load configured stage {job}: {error}") from error
-        if error is not None:
-            self._load_failed(job, error)
-        if job.startup:
-            self._startup_left -= 1
-            if self._startup_left == 0:
-                self._announce()
-        elif self._announced:
-            self._send_ready()
-
-    def _install(self, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> str:
-        ref = install(self.engine, job, blocks)
-        self._stages.setdefault(ref.key, ref)  # a stage shared with a loaded one keeps its name
-        logger.info("worker %s loaded %s (%d bytes)", self.name, job, ref.nbytes)
-        self._refresh_facts(force=True)
-        return ref.key
-
-    def _load_failed(self, job: LoadJob, e: BaseException) -> None:
-        """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
-        logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
-        if isinstance(e, CorruptBlock):  # READY names it: the planner places it elsewhere
-            self._refused.add(e.block)
-        self.io.send(load_error(job, e))
-
-    def _announce(self) -> None:
-        """The first READY: every configured stage is installed; tell systemd too."""
-        self._announced = True
-        self._refresh_facts(force=True)
-        self._send_ready()
-        stages = ", ".join(str(s) for s in self.cfg.stages) or "no stages"
-        notify("READY=1", f"STATUS=serving {stages} via {self.cfg.broker}")
-        logger.info("[ready] worker %s pid %d serving %s", self.name, os.getpid(), stages)
+        self.stages.on_loaded(item)
 
     def _reset(self) -> None:
         """A new connection (each backoff attempt): drop all KV, announce again. The IO thread
@@ -504,17 +431,13 @@ class WorkerProc:
         self.adapter_loads.clear()
         self.clock.clear()
         self.groups.clear()
-        if self._announced:  # else the first READY is still to come (stages loading)
-            self._send_ready()
-
-    def _send_ready(self) -> None:
-        stages, refused = tuple(self._stages.values()), tuple(sorted(self._refused))
-        self.io.send(ready_message(self.name, self.cfg, stages, self.engine, refused))
+        if self.stages.announced:  # else the first READY is still to come (stages loading)
+            self.stages.send_ready()
 
     def _refresh_facts(self, *, force: bool = False) -> None:
         """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
-            models = {key: ref.model for key, ref in self._stages.items()}
+            models = {key: ref.model for key, ref in self.stages.refs.items()}
             self.prom.update(self.engine.stats(), models)
             self.prom.update_geometries(self.engine.kv.geometry_stats())
 
