@@ -462,11 +462,15 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`)."""
+    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`). A body
+    past the header bound travels in `parts` messages of the same `seq` (broker/stats_delta.py):
+    each has a share of the "workers" and "models", part 0 also the rest of the body."""
 
     KIND: ClassVar[Kind] = Kind.STATS
     seq: int
     body: dict[str, Any] = field(default_factory=dict)
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)

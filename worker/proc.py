@@ -64,6 +64,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.timings import clock
+from blockllm.worker.adapter_loads import AdapterLoads
 from blockllm.worker.clock import StepClock
 from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
 from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
@@ -71,6 +72,7 @@ from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.groups import Groups
 from blockllm.worker.loader import (
+    AdapterJob,
     Loaded,
     LoaderBusy,
     LoadJob,
@@ -129,6 +131,7 @@ class WorkerProc:
         self.groups = Groups(cfg.gather_fraction)  # pipelining groups (worker/groups.py)
         self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
+        self.adapter_loads = AdapterLoads.start(None, None)  # LoRA blocks off this thread
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
         self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
@@ -171,6 +174,7 @@ class WorkerProc:
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
+        self.adapter_loads = AdapterLoads.start(self.engine, self.loader)
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -345,6 +349,8 @@ class WorkerProc:
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if self.adapter_loads.waits(msg, tensors, self._refuse):
+            return  # its LoRA blocks load on the loader thread (worker/adapter_loads.py)
         if not is_decode(msg, tensors[0]):
             self.io.arrived.pop(msg.request_id, None)
         try:
@@ -370,6 +376,7 @@ class WorkerProc:
         return to_device(x, self.cfg.device)  # non-blocking from pinned memory (CUDA)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
+        self.adapter_loads.drop(msg.request_id)
         self.runner.release(msg.request_id)
         self.clock.forget(msg.request_id)
         self.groups.forget(msg.request_id)
@@ -445,6 +452,9 @@ class WorkerProc:
     def _handle_loaded(self, item: Loaded) -> None:
         """The loader read a stage: install it between two steps, then announce it."""
         job, error = item.job, item.error
+        if isinstance(job, AdapterJob):  # worker/adapter_loads.py
+            self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
+            return
         if error is None:
             try:
                 self._install(job, item.blocks)
@@ -492,6 +502,7 @@ class WorkerProc:
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        self.adapter_loads.clear()
         self.clock.clear()
         self.groups.clear()
         if self._announced:  # else the first READY is still to come (stages loading)

@@ -98,6 +98,15 @@ class Worker:
             return tensors
         return self._read(block_id, self._serving)
 
+    @property
+    def adapter_dtype(self) -> str:
+        """The dtype LoRA adapter blocks are read in now (that of the stage loaded last)."""
+        return self._serving
+
+    def read_block(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block read (and verified) from the zoo, cast to `dtype`. Any thread."""
+        return self._read(block_id, dtype)
+
     def served_dtype(self, manifest: Any) -> str:
         """The dtype this worker serves a model's blocks in: --dtype, else the model's own
         (a checkpoint that mixed dtypes is served in its dominant one)."""
