@@ -75,21 +75,12 @@ from blockllm.worker.loader import (
     start_loader,
     unhealthy,
 )
-from blockllm.worker.proc_io import (
-    RETRYABLE,
-    Failed,
-    Inbound,
-    IOThread,
-    IOThreadFailed,
-    Reset,
-    Wake,
-    is_decode,
-    result_message,
-    work_item,
-)
+from blockllm.worker.messages import RETRYABLE, is_decode, result_message, work_item
+from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, Reset, Wake
 from blockllm.worker.proc_kv import export_kv, import_kv
 from blockllm.worker.proc_stages import StageTable
 from blockllm.worker.speculate import Speculation
+from blockllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +355,7 @@ class WorkerProc:
         self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
+        return to_device(x, self.cfg.device)  # non-blocking from pinned memory (CUDA)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
         self.adapter_loads.drop(msg.request_id)
