@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from blockllm.broker.protocol import Error, ErrorCode, StageRef
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,6 +53,21 @@ def build_engine(cfg: Any) -> Any:
             dtype=getattr(cfg, "dtype", None),
         ),
     )
+
+
+def install(engine: Any, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> StageRef:
+    """Compute thread, between two steps: build the stage from the blocks the loader read and
+    apply the job's batch size; the stage as READY lists it. Raises what `load_stage` raises."""
+    info = engine.load_stage(job.model, job.start, job.end, preread=blocks)
+    if job.max_batch_size > 0:
+        engine.set_max_batch_size(info.key, job.max_batch_size)
+    return StageRef(info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype)
+
+
+def load_error(job: LoadJob, e: BaseException) -> Error:
+    """The typed ERROR the broker shows as the worker's `last_error` for a failed load."""
+    code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
+    return Error("", str(code), f"load {job}: {e}")
 
 
 class LoaderBusy(RuntimeError):

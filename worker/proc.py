@@ -13,8 +13,8 @@ The main thread runs the engine (`Worker`) directly: it drains the inbox (blocki
 submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
 SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
 (broker/migrate.py) export and import a request's KV of one stage between two steps
-(worker/proc_kv.py). systemd's watchdog is fed only while the IO and loader threads are
-healthy too (`_healthy`).
+(worker/proc_kv.py builds the answers). systemd's watchdog is fed only while the IO and
+loader threads are healthy too (`_healthy`).
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
@@ -53,6 +53,8 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Kind,
+    KvExport,
+    KvShard,
     LoadStage,
     Release,
     SetBatch,
@@ -63,8 +65,8 @@ from blockllm.broker.protocol import (
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.timings import clock
 from blockllm.worker.clock import StepClock
-from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
+from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
+from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
 from blockllm.worker.loader import (
@@ -73,6 +75,8 @@ from blockllm.worker.loader import (
     LoadJob,
     StageLoader,
     build_engine,
+    install,
+    load_error,
     start_loader,
     unhealthy,
 )
@@ -88,13 +92,13 @@ from blockllm.worker.proc_io import (
     result_message,
     work_item,
 )
-from blockllm.worker.proc_kv import KvMigration
+from blockllm.worker.proc_kv import export_kv, import_kv
 from blockllm.worker.speculate import Speculation
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerProc(KvMigration):
+class WorkerProc:
     """The compute loop around one engine `Worker`; call from the process's main thread.
 
     `start()` connects and starts loading the configured stages (READY follows once they are
@@ -318,23 +322,13 @@ class WorkerProc(KvMigration):
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
             self._answer(r, t1 if r.request_id in timed else 0.0)
-        self._maybe_fault()
+        maybe_fault(self.cfg, self.facts.steps, self.name)
 
     def _answer(self, r: Any, step_end: float = 0.0) -> None:
         """Queue the message answering `r`; `step_end`: a timed decode item's step end."""
         self.io.send(*result_message(r), timed=bool(step_end))
         if step_end:
             self.clock.answered(step_end)
-
-    def _maybe_fault(self) -> None:
-        """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
-        steps = self.facts.steps
-        if self.cfg.fault_after_steps is None or steps < self.cfg.fault_after_steps:
-            return
-        if self.cfg.fault_mode is FaultMode.EXIT:
-            logger.error("[dead] worker %s: injected crash after %d steps", self.name, steps)
-            os._exit(EXIT_FAULT)
-        raise InjectedFault(f"injected fault after {steps} steps")
 
     # -- handlers (compute thread) -----------------------------------------------------------
     def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
@@ -391,6 +385,15 @@ class WorkerProc(KvMigration):
             logger.exception("[speculate] %s step %d failed", msg.request_id, msg.step)
             return
         self._known.add(msg.request_id)
+
+    def _handle_kv_export(self, msg: KvExport, _tensors: list[torch.Tensor]) -> None:
+        self.io.send(*export_kv(self.engine, msg))
+
+    def _handle_kv_shard(self, msg: KvShard, tensors: list[torch.Tensor]) -> None:
+        ack = import_kv(self.engine, msg, tensors, self.stop_requested)
+        if ack.ok:  # it holds KV here now: released by RELEASE or a reset
+            self._known.add(msg.request_id)
+        self.io.send(ack)
 
     def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
         """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
@@ -450,24 +453,18 @@ class WorkerProc(KvMigration):
             self._send_ready()
 
     def _install(self, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> str:
-        info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
-        if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
-            self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
-            )
-        if job.max_batch_size > 0:
-            self.engine.set_max_batch_size(info.key, job.max_batch_size)
-        logger.info("worker %s loaded %s (%d bytes)", self.name, job, info.nbytes)
+        ref = install(self.engine, job, blocks)
+        self._stages.setdefault(ref.key, ref)  # a stage shared with a loaded one keeps its name
+        logger.info("worker %s loaded %s (%d bytes)", self.name, job, ref.nbytes)
         self._refresh_facts(force=True)
-        return info.key
+        return ref.key
 
     def _load_failed(self, job: LoadJob, e: BaseException) -> None:
         """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
         logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
         if isinstance(e, CorruptBlock):  # READY names it: the planner places it elsewhere
             self._refused.add(e.block)
-        code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
-        self.io.send(Error("", str(code), f"load {job}: {e}"))
+        self.io.send(load_error(job, e))
 
     def _announce(self) -> None:
         """The first READY: every configured stage is installed; tell systemd too."""
