@@ -258,7 +258,7 @@ class RequestFlow:
     def start_step(self, req: RequestState, now: float) -> Out:
         """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""
         assert req.route
-        req.hop_sent_at = now
+        self.state.hop_sent(req, now)
         ids, req.past_len = req.step_input()
         req.step += 1
         req.hop = 0

@@ -49,10 +49,10 @@ from blockllm.broker.protocol import (
     Kind,
     Message,
     ProtocolError,
-    Stats,
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import bound_endpoint, make_socket
+from blockllm.broker.stats_delta import DeltaPublisher
 from blockllm.broker.timings import clock
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
+        self._deltas = DeltaPublisher(self.cfg.stats_full_every)
         self._catalog: tuple[int, bytes] | None = None  # (catalog_gen, document)
         self._wake = WakePipe()
         self.shutdown_requested = False
@@ -260,7 +261,7 @@ class BrokerProc:
         self._stats_seq += 1
         try:
             body = self.broker.stats(now)
-            wire = frames.encode(Stats(self._stats_seq, body))
+            wire = frames.encode(self._deltas.message(self._stats_seq, body))
         except Exception:  # a stats bug must not take the broker down
             logger.exception("cannot build the stats snapshot")
             self.broker.counters["internal_errors"] += 1

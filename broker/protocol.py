@@ -60,6 +60,7 @@ class Kind(bytes, enum.Enum):
     ACK = b"K"
     # broker PUB socket -> planner SUB: the periodic statistics snapshot
     STATS = b"Y"
+    STATS_DELTA = b"y"
     # worker -> broker: read a chunk of the broker's zoo; broker -> worker: the chunk
     FETCH = b"N"
     BLOB = b"V"
@@ -330,6 +331,11 @@ class StatusRequest:
     # filters ("" = all): one model and the workers serving it; one worker and its models
     model: str = ""
     worker: str = ""
+    # one page of the (filtered) lists: entries [offset, offset + limit) of the workers and
+    # of the models; limit 0 (or more than the broker's page) = the broker's page size, so one
+    # STATUS stays bounded (body "page": {"offset", "limit", "next"}; next 0: the last page)
+    offset: int = 0
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +467,29 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsDelta:
+    """Broker PUB -> planner: a STATS body as what changed since the full STATS `base`
+    (broker/stats_delta.py): per worker / model name, the fields that differ (the whole entry
+    for names in `whole_*`: new, or a field went), the names gone, the names' order when it is
+    not the base's with the gone ones left out and the new ones last, and the top-level
+    `summary` (every body key but "workers" and "models"). A planner that predates it skips
+    it as an unknown kind and plans from the full STATS alone."""
+
+    KIND: ClassVar[Kind] = Kind.STATS_DELTA
+    seq: int
+    base: int
+    workers: dict[str, Any] = field(default_factory=dict)
+    whole_workers: tuple[str, ...] = ()
+    gone_workers: tuple[str, ...] = ()
+    worker_order: tuple[str, ...] = ()
+    models: dict[str, Any] = field(default_factory=dict)
+    whole_models: tuple[str, ...] = ()
+    gone_models: tuple[str, ...] = ()
+    model_order: tuple[str, ...] = ()
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch:
     """Worker -> broker: bytes [offset, offset + length) of a zoo object the worker lacks.
 
@@ -585,6 +614,7 @@ Message = (
     | Reload
     | Ack
     | Stats
+    | StatsDelta
     | Fetch
     | Blob
     | KvExport

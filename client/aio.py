@@ -33,11 +33,13 @@ from blockllm.broker import frames
 from blockllm.broker.protocol import Blob, Cancel, Fetch, Generate, StatusRequest, Token
 from blockllm.client.demux import (
     CONNECTION_LOST,
+    MAX_STATUS_PAGES,
     MONITOR_EVENTS,
     Demux,
     ReadyPoll,
     connect_dealer,
     load_client_keys,
+    merge_status,
     open_dealer,
     reply_error,
     send_refused,
@@ -213,8 +215,24 @@ class AsyncClient:
     async def status(
         self, timeout: float | None = 10.0, *, model: str = "", worker: str = ""
     ) -> dict[str, Any]:
-        """The broker's STATUS body; raises Timeout / BrokerUnavailable."""
-        msg = StatusRequest(new_request_id(), model, worker)
+        """The broker's STATUS body (every page, merged: Client.status); raises Timeout /
+        BrokerUnavailable."""
+        body: dict[str, Any] = {}
+        offset = 0
+        for _ in range(MAX_STATUS_PAGES):
+            page = await self._status_page(timeout, model, worker, offset)
+            body = body or page
+            offset = merge_status(body, page)
+            if not offset:
+                break
+        body.pop("page", None)  # the pages are merged: the whole lists
+        return body
+
+    async def _status_page(
+        self, timeout: float | None, model: str, worker: str, offset: int
+    ) -> dict[str, Any]:
+        """One STATUS answer: entries [offset, offset + the broker's page) of each list."""
+        msg = StatusRequest(new_request_id(), model, worker, offset)
         q = await self._submit(msg, 2)
         try:
             item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)

@@ -292,8 +292,5 @@ def _merge(hops: Iterable[PlannedHop]) -> tuple[PlannedHop, ...]:
 
 
 def _block_bytes(planner: Planner, block: str) -> int:
-    for m in planner.manifests.values():
-        for b, n in zip(m.chain, m.block_bytes, strict=False):
-            if b == block:
-                return int(n)
-    return 0
+    """A block's size (from an index of the catalog: planner/owners.py)."""
+    return planner.owners.nbytes(planner.manifests, block)
