@@ -206,6 +206,7 @@ class RequestFlow:
             top_logprobs=req.top_logprobs,
             targets=req.targets(hop, past_len),
             **self.adapter_fields(req, hop),
+            hops=len(req.route or ()),
         )
 
     def adapter_fields(self, req: RequestState, hop: Hop) -> dict[str, tuple]:

@@ -255,19 +255,21 @@ class BrokerProc:
         return deadline
 
     def _publish(self, now: float) -> None:
-        """One STATS snapshot on the PUB socket; dropped, never queued, when nobody keeps up."""
+        """One STATS snapshot on the PUB socket (a full one, maybe in parts, or a delta:
+        broker/stats_delta.py); dropped, never queued, when nobody keeps up."""
         if self.pub is None:
             return
         self._stats_seq += 1
         try:
             body = self.broker.stats(now)
-            wire = frames.encode(self._deltas.message(self._stats_seq, body))
+            messages = self._deltas.publish(self._stats_seq, body)
         except Exception:  # a stats bug must not take the broker down
             logger.exception("cannot build the stats snapshot")
             self.broker.counters["internal_errors"] += 1
             return
-        with contextlib.suppress(zmq.Again):
-            self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
+        for _msg, wire in messages:
+            with contextlib.suppress(zmq.Again):
+                self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
 
     def _summary(self) -> str:
         c = self.broker.counters

@@ -228,6 +228,9 @@ class Forward:
     # positions where it changes the layer; worker/lora.py), as two parallel arrays
     adapter_positions: tuple[int, ...] = ()
     adapter_blocks: tuple[str, ...] = ()
+    # hops of the request's route (0: not told): the worker keeps about this many groups of
+    # its running requests in flight (worker/groups.py)
+    hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,11 +462,15 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`)."""
+    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`). A body
+    past the header bound travels in `parts` messages of the same `seq` (broker/stats_delta.py):
+    each has a share of the "workers" and "models", part 0 also the rest of the body."""
 
     KIND: ClassVar[Kind] = Kind.STATS
     seq: int
     body: dict[str, Any] = field(default_factory=dict)
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)

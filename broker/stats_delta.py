@@ -11,7 +11,12 @@ summary (counters, requests, totals, time). A delta is cumulative (against the f
 not the previous delta), so a subscriber that drops snapshots (the PUB socket keeps only a few)
 loses nothing: the last full one and the newest delta give the current body.
 
-`DeltaPublisher` (the broker process) turns each body into a Stats or a StatsDelta;
+Bounded per message: a full body past `PART_BYTES` (at 2,000 models on 256 workers it is ~2 MB,
+past the 1 MiB header bound) travels in several STATS parts of the same seq, each with a share
+of the entries; a delta past `PART_BYTES` (cumulative deltas grow while the cluster churns) is
+replaced by a new full snapshot.
+
+`DeltaPublisher` (the broker process) turns each body into encoded Stats or StatsDelta messages;
 `StatsView` (the planner) turns what it receives back into full bodies: equal to the body the
 broker built (tests/unit/test_stats_delta.py).
 """
@@ -21,9 +26,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgpack
+
+from blockllm.broker import frames
 from blockllm.broker.protocol import Stats, StatsDelta
 
 FULL_EVERY = 10  # snapshots: a full one every 5 s at the default 0.5 s interval
+PART_BYTES = 512 * 1024  # one STATS / STATS_DELTA header at most (the bound is 1 MiB)
+Encoded = tuple["Stats | StatsDelta", list[Any]]  # a message and its frames
 LISTS = ("workers", "models")  # the per-entry parts; everything else is the summary
 
 
@@ -41,23 +51,64 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | No
 
 
 class DeltaPublisher:
-    """Full STATS every `full_every` snapshots (or when `catalog_gen` moved), else STATS_DELTA
-    against the last full one (module docstring). The broker process's loop thread only."""
+    """Full STATS every `full_every` snapshots (or when `catalog_gen` moved, or a delta would
+    pass `part_bytes`), else STATS_DELTA against the last full one (module docstring). The
+    broker process's loop thread only."""
 
-    def __init__(self, full_every: int = FULL_EVERY) -> None:
+    def __init__(self, full_every: int = FULL_EVERY, part_bytes: int = PART_BYTES) -> None:
         self.full_every = max(1, full_every)
+        self.part_bytes = part_bytes
         self._base_seq = -1
         self._base: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
         self._since = 0
         self._catalog: Any = None
 
-    def message(self, seq: int, body: dict[str, Any]) -> Stats | StatsDelta:
+    def publish(self, seq: int, body: dict[str, Any]) -> list[Encoded]:
+        """The messages (with their frames) that stand for `body`."""
         self._since += 1
         catalog = body.get("catalog_gen")
-        if self._base_seq < 0 or self._since >= self.full_every or catalog != self._catalog:
-            self._base_seq, self._base, self._since = seq, _entries(body), 0
-            self._catalog = catalog
-            return Stats(seq, body)
+        if self._base_seq >= 0 and self._since < self.full_every and catalog == self._catalog:
+            delta = self._delta(seq, body)
+            wire = frames.encode(delta)
+            if len(wire[1]) <= self.part_bytes:
+                return [(delta, wire)]
+        self._base_seq, self._base, self._since = seq, _entries(body), 0
+        self._catalog = catalog
+        return [(m, frames.encode(m)) for m in self._full(seq, body)]
+
+    def _full(self, seq: int, body: dict[str, Any]) -> list[Stats]:
+        """One STATS, or parts of at most about `part_bytes` each when the body is larger."""
+        sizes = [len(msgpack.packb(w, default=str)) for w in body.get("workers", ())]
+        models = body.get("models", {})
+        sizes += [len(msgpack.packb(m, default=str)) + len(n) for n, m in models.items()]
+        if sum(sizes) <= self.part_bytes:
+            return [Stats(seq, body)]
+        entries = [("w", w) for w in body.get("workers", ())]
+        entries += [("m", (n, m)) for n, m in models.items()]
+        chunks: list[list[tuple[str, Any]]] = [[]]
+        used = 0
+        for entry, size in zip(entries, sizes, strict=True):
+            if chunks[-1] and used + size > self.part_bytes:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(entry)
+            used += size
+        rest = {k: v for k, v in body.items() if k not in LISTS}
+        out = []
+        for i, chunk in enumerate(chunks):
+            part = dict(rest) if i == 0 else {}
+            part["workers"] = [e for kind, e in chunk if kind == "w"]
+            part["models"] = {n: m for kind, (n, m) in ((k, e) for k, e in chunk if k == "m")}
+            out.append(Stats(seq, part, i, len(chunks)))
+        return out
+
+    def message(self, seq: int, body: dict[str, Any]) -> Stats | StatsDelta:
+        """What `publish` sends when one message holds it (tests; small clusters)."""
+        (msg, _), *more = self.publish(seq, body)
+        assert not more, "a full snapshot in parts"
+        return msg
+
+    def _delta(self, seq: int, body: dict[str, Any]) -> StatsDelta:
         workers, models = _entries(body)
         return StatsDelta(
             seq,
@@ -96,10 +147,27 @@ class StatsView:
         self.base_seq = -1
         self._base: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
         self.skipped = 0  # deltas against a full snapshot this view never got
+        self._parts_seq = -1  # the full snapshot whose parts are coming in
+        self._parts: dict[int, dict[str, Any]] = {}
 
-    def full(self, msg: Stats) -> dict[str, Any]:
-        self.base_seq, self._base = msg.seq, _entries(msg.body)
-        return msg.body
+    def full(self, msg: Stats) -> dict[str, Any] | None:
+        """The body of a full STATS: at once, or with its last part (None before)."""
+        if msg.parts <= 1:
+            body = msg.body
+        else:
+            if msg.seq != self._parts_seq:
+                self._parts_seq, self._parts = msg.seq, {}
+            self._parts[msg.part] = msg.body
+            if len(self._parts) < msg.parts:
+                return None
+            body = dict(self._parts.get(0, {}))
+            body["workers"] = [w for i in range(msg.parts) for w in self._parts[i]["workers"]]
+            body["models"] = {
+                n: m for i in range(msg.parts) for n, m in self._parts[i]["models"].items()
+            }
+            self._parts_seq, self._parts = -1, {}
+        self.base_seq, self._base = msg.seq, _entries(body)
+        return body
 
     def apply(self, msg: StatsDelta) -> dict[str, Any] | None:
         """The body `msg` stands for; None when its full snapshot was never received (the

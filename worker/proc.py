@@ -64,12 +64,15 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.timings import clock
+from blockllm.worker.adapter_loads import AdapterLoads
 from blockllm.worker.clock import StepClock
 from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
 from blockllm.worker.errors import BrokerRejected, StartupLoadFailed, WorkerError
 from blockllm.worker.facts import Facts, ready_message
 from blockllm.worker.fetch import CorruptBlock
+from blockllm.worker.groups import Groups
 from blockllm.worker.loader import (
+    AdapterJob,
     Loaded,
     LoaderBusy,
     LoadJob,
@@ -124,8 +127,10 @@ class WorkerProc:
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
         self.clock = StepClock(self.io.arrived)  # decode items' phases (worker/clock.py)
+        self.groups = Groups(cfg.gather_fraction)  # pipelining groups (worker/groups.py)
         self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
+        self.adapter_loads = AdapterLoads.start(None, None)  # LoRA blocks off this thread
         self._startup_left = len(cfg.stages)  # configured stages not installed yet
         self._announced = False  # the first READY went out
         self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
@@ -168,6 +173,7 @@ class WorkerProc:
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
+        self.adapter_loads = AdapterLoads.start(self.engine, self.loader)
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
@@ -249,19 +255,22 @@ class WorkerProc:
         self._gather()
 
     def _gather(self) -> None:
-        """Wait briefly for more work when the next step would run few of our requests.
+        """Wait briefly for a group to fill when the next step would run less than one.
 
         Requests of a pipeline come back from the other hops in bursts; a step that starts on
         the first arrivals leaves the rest for a step of their own, and the requests settle
         into many small batches (measured: ~4.7 of 16 per step over 2 workers). So while fewer
-        than half of the requests holding KV here are queued, wait for more, at most
-        `gather_fraction` of the last step's time. Never at low load (one request: no wait).
+        than a group (worker/groups.py: the running requests over the route's hops) are
+        queued, wait for more, at most a step's fixed cost as measured. Never at low load
+        (one request: no wait).
         """
-        target = len(self._known) // 2
+        target = self.groups.size(len(self._known))
         queued = self.engine.queued()
-        if not 0 < queued < target or self._last_step_s <= 0 or self.stop_requested:
+        if target is None or not 0 < queued < target or self.stop_requested:
             return
-        deadline = time.monotonic() + self.cfg.gather_fraction * self._last_step_s
+        if self._last_step_s <= 0:
+            return
+        deadline = time.monotonic() + self.groups.wait_s(self._last_step_s)
         while self.engine.queued() < target:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -306,13 +315,14 @@ class WorkerProc:
 
     def _step(self) -> None:
         t0, f0 = clock(), getattr(self.engine, "forward_s", 0.0)
-        results = self.runner.step()
+        results = self.runner.step(self.groups.size(len(self._known)))
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
         t1 = clock()
         self._last_step_s = t1 - t0
+        self.groups.on_step(len(results), self._last_step_s)
         compute = getattr(self.engine, "forward_s", 0.0) - f0
         timed = self.clock.on_step(t0, t1, compute, results)
         self.facts.on_step(self._last_step_s, len(results))
@@ -338,11 +348,14 @@ class WorkerProc:
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if self.adapter_loads.waits(msg, tensors, self._refuse):
+            return  # its LoRA blocks load on the loader thread (worker/adapter_loads.py)
         if not is_decode(msg, tensors[0]):
             self.io.arrived.pop(msg.request_id, None)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
             self.clock.on_submit(msg.request_id)
+            self.groups.on_forward(msg.request_id, msg.hops)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -362,8 +375,10 @@ class WorkerProc:
         return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
+        self.adapter_loads.drop(msg.request_id)
         self.runner.release(msg.request_id)
         self.clock.forget(msg.request_id)
+        self.groups.forget(msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
@@ -436,6 +451,9 @@ class WorkerProc:
     def _handle_loaded(self, item: Loaded) -> None:
         """The loader read a stage: install it between two steps, then announce it."""
         job, error = item.job, item.error
+        if isinstance(job, AdapterJob):  # worker/adapter_loads.py
+            self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
+            return
         if error is None:
             try:
                 self._install(job, item.blocks)
@@ -483,7 +501,9 @@ class WorkerProc:
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        self.adapter_loads.clear()
         self.clock.clear()
+        self.groups.clear()
         if self._announced:  # else the first READY is still to come (stages loading)
             self._send_ready()
 

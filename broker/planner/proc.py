@@ -324,8 +324,9 @@ class PlannerProc:
                 logger.warning("[planner] bad stats message: %s", e)
                 continue
             if isinstance(msg, Stats):
-                self.stats_view.full(msg)
-                latest = msg
+                body = self.stats_view.full(msg)  # None until the last part of one in parts
+                if body is not None:
+                    latest = msg if msg.parts <= 1 else Stats(msg.seq, body)
             elif isinstance(msg, StatsDelta):
                 latest = msg
         if isinstance(latest, StatsDelta):

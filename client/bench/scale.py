@@ -259,6 +259,7 @@ def run_size(
         "stats_full_kb_max": round(max(c.full_bytes, default=0) / 1024, 1),
         "stats_delta_kb_p50": round(pct([float(b) for b in c.delta_bytes], 0.5) / 1024, 1),
         "stats_delta_kb_max": round(max(c.delta_bytes, default=0) / 1024, 1),
+        "stats_parts_max": c.stats_parts,
         "stats_kb_per_s": round(sum(c.stats_bytes) / 1024 / max(1e-9, duration + 5.0), 1),
         "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
         "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),

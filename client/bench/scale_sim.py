@@ -135,6 +135,7 @@ class Counters:
     stats_bytes: list[int] = field(default_factory=list)  # every STATS / STATS_DELTA sent
     full_bytes: list[int] = field(default_factory=list)  # the full ones
     delta_bytes: list[int] = field(default_factory=list)  # the deltas
+    stats_parts: int = 1  # the most messages one snapshot took (a full one in parts)
     stats_cpu_s: list[float] = field(default_factory=list)
     status_bytes: list[int] = field(default_factory=list)
     hops: dict[str, list[int]] = field(default_factory=dict)  # model -> hops per token
@@ -242,16 +243,19 @@ class Sim:
         t0 = time.process_time()
         body = self.broker.stats(self.now)
         self._stats_seq += 1
-        msg = self.deltas.message(self._stats_seq, body)
+        sent = self.deltas.publish(self._stats_seq, body)
         self.c.stats_cpu_s.append(time.process_time() - t0)
-        nbytes = len(frames.encode(msg)[1])
-        self.c.stats_bytes.append(nbytes)
-        if isinstance(msg, StatsDelta):
-            self.c.delta_bytes.append(nbytes)
-            body = self.view.apply(msg)
-        else:
-            self.c.full_bytes.append(nbytes)
-            body = self.view.full(msg)
+        body = None
+        for msg, wire in sent:
+            nbytes = len(wire[1])
+            self.c.stats_bytes.append(nbytes)
+            if isinstance(msg, StatsDelta):
+                self.c.delta_bytes.append(nbytes)
+                body = self.view.apply(msg)
+            else:
+                self.c.full_bytes.append(nbytes)
+                body = self.view.full(msg)
+        self.c.stats_parts = max(self.c.stats_parts, len(sent))
         if self.planner is not None and body is not None:
             t0 = time.process_time()
             cmds = self.planner.on_stats(body, self.now)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from blockllm.broker import frames
 from blockllm.broker.protocol import Stats, StatsDelta
 from blockllm.broker.stats_delta import DeltaPublisher, StatsView
@@ -61,7 +63,10 @@ def evolve(body: dict[str, Any], rng: random.Random, n: int) -> dict[str, Any]:
     return {"workers": workers, "models": models, "counters": counters, "catalog_gen": gen}
 
 
-def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots() -> None:
+@pytest.mark.parametrize("part_bytes", [1 << 20, 900])
+def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots(part_bytes: int) -> None:
+    """Through the codec, with snapshots dropped; with a small `part_bytes` the full bodies
+    travel in parts and the deltas that grow past it become full ones."""
     rng = random.Random(3)
     body = {
         "workers": [worker(f"w{i}", rng) for i in range(6)],
@@ -69,21 +74,31 @@ def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots() -> None:
         "counters": {"tokens": 0},
         "catalog_gen": 1,
     }
-    pub, view, late = DeltaPublisher(full_every=5), StatsView(), StatsView()
-    deltas = rebuilt = skips = 0
-    received = -1  # the last full snapshot received
+    pub, view, late = DeltaPublisher(5, part_bytes), StatsView(), StatsView()
+    deltas = rebuilt = skips = fulls = 0
+    received = -1  # the last full snapshot received whole
     for seq in range(1, 300):
         body = evolve(body, rng, seq)
-        msg = wire(pub.message(seq, body))
+        sent = pub.publish(seq, body)
         expected = wire(Stats(seq, body)).body  # the body as the wire carries it
+        for _msg, frames_ in sent:
+            assert len(frames_[1]) <= max(part_bytes, 1200)  # an entry is never cut
         if rng.random() < 0.3:
             continue  # this snapshot was dropped (the PUB socket keeps only a few)
-        if isinstance(msg, Stats):
+        msgs = [wire(m) for m, _ in sent]
+        if isinstance(msgs[0], Stats):
+            fulls += len(msgs) > 1
+            got = None
+            for i, msg in enumerate(msgs):
+                assert msg.parts == len(msgs) and msg.part == i
+                got = view.full(msg)
+                assert (got is None) == (i < len(msgs) - 1)
+                if seq > 40:
+                    late.full(msg)
+            assert got == expected
             received = seq
-            assert view.full(msg) == expected
-            if seq > 40:
-                late.full(msg)
             continue
+        (msg,) = msgs
         deltas += 1
         skips += msg.base != received
         got = view.apply(msg)
@@ -93,8 +108,9 @@ def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots() -> None:
             assert list(got["models"]) == list(expected["models"])
         if seq <= 40:
             assert late.apply(msg) is None  # never got a full one: waits for the next
-    assert deltas > 150 and rebuilt > 100
+    assert deltas > 100 and rebuilt > 80
     assert view.skipped == skips  # only the deltas whose full snapshot was dropped
+    assert (fulls > 10) == (part_bytes < 1000)  # in parts only when past part_bytes
 
 
 def test_a_delta_carries_only_what_changed() -> None:
@@ -118,3 +134,24 @@ def test_a_delta_carries_only_what_changed() -> None:
         assert isinstance(pub.message(seq, body), StatsDelta)
     assert isinstance(pub.message(11, body), Stats)  # every full_every snapshots
     assert isinstance(pub.message(12, {**body, "catalog_gen": 2}), Stats)  # a new catalog
+
+
+def test_a_delta_past_the_part_bound_is_sent_as_a_full_snapshot_in_parts() -> None:
+    body = {
+        "workers": [{"name": f"w{i}", "stages": ["k" * 64] * 8, "steps": 0} for i in range(50)],
+        "models": {},
+        "catalog_gen": 1,
+    }
+    pub = DeltaPublisher(full_every=10, part_bytes=8 * 1024)
+    first = pub.publish(1, body)
+    assert len(first) >= 3 and all(isinstance(m, Stats) for m, _ in first)
+    body["workers"][0] = {**body["workers"][0], "steps": 1}
+    (small,) = pub.publish(2, body)
+    assert isinstance(small[0], StatsDelta)
+    body["workers"] = [{**w, "stages": ["j" * 64] * 8} for w in body["workers"]]
+    again = pub.publish(3, body)  # every stage changed: the delta would pass the bound
+    assert all(isinstance(m, Stats) and m.seq == 3 for m, _ in again) and len(again) >= 3
+    view = StatsView()
+    for m, _ in again:
+        got = view.full(wire(m))
+    assert got == wire(Stats(3, body)).body
