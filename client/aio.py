@@ -232,7 +232,12 @@ class AsyncClient:
         self, timeout: float | None, model: str, worker: str, offset: int
     ) -> dict[str, Any]:
         """One STATUS answer: entries [offset, offset + the broker's page) of each list."""
-        msg = StatusRequest(new_request_id(), model, worker, offset)
+        item = await self._ask(StatusRequest(new_request_id(), model, worker, offset), timeout)
+        return dict(item.body)
+
+    async def _ask(self, msg: StatusRequest | Fetch, timeout: float | None) -> Any:
+        """Send `msg` and wait for its one answer; raises the broker's error, Timeout,
+        BrokerUnavailable."""
         q = await self._submit(msg, 2)
         try:
             item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
@@ -242,7 +247,7 @@ class AsyncClient:
         err = reply_error(item)
         if err is not None:
             raise err
-        return dict(item.body)
+        return item
 
     async def fetch(self, what: str, name: str, timeout: float | None = 30.0) -> bytes:
         """A whole object of the broker's zoo (`what`: "manifest" (name: a model) or
@@ -251,17 +256,7 @@ class AsyncClient:
         data = bytearray()
         total: int | None = None
         while total is None or len(data) < total:
-            msg = Fetch(new_request_id(), what, name, len(data))
-            q = await self._submit(msg, 2)
-            try:
-                item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
-            except BlockLLMError:
-                self.demux.remove(msg.request_id)
-                raise
-            err = reply_error(item)
-            if err is not None:
-                raise err
-            blob, chunk = item
+            blob, chunk = await self._ask(Fetch(new_request_id(), what, name, len(data)), timeout)
             if (
                 not isinstance(blob, Blob)
                 or blob.offset != len(data)

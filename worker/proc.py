@@ -97,6 +97,7 @@ from blockllm.worker.proc_io import (
 )
 from blockllm.worker.proc_kv import export_kv, import_kv
 from blockllm.worker.speculate import Speculation
+from blockllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class WorkerProc:
         self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
+        return to_device(x, self.cfg.device)  # non-blocking from pinned memory (CUDA)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
         self.adapter_loads.drop(msg.request_id)

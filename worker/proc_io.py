@@ -46,6 +46,7 @@ from blockllm.broker.timings import Timings, clock
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError
 from blockllm.worker.items import SamplingParams, WorkItem
+from blockllm.worker.transfer import host_copy, pinned_frames, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class Failed:
 
 
 Inbound = tuple[Message, list[torch.Tensor]] | Reset | Wake | Failed
-# (message, its tensors, when the compute loop queued it: a clock() for a decode RESULT, else 0)
-Outbound = tuple[Message, tuple[torch.Tensor, ...], float]
+# (message, its tensors, when the compute loop queued it: a clock() for a decode RESULT, else
+# 0, what to call before the tensors' bytes are read: worker/transfer.py's to_host, or None)
+Outbound = tuple[Message, tuple[torch.Tensor, ...], float, Callable[[], None] | None]
 ARRIVED_MAX = 4096  # decode FORWARDs whose arrival time waits for the compute loop
 
 
@@ -131,13 +133,15 @@ def _adapters(msg: Forward) -> tuple[tuple[int, str], ...]:
     return tuple(zip(pos, blocks, strict=True))
 
 
-def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
+def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...], Callable[[], None] | None]:
     """The message answering one engine `WorkResult`: ERROR, RESULT(token) or RESULT(hidden),
-    the hidden state as a CPU tensor for a zero-copy frame."""
+    the hidden state as a CPU tensor for a zero-copy frame; and what to call before its bytes
+    are read (a CUDA download under way: worker/transfer.py), else None."""
     if r.error is not None:
         code = ErrorCode(getattr(r.error, "value", r.error))
         text = r.message or code.value
-        return Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step), ()
+        error = Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step)
+        return error, (), None
     if r.token_id is not None:
         logprob = float(r.logprob) if r.logprob is not None else 0.0
         flat = [alt for row in r.prompt_top for alt in row]
@@ -152,12 +156,9 @@ def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
             prompt_top_ids=tuple(t for t, _ in flat),
             prompt_top_logprobs=tuple(lp for _, lp in flat),
         )
-        return res, ()
-    hidden = r.hidden.detach()
-    if hidden.device.type != "cpu":
-        hidden = hidden.to("cpu")
-    hidden = hidden.contiguous()
-    return Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,)
+        return res, (), None
+    hidden, ready = to_host(r.hidden.detach())
+    return Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,), ready
 
 
 class IOThread(threading.Thread):
@@ -180,6 +181,7 @@ class IOThread(threading.Thread):
         # decode FORWARD was ready for the compute loop (request id -> clock(); it pops them)
         self.timings = Timings()
         self.arrived: dict[str, float] = {}
+        self.pinned = pinned_frames(cfg.device)  # frames in go to pinned memory (CUDA)
         self.bad_messages = 0
         self.reconnects = 0
         self._lost_at: float | None = None  # monotonic time the broker went silent (None: up)
@@ -209,11 +211,17 @@ class IOThread(threading.Thread):
 
     # -- any thread ------------------------------------------------------------------------
     def send(
-        self, msg: Message, tensors: tuple[torch.Tensor, ...] = (), *, timed: bool = False
+        self,
+        msg: Message,
+        tensors: tuple[torch.Tensor, ...] = (),
+        ready: Callable[[], None] | None = None,
+        *,
+        timed: bool = False,
     ) -> None:
         """Queue a message for the broker (tensors are kept referenced until zmq sent them);
-        `timed`: a decode item's RESULT, whose hand-off and serialisation are timed."""
-        self.outbox.put((msg, tensors, clock() if timed else 0.0))
+        `ready`: called (here, on the IO thread) before the tensors are encoded; `timed`: a
+        decode item's RESULT, whose hand-off and serialisation are timed."""
+        self.outbox.put((msg, tensors, clock() if timed else 0.0, ready))
         self._wake()
 
     def stop(self) -> None:
@@ -460,7 +468,7 @@ class IOThread(threading.Thread):
         if msg.KIND is Kind.SPECULATE and self.inbox.qsize() >= self.cfg.input_queue_size:
             return  # a prediction is best effort: the real FORWARD follows
         # Copy out of the zmq frames now: a live view would pin the whole message.
-        tensors = [v.clone() for v in views]
+        tensors = [host_copy(v, self.pinned) for v in views]
         if msg.KIND is Kind.FORWARD and len(tensors) == 1 and is_decode(msg, tensors[0]):
             t1 = clock()
             self.timings.add("deserialise", t1 - t0)
@@ -503,9 +511,11 @@ class IOThread(threading.Thread):
         assert self._sock is not None
         while True:
             try:
-                msg, tensors, queued_at = self.outbox.get_nowait()
+                msg, tensors, queued_at, ready = self.outbox.get_nowait()
             except queue.Empty:
                 return
+            if ready is not None:  # a download from the device still under way
+                ready()
             t0 = clock()
             self._send(frames.encode(msg, tensors))
             if queued_at:
