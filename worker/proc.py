@@ -83,18 +83,8 @@ from blockllm.worker.loader import (
     start_loader,
     unhealthy,
 )
-from blockllm.worker.proc_io import (
-    RETRYABLE,
-    Failed,
-    Inbound,
-    IOThread,
-    IOThreadFailed,
-    Reset,
-    Wake,
-    is_decode,
-    result_message,
-    work_item,
-)
+from blockllm.worker.messages import RETRYABLE, is_decode, result_message, work_item
+from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, Reset, Wake
 from blockllm.worker.proc_kv import export_kv, import_kv
 from blockllm.worker.speculate import Speculation
 from blockllm.worker.transfer import to_device

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blockllm.broker import frames
-from blockllm.worker.proc_io import result_message
+from blockllm.worker.messages import result_message
 from blockllm.worker.transfer import host_copy, pinned_frames, to_device, to_host
 from blockllm.worker.worker import ErrorCode, WorkResult
 
