@@ -270,6 +270,12 @@ class Site:
                 services = [s.unit for s in self.services.get(node, [])]
             for unit in reversed(_ordered(services)):
                 self.stop(unit, node)
+        elif verb == "restart" and "blockllm.target" in units:  # the node's units, in order
+            order = _ordered([s.unit for s in self.services.get(node, [])])
+            for unit in reversed(order):
+                self.stop(unit, node)
+            for unit in order:
+                self.start(unit, node)
         elif verb == "restart":
             for unit in services:
                 self.stop(unit, node)

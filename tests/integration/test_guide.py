@@ -8,7 +8,9 @@ three node folders (tests/integration/guide.py lists every substitution).
 Keys (broker node, then each node's own pair admitted on the broker), the config file copied
 to every node, the models imported, API keys, doctor on each node, each unit's ExecStart= run
 the way systemd would (ordered, READY=1 awaited), status, a generate through the CLI equal to
-HF greedy, a model imported while running + `blockllm reload`, adding and removing a node, and
+HF greedy, a model imported while running + `blockllm reload`, adding and removing a node, a
+broker restart (section 10) under a long request (drained: its output equals HF's), the
+broker's key rotated (section 9: every node switched, served again), and
 `systemctl stop blockllm.target` on every node (each process exits 0). Waits are on notify
 datagrams, STATUS answers and exits, each with a deadline.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,6 +39,7 @@ pytestmark = [
 ]
 PROMPT = "The capital of France is"  # as in the guide's first request
 MAX_TOKENS = 12
+LONG_TOKENS = 48  # long enough that the broker's SIGTERM lands while it runs
 
 
 def os_port() -> int:
@@ -70,6 +74,40 @@ def wait_health(url: str, timeout: float) -> dict:
             body = e.read()
         assert time.monotonic() < deadline, f"/health still {body!r}"
         time.sleep(0.2)  # its status refreshes every second: polled with a deadline
+
+
+class LongRequest:
+    """A greedy stream of LONG_TOKENS on its own thread and client."""
+
+    def __init__(self, endpoint: str, keys: Path, ids: list[int]) -> None:
+        self.tokens: list[int] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self.first = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(endpoint, keys, ids))
+        self.thread.start()
+
+    def _run(self, endpoint: str, keys: Path, ids: list[int]) -> None:
+        try:
+            with Client(endpoint, keys_dir=str(keys), timeout=120) as client:
+                for ev in client.stream("smollm2", input_ids=ids, max_new_tokens=LONG_TOKENS):
+                    self.tokens.append(ev.token_id)
+                    self.done = ev.finish_reason is not None
+                    self.first.set()
+        except BaseException as e:  # reported by the test's thread
+            self.error = e
+        finally:
+            self.first.set()
+
+    def running(self) -> bool:
+        """Once it has its first token: whether it still runs."""
+        assert self.first.wait(60), "no first token"
+        return not self.done and self.error is None
+
+    def result(self) -> list[int]:
+        self.thread.join(120)
+        assert not self.thread.is_alive() and self.error is None, self.error
+        return self.tokens
 
 
 def test_the_guide_start_to_finish(site: Site) -> None:
@@ -138,6 +176,34 @@ def test_the_guide_start_to_finish(site: Site) -> None:
         assert {w["name"] for w in client.status()["workers"]} == {"cpu0", "gpu1"}
         _, generated = site.run("first-request", "nodeA")
         assert json.loads(generated)["token_ids"] == expected, site.tails()
+
+        # 10: the broker upgraded under a long request: it drains it, the output is HF's
+        old_broker = next(s for s in site.services["nodeA"] if s.unit == "blockllm-broker.service")
+        ids = hf_tokenize(base, PROMPT)
+        long_run = LongRequest(endpoint, keys, ids)
+        running = long_run.running()
+        site.run("upgrade-broker", "nodeA")
+        assert running, "the request finished before the SIGTERM: nothing was in flight"
+        assert long_run.result() == hf_greedy(base, ids, LONG_TOKENS), site.tails()
+        drained = old_broker.node.wait_line(r"\[shutdown\] draining (\d+) requests", 1)
+        assert int(drained.group(1)) >= 1
+        client.wait_ready(["smollm2"], timeout=120)
+        wait_health(f"http://127.0.0.1:{site.ports[8000]}/health", 60)
+        _, generated = site.run("first-request", "nodeA")
+        assert json.loads(generated)["token_ids"] == expected, site.tails()
+
+    # 9: the broker's key rotated: the broker node switches folders, node C its broker.key
+    site.run("rotate-broker-key", "nodeA")
+    site.run("copy-new-broker-key", "nodeC")
+    site.run("switch-broker-node", "nodeA")
+    site.run("switch-other-node", "nodeC")
+    old_keys = site.home("nodeA") / "etc/blockllm/keys.old"
+    assert (keys / "broker.key").read_bytes() != (old_keys / "broker.key").read_bytes()
+    with Client(endpoint, keys_dir=str(keys)) as client:  # the new broker.key
+        client.wait_ready(["smollm2"], timeout=120)
+    wait_health(f"http://127.0.0.1:{site.ports[8000]}/health", 60)
+    _, generated = site.run("first-request", "nodeA")
+    assert json.loads(generated)["token_ids"] == expected, site.tails()
 
     # the final stop: every process of every node exits 0 (stop asserts it), in unit order
     for node in ("nodeA", "nodeB", "nodeC"):
