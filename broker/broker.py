@@ -181,7 +181,7 @@ class Broker:
     def tick(self, now: float) -> list[Out]:
         """Deadlines, worker expiry and pings; call at least every `cfg.tick_s`."""
         out: list[Out] = []
-        for req in [r for r in self.state.requests.values() if now >= r.deadline]:
+        for req in self.state.past_deadline(now):
             code = ErrorCode.TIMEOUT
             if req.route is None and not self.flow.covered(req.model):
                 code = ErrorCode.NO_ROUTE
@@ -252,9 +252,20 @@ class Broker:
         """Re-read the models (zoo manifests and tokenizers); requests keep the spec they had."""
         self.state.reload(now)
 
-    def status(self, now: float, model: str = "", worker: str = "") -> dict[str, Any]:
-        """The STATUS body (see broker/status.py), filtered to a model and/or a worker."""
-        return status_body(self.state, self.flow.route, now, model=model, worker=worker)
+    def status(
+        self,
+        now: float,
+        model: str = "",
+        worker: str = "",
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """The STATUS body (see broker/status.py), filtered to a model and/or a worker; one
+        page of it with `limit` (0: the broker's page size), all of it with None."""
+        return status_body(
+            self.state, self.flow.route, now, model=model, worker=worker, offset=offset, limit=limit
+        )
 
     def stats(self, now: float) -> dict[str, Any]:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
@@ -376,7 +387,7 @@ class Broker:
             if why:
                 return self._misbehaved(req, peer, now, why)
             req.hop += 1
-            req.hop_sent_at = now
+            self.state.hop_sent(req, now)
             hop = req.route[req.hop]
             out = [Out(hop.worker, self.flow.forward(req, hop, tuple(msg.tensors)), tuple(frames))]
             return out + self.flow.speculative(
@@ -496,4 +507,5 @@ class Broker:
     def _handle_status_request(
         self, peer: bytes, msg: StatusRequest, frames: Sequence[Any], now: float
     ) -> list[Out]:
-        return [Out(peer, Status(msg.request_id, self.status(now, msg.model, msg.worker)))]
+        body = self.status(now, msg.model, msg.worker, offset=msg.offset, limit=msg.limit)
+        return [Out(peer, Status(msg.request_id, body))]

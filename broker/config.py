@@ -56,6 +56,9 @@ class BrokerConfig:
     # (reported in STATUS as "stats_endpoint"); "" = publish nothing
     stats_bind: str | None = None
     stats_interval_s: float = 0.5
+    # a full STATS every this many snapshots (and when the catalog changes); in between a
+    # STATS_DELTA with what changed since the last full one (broker/stats_delta.py)
+    stats_full_every: int = 10
     # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
     unload_drain_s: float = 30.0
     # hedging: a decode hop late by max(hedge_after_s, hedge_factor x the fastest worker's
@@ -84,6 +87,8 @@ class BrokerConfig:
             raise ValueError("default_timeout_s and tick_s must be > 0")
         if self.stats_interval_s <= 0 or self.unload_drain_s < 0:
             raise ValueError("stats_interval_s must be > 0 and unload_drain_s >= 0")
+        if self.stats_full_every < 1:
+            raise ValueError("stats_full_every must be >= 1 (1: every STATS is full)")
         if any(not tol >= 0 for _, tol in self.speculate):
             raise ValueError("speculation tolerances must be >= 0")
 

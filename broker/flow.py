@@ -206,6 +206,7 @@ class RequestFlow:
             top_logprobs=req.top_logprobs,
             targets=req.targets(hop, past_len),
             **self.adapter_fields(req, hop),
+            hops=len(req.route or ()),
         )
 
     def adapter_fields(self, req: RequestState, hop: Hop) -> dict[str, tuple]:
@@ -258,7 +259,7 @@ class RequestFlow:
     def start_step(self, req: RequestState, now: float) -> Out:
         """FORWARD the next step's token ids to hop 0 (a prefill after (re)routing)."""
         assert req.route
-        req.hop_sent_at = now
+        self.state.hop_sent(req, now)
         ids, req.past_len = req.step_input()
         req.step += 1
         req.hop = 0

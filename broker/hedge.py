@@ -14,6 +14,7 @@ lost, a live shadow takes over instead of a replay.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +41,7 @@ class Hedging:
     def __init__(self, state: BrokerState, flow: RequestFlow) -> None:
         self.state = state
         self.flow = flow
+        self.late: dict[str, float] = {}  # request id -> its late hop's send time (see tick)
 
     # -- launching ---------------------------------------------------------------------------
     def hedge_deadline(self) -> float:
@@ -49,15 +51,31 @@ class Hedging:
         return max(self.state.cfg.hedge_after_s, self.state.cfg.hedge_factor * typical)
 
     def tick(self, now: float) -> list[Out]:
+        """Hedge the decode hops sent longer than the deadline ago. The hops come from the
+        state's heap of sent hops (`BrokerState.hop_sent`), not a scan of every request: the
+        ones past the deadline move to `late`, kept while their hop is the current one (a
+        request late but not hedgeable now, e.g. with a shadow that may still fail)."""
         if self.state.cfg.hedge_after_s <= 0:
+            self.state.sent.clear()
+            self.late.clear()
             return []
         deadline = self.hedge_deadline()
+        sent, requests = self.state.sent, self.state.requests
+        while sent and now - sent[0][0] >= deadline:
+            at, rid = heapq.heappop(sent)
+            req = requests.get(rid)
+            if req is not None and req.hop_sent_at == at:
+                self.late[rid] = at
         out: list[Out] = []
-        for req in list(self.state.requests.values()):
+        for rid, at in list(self.late.items()):
+            req = requests.get(rid)
+            if req is None or req.hop_sent_at != at:
+                del self.late[rid]  # finished, or its hop moved on
+                continue
             if req.route is None or req.shadow is not None or req.prefill or req.past_len == 0:
                 continue
-            if now - req.hop_sent_at >= deadline:
-                out += self._launch(req, now)
+            del self.late[rid]
+            out += self._launch(req, now)
         return out
 
     def _launch(self, req: RequestState, now: float) -> list[Out]:
@@ -65,7 +83,7 @@ class Hedging:
         late = req.route[req.hop].worker
         route, _ = self.flow.route_with_credit(req, now, frozenset({late}))  # type: ignore[arg-type]
         if route is None or same_route(route, req.route):
-            req.hop_sent_at = now  # nothing to hedge with now: look again a deadline later
+            self.state.hop_sent(req, now)  # nothing to hedge with now: look again a deadline later
             return []
         req.attempts += 1
         req.shadow = Shadow(req.attempts, route)

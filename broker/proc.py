@@ -49,10 +49,10 @@ from blockllm.broker.protocol import (
     Kind,
     Message,
     ProtocolError,
-    Stats,
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import bound_endpoint, make_socket
+from blockllm.broker.stats_delta import DeltaPublisher
 from blockllm.broker.timings import clock
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class BrokerProc:
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
         self._stats_seq = 0
+        self._deltas = DeltaPublisher(self.cfg.stats_full_every)
         self._catalog: tuple[int, bytes] | None = None  # (catalog_gen, document)
         self._wake = WakePipe()
         self.shutdown_requested = False
@@ -254,19 +255,21 @@ class BrokerProc:
         return deadline
 
     def _publish(self, now: float) -> None:
-        """One STATS snapshot on the PUB socket; dropped, never queued, when nobody keeps up."""
+        """One STATS snapshot on the PUB socket (a full one, maybe in parts, or a delta:
+        broker/stats_delta.py); dropped, never queued, when nobody keeps up."""
         if self.pub is None:
             return
         self._stats_seq += 1
         try:
             body = self.broker.stats(now)
-            wire = frames.encode(Stats(self._stats_seq, body))
+            messages = self._deltas.publish(self._stats_seq, body)
         except Exception:  # a stats bug must not take the broker down
             logger.exception("cannot build the stats snapshot")
             self.broker.counters["internal_errors"] += 1
             return
-        with contextlib.suppress(zmq.Again):
-            self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
+        for _msg, wire in messages:
+            with contextlib.suppress(zmq.Again):
+                self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
 
     def _summary(self) -> str:
         c = self.broker.counters

@@ -60,6 +60,7 @@ class Kind(bytes, enum.Enum):
     ACK = b"K"
     # broker PUB socket -> planner SUB: the periodic statistics snapshot
     STATS = b"Y"
+    STATS_DELTA = b"y"
     # worker -> broker: read a chunk of the broker's zoo; broker -> worker: the chunk
     FETCH = b"N"
     BLOB = b"V"
@@ -227,6 +228,9 @@ class Forward:
     # positions where it changes the layer; worker/lora.py), as two parallel arrays
     adapter_positions: tuple[int, ...] = ()
     adapter_blocks: tuple[str, ...] = ()
+    # hops of the request's route (0: not told): the worker keeps about this many groups of
+    # its running requests in flight (worker/groups.py)
+    hops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +334,11 @@ class StatusRequest:
     # filters ("" = all): one model and the workers serving it; one worker and its models
     model: str = ""
     worker: str = ""
+    # one page of the (filtered) lists: entries [offset, offset + limit) of the workers and
+    # of the models; limit 0 (or more than the broker's page) = the broker's page size, so one
+    # STATUS stays bounded (body "page": {"offset", "limit", "next"}; next 0: the last page)
+    offset: int = 0
+    limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,11 +462,38 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`)."""
+    """Broker PUB -> planner: a statistics snapshot (see broker/stats.py for `body`). A body
+    past the header bound travels in `parts` messages of the same `seq` (broker/stats_delta.py):
+    each has a share of the "workers" and "models", part 0 also the rest of the body."""
 
     KIND: ClassVar[Kind] = Kind.STATS
     seq: int
     body: dict[str, Any] = field(default_factory=dict)
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StatsDelta:
+    """Broker PUB -> planner: a STATS body as what changed since the full STATS `base`
+    (broker/stats_delta.py): per worker / model name, the fields that differ (the whole entry
+    for names in `whole_*`: new, or a field went), the names gone, the names' order when it is
+    not the base's with the gone ones left out and the new ones last, and the top-level
+    `summary` (every body key but "workers" and "models"). A planner that predates it skips
+    it as an unknown kind and plans from the full STATS alone."""
+
+    KIND: ClassVar[Kind] = Kind.STATS_DELTA
+    seq: int
+    base: int
+    workers: dict[str, Any] = field(default_factory=dict)
+    whole_workers: tuple[str, ...] = ()
+    gone_workers: tuple[str, ...] = ()
+    worker_order: tuple[str, ...] = ()
+    models: dict[str, Any] = field(default_factory=dict)
+    whole_models: tuple[str, ...] = ()
+    gone_models: tuple[str, ...] = ()
+    model_order: tuple[str, ...] = ()
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,6 +621,7 @@ Message = (
     | Reload
     | Ack
     | Stats
+    | StatsDelta
     | Fetch
     | Blob
     | KvExport

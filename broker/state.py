@@ -7,6 +7,7 @@ broker's loop thread only.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -84,6 +85,12 @@ class BrokerState:
         self.waiting = WaitQueue(lambda rid: self.requests[rid].model)
         self.by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> request id
         self.by_model: dict[str, set[str]] = {}  # model -> its request ids
+        # (deadline, request id) of every request, earliest first: the timer pops the ones
+        # past due instead of scanning every request (entries of finished ones are skipped)
+        self.deadlines: list[tuple[float, str]] = []
+        # (when, request id) of every hop sent while hedging is on: the hedge timer pops the
+        # ones older than its deadline instead of scanning every request (broker/hedge.py)
+        self.sent: list[tuple[float, str]] = []
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.metrics = Metrics()
         self.timings = Timings()  # the loop's phases of decode RESULTs (broker/timings.py)
@@ -145,6 +152,27 @@ class BrokerState:
     def add_request(self, req: RequestState) -> None:
         self.requests[req.rid] = req
         self.by_model.setdefault(req.model, set()).add(req.rid)
+        heapq.heappush(self.deadlines, (req.deadline, req.rid))
+        if len(self.deadlines) > 2 * len(self.requests) + 64:  # mostly finished ones: compact
+            self.deadlines = [(d, r) for d, r in self.deadlines if r in self.requests]
+            heapq.heapify(self.deadlines)
+
+    def hop_sent(self, req: RequestState, now: float) -> None:
+        """The request's current hop was sent at `now` (what hedging measures lateness from)."""
+        req.hop_sent_at = now
+        if self.cfg.hedge_after_s > 0:
+            heapq.heappush(self.sent, (now, req.rid))
+
+    def past_deadline(self, now: float) -> list[RequestState]:
+        """The requests whose deadline is `now` or earlier, earliest first (popped from the
+        deadline heap: the cost is in the requests due and the finished ones skipped)."""
+        due = []
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, rid = heapq.heappop(self.deadlines)
+            req = self.requests.get(rid)
+            if req is not None and req.deadline == deadline:
+                due.append(req)
+        return due
 
     def drop_request(self, req: RequestState) -> None:
         self.requests.pop(req.rid, None)

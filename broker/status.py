@@ -15,7 +15,10 @@ models):
      "counters": {name: n for name in COUNTERS},
      "stats_endpoint": the broker's STATS PUB endpoint ("" when it publishes none),
      "totals": {"workers", "models"}: what the broker has (STATUS_REQUEST may filter the
-               lists to one model and the workers serving it, or one worker and its models)}
+               lists to one model and the workers serving it, or one worker and its models),
+     "page": {"offset", "limit", "next"}: a STATUS answer lists entries [offset, offset +
+             limit) of the workers and of the models, at most STATUS_PAGE of each; "next" is
+             the next page's offset, 0 after the last (the clients fetch every page)}
     (workers[] also carry "memory_budget_bytes", "weight_bytes", "stage_batch_limits",
     "stage_mean_batch", "stage_step_ms", "draining", "last_error", "refused_blocks" and
     "pinned" for the planner, and
@@ -31,6 +34,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.routing import Hop, WorkerView
+from blockllm.broker.stage_index import LiveViews
 
 if TYPE_CHECKING:
     from blockllm.broker.state import BrokerState
@@ -144,14 +148,12 @@ def uncovered_reason(b: BrokerState, name: str, now: float) -> str:
 
 def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dict[str, Any]:
     spec = b.models[name]
-    unbanned = {
-        p: WorkerView(w.live_stages(), w.load(), not w.banned(now)) for p, w in b.workers.items()
-    }
+    # views built lazily: routing reads only the workers the routing index names for the model
+    unbanned = LiveViews(b.workers, lambda p, w: not w.banned(now))
     route = route_of(name, unbanned)
     if route is None:  # show the route banned workers give, if only bans are in the way
-        views = {p: WorkerView(w.live_stages(), w.load()) for p, w in b.workers.items()}
-        route = route_of(name, views)
-    mine = [r for r in b.requests.values() if r.model == name]
+        route = route_of(name, LiveViews(b.workers, lambda p, w: True))
+    mine = [r for rid in b.by_model.get(name, ()) if (r := b.requests.get(rid)) is not None]
     return {
         "layers": spec.num_layers,
         "chain_len": spec.chain_len,
@@ -168,12 +170,23 @@ def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> dic
     }
 
 
+STATUS_PAGE = 128  # workers and models per STATUS at most: one answer stays well under 1 MiB
+
+
 def status_body(
-    b: BrokerState, route_of: RouteFn, now: float, *, model: str = "", worker: str = ""
+    b: BrokerState,
+    route_of: RouteFn,
+    now: float,
+    *,
+    model: str = "",
+    worker: str = "",
+    offset: int = 0,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """The body (module docstring). `model`: only that model and the workers with a stage
     serving it; `worker`: only that worker and the models it has a stage of (both: both
-    filters); "totals" counts what the broker has, filtered or not."""
+    filters); "totals" counts what the broker has, filtered or not. `offset`/`limit`: one
+    page of both lists (None: all, what STATS carries); "page" says where the next starts."""
     running = sum(1 for r in b.requests.values() if r.route is not None)
     workers = sorted(b.workers.values(), key=lambda w: w.registered_at)
     names = sorted(b.models)
@@ -183,7 +196,15 @@ def status_body(
     if model:
         names = [n for n in names if n == model]
         workers = [w for w in workers if any(_serves(b, n, w) for n in names)]
-    return {
+    page = None
+    if limit is not None:
+        limit = STATUS_PAGE if limit <= 0 else min(limit, STATUS_PAGE)
+        offset = max(0, offset)
+        end = offset + limit
+        more = end < max(len(workers), len(names))
+        page = {"offset": offset, "limit": limit, "next": end if more else 0}
+        workers, names = workers[offset:end], names[offset:end]
+    body = {
         "workers": [worker_entry(w, now) for w in workers],
         "models": {name: model_entry(b, route_of, name, now) for name in names},
         "requests": {"running": running, "waiting": len(b.requests) - running},
@@ -192,6 +213,9 @@ def status_body(
         "stats_endpoint": b.stats_endpoint,
         "totals": {"workers": len(b.workers), "models": len(b.models)},
     }
+    if page is not None:
+        body["page"] = page
+    return body
 
 
 def _serves(b: BrokerState, model: str, w: WorkerState) -> bool:

@@ -33,11 +33,13 @@ from blockllm.broker import frames
 from blockllm.broker.protocol import Blob, Cancel, Fetch, Generate, StatusRequest, Token
 from blockllm.client.demux import (
     CONNECTION_LOST,
+    MAX_STATUS_PAGES,
     MONITOR_EVENTS,
     Demux,
     ReadyPoll,
     connect_dealer,
     load_client_keys,
+    merge_status,
     open_dealer,
     reply_error,
     send_refused,
@@ -213,8 +215,29 @@ class AsyncClient:
     async def status(
         self, timeout: float | None = 10.0, *, model: str = "", worker: str = ""
     ) -> dict[str, Any]:
-        """The broker's STATUS body; raises Timeout / BrokerUnavailable."""
-        msg = StatusRequest(new_request_id(), model, worker)
+        """The broker's STATUS body (every page, merged: Client.status); raises Timeout /
+        BrokerUnavailable."""
+        body: dict[str, Any] = {}
+        offset = 0
+        for _ in range(MAX_STATUS_PAGES):
+            page = await self._status_page(timeout, model, worker, offset)
+            body = body or page
+            offset = merge_status(body, page)
+            if not offset:
+                break
+        body.pop("page", None)  # the pages are merged: the whole lists
+        return body
+
+    async def _status_page(
+        self, timeout: float | None, model: str, worker: str, offset: int
+    ) -> dict[str, Any]:
+        """One STATUS answer: entries [offset, offset + the broker's page) of each list."""
+        item = await self._ask(StatusRequest(new_request_id(), model, worker, offset), timeout)
+        return dict(item.body)
+
+    async def _ask(self, msg: StatusRequest | Fetch, timeout: float | None) -> Any:
+        """Send `msg` and wait for its one answer; raises the broker's error, Timeout,
+        BrokerUnavailable."""
         q = await self._submit(msg, 2)
         try:
             item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
@@ -224,7 +247,7 @@ class AsyncClient:
         err = reply_error(item)
         if err is not None:
             raise err
-        return dict(item.body)
+        return item
 
     async def fetch(self, what: str, name: str, timeout: float | None = 30.0) -> bytes:
         """A whole object of the broker's zoo (`what`: "manifest" (name: a model) or
@@ -233,17 +256,7 @@ class AsyncClient:
         data = bytearray()
         total: int | None = None
         while total is None or len(data) < total:
-            msg = Fetch(new_request_id(), what, name, len(data))
-            q = await self._submit(msg, 2)
-            try:
-                item = await self._next(q, time.monotonic(), timeout, grace=timeout is None)
-            except BlockLLMError:
-                self.demux.remove(msg.request_id)
-                raise
-            err = reply_error(item)
-            if err is not None:
-                raise err
-            blob, chunk = item
+            blob, chunk = await self._ask(Fetch(new_request_id(), what, name, len(data)), timeout)
             if (
                 not isinstance(blob, Blob)
                 or blob.offset != len(data)

@@ -39,12 +39,14 @@ from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
 from blockllm.broker.sockets import CurveKeys
 from blockllm.client.demux import (
     CONNECTION_LOST,
+    MAX_STATUS_PAGES,
     MONITOR_EVENTS,
     Demux,
     ReadyPoll,
     Sink,
     connect_dealer,
     load_client_keys,
+    merge_status,
     open_dealer,
     reply_error,
     send_refused,
@@ -298,8 +300,24 @@ class Client:
     ) -> dict[str, Any]:
         """The broker's STATUS body (`{"workers": [...], "models": {...}, ...}`); `model` /
         `worker` keep only that model (and the workers serving it) / that worker (and its
-        models)."""
-        msg = StatusRequest(new_request_id(), model, worker)
+        models). A large cluster's lists come in pages (STATUS_PAGE entries each): fetched
+        one after the other and merged; `timeout` is per page."""
+        body: dict[str, Any] = {}
+        offset = 0
+        for _ in range(MAX_STATUS_PAGES):
+            page = self._status_page(timeout, model, worker, offset)
+            body = body or page
+            offset = merge_status(body, page)
+            if not offset:
+                break
+        body.pop("page", None)  # the pages are merged: the whole lists
+        return body
+
+    def _status_page(
+        self, timeout: float | None, model: str, worker: str, offset: int
+    ) -> dict[str, Any]:
+        """One STATUS answer: entries [offset, offset + the broker's page) of each list."""
+        msg = StatusRequest(new_request_id(), model, worker, offset)
         q = self._submit(msg, 2)
         try:
             item = self._next(q, time.monotonic(), timeout, grace=timeout is None)

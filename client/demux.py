@@ -334,6 +334,20 @@ def wait_budget(
     return left
 
 
+MAX_STATUS_PAGES = 1000  # a broker that keeps answering "next" cannot keep a client paging
+
+
+def merge_status(first: dict[str, Any], page: dict[str, Any]) -> int:
+    """Add a STATUS page's workers and models to `first` (the first page's body, whose other
+    fields stand); the next page's offset, 0 after the last page (or an older broker's whole
+    answer, which has no "page")."""
+    if page is not first:
+        first["workers"] = [*first.get("workers", ()), *page.get("workers", ())]
+        first["models"] = {**first.get("models", {}), **page.get("models", {})}
+    nxt = page.get("page", {}).get("next", 0) if isinstance(page.get("page"), dict) else 0
+    return nxt if isinstance(nxt, int) and nxt > 0 else 0
+
+
 class ReadyPoll:
     """`wait_ready`'s state, shared by both clients: ask STATUS until the models are covered.
 

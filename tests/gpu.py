@@ -2,7 +2,8 @@
 
 Where CUDA is present it runs, each as a subprocess with a time limit:
 1. the parity tests on the device (`-k cuda`: greedy through the block pipeline on CUDA equals
-   HF transformers `generate`, token for token);
+   HF transformers `generate`, token for token; the pinned, non-blocking frames of
+   worker/transfer.py);
 2. `blockllm bench pipeline --quick --device cuda --json` (the machinery, a tiny model);
 3. `blockllm bench multitenant --quick --device cuda --json` (every system on the device);
 and prints ONE JSON summary on stdout: {"cuda": true, "device": name, "checks": {name: {"ok",
@@ -81,6 +82,7 @@ def main() -> int:
                 "-p",
                 "no:cacheprovider",
                 "tests/integration/test_engine_parity.py",
+                "tests/unit/test_transfer.py",
             ]
         ),
         "bench_pipeline": _check(

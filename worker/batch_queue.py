@@ -69,12 +69,14 @@ class BatchQueue(Generic[E]):
             self._slots = deque(s for s in self._slots if not pred(s.entry))
         return dropped
 
-    def take(self, busy_size: int = 0, busy_tokens: int = 0) -> list[E]:
-        """Remove and return the next batch; `busy_*` = what already runs in this stage now.
+    def take(self, busy_size: int = 0, busy_tokens: int = 0, limit: int | None = None) -> list[E]:
+        """Remove and return the next batch; `busy_*` = what already runs in this stage now;
+        `limit`: at most this many items in all (below `max_batch_size`; a pipelining group).
 
         The batch lists decodes first, then prefills, each in arrival order.
         """
-        slots = self.max_batch_size - busy_size
+        cap = self.max_batch_size if limit is None else min(limit, self.max_batch_size)
+        slots = cap - busy_size
         budget = self.max_batch_tokens - busy_tokens
         queued = list(self._slots)
         chosen: set[int] = set()  # indices into `queued`

@@ -127,6 +127,8 @@ class BlockCache:
         self._loader = loader
         self._blocks: dict[str, dict[str, torch.Tensor]] = {}
         self._refs: dict[str, int] = {}
+        self._nbytes: dict[str, int] = {}  # block id -> its tensors' bytes
+        self._total = 0  # of every held block (read with every heartbeat's facts)
 
     def acquire(self, block_id: str) -> dict[str, torch.Tensor]:
         if block_id not in self._blocks:
@@ -135,6 +137,8 @@ class BlockCache:
                 t.requires_grad_(False)
             self._blocks[block_id] = tensors
             self._refs[block_id] = 0
+            self._nbytes[block_id] = sum(t.numel() * t.element_size() for t in tensors.values())
+            self._total += self._nbytes[block_id]
             logger.debug("[blocks] loaded %s (%d bytes)", block_id[:12], self.nbytes(block_id))
         self._refs[block_id] += 1
         return self._blocks[block_id]
@@ -143,10 +147,11 @@ class BlockCache:
         self._refs[block_id] -= 1
         if self._refs[block_id] == 0:
             del self._refs[block_id], self._blocks[block_id]
+            self._total -= self._nbytes.pop(block_id)
             logger.debug("[blocks] freed %s", block_id[:12])
 
     def nbytes(self, block_id: str) -> int:
-        return sum(t.numel() * t.element_size() for t in self._blocks[block_id].values())
+        return self._nbytes[block_id]
 
     def __contains__(self, block_id: str) -> bool:
         return block_id in self._blocks
@@ -156,7 +161,7 @@ class BlockCache:
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.nbytes(b) for b in self._blocks)
+        return self._total
 
 
 def _sub(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

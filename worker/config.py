@@ -9,7 +9,13 @@ environment.
 from __future__ import annotations
 
 import enum
+import logging
+import os
 from dataclasses import dataclass
+
+from blockllm.worker.errors import InjectedFault
+
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 
@@ -102,3 +108,14 @@ class WorkerProcConfig:
     # the `stages` are the operator's (`blockllm worker --stage`): READY marks them pinned, and
     # the planner keeps them; serve's and test clusters' stages are a start it may change
     pin_stages: bool = False
+
+
+def maybe_fault(cfg: WorkerProcConfig, steps: int, name: str) -> None:
+    """Test-only fault injection (STYLE 7.9): crash (exit 3) or raise InjectedFault once
+    `cfg.fault_after_steps` working steps have run; nothing otherwise."""
+    if cfg.fault_after_steps is None or steps < cfg.fault_after_steps:
+        return
+    if cfg.fault_mode is FaultMode.EXIT:
+        logger.error("[dead] worker %s: injected crash after %d steps", name, steps)
+        os._exit(EXIT_FAULT)
+    raise InjectedFault(f"injected fault after {steps} steps")

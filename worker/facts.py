@@ -21,13 +21,14 @@ from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, KVGeometryUse,
 FACTS_WINDOW_S = 10.0
 
 
-def engine_load(engine: Any) -> tuple[int, int, int, dict[str, int]]:
-    """(kv_total_bytes, kv_free_bytes, free_slots, queue depth per stage key) of the engine.
+def engine_load(engine: Any, s: Any = None) -> tuple[int, int, int, dict[str, int]]:
+    """(kv_total_bytes, kv_free_bytes, free_slots, queue depth per stage key) of the engine
+    (from its `stats()`, or `s`, a snapshot of them).
 
     `free_slots` is the credit the broker dispatches against: items the engine's stage queues
     still take before `submit` raises QueueFull.
     """
-    s = engine.stats()
+    s = engine.stats() if s is None else s
     return s.kv_total_bytes, s.kv_free_bytes, s.free_slots, dict(s.queue_depths)
 
 
@@ -106,7 +107,8 @@ class Facts:
         if not force and now - self._at < self.interval_s / 2:
             return False
         self._at = now
-        _total, kv_free, free_slots, depths = engine_load(engine)
+        stats = engine.stats()  # once: it walks the stages and the KV arena
+        _total, kv_free, free_slots, depths = engine_load(engine, stats)
         recent = [r for r in self._recent if r[0] >= now - FACTS_WINDOW_S]
         ms = sorted(r[1] for r in recent)
         self.current = Heartbeat(
@@ -118,7 +120,7 @@ class Facts:
             step_ms_p50=ms[len(ms) // 2] if ms else 0.0,
             step_ms_p95=ms[min(len(ms) - 1, int(len(ms) * 0.95))] if ms else 0.0,
             mean_batch=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
-            **self._stage_facts(engine),
+            **self._stage_facts(engine, stats),
             **self._speculation_facts(),
             kv_geometries=kv_geometries(engine),
             timings=self.timings.snapshot() if self.timings is not None else {},
@@ -131,10 +133,9 @@ class Facts:
         s = self.spec.stats()
         return {"speculated": s.speculated, "accepted": s.accepted, "rejected": s.rejected}
 
-    def _stage_facts(self, engine: Any) -> dict[str, Any]:
+    def _stage_facts(self, engine: Any, s: Any) -> dict[str, Any]:
         """Weight bytes, per-stage batch limits, mean batch and ms per forward since the last
-        snapshot."""
-        s = engine.stats()
+        snapshot (`s`: the engine's stats now)."""
         limits = getattr(engine, "batch_limits", dict)()
         busy = getattr(s, "busy_s", None) or {}
         for key, forwards in s.forwards.items():

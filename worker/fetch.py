@@ -175,3 +175,14 @@ def fetch_model(ask: Ask, zoo: Any, name: str, source: str = "the broker") -> in
             zoo.publish_manifest(m)  # last: the zoo never names a block it lacks
     logger.info("[fetch] %s: pulled %d bytes from the broker's zoo", name, fetched)
     return fetched
+
+
+def fetch_blocks(ask: Ask, zoo: Any, ids: tuple[str, ...], source: str = "the broker") -> int:
+    """Pull the blocks of `ids` the zoo lacks (a LoRA request's adapter blocks: no manifest of
+    the adapter comes with them, its requests name them); bytes fetched. Raises as
+    `fetch_model`. The caller holds `zoo.shared_lock()` until it has read them (no manifest
+    names them here, so gc would take them)."""
+    fetched = sum(_fetch_block(ask, zoo, b, source) for b in ids if not zoo.has_block(b))
+    if fetched:
+        logger.info("[fetch] %d adapter blocks: pulled %d bytes", len(ids), fetched)
+    return fetched

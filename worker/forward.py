@@ -19,7 +19,7 @@ from blockllm.worker.blocks import StageModel
 from blockllm.worker.items import SamplingParams, StageInfo, WorkItem, WorkResult
 from blockllm.worker.kv_cache import KVCacheManager
 from blockllm.worker.logprobs import prompt_logprobs, top_alternatives
-from blockllm.worker.lora import AdapterCache, plan_lora
+from blockllm.worker.lora import AdapterCache, AdapterMap
 from blockllm.worker.sampling import GREEDY, sample
 
 
@@ -32,7 +32,7 @@ class Entry:
     n: int  # T
     at: int = 0  # index into item.stage_keys of the stage it is at
     sampling: SamplingParams = GREEDY
-    adapters: dict[int, str] = field(default_factory=dict)  # chain position -> LoRA block
+    adapters: AdapterMap = field(default_factory=AdapterMap)  # chain position -> LoRA block
 
 
 @dataclass(slots=True)
@@ -59,7 +59,8 @@ def run_stage(
 
     Returns the finished items' results and the entries that moved on, each with its
     stage index advanced and its input set to its rows of this stage's output."""
-    entries.sort(key=lambda e: e.n != 1)  # stable: single-token items first
+    # stable: single-token items first; each adapter's rows consecutive (worker/lora.py)
+    entries.sort(key=lambda e: (e.n != 1, e.adapters.order))
     st.forwards += 1
     st.items += len(entries)
     t0 = time.perf_counter()
@@ -138,9 +139,8 @@ def _forward(
         len(model.layers),
         [(s.pages, e.item.past_len, e.n) for s, e in zip(seqs, entries, strict=True)],  # type: ignore[union-attr]
     )
-    model.lora.step = plan_lora(
+    model.lora.prepare(
         max(st.info.start, 1),
-        len(model.layers),
         [e.adapters for e in entries],
         [e.n for e in entries],
         adapters,
@@ -149,7 +149,7 @@ def _forward(
     try:
         h = model.run_layers(h, plan)
     finally:
-        model.lora.step = None
+        model.lora.finish()
     for s, e in zip(seqs, entries, strict=True):
         s.length = e.item.past_len + e.n  # type: ignore[union-attr]
         s.last_used = step_no  # type: ignore[union-attr]

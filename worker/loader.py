@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from blockllm.broker.protocol import Error, ErrorCode, StageRef
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,6 +55,21 @@ def build_engine(cfg: Any) -> Any:
     )
 
 
+def install(engine: Any, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> StageRef:
+    """Compute thread, between two steps: build the stage from the blocks the loader read and
+    apply the job's batch size; the stage as READY lists it. Raises what `load_stage` raises."""
+    info = engine.load_stage(job.model, job.start, job.end, preread=blocks)
+    if job.max_batch_size > 0:
+        engine.set_max_batch_size(info.key, job.max_batch_size)
+    return StageRef(info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype)
+
+
+def load_error(job: LoadJob, e: BaseException) -> Error:
+    """The typed ERROR the broker shows as the worker's `last_error` for a failed load."""
+    code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
+    return Error("", str(code), f"load {job}: {e}")
+
+
 class LoaderBusy(RuntimeError):
     """Too many stage loads are waiting already (`load_queue_size`)."""
 
@@ -72,10 +89,22 @@ class LoadJob:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterJob:
+    """Read LoRA adapter blocks a request names (fetched first where the zoo lacks them and
+    the worker pulls from the broker), in `dtype`."""
+
+    blocks: tuple[str, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{len(self.blocks)} adapter blocks ({self.blocks[0][:12]}..)"
+
+
+@dataclass(frozen=True, slots=True)
 class Loaded:
     """Inbox item from the loader: the job's blocks read (`blocks`), or why it failed."""
 
-    job: LoadJob
+    job: LoadJob | AdapterJob
     blocks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     error: BaseException | None = None
 
@@ -98,8 +127,9 @@ def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> 
         gate=cfg.fault_load_gate,
     )
     zoo = getattr(engine, "zoo", None)
+    fetch_adapters = None
     if zoo is not None and cfg.fetch_from_broker:
-        from blockllm.worker.fetch import fetch_model
+        from blockllm.worker.fetch import fetch_blocks, fetch_model
 
         def ask_noting_progress(msg: Any) -> Any:
             answer = ask(msg)
@@ -107,8 +137,25 @@ def start_loader(cfg: Any, engine: Any, ask: Callable[..., Any], inbox: Any) -> 
             return answer
 
         loader.fetch = functools.partial(fetch_model, ask_noting_progress, zoo, source=cfg.broker)
+        fetch_adapters = functools.partial(
+            fetch_blocks, ask_noting_progress, zoo, source=cfg.broker
+        )
+    if zoo is not None and hasattr(engine, "read_block"):
+        loader.read_adapters = functools.partial(read_adapters, engine, fetch_adapters)
     loader.start()
     return loader
+
+
+def read_adapters(
+    engine: Any, fetch: Callable[[tuple[str, ...]], int] | None, job: AdapterJob
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter blocks of `job` read from the engine's zoo, `fetch`ed first where it lacks
+    them; under the zoo's shared lock (no manifest names fetched adapter blocks: gc must wait
+    until they are read)."""
+    with engine.zoo.shared_lock():
+        if fetch is not None:
+            fetch(job.blocks)
+        return {b: engine.read_block(b, job.dtype) for b in job.blocks}
 
 
 def unhealthy(io: Any, loader: StageLoader | None, stall_s: float) -> str:
@@ -139,14 +186,16 @@ class StageLoader(threading.Thread):
         super().__init__(name="worker-loader", daemon=True)
         self._read = read
         self.fetch = fetch  # set before start()
+        # AdapterJob -> its blocks' tensors (loader.read_adapters); None: no adapter jobs
+        self.read_adapters: Callable[[AdapterJob], dict[str, dict[str, torch.Tensor]]] | None = None
         self._inbox = inbox
-        self._jobs: queue.Queue[LoadJob | _Stop] = queue.Queue(maxsize=max_jobs)
+        self._jobs: queue.Queue[LoadJob | AdapterJob | _Stop] = queue.Queue(maxsize=max_jobs)
         self._gate = gate
-        self.loading: LoadJob | None = None  # the job in progress (for logs and facts)
+        self.loading: LoadJob | AdapterJob | None = None  # the job in progress (for logs and facts)
         self._progress_at = time.monotonic()  # last job start/end or fetched chunk
         self._stopping = False
 
-    def submit(self, job: LoadJob) -> None:
+    def submit(self, job: LoadJob | AdapterJob) -> None:
         """Queue a load; raises LoaderBusy when `max_jobs` are waiting already."""
         try:
             self._jobs.put_nowait(job)
@@ -184,8 +233,15 @@ class StageLoader(threading.Thread):
             self.touch()
             self._inbox.put(loaded)
 
-    def _run_job(self, job: LoadJob) -> Loaded:
+    def _run_job(self, job: LoadJob | AdapterJob) -> Loaded:
         """Fetch and read one stage; every error is the job's, never the thread's."""
+        if isinstance(job, AdapterJob):
+            try:
+                assert self.read_adapters is not None, "adapter jobs need read_adapters"
+                return Loaded(job, self.read_adapters(job))
+            except Exception as e:
+                logger.warning("[load] %s failed: %s: %s", job, type(e).__name__, e)
+                return Loaded(job, error=e)
         try:
             if self.fetch is not None:
                 self.fetch(job.model)

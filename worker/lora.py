@@ -1,12 +1,13 @@
 """LoRA adapters applied per request on shared blocks: the base layer runs once for the batch.
 
-A stage's target projections (q/k/v/o, gate/up/down) get a forward hook. Before a batched
-forward the engine sets the stage's `LoraStep`: for each decoder layer of the stage, the groups
-of batch rows that share one adapter block (rows = the flattened new tokens of the requests
-using it) and that block's weights. The hook adds, per group, `(x[rows] A^T) B^T * scaling` to
-the projection's output rows (`index_add_`): gathered matmuls, one pair per adapter per module,
-no loop over tokens or requests, and the base weights are never touched (no merge). This is
-PEFT's `result + lora_B(lora_A(x)) * scaling` for exactly the rows of that adapter's requests.
+A stage's target projections (q/k/v/o, gate/up/down) become `LoraLinear`s (same weights and
+names). Before a batched forward the engine has the stage's `LoraHooks` plan the step: the
+batch is ordered so each adapter's rows are consecutive, and for each layer and projection the
+runs of rows of the blocks targeting it become the groups of two grouped matmuls adding
+`(x[rows] A^T) (s B)^T` to the projection's output rows (worker/lora_delta.py): a fixed few ops
+per projection per step, no loop over adapters, tokens or requests, and the base weights are
+never touched (no merge). This is PEFT's `result + lora_B(lora_A(x)) * scaling` for exactly
+the rows of that adapter's requests.
 
 Adapter weights live in `AdapterCache`, keyed by adapter block id and refcounted by the requests
 using them (a request holds its adapter blocks from its first item to its release); a block no
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockllm.worker.errors import BadRequest
+from blockllm.worker.lora_delta import LoraStep, StackCache, plan_step
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLANS_KEPT = 4  # step plans kept per stage, by batch shape
 # module (relative to the layer) -> (A [r, in], B [out, r], scaling)
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -75,7 +77,7 @@ class AdapterCache:
         request_id: str,
         pairs: Sequence[tuple[int, str]],
         stages: Sequence[tuple[int, Any]],
-    ) -> dict[int, str]:
+    ) -> AdapterMap:
         """A work item's (position, block id) pairs checked against the decoder layers of its
         stages (`stages`: (start position, StageModel) each) and held for the request from now
         on; returns them by position. Raises BadRequest (a position that is no decoder layer
@@ -84,7 +86,7 @@ class AdapterCache:
         from blockllm.zoo.store import check_block_id
 
         if not pairs:
-            return {}
+            return AdapterMap()
         layers = {  # chain position -> (its stage's hooks, layer index in the stage)
             max(start, 1) + j: (model.lora, j)
             for start, model in stages
@@ -106,7 +108,7 @@ class AdapterCache:
                 self.release(request_id)
                 raise BadRequest(f"adapter block {bid[:12]} targets {odd}, absent from the layer")
             self._positions.setdefault(bid, set()).add(pos)
-        return out
+        return AdapterMap(out, (m for b in out.values() for m in self._weights[b]))
 
     def per_span(self, spans: dict[str, tuple[int, int]]) -> dict[str, int]:
         """Key -> resident blocks used at a chain position in its [start, end) span."""
@@ -145,6 +147,19 @@ class AdapterCache:
             self._positions.pop(bid, None)
             logger.debug("[lora] dropped idle adapter block %s", bid[:12])
 
+    def has(self, block_id: str) -> bool:
+        return block_id in self._weights
+
+    def insert(self, block_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A block read elsewhere (the loader thread) made resident, held by no request yet
+        (idle: the next `release` may drop it if over the limit). Raises BadRequest."""
+        if block_id in self._weights:
+            return
+        self._weights[block_id] = adapter_weights(tensors)
+        self._refs[block_id] = 0
+        self._idle[block_id] = None
+        self.loads += 1
+
     def weights(self, block_id: str) -> AdapterWeights:
         return self._weights[block_id]
 
@@ -163,81 +178,83 @@ class AdapterCache:
         )
 
 
-@dataclass(slots=True)
-class LoraStep:
-    """Per decoder layer of a stage (index within the stage), the (rows, weights) groups of
-    one batched forward: rows [n] int64 of the flattened batch that use those weights."""
+class AdapterMap(dict[int, str]):
+    """A request's adapter blocks by chain position, with `key` (the blocks, hashable) and
+    `order` (targeted modules, then blocks): sorting a batch by `order` makes the rows of one
+    adapter consecutive, and those of adapters with the same targets neighbours."""
 
-    layers: dict[int, list[tuple[torch.Tensor, AdapterWeights]]] = field(default_factory=dict)
+    __slots__ = ("key", "order")
+
+    def __init__(self, blocks: dict[int, str] | None = None, targets: Iterable[str] = ()) -> None:
+        super().__init__(blocks or {})
+        self.key: tuple[tuple[int, str], ...] = tuple(sorted(self.items()))
+        self.order: tuple = (tuple(sorted(set(targets))), self.key) if self else ()
 
 
-def plan_lora(
-    first_position: int,
-    n_layers: int,
-    adapters: Sequence[dict[int, str]],
-    lengths: Sequence[int],
-    cache: AdapterCache,
-    device: torch.device,
-) -> LoraStep | None:
-    """The LoraStep of a batch: entry i has `lengths[i]` rows and adapter blocks by chain
-    position `adapters[i]`; layer j of the stage is chain position `first_position + j`.
-    None when no entry has an adapter block in these layers."""
-    if not any(adapters):
-        return None
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    rows_of: dict[tuple[int, ...], torch.Tensor] = {}
-    step = LoraStep()
-    for j in range(n_layers):
-        groups: dict[str, list[int]] = {}
-        for i, amap in enumerate(adapters):
-            bid = amap.get(first_position + j)
-            if bid is not None:
-                groups.setdefault(bid, []).append(i)
-        for bid, members in groups.items():
-            key = tuple(members)
-            if key not in rows_of:  # requests in a group share rows in every layer
-                rows_of[key] = torch.cat(
-                    [torch.arange(offsets[i], offsets[i + 1]) for i in members]
-                ).to(device)
-            step.layers.setdefault(j, []).append((rows_of[key], cache.weights(bid)))
-    return step if step.layers else None
+class LoraLinear(nn.Linear):
+    """A target projection of a stage: its Linear, plus the current step's delta for it if
+    any (set on an existing nn.Linear by `LoraHooks`, weights and names unchanged; no hook)."""
+
+    lora_hooks: LoraHooks
+    lora_key: tuple[int, str]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        step = self.lora_hooks.step
+        if step is not None:
+            delta = step.modules.get(self.lora_key)
+            if delta is not None:  # x [1, N, in], out [1, N, out] -> flat views
+                delta.apply(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]))
+        return out
 
 
 class LoraHooks:
-    """Forward hooks on the target projections of a stage's decoder layers, reading `step`
-    (set by the engine around one batched forward; None = no adapter in the batch)."""
+    """The target projections of a stage's decoder layers (made `LoraLinear`s) and the delta
+    plan of the forward running now (`prepare` before it, `finish` after; None = no adapter in
+    the batch). The last plan is kept and reused while the batch keeps its shape."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.step: LoraStep | None = None
         self.modules: dict[int, dict[str, nn.Module]] = {}
         for j, layer in enumerate(layers):
             for name, mod in layer.named_modules():
-                if isinstance(mod, nn.Linear) and name.rpartition(".")[2] in LORA_TARGETS:
+                if type(mod) is nn.Linear and name.rpartition(".")[2] in LORA_TARGETS:
                     self.modules.setdefault(j, {})[name] = mod
-                    mod.register_forward_hook(self._hook(j, name))
+                    mod.__class__ = LoraLinear  # as torch.nn.utils.parametrize does
+                    mod.lora_hooks, mod.lora_key = self, (j, name)
+        self.stacks = StackCache()
+        # the last few plans by batch shape (micro-batch groups alternate: worker/groups.py)
+        self._plans: OrderedDict[tuple, LoraStep | None] = OrderedDict()
 
     def unknown(self, j: int, weights: AdapterWeights) -> list[str]:
         """Modules of an adapter block that layer `j` of the stage has no target for."""
         return sorted(set(weights) - set(self.modules.get(j, {})))
 
-    def _hook(self, j: int, name: str) -> Callable:
-        def hook(_mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            step = self.step
-            if step is None or j not in step.layers:
-                return None
-            x = inputs[0]
-            flat_x = x.reshape(-1, x.shape[-1])  # [1, N, in] -> [N, in]
-            flat_out = out.view(-1, out.shape[-1])  # [1, N, out] -> [N, out] (a view)
-            for rows, weights in step.layers[j]:
-                w = weights.get(name)
-                if w is None:
-                    continue
-                a, b, scaling = w
-                xs = flat_x.index_select(0, rows).to(a.dtype)  # [n, in]
-                delta = F.linear(F.linear(xs, a), b) * scaling  # [n, r] -> [n, out]
-                flat_out.index_add_(0, rows, delta.to(flat_out.dtype))
-            return out
+    def prepare(
+        self,
+        first_position: int,
+        maps: Sequence[AdapterMap],
+        lengths: Sequence[int],
+        cache: AdapterCache,
+        device: torch.device,
+    ) -> None:
+        """Plan the deltas of a forward of entries with these adapter maps (AdapterMap) and
+        row counts, the rows in this order; layer j of the stage is chain position
+        `first_position + j`."""
+        if not any(maps):
+            self.step = None
+            return
+        key = tuple((m.key, n) for m, n in zip(maps, lengths, strict=True))
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            self.step = self._plans[key]
+            return
+        self.step = plan_step(
+            first_position, self.modules, maps, lengths, cache.weights, self.stacks, device
+        )
+        self._plans[key] = self.step
+        while len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
 
-        return hook
+    def finish(self) -> None:
+        self.step = None

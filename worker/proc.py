@@ -13,13 +13,14 @@ The main thread runs the engine (`Worker`) directly: it drains the inbox (blocki
 submits FORWARDs, calls `step()`, and queues RESULT / ERROR messages. From a model's first
 SPECULATE on, a `Speculation` (worker/speculate.py) wraps the engine. KV_EXPORT / KV_SHARD
 (broker/migrate.py) export and import a request's KV of one stage between two steps
-(worker/proc_kv.py). systemd's watchdog is fed only while the IO and loader threads are
-healthy too (`_healthy`).
+(worker/proc_kv.py builds the answers). systemd's watchdog is fed only while the IO and
+loader threads are healthy too (`_healthy`).
 
 Stages load in the background (`loader.StageLoader`): the loader thread fetches what the zoo
 lacks over this worker's own connection (through the IO thread) and reads the weights; the
 compute loop only installs them, between two steps, so requests on loaded stages keep going.
-A stage is in READY only once installed. At start the worker connects first (to fetch) and
+A stage is in READY only once installed (`proc_stages.StageTable`: the stages READY lists and
+the commands that change them). At start the worker connects first (to fetch) and
 sends its first READY once every configured stage is installed (then systemd hears READY=1).
 
 Lifecycle (STYLE 7.8, broker/lifecycle.py): SIGTERM/SIGINT set a flag and wake the loop,
@@ -43,7 +44,6 @@ import torch
 from blockllm.broker.lifecycle import (
     Watchdog,
     begin_drain,
-    notify,
     on_stop_signals,
     restore_signals,
 )
@@ -53,48 +53,39 @@ from blockllm.broker.protocol import (
     ErrorCode,
     Forward,
     Kind,
-    LoadStage,
+    KvExport,
+    KvShard,
     Release,
-    SetBatch,
     Speculate,
-    StageRef,
-    UnloadStage,
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.timings import clock
+from blockllm.worker.adapter_loads import AdapterLoads
 from blockllm.worker.clock import StepClock
-from blockllm.worker.config import EXIT_FATAL, EXIT_FAULT, EXIT_OK, FaultMode, WorkerProcConfig
-from blockllm.worker.errors import BrokerRejected, InjectedFault, StartupLoadFailed, WorkerError
-from blockllm.worker.facts import Facts, ready_message
-from blockllm.worker.fetch import CorruptBlock
+from blockllm.worker.config import EXIT_FATAL, EXIT_OK, WorkerProcConfig, maybe_fault
+from blockllm.worker.errors import BrokerRejected, WorkerError
+from blockllm.worker.facts import Facts
+from blockllm.worker.groups import Groups
 from blockllm.worker.loader import (
+    AdapterJob,
     Loaded,
-    LoaderBusy,
     LoadJob,
     StageLoader,
     build_engine,
     start_loader,
     unhealthy,
 )
-from blockllm.worker.proc_io import (
-    RETRYABLE,
-    Failed,
-    Inbound,
-    IOThread,
-    IOThreadFailed,
-    Reset,
-    Wake,
-    is_decode,
-    result_message,
-    work_item,
-)
-from blockllm.worker.proc_kv import KvMigration
+from blockllm.worker.messages import RETRYABLE, is_decode, result_message, work_item
+from blockllm.worker.proc_io import Failed, Inbound, IOThread, IOThreadFailed, Reset, Wake
+from blockllm.worker.proc_kv import export_kv, import_kv
+from blockllm.worker.proc_stages import StageTable
 from blockllm.worker.speculate import Speculation
+from blockllm.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerProc(KvMigration):
+class WorkerProc:
     """The compute loop around one engine `Worker`; call from the process's main thread.
 
     `start()` connects and starts loading the configured stages (READY follows once they are
@@ -111,7 +102,6 @@ class WorkerProc(KvMigration):
         self.runner: Any = engine
         self.inbox: queue.SimpleQueue[Inbound | Loaded] = queue.SimpleQueue()
         self.stop_requested = False
-        self._stages: dict[str, StageRef] = {}
         self._known: set[str] = set()  # requests that may hold KV here (until RELEASE)
         self._last_step_s = 0.0
         self.facts = Facts(cfg.heartbeat_interval_s)
@@ -120,20 +110,21 @@ class WorkerProc(KvMigration):
         # the IO thread's view of the facts: the latest snapshot (one reference read)
         self.io = IOThread(cfg, self.name.encode(), self.inbox, lambda: self.facts.current)
         self.clock = StepClock(self.io.arrived)  # decode items' phases (worker/clock.py)
+        self.groups = Groups(cfg.gather_fraction)  # pipelining groups (worker/groups.py)
         self.facts.timings = self.clock.timings
         self.loader: StageLoader | None = None
-        self._startup_left = len(cfg.stages)  # configured stages not installed yet
-        self._announced = False  # the first READY went out
-        self._refused: set[str] = set()  # blocks fetched corrupt: READY refused_blocks
+        self.adapter_loads = AdapterLoads.start(None, None)  # LoRA blocks off this thread
+        # the stages READY lists, and LOAD_STAGE / UNLOAD_STAGE / SET_BATCH (proc_stages.py)
+        self.stages = StageTable(self.name, cfg, self.io, lambda f: self._refresh_facts(force=f))
         self._unhealthy = ""  # why the watchdog is not fed now ("" = every loop is healthy)
         self.bad_messages = 0  # messages whose handling failed (dropped)
         self._bad_log = RateLimitedLog(logger)
         self._handlers: dict[Kind, Callable[[Any, list[torch.Tensor]], None]] = {
             Kind.FORWARD: self._handle_forward,
             Kind.RELEASE: self._handle_release,
-            Kind.LOAD_STAGE: self._handle_load_stage,
-            Kind.UNLOAD_STAGE: self._handle_unload_stage,
-            Kind.SET_BATCH: self._handle_set_batch,
+            Kind.LOAD_STAGE: self.stages.handle_load_stage,
+            Kind.UNLOAD_STAGE: self.stages.handle_unload_stage,
+            Kind.SET_BATCH: self.stages.handle_set_batch,
             Kind.ERROR: self._handle_error,
             Kind.KV_EXPORT: self._handle_kv_export,
             Kind.KV_SHARD: self._handle_kv_shard,
@@ -164,10 +155,12 @@ class WorkerProc(KvMigration):
             self.engine = self.runner = build_engine(self.cfg)
         self.io.start()
         self.loader = start_loader(self.cfg, self.engine, self.io.fetch, self.inbox)
+        self.adapter_loads = AdapterLoads.start(self.engine, self.loader)
+        self.stages.engine, self.stages.loader = self.engine, self.loader
         for spec in self.cfg.stages:
             self.loader.submit(LoadJob(spec.model, spec.start, spec.end, startup=True))
         if not self.cfg.stages:
-            self._announce()
+            self.stages.announce()
 
     def run(self) -> int:
         """Serve until a stop is requested; returns the exit code. Raises on a fatal error."""
@@ -245,19 +238,22 @@ class WorkerProc(KvMigration):
         self._gather()
 
     def _gather(self) -> None:
-        """Wait briefly for more work when the next step would run few of our requests.
+        """Wait briefly for a group to fill when the next step would run less than one.
 
         Requests of a pipeline come back from the other hops in bursts; a step that starts on
         the first arrivals leaves the rest for a step of their own, and the requests settle
         into many small batches (measured: ~4.7 of 16 per step over 2 workers). So while fewer
-        than half of the requests holding KV here are queued, wait for more, at most
-        `gather_fraction` of the last step's time. Never at low load (one request: no wait).
+        than a group (worker/groups.py: the running requests over the route's hops) are
+        queued, wait for more, at most a step's fixed cost as measured. Never at low load
+        (one request: no wait).
         """
-        target = len(self._known) // 2
+        target = self.groups.size(len(self._known))
         queued = self.engine.queued()
-        if not 0 < queued < target or self._last_step_s <= 0 or self.stop_requested:
+        if target is None or not 0 < queued < target or self.stop_requested:
             return
-        deadline = time.monotonic() + self.cfg.gather_fraction * self._last_step_s
+        if self._last_step_s <= 0:
+            return
+        deadline = time.monotonic() + self.groups.wait_s(self._last_step_s)
         while self.engine.queued() < target:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -302,13 +298,14 @@ class WorkerProc(KvMigration):
 
     def _step(self) -> None:
         t0, f0 = clock(), getattr(self.engine, "forward_s", 0.0)
-        results = self.runner.step()
+        results = self.runner.step(self.groups.size(len(self._known)))
         if not results:
             return
         if self.cfg.fault_step_delay_s > 0:  # test-only straggler (STYLE 7.9)
             time.sleep(self.cfg.fault_step_delay_s)
         t1 = clock()
         self._last_step_s = t1 - t0
+        self.groups.on_step(len(results), self._last_step_s)
         compute = getattr(self.engine, "forward_s", 0.0) - f0
         timed = self.clock.on_step(t0, t1, compute, results)
         self.facts.on_step(self._last_step_s, len(results))
@@ -318,23 +315,13 @@ class WorkerProc(KvMigration):
         self._refresh_facts(force=not self.engine.queued())
         for r in results:
             self._answer(r, t1 if r.request_id in timed else 0.0)
-        self._maybe_fault()
+        maybe_fault(self.cfg, self.facts.steps, self.name)
 
     def _answer(self, r: Any, step_end: float = 0.0) -> None:
         """Queue the message answering `r`; `step_end`: a timed decode item's step end."""
         self.io.send(*result_message(r), timed=bool(step_end))
         if step_end:
             self.clock.answered(step_end)
-
-    def _maybe_fault(self) -> None:
-        """Test-only fault injection (STYLE 7.9): crash or raise after N working steps."""
-        steps = self.facts.steps
-        if self.cfg.fault_after_steps is None or steps < self.cfg.fault_after_steps:
-            return
-        if self.cfg.fault_mode is FaultMode.EXIT:
-            logger.error("[dead] worker %s: injected crash after %d steps", self.name, steps)
-            os._exit(EXIT_FAULT)
-        raise InjectedFault(f"injected fault after {steps} steps")
 
     # -- handlers (compute thread) -----------------------------------------------------------
     def _handle_forward(self, msg: Forward, tensors: list[torch.Tensor]) -> None:
@@ -344,11 +331,14 @@ class WorkerProc(KvMigration):
         if len(tensors) != 1:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"FORWARD needs 1 tensor, got {len(tensors)}")
             return
+        if self.adapter_loads.waits(msg, tensors, self._refuse):
+            return  # its LoRA blocks load on the loader thread (worker/adapter_loads.py)
         if not is_decode(msg, tensors[0]):
             self.io.arrived.pop(msg.request_id, None)
         try:
             self.runner.submit(work_item(msg, self._on_device(tensors[0])))
             self.clock.on_submit(msg.request_id)
+            self.groups.on_forward(msg.request_id, msg.hops)
         except WorkerError as e:
             self._refuse(msg, ErrorCode(e.code.value), e.message, retryable=None)
             return
@@ -365,11 +355,13 @@ class WorkerProc(KvMigration):
         self.io.send(Error(msg.request_id, code.value, message, retryable=retry, step=msg.step))
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.cfg.device == "cpu" else x.to(self.cfg.device)
+        return to_device(x, self.cfg.device)  # non-blocking from pinned memory (CUDA)
 
     def _handle_release(self, msg: Release, _tensors: list[torch.Tensor]) -> None:
+        self.adapter_loads.drop(msg.request_id)
         self.runner.release(msg.request_id)
         self.clock.forget(msg.request_id)
+        self.groups.forget(msg.request_id)
         self._known.discard(msg.request_id)
 
     def _handle_speculate(self, msg: Speculate, tensors: list[torch.Tensor]) -> None:
@@ -392,32 +384,14 @@ class WorkerProc(KvMigration):
             return
         self._known.add(msg.request_id)
 
-    def _handle_load_stage(self, msg: LoadStage, _tensors: list[torch.Tensor]) -> None:
-        """Queue the load on the loader thread; READY (or ERROR) follows when it is done."""
-        assert self.loader is not None, "start() first"
-        job = LoadJob(msg.model, msg.start, msg.end, msg.max_batch_size)
-        try:
-            self.loader.submit(job)
-        except LoaderBusy as e:
-            self._load_failed(job, e)
-            self._send_ready()
+    def _handle_kv_export(self, msg: KvExport, _tensors: list[torch.Tensor]) -> None:
+        self.io.send(*export_kv(self.engine, msg))
 
-    def _handle_unload_stage(self, msg: UnloadStage, _tensors: list[torch.Tensor]) -> None:
-        if msg.key in self._stages:
-            self.engine.unload_stage(msg.key)
-            del self._stages[msg.key]
-        else:
-            self.io.send(Error("", ErrorCode.UNKNOWN_STAGE.value, f"no stage {msg.key}"))
-        self._send_ready()
-
-    def _handle_set_batch(self, msg: SetBatch, _tensors: list[torch.Tensor]) -> None:
-        try:
-            self.engine.set_max_batch_size(msg.key, msg.max_batch_size)
-        except WorkerError as e:
-            self.io.send(Error("", e.code.value, f"set batch of {msg.key[:12]}: {e.message}"))
-            return
-        logger.info("worker %s: stage %s max batch %d", self.name, msg.key[:12], msg.max_batch_size)
-        self._refresh_facts(force=True)
+    def _handle_kv_shard(self, msg: KvShard, tensors: list[torch.Tensor]) -> None:
+        ack = import_kv(self.engine, msg, tensors, self.stop_requested)
+        if ack.ok:  # it holds KV here now: released by RELEASE or a reset
+            self._known.add(msg.request_id)
+        self.io.send(ack)
 
     def _handle_error(self, msg: Error, _tensors: list[torch.Tensor]) -> None:
         if msg.code == ErrorCode.PROTOCOL_VERSION.value:
@@ -431,52 +405,11 @@ class WorkerProc(KvMigration):
 
     # -- state shared with the broker --------------------------------------------------------
     def _handle_loaded(self, item: Loaded) -> None:
-        """The loader read a stage: install it between two steps, then announce it."""
-        job, error = item.job, item.error
-        if error is None:
-            try:
-                self._install(job, item.blocks)
-            except Exception as e:
-                error = e
-        if error is not None and job.startup:
-            raise StartupLoadFailed(f"cannot load configured stage {job}: {error}") from error
-        if error is not None:
-            self._load_failed(job, error)
-        if job.startup:
-            self._startup_left -= 1
-            if self._startup_left == 0:
-                self._announce()
-        elif self._announced:
-            self._send_ready()
-
-    def _install(self, job: LoadJob, blocks: dict[str, dict[str, torch.Tensor]]) -> str:
-        info = self.engine.load_stage(job.model, job.start, job.end, preread=blocks)
-        if info.key not in self._stages:  # a stage shared with a loaded one keeps its name
-            self._stages[info.key] = StageRef(
-                info.key, job.model, job.start, job.end, int(info.nbytes), info.dtype
-            )
-        if job.max_batch_size > 0:
-            self.engine.set_max_batch_size(info.key, job.max_batch_size)
-        logger.info("worker %s loaded %s (%d bytes)", self.name, job, info.nbytes)
-        self._refresh_facts(force=True)
-        return info.key
-
-    def _load_failed(self, job: LoadJob, e: BaseException) -> None:
-        """The typed ERROR the broker shows as the worker's `last_error`; READY follows."""
-        logger.error("worker %s: cannot load %s: %s: %s", self.name, job, type(e).__name__, e)
-        if isinstance(e, CorruptBlock):  # READY names it: the planner places it elsewhere
-            self._refused.add(e.block)
-        code = getattr(getattr(e, "code", None), "value", ErrorCode.INTERNAL.value)
-        self.io.send(Error("", str(code), f"load {job}: {e}"))
-
-    def _announce(self) -> None:
-        """The first READY: every configured stage is installed; tell systemd too."""
-        self._announced = True
-        self._refresh_facts(force=True)
-        self._send_ready()
-        stages = ", ".join(str(s) for s in self.cfg.stages) or "no stages"
-        notify("READY=1", f"STATUS=serving {stages} via {self.cfg.broker}")
-        logger.info("[ready] worker %s pid %d serving %s", self.name, os.getpid(), stages)
+        """The loader read a stage (installed and announced by `stages`) or LoRA blocks."""
+        if isinstance(item.job, AdapterJob):  # worker/adapter_loads.py
+            self.adapter_loads.on_loaded(item, self._handle_forward, self._refuse)
+            return
+        self.stages.on_loaded(item)
 
     def _reset(self) -> None:
         """A new connection (each backoff attempt): drop all KV, announce again. The IO thread
@@ -486,18 +419,16 @@ class WorkerProc(KvMigration):
         if self._known:
             logger.info("[dead] worker %s dropped %d requests", self.name, len(self._known))
         self._known.clear()
+        self.adapter_loads.clear()
         self.clock.clear()
-        if self._announced:  # else the first READY is still to come (stages loading)
-            self._send_ready()
-
-    def _send_ready(self) -> None:
-        stages, refused = tuple(self._stages.values()), tuple(sorted(self._refused))
-        self.io.send(ready_message(self.name, self.cfg, stages, self.engine, refused))
+        self.groups.clear()
+        if self.stages.announced:  # else the first READY is still to come (stages loading)
+            self.stages.send_ready()
 
     def _refresh_facts(self, *, force: bool = False) -> None:
         """Publish a load snapshot for the IO thread's heartbeats (while busy: twice a beat)."""
         if self.facts.refresh(self.engine, force=force) and self.prom is not None:
-            models = {key: ref.model for key, ref in self._stages.items()}
+            models = {key: ref.model for key, ref in self.stages.refs.items()}
             self.prom.update(self.engine.stats(), models)
             self.prom.update_geometries(self.engine.kv.geometry_stats())
 

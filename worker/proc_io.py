@@ -37,23 +37,16 @@ from blockllm.broker.protocol import (
     Heartbeat,
     Kind,
     Message,
-    Result,
-    Speculate,
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import make_socket
 from blockllm.broker.timings import Timings, clock
 from blockllm.worker.config import WorkerProcConfig
 from blockllm.worker.fetch import FetchError
-from blockllm.worker.items import SamplingParams, WorkItem
+from blockllm.worker.messages import is_decode
+from blockllm.worker.transfer import host_copy, pinned_frames
 
 logger = logging.getLogger(__name__)
-
-# Engine error codes a broker answers by replaying/rerouting (the request itself is fine).
-RETRYABLE = frozenset(
-    {ErrorCode.KV_MISS, ErrorCode.CACHE_FULL, ErrorCode.QUEUE_FULL, ErrorCode.WORKER_LOST}
-)
-
 
 HANDSHAKE_FAILED_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -84,80 +77,12 @@ class Failed:
 
 
 Inbound = tuple[Message, list[torch.Tensor]] | Reset | Wake | Failed
-# (message, its tensors, when the compute loop queued it: a clock() for a decode RESULT, else 0)
-Outbound = tuple[Message, tuple[torch.Tensor, ...], float]
-ARRIVED_MAX = 4096  # decode FORWARDs whose arrival time waits for the compute loop
-
-
-def is_decode(msg: Forward, x: torch.Tensor) -> bool:
-    """Whether a FORWARD is a decode step (one new position after a prefill): the items
-    whose phases `Timings` sums for `bench pipeline --breakdown`."""
-    return msg.past_len > 0 and x.shape[0] == 1
-
-
+# (message, its tensors, when the compute loop queued it: a clock() for a decode RESULT, else
+# 0, what to call before the tensors' bytes are read: worker/transfer.py's to_host, or None)
+Outbound = tuple[Message, tuple[torch.Tensor, ...], float, Callable[[], None] | None]
 # The answer to one FETCH (BLOB or ERROR and its tensor views), or None: connection lost.
 FetchAnswer = tuple[Message, list[torch.Tensor]] | None
-
-
-def work_item(msg: Forward | Speculate, x: torch.Tensor) -> WorkItem:
-    """The engine item of a FORWARD or SPECULATE whose input tensor `x` is on the device:
-    token ids (int64) enter the embedding, anything else is hidden states. Both carry
-    `top_logprobs` (a kept speculative run answers the real FORWARD with its alternatives);
-    only a FORWARD carries prompt `targets` (a prefill is never speculated)."""
-    is_ids = x.dtype == torch.int64
-    return WorkItem(
-        request_id=msg.request_id,
-        step=msg.step,
-        stage_keys=tuple(msg.stage_keys),
-        past_len=msg.past_len,
-        tokens=x if is_ids else None,
-        hidden=None if is_ids else x,
-        max_total_len=msg.max_total_len,
-        sampling=SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed),
-        top_logprobs=msg.top_logprobs,
-        targets=tuple(msg.targets) if isinstance(msg, Forward) else (),
-        adapters=_adapters(msg) if isinstance(msg, Forward) else (),
-    )
-
-
-def _adapters(msg: Forward) -> tuple[tuple[int, str], ...]:
-    """A FORWARD's LoRA blocks as (position, block id) pairs; BadRequest when the arrays differ
-    in length."""
-    from blockllm.worker.errors import BadRequest
-
-    pos, blocks = tuple(msg.adapter_positions), tuple(msg.adapter_blocks)
-    if len(pos) != len(blocks):
-        raise BadRequest(f"{len(pos)} adapter positions for {len(blocks)} adapter blocks")
-    return tuple(zip(pos, blocks, strict=True))
-
-
-def result_message(r: Any) -> tuple[Message, tuple[torch.Tensor, ...]]:
-    """The message answering one engine `WorkResult`: ERROR, RESULT(token) or RESULT(hidden),
-    the hidden state as a CPU tensor for a zero-copy frame."""
-    if r.error is not None:
-        code = ErrorCode(getattr(r.error, "value", r.error))
-        text = r.message or code.value
-        return Error(r.request_id, code.value, text, retryable=code in RETRYABLE, step=r.step), ()
-    if r.token_id is not None:
-        logprob = float(r.logprob) if r.logprob is not None else 0.0
-        flat = [alt for row in r.prompt_top for alt in row]
-        res = Result(
-            r.request_id,
-            r.step,
-            int(r.token_id),
-            logprob,
-            top_ids=tuple(t for t, _ in r.top),
-            top_logprobs=tuple(lp for _, lp in r.top),
-            prompt_logprobs=tuple(r.prompt_logprobs),
-            prompt_top_ids=tuple(t for t, _ in flat),
-            prompt_top_logprobs=tuple(lp for _, lp in flat),
-        )
-        return res, ()
-    hidden = r.hidden.detach()
-    if hidden.device.type != "cpu":
-        hidden = hidden.to("cpu")
-    hidden = hidden.contiguous()
-    return Result(r.request_id, r.step, tensors=(frames.meta_of(hidden),)), (hidden,)
+ARRIVED_MAX = 4096  # decode FORWARDs whose arrival time waits for the compute loop
 
 
 class IOThread(threading.Thread):
@@ -180,6 +105,7 @@ class IOThread(threading.Thread):
         # decode FORWARD was ready for the compute loop (request id -> clock(); it pops them)
         self.timings = Timings()
         self.arrived: dict[str, float] = {}
+        self.pinned = pinned_frames(cfg.device)  # frames in go to pinned memory (CUDA)
         self.bad_messages = 0
         self.reconnects = 0
         self._lost_at: float | None = None  # monotonic time the broker went silent (None: up)
@@ -209,11 +135,17 @@ class IOThread(threading.Thread):
 
     # -- any thread ------------------------------------------------------------------------
     def send(
-        self, msg: Message, tensors: tuple[torch.Tensor, ...] = (), *, timed: bool = False
+        self,
+        msg: Message,
+        tensors: tuple[torch.Tensor, ...] = (),
+        ready: Callable[[], None] | None = None,
+        *,
+        timed: bool = False,
     ) -> None:
         """Queue a message for the broker (tensors are kept referenced until zmq sent them);
-        `timed`: a decode item's RESULT, whose hand-off and serialisation are timed."""
-        self.outbox.put((msg, tensors, clock() if timed else 0.0))
+        `ready`: called (here, on the IO thread) before the tensors are encoded; `timed`: a
+        decode item's RESULT, whose hand-off and serialisation are timed."""
+        self.outbox.put((msg, tensors, clock() if timed else 0.0, ready))
         self._wake()
 
     def stop(self) -> None:
@@ -460,7 +392,7 @@ class IOThread(threading.Thread):
         if msg.KIND is Kind.SPECULATE and self.inbox.qsize() >= self.cfg.input_queue_size:
             return  # a prediction is best effort: the real FORWARD follows
         # Copy out of the zmq frames now: a live view would pin the whole message.
-        tensors = [v.clone() for v in views]
+        tensors = [host_copy(v, self.pinned) for v in views]
         if msg.KIND is Kind.FORWARD and len(tensors) == 1 and is_decode(msg, tensors[0]):
             t1 = clock()
             self.timings.add("deserialise", t1 - t0)
@@ -503,9 +435,11 @@ class IOThread(threading.Thread):
         assert self._sock is not None
         while True:
             try:
-                msg, tensors, queued_at = self.outbox.get_nowait()
+                msg, tensors, queued_at, ready = self.outbox.get_nowait()
             except queue.Empty:
                 return
+            if ready is not None:  # a download from the device still under way
+                ready()
             t0 = clock()
             self._send(frames.encode(msg, tensors))
             if queued_at:

@@ -146,10 +146,10 @@ class Speculation:
         self.worker.submit(item)
         return "rejected"
 
-    def step(self) -> list[WorkResult]:
+    def step(self, limit: int | None = None) -> list[WorkResult]:
         """`Worker.step()`, minus speculative results (kept), plus accepted ones."""
         results, self._ready = self._ready, []
-        for r in self.worker.step():
+        for r in self.worker.step(limit):
             kept = self._kept.get(r.request_id)
             if kept is not None and kept.result is None and kept.item.step == r.step:
                 kept.result = r

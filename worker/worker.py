@@ -98,6 +98,15 @@ class Worker:
             return tensors
         return self._read(block_id, self._serving)
 
+    @property
+    def adapter_dtype(self) -> str:
+        """The dtype LoRA adapter blocks are read in now (that of the stage loaded last)."""
+        return self._serving
+
+    def read_block(self, block_id: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A block read (and verified) from the zoo, cast to `dtype`. Any thread."""
+        return self._read(block_id, dtype)
+
     def served_dtype(self, manifest: Any) -> str:
         """The dtype this worker serves a model's blocks in: --dtype, else the model's own
         (a checkpoint that mixed dtypes is served in its dominant one)."""
@@ -345,8 +354,9 @@ class Worker:
         return sum(len(st.queue) for st in self._stages.values()) + len(self._deferred)
 
     # -- the step ------------------------------------------------------------------------
-    def step(self) -> list[WorkResult]:
-        """Run every stage with ready work once, in chain order; return finished items."""
+    def step(self, limit: int | None = None) -> list[WorkResult]:
+        """Run every stage with ready work once, in chain order; return finished items.
+        `limit`: at most this many items per forward (a group, worker/groups.py)."""
         self._step_no += 1
         results, self._deferred = self._deferred, []
         # requests about to run are never evicted to make room for others
@@ -359,7 +369,7 @@ class Worker:
                 st = self._stages[key]
                 entries = arrivals.pop(key, [])
                 busy = sum(e.n for e in entries)
-                for e in st.queue.take(len(entries), busy):
+                for e in st.queue.take(len(entries), busy, limit):
                     self._queued.discard(e.item.request_id)
                     try:
                         self._admit(e, protected)

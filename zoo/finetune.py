@@ -25,11 +25,10 @@ from blockllm.zoo.models import (
     WEIGHT_FILE,
     ModelBuildError,
     Progress,
-    is_nonempty_folder,
+    check_output,
     note_progress,
-    publish_dir,
+    publishing,
     quiet_hf_progress,
-    staging_dir,
     write_json,
 )
 
@@ -124,9 +123,14 @@ def _loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _train(
-    model: Any, batches: torch.Tensor, lr: float, progress: Progress | None
+    model: Any,
+    batches: torch.Tensor,
+    lr: float,
+    progress: Progress | None,
+    clip_norm: float | None = 1.0,
 ) -> dict[str, Any]:
-    """AdamW on the parameters that require grad; returns the loss record."""
+    """AdamW on the parameters that require grad, one step per batch (gradients clipped to
+    `clip_norm`; None: not clipped); returns the loss record."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.eval()
@@ -139,7 +143,8 @@ def _train(
         loss = _loss(model, batches[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         losses.append(round(loss.item(), 5))
         note_progress(progress, f"step {i + 1}/{steps} loss {losses[-1]:.4f}")
@@ -182,11 +187,10 @@ def _save_variant(
 ) -> None:
     """save_pretrained in the base dtype + the base's tokenizer/generation files + our record."""
     model.to(getattr(torch, record["dtype"]))
-    with staging_dir(out) as tmp, quiet_hf_progress():
+    with publishing(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         _copy_aux_files(base, tmp)
         write_json(tmp / FINETUNE_RECORD, record)
-        publish_dir(tmp, out, replace=overwrite)
 
 
 def finetune(
@@ -220,8 +224,7 @@ def finetune(
         raise ModelBuildError("steps and batch size must be >= 1, seq len >= 2, lr > 0")
     if out.resolve() == base.resolve():
         raise ModelBuildError("the output folder must differ from the base checkpoint")
-    if is_nonempty_folder(out) and not overwrite:
-        raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
+    check_output(out, overwrite)
     start = time.monotonic()
     span = None if full else layers
     what = "every tensor" if span is None else f"layers {span[0]}-{span[1]}"

@@ -22,18 +22,17 @@ from blockllm.zoo.finetune import (
     _batches,
     _check_layers,
     _layout,
-    _loss,
     _token_stream,
+    _train,
     _training_texts,
 )
 from blockllm.zoo.models import (
     ModelBuildError,
     Progress,
-    is_nonempty_folder,
+    check_output,
     note_progress,
-    publish_dir,
+    publishing,
     quiet_hf_progress,
-    staging_dir,
     write_json,
 )
 
@@ -81,27 +80,6 @@ def _check(targets: Sequence[str], rank: int, steps: int, lr: float) -> None:
         raise ModelBuildError("rank must be >= 1, steps >= 0 and lr > 0")
 
 
-def _train(model: Any, batches: torch.Tensor, lr: float, progress: Progress | None) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.eval()
-    with torch.no_grad():
-        before = _loss(model, batches[0]).item()
-    model.train()
-    losses: list[float] = []
-    for i in range(batches.shape[0]):
-        loss = _loss(model, batches[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(round(loss.item(), 5))
-        note_progress(progress, f"step {i + 1}/{batches.shape[0]} loss {losses[-1]:.4f}")
-    model.eval()
-    with torch.no_grad():
-        after = _loss(model, batches[0]).item()
-    return {"losses": losses, "loss_first_batch_before": before, "loss_first_batch_after": after}
-
-
 def train_lora(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -138,8 +116,7 @@ def train_lora(
     if layers is not None:
         _check_layers(layers, False, lay.num_layers)
     _check(targets, rank, steps, lr)
-    if is_nonempty_folder(out) and not overwrite:
-        raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
+    check_output(out, overwrite)
     start = time.monotonic()
     span = range(lay.num_layers) if layers is None else range(layers[0], layers[1] + 1)
     note_progress(
@@ -170,7 +147,7 @@ def train_lora(
         if steps > 0:
             stream = _token_stream(tokenizer, _training_texts(text))
             batches = _batches(stream, steps, batch_size, seq_len, seed)
-            record = _train(pm, batches, lr, progress)
+            record = _train(pm, batches, lr, progress, clip_norm=None)
     record.update(
         base=str(base.resolve()),
         layers=[span[0], span[-1]],
@@ -183,10 +160,9 @@ def train_lora(
         seed=seed,
         train_seconds=round(time.monotonic() - start, 2),
     )
-    with staging_dir(out) as tmp, quiet_hf_progress(), _quiet_hub():
+    with publishing(out, replace=overwrite) as tmp, _quiet_hub():
         pm.save_pretrained(tmp)
         write_json(tmp / LORA_RECORD, record)
-        publish_dir(tmp, out, replace=overwrite)
     before, after = record["loss_first_batch_before"], record["loss_first_batch_after"]
     losses = "untrained" if before is None else f"loss {before:.3f} -> {after:.3f}"
     note_progress(progress, f"saved {out} in {time.monotonic() - start:.1f} s ({losses})")

@@ -146,6 +146,21 @@ def publish_dir(tmp: Path, out: Path, *, replace: bool) -> None:
     _fsync(out.parent)
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raises ModelBuildError when `out` holds something (or is a file) and not `overwrite`."""
+    if is_nonempty_folder(out) and not overwrite:
+        raise ModelBuildError(f"{out} already exists and is not empty; remove it first")
+
+
+@contextlib.contextmanager
+def publishing(out: Path, *, replace: bool) -> Iterator[Path]:
+    """A staging folder to fill (HF's progress bars quiet), published at `out` atomically when
+    the block ends without an exception (`publish_dir`), removed otherwise (`staging_dir`)."""
+    with staging_dir(out) as tmp, quiet_hf_progress():
+        yield tmp
+        publish_dir(tmp, out, replace=replace)
+
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -298,7 +313,7 @@ def convert_smollm2(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.monotonic()
-    with staging_dir(out) as tmp, quiet_hf_progress():
+    with publishing(out, replace=True) as tmp:
         note_progress(progress, f"loading tokenizer from {gguf.name}")
         tokenizer = AutoTokenizer.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True
@@ -316,7 +331,6 @@ def convert_smollm2(
         seconds = round(time.monotonic() - start, 2)
         marker = {"format": _MARKER_FORMAT, "dtype": dtype, "source": source, "seconds": seconds}
         write_json(tmp / CONVERTED_MARKER, marker)  # last: its presence means "complete"
-        publish_dir(tmp, out, replace=True)
     note_progress(progress, f"converted SmolLM2 to {out} in {seconds:.1f} s")
     return out
 

@@ -37,32 +37,47 @@ class Coverage:
         self.ends = {start: sorted(e) for start, e in ends.items()}
         self._users: dict[tuple[int, int], dict[str | None, list[str]]] = {}
         self._covered: dict[str, bool] = {}
+        self._spans: dict[str, list[tuple[int, int, str]]] = {}  # model -> its held spans
 
     def covers(self, model: str, without: tuple[str, str] | None = None) -> bool:
-        """Whether the held stages chain `model` (without `without` = (worker, key)'s copy)."""
+        """Whether the held stages chain `model` (without `without` = (worker, key)'s copy).
+        Leaving out a copy changes nothing when another worker holds the key too (or that
+        worker holds none): only a sole copy is looked at, over the model's held spans."""
+        if without is not None:
+            held = self.holders.get(without[1], ())
+            if len(held) != 1 or without[0] not in held:
+                without = None
         if without is None and model in self._covered:
             return self._covered[model]
         m = self.manifests.get(model)
         n = 0 if m is None else len(m.chain)
         ok = False
         if n:
+            spans = self._held(model, n)
+            gone = without[1] if without is not None else None
             reach = {0}
-            for start in range(n):
-                if start not in reach:
-                    continue
-                for end in self.ends.get(start, ()):
-                    if end > n or end in reach:
-                        continue
-                    key = self.key_of(model, start, end)
-                    held = self.holders.get(key, ()) if key is not None else ()
-                    if without is not None and key == without[1]:
-                        held = [w for w in held if w != without[0]]
-                    if held:
-                        reach.add(end)
+            for start, end, key in spans:  # by start: positions only increase
+                if start in reach and key != gone:
+                    reach.add(end)
             ok = n in reach
         if without is None:
             self._covered[model] = ok
         return ok
+
+    def _held(self, model: str, n: int) -> list[tuple[int, int, str]]:
+        """(start, end, key) of the spans some worker holds with `model`'s key, by start."""
+        spans = self._spans.get(model)
+        if spans is None:
+            spans = []
+            for start in range(n):
+                for end in self.ends.get(start, ()):
+                    if end > n:
+                        continue
+                    key = self.key_of(model, start, end)
+                    if key is not None and self.holders.get(key):
+                        spans.append((start, end, key))
+            self._spans[model] = spans
+        return spans
 
     def users(self, start: int, end: int, key: str, models: Collection[str]) -> list[str]:
         """The models (of `models`, sorted) whose key over [start, end) is `key`."""

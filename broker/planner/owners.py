@@ -20,6 +20,22 @@ class Owners:
         self._by_block: dict[tuple[int, int, str], list[str]] = {}
         self._keys_for: Mapping[str, Any] | None = None
         self._keys: dict[tuple[str, int, int], str | None] = {}
+        # what `of` answered, by what its answer depends on (a chain's block at p, and for
+        # the head its embedding and tying): a family's models share the answers of its blocks
+        self._of: dict[tuple[int, int, str, bool, str | None], tuple[str, ...]] = {}
+        self._bytes_for: Mapping[str, Any] | None = None
+        self._bytes: dict[str, int] = {}
+
+    def nbytes(self, manifests: Mapping[str, Any], block: str) -> int:
+        """A block's size from the first catalog model (in the mapping's order) holding it;
+        0 when none does."""
+        if self._bytes_for is not manifests:
+            sizes: dict[str, int] = {}
+            for m in manifests.values():
+                for b, n in zip(m.chain, m.block_bytes, strict=False):
+                    sizes.setdefault(b, int(n))
+            self._bytes_for, self._bytes = manifests, sizes
+        return self._bytes.get(block, 0)
 
     def key(self, manifests: Mapping[str, Any], model: str, start: int, end: int) -> str | None:
         """stage_key of `model` over [start, end) (None: unknown model or span)."""
@@ -43,7 +59,12 @@ class Owners:
                 own = tuple(manifests[name].chain)
                 for q, b in enumerate(own):
                     by_block.setdefault((len(own), q, b), []).append(name)
-            self._for, self._by_block = manifests, by_block
+            self._for, self._by_block, self._of = manifests, by_block, {}
+        last = p == len(chain) - 1
+        memo = (len(chain), p, chain[p], tied, chain[0] if last else None)
+        found = self._of.get(memo)
+        if found is not None:
+            return found
         out = []
         for name in self._by_block.get((len(chain), p, chain[p]), ()):
             own = manifests[name].chain
@@ -52,4 +73,5 @@ class Owners:
             if head and (own[0] != chain[0] or other_tied != tied):
                 continue
             out.append(name)
-        return tuple(out)
+        found = self._of[memo] = tuple(out)
+        return found

@@ -36,12 +36,12 @@ from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.coverage import Coverage
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.inputs import model_info, worker_info
 from blockllm.broker.planner.owners import Owners
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
 from blockllm.broker.planner.placement import (
     ModelInfo,
     Placement,
-    WorkerInfo,
     placement_gain,
     replica_targets,
 )
@@ -58,7 +58,6 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.routing import WorkerView, find_route
-from blockllm.zoo.chain import kv_row_bytes, stage_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -280,11 +279,15 @@ class Planner:
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
         mine = [m for m in served if not pin_covered(self, m, workers)]  # pins.py
-        infos = [self._model_info(m, chains[m]) for m in mine]
+        infos = [
+            model_info(self.manifests, self.owners, m, chains[m], self._demand_of(m)) for m in mine
+        ]
         infos = [i for i in infos if i is not None]
         nodes = [
-            self._worker_info(w) for w in workers.values() if w.name not in self.duplicates.slow
-        ] or [self._worker_info(w) for w in workers.values()]
+            worker_info(self.manifests, w)
+            for w in workers.values()
+            if w.name not in self.duplicates.slow
+        ] or [worker_info(self.manifests, w) for w in workers.values()]
         plan, state = placement(self, infos, nodes, why)  # replan.py
         if why in DEMAND_REASONS and not self._worth_it(infos, plan, models or {}, now):
             return
@@ -309,47 +312,6 @@ class Planner:
         logger.info("[planner] new placement (%s): replicas x hops %s", why, hops or "-")
         if plan.uncovered:
             logger.warning("[planner] cannot place %s within the budgets", plan.uncovered)
-
-    def _model_info(self, name: str, chain: tuple[str, ...]) -> ModelInfo | None:
-        m = self.manifests.get(name)
-        if m is None:
-            return None
-        tied = bool(m.tie_word_embeddings)
-        owners = tuple(self._owners(chain, p, tied) or (name,) for p in range(len(chain)))
-        sizes = tuple(self._block_size(owners[p][0], p) for p in range(len(chain)))
-        return ModelInfo(
-            name=name,
-            chain=chain,
-            block_bytes=sizes,
-            fingerprint=m.fingerprint,
-            tied=tied,
-            demand=self._demand_of(name),
-            owners=owners,
-            compute=compute_weights(m),
-            kv_row_bytes=kv_row_bytes(m),
-        )
-
-    def _worker_info(self, w: WorkerFacts) -> WorkerInfo:
-        resident = frozenset(self._resident(w))
-        return WorkerInfo(
-            w.name, w.capacity, resident, w.refused, w.kv_budget_bytes, w.kv_page_bytes
-        )
-
-    def _owners(self, chain: tuple[str, ...], p: int, tied: bool) -> tuple[str, ...]:
-        """The models that can load what `chain` holds at p (planner/owners.py)."""
-        return self.owners.of(self.manifests, chain, p, tied)
-
-    def _block_size(self, owner: str, p: int) -> int:
-        sizes = tuple(self.manifests[owner].block_bytes)
-        return int(sizes[p]) if p < len(sizes) else 0
-
-    def _resident(self, w: WorkerFacts) -> set[str]:
-        blocks: set[str] = set()
-        for s in w.stages.values():
-            m = self.manifests.get(s.model)
-            if m is not None:
-                blocks.update(stage_blocks(m, s.start, s.end))
-        return blocks
 
     def _key(self, model: str, start: int, end: int) -> str | None:
         return self.owners.key(self.manifests, model, start, end)  # memoized per catalog
@@ -484,18 +446,3 @@ class Planner:
             return False
         views = {w.name: WorkerView(list(w.stages.values())) for w in workers.values()}
         return find_route(model, len(m.chain), views, self._key) is not None
-
-
-def compute_weights(manifest: Any) -> tuple[float, ...]:
-    """Work per token at each chain position: a decoder layer its weight bytes, the embedding a
-    row read, the head its norm plus the lm_head matmul (also when tied to the embedding)."""
-    sizes = [float(b) for b in manifest.block_bytes]
-    if len(sizes) != len(manifest.chain):
-        return ()
-    cfg = manifest.config or {}
-    itemsize = 2 if manifest.dtype in ("bfloat16", "float16") else 4
-    hidden = float(cfg.get("hidden_size", 0)) * itemsize
-    sizes[0] = max(1.0, hidden)
-    if manifest.tie_word_embeddings:
-        sizes[-1] += float(cfg.get("vocab_size", 0)) * hidden
-    return tuple(sizes)

@@ -46,9 +46,11 @@ from blockllm.broker.protocol import (
     PlannerReport,
     ProtocolError,
     Stats,
+    StatsDelta,
     StatusRequest,
 )
 from blockllm.broker.sockets import make_socket
+from blockllm.broker.stats_delta import StatsView
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class PlannerProc:
         self.sent = 0
         self.refused = 0
         self._last_stats = time.monotonic()
+        self.stats_view = StatsView()  # full STATS + STATS_DELTA -> bodies (stats_delta.py)
         self._notes: dict[str, str] | None = None  # the last PLANNER_REPORT sent, and when
         self._reported = -REPORT_EVERY_S
         self.prom: Any = None  # PlannerMetrics when metrics_port is set (start_metrics)
@@ -306,21 +309,29 @@ class PlannerProc:
         logger.info("[ready] planner: stats from %s", endpoint)
 
     def _latest_stats(self) -> Stats | None:
-        """The newest snapshot waiting (older ones are skipped: they are out of date)."""
+        """The newest snapshot waiting, as a full body (older ones are skipped: they are out
+        of date; a STATS_DELTA is applied to the last full STATS, or skipped until one came)."""
         assert self.sub is not None
-        latest = None
+        latest: Stats | StatsDelta | None = None
         while True:
             try:
                 parts = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return latest
+                break
             try:
                 msg, _ = frames.decode(parts)
             except ProtocolError as e:
                 logger.warning("[planner] bad stats message: %s", e)
                 continue
             if isinstance(msg, Stats):
+                body = self.stats_view.full(msg)  # None until the last part of one in parts
+                if body is not None:
+                    latest = msg if msg.parts <= 1 else Stats(msg.seq, body)
+            elif isinstance(msg, StatsDelta):
                 latest = msg
+        if isinstance(latest, StatsDelta):
+            body = self.stats_view.apply(latest)
+            return None if body is None else Stats(latest.seq, body)
         return latest
 
     def _on_stats(self) -> None:

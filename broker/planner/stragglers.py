@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from blockllm.broker.planner.config import PlannerConfig
+from blockllm.broker.planner.inputs import resident_blocks
 from blockllm.broker.protocol import Message, PlannedHop, PlannedRoute, SetRoutes
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class Duplicates:
         helpers = [w for n, w in workers.items() if n != slow and n not in self.active]
         best = None
         for w in helpers:
-            resident = planner._resident(w)
+            resident = resident_blocks(planner.manifests, w)
             new = {
                 b
                 for owner, s, e in stages
@@ -292,8 +293,5 @@ def _merge(hops: Iterable[PlannedHop]) -> tuple[PlannedHop, ...]:
 
 
 def _block_bytes(planner: Planner, block: str) -> int:
-    for m in planner.manifests.values():
-        for b, n in zip(m.chain, m.block_bytes, strict=False):
-            if b == block:
-                return int(n)
-    return 0
+    """A block's size (from an index of the catalog: planner/owners.py)."""
+    return planner.owners.nbytes(planner.manifests, block)

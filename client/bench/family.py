@@ -73,6 +73,13 @@ class Family:
     mode: str  # "partial" | "full"
     tenants: tuple[Tenant, ...]
     zoo_dir: Path
+    # mode "lora": the zoo of the base and every adapter merged into a whole model (what the
+    # baselines serve); `zoo_dir` holds the adapters as adapters (client/bench/lora_family.py)
+    merged_zoo_dir: Path | None = None
+
+    @property
+    def baseline_zoo_dir(self) -> Path:
+        return self.merged_zoo_dir or self.zoo_dir
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -88,7 +95,7 @@ class FamilySpec:
     """Which family to prepare and where."""
 
     kind: str = "smollm2"  # or "tiny"
-    mode: str = "partial"  # or "full"
+    mode: str = "partial"  # or "full", or "lora" (K PEFT adapters: client/bench/lora_family.py)
     variants: int = 6
     cache_dir: Path | None = None  # default ~/.cache/blockllm/bench
     recipe: Recipe = Recipe()
@@ -180,6 +187,10 @@ def prepare_family(spec: FamilySpec, say: Say) -> Family:
 
     root = _root(spec)
     base_name, base_dir = _base_checkpoint(spec, root, say)
+    if spec.mode == "lora":
+        from blockllm.client.bench.lora_family import prepare_lora
+
+        return prepare_lora(spec, root, base_name, base_dir, say)  # type: ignore[return-value]
     plans = variant_plans(base_name, _num_layers(base_dir), spec.variants, spec.mode)
     tenants = [Tenant(base_name, base_dir)]
     for plan in plans:
@@ -203,10 +214,13 @@ def model_bytes(zoo: Zoo, name: str) -> int:
 
 
 def shared_bytes(zoo: Zoo, names: Sequence[str]) -> int:
-    """Bytes of the distinct blocks of all `names` together (what the shared zoo needs)."""
+    """Bytes of the distinct blocks of all `names` together, adapter blocks included (what the
+    shared zoo needs)."""
     blocks: set[str] = set()
     for name in names:
-        blocks.update(zoo.manifest(name).chain)
+        m = zoo.manifest(name)
+        blocks.update(m.chain)
+        blocks.update(b for _, b in m.adapter_blocks)
     return sum(zoo.block_nbytes(b) for b in blocks)
 
 

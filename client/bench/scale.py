@@ -255,6 +255,12 @@ def run_size(
         "broker_route_tries": sim.broker.flow.tries,  # waiting requests tried (flow.dispatch)
         "broker_bad_messages": sim.broker.counters["bad_messages"],
         "stats_kb_max": round(max(c.stats_bytes, default=0) / 1024, 1),
+        # full STATS (every stats_full_every snapshots) and the STATS_DELTAs between them
+        "stats_full_kb_max": round(max(c.full_bytes, default=0) / 1024, 1),
+        "stats_delta_kb_p50": round(pct([float(b) for b in c.delta_bytes], 0.5) / 1024, 1),
+        "stats_delta_kb_max": round(max(c.delta_bytes, default=0) / 1024, 1),
+        "stats_parts_max": c.stats_parts,
+        "stats_kb_per_s": round(sum(c.stats_bytes) / 1024 / max(1e-9, duration + 5.0), 1),
         "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
         "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),
         "burst_commands_max": max(c.bursts, default=0),
@@ -284,7 +290,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("broker_us_per_message", "broker us/msg"),
         ("broker_us_per_token", "broker us/token"),
         ("broker_us_per_result", "broker us/RESULT"),
-        ("stats_kb_max", "STATS kB"),
+        ("stats_full_kb_max", "STATS full kB"),
+        ("stats_delta_kb_max", "STATS delta kB"),
         ("status_kb_max", "STATUS kB"),
         ("burst_commands_max", "burst cmds"),
         ("hops_per_token_hot", "hops/token (hot)"),

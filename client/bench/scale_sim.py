@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from blockllm.broker import frames
 from blockllm.broker.broker import Broker
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import ModelSpec
@@ -38,10 +37,13 @@ from blockllm.broker.protocol import (
     Release,
     Result,
     StageRef,
+    StatsDelta,
+    Status,
     TensorMeta,
     Token,
     UnloadStage,
 )
+from blockllm.broker.stats_delta import DeltaPublisher, StatsView
 from blockllm.client.bench.scale_synth import GB, Tenant, node_of
 from blockllm.zoo.chain import stage_key
 from blockllm.zoo.manifest import ModelManifest
@@ -130,7 +132,10 @@ class Counters:
     planner_cpu_s: list[float] = field(default_factory=list)
     bursts: list[int] = field(default_factory=list)
     burst_bytes: list[int] = field(default_factory=list)
-    stats_bytes: list[int] = field(default_factory=list)
+    stats_bytes: list[int] = field(default_factory=list)  # every STATS / STATS_DELTA sent
+    full_bytes: list[int] = field(default_factory=list)  # the full ones
+    delta_bytes: list[int] = field(default_factory=list)  # the deltas
+    stats_parts: int = 1  # the most messages one snapshot took (a full one in parts)
     stats_cpu_s: list[float] = field(default_factory=list)
     status_bytes: list[int] = field(default_factory=list)
     hops: dict[str, list[int]] = field(default_factory=dict)  # model -> hops per token
@@ -178,6 +183,9 @@ class Sim:
         self.requests: dict[str, tuple[str, float, bool]] = {}  # rid -> (model, t0, covered)
         self.first_token: set[str] = set()
         self._rids = itertools.count()
+        self._stats_seq = 0
+        self.deltas = DeltaPublisher(self.cfg.stats_full_every)
+        self.view = StatsView()
         self.at(0.05, self._tick)
         self.at(0.5, self._stats)
 
@@ -230,26 +238,38 @@ class Sim:
         self.at(self.now + self.cfg.tick_s, self._tick)
 
     def _stats(self) -> None:
+        """A STATS snapshot as the broker process publishes it (a full one or a delta against
+        the last full one: broker/stats_delta.py), rebuilt on the planner's side."""
         t0 = time.process_time()
         body = self.broker.stats(self.now)
+        self._stats_seq += 1
+        sent = self.deltas.publish(self._stats_seq, body)
         self.c.stats_cpu_s.append(time.process_time() - t0)
-        self.c.stats_bytes.append(len(msgpack.packb(body, default=str)))
-        if self.planner is not None:
+        body = None
+        for msg, wire in sent:
+            nbytes = len(wire[1])
+            self.c.stats_bytes.append(nbytes)
+            if isinstance(msg, StatsDelta):
+                self.c.delta_bytes.append(nbytes)
+                body = self.view.apply(msg)
+            else:
+                self.c.full_bytes.append(nbytes)
+                body = self.view.full(msg)
+        self.c.stats_parts = max(self.c.stats_parts, len(sent))
+        if self.planner is not None and body is not None:
             t0 = time.process_time()
             cmds = self.planner.on_stats(body, self.now)
             self.c.planner_cpu_s.append(time.process_time() - t0)
             if cmds:
                 self.c.bursts.append(len(cmds))
-                self.c.burst_bytes.append(
-                    sum(len(msgpack.packb(_fields(m), default=str)) for m in cmds)
-                )
+                self.c.burst_bytes.append(sum(len(frames.encode(m)[1]) for m in cmds))
             for m in cmds:
                 self.at(self.now + self.intra_s, self.to_broker, PLANNER, m)
         self.at(self.now + self.cfg.stats_interval_s, self._stats)
 
     def status_size(self) -> int:
         body = self.broker.status(self.now)
-        n = len(msgpack.packb(body, default=str))
+        n = len(frames.encode(Status("s", body))[1])
         self.c.status_bytes.append(n)
         return n
 
@@ -404,8 +424,3 @@ class Sim:
         elif isinstance(msg, Error):
             self.c.errors[msg.code] = self.c.errors.get(msg.code, 0) + 1
             self.requests.pop(msg.request_id, None)
-
-
-def _fields(msg: Any) -> list:
-    """A message's header as the wire encodes it (a msgpack array of its fields)."""
-    return [getattr(msg, f) for f in msg.__dataclass_fields__]

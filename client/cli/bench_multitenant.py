@@ -60,11 +60,13 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
 @click.option(
     "--family",
     "family_mode",
-    type=click.Choice(["partial", "full"]),
+    type=click.Choice(["partial", "full", "lora"]),
     default="partial",
     show_default=True,
     help="partial: variants fine-tune slices of the upper layers (the three systems); "
-    "full: every layer fine-tuned, memory saved vs quality per equivalence tolerance.",
+    "full: every layer fine-tuned, memory saved vs quality per equivalence tolerance; "
+    "lora: variants are PEFT adapters (ranks 8-16) that blockllm serves as adapters on the "
+    "base, the baselines as whole models with the adapter merged (needs peft).",
 )
 @click.option(
     "--tenants",
@@ -213,6 +215,7 @@ def multitenant(**p: Any) -> None:
         dtype=p["dtype"],
         saturate=p["saturate"],
         device=p["device"],
+        family=p["family_mode"],
     )
     if p["rates"] and len(p["rates"]) > 1:
         _run_sweep(cfg, p)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,6 +18,34 @@ _LAYERS_HELP = (
     "Decoder layers to train, 0-based and inclusive: A-B (e.g. 4-7), a single layer A, "
     "or 'all' for a full fine-tune of every tensor."
 )
+
+
+def training_options(*, lr: float, seed_help: str) -> Any:
+    """The training flags `finetune` and `lora` share: --text, --lr (default `lr`), --seed,
+    --seq-len, --batch-size, --force."""
+    text_type = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options = [
+        click.option(
+            "--text",
+            type=text_type,
+            default=None,
+            help="UTF-8 text file to train on [default: Python's own docstrings].",
+        ),
+        click.option(
+            "--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help=seed_help),
+        click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True),
+        click.option("--force", is_flag=True, help="Replace OUT if it already holds something."),
+    ]
+
+    def apply(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
 
 
 # blockllm.zoo.tiny.FAMILIES, spelled out so `--help` imports no torch (a test checks they agree)
@@ -93,17 +122,7 @@ def smollm2_cmd(out_dir: Path, dtype: str) -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--layers", "layers_spec", required=True, help=_LAYERS_HELP)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="UTF-8 text file to train on [default: Python's own docstrings].",
-)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes data order.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUT if it already holds something.")
+@training_options(lr=1e-4, seed_help="Fixes data order.")
 def finetune_cmd(
     base: Path,
     out: Path,
@@ -233,17 +252,7 @@ def tiny_cmd(
     show_default=True,
     help="Training steps; 0 saves PEFT's random (non-zero) initialisation untrained.",
 )
-@click.option(
-    "--text",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="UTF-8 text file to train on [default: Python's own docstrings].",
-)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes data and init.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUT if it already holds something.")
+@training_options(lr=1e-3, seed_help="Fixes data and init.")
 def lora_cmd(
     base: Path,
     out: Path,

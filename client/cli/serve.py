@@ -16,33 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from blockllm.broker.cluster_config import (
-    EXIT_CONFIG,
-    ClusterConfig,
-    ConfigError,
-    load_cluster_config,
-    merge_click,
-)
+from blockllm.broker.cluster_config import EXIT_CONFIG, ConfigError, merge_click
 from blockllm.client.cli.common import (
     SIZE,
     CliError,
     config_option,
     crash_loop_options,
-    default_zoo_dir,
-    metrics_fields,
     metrics_host_option,
     metrics_port_option,
-    parse_model_values,
     zoo_option,
 )
-from blockllm.client.cli.common import (
-    process_keys_option as keys_option,
-)
+from blockllm.client.cli.common import process_keys_option as keys_option
 from blockllm.client.cli.http_api import (
     HOST_PORT,
     api_keys_option,
@@ -55,84 +43,20 @@ from blockllm.client.cli.planner import (
     planner_options,
     spawn_options,
 )
-from blockllm.worker.config import MiB, StageSpec, WorkerProcConfig
+from blockllm.client.cli.process_config import (
+    DEFAULT_BIND,
+    broker_config,
+    check_keys,
+    cluster_config,
+    engine_options,
+    log_level,
+    speculate_option,
+    worker_config,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
 EXIT_INTERRUPTED = 130
-
-
-speculate_option = click.option(
-    "--speculate",
-    "speculate",
-    multiple=True,
-    metavar="MODEL=TOL",
-    help="Speculative execution for MODEL (docs/internals.md): a hop also runs a decode step "
-    "early on the previous hop's input, kept when the real input is within relative L2 "
-    "distance TOL (0: only an identical one, exact). Repeatable [default: off].",
-)
-
-
-def _speculate(values: Any) -> tuple[tuple[str, float], ...]:
-    """("model=tol", ...) -> ((model, tol), ...); click.BadParameter naming a bad one."""
-    return parse_model_values(values, "--speculate", "TOL")
-
-
-def _cluster_config(path: Path | None) -> ClusterConfig | None:
-    if path is None:
-        return None
-    try:
-        return load_cluster_config(path)
-    except ConfigError as e:
-        raise CliError(str(e), EXIT_CONFIG) from None
-
-
-def _log_level() -> str:
-    """The level the root command configured (-v, BLOCKLLM_LOG_LEVEL), for the children."""
-    return logging.getLevelName(logging.getLogger().getEffectiveLevel())
-
-
-def _stages(values: Any) -> tuple[StageSpec, ...]:
-    try:
-        return tuple(StageSpec.parse(s) for s in values or ())
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--stage") from None
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
-    """A WorkerProcConfig from merged flag/file values (keys as in the [worker] section)."""
-    fields = {
-        "broker": v.get("broker") or DEFAULT_BIND,
-        "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
-        "stages": _stages(v.get("stages")),
-        "device": v.get("device") or "cpu",
-        "dtype": v.get("dtype") or None,
-        "kv_budget_bytes": int(v.get("kv_budget_bytes") or 256 * MiB),
-        "max_batch_size": int(v.get("max_batch_size") or 32),
-        "max_batch_tokens": int(v.get("max_batch_tokens") or 4096),
-        "threads": v.get("threads"),
-        "name": v.get("name") or "",
-        "keys_dir": str(v["keys"]) if v.get("keys") else None,
-        "log_level": _log_level(),
-    }
-    for key in (
-        "heartbeat_interval_s",
-        "liveness",
-        "reconnect_max_s",
-        "grace_s",
-        "memory_budget_bytes",
-    ):
-        if v.get(key) is not None:
-            fields[key] = v[key]
-    if v.get("input_queue_size") is not None:
-        fields["input_queue_size"] = v["input_queue_size"]
-    fields.update(metrics_fields(v))
-    fields.update(overrides)
-    return WorkerProcConfig(**fields)
 
 
 # -- blockllm worker ------------------------------------------------------------------------
@@ -162,23 +86,7 @@ def _worker_config(v: dict[str, Any], **overrides: Any) -> WorkerProcConfig:
     help="Worker name (its identity at the broker; selects "
     "[workers.NAME] of --config) [default: HOST-PID].",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default=None,
-    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
-    "imported; the KV cache follows) [default: as imported].",
-)
-@click.option(
-    "--kv-budget",
-    "kv_budget_bytes",
-    type=SIZE,
-    default="256MiB",
-    show_default=True,
-    help="KV-cache memory of this worker (bytes or 512MiB, 2GiB).",
-)
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@engine_options
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option(
     "--threads",
@@ -222,69 +130,23 @@ def worker(**params: Any) -> None:
     from blockllm.worker.proc import run_worker_process
 
     ctx = click.get_current_context()
-    cluster = _cluster_config(params.pop("config_file"))
+    cluster = cluster_config(params.pop("config_file"))
     values = dict(ctx.params)
     if cluster is not None:
         try:
             values = merge_click(ctx, cluster.worker(params["name"]))
         except ConfigError as e:
             raise CliError(str(e), EXIT_CONFIG) from None
-    cfg = _worker_config(values, pin_stages=True)  # an operator's stages: the planner keeps them
+    cfg = worker_config(values, pin_stages=True)  # an operator's stages: the planner keeps them
     if cfg.keys_dir:
         from blockllm.broker.security import load_client_keys
 
-        _check_keys(load_client_keys, cfg.keys_dir)
+        # the pair the worker presents: worker.key (a worker node's folder has only that one)
+        check_keys(lambda d: load_client_keys(d, role="worker"), cfg.keys_dir)
     sys.exit(run_worker_process(cfg))
 
 
-def _check_keys(load: Any, keys_dir: Any) -> Any:
-    """load(keys_dir), a bad keys folder turned into a one-line error (exit 78)."""
-    from blockllm.broker.security import KeysError
-
-    try:
-        return load(keys_dir)
-    except KeysError as e:
-        raise CliError(str(e), EXIT_CONFIG) from None
-
-
 # -- blockllm broker ------------------------------------------------------------------------
-
-
-def _broker_config(v: dict[str, Any], **overrides: Any) -> Any:
-    """A BrokerConfig from merged flag/file values (keys as in the [broker] section)."""
-    from blockllm.broker.config import BrokerConfig
-    from blockllm.broker.security import load_server_keys
-
-    fields: dict[str, Any] = {
-        "bind": v.get("bind") or DEFAULT_BIND,
-        "zoo_dir": str(v.get("zoo_dir") or default_zoo_dir()),
-        "log_level": _log_level(),
-    }
-    for key in (
-        "heartbeat_s",
-        "liveness",
-        "max_waiting",
-        "max_prompt_tokens",
-        "max_new_tokens_limit",
-        "default_timeout_s",
-        "max_replays",
-        "drain_timeout_s",
-    ):
-        if v.get(key) is not None:
-            fields[key] = v[key]
-    if v.get("stats_bind") is not None:
-        fields["stats_bind"] = v["stats_bind"]
-    if v.get("speculate"):
-        fields["speculate"] = _speculate(v["speculate"])
-    if v.get("keys"):
-        _check_keys(load_server_keys, v["keys"])  # a bad folder: one line, exit 78, now
-        fields["keys_dir"] = str(v["keys"])
-    fields.update(metrics_fields(v))
-    fields.update(overrides)
-    try:
-        return BrokerConfig(**fields)
-    except ValueError as e:
-        raise CliError(f"bad broker settings: {e}", EXIT_CONFIG) from None
 
 
 @click.command()
@@ -339,11 +201,11 @@ def broker(**params: Any) -> None:
     from blockllm.broker.proc import run_broker_process
 
     ctx = click.get_current_context()
-    cluster = _cluster_config(params["config_file"])
+    cluster = cluster_config(params["config_file"])
     values = dict(ctx.params)
     if cluster is not None:
         values = merge_click(ctx, cluster.broker())
-    sys.exit(run_broker_process(_broker_config(values)) or 0)
+    sys.exit(run_broker_process(broker_config(values)) or 0)
 
 
 # -- blockllm serve -------------------------------------------------------------------------
@@ -377,28 +239,12 @@ def _models(value: str | None) -> tuple[str, ...]:
     help="Models to serve [default: every model in the zoo].",
 )
 @click.option(
-    "--kv-budget",
-    "kv_budget_bytes",
-    type=SIZE,
-    default="256MiB",
-    show_default=True,
-    help="KV-cache memory per worker (bytes or 512MiB, 2GiB).",
-)
-@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
     help="torch threads per worker [default: the cores split across workers].",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default=None,
-    help="Serve the blocks in this dtype, cast once at load (the zoo keeps them as "
-    "imported; the KV cache follows) [default: as imported].",
-)
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@engine_options
 @click.option(
     "--ready-timeout",
     type=click.FloatRange(min=1.0),
@@ -456,7 +302,7 @@ def serve(**params: Any) -> None:
     from blockllm.client.launcher import LaunchError, ServeConfig, run_serve
 
     ctx = click.get_current_context()
-    cluster = _cluster_config(params["config_file"])
+    cluster = cluster_config(params["config_file"])
     values = dict(ctx.params)
     if cluster is not None:
         planner = cluster.planner()
@@ -469,8 +315,8 @@ def serve(**params: Any) -> None:
         file_values.pop("stages", None)  # serve places stages itself
         file_values.update(serve_file_values(cluster.http()))
         values = merge_click(ctx, file_values)
-    broker_cfg = _broker_config(values)
-    worker_cfg = _worker_config(values, stages=(), threads=None)
+    broker_cfg = broker_config(values)
+    worker_cfg = worker_config(values, stages=(), threads=None)
     cfg = ServeConfig(
         zoo_dir=broker_cfg.zoo_dir,
         broker=broker_cfg,
@@ -479,9 +325,9 @@ def serve(**params: Any) -> None:
         models=_models(values.get("models_text")),
         threads=values.get("threads"),
         ready_timeout_s=values["ready_timeout"],
-        log_level=_log_level(),
+        log_level=log_level(),
         planner=_planner_config(values, worker_cfg.keys_dir),
-        http=serve_http_config(values, _log_level()),
+        http=serve_http_config(values, log_level()),
         crash_loop_deaths=values["crash_loop_deaths"],
         crash_loop_window_s=values["crash_loop_window_s"],
     )
@@ -496,7 +342,7 @@ def _planner_config(values: dict[str, Any], keys_dir: str | None) -> Any:
     """The planner `serve` starts (None with --no-planner); broker and zoo are filled in."""
     if not values.get("with_planner", True):
         return None
-    return planner_config(values, keys_dir=keys_dir, log_level=_log_level())
+    return planner_config(values, keys_dir=keys_dir, log_level=log_level())
 
 
 def _announce(s: Any, as_json: bool) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 from blockllm.client.chat_template import ChatTemplateError, chat_prompt_ids
 from blockllm.client.errors import BlockLLMError
 from blockllm.client.http import responses as R
-from blockllm.client.http.choices import ChoiceResult
 from blockllm.client.http.common import (
     Call,
     ClosingStream,
     check_prompt_ids,
+    collect,
     deltas,
     first_event,
     new_choice,
@@ -62,7 +62,7 @@ async def chat(call: Call, req: ChatRequest, request: Any) -> Any:
     text = R.TokenText(tok)
     if req.stream:
         return await _stream(call, req, gens, ids, text, request)
-    results = await unless_disconnected(request, _collect(call, req, gens, ids))
+    results = await unless_disconnected(request, collect(call, gens, req.stops(), lambda _j: ids))
     if results is None:
         call.status = 499
         call.finish(len(ids))
@@ -83,20 +83,6 @@ async def chat(call: Call, req: ChatRequest, request: Any) -> Any:
     return R.chat_body(
         R.new_id("chatcmpl"), R.now(), req.model, choices, R.usage(len(ids), completion)
     )
-
-
-async def _collect(call: Call, req: ChatRequest, gens: list[Any], ids: list[int]) -> list[Any]:
-    results = [ChoiceResult(j, ids) for j in range(len(gens))]
-    stream = deltas(call, gens, req.stops())
-    try:
-        async for d in stream:
-            call.token_arrived()
-            results[d.index].add(d)
-    except BlockLLMError as e:
-        raise from_broker(e, call.model) from None
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-    return results
 
 
 async def _stream(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from starlette.responses import StreamingResponse
 
 from blockllm.client.errors import BadRequest, BlockLLMError
-from blockllm.client.http.choices import Choice, Delta, merged, run_choice
+from blockllm.client.http.choices import Choice, ChoiceResult, Delta, merged, run_choice
 from blockllm.client.http.errors import ApiError, bad_request, from_broker
 from blockllm.client.http.responses import DONE, sse
 from blockllm.client.request import GenerateParams
@@ -99,6 +99,27 @@ def deltas(call: Call, choices: list[Choice], stops: tuple[str, ...]) -> AsyncIt
     """The merged deltas of the `choices` (choice i = choices[i])."""
     runs = [run_choice(call.client, i, call.model, c, stops) for i, c in enumerate(choices)]
     return merged(runs)
+
+
+async def collect(
+    call: Call,
+    choices: list[Choice],
+    stops: tuple[str, ...],
+    prompt_ids: Callable[[int], list[int]],
+) -> list[ChoiceResult]:
+    """Every choice run to its end (a non-streaming answer): choice i's ChoiceResult, over
+    `prompt_ids(i)`. Raises ApiError (the broker's error, as OpenAI's)."""
+    results = [ChoiceResult(j, prompt_ids(j)) for j in range(len(choices))]
+    stream = deltas(call, choices, stops)
+    try:
+        async for d in stream:
+            call.token_arrived()
+            results[d.index].add(d)
+    except BlockLLMError as e:
+        raise from_broker(e, call.model) from None
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return results
 
 
 async def until_disconnect(request: Any) -> None:

@@ -14,6 +14,7 @@ from blockllm.client.http.common import (
     Call,
     ClosingStream,
     check_prompt_ids,
+    collect,
     deltas,
     first_event,
     new_choice,
@@ -89,7 +90,9 @@ async def completions(call: Call, req: CompletionRequest, request: Any) -> Any:
     p = await plan(call, req)
     if req.stream:
         return await _stream(call, p, request)
-    results = await unless_disconnected(request, _collect(call, p))
+    results = await unless_disconnected(
+        request, collect(call, p.gens, p.req.stops(), lambda j: p.prompt_ids[p.prompt_of(j)])
+    )
     if results is None:
         call.status = 499
         call.finish(p.prompt_tokens())
@@ -101,20 +104,6 @@ async def completions(call: Call, req: CompletionRequest, request: Any) -> Any:
     call.finish(p.prompt_tokens(), completion)
     use = R.usage(p.prompt_tokens(), completion)
     return R.completion_body(R.new_id("cmpl"), R.now(), req.model, choices, use)
-
-
-async def _collect(call: Call, p: Plan) -> list[ChoiceResult]:
-    results = [ChoiceResult(j, p.prompt_ids[p.prompt_of(j)]) for j in range(len(p.gens))]
-    stream = deltas(call, p.gens, p.req.stops())
-    try:
-        async for d in stream:
-            call.token_arrived()
-            results[d.index].add(d)
-    except BlockLLMError as e:
-        raise from_broker(e, call.model) from None
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-    return results
 
 
 def _choice(p: Plan, c: ChoiceResult) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,9 @@ sys.exit(run_worker_process(WorkerProcConfig(
 class Node:
     """One process of the cluster: its output lines (read by a thread) and its notify socket."""
 
-    def __init__(self, name: str, argv: Sequence[str], cwd: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], cwd: Path, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log = cwd / f"{name}.log"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -54,6 +56,7 @@ class Node:
         env = dict(os.environ, NOTIFY_SOCKET="@" + address)
         for var in ("BLOCKLLM_BROKER", "BLOCKLLM_ZOO", "BLOCKLLM_LOG_LEVEL"):
             env.pop(var, None)
+        env.update(extra_env or {})  # e.g. a unit's EnvironmentFile= (tests/integration/guide.py)
         self.popen = subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE,

@@ -23,7 +23,7 @@ from blockllm.worker.worker import Worker, WorkerConfig
 from blockllm.zoo import Zoo
 from blockllm.zoo.families import SUPPORTED_MODEL_TYPES, layout
 from blockllm.zoo.tiny import FAMILIES, TINY_WINDOW
-from tests.integration.test_engine_parity import Driver, cuts_to_hops, eos_ids, make_reqs
+from tests.integration.engine_driver import Driver, cuts_to_hops, eos_ids, make_reqs
 from tests.unit.test_zoo_support import copy_tokenizer, decoder_layers, read_tensors
 
 # (prompt length, join tick, max new tokens): two prompts longer than the window, decodes

@@ -23,7 +23,7 @@ pytest.importorskip("peft")
 from blockllm.client.launcher import ServeConfig, plan_workers
 from blockllm.zoo import Zoo
 from blockllm.zoo.lora import train_lora
-from tests.integration.cluster import Cluster, cluster, perturbed_copy
+from tests.integration.cluster import Cluster, cluster, perturbed_copy, worker_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -176,3 +176,30 @@ def test_seeded_sampling_of_an_adapter_is_the_same_alone_and_in_a_crowd(served: 
         (m, [7, 7, 7 + i], 16, {"temperature": 0.7, "seed": i}) for i, m in enumerate(MODELS)
     ]
     assert _concurrently(served, crowd)[0] == alone
+
+
+def test_a_worker_that_pulls_its_blocks_fetches_adapter_blocks_too(
+    zoo: Path, folders: dict[str, Path], tmp_path: Path
+):
+    """A worker on an empty zoo pulls the base's blocks to load its stage, and the adapter
+    blocks a request names when it first comes (on its loader thread): no adapter manifest
+    needed, output equal to HF + PEFT."""
+    empty = tmp_path / "pulled-zoo"
+    empty.mkdir()
+    n = len(Zoo(zoo).manifest("llama").chain)
+    jobs = [
+        ("llama-a1", [9, 8, 7, 6], 6, {}),
+        ("llama-a2", [4, 4, 2], 6, {}),
+        ("llama", [9, 8, 7, 6], 6, {}),
+    ]
+    with cluster(zoo, {}, []) as c:
+        c.launcher.start_worker(
+            "pulled", worker_config(c.endpoint, empty, "pulled", [f"llama:0-{n}"])
+        )
+        c.launcher.wait_ready(["llama", "llama-a1", "llama-a2"], 120.0)
+        got = _concurrently(c, jobs)
+    assert got == [hf_peft_greedy(folders, m, ids, k) for m, ids, k, _ in jobs]
+    pulled = Zoo(empty)
+    for name in ("llama-a1", "llama-a2"):
+        assert not pulled.has_model(name)
+        assert all(pulled.has_block(b) for _, b in Zoo(zoo).manifest(name).adapter_blocks)

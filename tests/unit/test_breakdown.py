@@ -71,3 +71,46 @@ def test_per_token_divides_the_runs_differences_by_its_decode_tokens() -> None:
     for phase, _ in WORKER_PHASES:
         assert phase in text
     assert all(what[:40] in text for _, what in BROKER_PHASES)
+
+
+def test_groups_split_the_running_requests_by_the_routes_hops() -> None:
+    from blockllm.worker.groups import Groups
+
+    g = Groups(fallback_fraction=0.5)
+    assert g.size(16) is None  # no FORWARD yet: no route known
+    for i in range(16):
+        g.on_forward(f"r{i}", 2)
+    assert g.size(16) == 8 and g.size(15) == 8 and g.size(1) is None
+    g.on_forward("r0", 3)  # one request on a 3-hop route: the longest route counts
+    assert g.size(16) == 6
+    g.clear()
+    g.on_forward("r1", 1)  # everything on one worker: one group
+    assert g.size(16) is None
+    g.on_forward("r2", 0)  # a broker that does not say: no groups
+    assert g.size(16) is None
+
+
+def test_groups_wait_for_a_step_fixed_cost_fitted_from_measured_steps() -> None:
+    from blockllm.worker.groups import Groups
+
+    g = Groups(fallback_fraction=0.5)
+    assert g.fixed_cost_s() is None and g.wait_s(0.2) == 0.1  # nothing measured: the fraction
+    for items in (1, 4, 8, 8, 4, 1):
+        g.on_step(items, 0.010 + 0.002 * items)  # a = 10 ms fixed, 2 ms per item
+    assert abs(g.fixed_cost_s() - 0.010) < 1e-9
+    assert abs(g.wait_s(0.5) - 0.010) < 1e-9
+    g2 = Groups(0.5)
+    for items in (1, 8):
+        g2.on_step(items, 0.001 * items)  # no fixed cost at all: never wait
+    assert g2.wait_s(0.5) == 0.0
+
+
+def test_batch_queue_takes_at_most_the_group_limit() -> None:
+    from blockllm.worker.batch_queue import BatchQueue
+
+    q: BatchQueue[int] = BatchQueue(capacity=32, max_batch_size=16, max_batch_tokens=1024)
+    for i in range(12):
+        q.push(i, 1)
+    assert q.take(limit=5) == [0, 1, 2, 3, 4]
+    assert q.take(busy_size=2, limit=5) == [5, 6, 7]  # what already runs counts too
+    assert q.take(limit=100) == [8, 9, 10, 11]  # never above max_batch_size; the rest

@@ -174,7 +174,8 @@ def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
     body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
     top = {"workers", "models", "requests", "counters", "stats_endpoint", "totals", "timings"}
-    assert set(body) == top
+    assert set(body) == top | {"page"}
+    assert body["page"] == {"offset": 0, "limit": 128, "next": 0}  # one page holds it all
     w = body["workers"][0]
     for key in ("name", "pid", "host", "device", "stages", "queue_depths", "kv_free_bytes"):
         assert key in w

@@ -110,7 +110,8 @@ def test_tolerances_are_checked() -> None:
 def test_cli_flag_parses_model_tolerance_pairs() -> None:
     import click
 
-    from blockllm.client.cli.serve import _broker_config, _speculate
+    from blockllm.client.cli.process_config import broker_config as _broker_config
+    from blockllm.client.cli.process_config import speculate_pairs as _speculate
 
     assert _broker_config({"speculate": ("base=0", "ft=0.2")}).speculate == (
         ("base", 0.0),

@@ -158,7 +158,7 @@ def test_merge_click_uses_parameter_sources() -> None:
 
 def test_speculate_and_tolerance_lists_reach_the_commands(tmp_path: Path) -> None:
     from blockllm.client.cli.planner import _with_config_file, parse_tolerances
-    from blockllm.client.cli.serve import _speculate
+    from blockllm.client.cli.process_config import speculate_pairs as _speculate
 
     assert "MODEL=VALUE" in _error('[broker]\nspeculate = ["ft"]\n')
     assert "MODEL=VALUE" in _error('[planner]\ntolerance = ["ft=-1"]\n')

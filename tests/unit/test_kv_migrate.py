@@ -100,10 +100,6 @@ class _IO:
 class _Proc:
     """What WorkerProc's KV handlers use of it: engine, io, stop flag, known requests."""
 
-    from blockllm.worker.proc import WorkerProc
-
-    _kv_refuse = WorkerProc._kv_refuse
-
     def __init__(self, engine) -> None:
         self.engine, self.io, self.stop_requested, self._known = engine, _IO(), False, set()
 

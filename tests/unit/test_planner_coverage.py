@@ -56,3 +56,50 @@ def test_coverage_equals_routing_every_model(seed: int) -> None:
             users = [m for m in models if p._key(m, st.start, st.end) == key]
             assert cov.users(st.start, st.end, key, models) == users
     assert cov.covers("no such model") is False
+
+
+def owners_scan(manifests, chain, p, tied) -> tuple[str, ...]:
+    """Owners.of before its memo: every catalog model, in name order."""
+    out = []
+    for name in sorted(manifests):
+        own, other_tied = manifests[name].chain, bool(manifests[name].tie_word_embeddings)
+        if len(own) != len(chain) or own[p] != chain[p]:
+            continue
+        head = p == len(chain) - 1 and (tied or other_tied)
+        if head and (own[0] != chain[0] or other_tied != tied):
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_owners_and_block_sizes_from_indexes_equal_the_scans(seed: int) -> None:
+    """The memoized owners of a chain's blocks (shared by a family's models) and the indexed
+    block sizes (stragglers.py) are what scanning the catalog gives; tied heads included."""
+    from blockllm.broker.planner.owners import Owners
+
+    rng = random.Random(seed)
+    tenants = make_tenants(30, layers=4, owned=1, seed=seed)
+    manifests = {}
+    for t in tenants:
+        m = manifest_of(t)
+        if rng.random() < 0.4:  # a tied head: its lm_head is its embedding
+            m = replace(m, tie_word_embeddings=True, chain=(*m.chain[:-1], m.chain[0]))
+        manifests[m.name] = m
+    owners = Owners()
+    for _ in range(2):  # the second pass answers from the memo
+        for m in manifests.values():
+            for tied in (False, True):
+                for p in range(len(m.chain)):
+                    got = owners.of(manifests, m.chain, p, tied)
+                    assert got == owners_scan(manifests, m.chain, p, tied), (m.name, p, tied)
+    for m in manifests.values():
+        for b in m.chain:
+            first = next(
+                int(n)
+                for x in manifests.values()
+                for c, n in zip(x.chain, x.block_bytes, strict=False)
+                if c == b
+            )
+            assert owners.nbytes(manifests, b) == first
+    assert owners.nbytes(manifests, "no such block") == 0

@@ -65,6 +65,9 @@ SAMPLES = [
     protocol.PlannerReport({"m": "no worker has room for it"}),
     protocol.Ack("c6", True, "3 models"),
     protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
+    protocol.StatsDelta(
+        8, 7, {"w0": {"steps": 3}}, (), ("w1",), (), {"base": {"rate_rps": 2.0}}, (), (), (), {}
+    ),
     protocol.Fetch("f1", "block", "a" * 64, 4 << 20, 1 << 20),
     protocol.Blob("f1", "block", "a" * 64, 0, 32, (frames.meta_of(torch.zeros(2, 4)),)),
     protocol.KvExport(9, "b1", "k1", 12),
@@ -181,6 +184,7 @@ def test_every_kind_a_peer_sends_belongs_to_a_role() -> None:
         Kind.STATUS,
         Kind.ACK,
         Kind.STATS,
+        Kind.STATS_DELTA,
         Kind.BLOB,
         Kind.KV_EXPORT,
         Kind.SPECULATE,

@@ -36,3 +36,31 @@ def test_status_filters_by_model_and_by_worker() -> None:
     assert status(h, worker="nobody")["workers"] == []
     assert status(h, model="nope")["models"] == {}
     assert status(h, model="base", worker="w1")["workers"] == []
+
+
+def test_status_comes_in_bounded_pages_that_merge_into_the_whole(monkeypatch) -> None:
+    """A STATUS answer lists at most STATUS_PAGE workers and models (limit 0 or larger: the
+    page size); the clients' merge of every page (client/demux.py merge_status) is the whole
+    body, and a body without "page" (an older broker) is the only page."""
+    from blockllm.broker import status as status_module
+    from blockllm.client.demux import merge_status
+
+    monkeypatch.setattr(status_module, "STATUS_PAGE", 2)
+    h = Harness()
+    for i, w in enumerate((W0, W1, W2, b"w3", b"w4")):
+        h.ready(w, [("base" if i % 2 else "ft", 0, CHAIN)])
+    whole = h.broker.status(h.now)
+    assert "page" not in whole and len(whole["workers"]) == 5
+    first = status(h)
+    assert len(first["workers"]) == 2 and first["page"] == {"offset": 0, "limit": 2, "next": 2}
+    assert status(h, limit=50)["page"]["limit"] == 2  # never more than the broker's page
+    body, offset, pages = first, merge_status(first, first), 1
+    while offset:
+        page = status(h, offset=offset)
+        assert len(page["workers"]) <= 2 and len(page["models"]) <= 2
+        offset = merge_status(body, page)
+        pages += 1
+    body.pop("page")
+    assert pages == 3 and body == whole
+    old = {"workers": [], "models": {}}
+    assert merge_status(old, old) == 0

@@ -1,0 +1,157 @@
+"""Bounded STATS (broker/stats_delta.py): what the planner rebuilds from a full STATS and the
+STATS_DELTAs after it, through the wire codec, equals the body the broker built; deltas
+carry only what changed; a subscriber that missed the full snapshot waits for the next."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from blockllm.broker import frames
+from blockllm.broker.protocol import Stats, StatsDelta
+from blockllm.broker.stats_delta import DeltaPublisher, StatsView
+
+
+def wire(msg: Any) -> Any:
+    decoded, _ = frames.decode(frames.encode(msg))
+    return decoded
+
+
+def worker(name: str, rng: random.Random) -> dict[str, Any]:
+    return {
+        "name": name,
+        "stages": [{"key": f"k{rng.randrange(9)}", "start": 0, "end": rng.randrange(1, 9)}],
+        "queue_depths": {"k1": rng.randrange(3)},
+        "steps": rng.randrange(1000),
+        "step_ms_p50": rng.choice([0.0, 12.5]),
+        "pinned": [],
+    }
+
+
+def model(rng: random.Random) -> dict[str, Any]:
+    return {"covered": rng.random() < 0.9, "route": [["w0", [[0, 4]]]], "rate_rps": rng.random()}
+
+
+def evolve(body: dict[str, Any], rng: random.Random, n: int) -> dict[str, Any]:
+    workers = [dict(w) for w in body["workers"]]
+    models = {k: dict(v) for k, v in body["models"].items()}
+    for w in workers:
+        if rng.random() < 0.3:
+            w["steps"] += 1
+        if rng.random() < 0.05:
+            w["stages"] = worker(w["name"], rng)["stages"]
+        if rng.random() < 0.03:
+            w.pop("pinned", None)  # a field that went: the entry travels whole
+    if rng.random() < 0.2 and workers:
+        workers.pop(rng.randrange(len(workers)))
+    if rng.random() < 0.2:
+        workers.append(worker(f"n{n}", rng))
+    if rng.random() < 0.1 and len(workers) > 1:
+        i, j = rng.sample(range(len(workers)), 2)
+        workers[i], workers[j] = workers[j], workers[i]
+    for m in models.values():
+        if rng.random() < 0.3:
+            m["rate_rps"] = rng.random()
+    if rng.random() < 0.2 and models:
+        models.pop(rng.choice(sorted(models)))
+    if rng.random() < 0.2:
+        models[f"m{n}"] = model(rng)
+    counters = {"tokens": body["counters"]["tokens"] + rng.randrange(5)}
+    gen = body["catalog_gen"] + (rng.random() < 0.05)
+    return {"workers": workers, "models": models, "counters": counters, "catalog_gen": gen}
+
+
+@pytest.mark.parametrize("part_bytes", [1 << 20, 900])
+def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots(part_bytes: int) -> None:
+    """Through the codec, with snapshots dropped; with a small `part_bytes` the full bodies
+    travel in parts and the deltas that grow past it become full ones."""
+    rng = random.Random(3)
+    body = {
+        "workers": [worker(f"w{i}", rng) for i in range(6)],
+        "models": {f"m{i}": model(rng) for i in range(10)},
+        "counters": {"tokens": 0},
+        "catalog_gen": 1,
+    }
+    pub, view, late = DeltaPublisher(5, part_bytes), StatsView(), StatsView()
+    deltas = rebuilt = skips = fulls = 0
+    received = -1  # the last full snapshot received whole
+    for seq in range(1, 300):
+        body = evolve(body, rng, seq)
+        sent = pub.publish(seq, body)
+        expected = wire(Stats(seq, body)).body  # the body as the wire carries it
+        for _msg, frames_ in sent:
+            assert len(frames_[1]) <= max(part_bytes, 1200)  # an entry is never cut
+        if rng.random() < 0.3:
+            continue  # this snapshot was dropped (the PUB socket keeps only a few)
+        msgs = [wire(m) for m, _ in sent]
+        if isinstance(msgs[0], Stats):
+            fulls += len(msgs) > 1
+            got = None
+            for i, msg in enumerate(msgs):
+                assert msg.parts == len(msgs) and msg.part == i
+                got = view.full(msg)
+                assert (got is None) == (i < len(msgs) - 1)
+                if seq > 40:
+                    late.full(msg)
+            assert got == expected
+            received = seq
+            continue
+        (msg,) = msgs
+        deltas += 1
+        skips += msg.base != received
+        got = view.apply(msg)
+        if got is not None:
+            rebuilt += 1
+            assert got == expected, seq
+            assert list(got["models"]) == list(expected["models"])
+        if seq <= 40:
+            assert late.apply(msg) is None  # never got a full one: waits for the next
+    assert deltas > 100 and rebuilt > 80
+    assert view.skipped == skips  # only the deltas whose full snapshot was dropped
+    assert (fulls > 10) == (part_bytes < 1000)  # in parts only when past part_bytes
+
+
+def test_a_delta_carries_only_what_changed() -> None:
+    body = {
+        "workers": [{"name": f"w{i}", "stages": ["k" * 64] * 8, "steps": 0} for i in range(50)],
+        "models": {f"m{i}": {"route": [["w0", [[0, 34]]]], "rate_rps": 0.0} for i in range(200)},
+        "catalog_gen": 1,
+    }
+    pub = DeltaPublisher(full_every=10)
+    full = pub.message(1, body)
+    assert isinstance(full, Stats)
+    body["workers"][3] = {**body["workers"][3], "steps": 5}
+    body["models"]["m7"] = {**body["models"]["m7"], "rate_rps": 1.5}
+    delta = pub.message(2, body)
+    assert isinstance(delta, StatsDelta) and delta.base == 1
+    assert delta.workers == {"w3": {"steps": 5}} and delta.models == {"m7": {"rate_rps": 1.5}}
+    assert not (delta.gone_workers or delta.worker_order or delta.model_order)
+    sizes = [len(frames.encode(m)[1]) for m in (full, delta)]
+    assert sizes[1] * 50 < sizes[0]
+    for seq in range(3, 11):
+        assert isinstance(pub.message(seq, body), StatsDelta)
+    assert isinstance(pub.message(11, body), Stats)  # every full_every snapshots
+    assert isinstance(pub.message(12, {**body, "catalog_gen": 2}), Stats)  # a new catalog
+
+
+def test_a_delta_past_the_part_bound_is_sent_as_a_full_snapshot_in_parts() -> None:
+    body = {
+        "workers": [{"name": f"w{i}", "stages": ["k" * 64] * 8, "steps": 0} for i in range(50)],
+        "models": {},
+        "catalog_gen": 1,
+    }
+    pub = DeltaPublisher(full_every=10, part_bytes=8 * 1024)
+    first = pub.publish(1, body)
+    assert len(first) >= 3 and all(isinstance(m, Stats) for m, _ in first)
+    body["workers"][0] = {**body["workers"][0], "steps": 1}
+    (small,) = pub.publish(2, body)
+    assert isinstance(small[0], StatsDelta)
+    body["workers"] = [{**w, "stages": ["j" * 64] * 8} for w in body["workers"]]
+    again = pub.publish(3, body)  # every stage changed: the delta would pass the bound
+    assert all(isinstance(m, Stats) and m.seq == 3 for m, _ in again) and len(again) >= 3
+    view = StatsView()
+    for m, _ in again:
+        got = view.full(wire(m))
+    assert got == wire(Stats(3, body)).body
