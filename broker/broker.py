@@ -21,12 +21,11 @@ from blockllm.broker.commands import Commands
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.flow import RequestFlow
 from blockllm.broker.hedge import Hedging
+from blockllm.broker.membership import Membership
 from blockllm.broker.migrate import Migrating
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import (
-    PROTOCOL_VERSION,
     Cancel,
-    Dead,
     Error,
     ErrorCode,
     Forward,
@@ -37,9 +36,10 @@ from blockllm.broker.protocol import (
     KvShard,
     Message,
     PlannedRoute,
-    Ready,
     Result,
+    StatsBody,
     Status,
+    StatusBody,
     StatusRequest,
     Token,
 )
@@ -69,7 +69,8 @@ Handler = Callable[[bytes, Any, Sequence[Any], float], list[Out]]
 class Broker:
     """The broker's protocol handlers over its parts: one `BrokerState` (registries, queues,
     counters, models), the `RequestFlow` (routing, steps, tokens, replay; it owns the KV
-    `Migration`), `Hedging` (late steps) and `Commands` (the planner's). Loop thread only.
+    `Migration`), `Hedging` (late steps), `Commands` (the planner's) and `Membership` (workers
+    joining, reporting, leaving: broker/membership.py). Loop thread only.
 
     Public: `handle`, `bad_message`, `tick`, `peer_lost`, `send_failed`, `begin_shutdown`,
     `abort_all`, `reload`, `status`, `stats`, `idle`, `route`, `covered`; the state's
@@ -90,12 +91,11 @@ class Broker:
         self.flow = RequestFlow(self.state)
         self.hedging = Hedging(self.state, self.flow)
         self.commands = Commands(self.state)
+        self.membership = Membership(self.state, self.flow, self.hedging)
         self._handlers: dict[Kind, Handler] = {
             **self.commands.handlers(),
             **self.flow.migration.handlers(),
-            Kind.READY: self._handle_ready,
-            Kind.HEARTBEAT: self._handle_heartbeat,
-            Kind.DEAD: self._handle_dead,
+            **self.membership.handlers(),
             Kind.RESULT: self._handle_result,
             Kind.ERROR: self._handle_error,
             Kind.GENERATE: self._handle_generate,
@@ -190,7 +190,7 @@ class Broker:
             w.ban_ended(now)  # the requests waiting for it are tried again (broker/waiting.py)
             if now >= w.expires_at:
                 self.state.counters["workers_expired"] += 1
-                out += self._lose_worker(w, now, "heartbeat expired")
+                out += self.membership.lose(w, now, "heartbeat expired")
             elif now - w.last_recv >= self.cfg.heartbeat_s and now - w.last_ping >= (
                 self.cfg.heartbeat_s
             ):
@@ -203,7 +203,7 @@ class Broker:
         """The transport says `peer` is gone (EHOSTUNREACH): drop it as a worker and client."""
         out: list[Out] = []
         if peer in self.state.workers:
-            out += self._lose_worker(self.state.workers[peer], now, "unreachable")
+            out += self.membership.lose(self.state.workers[peer], now, "unreachable")
         for req in [r for r in self.state.requests.values() if r.client == peer]:
             out += self.flow.finish(req, None)
         return out + self.flow.dispatch(now)
@@ -260,104 +260,18 @@ class Broker:
         *,
         offset: int = 0,
         limit: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> StatusBody:
         """The STATUS body (see broker/status.py), filtered to a model and/or a worker; one
         page of it with `limit` (0: the broker's page size), all of it with None."""
         return status_body(
             self.state, self.flow.route, now, model=model, worker=worker, offset=offset, limit=limit
         )
 
-    def stats(self, now: float) -> dict[str, Any]:
+    def stats(self, now: float) -> StatsBody:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
         return stats_body(self.state, self.flow.route, now)
 
     # -- workers -----------------------------------------------------------------------------
-    def _handle_ready(
-        self, peer: bytes, msg: Ready, frames: Sequence[Any], now: float
-    ) -> list[Out]:
-        if msg.protocol_version != PROTOCOL_VERSION:
-            text = f"protocol version {msg.protocol_version}, broker speaks {PROTOCOL_VERSION}"
-            logger.warning("[ready] refused %s (pid %s): %s", msg.name, msg.pid, text)
-            out = [Out(peer, Error("", ErrorCode.PROTOCOL_VERSION.value, text))]
-            if peer in self.state.workers:
-                out += self._lose_worker(self.state.workers[peer], now, "protocol version")
-            return out
-        self.state.reload_for([s.model for s in msg.stages], now)
-        old = self.state.workers.get(peer)
-        if old is None:
-            self.state.workers[peer] = WorkerState.from_ready(peer, msg, now, self.cfg.expiry_s)
-            logger.info(
-                "[ready] worker %s pid %s on %s (%s): %d stages",
-                msg.name,
-                msg.pid,
-                msg.host,
-                msg.device,
-                len(msg.stages),
-            )
-            self._check_keys(msg)
-            return []
-        restarted = old.pid != msg.pid
-        kept = frozenset() if restarted else {s.key for s in msg.stages}
-        out: list[Out] = []
-        for req in self.state.requests_on(peer):
-            used = {k for h in req.route or () if h.worker == peer for k in h.stage_keys}
-            if restarted or not used <= kept:
-                out += self.flow.replay(req, now, peer, "worker re-registered without its stages")
-        if restarted:
-            old.inflight.clear()
-        old.apply_ready(msg)
-        logger.info("[ready] worker %s re-registered: %d stages", msg.name, len(msg.stages))
-        self._check_keys(msg)
-        return out
-
-    def _check_keys(self, msg: Ready) -> None:
-        """Warn when a stage's key is not what this broker computes (it would never route)."""
-        for s in msg.stages:
-            spec = self.state.models.get(s.model)
-            key = s.key if spec is None else self.state.own_key(spec, s.start, s.end)
-            if key != s.key:
-                logger.warning(
-                    "[ready] %s: stage %s[%d:%d] key differs from the broker's stage_key",
-                    msg.name,
-                    s.model,
-                    s.start,
-                    s.end,
-                )
-
-    def _handle_heartbeat(
-        self, peer: bytes, msg: Heartbeat, frames: Sequence[Any], now: float
-    ) -> list[Out]:
-        worker = self.state.workers.get(peer)
-        if worker is None:
-            # a worker this broker does not know (it restarted): ask it to READY again
-            self.state.counters["unknown_worker_messages"] += 1
-            text = "unknown worker: send READY"
-            return [Out(peer, Error("", ErrorCode.WORKER_LOST.value, text, retryable=True))]
-        worker.apply_heartbeat(msg)
-        return []
-
-    def _handle_dead(self, peer: bytes, msg: Dead, frames: Sequence[Any], now: float) -> list[Out]:
-        worker = self.state.workers.get(peer)
-        if worker is None:
-            return []
-        return self._lose_worker(worker, now, f"DEAD: {msg.reason}")
-
-    def _lose_worker(self, worker: WorkerState, now: float, why: str) -> list[Out]:
-        """Purge a worker and replay every request routed through it."""
-        level = logging.INFO if why == "DEAD: shutdown" else logging.WARNING  # a clean stop
-        logger.log(level, "[dead] worker %s pid %s: %s", worker.name, worker.pid, why)
-        self.state.workers.pop(worker.identity, None)
-        out: list[Out] = []
-        for req in self.state.requests.values():  # a hedged attempt through it is dropped
-            if req.shadow is not None and worker.identity in {h.worker for h in req.shadow.route}:
-                out += self.flow.drop_shadow(req)
-        for req in self.state.requests_on(worker.identity, worker):
-            if req.shadow is not None:  # the hedged attempt carries on: no replay
-                out += self.hedging.promote(req)
-                continue
-            out += self.flow.replay(req, now, worker.identity, f"worker {worker.name} lost ({why})")
-        return out
-
     # -- results and worker errors ---------------------------------------------------------
     def _current(self, peer: bytes, wire: str, step: int) -> RequestState | None:
         """The request a worker's answer belongs to, if it is the answer being waited for."""

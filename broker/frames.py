@@ -86,14 +86,14 @@ def tensor_from_frame(buf: Buffer, meta: TensorMeta) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(meta.shape)
 
 
-def _to_wire(value: Any) -> Any:
+def to_wire(value: Any) -> Any:
     """Dataclasses become arrays of their fields; tuples lists; enums their values."""
     if dataclasses.is_dataclass(value):
-        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return [to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
     if isinstance(value, (tuple, list)):
-        return [_to_wire(v) for v in value]
+        return [to_wire(v) for v in value]
     if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
+        return {k: to_wire(v) for k, v in value.items()}
     if isinstance(value, enum.Enum):
         return value.value
     return value
@@ -104,7 +104,7 @@ def encode(msg: Message, tensors: Sequence[torch.Tensor] = ()) -> list[Buffer]:
     metas = getattr(msg, "tensors", ())
     if len(metas) != len(tensors):
         raise ValueError(f"{type(msg).__name__} describes {len(metas)} tensors, got {len(tensors)}")
-    header = msgpack.packb(_to_wire(msg), use_bin_type=True)
+    header = msgpack.packb(to_wire(msg), use_bin_type=True)
     return [msg.KIND.value, header, *(tensor_frame(t) for t in tensors)]
 
 
@@ -123,6 +123,14 @@ def _converter(tp: Any) -> Callable[[Any], Any]:
         inner = [a for a in args if a is not type(None)]
         conv = _converter(inner[0])
         return lambda v: None if v is None else conv(v)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        items = [_converter(a) for a in args]  # a fixed-size tuple: tuple[int, int]
+
+        def conv_fixed(v: Any) -> tuple:
+            _check(isinstance(v, list) and len(v) == len(items), f"expected {len(items)} items")
+            return tuple(conv(x) for conv, x in zip(items, v, strict=True))
+
+        return conv_fixed
     if origin is tuple:
         item = _converter(args[0])
 
@@ -180,6 +188,24 @@ def _build(cls: type, values: Any) -> Any:
         return cls(*(conv(v) for (_name, conv), v in zip(convs, values, strict=False)))
     except ProtocolError as e:
         raise ProtocolError(f"{cls.__name__}: {e}") from None
+
+
+def from_fields(cls: type, fields: Any, base: Any = None) -> Any:
+    """A `cls` from wire values by field name (a STATS_DELTA's entries): `base`'s fields (or
+    the defaults) with `fields` applied, each validated; a name this side does not know is
+    dropped (a newer peer). ProtocolError for a malformed value or a required field missing."""
+    _check(isinstance(fields, dict), f"{cls.__name__}: fields are not a map")
+    convs = dict(_field_converters(cls))
+    try:
+        values = {k: convs[k](v) for k, v in fields.items() if k in convs}
+    except ProtocolError as e:
+        raise ProtocolError(f"{cls.__name__}: {e}") from None
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    try:
+        return cls(**values)
+    except TypeError:
+        raise ProtocolError(f"{cls.__name__}: a required field is missing") from None
 
 
 def peek_kind(frame: Buffer) -> Kind:
@@ -255,5 +281,5 @@ def encode_passthrough(msg: Message, tensor_frames: Sequence[Any]) -> list[Any]:
     if len(metas) != len(tensor_frames):
         n = len(tensor_frames)
         raise ValueError(f"{type(msg).__name__} describes {len(metas)} tensors, got {n} frames")
-    header = msgpack.packb(_to_wire(msg), use_bin_type=True)
+    header = msgpack.packb(to_wire(msg), use_bin_type=True)
     return [msg.KIND.value, header, *tensor_frames]

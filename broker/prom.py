@@ -128,9 +128,9 @@ class PlannerMetrics:
             "blockllm_planner_workers", "Live workers in the last snapshot", registry=r
         )
 
-    def on_stats(self, body: dict[str, Any], commands: list[Any]) -> None:
+    def on_stats(self, body: Any, commands: list[Any]) -> None:
         self.snapshots.inc()
-        self.workers.set(len(body.get("workers", ())))
+        self.workers.set(len(body.workers))
         for cmd in commands:
             self.commands.labels(cmd.KIND.name).inc()
 
@@ -190,7 +190,7 @@ class WorkerMetrics:
         self.batch.labels(self.worker).observe(batch)
 
     def update(self, stats: Any, stage_models: dict[str, str]) -> None:
-        """Queue depth per stage and KV use from the engine's `WorkerStats`."""
+        """Queue depth per stage and KV use from the engine's `WorkerStatus`."""
         self.kv_total.labels(self.worker).set(stats.kv_total_bytes)
         self.kv_used.labels(self.worker).set(stats.kv_used_bytes)
         seen = set()

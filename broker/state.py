@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import Catalog, ModelSpec
-from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute
+from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Substitution
 from blockllm.broker.requests import RequestState, split_wire_id
 from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
@@ -245,7 +245,7 @@ class BrokerState:
         self.key_cache.clear()
         self.keys_gen += 1
 
-    def substitutions(self, model: str) -> list[dict[str, Any]]:
+    def substitutions(self, model: str) -> list[Substitution]:
         """Positions where `model` is served by another block than its own, and whose it is."""
         chain = self.chains.get(model)
         spec = self.models.get(model)
@@ -255,7 +255,7 @@ class BrokerState:
         subs = []
         for pos, (mine, used) in enumerate(zip(own, chain, strict=False)):
             if mine != used:
-                subs.append({"position": pos, "block": used, "from": self._owner(pos, used)})
+                subs.append(Substitution(pos, used, self._owner(pos, used)))
         return subs
 
     def _owner(self, pos: int, block: str) -> str | None:

@@ -3,17 +3,21 @@
 `Metrics` (pure, fed by the Broker's request flow) keeps bounded, time-windowed samples per
 model: request arrivals and tokens (rates), time to first token and time per output token
 (percentiles over the last `window_s`, so a recovery shows within that window). `stats_body`
-is the STATS message body: the STATUS body (workers with their stages, queues, batching, KV,
-RSS; models with coverage and routes) plus, per model, `rate_rps`, `token_rate`,
-`ttft_ms_p50/p95`, `tpot_ms_p50/p95`, `completed`, and the broker's `time` (monotonic s) and
-`interval_s`. The broker process publishes it on its PUB socket every `stats_interval_s`.
+is the STATS message body (protocol StatsBody): the STATUS body (workers with their stages,
+queues, batching, KV, RSS; models with coverage and routes) plus, per model (ModelStats),
+`rate_rps`, `token_rate`, `ttft_ms_p50/p95`, `tpot_ms_p50/p95`, `completed`, and the broker's
+`time` (monotonic s), `interval_s` and `catalog_gen`. The broker process publishes it on its
+PUB socket every `stats_interval_s`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from blockllm.broker.protocol import ModelStats, ModelStatus, StatsBody
 
 if TYPE_CHECKING:
     from blockllm.broker.state import BrokerState
@@ -88,14 +92,28 @@ class Metrics:
         }
 
 
-def stats_body(b: BrokerState, route_of: RouteFn, now: float) -> dict[str, Any]:
+def stats_body(b: BrokerState, route_of: RouteFn, now: float) -> StatsBody:
     """The STATS body: the STATUS body plus demand and latency per model (module docstring)."""
     from blockllm.broker.status import status_body
 
-    body = status_body(b, route_of, now)
-    for name, entry in body["models"].items():
-        entry.update(b.metrics.model_stats(name, now))
-    body["time"] = now
-    body["interval_s"] = b.cfg.stats_interval_s
-    body["catalog_gen"] = b.catalog_gen  # changes on reload: the planner re-reads its catalog
-    return body
+    status = status_body(b, route_of, now)
+    return StatsBody(
+        workers=status.workers,
+        models={n: model_stats(m, b.metrics.model_stats(n, now)) for n, m in status.models.items()},
+        requests=status.requests,
+        counters=status.counters,
+        timings=status.timings,
+        stats_endpoint=status.stats_endpoint,
+        totals=status.totals,
+        time=now,
+        interval_s=b.cfg.stats_interval_s,
+        catalog_gen=b.catalog_gen,  # changes on reload: the planner re-reads its catalog
+    )
+
+
+_STATUS_FIELDS = tuple(f.name for f in dataclasses.fields(ModelStatus))
+
+
+def model_stats(status: ModelStatus, metrics: dict[str, Any]) -> ModelStats:
+    """A model's STATS entry: its STATUS entry's fields, then `metrics` (Metrics.model_stats)."""
+    return ModelStats(**{f: getattr(status, f) for f in _STATUS_FIELDS}, **metrics)

@@ -16,6 +16,9 @@ past the 1 MiB header bound) travels in several STATS parts of the same seq, eac
 of the entries; a delta past `PART_BYTES` (cumulative deltas grow while the cluster churns) is
 replaced by a new full snapshot.
 
+The entries are typed (protocol WorkerStatus, ModelStats): a delta names the changed fields of
+an entry by field name, with their wire values, and applying it validates them (frames
+`from_fields`: ProtocolError for a malformed one) and yields typed entries again.
 `DeltaPublisher` (the broker process) turns each body into encoded Stats or StatsDelta messages;
 `StatsView` (the planner) turns what it receives back into full bodies: equal to the body the
 broker built (tests/unit/test_stats_delta.py).
@@ -23,31 +26,46 @@ broker built (tests/unit/test_stats_delta.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import functools
 from typing import Any
 
 import msgpack
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Stats, StatsDelta
+from blockllm.broker.protocol import (
+    ModelStats,
+    ProtocolError,
+    Stats,
+    StatsBody,
+    StatsDelta,
+    WorkerStatus,
+)
 
 FULL_EVERY = 10  # snapshots: a full one every 5 s at the default 0.5 s interval
 PART_BYTES = 512 * 1024  # one STATS / STATS_DELTA header at most (the bound is 1 MiB)
 Encoded = tuple["Stats | StatsDelta", list[Any]]  # a message and its frames
-LISTS = ("workers", "models")  # the per-entry parts; everything else is the summary
+Entries = tuple[dict[str, WorkerStatus], dict[str, ModelStats]]
 
 
-def _entries(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _entries(body: StatsBody) -> Entries:
     """Workers by name, models by name (the body's order)."""
-    return {w["name"]: w for w in body.get("workers", ())}, dict(body.get("models", {}))
+    return {w.name: w for w in body.workers}, dict(body.models)
 
 
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The fields of `new` whose value differs from `old`'s; None when a field went (the
-    entry travels whole then)."""
-    if old.keys() - new.keys():
-        return None
-    return {k: v for k, v in new.items() if k not in old or old[k] != v}
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _fields(entry: Any, old: Any = None) -> dict[str, Any]:
+    """The fields of `entry` (those that differ from `old`'s when given), as on the wire."""
+    out = {}
+    for k in _names(type(entry)):
+        v = getattr(entry, k)
+        if old is None or v != getattr(old, k):
+            out[k] = frames.to_wire(v)
+    return out
 
 
 class DeltaPublisher:
@@ -59,14 +77,14 @@ class DeltaPublisher:
         self.full_every = max(1, full_every)
         self.part_bytes = part_bytes
         self._base_seq = -1
-        self._base: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self._base: Entries = ({}, {})
         self._since = 0
         self._catalog: Any = None
 
-    def publish(self, seq: int, body: dict[str, Any]) -> list[Encoded]:
+    def publish(self, seq: int, body: StatsBody) -> list[Encoded]:
         """The messages (with their frames) that stand for `body`."""
         self._since += 1
-        catalog = body.get("catalog_gen")
+        catalog = body.catalog_gen
         if self._base_seq >= 0 and self._since < self.full_every and catalog == self._catalog:
             delta = self._delta(seq, body)
             wire = frames.encode(delta)
@@ -76,14 +94,14 @@ class DeltaPublisher:
         self._catalog = catalog
         return [(m, frames.encode(m)) for m in self._full(seq, body)]
 
-    def _full(self, seq: int, body: dict[str, Any]) -> list[Stats]:
+    def _full(self, seq: int, body: StatsBody) -> list[Stats]:
         """One STATS, or parts of at most about `part_bytes` each when the body is larger."""
-        sizes = [len(msgpack.packb(w, default=str)) for w in body.get("workers", ())]
-        models = body.get("models", {})
-        sizes += [len(msgpack.packb(m, default=str)) + len(n) for n, m in models.items()]
+        sizes = [len(msgpack.packb(frames.to_wire(w))) for w in body.workers]
+        models = body.models
+        sizes += [len(msgpack.packb(frames.to_wire(m))) + len(n) for n, m in models.items()]
         if sum(sizes) <= self.part_bytes:
             return [Stats(seq, body)]
-        entries = [("w", w) for w in body.get("workers", ())]
+        entries: list[tuple[str, Any]] = [("w", w) for w in body.workers]
         entries += [("m", (n, m)) for n, m in models.items()]
         chunks: list[list[tuple[str, Any]]] = [[]]
         used = 0
@@ -93,46 +111,47 @@ class DeltaPublisher:
                 used = 0
             chunks[-1].append(entry)
             used += size
-        rest = {k: v for k, v in body.items() if k not in LISTS}
         out = []
         for i, chunk in enumerate(chunks):
-            part = dict(rest) if i == 0 else {}
-            part["workers"] = [e for kind, e in chunk if kind == "w"]
-            part["models"] = {n: m for kind, (n, m) in ((k, e) for k, e in chunk if k == "m")}
+            rest = body if i == 0 else StatsBody()
+            part = dataclasses.replace(
+                rest,
+                workers=tuple(e for kind, e in chunk if kind == "w"),
+                models={n: m for kind, (n, m) in ((k, e) for k, e in chunk if k == "m")},
+            )
             out.append(Stats(seq, part, i, len(chunks)))
         return out
 
-    def message(self, seq: int, body: dict[str, Any]) -> Stats | StatsDelta:
+    def message(self, seq: int, body: StatsBody) -> Stats | StatsDelta:
         """What `publish` sends when one message holds it (tests; small clusters)."""
         (msg, _), *more = self.publish(seq, body)
         assert not more, "a full snapshot in parts"
         return msg
 
-    def _delta(self, seq: int, body: dict[str, Any]) -> StatsDelta:
+    def _delta(self, seq: int, body: StatsBody) -> StatsDelta:
         workers, models = _entries(body)
         return StatsDelta(
             seq,
             self._base_seq,
             *self._changes(self._base[0], workers),
             *self._changes(self._base[1], models),
-            {k: v for k, v in body.items() if k not in LISTS},
+            dataclasses.replace(body, workers=(), models={}),
         )
 
     @staticmethod
     def _changes(
         base: dict[str, Any], now: dict[str, Any]
-    ) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-        """(changed fields per name, names whose entry travels whole, names gone, the order
-        of the names when it is not the base's with the gone ones left out)."""
-        changed: dict[str, Any] = {}
+    ) -> tuple[dict[str, dict[str, Any]], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(changed fields per name, names whose entry travels whole: the new ones, names
+        gone, the order of the names when it is not the base's with the gone ones left out)."""
+        changed: dict[str, dict[str, Any]] = {}
         whole: list[str] = []
         for name, entry in now.items():
             old = base.get(name)
-            fields = None if old is None else _diff(old, entry)
-            if fields is None:
-                changed[name] = entry
+            if old is None:
+                changed[name] = _fields(entry)
                 whole.append(name)
-            elif fields:
+            elif old is not entry and (fields := _fields(entry, old)):
                 changed[name] = fields
         gone = tuple(n for n in base if n not in now)
         merged = [n for n in base if n in now] + [n for n in now if n not in base]
@@ -145,12 +164,12 @@ class StatsView:
 
     def __init__(self) -> None:
         self.base_seq = -1
-        self._base: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self._base: Entries = ({}, {})
         self.skipped = 0  # deltas against a full snapshot this view never got
         self._parts_seq = -1  # the full snapshot whose parts are coming in
-        self._parts: dict[int, dict[str, Any]] = {}
+        self._parts: dict[int, StatsBody] = {}
 
-    def full(self, msg: Stats) -> dict[str, Any] | None:
+    def full(self, msg: Stats) -> StatsBody | None:
         """The body of a full STATS: at once, or with its last part (None before)."""
         if msg.parts <= 1:
             body = msg.body
@@ -160,45 +179,60 @@ class StatsView:
             self._parts[msg.part] = msg.body
             if len(self._parts) < msg.parts:
                 return None
-            body = dict(self._parts.get(0, {}))
-            body["workers"] = [w for i in range(msg.parts) for w in self._parts[i]["workers"]]
-            body["models"] = {
-                n: m for i in range(msg.parts) for n, m in self._parts[i]["models"].items()
-            }
+            parts = [self._parts.get(i, StatsBody()) for i in range(msg.parts)]
+            body = dataclasses.replace(
+                parts[0],
+                workers=tuple(w for p in parts for w in p.workers),
+                models={n: m for p in parts for n, m in p.models.items()},
+            )
             self._parts_seq, self._parts = -1, {}
         self.base_seq, self._base = msg.seq, _entries(body)
         return body
 
-    def apply(self, msg: StatsDelta) -> dict[str, Any] | None:
+    def apply(self, msg: StatsDelta) -> StatsBody | None:
         """The body `msg` stands for; None when its full snapshot was never received (the
-        next full one comes within `full_every` snapshots)."""
+        next full one comes within `full_every` snapshots). ProtocolError for a malformed
+        entry (or an order naming an entry it does not have)."""
         if msg.base != self.base_seq:
             self.skipped += 1
             return None
-        workers = _merge(self._base[0], msg.workers, msg.whole_workers, msg.gone_workers)
-        models = _merge(self._base[1], msg.models, msg.whole_models, msg.gone_models)
-        body = dict(msg.summary)
-        body["workers"] = [workers[n] for n in msg.worker_order or workers]
-        body["models"] = {n: models[n] for n in msg.model_order or models}
-        return body
+        workers = _merge(
+            WorkerStatus, self._base[0], msg.workers, msg.whole_workers, msg.gone_workers
+        )
+        models = _merge(ModelStats, self._base[1], msg.models, msg.whole_models, msg.gone_models)
+        try:
+            return dataclasses.replace(
+                msg.summary,
+                workers=tuple(workers[n] for n in msg.worker_order or workers),
+                models={n: models[n] for n in msg.model_order or models},
+            )
+        except KeyError as e:
+            raise ProtocolError(f"STATS_DELTA: the order names {e} it does not have") from None
 
 
 def _merge(
+    cls: type,
     base: dict[str, Any],
-    changed: Mapping[str, Any],
+    changed: dict[str, dict[str, Any]],
     whole: tuple[str, ...],
     gone: tuple[str, ...],
 ) -> dict[str, Any]:
     """The entries by name: the base's (those not gone) with the changed fields applied, then
     the new ones."""
     dropped = set(gone)
+    fresh = set(whole)
     out = {}
     for name, entry in base.items():
         if name in dropped:
             continue
         fields = changed.get(name)
-        out[name] = entry if fields is None else (fields if name in whole else entry | fields)
+        if fields is None:
+            out[name] = entry
+        else:
+            out[name] = frames.from_fields(cls, fields, None if name in fresh else entry)
     for name in whole:
         if name not in base:
-            out[name] = changed[name]
+            if name not in changed:
+                raise ProtocolError(f"STATS_DELTA: no fields for the new entry {name!r}")
+            out[name] = frames.from_fields(cls, changed[name])
     return out

@@ -30,7 +30,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Blob, Cancel, Fetch, Generate, StatusRequest, Token
+from blockllm.broker.protocol import Blob, Cancel, Fetch, Generate, StatusRequest, Token, plain
 from blockllm.client.demux import (
     CONNECTION_LOST,
     MAX_STATUS_PAGES,
@@ -233,7 +233,7 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """One STATUS answer: entries [offset, offset + the broker's page) of each list."""
         item = await self._ask(StatusRequest(new_request_id(), model, worker, offset), timeout)
-        return dict(item.body)
+        return plain(item.body)  # the JSON-shaped body (protocol bodies.py)
 
     async def _ask(self, msg: StatusRequest | Fetch, timeout: float | None) -> Any:
         """Send `msg` and wait for its one answer; raises the broker's error, Timeout,
@@ -321,7 +321,7 @@ class AsyncClient:
         params: GenerateParams | None = None,
         **fields: Any,
     ) -> AsyncIterator[Token]:
-        """As `stream`, but the raw TOKEN messages (broker/protocol.py): the prompt's
+        """As `stream`, but the raw TOKEN messages (broker/protocol/): the prompt's
         log-probabilities (GenerateParams.prompt_logprobs) in the first, the alternatives
         flattened; `index` counts from 0 across resumes. What the HTTP front end reads."""
         msg, timeout = self._message(model, prompt, input_ids, GenerateParams.of(params, fields))

@@ -35,7 +35,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token
+from blockllm.broker.protocol import Cancel, Generate, StatusRequest, Token, plain
 from blockllm.broker.sockets import CurveKeys
 from blockllm.client.demux import (
     CONNECTION_LOST,
@@ -327,7 +327,7 @@ class Client:
         err = reply_error(item)
         if err is not None:
             raise err
-        return dict(item.body)
+        return plain(item.body)  # the JSON-shaped body (protocol bodies.py)
 
     def wait_ready(
         self, models: Sequence[str] | None = None, timeout: float = 60.0

@@ -21,7 +21,7 @@ from blockllm.broker.protocol import MAX_PROMPT_TOP, MAX_TOP_LOGPROBS
 from blockllm.worker.errors import BadRequest
 
 # Most alternatives per position a request may ask for (OpenAI's chat limit), and with prompt
-# log-probabilities (OpenAI's completions limit): the wire's limits, broker/protocol.py.
+# log-probabilities (OpenAI's completions limit): the wire's limits, broker/protocol/.
 CHUNK_ROWS = 256
 
 TopK = tuple[tuple[int, float], ...]

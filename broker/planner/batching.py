@@ -20,10 +20,9 @@ once per `batch_cooldown_s`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from blockllm.broker.planner.config import PlannerConfig
-from blockllm.broker.protocol import Message, SetBatch
+from blockllm.broker.protocol import Message, SetBatch, WorkerStatus
 
 FULL = 0.75  # a stage whose mean batch reaches this share of its limit fills it
 
@@ -37,7 +36,7 @@ class BatchTuner:
 
     def step(
         self,
-        workers: Mapping[str, Mapping[str, Any]],
+        workers: Mapping[str, WorkerStatus],
         shared: set[str],
         now: float,
         command_id: Callable[[], str],
@@ -53,17 +52,15 @@ class BatchTuner:
                 out.append(SetBatch(command_id(), name, key, new))
         return out
 
-    def _limits(
-        self, name: str, w: Mapping[str, Any], shared: set[str], now: float
-    ) -> dict[str, int]:
+    def _limits(self, name: str, w: WorkerStatus, shared: set[str], now: float) -> dict[str, int]:
         """New limits of one worker's stages (only those that change)."""
         target = self.cfg.batch_target_ms
-        p95 = float(w.get("step_ms_p95") or 0.0)
-        cap = int(w.get("max_batch_size") or 0)
-        limits: Mapping[str, int] = w.get("stage_batch_limits") or {}
-        means: Mapping[str, float] = w.get("stage_mean_batch") or {}
-        queues: Mapping[str, int] = w.get("queue_depths") or {}
-        stage_ms: Mapping[str, float] = w.get("stage_step_ms") or {}
+        p95 = w.step_ms_p95
+        cap = w.max_batch_size
+        limits = w.stage_batch_limits
+        means = w.stage_mean_batch
+        queues = w.queue_depths
+        stage_ms = w.stage_step_ms
         if p95 <= 0 or cap < 1:
             return {}
         free = {

@@ -3,21 +3,21 @@ broker shows in STATUS (`models[m].uncovered`) so that an operator knows what to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
+from blockllm.broker.protocol import StatsBody
 
-def uncovered_notes(p: Any, body: Mapping[str, Any]) -> dict[str, str]:
+
+def uncovered_notes(p: Any, body: StatsBody) -> dict[str, str]:
     """{model: why} for each model the STATS `body` shows uncovered (`p`: the Planner)."""
     out: dict[str, str] = {}
-    models: Mapping[str, Any] = body.get("models") or {}
     t = p.target
-    for name, m in models.items():
-        if not isinstance(m, Mapping) or m.get("covered"):
+    for name, m in body.models.items():
+        if m.covered:
             continue
         if name not in p.manifests:
             out[name] = "the planner has no manifest for it yet (reading the broker's catalog)"
-        elif not body.get("workers"):
+        elif not body.workers:
             out[name] = "no worker is registered"
         elif t is None or name not in t.models:
             out[name] = "the planner has not placed it yet"

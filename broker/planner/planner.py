@@ -52,9 +52,11 @@ from blockllm.broker.planner.stragglers import Duplicates
 from blockllm.broker.protocol import (
     LoadStage,
     Message,
+    ModelStats,
     PlannedRoute,
     SetChain,
     SetRoutes,
+    StatsBody,
     UnloadStage,
 )
 from blockllm.broker.routing import WorkerView, find_route
@@ -119,11 +121,11 @@ class Planner:
         return f"p{next(self._ids)}"
 
     # -- the loop --------------------------------------------------------------------------
-    def on_stats(self, body: Mapping[str, Any], now: float) -> list[Message]:
+    def on_stats(self, body: StatsBody, now: float) -> list[Message]:
         """Commands for one snapshot (module docstring)."""
         workers = self._parse_workers(body)
-        models: Mapping[str, Any] = body.get("models") or {}
-        self._refresh_catalog(models, now, body.get("catalog_gen"))
+        models = body.models
+        self._refresh_catalog(models, now, body.catalog_gen)
         self._update_demand(models, now)
         served = sorted(m for m in models if m in self.manifests)
         why = self._replan_reason(workers, models, served, now)
@@ -135,7 +137,7 @@ class Planner:
         out += self.duplicates.step(self, workers, current_routes(models), now)
         self.spawns.step(self, workers, models, served, now)  # actions: PlannerProc
         if self.cfg.batch_target_ms > 0:
-            entries = {w["name"]: w for w in body.get("workers") or () if isinstance(w, Mapping)}
+            entries = {w.name: w for w in body.workers}
             out += self.batching.step(entries, self._shared_keys(workers), now, self.command_id)
         return out
 
@@ -149,18 +151,11 @@ class Planner:
                     shared.add(key)
         return shared
 
-    def _parse_workers(self, body: Mapping[str, Any]) -> dict[str, WorkerFacts]:
-        workers = {}
-        for w in body.get("workers") or ():
-            try:
-                facts = WorkerFacts.parse(w, self.cfg.worker_memory_bytes)
-            except (KeyError, TypeError, ValueError) as e:
-                logger.warning("[planner] skipping a malformed worker entry: %r", e)
-                continue
-            workers[facts.name] = facts
-        return workers
+    def _parse_workers(self, body: StatsBody) -> dict[str, WorkerFacts]:
+        memory = self.cfg.worker_memory_bytes
+        return {w.name: WorkerFacts.parse(w, memory) for w in body.workers}
 
-    def _refresh_catalog(self, models: Mapping[str, Any], now: float, gen: Any = None) -> None:
+    def _refresh_catalog(self, models: Mapping[str, ModelStats], now: float, gen: Any) -> None:
         """Re-read the catalog (rate-limited) on unseen models or a new STATS `catalog_gen`."""
         fresh = set(models) <= set(self.manifests) and self.manifests and gen == self._catalog_gen
         if fresh or now - self._last_catalog < self.cfg.catalog_interval_s:
@@ -174,13 +169,13 @@ class Planner:
         self.manifests, self.equivalences = dict(manifests), list(equivalences)
         self._catalog_gen = gen
 
-    def _update_demand(self, models: Mapping[str, Any], now: float) -> None:
+    def _update_demand(self, models: Mapping[str, ModelStats], now: float) -> None:
         """Demand per model: tokens/s (and waiting requests), smoothed with a half-life."""
         dt = 0.0 if self._last_time is None else max(0.0, now - self._last_time)
         self._last_time = now
         keep = 0.5 ** (dt / self.cfg.demand_halflife_s) if dt else 0.0
         for name, m in models.items():
-            seen = float(m.get("token_rate") or 0.0) + float(m.get("waiting") or 0)
+            seen = m.token_rate + m.waiting
             old = self.demand.get(name, seen)
             self.demand[name] = keep * old + (1 - keep) * seen
         for name in [n for n in self.demand if n not in models]:
@@ -202,12 +197,12 @@ class Planner:
     def _replan_reason(
         self,
         workers: Mapping[str, WorkerFacts],
-        models: Mapping[str, Any],
+        models: Mapping[str, ModelStats],
         served: list[str],
         now: float,
     ) -> str | None:
         t = self.target
-        uncovered = [m for m in served if not (models.get(m) or {}).get("covered")]
+        uncovered = [m for m in served if m not in models or not models[m].covered]
         settled = self._settled(now)
         if not workers or not served:
             return None
@@ -235,7 +230,7 @@ class Planner:
         return now - self._declined_at >= self.cfg.replan_interval_s
 
     def _worth_it(
-        self, infos: list[ModelInfo], plan: Placement, models: Mapping[str, Any], now: float
+        self, infos: list[ModelInfo], plan: Placement, models: Mapping[str, ModelStats], now: float
     ) -> bool:
         """Whether a demand-driven placement is worth its loads, unloads and moves: it must cut
         the estimated cost per token of the live routes by `min_gain` (plan.layout_cost)."""
@@ -275,7 +270,7 @@ class Planner:
         served: list[str],
         now: float,
         why: str,
-        models: Mapping[str, Any] | None = None,
+        models: Mapping[str, ModelStats] | None = None,
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
         mine = [m for m in served if not pin_covered(self, m, workers)]  # pins.py

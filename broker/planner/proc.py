@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -46,7 +45,9 @@ from blockllm.broker.protocol import (
     PlannerReport,
     ProtocolError,
     Stats,
+    StatsBody,
     StatsDelta,
+    Status,
     StatusRequest,
 )
 from blockllm.broker.sockets import make_socket
@@ -218,9 +219,8 @@ class PlannerProc:
                 msg, _ = frames.decode(self.dealer.recv_multipart(zmq.NOBLOCK))
             except (zmq.Again, ProtocolError):
                 continue
-            endpoint = getattr(msg, "body", {}).get("stats_endpoint", "")
-            if endpoint:
-                return str(endpoint)
+            if isinstance(msg, Status) and msg.body.stats_endpoint:
+                return msg.body.stats_endpoint
             if msg.KIND is Kind.STATUS:
                 raise RuntimeError(f"the broker at {self.cfg.broker} publishes no stats")
         self._check_handshake()
@@ -330,7 +330,11 @@ class PlannerProc:
             elif isinstance(msg, StatsDelta):
                 latest = msg
         if isinstance(latest, StatsDelta):
-            body = self.stats_view.apply(latest)
+            try:
+                body = self.stats_view.apply(latest)
+            except ProtocolError as e:
+                logger.warning("[planner] bad stats delta: %s", e)
+                return None
             return None if body is None else Stats(latest.seq, body)
         return latest
 
@@ -353,7 +357,7 @@ class PlannerProc:
         self._report(msg.body)
         self.spawner.apply(self.planner.spawns.take())
 
-    def _report(self, body: Mapping[str, Any]) -> None:
+    def _report(self, body: StatsBody) -> None:
         """PLANNER_REPORT: why models are uncovered, when that changes and every few seconds
         (the broker also reads it as "a planner is connected")."""
         try:

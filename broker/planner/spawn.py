@@ -48,6 +48,7 @@ from blockllm.broker.planner.config import PlannerConfig
 if TYPE_CHECKING:
     from blockllm.broker.planner.facts import WorkerFacts
     from blockllm.broker.planner.planner import Planner
+    from blockllm.broker.protocol import ModelStats
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class SpawnPolicy:
         self,
         planner: Planner,
         workers: Mapping[str, WorkerFacts],
-        models: Mapping[str, Any],
+        models: Mapping[str, ModelStats],
         served: Sequence[str],
         now: float,
     ) -> None:
@@ -143,16 +144,16 @@ class SpawnPolicy:
         self,
         planner: Planner,
         workers: Mapping[str, WorkerFacts],
-        models: Mapping[str, Any],
+        models: Mapping[str, ModelStats],
         served: Sequence[str],
         now: float,
     ) -> str:
         stragglers = sorted(planner.duplicates.no_helper)
-        covered = {m for m in served if (models.get(m) or {}).get("covered")}
+        covered = {m for m in served if m in models and models[m].covered}
         self.was_covered |= covered
         # coverage *lost*, or requests waiting for it: an idle cluster still starting (its
         # workers loading) spawns nothing
-        waiting = {m for m in served if int((models.get(m) or {}).get("waiting") or 0) > 0}
+        waiting = {m for m in served if m in models and models[m].waiting > 0}
         uncovered = [m for m in served if m not in covered and m in self.was_covered | waiting]
         if not uncovered:
             self.uncovered_since = None

@@ -37,6 +37,7 @@ from blockllm.broker.protocol import (
     Result,
     StageRef,
     Status,
+    StatusBody,
     StatusRequest,
     TensorMeta,
     Token,
@@ -110,7 +111,7 @@ def recv_kind(sock: zmq.Socket, kind: type, timeout: float = 10.0):
     raise AssertionError(f"no {kind.__name__} within {timeout}s")
 
 
-def status(sock: zmq.Socket, rid: str = "s") -> dict:
+def status(sock: zmq.Socket, rid: str = "s") -> StatusBody:
     sock.send_multipart(frames.encode(StatusRequest(rid)))
     msg, _ = recv_kind(sock, Status, 20.0)
     return msg.body
@@ -160,7 +161,7 @@ def _valid_ish(rng: random.Random) -> list[bytes]:
         Result("nobody", rng.randrange(100), token_id=rng.randrange(-10, 10)),
         Error("nobody", "KV_MISS", "fuzz", True, 3),
         Token("t", 0, 1, "x"),
-        Status("s", {"a": 1}),
+        Status("s", StatusBody()),
         Release("r"),
     ]
     out = frames.encode(rng.choice(msgs))
@@ -209,7 +210,7 @@ def fuzz_message(rng: random.Random) -> list[bytes]:
 def test_fuzz_never_crashes_or_stalls(start_broker: Callable[..., BrokerChild]) -> None:
     broker = start_broker(heartbeat_s=0.5, max_waiting=64, default_timeout_s=2.0)
     rng = random.Random(20240601)
-    before = status(broker.dealer())["counters"]["bad_messages"]
+    before = status(broker.dealer()).counters["bad_messages"]
     senders = [broker.dealer(f"fuzz{i}".encode()) for i in range(4)]
     quitter = broker.dealer(b"quitter")
     for _ in range(50):  # replies to this one find it gone: EHOSTUNREACH is a lost peer
@@ -222,11 +223,11 @@ def test_fuzz_never_crashes_or_stalls(start_broker: Callable[..., BrokerChild]) 
     deadline = time.monotonic() + 60
     while True:
         body = status(probe)
-        grown = body["counters"]["bad_messages"] - before
+        grown = body.counters["bad_messages"] - before
         if grown >= N_FUZZ // 3 or time.monotonic() > deadline:
             break
-    assert grown >= N_FUZZ // 3, body["counters"]
-    assert body["counters"]["internal_errors"] == 0
+    assert grown >= N_FUZZ // 3, body.counters
+    assert body.counters["internal_errors"] == 0
     assert broker.proc.is_alive()
     # and it still serves: a valid request for a model nothing covers fails typed
     probe.send_multipart(frames.encode(Generate("after", "tiny", "hello", None, 4, timeout_s=0.5)))
@@ -260,7 +261,7 @@ def test_fake_workers_round_trip_over_sockets(
         workers[ident] = sock
     client = broker.dealer(b"client")
     deadline = time.monotonic() + 20
-    while not status(client)["models"]["tiny"]["covered"]:
+    while not status(client).models["tiny"].covered:
         assert time.monotonic() < deadline, "workers never registered"
     client.send_multipart(frames.encode(Generate("r1", "tiny", None, (5, 6, 7), 1)))
     fwd, rest = recv_kind(workers[b"wa"], Forward)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from blockllm.broker import prom
+from blockllm.broker.protocol import StatsBody, WorkerStatus
 from blockllm.zoo import Zoo
 from tests.integration.cluster import cluster, make_zoo
 
@@ -79,7 +80,7 @@ def test_planner_metrics_endpoint_reports_its_bound_port():
     try:
         port = proc.start_metrics()
         assert port
-        proc.prom.on_stats({"workers": [{}, {}]}, [])
+        proc.prom.on_stats(StatsBody((WorkerStatus("a"), WorkerStatus("b"))), [])
         text = _scrape(port)
     finally:
         proc.close()

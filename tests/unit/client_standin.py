@@ -33,6 +33,7 @@ from blockllm.broker.protocol import (
     Token,
 )
 from blockllm.broker.sockets import CurveKeys, bound_endpoint, make_socket
+from tests.unit.typed_bodies import status
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -82,7 +83,7 @@ class StandIn:
         if isinstance(msg, StatusRequest):
             self.status_requests += 1
             body = self.status_hook(self.status_requests) if self.status_hook else None
-            self._send(ident, Status(msg.request_id, body or self.status_body))
+            self._send(ident, Status(msg.request_id, status(body or self.status_body)))
         elif isinstance(msg, Generate):
             return self._generate(ident, msg)
         return None

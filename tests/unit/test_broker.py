@@ -13,6 +13,7 @@ from blockllm.broker.protocol import (
     Error,
     ErrorCode,
     Forward,
+    PlannedHop,
     Ready,
     Release,
     Result,
@@ -20,6 +21,7 @@ from blockllm.broker.protocol import (
     StatusRequest,
     TensorMeta,
     Token,
+    plain,
 )
 from blockllm.zoo.chain import stage_key
 from tests.unit.broker_harness import (
@@ -172,7 +174,12 @@ def test_text_is_detokenized_incrementally() -> None:
 
 def test_status_body_shape(split: Harness) -> None:
     split.generate("r1")
-    body = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
+    typed = only(split.send(CLIENT, StatusRequest("s1")), Status).msg.body
+    assert typed.models["base"].route == (
+        PlannedHop("w0", ((0, 3),)),
+        PlannedHop("w1", ((3, 4), (4, 6))),
+    )
+    body = plain(typed)  # the shape `blockllm status --json` shows (and always showed)
     top = {"workers", "models", "requests", "counters", "stats_endpoint", "totals", "timings"}
     assert set(body) == top | {"page"}
     assert body["page"] == {"offset": 0, "limit": 128, "next": 0}  # one page holds it all
@@ -204,7 +211,7 @@ def test_status_body_shape(split: Harness) -> None:
     assert body["requests"] == {"running": 1, "waiting": 0}
     assert body["counters"]["requests"] == 1 and "bad_messages" in body["counters"]
     del split.broker.workers[W1]
-    assert split.broker.status(split.now)["models"]["ft"]["route"] is None
+    assert split.broker.status(split.now).models["ft"].route is None
 
 
 def test_shutdown_fails_uncovered_waiting_and_refuses_new(h: Harness) -> None:

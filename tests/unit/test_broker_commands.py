@@ -14,6 +14,7 @@ from blockllm.broker.protocol import (
     SetBatch,
     SetChain,
     SetRoutes,
+    Substitution,
     Token,
     UnloadStage,
 )
@@ -56,7 +57,7 @@ def test_preferred_routes_spread_by_weight() -> None:
     assert ack(h.send(PLANNER, SetRoutes("c1", routes))).ok
     firsts = [only(h.generate(f"r{i}"), Forward).peer for i in range(4)]
     assert sorted(firsts) == [W0, W0, W1, W1]
-    assert h.broker.status(h.now)["models"]["base"]["planned_routes"]
+    assert h.broker.status(h.now).models["base"].planned_routes == routes["base"]
 
 
 def test_preferred_route_is_validated_and_skipped_when_not_hosted() -> None:
@@ -135,8 +136,8 @@ def test_assembled_chain_routes_through_the_equivalent_resident_block() -> None:
     assert ack(h.send(PLANNER, SetChain("c1", "ft", tuple(chain)))).ok
     assert h.broker.covered("ft")
     assert only(h.generate("r1", model="ft"), Forward).peer == W0
-    (sub,) = h.broker.status(h.now)["models"]["ft"]["substitutions"]
-    assert sub == {"position": 3, "block": BASE.chain[3], "from": "base"}
+    (sub,) = h.broker.status(h.now).models["ft"].substitutions
+    assert sub == Substitution(position=3, block=BASE.chain[3], from_="base")
     assert not ack(h.send(PLANNER, SetChain("c2", "ft", ("x",)))).ok
     assert ack(h.send(PLANNER, SetChain("c3", "ft", ()))).ok  # back to exact
     assert not h.broker.covered("ft")
@@ -155,8 +156,9 @@ def test_stats_body_has_demand_and_latency_per_model() -> None:
     fwd = only(h.token(W0, fwd.msg, 40), Forward)
     h.now += 0.05
     h.token(W0, fwd.msg, 41)
-    base = h.broker.stats(h.now)["models"]["base"]
-    assert base["rate_rps"] > 0 and base["completed"] == 1
-    assert abs(base["ttft_ms_p50"] - 200) < 1 and abs(base["tpot_ms_p95"] - 50) < 1
-    w = h.broker.stats(h.now)["workers"][0]
-    assert {"stage_batch_limits", "stage_mean_batch", "memory_budget_bytes", "draining"} <= set(w)
+    base = h.broker.stats(h.now).models["base"]
+    assert base.rate_rps > 0 and base.completed == 1
+    assert abs(base.ttft_ms_p50 - 200) < 1 and abs(base.tpot_ms_p95 - 50) < 1
+    assert base.covered and base.route == (PlannedHop("w0", ((0, 6),)),)
+    (w,) = h.broker.stats(h.now).workers
+    assert w.name == "w0" and w.draining == () and w.memory_budget_bytes == 0

@@ -71,7 +71,7 @@ def test_a_moving_request_migrates_its_kv_and_decodes_on() -> None:
     c = h.broker.counters
     assert (c["migrations"], c["migrations_failed"], c["moved"]) == (1, 0, 1)
     assert c["migrated_bytes"] == 2 * 4 * 4 * 2 * 16 * 4 and c["replays"] == 0
-    assert h.broker.status(h.now)["counters"]["migrations"] == 1
+    assert h.broker.status(h.now).counters["migrations"] == 1
 
 
 def replayed(out: list, peer: bytes | None = None) -> Forward:

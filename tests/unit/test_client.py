@@ -14,6 +14,7 @@ import pytest
 from blockllm.broker.protocol import (
     Cancel,
     Generate,
+    plain,
 )
 from blockllm.broker.sockets import CurveKeys
 from blockllm.client import (
@@ -32,6 +33,7 @@ from blockllm.client import (
 )
 from blockllm.client.errors import error_from
 from tests.unit.client_standin import COVERED, PIECES, StandIn
+from tests.unit.typed_bodies import status
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -275,7 +277,8 @@ def test_wait_ready_unknown_model(client: Client) -> None:
 
 
 def test_status_body(client: Client) -> None:
-    assert client.status() == COVERED
+    assert client.status() == plain(status(COVERED))  # the JSON shape: every field
+    assert client.status()["models"]["base"]["route"] is None
 
 
 def test_closed_client_raises(peer: StandIn) -> None:

@@ -11,9 +11,11 @@ from click.testing import CliRunner
 
 from blockllm.broker.protocol import (
     Generate,
+    plain,
 )
 from blockllm.client.cli.common import CliError
 from tests.unit.client_standin import PIECES, StandIn
+from tests.unit.typed_bodies import status
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -138,7 +140,14 @@ def test_cli_status_json_and_table(peer: StandIn) -> None:
     }
     r = run_cli("status", "--broker", peer.addr, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout) == peer.status_body
+    shown = json.loads(r.stdout)
+    assert shown == plain(status(peer.status_body))  # every field, as broker/status.py fills it
+    assert shown["models"]["base"]["route"] == [["w0", [[0, 3]]]]
+    assert shown["workers"][0]["stages"] == [
+        {"key": "k", "model": "base", "start": 0, "end": 3, "nbytes": 10, "dtype": ""}
+    ]
+    assert shown["workers"][0]["speculation"] == {"speculated": 0, "accepted": 0, "rejected": 0}
+    assert shown["requests"] == {"running": 1, "waiting": 0} and "page" not in shown
     r = run_cli("status", "--broker", peer.addr)
     assert r.exit_code == 0, r.output
     for text in ("w0", "node1", "base[0,3)", "3M/4M", "300M", "12.5", "w0[0,3)", "requests=7"):

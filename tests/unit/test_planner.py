@@ -9,8 +9,16 @@ import pytest
 
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.planner import Planner
-from blockllm.broker.protocol import LoadStage, SetChain, SetRoutes, UnloadStage
+from blockllm.broker.protocol import (
+    LoadStage,
+    SetChain,
+    SetRoutes,
+    StatsBody,
+    UnloadStage,
+    WorkerStatus,
+)
 from blockllm.zoo.chain import stage_key
+from tests.unit.typed_bodies import stats
 
 L = 4  # decoder layers; chain positions 0..5
 MB = 1 << 20
@@ -60,7 +68,12 @@ def planner(equiv: list[Equiv] | None = None, **kw: Any) -> Planner:
     return Planner(cfg(**kw), lambda: (MANIFESTS, equiv or []))
 
 
-def snapshot(
+def snapshot(*args: Any, **kw: Any) -> StatsBody:
+    """A STATS body (typed) of `snapshot_dict`'s arguments."""
+    return stats(snapshot_dict(*args, **kw))
+
+
+def snapshot_dict(
     workers: dict[str, list[tuple[str, int, int]]],
     covered: dict[str, bool] | None = None,
     token_rate: dict[str, float] | None = None,
@@ -68,7 +81,9 @@ def snapshot(
     routes: dict[str, list] | None = None,
     budget: int = 0,
     extra: dict[str, dict[str, Any]] | None = None,
+    waiting: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """A STATS body as `blockllm status --json` would show it."""
     return {
         "workers": [
             {
@@ -88,6 +103,7 @@ def snapshot(
                 "covered": (covered or {}).get(m, True),
                 "token_rate": (token_rate or {}).get(m, 0.0),
                 "route": (routes or {}).get(m),
+                "waiting": (waiting or {}).get(m, 0),
             }
             for m in MANIFESTS
         },
@@ -216,14 +232,15 @@ def test_batch_tuner_shrinks_full_batches_of_a_slow_worker_and_grows_queued_ones
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))
 
-    def worker(p95: float, mean: float, limit: int, queued: int) -> dict:
-        return {
-            "step_ms_p95": p95,
-            "max_batch_size": 32,
-            "stage_batch_limits": {"k": limit},
-            "stage_mean_batch": {"k": mean},
-            "queue_depths": {"k": queued},
-        }
+    def worker(p95: float, mean: float, limit: int, queued: int) -> WorkerStatus:
+        return WorkerStatus(
+            "w",
+            step_ms_p95=p95,
+            max_batch_size=32,
+            stage_batch_limits={"k": limit},
+            stage_mean_batch={"k": mean},
+            queue_depths={"k": queued},
+        )
 
     (cmd,) = tuner.step({"w0": worker(250, 30, 32, 4)}, set(), 0.0, lambda: str(next(ids)))
     assert (cmd.worker, cmd.key, cmd.max_batch_size) == ("w0", "k", 16)
@@ -349,14 +366,14 @@ def test_per_stage_pace_tells_a_worker_running_more_stages_from_a_slow_one() -> 
     keys = {w: [stage_key(MANIFESTS[m], s, e) for m, s, e in st] for w, st in layout.items()}
 
     def facts(ms0: list[float], ms1: list[float], extra0: float = 0.0) -> dict:
-        body = snapshot(layout, p50={"w0": sum(ms0) + extra0, "w1": sum(ms1)})
+        body = snapshot_dict(layout, p50={"w0": sum(ms0) + extra0, "w1": sum(ms1)})
         for w, ms in (("w0", ms0), ("w1", ms1)):
             entry = next(e for e in body["workers"] if e["name"] == w)
             entry["stage_step_ms"] = dict(zip(keys[w], ms, strict=True))
             for s in entry["stages"]:
                 s["nbytes"] = (s["end"] - s["start"]) * MB
         p = planner()
-        return p._parse_workers(body)
+        return p._parse_workers(stats(body))
 
     # w0's step is 4x w1's, but it runs 6 blocks to w1's 2 at the same ms per MiB
     even = facts([30.0, 20.0, 10.0], [20.0])
@@ -377,24 +394,26 @@ def test_batch_tuner_with_per_stage_latency_halves_the_expensive_stage_only() ->
     tuner = BatchTuner(cfg(batch_target_ms=100.0, batch_cooldown_s=5.0))
     ids = iter(range(100))
     # a step of 160 ms: the big stage takes 120 of it, the small one 20; both fill 16
-    over = {
-        "step_ms_p95": 160.0,
-        "max_batch_size": 32,
-        "stage_batch_limits": {"big": 16, "small": 16},
-        "stage_mean_batch": {"big": 15.0, "small": 15.0},
-        "stage_step_ms": {"big": 120.0, "small": 20.0},
-    }
+    over = WorkerStatus(
+        "w0",
+        step_ms_p95=160.0,
+        max_batch_size=32,
+        stage_batch_limits={"big": 16, "small": 16},
+        stage_mean_batch={"big": 15.0, "small": 15.0},
+        stage_step_ms={"big": 120.0, "small": 20.0},
+    )
     cmds = tuner.step({"w0": over}, set(), 0.0, lambda: str(next(ids)))
     assert [(c.key, c.max_batch_size) for c in cmds] == [("big", 8)]  # 60 ms saved >= 60 over
     # well under: grow the queued stages while the step stays under the target if each doubled
-    under = {
-        "step_ms_p95": 40.0,
-        "max_batch_size": 32,
-        "stage_batch_limits": {"a": 8, "b": 8, "c": 8},
-        "stage_mean_batch": {"a": 8.0, "b": 8.0, "c": 8.0},
-        "stage_step_ms": {"a": 10.0, "b": 25.0, "c": 40.0},
-        "queue_depths": {"a": 2, "b": 2, "c": 2},
-    }
+    under = WorkerStatus(
+        "w0",
+        step_ms_p95=40.0,
+        max_batch_size=32,
+        stage_batch_limits={"a": 8, "b": 8, "c": 8},
+        stage_mean_batch={"a": 8.0, "b": 8.0, "c": 8.0},
+        stage_step_ms={"a": 10.0, "b": 25.0, "c": 40.0},
+        queue_depths={"a": 2, "b": 2, "c": 2},
+    )
     cmds = BatchTuner(cfg(batch_target_ms=100.0)).step({"w0": under}, set(), 0.0, str)
     assert sorted((c.key, c.max_batch_size) for c in cmds) == [("a", 16), ("b", 16)]
 

@@ -3,6 +3,7 @@ its chunks, its parsing, and when the Planner reads it again."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,10 @@ def test_the_planner_reads_the_catalog_again_when_the_broker_reloads():
 
     p = Planner(cfg(), catalog)
     body = snapshot({"w0": [("m", 0, 6), ("ft", 0, 6)]})
-    p.on_stats({**body, "catalog_gen": 1}, 0.0)
-    p.on_stats({**body, "catalog_gen": 1}, 1.0)
+    p.on_stats(replace(body, catalog_gen=1), 0.0)
+    p.on_stats(replace(body, catalog_gen=1), 1.0)
     assert len(reads) == 1  # same models, same generation: nothing to re-read
-    p.on_stats({**body, "catalog_gen": 2}, 2.0)  # a reload (e.g. equivalences measured)
+    p.on_stats(replace(body, catalog_gen=2), 2.0)  # a reload (e.g. equivalences measured)
     assert len(reads) == 2
 
 
@@ -87,6 +88,6 @@ def test_the_planner_keeps_its_catalog_when_the_broker_does_not_answer():
 
     p = Planner(cfg(), catalog)
     body = snapshot({"w0": [("m", 0, 6), ("ft", 0, 6)]})
-    p.on_stats({**body, "catalog_gen": 1}, 0.0)
-    p.on_stats({**body, "catalog_gen": 2}, 1.0)  # the read fails: logged, tried again later
+    p.on_stats(replace(body, catalog_gen=1), 0.0)
+    p.on_stats(replace(body, catalog_gen=2), 1.0)  # the read fails: logged, tried again later
     assert sorted(p.manifests) == ["ft", "m"]

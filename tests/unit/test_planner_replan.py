@@ -12,10 +12,11 @@ from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.placement import WorkerInfo, place_in, replace_lost
 from blockllm.broker.planner.planner import Planner
 from blockllm.broker.planner.replan import after_loss, lost_workers
-from blockllm.broker.protocol import LoadStage, SetRoutes, UnloadStage
+from blockllm.broker.protocol import LoadStage, SetRoutes, StatsBody, UnloadStage
 from blockllm.client.bench.scale_sim import manifest_of
 from blockllm.client.bench.scale_synth import GB, make_tenants, model_infos, zipf_demand
 from blockllm.zoo.chain import stage_key
+from tests.unit.typed_bodies import stats
 
 Layout = dict[str, list[tuple[str, int, int]]]  # worker -> its stages (model, start, end)
 
@@ -33,29 +34,31 @@ def planner(manifests: dict[str, Any]) -> Planner:
 
 def body(
     manifests: dict[str, Any], layout: Layout, demand: dict[str, float], budget: int
-) -> dict[str, Any]:
+) -> StatsBody:
     """A STATS body: the workers with their stages; a model is covered when its chain is."""
     held = {(m, p) for stages in layout.values() for m, s, e in stages for p in range(s, e)}
-    return {
-        "workers": [
-            {
-                "name": w,
-                "memory_budget_bytes": budget,
-                "stages": [
-                    {"key": stage_key(manifests[m], s, e), "model": m, "start": s, "end": e}
-                    for m, s, e in stages
-                ],
-            }
-            for w, stages in layout.items()
-        ],
-        "models": {
-            name: {
-                "covered": all((name, p) in held for p in range(len(m.chain))),
-                "token_rate": demand[name],
-            }
-            for name, m in manifests.items()
-        },
-    }
+    return stats(
+        {
+            "workers": [
+                {
+                    "name": w,
+                    "memory_budget_bytes": budget,
+                    "stages": [
+                        {"key": stage_key(manifests[m], s, e), "model": m, "start": s, "end": e}
+                        for m, s, e in stages
+                    ],
+                }
+                for w, stages in layout.items()
+            ],
+            "models": {
+                name: {
+                    "covered": all((name, p) in held for p in range(len(m.chain))),
+                    "token_rate": demand[name],
+                }
+                for name, m in manifests.items()
+            },
+        }
+    )
 
 
 def settle(p: Planner, manifests, demand, layout: Layout, budget: int, now: float) -> list:

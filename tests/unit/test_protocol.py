@@ -38,7 +38,7 @@ SAMPLES = [
     protocol.Cancel("r2"),
     protocol.StatusRequest("s1"),
     Token("r2", 0, 5, "he", None, 3),
-    Status("s1", {"workers": [{"pid": 1}], "models": {}}),
+    Status("s1", protocol.StatusBody((protocol.WorkerStatus("w0", pid=1),))),
     Error("r2", "BAD_REQUEST", "nope", False, 3),
     Ready(1, "w0", 1, "h", "cpu", (), 100, 50, 8, 4, 1 << 30),
     Heartbeat(10, 2, {"k1": 3}, 1000, 5, 1.5, 2.5, 3.0, 77, {"k1": 8}, {"k1": 2.5}),
@@ -64,9 +64,9 @@ SAMPLES = [
     protocol.Reload("c6"),
     protocol.PlannerReport({"m": "no worker has room for it"}),
     protocol.Ack("c6", True, "3 models"),
-    protocol.Stats(7, {"workers": [], "models": {"base": {"rate_rps": 1.5}}}),
+    protocol.Stats(7, protocol.StatsBody(models={"base": protocol.ModelStats(rate_rps=1.5)})),
     protocol.StatsDelta(
-        8, 7, {"w0": {"steps": 3}}, (), ("w1",), (), {"base": {"rate_rps": 2.0}}, (), (), (), {}
+        8, 7, {"w0": {"steps": 3}}, (), ("w1",), (), {"base": {"rate_rps": 2.0}}, (), (), ()
     ),
     protocol.Fetch("f1", "block", "a" * 64, 4 << 20, 1 << 20),
     protocol.Blob("f1", "block", "a" * 64, 0, 32, (frames.meta_of(torch.zeros(2, 4)),)),
@@ -133,7 +133,7 @@ def test_tensor_frame_size_and_dtype_validated() -> None:
         frames.decode([Kind.RESULT.value, header, b"\0" * 15])
     bad = dataclasses.replace(msg, tensors=(protocol.TensorMeta("complex64", (1,)),))
     with pytest.raises(ProtocolError, match="dtype"):
-        frames.decode([Kind.RESULT.value, msgpack.packb(frames._to_wire(bad)), b"\0" * 8])
+        frames.decode([Kind.RESULT.value, msgpack.packb(frames.to_wire(bad)), b"\0" * 8])
     with pytest.raises(ProtocolError):
         frames.decode([Kind.RESULT.value, header])  # tensor frame missing
 

@@ -42,8 +42,7 @@ def test_an_idle_cluster_still_starting_spawns_nothing_until_requests_wait() -> 
         p.on_stats(snapshot({}, NONE), t)
     p.on_stats(snapshot({"w0": []}, NONE), 60.0)
     assert actions(p) == []
-    body = snapshot({}, NONE)
-    body["models"]["m"]["waiting"] = 2  # ... until requests wait for a model
+    body = snapshot({}, NONE, waiting={"m": 2})  # ... until requests wait for a model
     p.on_stats(body, 61.0)
     assert actions(p) == [("start", "spare0")]
 

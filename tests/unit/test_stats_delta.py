@@ -1,17 +1,21 @@
 """Bounded STATS (broker/stats_delta.py): what the planner rebuilds from a full STATS and the
-STATS_DELTAs after it, through the wire codec, equals the body the broker built; deltas
-carry only what changed; a subscriber that missed the full snapshot waits for the next."""
+STATS_DELTAs after it, through the wire codec, equals the body the broker built (typed
+entries again); deltas carry only what changed; a subscriber that missed the full snapshot
+waits for the next; a malformed delta is a ProtocolError. The bodies are written as
+`blockllm status --json` shows them and typed (tests/unit/typed_bodies.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
 import pytest
 
 from blockllm.broker import frames
-from blockllm.broker.protocol import Stats, StatsDelta
+from blockllm.broker.protocol import ModelStats, ProtocolError, Stats, StatsDelta, WorkerStatus
 from blockllm.broker.stats_delta import DeltaPublisher, StatsView
+from tests.unit.typed_bodies import stats
 
 
 def wire(msg: Any) -> Any:
@@ -22,7 +26,9 @@ def wire(msg: Any) -> Any:
 def worker(name: str, rng: random.Random) -> dict[str, Any]:
     return {
         "name": name,
-        "stages": [{"key": f"k{rng.randrange(9)}", "start": 0, "end": rng.randrange(1, 9)}],
+        "stages": [
+            {"key": f"k{rng.randrange(9)}", "model": "m", "start": 0, "end": rng.randrange(1, 9)}
+        ],
         "queue_depths": {"k1": rng.randrange(3)},
         "steps": rng.randrange(1000),
         "step_ms_p50": rng.choice([0.0, 12.5]),
@@ -43,7 +49,7 @@ def evolve(body: dict[str, Any], rng: random.Random, n: int) -> dict[str, Any]:
         if rng.random() < 0.05:
             w["stages"] = worker(w["name"], rng)["stages"]
         if rng.random() < 0.03:
-            w.pop("pinned", None)  # a field that went: the entry travels whole
+            w["pinned"] = [] if w["pinned"] else ["k1"]
     if rng.random() < 0.2 and workers:
         workers.pop(rng.randrange(len(workers)))
     if rng.random() < 0.2:
@@ -79,8 +85,8 @@ def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots(part_bytes
     received = -1  # the last full snapshot received whole
     for seq in range(1, 300):
         body = evolve(body, rng, seq)
-        sent = pub.publish(seq, body)
-        expected = wire(Stats(seq, body)).body  # the body as the wire carries it
+        sent = pub.publish(seq, stats(body))
+        expected = wire(Stats(seq, stats(body))).body  # the body as the wire carries it
         for _msg, frames_ in sent:
             assert len(frames_[1]) <= max(part_bytes, 1200)  # an entry is never cut
         if rng.random() < 0.3:
@@ -105,7 +111,9 @@ def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots(part_bytes
         if got is not None:
             rebuilt += 1
             assert got == expected, seq
-            assert list(got["models"]) == list(expected["models"])
+            assert list(got.models) == list(expected.models)
+            assert all(isinstance(w, WorkerStatus) for w in got.workers)
+            assert all(isinstance(m, ModelStats) for m in got.models.values())
         if seq <= 40:
             assert late.apply(msg) is None  # never got a full one: waits for the next
     assert deltas > 100 and rebuilt > 80
@@ -113,45 +121,70 @@ def test_the_planner_rebuilds_every_body_even_when_it_drops_snapshots(part_bytes
     assert (fulls > 10) == (part_bytes < 1000)  # in parts only when past part_bytes
 
 
+STAGES = [{"key": "k" * 64, "model": "m", "start": i, "end": i + 1} for i in range(8)]
+
+
 def test_a_delta_carries_only_what_changed() -> None:
     body = {
-        "workers": [{"name": f"w{i}", "stages": ["k" * 64] * 8, "steps": 0} for i in range(50)],
+        "workers": [{"name": f"w{i}", "stages": STAGES, "steps": 0} for i in range(50)],
         "models": {f"m{i}": {"route": [["w0", [[0, 34]]]], "rate_rps": 0.0} for i in range(200)},
         "catalog_gen": 1,
     }
     pub = DeltaPublisher(full_every=10)
-    full = pub.message(1, body)
+    full = pub.message(1, stats(body))
     assert isinstance(full, Stats)
     body["workers"][3] = {**body["workers"][3], "steps": 5}
     body["models"]["m7"] = {**body["models"]["m7"], "rate_rps": 1.5}
-    delta = pub.message(2, body)
+    delta = pub.message(2, stats(body))
     assert isinstance(delta, StatsDelta) and delta.base == 1
     assert delta.workers == {"w3": {"steps": 5}} and delta.models == {"m7": {"rate_rps": 1.5}}
     assert not (delta.gone_workers or delta.worker_order or delta.model_order)
     sizes = [len(frames.encode(m)[1]) for m in (full, delta)]
     assert sizes[1] * 50 < sizes[0]
     for seq in range(3, 11):
-        assert isinstance(pub.message(seq, body), StatsDelta)
-    assert isinstance(pub.message(11, body), Stats)  # every full_every snapshots
-    assert isinstance(pub.message(12, {**body, "catalog_gen": 2}), Stats)  # a new catalog
+        assert isinstance(pub.message(seq, stats(body)), StatsDelta)
+    assert isinstance(pub.message(11, stats(body)), Stats)  # every full_every snapshots
+    assert isinstance(pub.message(12, stats({**body, "catalog_gen": 2})), Stats)  # a new catalog
 
 
 def test_a_delta_past_the_part_bound_is_sent_as_a_full_snapshot_in_parts() -> None:
     body = {
-        "workers": [{"name": f"w{i}", "stages": ["k" * 64] * 8, "steps": 0} for i in range(50)],
+        "workers": [{"name": f"w{i}", "stages": STAGES, "steps": 0} for i in range(50)],
         "models": {},
         "catalog_gen": 1,
     }
     pub = DeltaPublisher(full_every=10, part_bytes=8 * 1024)
-    first = pub.publish(1, body)
+    first = pub.publish(1, stats(body))
     assert len(first) >= 3 and all(isinstance(m, Stats) for m, _ in first)
     body["workers"][0] = {**body["workers"][0], "steps": 1}
-    (small,) = pub.publish(2, body)
+    (small,) = pub.publish(2, stats(body))
     assert isinstance(small[0], StatsDelta)
-    body["workers"] = [{**w, "stages": ["j" * 64] * 8} for w in body["workers"]]
-    again = pub.publish(3, body)  # every stage changed: the delta would pass the bound
+    other = [{**st, "key": "j" * 64} for st in STAGES]
+    body["workers"] = [{**w, "stages": other} for w in body["workers"]]
+    again = pub.publish(3, stats(body))  # every stage changed: the delta would pass the bound
     assert all(isinstance(m, Stats) and m.seq == 3 for m, _ in again) and len(again) >= 3
     view = StatsView()
     for m, _ in again:
         got = view.full(wire(m))
-    assert got == wire(Stats(3, body)).body
+    assert got == wire(Stats(3, stats(body))).body
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"workers": {"w0": {"steps": "many"}}},  # a changed field of the wrong type
+        {"workers": {"w0": {"stages": [["k", "m", 0]]}}},  # a stage without its end
+        {"models": {"m0": {"route": [["w0", [[0, 1, 2]]]]}}},  # a span of three bounds
+        {"workers": {"w9": {"steps": 1}}, "whole_workers": ("w9",)},  # new, without its name
+        {"worker_order": ("w0", "nobody")},  # an order naming an entry it does not have
+    ],
+)
+def test_a_malformed_delta_is_a_protocol_error(fields: dict[str, Any]) -> None:
+    body = {"workers": [{"name": "w0"}], "models": {"m0": {}}, "catalog_gen": 1}
+    pub, view = DeltaPublisher(full_every=10), StatsView()
+    view.full(wire(pub.message(1, stats(body))))
+    delta = pub.message(2, stats(body))
+    bad = wire(dataclasses.replace(delta, **fields))
+    with pytest.raises(ProtocolError):
+        view.apply(bad)
+    assert view.apply(wire(delta)) == stats(body)  # the good one still applies

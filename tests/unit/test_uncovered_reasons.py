@@ -13,9 +13,9 @@ PLANNER = b"planner-1"
 
 
 def why(h: Harness, model: str = "base") -> str:
-    entry = h.broker.status(h.now)["models"][model]
-    assert entry["covered"] is (entry["uncovered"] == "")
-    return entry["uncovered"]
+    entry = h.broker.status(h.now).models[model]
+    assert entry.covered is (entry.uncovered == "")
+    return entry.uncovered
 
 
 def test_status_names_the_missing_worker_planner_or_the_planners_reason():
