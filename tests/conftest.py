@@ -18,6 +18,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+# Under `pytest -n 2 --dist loadfile` (README) a test file is the unit of work, and the two
+# processes take files in collection order. These files ran longest (seconds, 2 quiet cores,
+# 2026-12-03: bench_quick 234, guide 115, serve_cli 110, planner ~100, spawn 94, lm-eval 86,
+# worker_death 60, soak 58), so they are collected first, longest first, then the other
+# integration and fault files, then the unit files: short files last fill the gap at the end.
+# A stale entry costs time only, never a check; a file not here is collected in pytest's order.
+LONGEST_FIRST = (
+    "tests/integration/test_bench_quick.py",
+    "tests/integration/test_guide.py",
+    "tests/integration/test_serve_cli.py",
+    "tests/integration/test_planner.py",
+    "tests/integration/test_spawn.py",
+    "tests/integration/test_http_lmeval.py",
+    "tests/fault/test_worker_death.py",
+    "tests/integration/test_soak_chaos.py",
+    "tests/integration/test_http_cli.py",
+    "tests/integration/test_engine_parity.py",
+    "tests/integration/test_e2e_parity.py",
+    "tests/integration/test_cluster_acceptance.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist's default for loadfile sorts files by their number of tests, most first: the
+    # one-test files (the guide, lm-eval, the soak) came last, and one process ran them while
+    # the other had finished. Keep the order below instead.
+    if getattr(config.option, "loadscopereorder", False):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files in LONGEST_FIRST order, then the others (unit files last); a stable sort, so
+    each file's tests keep their order (and stay together)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+
+    def key(item: pytest.Item) -> tuple[int, bool]:
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(rank)), path.startswith("tests/unit/")
+
+    items.sort(key=key)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread in the test process. Its models are tiny (SmolLM2-135M at
