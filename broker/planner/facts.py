@@ -29,6 +29,7 @@ class WorkerFacts:
     pinned: frozenset[str] = frozenset()  # stage keys its operator configured: kept
     kv_budget_bytes: int = 0  # the KV arena's bytes (0: unknown, not limited)
     kv_page_bytes: int = 0  # what one KV page costs (0: no arena yet)
+    host: str = ""  # the machine it runs on (READY's host): its node for placement
 
     @classmethod
     def parse(cls, w: WorkerStatus, default_memory: int) -> WorkerFacts:
@@ -49,6 +50,7 @@ class WorkerFacts:
             pinned=frozenset(w.pinned),
             kv_budget_bytes=w.kv_total_bytes,
             kv_page_bytes=max((g.page_bytes for g in w.kv_geometries), default=0),
+            host=w.host,
         )
 
 

@@ -45,7 +45,9 @@ def model_info(
 
 def worker_info(manifests: Mapping[str, Any], w: WorkerFacts) -> WorkerInfo:
     resident = frozenset(resident_blocks(manifests, w))
-    return WorkerInfo(w.name, w.capacity, resident, w.refused, w.kv_budget_bytes, w.kv_page_bytes)
+    return WorkerInfo(
+        w.name, w.capacity, resident, w.refused, w.kv_budget_bytes, w.kv_page_bytes, w.host
+    )
 
 
 def resident_blocks(manifests: Mapping[str, Any], w: WorkerFacts) -> set[str]:

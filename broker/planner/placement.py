@@ -10,6 +10,9 @@ requests take:
    loads), then to the one covering the fewest positions so far (cold models spread), then
    by name. So the hottest chain crosses the fewest hops, a block shared by
    several models is held once per worker, and a cold fine-tune lands next to its base.
+   Between workers of the same reach, a segment after the first goes to one on the node of
+   the previous segment (`WorkerInfo.node`) before the other tie-breaks: a hot chain that
+   must be cut stays inside a node when a node has the room (placement_index.py).
 2. **Replication in proportion to demand.** Each model gets `round(W * its share of the
    demand)` replicas (at least 1, at most W), placed on workers that do not hold it yet, the
    model with the most demand per replica first, while memory lasts. A block shared by models
@@ -32,7 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blockllm.broker.planner.placement_index import Cluster, Segment, place_replica
 from blockllm.broker.planner.placement_layout import Stage, layout, relayout
@@ -90,6 +93,7 @@ class WorkerInfo:
     refused: frozenset[str] = frozenset()  # block ids it cannot get: never placed there
     kv_budget_bytes: int = 0  # its KV arena (0: not limited)
     kv_page_bytes: int = 0  # what a KV page costs there (0: no arena yet: the first stage's)
+    node: str = ""  # the machine it runs on (READY's host); "": unknown, a node of its own
 
 
 @dataclass
@@ -136,7 +140,27 @@ def place_in(
     *,
     max_replicas: int | None = None,
 ) -> tuple[Placement, Cluster]:
-    """`place`, and the search state it ends in (what `replace_lost` re-places from)."""
+    """`place`, and the search state it ends in (what `replace_lost` re-places from).
+
+    Nodes never cost coverage: when the placement with nodes leaves models uncovered, the one
+    without them is made too and taken if it covers more demand (keeping chains inside nodes
+    packs the workers differently: on tight clusters now and then a cold model less)."""
+    plan, c = _place_in(models, workers, max_replicas)
+    nodes = {w.node for w in workers}
+    if plan.uncovered and len(nodes) > 1 and len(nodes - {""}) < len(workers):
+        blind = _place_in(models, [replace(w, node="") for w in workers], max_replicas)
+        if _covered(models, blind[0]) > _covered(models, plan):
+            return blind
+    return plan, c
+
+
+def _covered(models: Sequence[ModelInfo], plan: Placement) -> float:
+    return sum(max(0.0, m.demand) for m in models if plan.replicas.get(m.name))
+
+
+def _place_in(
+    models: Sequence[ModelInfo], workers: Sequence[WorkerInfo], max_replicas: int | None
+) -> tuple[Placement, Cluster]:
     order = sorted(models, key=lambda m: (-m.demand, m.name))
     total = sum(max(0.0, m.demand) for m in models)
     c = Cluster(workers, total)

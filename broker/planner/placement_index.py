@@ -16,6 +16,14 @@ O(workers x chain) per segment, 46 s for 2,000 models on 256 workers. Two kinds 
 `Cluster.holders` maps a block to the workers holding it, so the touching workers of a chain
 are found without a scan. Indexes are updated when a segment is added (`Cluster.add`),
 removed (`Cluster.remove`, incremental re-placement) or a worker leaves.
+
+Nodes: after the first segment of a replica, a worker on the node of the previous segment's
+worker ranks before one on another node of the same reach (the rank's second field, `cross`),
+so a chain that must be cut stays inside a node when that costs no extra hop; the tie-break
+index is also kept per node for that. Hops come first: a longer reach on another node still
+wins (every hop is a message through the broker). A worker of unknown node (`WorkerInfo.node`
+"") is a node of its own, and then, as when every worker is on one node, `cross` is the same
+for every candidate: the placement is the one without nodes.
 """
 
 from __future__ import annotations
@@ -104,6 +112,9 @@ class Cluster:
         self._tie_key: dict[str, tuple] = {}
         self.by_room: list[tuple] = []  # (-free room, name), ascending: most room first
         self.by_tie: list[tuple] = []  # (round(load share, 2), positions covered, name)
+        # node of each worker (unknown: its own), and the tie-break index per node
+        self.node: dict[str, str] = {w.name: w.node or f"\0{w.name}" for w in workers}
+        self.by_tie_at: dict[str, list[tuple]] = {}
         for w in self.workers:
             self._index(w)
         self.chains: dict[str, Chain] = {}
@@ -129,11 +140,14 @@ class Cluster:
         self._room_key[w], self._tie_key[w] = rk, tk
         bisect.insort(self.by_room, rk)
         bisect.insort(self.by_tie, tk)
+        bisect.insort(self.by_tie_at.setdefault(self.node[w], []), tk)
 
     def _unindex(self, w: str) -> None:
+        tk = self._tie_key.pop(w)
         for keys, key in (
             (self.by_room, self._room_key.pop(w)),
-            (self.by_tie, self._tie_key.pop(w)),
+            (self.by_tie, tk),
+            (self.by_tie_at[self.node[w]], tk),
         ):
             i = bisect.bisect_left(keys, key)
             assert keys[i] == key, (w, key)
@@ -207,8 +221,15 @@ class Cluster:
             end = p + 1
         return end, new, churn
 
-    def best_plain(self, c: Chain, start: int, skip: set[str]) -> tuple | None:
-        """(rank, worker, end) of the best worker not in `skip` holding nothing of c."""
+    def cross(self, w: str, near: str | None) -> int:
+        """1 when w is off the node `near` (the previous segment's; None: the first segment)."""
+        return int(near is not None and self.node[w] != near)
+
+    def best_plain(
+        self, c: Chain, start: int, skip: set[str], near: str | None = None
+    ) -> tuple | None:
+        """(rank, worker, end) of the best worker not in `skip` holding nothing of c (every
+        one that fits reaches as far: on the node `near` first)."""
         top = next((w for _, w in self.by_room if w not in skip), None)
         if top is None:
             return None
@@ -218,23 +239,34 @@ class Cluster:
         if k == 0:
             return None
         need = costs[k - 1]
-        for key in self.by_tie:
-            w = key[2]
-            if w not in skip and self.room(w) >= need:
-                return (-(start + k), key[0], need, need, key[1], w), w, start + k
+        for keys in (self.by_tie_at.get(near, ()) if near is not None else (), self.by_tie):
+            for key in keys:
+                w = key[2]
+                if w not in skip and self.room(w) >= need:
+                    rank = (-(start + k), self.cross(w, near), key[0], need, need, key[1], w)
+                    return rank, w, start + k
         raise AssertionError("the worker with the most room fits")  # pragma: no cover
 
-    def best(self, m: ModelInfo, start: int, exclude: set[str], touching: set[str]) -> tuple | None:
-        """(rank, worker, end) of the worker that takes the segment of m from `start`."""
+    def best(
+        self,
+        m: ModelInfo,
+        start: int,
+        exclude: set[str],
+        touching: set[str],
+        near: str | None = None,
+    ) -> tuple | None:
+        """(rank, worker, end) of the worker that takes the segment of m from `start`; `near`:
+        the node of the replica's previous segment (module docstring)."""
         c = self.chain(m)
-        best = self.best_plain(c, start, exclude | touching)
+        best = self.best_plain(c, start, exclude | touching, near)
         for w in touching:
             if w in exclude:
                 continue
             end, new, churn = self.reach(w, c, start)
             if end == start:
                 continue
-            rank = (-end, round(self.load[w] / self.total, 2), new, churn, len(self.covers[w]), w)
+            load = round(self.load[w] / self.total, 2)
+            rank = (-end, self.cross(w, near), load, new, churn, len(self.covers[w]), w)
             if best is None or rank < best[0]:
                 best = (rank, w, end)
         return best
@@ -293,7 +325,7 @@ class Cluster:
         for b in self.workers[w].resident | self.workers[w].refused:
             self.resident_holders.get(b, set()).discard(w)
         del self.workers[w], self.used[w], self.load[w], self.covers[w]
-        del self.kv_layers[w], self.kv_page[w]
+        del self.kv_layers[w], self.kv_page[w], self.node[w]
 
 
 def place_replica(
@@ -305,12 +337,14 @@ def place_replica(
     touching = cl.touching(cl.chain(m))
     segments: list[Segment] = []
     pos = 0
+    near = None  # the node of the previous segment: the next one stays on it if it can
     while pos < len(m.chain):
-        best = cl.best(m, pos, exclude, touching)
+        best = cl.best(m, pos, exclude, touching, near)
         if best is None:
             return None
         _, w, end = best
         segments.append((w, pos, end))
+        near = cl.node[w]
         exclude.add(w)  # a replica visits a worker once
         pos = end
     for w, start, end in segments:

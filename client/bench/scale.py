@@ -14,7 +14,8 @@ Per size (models x workers) it reports:
   tried to route (`broker_route_tries`), STATS and STATUS body sizes, the
   planner's command bursts, hops per token of the 10 hottest models, weight memory vs budget,
   requests that arrived for a model no live worker covered (and how long they waited), and
-  the bytes per token that crossed nodes (workers in nodes of `per_node`, broker on node 0).
+  the bytes per token that crossed nodes (workers in nodes of `per_node`, broker on node 0):
+  relayed by the broker, and what hop-to-hop forwarding would send (scale_sim's docstring).
 Everything CPU-timed is real time on this machine (time.process_time); the workers' step
 times come from the cost model (scale_sim.StepCost).
 """
@@ -270,7 +271,10 @@ def run_size(
         "memory_used_mean": round(sum(used) / max(1, len(used)), 3),
         "waited_for_coverage": c.waited_for_coverage,
         "coverage_wait_s_p50": round(pct(c.coverage_wait_s, 0.5), 2),
-        "inter_node_bytes_per_token": round(c.inter_node_bytes / max(1, c.tokens)),
+        # relayed: what the broker on node 0 sends to and gets from other nodes (BlockLLM);
+        # hop to hop: what worker-to-worker forwarding would send across nodes (scale_sim)
+        "inter_node_bytes_per_token": round(c.relayed_bytes / max(1, c.tokens)),
+        "hop_to_hop_inter_node_bytes_per_token": round(c.hop_bytes / max(1, c.tokens)),
         "cross_node_hops_per_token": round(c.cross_node_hops / max(1, c.tokens), 3),
         "tokens": c.tokens,
         "requests_finished": c.finished,
@@ -297,7 +301,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("hops_per_token_hot", "hops/token (hot)"),
         ("memory_used_max", "mem/budget max"),
         ("waited_for_coverage", "waited for coverage"),
-        ("inter_node_bytes_per_token", "inter-node B/token"),
+        ("inter_node_bytes_per_token", "inter-node B/token (relayed)"),
+        ("hop_to_hop_inter_node_bytes_per_token", "inter-node B/token (hop to hop)"),
     ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

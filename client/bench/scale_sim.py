@@ -5,15 +5,24 @@ No sockets and no tensors: every message the broker sends is delivered to a simu
 after a network delay, and the peers answer with real protocol messages (READY, HEARTBEAT,
 RESULT, TOKEN...). A simulated worker batches the FORWARDs queued at it into one step whose
 time comes from a cost model (`StepCost`), answers LOAD_STAGE / UNLOAD_STAGE with READY after
-a load time, and pongs heartbeats. Workers sit in nodes; the broker is on node 0; a message
-costs `intra_ms` inside a node and `inter_ms` across. The broker's and the planner's CPU time
-is measured (time.process_time around their calls); everything else is the simulation's.
+a load time, and pongs heartbeats. Workers sit in nodes (READY's host is the node: the
+planner places by it); the broker is on node 0; a message costs `intra_ms` inside a node and
+`inter_ms` across. The broker's and the planner's CPU time is measured (time.process_time
+around their calls); everything else is the simulation's.
+
+Bytes across nodes, two figures: `relayed_bytes`, the tensor bytes of FORWARDs and RESULTs
+between the broker (node 0) and workers on other nodes: what BlockLLM sends, as every hop goes
+through the broker (a chain kept inside one node does not change it, unless that node is node
+0); and `hop_bytes`, the tensor bytes handed from one hop to the next when the two hops' workers
+are on different nodes: what worker-to-worker forwarding (or a broker per node) would send
+across nodes, which BlockLLM does not do. Node-aware placement lowers the second.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +52,7 @@ from blockllm.broker.protocol import (
     Token,
     UnloadStage,
 )
+from blockllm.broker.requests import split_wire_id
 from blockllm.broker.stats_delta import DeltaPublisher, StatsView
 from blockllm.client.bench.scale_synth import GB, Tenant, node_of
 from blockllm.zoo.chain import stage_key
@@ -51,6 +61,12 @@ from blockllm.zoo.manifest import ModelManifest
 CLIENT, PLANNER = b"client", b"planner"
 HIDDEN_BYTES = 2048 * 2  # one token's activation: hidden 2048 in bf16
 KV_TOTAL = 2 * GB
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "int64": 8, "int32": 4}
+
+
+def tensor_bytes(metas: Any) -> int:
+    """The bytes of a message's tensor frames, from their metadata."""
+    return sum(ITEMSIZE.get(t.dtype, 4) * math.prod(t.shape) for t in metas or ())
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,8 @@ class Counters:
     stats_cpu_s: list[float] = field(default_factory=list)
     status_bytes: list[int] = field(default_factory=list)
     hops: dict[str, list[int]] = field(default_factory=dict)  # model -> hops per token
-    inter_node_bytes: int = 0
+    relayed_bytes: int = 0  # tensor bytes between the broker (node 0) and other nodes
+    hop_bytes: int = 0  # tensor bytes from one hop to the next across nodes (module docstring)
     cross_node_hops: int = 0
     finished: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -226,12 +243,24 @@ class Sim:
         if w is not None:
             if isinstance(o.msg, Forward):
                 self.c.routed += 1
-                if w.node != "n000":  # the activation goes to the worker and comes back
-                    self.c.inter_node_bytes += 2 * HIDDEN_BYTES
+                self._count_bytes(w, o.msg)
             self.at(self.now + self._delay(w), self._worker_recv, w, o.msg)
         elif o.peer == CLIENT:
             self._client_recv(o.msg)
         # the planner's ACKs and errors need no answer here
+
+    def _count_bytes(self, w: SimWorker, fwd: Forward) -> None:
+        """A FORWARD's tensor bytes: relayed across nodes when `w` is off node 0, and handed
+        across nodes when the hop before it is on another node than `w`."""
+        nbytes = tensor_bytes(fwd.tensors)
+        if w.node != "n000":
+            self.c.relayed_bytes += nbytes
+        req = self.broker.requests.get(split_wire_id(fwd.request_id)[0])
+        route = req.route if req is not None else None
+        if route and 0 < req.hop < len(route) and route[req.hop].worker == w.identity:
+            prev = self.workers.get(route[req.hop - 1].worker)
+            if prev is not None and prev.node != w.node:
+                self.c.hop_bytes += nbytes
 
     def _tick(self) -> None:
         self._broker("tick", self.broker.tick, self.now)
@@ -388,6 +417,8 @@ class Sim:
                 positions = fwd.tensors[0].shape[0] if fwd.tensors else 1
                 meta = (TensorMeta("bfloat16", (positions, HIDDEN_BYTES // 2)),)
                 res, frames = Result(fwd.request_id, fwd.step, tensors=meta), (b"",)
+                if w.node != "n000":
+                    self.c.relayed_bytes += tensor_bytes(meta)
             self.at(self.now + self._delay(w), self.to_broker, w.identity, res, frames)
         if w.queue:
             self._step(w)

@@ -106,8 +106,11 @@ def node_of(worker: str) -> str:
 
 
 def make_workers(
-    n_workers: int, *, capacity: float = 8 * GB, per_node: int = 8
+    n_workers: int, *, capacity: float = 8 * GB, per_node: int = 8, nodes: bool = True
 ) -> list[WorkerInfo]:
-    return [
-        WorkerInfo(worker_name(i // per_node, i % per_node), capacity) for i in range(n_workers)
-    ]
+    """`n_workers` workers named by node (`n003.w01`); with `nodes`, each knows its node."""
+    out = []
+    for i in range(n_workers):
+        name = worker_name(i // per_node, i % per_node)
+        out.append(WorkerInfo(name, capacity, node=node_of(name) if nodes else ""))
+    return out

@@ -29,10 +29,12 @@ from blockllm.client.bench.scale_synth import (
 from tests.unit.placement_reference import reference_place
 
 
-def cluster(n_models: int, n_workers: int, capacity: float, seed: int = 0, **kw):
+def cluster(n_models: int, n_workers: int, capacity: float, seed: int = 0, nodes=True, **kw):
+    """Synthetic models and workers, 4 workers a node (`nodes`: each worker knows its node)."""
     tenants = make_tenants(n_models, layers=kw.pop("layers", 8), seed=seed, **kw)
     demand = zipf_demand([t.name for t in tenants], seed=seed)
-    return model_infos(tenants, demand), make_workers(n_workers, capacity=capacity, per_node=4)
+    workers = make_workers(n_workers, capacity=capacity, per_node=4, nodes=nodes)
+    return model_infos(tenants, demand), workers
 
 
 def same(a: Placement, b: Placement) -> None:
@@ -56,12 +58,16 @@ CASES = [  # models, workers, capacity: roomy, tight (chains split), too small (
 
 @pytest.mark.parametrize(("n_models", "n_workers", "capacity"), CASES)
 def test_indexed_place_equals_todays(n_models: int, n_workers: int, capacity: float) -> None:
-    models, workers = cluster(n_models, n_workers, capacity)
-    same(place(models, workers), reference_place(models, workers))
+    """Without nodes (each worker a node of its own) and with every worker on one node, the
+    placement is the scan's (the reference knows no nodes)."""
+    models, workers = cluster(n_models, n_workers, capacity, nodes=False)
+    want = reference_place(models, workers)
+    same(place(models, workers), want)
+    same(place(models, [replace(w, node="one") for w in workers]), want)
 
 
 def test_indexed_place_equals_todays_with_ties_resident_blocks_and_replica_caps() -> None:
-    models, workers = cluster(24, 5, 1.5 * GB, seed=3)
+    models, workers = cluster(24, 5, 1.5 * GB, seed=3, nodes=False)
     models[0] = replace(models[0], tied=True)  # a tied head holds the embedding too
     models = [*models, replace(models[1], name="zero", demand=0.0, owners=())]
     # the live cluster: worker 0 holds the hottest model's chain, worker 2 a family's layers
