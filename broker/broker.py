@@ -186,16 +186,14 @@ class Broker:
             if req.route is None and not self.flow.covered(req.model):
                 code = ErrorCode.NO_ROUTE
             out += self.flow.fail(req, code, f"deadline passed ({req.last_failure or 'waiting'})")
-        for w in list(self.state.workers.values()):
-            w.ban_ended(now)  # the requests waiting for it are tried again (broker/waiting.py)
-            if now >= w.expires_at:
-                self.state.counters["workers_expired"] += 1
-                out += self.membership.lose(w, now, "heartbeat expired")
-            elif now - w.last_recv >= self.cfg.heartbeat_s and now - w.last_ping >= (
-                self.cfg.heartbeat_s
-            ):
-                w.last_ping = now
-                out.append(Out(w.identity, Heartbeat()))
+        workers = self.state.workers  # its timers: heaps, not a scan of every worker
+        workers.bans_ended(now)  # the requests waiting for them are tried again (waiting.py)
+        for w in workers.expired(now):
+            self.state.counters["workers_expired"] += 1
+            out += self.membership.lose(w, now, "heartbeat expired")
+        for w in workers.pings_due(now, self.cfg.heartbeat_s):
+            w.last_ping = now
+            out.append(Out(w.identity, Heartbeat()))
         out += self.commands.tick(now) + self.hedging.tick(now) + self.flow.migration.tick(now)
         return out + self.flow.dispatch(now)
 

@@ -162,8 +162,12 @@ class Commands:
     def tick(self, now: float) -> list[Out]:
         """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up)."""
         out: list[Out] = []
-        for w in self.state.workers.values():
-            if not w.draining:
+        workers = self.state.workers
+        drains = workers.drains  # the workers whose drains changed: not a scan of every worker
+        for peer in sorted(drains, key=repr):
+            w = workers.get(peer)
+            if w is None or not w.draining:
+                drains.discard(peer)
                 continue
             running = self.state.requests_on(w.identity)
             for key, deadline in list(w.draining.items()):

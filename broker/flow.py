@@ -6,7 +6,6 @@ returns the messages to send. It owns the KV migration of moving requests (broke
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -24,7 +23,7 @@ from blockllm.broker.protocol import (
     Token,
 )
 from blockllm.broker.requests import RequestState, token_frame, wire_id
-from blockllm.broker.rewire import best_planned, same_route, signature
+from blockllm.broker.rewire import best_planned, same_route
 from blockllm.broker.routing import Hop, WorkerView, best_route
 from blockllm.broker.stage_index import LiveViews
 from blockllm.broker.state import BrokerState, Out
@@ -65,11 +64,7 @@ class RequestFlow:
             return None
         planned = self.state.preferred.get(model)
         if planned:
-            running = Counter(
-                signature(r.route)
-                for rid in self.state.by_model.get(model, ())
-                if (r := self.state.requests.get(rid)) is not None and r.route
-            )
+            running = self.state.running.get(model, {})  # requests per route (set_route)
             by_name = self.state.names()
             hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
             if hops is not None:
@@ -90,7 +85,7 @@ class RequestFlow:
             layers = sum(req.spec.decoder_layers_in(a, b) for a, b in hop.spans)
             w = self.state.workers.get(hop.worker)
             # in the dtype the worker serves the hop's stages in, in its arena's pages
-            dtypes = {s.key: s.dtype for s in w.stages} if w is not None else {}
+            dtypes = w.dtypes() if w is not None else {}
             dtype = next((dtypes[k] for k in hop.stage_keys if dtypes.get(k)), "")
             geometries = w.kv_geometries if w is not None else ()
             nbytes = kv_reservation(req.spec, geometries, dtype, layers, req.max_total_len)
@@ -154,7 +149,7 @@ class RequestFlow:
             st.waiting.remove(rid)
             for peer, nbytes in self.kv_need(req, route).items():
                 st.workers[peer].inflight[req.wire_id] = nbytes
-            req.route = route
+            st.set_route(req, route)
             req.routed_gen = st.routes_gen
             out.append(self.start_step(req, now))
         for model in failed_at:  # blocked until a worker serving it, or its stages, change
@@ -353,7 +348,7 @@ class RequestFlow:
         out = self.drop_shadow(req)
         out += self.migration.drop(req)
         out += self.release_route(req.route, req.wire_id)
-        req.route = None
+        self.state.set_route(req, None)
         return out
 
     def release_route(self, route: list[Hop] | None, wire: str) -> list[Out]:

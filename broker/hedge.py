@@ -145,7 +145,8 @@ class Hedging:
         assert sh is not None
         out = self.flow.release_route(req.route, req.wire_id)
         req.shadow = None
-        req.attempt, req.route, req.hop = sh.attempt, sh.route, sh.hop
+        self.state.set_route(req, sh.route)
+        req.attempt, req.hop = sh.attempt, sh.hop
         req.past_len = 0  # the shadow is a prefill: its remaining hops run with past_len 0
         req.routed_gen = self.state.routes_gen
         return out

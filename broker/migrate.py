@@ -238,7 +238,7 @@ class Migration:
         assert req.route is not None
         kept = {h.worker for h in mig.route}
         out = self.flow.release_route([h for h in req.route if h.worker not in kept], req.wire_id)
-        req.route = mig.route
+        self.state.set_route(req, mig.route)
         req.routed_gen = self.state.routes_gen
         req.prefill = False
         self.state.counters["migrations"] += 1

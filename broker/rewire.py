@@ -58,7 +58,7 @@ def resolve(
         view = views.get(peer) if peer is not None else None
         if view is None or not view.available:
             return None
-        hosted = {s.key for s in view.stages}
+        hosted = view.hosts()
         keys = tuple(key_of(model, start, end) for start, end in hop.spans)
         if any(k is None or k not in hosted for k in keys):
             return None

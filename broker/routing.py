@@ -52,6 +52,10 @@ class WorkerView:
     stages: Sequence[StageLike]
     load: float = 0.0
     available: bool = True
+    keys: frozenset[str] | None = None  # the stages' keys, when known (else computed)
+
+    def hosts(self) -> frozenset[str] | set[str]:
+        return self.keys if self.keys is not None else {s.key for s in self.stages}
 
 
 # -- static placement --------------------------------------------------------------------------
@@ -206,40 +210,72 @@ def _cheapest(
     with_cost: bool = False,
 ) -> Any:
     """The cheapest route over `edges` (find_route's cost), or None; with `with_cost`, as
-    ((cost, tie-break), hops). Unavailable workers are skipped as they come up."""
+    ((cost, tie-break), hops). Unavailable workers are skipped as they come up.
+
+    A DP over states (position, last worker), positions in order. A stage of worker w from
+    position p continues the state (p, w) (no new hop) or starts a hop from the cheapest state
+    at p whose last worker is not w: the first or the second cheapest (ties: the state reached
+    first), so a position costs its states plus its edges, not their product. Among equal
+    costs the state reached first wins, as in a scan of every state for every edge."""
     usable: dict[Hashable, bool] = {}
-    # DAG over (position, last worker): positions only increase, so one pass in order
     Cost = tuple[int, float, int]
+    # state -> (cost, previous state, stage); states reached in order: position -> [state]
     best: dict[tuple[int, Any], tuple[Cost, Any, Any]] = {(0, None): ((0, 0.0, 0), None, None)}
-    at: dict[int, list[tuple[int, Any]]] = {0: [(0, None)]}  # position -> states, as inserted
+    at: dict[int, list[tuple[int, Any]]] = {0: [(0, None)]}
     for pos in range(chain_len):
-        states = [(s, best[s]) for s in at.get(pos, ())]
-        for (_, last), ((hops, load, n), _, _) in states:
-            for worker, stage in edges.get(pos, ()):
-                ok = usable.get(worker)
-                if ok is None:
-                    view = workers_view.get(worker)
-                    ok = usable[worker] = view is not None and view.available
-                if not ok:
-                    continue
-                new_hop = worker != last
-                cost = (
-                    hops + new_hop,
-                    load + (workers_view[worker].load if new_hop else 0.0),
-                    n + 1,
-                )
-                state = (stage.end, worker)
-                if state not in best:
-                    at.setdefault(stage.end, []).append(state)
-                    best[state] = (cost, (pos, last), stage)
-                elif cost < best[state][0]:
-                    best[state] = (cost, (pos, last), stage)
+        states = at.get(pos)
+        found = edges.get(pos)
+        if not states or not found:
+            continue
+        # the two cheapest states at pos (the first reached among equal costs)
+        first = second = None
+        for s in states:
+            if first is None or best[s][0] < best[first][0]:
+                first, second = s, first
+            elif second is None or best[s][0] < best[second][0]:
+                second = s
+        for worker, stage in found:
+            ok = usable.get(worker)
+            if ok is None:
+                view = workers_view.get(worker)
+                ok = usable[worker] = view is not None and view.available
+            if not ok:
+                continue
+            src = first if first[1] != worker else second
+            pick = None
+            if src is not None:
+                (hops, load, n) = best[src][0]
+                pick = ((hops + 1, load + workers_view[worker].load, n + 1), src)
+            same = (pos, worker)
+            if same in best:  # go on on the same worker: no new hop
+                (hops, load, n) = best[same][0]
+                cost = (hops, load, n + 1)
+                if (
+                    pick is None
+                    or cost < pick[0]
+                    or (cost == pick[0] and _before(states, same, src))
+                ):
+                    pick = (cost, same)
+            if pick is None:
+                continue
+            cost, prev = pick
+            state = (stage.end, worker)
+            if state not in best:
+                at.setdefault(stage.end, []).append(state)
+                best[state] = (cost, prev, stage)
+            elif cost < best[state][0]:
+                best[state] = (cost, prev, stage)
     finals = [(best[s][0], _order(s[1]), s) for s in at.get(chain_len, ())]
     if not finals:
         return None
     cost, order, state = min(finals, key=lambda f: (f[0], f[1]))
     hops = _backtrack(best, state)
     return ((cost, order), hops) if with_cost else hops
+
+
+def _before(states: list[tuple[int, Any]], a: tuple[int, Any], b: Any) -> bool:
+    """Whether state a was reached before state b at their position (b None: no b)."""
+    return b is None or states.index(a) < states.index(b)
 
 
 def _order(worker: Hashable) -> str:

@@ -9,13 +9,15 @@ model (start position -> [(worker, stage)]) are then its key over each span its 
 advertise, looked up: work in the number of distinct spans (at most chain_len^2 / 2), not in
 workers x stages. Edges are listed in the
 order `routing.find_route`'s scan would meet them (workers by `repr`, then each worker's stage
-order), so the same route is chosen.
+order, which changes no route: a stage that only moved in its worker's list drops nothing), so
+the same route is chosen.
 
 Freshness, without a scan: the worker registry (`workers.Registry`) collects the workers whose
 stages or drains changed, or that joined or left; only their entries are re-indexed, and only
 the cached edges that looked up the keys of the stages that went or came are dropped (and, for
 a stage over a span its family's stages did not advertise before, which no cached edges of that
-family looked up, those of the family's models); all of them when `keys_gen` says the models'
+family looked up, those of the family's models whose key over the span is advertised: the
+others watch that key from then on); all of them when `keys_gen` says the models'
 stage keys may have changed (reload, SET_CHAIN), or a stage of an unknown model brings a span.
 What was dropped is kept for `take_dropped`: the waiting requests of those models may have a
 route now (broker/waiting.py).
@@ -52,6 +54,8 @@ class StageIndex:
         self._edges: dict[str, Edges] = {}
         self._coverable: dict[str, bool] = {}
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
+        self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
+        self._key_of: KeyOf = lambda model, start, end: None  # the last `edges` call's
         # key -> models whose cached edges looked it up; model -> (family, keys it looked up)
         self._watch: dict[str, set[str]] = {}
         self._looked: dict[str, tuple[Hashable, tuple[str, ...]]] = {}
@@ -89,10 +93,10 @@ class StageIndex:
             if w is not None:
                 born |= self._index(peer, w)
             now = self._indexed.get(peer, ("", (), ()))[1]
-            # a stage that came, went, or moved in the worker's order (edges list a worker's
-            # stages in that order, as routing.find_route's scan meets them)
-            moved = {(i, st) for i, st in enumerate(old)} ^ {(i, st) for i, st in enumerate(now)}
-            changed.update(st.key for _, st in moved)
+            # a stage that came or went (not one that only moved in the worker's order: the
+            # order of one worker's stages in the edges changes no route, as two of its stages
+            # from one position end at different positions: routing._cheapest)
+            changed.update(st.key for st in set(old) ^ set(now))
         dirty.clear()
         self._after(changed, born - died, {fam for fam, _ in born | died})
 
@@ -140,8 +144,9 @@ class StageIndex:
         self, changed: set[str], born: set[tuple[Hashable, Any]], respan: set[Hashable]
     ) -> None:
         """Re-sort the spans of the `respan` families; drop the cached edges that looked up a
-        `changed` key, and those of the families a span was `born` to (their cached edges did
-        not look it up); every model's when such a family is unknown."""
+        `changed` key, and, for a span `born` to a family (its models' cached edges did not
+        look it up), those of the family's models whose key over it a stage advertises (the
+        others watch that key from now on); every model's when such a family is unknown."""
         families = {fam for fam, _ in born}
         for fam in respan:
             counts = self.span_count.get(fam)
@@ -157,12 +162,23 @@ class StageIndex:
         for key in changed:
             for model in list(self._watch.get(key, ())):
                 self._drop(model)
-        for fam in families:
+        for fam, (start, end) in born:
             for model in list(self._families.get(fam, ())):
-                self._drop(model)
+                chain_len = self._chain_len.get(model, 0)
+                ok = 0 <= start < end <= chain_len
+                key = self._key_of(model, start, end) if ok else None
+                if key is None:
+                    continue  # no key of the model there: its edges cannot use the span
+                if key in self.by_key:
+                    self._drop(model)
+                else:  # nothing serves it there yet: a stage that comes drops its edges
+                    self._watch.setdefault(key, set()).add(model)
+                    fam_, keys = self._looked[model]
+                    self._looked[model] = (fam_, (*keys, key))
 
     def _drop(self, model: str) -> None:
         self._edges.pop(model, None)
+        self._chain_len.pop(model, None)
         self._coverable.pop(model, None)
         fam, keys = self._looked.pop(model, (None, ()))
         for key in keys:
@@ -180,7 +196,7 @@ class StageIndex:
 
     def _drop_all(self) -> None:
         self._edges, self._coverable, self._families = {}, {}, {}
-        self._watch, self._looked = {}, {}
+        self._watch, self._looked, self._chain_len = {}, {}, {}
         self.dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
@@ -214,6 +230,7 @@ class StageIndex:
     ) -> Edges:
         """Start position -> [(worker, stage)] of the live stages serving `model`: its key
         looked up over each span its family's stages (or stages of unknown models) advertise."""
+        self._key_of = key_of
         self._fresh(workers, keys_gen)
         out = self._edges.get(model)
         if out is None:
@@ -241,6 +258,7 @@ class StageIndex:
             self._edges[model] = out
             self._families.setdefault(fam, set()).add(model)
             self._looked[model] = (fam, tuple(looked))
+            self._chain_len[model] = chain_len
         return out
 
     def coverable(
@@ -283,7 +301,7 @@ class LiveViews(Mapping):
         view = self._views.get(peer)
         if view is None:
             w = self.workers[peer]
-            view = WorkerView(w.live_stages(), w.load(), self.available(peer, w))
+            view = WorkerView(w.live_stages(), w.load(), self.available(peer, w), w.live_keys())
             self._views[peer] = view
         return view
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ from blockllm.broker.config import BrokerConfig
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Substitution
 from blockllm.broker.requests import RequestState, split_wire_id
+from blockllm.broker.rewire import signature
+from blockllm.broker.routing import Hop
 from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
 from blockllm.broker.status import COUNTERS
@@ -77,7 +80,7 @@ class BrokerState:
         self.catalog = catalog
         self.stage_key = stage_key
         self.models: dict[str, ModelSpec] = {}
-        self.workers: dict[bytes, WorkerState] = Registry()
+        self.workers: Registry = Registry()  # identity -> WorkerState
         self.stage_index = StageIndex(self.family_of)
         self.keys_gen = 0  # moves when stage keys of models may change (reload, SET_CHAIN)
         self.requests: dict[str, RequestState] = {}
@@ -85,6 +88,9 @@ class BrokerState:
         self.waiting = WaitQueue(lambda rid: self.requests[rid].model)
         self.by_client: dict[tuple[bytes, str], str] = {}  # (client, its id) -> request id
         self.by_model: dict[str, set[str]] = {}  # model -> its request ids
+        # model -> route signature -> its requests on that route (set_route keeps it; the
+        # planned routes are chosen by it: broker/rewire.py)
+        self.running: dict[str, Counter] = {}
         # (deadline, request id) of every request, earliest first: the timer pops the ones
         # past due instead of scanning every request (entries of finished ones are skipped)
         self.deadlines: list[tuple[float, str]] = []
@@ -156,6 +162,21 @@ class BrokerState:
         if len(self.deadlines) > 2 * len(self.requests) + 64:  # mostly finished ones: compact
             self.deadlines = [(d, r) for d, r in self.deadlines if r in self.requests]
             heapq.heapify(self.deadlines)
+
+    def set_route(self, req: RequestState, route: list[Hop] | None) -> None:
+        """Give the request `route` (None: none), counting the model's requests per route."""
+        counts = self.running.get(req.model)
+        if req.route:
+            assert counts is not None
+            sig = signature(req.route)
+            counts[sig] -= 1
+            if counts[sig] <= 0:
+                del counts[sig]
+                if not counts:
+                    del self.running[req.model]
+        req.route = route
+        if route:
+            self.running.setdefault(req.model, Counter())[signature(route)] += 1
 
     def hop_sent(self, req: RequestState, now: float) -> None:
         """The request's current hop was sent at `now` (what hedging measures lateness from)."""

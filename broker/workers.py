@@ -8,6 +8,8 @@ burst of requests cannot overrun a worker that has not reported yet:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from blockllm.broker.protocol import Heartbeat, KVGeometryUse, Ready, StageRef
 
 TIMINGS_MAX = 64  # names kept from a worker's heartbeat timings
+_SEQ = itertools.count()  # ties in the timer heaps: first pushed first
 
 
 def clean_timings(timings: Any) -> dict[str, float]:
@@ -108,23 +111,88 @@ class Inflight(dict):
             self._gone()
 
 
+Timer = list[tuple[float, int, "WorkerState"]]  # a heap of (when, tie, worker)
+
+
 class Registry(Watched):
     """The broker's workers by identity. `dirty` collects the identities whose stages or drains
     changed, or that joined or left, since the routing index (broker/stage_index.py) last
     looked: it is updated from those alone. `freed` collects those that may take more work
     (a reservation released, a report that raised their credit, a ban that ended) since the
-    waiting requests (broker/waiting.py) last looked."""
+    waiting requests (broker/waiting.py) last looked. `drains` holds those whose drains changed
+    (the drain timer looks at them alone: broker/commands.py).
+
+    The broker's timer finds the workers whose ban ended, whose heartbeat expired or that are
+    due a ping from heaps (`bans_ended`, `expired`, `pings_due`), not a scan of every worker:
+    a worker has one entry in the expiry and the ping heaps, pushed again, later, when it is
+    popped and not yet due (a message since moved its time), and one in the ban heap per ban."""
 
     def __init__(self) -> None:
         self.dirty: set[Any] = set()
         self.freed: set[Any] = set()
+        self.drains: set[Any] = set()
+        self.bans: Timer = []
+        self._expiry: Timer = []
+        self._pings: Timer = []
         super().__init__(notify=self.dirty.add)
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        old = self.get(key)
         super().__setitem__(key, value)
         if isinstance(value, WorkerState):
             object.__setattr__(value, "watch", self.dirty)
             object.__setattr__(value, "freed", self.freed)
+            object.__setattr__(value, "registry", self)
+            if value is not old:  # a new registration: on the timers
+                _push(self._expiry, value.expires_at, value)
+                _push(self._pings, 0.0, value)
+                if value.draining:
+                    self.drains.add(key)
+
+    def _current(self, w: WorkerState) -> bool:
+        return self.get(w.identity) is w
+
+    def bans_ended(self, now: float) -> list[WorkerState]:
+        """The registered workers whose ban ended by `now` (`WorkerState.ban_ended` said so)."""
+        out = []
+        while self.bans and self.bans[0][0] <= now:
+            w = heapq.heappop(self.bans)[2]
+            if self._current(w) and w.ban_ended(now):
+                out.append(w)
+        return out
+
+    def expired(self, now: float) -> list[WorkerState]:
+        """The registered workers silent past their expiry (the caller loses them: they leave
+        the timers)."""
+        out = []
+        while self._expiry and self._expiry[0][0] <= now:
+            w = heapq.heappop(self._expiry)[2]
+            if not self._current(w):
+                continue
+            if now >= w.expires_at:
+                out.append(w)
+            else:
+                _push(self._expiry, w.expires_at, w)
+        return out
+
+    def pings_due(self, now: float, every: float) -> list[WorkerState]:
+        """The registered workers neither heard from nor pinged for `every` seconds; they are
+        due again `every` after now (the caller pings them and sets `last_ping`)."""
+        out = []
+        while self._pings and self._pings[0][0] <= now:
+            w = heapq.heappop(self._pings)[2]
+            if not self._current(w):
+                continue
+            due = max(w.last_recv, w.last_ping) + every
+            if now >= due:
+                out.append(w)
+                due = now + every
+            _push(self._pings, due, w)
+        return out
+
+
+def _push(heap: Timer, when: float, w: WorkerState) -> None:
+    heapq.heappush(heap, (when, next(_SEQ), w))
 
 
 @dataclass(slots=True)
@@ -180,10 +248,16 @@ class WorkerState:
     watch: set[Any] | None = field(default=None, repr=False, compare=False)
     # the Registry's freed set once registered: told when the worker may take more work
     freed: set[Any] | None = field(default=None, repr=False, compare=False)
+    # the Registry once registered: its ban timer and the workers whose drains changed
+    registry: Registry | None = field(default=None, repr=False, compare=False)
+    # the keys of the live stages and the items queued, kept until the stages or queues change
+    _keys: frozenset[str] | None = field(default=None, repr=False, compare=False)
+    _dtypes: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    _queued: int = field(default=0, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "draining":
-            value = Watched(value, notify=self._stages_changed)
+            value = Watched(value, notify=self._drains_changed)
         elif name == "inflight":
             value = Inflight(value, freed=self._credit_rose)
         if name in ("stages", "draining"):
@@ -196,9 +270,17 @@ class WorkerState:
             freed.add(self.identity)
 
     def _stages_changed(self, key: Any = None) -> None:
+        object.__setattr__(self, "_keys", None)
+        object.__setattr__(self, "_dtypes", None)
         watch = getattr(self, "watch", None)
         if watch is not None:
             watch.add(self.identity)
+
+    def _drains_changed(self, key: Any = None) -> None:
+        self._stages_changed()
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            registry.drains.add(self.identity)
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float, expiry_s: float) -> WorkerState:
@@ -233,6 +315,7 @@ class WorkerState:
 
     def apply_heartbeat(self, msg: Heartbeat) -> None:
         self.queue_depths = dict(msg.queue_depths)
+        self._queued = sum(v for v in self.queue_depths.values() if v > 0)
         self.rss_bytes = msg.rss_bytes
         self.steps = msg.steps
         self.step_ms_p50 = msg.step_ms_p50
@@ -289,8 +372,7 @@ class WorkerState:
         """Busy fraction of its slots plus a small weight for queued work (lower is better)."""
         busy = len(self.inflight)
         capacity = busy + max(0, self.credit_slots())
-        queued = sum(v for v in self.queue_depths.values() if v > 0)
-        return (busy / capacity if capacity else 1.0) + 0.001 * queued
+        return (busy / capacity if capacity else 1.0) + 0.001 * self._queued
 
     # -- bans (CACHE_FULL / QUEUE_FULL back-off) -------------------------------------------
     def ban(self, now: float, base_s: float, max_s: float) -> float:
@@ -298,6 +380,8 @@ class WorkerState:
         self.ban_count += 1
         seconds = min(max_s, base_s * 2 ** min(self.ban_count - 1, 30))
         self.banned_until = now + seconds
+        if self.registry is not None:
+            _push(self.registry.bans, self.banned_until, self)
         return seconds
 
     def banned(self, now: float) -> bool:
@@ -313,6 +397,22 @@ class WorkerState:
 
     def stage_keys(self) -> frozenset[str]:
         return frozenset(s.key for s in self.stages)
+
+    def dtypes(self) -> dict[str, str]:
+        """Stage key -> the dtype it is served in (kept until the stages change)."""
+        out = self._dtypes
+        if out is None:
+            out = {s.key: s.dtype for s in self.stages}
+            object.__setattr__(self, "_dtypes", out)
+        return out
+
+    def live_keys(self) -> frozenset[str]:
+        """The keys of `live_stages` (kept until the stages or the drains change)."""
+        keys = self._keys
+        if keys is None:
+            keys = frozenset(s.key for s in self.live_stages())
+            object.__setattr__(self, "_keys", keys)
+        return keys
 
     def live_stages(self) -> tuple[StageRef, ...]:
         """The stages new routes may use: all but those being drained for an unload."""

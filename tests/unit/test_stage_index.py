@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from blockllm.broker.broker import Broker
 from blockllm.broker.config import BrokerConfig
-from blockllm.broker.protocol import PROTOCOL_VERSION, Ready, StageRef
+from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, Ready, StageRef
 from blockllm.broker.routing import WorkerView, find_route
 from blockllm.broker.stage_index import LiveViews
 from blockllm.zoo.chain import stage_key
@@ -60,17 +60,28 @@ def test_indexed_routes_equal_the_scan_while_the_cluster_changes() -> None:
     b = broker_with(models)
     for i in range(12):
         ready(b, models, f"w{i:02d}", random_stages(rng, names))
-    for round_ in range(30):
-        what = rng.randrange(4)
+    for round_ in range(40):
+        what = rng.randrange(5)
         peer = rng.choice(sorted(b.workers))
         if what == 0:  # a worker re-registers with other stages
             ready(b, models, peer.decode(), random_stages(rng, names))
+        elif what == 4:  # ... with the same stages in another order, one more or one less
+            stages = [(s.model, s.start, s.end) for s in b.workers[peer].stages]
+            rng.shuffle(stages)
+            if stages and rng.random() < 0.5:
+                stages.pop(rng.randrange(len(stages)))
+            else:
+                stages += random_stages(rng, names)[:1]
+            ready(b, models, peer.decode(), stages)
         elif what == 1 and b.workers[peer].stages:  # a stage starts draining
             b.workers[peer].draining[b.workers[peer].stages[0].key] = 1e9
         elif what == 2:  # a worker is lost
             b.peer_lost(peer, 0.0)
         else:  # a new worker
             ready(b, models, f"x{round_:02d}", random_stages(rng, names))
+        for p in sorted(b.workers):  # loads: some equal (ties), some not
+            queued = {"q": rng.choice((0, 0, 3, 7))}
+            b.handle(p, Heartbeat(free_slots=8, queue_depths=queued), (), 0.0)
         busy = {p for p in b.workers if rng.random() < 0.3}
         for model in names:
             assert b.flow.route(model, LiveViews(b.workers, lambda p, w: True)) == scan_route(
