@@ -67,6 +67,7 @@ class Membership:
             self._check_keys(msg)
             return []
         restarted = old.pid != msg.pid
+        checked = old.stage_keys()  # their keys were checked when they came
         kept = frozenset() if restarted else {s.key for s in msg.stages}
         out: list[Out] = []
         for req in self.state.requests_on(peer):
@@ -77,12 +78,15 @@ class Membership:
             old.inflight.clear()
         old.apply_ready(msg)
         logger.info("[ready] worker %s re-registered: %d stages", msg.name, len(msg.stages))
-        self._check_keys(msg)
+        self._check_keys(msg, frozenset() if restarted else checked)
         return out
 
-    def _check_keys(self, msg: Ready) -> None:
-        """Warn when a stage's key is not what this broker computes (it would never route)."""
+    def _check_keys(self, msg: Ready, checked: frozenset[str] = frozenset()) -> None:
+        """Warn when a stage's key is not what this broker computes (it would never route);
+        the stages whose keys are `checked` already are skipped."""
         for s in msg.stages:
+            if s.key in checked:
+                continue
             spec = self.state.models.get(s.model)
             key = s.key if spec is None else self.state.own_key(spec, s.start, s.end)
             if key != s.key:

@@ -31,7 +31,7 @@ from typing import Any
 from blockllm.broker.routing import WorkerView
 
 Edges = dict[int, list[tuple[Hashable, Any]]]
-Entry = tuple[tuple[str, int], Hashable, Any]  # ((repr(worker), stage index), worker, stage)
+Entry = tuple[tuple[str, str], Hashable, Any]  # ((repr(worker), dtype), worker, stage)
 KeyOf = Callable[[str, int, int], "str | None"]
 
 
@@ -41,24 +41,30 @@ class StageIndex:
 
     def __init__(self, family_of: Callable[[str], Hashable | None]) -> None:
         self.family_of = family_of
-        self.by_key: dict[str, dict[Hashable, Entry]] = {}  # key -> peer -> its entry
+        # key -> (peer, dtype) -> its entry
+        self.by_key: dict[str, dict[tuple[Hashable, str], Entry]] = {}
         # family -> span -> stages advertising it (a stage of an unknown model: family None,
         # whose spans every model looks up)
         self.span_count: dict[Hashable, dict[tuple[int, int], int]] = {}
         self._spans: dict[Hashable, list[tuple[int, int]]] = {}  # sorted, per family
         self.names: dict[str, Hashable] = {}  # worker name -> peer
-        # peer -> (name, stages, each stage's family when indexed)
-        self._indexed: dict[Hashable, tuple[str, tuple[Any, ...], tuple[Hashable, ...]]] = {}
+        # peer -> (name, (key, dtype) -> (its live stage, the stage's family when indexed))
+        self._indexed: dict[Hashable, tuple[str, dict[tuple[str, str], tuple[Any, Hashable]]]] = {}
         self._keys_gen = -1
         self._built = False
         self._edges: dict[str, Edges] = {}
         self._coverable: dict[str, bool] = {}
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
         self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
+        # model -> (spans generation, chain length, [(start, key)]): `_span_keys`
+        self._span_gen: dict[Hashable, int] = {}  # family -> changes of its spans
+        self._spans_keyed: dict[str, tuple[Any, int, list[tuple[int, str]]]] = {}
         self._key_of: KeyOf = lambda model, start, end: None  # the last `edges` call's
-        # key -> models whose cached edges looked it up; model -> (family, keys it looked up)
+        # key -> models whose edges looked it up (some may have none cached now: `_drop`);
+        # model -> the family of its cached edges; model -> the span keys it watches
         self._watch: dict[str, set[str]] = {}
-        self._looked: dict[str, tuple[Hashable, tuple[str, ...]]] = {}
+        self._family_of_cached: dict[str, Hashable] = {}
+        self._watched: dict[str, list[tuple[int, str]]] = {}
         # what was dropped since `take_dropped` (the waiting requests of those models may have
         # a route now: broker/waiting.py)
         self.dropped: set[str] = set()
@@ -73,9 +79,9 @@ class StageIndex:
         if not self._built or dirty is None:  # first use, or a plain dict: index everything
             self._built = dirty is not None
             for peer in list(self._indexed):
-                self._unindex(peer)
+                self._reindex(peer, None)
             for peer in workers:
-                self._index(peer, workers[peer])
+                self._reindex(peer, workers[peer])
             if dirty is not None:
                 dirty.clear()
             self._spans = {f: sorted(spans) for f, spans in self.span_count.items()}
@@ -83,53 +89,44 @@ class StageIndex:
             return
         if not dirty:
             return
-        changed: set[str] = set()  # keys of the stages that went, came or moved
+        changed: set[str] = set()  # keys of the stages that went or came
         born: set[tuple[Hashable, tuple[int, int]]] = set()  # (family, span) that appeared...
         died: set[tuple[Hashable, tuple[int, int]]] = set()  # ... or went (maybe both)
         for peer in list(dirty):
-            old = self._indexed.get(peer, ("", (), ()))[1]
-            died |= self._unindex(peer)
-            w = workers.get(peer)
-            if w is not None:
-                born |= self._index(peer, w)
-            now = self._indexed.get(peer, ("", (), ()))[1]
-            # a stage that came or went (not one that only moved in the worker's order: the
-            # order of one worker's stages in the edges changes no route, as two of its stages
-            # from one position end at different positions: routing._cheapest)
-            changed.update(st.key for st in set(old) ^ set(now))
+            self._reindex(peer, workers.get(peer), changed, born, died)
         dirty.clear()
         self._after(changed, born - died, {fam for fam, _ in born | died})
 
-    def _index(self, peer: Hashable, w: Any) -> set[tuple[Hashable, Any]]:
-        """Index `w`'s live stages; the (family, span) pairs no stage advertised before."""
-        stages = tuple(w.live_stages())
-        fams = tuple(self.family_of(s.model) for s in stages)
-        self._indexed[peer] = (w.name, stages, fams)
-        self.names[w.name] = peer
-        order = repr(peer)
-        born = set()
-        for i, (s, fam) in enumerate(zip(stages, fams, strict=True)):
-            self.by_key.setdefault(s.key, {})[peer] = ((order, i), peer, s)
-            counts = self.span_count.setdefault(fam, {})
-            span = (s.start, s.end)
-            if span not in counts:
-                born.add((fam, span))
-            counts[span] = counts.get(span, 0) + 1
-        return born
-
-    def _unindex(self, peer: Hashable) -> set[tuple[Hashable, Any]]:
-        """Forget `peer`'s entries; the (family, span) pairs no stage advertises any more."""
-        old = self._indexed.pop(peer, None)
-        if old is None:
-            return set()
-        name, stages, fams = old
-        if self.names.get(name) == peer:
+    def _reindex(
+        self,
+        peer: Hashable,
+        w: Any,
+        changed: set[str] | None = None,
+        born: set[tuple[Hashable, Any]] | None = None,
+        died: set[tuple[Hashable, Any]] | None = None,
+    ) -> None:
+        """Index `w`'s live stages (None: the worker left) in place of what `peer` had: only
+        the stages that came or went are touched (a stage is its (key, dtype): the order of
+        one worker's stages changes no route, as two of its stages from one position end at
+        different positions: routing._cheapest). Their keys go to `changed`, the (family,
+        span) pairs no stage advertised before to `born`, those none advertises now to
+        `died`."""
+        changed = set() if changed is None else changed
+        born = set() if born is None else born
+        died = set() if died is None else died
+        name, old = self._indexed.pop(peer, ("", {}))
+        now = {} if w is None else {(s.key, getattr(s, "dtype", "")): s for s in w.live_stages()}
+        if name and self.names.get(name) == peer and (w is None or w.name != name):
             del self.names[name]
-        died = set()
-        for s, fam in zip(stages, fams, strict=True):
+        kept: dict[tuple[str, str], tuple[Any, Hashable]] = {}
+        for k, (s, fam) in old.items():
+            if k in now:
+                kept[k] = (s, fam)
+                continue
+            changed.add(s.key)
             entries = self.by_key.get(s.key)
             if entries is not None:
-                entries.pop(peer, None)
+                entries.pop((peer, k[1]), None)
                 if not entries:
                     del self.by_key[s.key]
             counts = self.span_count[fam]
@@ -138,7 +135,23 @@ class StageIndex:
             if not counts[span]:
                 del counts[span]
                 died.add((fam, span))
-        return died
+        if w is None:
+            return
+        order = repr(peer)
+        for k, s in now.items():
+            if k in kept:
+                continue
+            fam = self.family_of(s.model)
+            kept[k] = (s, fam)
+            changed.add(s.key)
+            self.by_key.setdefault(s.key, {})[(peer, k[1])] = ((order, k[1]), peer, s)
+            counts = self.span_count.setdefault(fam, {})
+            span = (s.start, s.end)
+            if span not in counts:
+                born.add((fam, span))
+            counts[span] = counts.get(span, 0) + 1
+        self._indexed[peer] = (w.name, kept)
+        self.names[w.name] = peer
 
     def _after(
         self, changed: set[str], born: set[tuple[Hashable, Any]], respan: set[Hashable]
@@ -149,6 +162,7 @@ class StageIndex:
         others watch that key from now on); every model's when such a family is unknown."""
         families = {fam for fam, _ in born}
         for fam in respan:
+            self._span_gen[fam] = self._span_gen.get(fam, 0) + 1
             counts = self.span_count.get(fam)
             if counts:
                 self._spans[fam] = sorted(counts)
@@ -173,20 +187,16 @@ class StageIndex:
                     self._drop(model)
                 else:  # nothing serves it there yet: a stage that comes drops its edges
                     self._watch.setdefault(key, set()).add(model)
-                    fam_, keys = self._looked[model]
-                    self._looked[model] = (fam_, (*keys, key))
 
     def _drop(self, model: str) -> None:
-        self._edges.pop(model, None)
+        """Forget the model's cached edges (a model without any: nothing). Its watches stay:
+        a key that changes drops only models with cached edges, and a rebuild watches the
+        same keys again unless its family's spans changed."""
+        if self._edges.pop(model, None) is None:
+            return
         self._chain_len.pop(model, None)
         self._coverable.pop(model, None)
-        fam, keys = self._looked.pop(model, (None, ()))
-        for key in keys:
-            watchers = self._watch.get(key)
-            if watchers is not None:
-                watchers.discard(model)
-                if not watchers:
-                    del self._watch[key]
+        fam = self._family_of_cached.pop(model, None)
         same = self._families.get(fam)
         if same is not None:
             same.discard(model)
@@ -196,7 +206,8 @@ class StageIndex:
 
     def _drop_all(self) -> None:
         self._edges, self._coverable, self._families = {}, {}, {}
-        self._watch, self._looked, self._chain_len = {}, {}, {}
+        self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
+        self._spans_keyed, self._watched = {}, {}
         self.dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
@@ -235,20 +246,15 @@ class StageIndex:
         out = self._edges.get(model)
         if out is None:
             fam = self.family_of(model)
-            spans = self._spans.get(fam, [])
-            if fam is not None and None in self._spans:
-                spans = sorted({*spans, *self._spans[None]})
             found: dict[int, list[Entry]] = {}
-            looked: list[str] = []
-            for start, end in spans:
-                if not 0 <= start < end <= chain_len:
-                    continue
-                key = key_of(model, start, end)
-                if key is None:
-                    continue
-                looked.append(key)
-                self._watch.setdefault(key, set()).add(model)
-                entries = self.by_key.get(key)
+            looked = self._span_keys(model, fam, chain_len, key_of)
+            if self._watched.get(model) is not looked:  # (watched since its spans changed)
+                for _, key in looked:
+                    self._watch.setdefault(key, set()).add(model)
+                self._watched[model] = looked
+            by_key = self.by_key
+            for start, key in looked:
+                entries = by_key.get(key)
                 if entries:
                     found.setdefault(start, []).extend(entries.values())
             out = {
@@ -257,8 +263,27 @@ class StageIndex:
             }
             self._edges[model] = out
             self._families.setdefault(fam, set()).add(model)
-            self._looked[model] = (fam, tuple(looked))
+            self._family_of_cached[model] = fam
             self._chain_len[model] = chain_len
+        return out
+
+    def _span_keys(
+        self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf
+    ) -> list[tuple[int, str]]:
+        """(start, the model's key) over each span its family's stages (or stages of unknown
+        models) advertise: kept until those spans change (or the keys: `_drop_all`)."""
+        gen = (self._span_gen.get(fam, 0), self._span_gen.get(None, 0))
+        hit = self._spans_keyed.get(model)
+        if hit is not None and hit[0] == gen and hit[1] == chain_len:
+            return hit[2]
+        spans = self._spans.get(fam, [])
+        if fam is not None and None in self._spans:
+            spans = sorted({*spans, *self._spans[None]})
+        out = []
+        for start, end in spans:
+            if 0 <= start < end <= chain_len and (key := key_of(model, start, end)) is not None:
+                out.append((start, key))
+        self._spans_keyed[model] = (gen, chain_len, out)
         return out
 
     def coverable(
