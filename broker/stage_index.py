@@ -226,7 +226,8 @@ class StageIndex:
         keys_gen: int,
         key_of: KeyOf,
     ) -> set[Hashable]:
-        """The workers advertising a live stage that serves `model`."""
+        """The workers advertising a live stage that serves `model` on some chain of them to
+        the end (those whose credit a waiting request of it may need)."""
         edges = self.edges(model, chain_len, workers, keys_gen, key_of)
         return {peer for found in edges.values() for peer, _ in found}
 
@@ -240,7 +241,8 @@ class StageIndex:
         key_of: KeyOf,
     ) -> Edges:
         """Start position -> [(worker, stage)] of the live stages serving `model`: its key
-        looked up over each span its family's stages (or stages of unknown models) advertise."""
+        looked up over each span its family's stages (or stages of unknown models) advertise;
+        only those on some chain of them to the end (the others are in no route)."""
         self._key_of = key_of
         self._fresh(workers, keys_gen)
         out = self._edges.get(model)
@@ -257,10 +259,15 @@ class StageIndex:
                 entries = by_key.get(key)
                 if entries:
                     found.setdefault(start, []).extend(entries.values())
-            out = {
-                start: [(peer, s) for _, peer, s in sorted(entries, key=lambda e: e[0])]
-                for start, entries in found.items()
-            }
+            # only the stages on some chain to the end (one ending where nothing goes on to the
+            # end changes no route: routing._cheapest's states there never reach it)
+            live = {chain_len}
+            out = {}
+            for start in sorted(found, reverse=True):
+                kept = [e for e in found[start] if e[2].end in live]
+                if kept:
+                    live.add(start)
+                    out[start] = [(peer, s) for _, peer, s in sorted(kept, key=lambda e: e[0])]
             self._edges[model] = out
             self._families.setdefault(fam, set()).add(model)
             self._family_of_cached[model] = fam
