@@ -9,6 +9,7 @@ from dataclasses import replace
 from blockllm.broker.planner.facts import WorkerFacts
 from blockllm.broker.planner.inputs import worker_info
 from blockllm.broker.planner.placement import ModelInfo, Placement, WorkerInfo, place
+from blockllm.broker.protocol import WorkerStatus
 from blockllm.client.bench.scale_synth import (
     GB,
     make_tenants,
@@ -99,7 +100,7 @@ def test_nodes_cut_cross_node_hops_and_never_coverage() -> None:
 
 
 def test_the_planner_reads_a_workers_node_from_its_host() -> None:
-    facts = WorkerFacts.parse({"name": "w0", "host": "gpu-node-3"}, default_memory=8 * GB)
+    facts = WorkerFacts.parse(WorkerStatus("w0", host="gpu-node-3"), default_memory=8 * GB)
     assert worker_info({}, facts).node == "gpu-node-3"
-    unknown = WorkerFacts.parse({"name": "w1"}, default_memory=8 * GB)
+    unknown = WorkerFacts.parse(WorkerStatus("w1"), default_memory=8 * GB)
     assert worker_info({}, unknown).node == ""  # a node of its own
