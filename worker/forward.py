@@ -144,7 +144,6 @@ def _forward(
         [e.adapters for e in entries],
         [e.n for e in entries],
         adapters,
-        h.device,
     )
     try:
         h = model.run_layers(h, plan)

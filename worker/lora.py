@@ -11,7 +11,9 @@ the rows of that adapter's requests.
 
 Adapter weights live in `AdapterCache`, keyed by adapter block id and refcounted by the requests
 using them (a request holds its adapter blocks from its first item to its release); a block no
-request holds stays resident, least recently used first out, up to `idle_limit` blocks.
+request holds stays resident, least recently used first out, up to `idle_limit` blocks. A block
+is held once: as read until it is first used at a chain position, then only as slots of the
+pools the grouped matmuls read (worker/lora_pool.py); `total_bytes` counts all of it.
 Compute-thread only.
 """
 
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockllm.worker.errors import BadRequest
-from blockllm.worker.lora_delta import LoraStep, StackCache, plan_step
+from blockllm.worker.lora_delta import LoraStep, plan_step
+from blockllm.worker.lora_pool import Pool, padded_rank
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +60,42 @@ def adapter_weights(tensors: dict[str, torch.Tensor]) -> AdapterWeights:
     return out
 
 
+class _Block:
+    """A resident adapter block: its module names, its tensors as read (until placed) and its
+    pools by chain position (position -> module -> pool)."""
+
+    __slots__ = ("modules", "places", "raw", "seq")
+
+    def __init__(self, raw: AdapterWeights, seq: int) -> None:
+        self.modules = frozenset(raw)
+        self.raw: AdapterWeights | None = raw
+        self.places: dict[int, dict[str, Pool]] = {}
+        self.seq = seq  # arrival order (batches sort by it: slots fill in the same order)
+
+    @property
+    def raw_bytes(self) -> int:
+        if self.raw is None:
+            return 0
+        return sum(t.numel() * t.element_size() for a, b, _ in self.raw.values() for t in (a, b))
+
+
 class AdapterCache:
-    """Adapter blocks by id, refcounted by request; idle ones kept (LRU) up to `idle_limit`."""
+    """Adapter blocks by id, refcounted by request; idle ones kept (LRU) up to `idle_limit`.
+    Their weights live in pools (`placed`); `version` changes whenever a pool does (plans
+    holding views of pools are then rebuilt)."""
 
     def __init__(
         self, loader: Callable[[str], dict[str, torch.Tensor]], idle_limit: int = 256
     ) -> None:
         self._loader = loader
         self.idle_limit = idle_limit
-        self._weights: dict[str, AdapterWeights] = {}
+        self._blocks: dict[str, _Block] = {}
         self._refs: dict[str, int] = {}
         self._held: dict[str, tuple[str, ...]] = {}  # request id -> blocks it holds
         self._idle: OrderedDict[str, None] = OrderedDict()
-        self._positions: dict[str, set[int]] = {}  # block -> chain positions it was used at
+        self._pools: dict[tuple, Pool] = {}
+        self._seq = 0
+        self.version = 0
         self.loads = 0
 
     def admit(
@@ -80,8 +106,9 @@ class AdapterCache:
     ) -> AdapterMap:
         """A work item's (position, block id) pairs checked against the decoder layers of its
         stages (`stages`: (start position, StageModel) each) and held for the request from now
-        on; returns them by position. Raises BadRequest (a position that is no decoder layer
-        there, a bad id, a block whose modules the layer lacks, a block the zoo cannot give)."""
+        on (placed in the pools of their positions); returns them by position. Raises
+        BadRequest (a position that is no decoder layer there, a bad id, a block whose modules
+        the layer lacks, a block the zoo cannot give)."""
         from blockllm.zoo.errors import ZooError
         from blockllm.zoo.store import check_block_id
 
@@ -103,16 +130,50 @@ class AdapterCache:
             raise BadRequest(f"adapter block: {e}") from e
         for pos, bid in out.items():
             hooks, j = layers[pos]
-            odd = hooks.unknown(j, self._weights[bid])
+            odd = hooks.unknown(j, self._blocks[bid].modules)
             if odd:
                 self.release(request_id)
                 raise BadRequest(f"adapter block {bid[:12]} targets {odd}, absent from the layer")
-            self._positions.setdefault(bid, set()).add(pos)
-        return AdapterMap(out, (m for b in out.values() for m in self._weights[b]))
+        for pos, bid in out.items():
+            self._place(bid, pos)
+        blocks = [self._blocks[b] for b in out.values()]
+        return AdapterMap(out, (m for b in blocks for m in b.modules), min(b.seq for b in blocks))
+
+    def _place(self, block_id: str, position: int) -> None:
+        """Put a block's modules into the pools of `position` (from its tensors as read, or
+        from its slots at another position), then drop the tensors as read."""
+        blk = self._blocks[block_id]
+        if position in blk.places:
+            return
+        placed: dict[str, Pool] = {}
+        other = next(iter(blk.places.values()), None)
+        for name in sorted(blk.modules):
+            if blk.raw is not None:
+                a, b, s = blk.raw[name]
+                a_t, b_t, r = a.t(), b.t() * s, a.shape[0]
+            else:
+                assert other is not None
+                a_t, b_t = other[name].view(block_id)
+                r = a_t.shape[1]
+            key = (position, name, a_t.shape[0], b_t.shape[1], padded_rank(r), a_t.dtype)
+            key += (a_t.device,)
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = Pool(
+                    a_t.shape[0], b_t.shape[1], padded_rank(r), a_t.dtype, a_t.device
+                )
+            pool.put(block_id, a_t, b_t)
+            placed[name] = pool
+        blk.places[position] = placed
+        blk.raw = None
+        self.version += 1
+
+    def placed(self, block_id: str, position: int) -> dict[str, Pool]:
+        return self._blocks[block_id].places[position]
 
     def per_span(self, spans: dict[str, tuple[int, int]]) -> dict[str, int]:
         """Key -> resident blocks used at a chain position in its [start, end) span."""
-        used = [self._positions.get(b, set()) for b in self._weights]
+        used = [blk.places for blk in self._blocks.values()]
         return {
             k: sum(1 for ps in used if any(a <= p < b for p in ps)) for k, (a, b) in spans.items()
         }
@@ -124,17 +185,21 @@ class AdapterCache:
         held = self._held.get(request_id, ())
         new = [b for b in dict.fromkeys(block_ids) if b not in held]
         for bid in new:
-            if bid not in self._weights:
+            if bid not in self._blocks:
                 tensors = self._loader(bid)
-                self._weights[bid] = adapter_weights(tensors)
-                self._refs[bid] = 0
-                self.loads += 1
+                self._add(bid, tensors)
                 logger.debug("[lora] loaded adapter block %s", bid[:12])
         for bid in new:
             self._refs[bid] += 1
             self._idle.pop(bid, None)
         if new:
             self._held[request_id] = (*held, *new)
+
+    def _add(self, block_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._blocks[block_id] = _Block(adapter_weights(tensors), self._seq)
+        self._seq += 1
+        self._refs[block_id] = 0
+        self.loads += 1
 
     def release(self, request_id: str) -> None:
         for bid in self._held.pop(request_id, ()):
@@ -143,39 +208,45 @@ class AdapterCache:
                 self._idle[bid] = None
         while len(self._idle) > self.idle_limit:
             bid, _ = self._idle.popitem(last=False)
-            del self._weights[bid], self._refs[bid]
-            self._positions.pop(bid, None)
+            self._drop(bid)
             logger.debug("[lora] dropped idle adapter block %s", bid[:12])
 
+    def _drop(self, block_id: str) -> None:
+        blk = self._blocks.pop(block_id)
+        del self._refs[block_id]
+        for pools in blk.places.values():
+            for pool in pools.values():
+                pool.drop(block_id)
+        if blk.places:
+            self._pools = {k: p for k, p in self._pools.items() if len(p)}
+            self.version += 1
+
     def has(self, block_id: str) -> bool:
-        return block_id in self._weights
+        return block_id in self._blocks
 
     def insert(self, block_id: str, tensors: dict[str, torch.Tensor]) -> None:
         """A block read elsewhere (the loader thread) made resident, held by no request yet
         (idle: the next `release` may drop it if over the limit). Raises BadRequest."""
-        if block_id in self._weights:
+        if block_id in self._blocks:
             return
-        self._weights[block_id] = adapter_weights(tensors)
-        self._refs[block_id] = 0
+        self._add(block_id, tensors)
         self._idle[block_id] = None
-        self.loads += 1
 
-    def weights(self, block_id: str) -> AdapterWeights:
-        return self._weights[block_id]
+    def modules(self, block_id: str) -> frozenset[str]:
+        return self._blocks[block_id].modules
 
     def resident(self) -> tuple[str, ...]:
-        return tuple(self._weights)
+        return tuple(self._blocks)
 
     def refs(self, block_id: str) -> int:
         return self._refs.get(block_id, 0)
 
     @property
     def total_bytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size()
-            for w in self._weights.values()
-            for a, b, _ in w.values()
-        )
+        """Every byte held for adapters: the pools (free slots included) and blocks read but
+        not yet placed."""
+        pools = sum(p.nbytes for p in self._pools.values())
+        return pools + sum(b.raw_bytes for b in self._blocks.values())
 
 
 class AdapterMap(dict[int, str]):
@@ -185,10 +256,13 @@ class AdapterMap(dict[int, str]):
 
     __slots__ = ("key", "order")
 
-    def __init__(self, blocks: dict[int, str] | None = None, targets: Iterable[str] = ()) -> None:
+    def __init__(
+        self, blocks: dict[int, str] | None = None, targets: Iterable[str] = (), seq: int = 0
+    ) -> None:
         super().__init__(blocks or {})
         self.key: tuple[tuple[int, str], ...] = tuple(sorted(self.items()))
-        self.order: tuple = (tuple(sorted(set(targets))), self.key) if self else ()
+        # arrival order after the targets: the order its blocks' pool slots were filled in
+        self.order: tuple = (tuple(sorted(set(targets))), seq, self.key) if self else ()
 
 
 class LoraLinear(nn.Linear):
@@ -202,9 +276,11 @@ class LoraLinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         step = self.lora_hooks.step
         if step is not None:
-            delta = step.modules.get(self.lora_key)
-            if delta is not None:  # x [1, N, in], out [1, N, out] -> flat views
-                delta.apply(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]))
+            deltas = step.modules.get(self.lora_key)
+            if deltas is not None:  # x [1, N, in], out [1, N, out] -> flat views
+                xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+                for delta in deltas:
+                    delta.apply(xf, of)
         return out
 
 
@@ -222,13 +298,19 @@ class LoraHooks:
                     self.modules.setdefault(j, {})[name] = mod
                     mod.__class__ = LoraLinear  # as torch.nn.utils.parametrize does
                     mod.lora_hooks, mod.lora_key = self, (j, name)
-        self.stacks = StackCache()
-        # the last few plans by batch shape (micro-batch groups alternate: worker/groups.py)
+        # the last few plans by batch shape (micro-batch groups alternate: worker/groups.py),
+        # valid while the adapter pools keep their `version`
         self._plans: OrderedDict[tuple, LoraStep | None] = OrderedDict()
+        self._version = -1
 
-    def unknown(self, j: int, weights: AdapterWeights) -> list[str]:
+    def unknown(self, j: int, modules: Iterable[str]) -> list[str]:
         """Modules of an adapter block that layer `j` of the stage has no target for."""
-        return sorted(set(weights) - set(self.modules.get(j, {})))
+        return sorted(set(modules) - set(self.modules.get(j, {})))
+
+    @property
+    def plan_bytes(self) -> int:
+        """Bytes of the compact stacks the kept plans hold (scattered slots only)."""
+        return sum(p.copy_bytes for p in self._plans.values() if p is not None)
 
     def prepare(
         self,
@@ -236,7 +318,6 @@ class LoraHooks:
         maps: Sequence[AdapterMap],
         lengths: Sequence[int],
         cache: AdapterCache,
-        device: torch.device,
     ) -> None:
         """Plan the deltas of a forward of entries with these adapter maps (AdapterMap) and
         row counts, the rows in this order; layer j of the stage is chain position
@@ -244,14 +325,15 @@ class LoraHooks:
         if not any(maps):
             self.step = None
             return
+        if cache.version != self._version:  # pools changed: views may be stale
+            self._plans.clear()
+            self._version = cache.version
         key = tuple((m.key, n) for m, n in zip(maps, lengths, strict=True))
         if key in self._plans:
             self._plans.move_to_end(key)
             self.step = self._plans[key]
             return
-        self.step = plan_step(
-            first_position, self.modules, maps, lengths, cache.weights, self.stacks, device
-        )
+        self.step = plan_step(first_position, self.modules, maps, lengths, cache)
         self._plans[key] = self.step
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)

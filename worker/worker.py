@@ -58,7 +58,7 @@ class WorkerStats:
     kv_used_bytes: int
     free_slots: int  # free places in all stage queues together
     queue_depths: dict[str, int]  # stage key -> items queued
-    weight_bytes: int  # distinct block bytes held in memory
+    weight_bytes: int  # distinct block bytes held in memory, LoRA adapters' included
     steps: int
     forwards: dict[str, int]  # stage key -> batched forwards run so far
     items: dict[str, int]  # stage key -> items those forwards carried
@@ -339,7 +339,7 @@ class Worker:
             kv_used_bytes=kv.used_bytes,
             free_slots=sum(st.queue.free_slots for st in self._stages.values()),
             queue_depths={k: len(st.queue) for k, st in self._stages.items()},
-            weight_bytes=self.blocks.total_bytes,
+            weight_bytes=self.blocks.total_bytes + self.adapter_bytes,
             steps=self._step_no,
             forwards={k: st.forwards for k, st in self._stages.items()},
             items={k: st.items for k, st in self._stages.items()},
@@ -348,6 +348,13 @@ class Worker:
                 {k: (st.info.start, st.info.end) for k, st in self._stages.items()}
             ),
         )
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Every byte held for LoRA adapters: their pools, blocks read but not yet placed and
+        the compact stacks of the stages' kept plans."""
+        plans = sum(st.model.lora.plan_bytes for st in self._stages.values())
+        return self.adapters.total_bytes + plans
 
     def queued(self) -> int:
         """Items waiting in all stage queues (plus results produced outside a step)."""

@@ -138,6 +138,18 @@ def decode_rate(
     return len(models) * new / seconds, len(models) * new / cpu
 
 
+def _pss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_full_info().pss)
+
+
+def _raw_adapter_bytes(zoo: Any, models: list[str]) -> int:
+    """The adapters' own bytes (their blocks in the zoo), each adapter once."""
+    blocks = {b for m in set(models) for _, b in zoo.manifest(m).adapter_blocks}
+    return sum(zoo.block_nbytes(b) for b in blocks)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -156,7 +168,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rates: dict[str, list[float]] = {"base": [], "lora": []}
     cpu: dict[str, list[float]] = {"base": [], "lora": []}
     with torch.inference_mode():
-        decode_rate(w, keys, zoo, mixed, 8, 2, "warm")  # adapters read, allocator warm
+        decode_rate(w, keys, zoo, base_only, 8, 2, "warm-base")  # allocator warm
+        pss_base = _pss()
+        decode_rate(w, keys, zoo, mixed, 8, 2, "warm")  # adapters read and placed
         for r in range(args.repeats):  # alternating, so both see the same load
             for mode, models in (("base", base_only), ("lora", mixed)):
                 wall, on_cpu = decode_rate(
@@ -182,9 +196,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_lora_tok_s": round(best_cpu["lora"], 1),
         "cpu_ratio": round(best_cpu["lora"] / best_cpu["base"], 3),
         "base_weight_bytes": w.blocks.total_bytes,
-        "adapter_bytes": w.adapters.total_bytes,
+        "adapter_bytes": w.adapter_bytes,  # every byte held for adapters (pools, plans)
+        "adapter_raw_bytes": _raw_adapter_bytes(zoo, mixed),
+        "adapter_plan_bytes": sum(w.stage_model(k).lora.plan_bytes for k in keys),
         "adapter_blocks_resident": len(w.adapters.resident()),
-        "adapter_stack_bytes": sum(w.stage_model(k).lora.stacks.total_bytes for k in keys),
+        "pss_base_bytes": pss_base,  # this process after base-only decodes
+        "pss_bytes": _pss(),  # ... and after the adapters' runs too
+        "memory_ratio": round(
+            _pss() / (pss_base + _raw_adapter_bytes(zoo, mixed)), 3
+        ),  # measured vs base + adapters' bytes (goal <= 1.1)
         "load_average": os.getloadavg(),
         "goal_ratio": 0.8,
     }
@@ -222,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         f"  by CPU time:   {doc['cpu_base_tok_s']:8.1f} / {doc['cpu_lora_tok_s']:.1f} tok/s "
         f"(ratio {doc['cpu_ratio']:.3f})\n"
         f"  weights: base {doc['base_weight_bytes'] / 2**20:.1f} MiB + adapters "
-        f"{doc['adapter_bytes'] / 2**20:.1f} MiB ({doc['adapter_blocks_resident']} blocks)"
+        f"{doc['adapter_bytes'] / 2**20:.1f} MiB held ({doc['adapter_raw_bytes'] / 2**20:.1f} "
+        f"MiB as stored, {doc['adapter_blocks_resident']} blocks)\n"
+        f"  measured PSS: base only {doc['pss_base_bytes'] / 2**20:.1f} MiB, with the "
+        f"adapters {doc['pss_bytes'] / 2**20:.1f} MiB (ratio to base + adapters "
+        f"{doc['memory_ratio']:.3f}, goal <= 1.1)"
     )
 
 
