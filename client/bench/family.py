@@ -63,6 +63,7 @@ class Tenant:
     name: str
     checkpoint: Path
     layers: tuple[int, int] | None = None  # fine-tuned span; None for the base or a full fine-tune
+    adapter: Path | None = None  # a LoRA tenant's PEFT folder (`checkpoint` is then its base's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +74,6 @@ class Family:
     mode: str  # "partial" | "full"
     tenants: tuple[Tenant, ...]
     zoo_dir: Path
-    # mode "lora": the zoo of the base and every adapter merged into a whole model (what the
-    # baselines serve); `zoo_dir` holds the adapters as adapters (client/bench/lora_family.py)
-    merged_zoo_dir: Path | None = None
-
-    @property
-    def baseline_zoo_dir(self) -> Path:
-        return self.merged_zoo_dir or self.zoo_dir
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -102,6 +96,7 @@ class FamilySpec:
     tiny_layers: int = 8
     tiny_hidden: int = 128
     dtype: str = SMOLLM2_DTYPE  # of every checkpoint of the family (the base's, kept by variants)
+    full_variants: int = 0  # mode "lora": full fine-tunes of the base among the tenants too
 
 
 def variant_plans(base: str, n_layers: int, k: int, mode: str) -> list[VariantPlan]:
@@ -221,6 +216,12 @@ def shared_bytes(zoo: Zoo, names: Sequence[str]) -> int:
         m = zoo.manifest(name)
         blocks.update(m.chain)
         blocks.update(b for _, b in m.adapter_blocks)
+    return sum(zoo.block_nbytes(b) for b in blocks)
+
+
+def adapter_bytes(zoo: Zoo, names: Sequence[str]) -> int:
+    """Bytes of the distinct LoRA adapter blocks of `names` (as stored)."""
+    blocks = {b for name in names for _, b in zoo.manifest(name).adapter_blocks}
     return sum(zoo.block_nbytes(b) for b in blocks)
 
 

@@ -2,7 +2,9 @@
 
 Both load each tenant with `from_pretrained` from its checkpoint folder under the same weight
 budget (least recently used model evicted when the next one does not fit; the load time is on
-the clock), in the benchmark's dtype, and decode greedily with `model.generate`.
+the clock), in the benchmark's dtype, and decode greedily with `model.generate`. A LoRA
+tenant is its base's checkpoint with the PEFT adapter applied and merged at load (HF + PEFT
+serving one adapter at a time, the fastest way it decodes).
 
 - `hf_generate` (the naive row): one request at a time, in arrival order.
 - `hf_batched` (dynamic batching, the strongest thing a user writes in an afternoon): whenever
@@ -22,7 +24,7 @@ import gc
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ Say = Callable[[str], None]
 @dataclass(frozen=True, slots=True)
 class HfSpec:
     checkpoints: Mapping[str, Path]  # tenant -> checkpoint folder
+    # LoRA tenants: tenant -> PEFT adapter folder, applied with peft on its checkpoint (the
+    # base) at load and merged (`merge_and_unload`: HF + PEFT serving one adapter at a time)
+    adapters: Mapping[str, Path] = field(default_factory=dict)
     model_bytes: Mapping[str, int]  # tenant -> bytes held whole (for the budget)
     weight_budget_bytes: int
     threads: int | None = None
@@ -84,6 +89,11 @@ class HfModels:
         t = time.monotonic()
         dtype = self.spec.dtype if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
         model = AutoModelForCausalLM.from_pretrained(self.spec.checkpoints[name], dtype=dtype)
+        adapter = self.spec.adapters.get(name)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         self.models[name] = model.to(self.spec.device).eval()
         self.loads += 1
         self.load_seconds += time.monotonic() - t

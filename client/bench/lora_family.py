@@ -1,26 +1,19 @@
-"""LoRA tenants for `bench multitenant --family lora`: a base and K PEFT adapters of it.
+"""LoRA tenants for `bench multitenant --family lora`: a base, K PEFT adapters of it and F full
+fine-tunes of it (the issue's mix: an operator hosts both kinds).
 
 Adapter i (made with peft, `blockllm.zoo.lora.train_lora`, `steps=0`: PEFT's random init, so
-every adapter changes the output) has rank 8 + i mod 9 (8-16), one of four target sets, and
-covers a slice of the base's upper layers (the slices of the partial family). Two zoos:
-
-- `zoo/`: the base and every adapter imported as an adapter (`zoo import`): what blockllm
-  serves (one base, adapter blocks applied per request in the same steps);
-- `merged-zoo/`: the base and every adapter merged into a whole model of its own
-  (`PeftModel.merge_and_unload`, saved as a checkpoint under `merged/<name>/`): what the
-  baselines serve (per_model loads whole models; the HF systems load the merged checkpoints,
-  the fastest way HF + PEFT serves one adapter at a time).
-
-Everything is cached under the family's folder; a merged checkpoint is reused when it holds
-its `merged.json` record.
+every adapter changes the output; seconds each, cached) has rank 8 + i mod 9 (8-16), one of
+four target sets, and covers a slice of the base's upper layers (the slices of the partial
+family). The full fine-tunes are the `full` family's (every tensor, a few AdamW steps, cached).
+One zoo holds the base, every adapter imported as an adapter (`zoo import`: a few adapter
+blocks on the base's chain) and the full fine-tunes. blockllm serves the adapters on the base
+in the same steps; the baselines merge each adapter into a whole copy of the base when they
+load it, the way their users would (per_model: `per_model.merge_adapter`; the HF systems:
+peft's `merge_and_unload`), so no merged copy is ever written to disk.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +23,6 @@ TARGET_SETS = (
     ("gate_proj", "up_proj", "down_proj"),
     ("q_proj", "v_proj", "up_proj", "down_proj"),
 )
-MERGED_RECORD = "merged.json"
 
 Say = Callable[[str], None]
 
@@ -55,56 +47,28 @@ def make_adapter(
     )
 
 
-def merge_adapter(base_dir: Path, adapter: Path, out: Path, dtype: str, say: Say) -> Path:
-    """The base with `adapter` merged in, saved as a whole checkpoint `out` (made once)."""
-    if (out / MERGED_RECORD).is_file():
-        return out
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    say(f"merging {adapter.name} into a whole checkpoint (the baselines' copy)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        for f in base_dir.iterdir():  # the tokenizer files travel with the weights
-            tokenizer = f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".model"
-            if f.is_file() and tokenizer:
-                shutil.copy2(f, tmp / f.name)
-        record = {"base": str(base_dir), "adapter": str(adapter)}
-        (tmp / MERGED_RECORD).write_text(json.dumps(record))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def prepare_lora(spec: object, root: Path, base_name: str, base_dir: Path, say: Say) -> object:
-    """The Family of `spec` (mode "lora"): tenants = the base and its adapters, whose
-    `checkpoint` is the merged one (what the HF systems load); `zoo_dir` holds the adapters,
-    `merged_zoo_dir` the merged models."""
-    from blockllm.client.bench.family import Family, Tenant, _num_layers, variant_plans
+    """The Family of `spec` (mode "lora"): tenants = the base, its adapters (`checkpoint` = the
+    base's, `adapter` = the PEFT folder) and `spec.full_variants` full fine-tunes."""
+    from blockllm.client.bench.family import Family, Tenant, _num_layers, _variant, variant_plans
     from blockllm.zoo import Zoo
 
     plans = variant_plans(base_name, _num_layers(base_dir), spec.variants, "partial")
-    zoo, merged_zoo = Zoo(root / "zoo"), Zoo(root / "merged-zoo")
-    for z in (zoo, merged_zoo):
-        if not z.has_model(base_name):
-            say(f"importing {base_name} into the zoo {z.root}")
-            z.import_checkpoint(base_dir, base_name)
+    zoo = Zoo(root / "zoo")
+    if not zoo.has_model(base_name):
+        say(f"importing {base_name} into the zoo {zoo.root}")
+        zoo.import_checkpoint(base_dir, base_name)
     tenants = [Tenant(base_name, base_dir)]
     for i, plan in enumerate(plans):
         name = f"{base_name}-lora{i + 1}"
         adapter = make_adapter(base_dir, root / "adapters" / name, plan.layers, i, say)
-        merged = merge_adapter(base_dir, adapter, root / "merged" / name, spec.dtype, say)
         if not zoo.has_model(name):
             zoo.import_adapter(adapter, name, base=base_name)
-        if not merged_zoo.has_model(name):
-            say(f"importing {name} merged into the zoo {merged_zoo.root}")
-            merged_zoo.import_checkpoint(merged, name)
-        tenants.append(Tenant(name, merged, plan.layers))
-    return Family(spec.kind, "lora", tuple(tenants), Path(zoo.root), Path(merged_zoo.root))
+        tenants.append(Tenant(name, base_dir, plan.layers, adapter))
+    for plan in variant_plans(base_name, 0, spec.full_variants, "full"):
+        out = _variant(base_dir, root / "ckpt" / plan.name, plan, spec.recipe, say)
+        if not zoo.has_model(plan.name):
+            say(f"importing {plan.name} into the zoo {zoo.root}")
+            zoo.import_checkpoint(out, plan.name)
+        tenants.append(Tenant(plan.name, out))
+    return Family(spec.kind, "lora", tuple(tenants), Path(zoo.root))

@@ -37,6 +37,7 @@ from blockllm.client.bench.family import (
     Family,
     FamilySpec,
     Recipe,
+    adapter_bytes,
     kv_bytes_per_token,
     model_bytes,
     prepare_family,
@@ -64,6 +65,7 @@ GOAL_CAPACITY_RATIO = 1.6  # tokens/s vs per_model at saturation
 # issue 16 (--family lora): p95 vs per_model (adapters merged), memory vs base + adapters
 GOAL_LORA_P95_REDUCTION = 0.5
 GOAL_LORA_MEMORY_RATIO = 1.1
+GOAL_LORA_HETEROGENEITY = 0.8  # tokens/s vs the same trace with every request on the base
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -91,6 +93,7 @@ class MultitenantConfig:
     saturate: int | None = None  # closed loop with this many clients; None: open loop at `rate`
     device: str = "cpu"  # of every system
     family: str = "partial"  # or "lora": the variants are PEFT adapters (bench/lora_family.py)
+    full_variants: int = 0  # family "lora": full fine-tunes among the tenants too
 
     def trace_spec(self) -> TraceSpec:
         if self.quick:
@@ -115,6 +118,7 @@ def family_spec(cfg: MultitenantConfig, mode: str | None = None) -> FamilySpec:
         kind="tiny" if cfg.quick else "smollm2",
         mode=mode or cfg.family,
         variants=cfg.variants,
+        full_variants=cfg.full_variants,
         cache_dir=cfg.cache_dir,
         recipe=Recipe(steps=4, seq_len=32, batch_size=2, lr=5e-4),
         dtype=cfg.dtype,
@@ -163,8 +167,7 @@ def _memory(family: Family, cfg: MultitenantConfig) -> _Memory:
     from blockllm.zoo import Zoo
 
     zoo = Zoo(family.zoo_dir)
-    baseline = Zoo(family.baseline_zoo_dir)  # lora: every adapter merged into a whole model
-    whole = {n: model_bytes(baseline, n) for n in family.names}
+    whole = {n: model_bytes(zoo, n) for n in family.names}  # lora: an adapter merged is the base's
     kv = kv_bytes_per_token(zoo, family.base.name) * cfg.kv_reserve_tokens
     return _Memory(shared_bytes(zoo, family.names), sum(whole.values()), kv, whole)
 
@@ -218,7 +221,7 @@ class _Bench:
         self.say(f"{name}: whole models under {(weights + self.mem.kv_reserve) / 2**20:.1f} MiB")
         threads = self.pick_threads(name)
         pm = PerModelConfig(
-            zoo_dir=str(self.family.baseline_zoo_dir),
+            zoo_dir=str(self.family.zoo_dir),
             weight_budget_bytes=weights,
             kv_budget_bytes=self.mem.kv_reserve,
             threads=threads["threads"],
@@ -245,6 +248,7 @@ class _Bench:
         threads = self.pick_threads(name)
         hf = HfSpec(
             checkpoints={t.name: t.checkpoint for t in self.family.tenants},
+            adapters={t.name: t.adapter for t in self.family.tenants if t.adapter is not None},
             model_bytes=self.mem.whole,
             weight_budget_bytes=self.budget - self.mem.kv_reserve,
             threads=threads["threads"],
@@ -293,6 +297,8 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     modes: dict[str, Any] = {}
     if "blockllm" in cfg.systems:  # first: its resident bytes may raise the budget
         modes = _planner_modes(bench, cfg.planner, run, facts, say)
+        if family.mode == "lora":  # the cost of heterogeneity: the same trace, all on the base
+            _base_only(bench, run, say)
     for name in SYSTEMS[1:]:
         if name in cfg.systems:
             mark = _cpu_marks()
@@ -334,6 +340,25 @@ def _planner_modes(
             run.outcomes[f"blockllm[{mode}]"] = outcomes
         gc.collect()
     return out
+
+
+def _base_only(bench: _Bench, run: Run, say: Say) -> None:
+    """blockllm again on the same cluster and trace, every request sent to the base model:
+    `meta.blockllm_base_only` (its tokens/s is what the LoRA tenants' run is held to)."""
+    from dataclasses import replace
+
+    base = bench.family.base.name
+    lora_trace = bench.trace
+    bench.trace = [replace(r, model=base) for r in lora_trace]
+    try:
+        budget = bench.budget
+        outcomes, f = bench.blockllm("off")
+        bench.budget = budget
+    finally:
+        bench.trace = lora_trace
+    run.doc["blockllm_base_only"] = _row(outcomes, f)
+    _report(say, "blockllm, every request on the base", run.doc["blockllm_base_only"])
+    gc.collect()
 
 
 def _row(outcomes: Sequence[Outcome], facts: dict[str, Any]) -> dict[str, Any]:
@@ -394,6 +419,8 @@ def _meta(
     budget: int,
     facts: dict[str, Any],
 ) -> dict[str, Any]:
+    from blockllm.zoo import Zoo
+
     return {
         "family": family.kind,
         "family_mode": family.mode,
@@ -414,6 +441,7 @@ def _meta(
         "planner": list(cfg.planner),
         "straggler_delay_s": cfg.straggler_delay_s,
         "shared_zoo_bytes": mem.shared,
+        "adapter_bytes": adapter_bytes(Zoo(family.zoo_dir), family.names),
         "kv_reserve_bytes": mem.kv_reserve,
         "cores": _cores(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -443,6 +471,14 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
     if b and pm and b["p95_ms"] and pm["p95_ms"] and not closed:
         goal = GOAL_LORA_P95_REDUCTION if lora else GOAL_P95_REDUCTION
         out["p95_reduction_vs_per_model"] = _goal(1.0 - b["p95_ms"] / pm["p95_ms"], goal, True)
+    base_only = doc.get("blockllm_base_only")
+    if b and lora and base_only and base_only["tokens_per_s"]:
+        ratio = b["tokens_per_s"] / base_only["tokens_per_s"]
+        out["tokens_per_s_vs_base_only"] = _goal(ratio, GOAL_LORA_HETEROGENEITY, True)
+    if b and lora and base_only and b.get("pss_peak_bytes") and base_only.get("pss_peak_bytes"):
+        # measured: the cluster serving the adapters vs serving the base only + the adapters
+        ratio = b["pss_peak_bytes"] / (base_only["pss_peak_bytes"] + meta.get("adapter_bytes", 0))
+        out["measured_memory_vs_base_plus_adapters"] = _goal(ratio, GOAL_LORA_MEMORY_RATIO, False)
     if b and lora and meta.get("shared_zoo_bytes"):  # the base + the adapters (+ KV reserve)
         ratio = b["resident_bytes"] / (meta["shared_zoo_bytes"] + meta["kv_reserve_bytes"])
         out["accounted_memory_vs_base_plus_adapters"] = _goal(ratio, GOAL_LORA_MEMORY_RATIO, False)

@@ -19,12 +19,13 @@ def table(doc: dict[str, Any]) -> list[str]:
     )
     lines = [head, "-" * len(head)]
     facts = doc.get("meta", {}).get("systems", {})
-    for name in SYSTEMS:
+    for name in ("blockllm", "blockllm_base_only", *SYSTEMS[1:]):
         s = doc.get(name)
         if not s:
             continue
+        label = "  all on base" if name == "blockllm_base_only" else name  # --family lora
         lines.append(
-            f"{name:<13} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
+            f"{label:<13} {_num(s['p50_ms']):>9} {_num(s['p95_ms']):>9} {_num(s['p99_ms']):>9} "
             f"{_num(s['ttft_p95_ms']):>9} {s['tokens_per_s']:>7.1f} "
             f"{s['resident_bytes'] / 2**20:>9.1f} {_mib(s.get('pss_peak_bytes')):>9} "
             f"{_mib(s.get('pss_mean_bytes')):>9} {s['requests']:>8} {s['errors']:>6} "

@@ -14,6 +14,10 @@ wait for a model that is not resident, the model whose oldest request came first
 the clock and delays everything, as it would), evicting idle resident models least recently
 used first. When every resident model is busy, the least recently used one stops taking new
 requests (drains), and is evicted once its running requests are done.
+
+A LoRA adapter tenant (`--family lora`) is loaded the way a user of such a server serves one:
+its base whole, with the adapter merged into the weights at load (W += s B A, PEFT's
+`merge_and_unload`), the load's time on the clock; its requests then run as the merged model's.
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class PerModelServer:
         )
         m = self.zoo.manifest(model)
         info = engine.load_stage(model, 0, len(m.chain))
+        if m.adapter_blocks:
+            merge_adapter(engine.stage_model(info.key), m.adapter_blocks, self.weights)
         nbytes = engine.stats().weight_bytes
         self.resident[model] = _Resident(engine, info.key, nbytes, eos_ids_of(m, None))
         self.loads += 1
@@ -251,6 +257,23 @@ class PerModelServer:
         model = next(reversed(self.resident))
         ids = tuple(range(1, 9))
         self.replay([TraceRequest(-1, 0.0, model, ids, 2)])
+
+
+def merge_adapter(stage: Any, pairs: Sequence[tuple[int, str]], zoo: Any) -> None:
+    """Merge LoRA adapter blocks (chain position, block id) into a whole-chain stage's weights:
+    each target projection's weight becomes a new tensor W + s B A (the stage's other weights,
+    the zoo's, are not touched)."""
+    import torch
+
+    from blockllm.worker.lora import adapter_weights
+
+    with torch.no_grad():
+        for pos, bid in pairs:
+            layer = stage.layers[pos - 1]  # position 0 is the embedding
+            for name, (a, b, s) in adapter_weights(zoo.load_block(bid)).items():
+                lin = layer.get_submodule(name)
+                w = lin.weight
+                lin.weight = torch.nn.Parameter(w + (b.to(w) @ a.to(w)) * s, requires_grad=False)
 
 
 def fastest_threads(zoo_dir: str, model: str, choices: Sequence[int]) -> tuple[int, dict]:

@@ -66,7 +66,16 @@ def _planner_modes(ctx: Any, param: Any, value: str) -> tuple[str, ...]:
     help="partial: variants fine-tune slices of the upper layers (the three systems); "
     "full: every layer fine-tuned, memory saved vs quality per equivalence tolerance; "
     "lora: variants are PEFT adapters (ranks 8-16) that blockllm serves as adapters on the "
-    "base, the baselines as whole models with the adapter merged (needs peft).",
+    "base, the baselines as whole models with the adapter merged at load (needs peft), "
+    "plus --full-tenants full fine-tunes.",
+)
+@click.option(
+    "--full-tenants",
+    "full_variants",
+    type=click.IntRange(0, 8),
+    default=3,
+    show_default=True,
+    help="--family lora: full fine-tunes of the base among the tenants too.",
 )
 @click.option(
     "--tenants",
@@ -216,6 +225,7 @@ def multitenant(**p: Any) -> None:
         saturate=p["saturate"],
         device=p["device"],
         family=p["family_mode"],
+        full_variants=p["full_variants"] if p["family_mode"] == "lora" else 0,
     )
     if p["rates"] and len(p["rates"]) > 1:
         _run_sweep(cfg, p)

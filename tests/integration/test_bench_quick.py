@@ -96,24 +96,30 @@ def test_bench_multitenant_saturate_is_a_closed_loop(cache: Path) -> None:
         assert doc[name]["errors"] == 0 and doc[name]["tokens_per_s"] > 0, doc[name]
 
 
+@pytest.mark.timeout(600)  # peft, a full fine-tune, blockllm twice, per_model
 def test_bench_multitenant_lora_family_json_contract(cache: Path) -> None:
-    """LoRA tenants: blockllm serves the adapters on the base, per_model each merged whole."""
+    """LoRA tenants and a full fine-tune: blockllm serves the adapters on the base (and the
+    same trace again with every request on the base), per_model each adapter merged into a
+    whole copy at load."""
     args = ["bench", "multitenant", "--family", "lora", "--systems", "blockllm,per_model"]
-    # more than the others: peft makes the adapter and merges it into a checkpoint first
-    proc = _blockllm([*args, *QUICK, "--cache-dir", str(cache)], timeout=400)
+    # more than the others: peft makes the adapter, a full fine-tune is trained first
+    args += ["--full-tenants", "1"]
+    proc = _blockllm([*args, *QUICK, "--cache-dir", str(cache)], timeout=560)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
-    assert set(doc) == {"blockllm", "per_model", "meta"}
-    for name in ("blockllm", "per_model"):
+    assert set(doc) == {"blockllm", "blockllm_base_only", "per_model", "meta"}
+    for name in ("blockllm", "blockllm_base_only", "per_model"):
         assert all(k in doc[name] for k in CONTRACT), (name, doc[name])
         assert doc[name]["requests"] == 4 and doc[name]["errors"] == 0, (name, doc[name])
     meta = doc["meta"]
-    assert meta["tenants"] == ["tiny", "tiny-lora1"] and meta["family_mode"] == "lora"
+    assert meta["tenants"] == ["tiny", "tiny-lora1", "tiny-full1"]
+    assert meta["family_mode"] == "lora"
     assert set(meta["goals"]) >= {
         "p95_reduction_vs_per_model",
         "accounted_memory_vs_base_plus_adapters",
+        "tokens_per_s_vs_base_only",
     }
-    # the merged copy is a whole model of its own; the adapter is a few blocks on the base
+    # per_model holds a merged adapter as a whole model; blockllm a few blocks on the base
     assert doc["per_model"]["resident_bytes_unshared"] > doc["blockllm"]["resident_bytes"]
 
 
