@@ -47,6 +47,7 @@ from blockllm.client.bench.trace import (
     Outcome,
     TraceRequest,
     TraceSpec,
+    ensure_tenants,
     make_trace,
     summarize,
     trace_facts,
@@ -283,6 +284,9 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     family = prepare_family(family_spec(cfg), say)
     spec = cfg.trace_spec()
     trace = make_trace(spec, family.names, token_stream(family.base.checkpoint))
+    if family.mode == "lora":  # the full fine-tunes are in the mix whatever the Zipf draw
+        full = [t.name for t in family.tenants[1:] if t.adapter is None]
+        trace = ensure_tenants(trace, full)
     mem = _memory(family, cfg)
     bench = _Bench(cfg, family, trace, mem, cfg.budget_bytes or mem.shared + mem.kv_reserve, say)
     say(

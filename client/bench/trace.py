@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -97,6 +97,18 @@ def make_trace(
         start = rng.randrange(0, len(token_stream) - length)
         prompt = tuple(int(x) for x in token_stream[start : start + length])
         out.append(TraceRequest(i, round(t, 6), model, prompt, rng.randint(n_lo, n_hi)))
+    return out
+
+
+def ensure_tenants(trace: list[TraceRequest], names: Sequence[str]) -> list[TraceRequest]:
+    """`trace` with each of `names` that drew no request given one: the requests at evenly
+    spaced places of the trace (never one already given) change tenant, times and lengths
+    kept."""
+    missing = [n for n in names if all(r.model != n for r in trace)]
+    out = list(trace)
+    for k, name in enumerate(missing):
+        i = (k + 1) * len(out) // (len(missing) + 1)
+        out[i] = replace(out[i], model=name)
     return out
 
 
