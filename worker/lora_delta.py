@@ -57,16 +57,19 @@ class ModuleDelta:
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[rows] += the groups' low-rank products of x[rows] (x [N, in], out [N, out])."""
-        rows = self.rows
+        rows, a = self.rows, self.a
         xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-        xs = xs.to(self.a.dtype)
+        if xs.dtype != a.dtype:  # each call costs even when it changes nothing: only if needed
+            xs = xs.to(a.dtype)
         if self.kernel:
-            xs = xs.contiguous()
-            d = F.grouped_mm(F.grouped_mm(xs, self.a, offs=self.offs), self.b, offs=self.offs)
+            if not xs.is_contiguous():
+                xs = xs.contiguous()
+            d = F.grouped_mm(F.grouped_mm(xs, a, offs=self.offs), self.b, offs=self.offs)
         else:
             parts = xs.split(self.sizes)
-            d = torch.cat([p @ self.a[g] @ self.b[g] for g, p in enumerate(parts) if len(p)])
-        d = d.to(out.dtype)
+            d = torch.cat([p @ a[g] @ self.b[g] for g, p in enumerate(parts) if len(p)])
+        if d.dtype != out.dtype:
+            d = d.to(out.dtype)
         if isinstance(rows, slice):
             out[rows].add_(d)
         else:
@@ -122,15 +125,16 @@ def _delta(pool: Pool, parts: list[tuple[int, int, int]], step: LoraStep) -> Mod
     if all(q[1] == p[2] for p, q in itertools.pairwise(parts)):
         rows: slice | torch.Tensor = slice(parts[0][1], parts[-1][2])
     else:
-        rows = torch.cat([torch.arange(lo, hi) for _, lo, hi in parts]).to(device)
-    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        # one tensor from a list: far cheaper than an arange per run (a plan has hundreds)
+        rows = torch.tensor([i for _, lo, hi in parts for i in range(lo, hi)], device=device)
+    offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=device)
     kernel = (
         device.type == "cpu"
         and a.dtype in _KERNEL_DTYPES
         and a.shape[1] % 8 == 0
         and b.shape[2] % 8 == 0
     )
-    return ModuleDelta(rows, sizes, offs.to(device), a, b, kernel)
+    return ModuleDelta(rows, sizes, offs, a, b, kernel)
 
 
 def plan_step(

@@ -3,7 +3,8 @@
 An adapter block's module (A [r, in], B [out, r], scaling s) is kept once, in the form the
 kernel reads, as a slot of the pool of its (chain position, module, in, out, padded rank,
 dtype, device): A^T in `a[slot]` [in, R] and (s B)^T in `b[slot]` [R, out], R = r rounded up
-to 8 (the kernel wants 16-byte strides; the padding holds exact zeros). The tensors the zoo
+to 16 (the kernel wants 16-byte strides; the padding holds exact zeros; one class for the
+usual ranks 8-16, so one pool, one grouped matmul pair per module and step). The tensors the zoo
 gave are dropped once a block is placed. A step reads a range of slots of a pool as a view
 (worker/lora_delta.py); each slot in that range is a group of the grouped matmul, and a
 slot no row of the batch uses costs an empty group (a few microseconds), so free slots are
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-RANK_ALIGN = 8
+RANK_ALIGN = 16
 
 
 def padded_rank(r: int) -> int:

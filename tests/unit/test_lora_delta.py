@@ -79,7 +79,7 @@ def test_step_equals_each_row_alone(d):
         "b0": _tensors(dims, 5, 2.0, 3),
         "b1": _tensors(dims, 5, 2.0, 4),
         "c0": _tensors(q, 2, 1.0, 5),
-        "e0": _tensors(q, 12, 1.0, 6),  # rank 12: the pool of padded rank 16
+        "e0": _tensors(q, 20, 1.0, 6),  # rank 20: the pool of padded rank 32
     }
     blocks = _store(blocks)
     cache = AdapterCache(blocks.__getitem__)
@@ -98,7 +98,7 @@ def test_step_equals_each_row_alone(d):
         (1, "q_proj"),
         (1, "v_proj"),
     }
-    assert len(step.modules[(0, "q_proj")]) == 2  # ranks <= 8 and rank 12 (padded 16)
+    assert len(step.modules[(0, "q_proj")]) == 2  # ranks <= 16 and rank 20 (padded 32)
     assert all(md.kernel == (d % 8 == 0) for ds in step.modules.values() for md in ds)
     assert step.copy_bytes == 0  # every pool read in place
     _check(step, maps, lengths, blocks, dims)
@@ -106,9 +106,9 @@ def test_step_equals_each_row_alone(d):
     names = ("a0", "a1", "b0", "b1", "c0", "e0")
     pools = {id(p): p for n in names for p in _pools(cache, n)}
     assert cache.total_bytes == sum(p.nbytes for p in pools.values())
-    four = 4 * 8 * (d + d)  # one rank-8 slot of q_proj, fp32
-    # q: a0 b0 c0 at layer 0, a1 b1 at 1 (rank 8); v: b0, a1 b1 (rank 8); q: e0 (rank 16)
-    assert cache.total_bytes == 5 * four + 3 * 4 * 8 * (d + 2 * d) + 4 * 16 * (d + d)
+    slot = 4 * 16 * (d + d)  # one rank-16 slot of q_proj, fp32
+    # q: a0 b0 c0 at layer 0, a1 b1 at 1 (rank 16); v: b0, a1 b1 (rank 16); q: e0 (rank 32)
+    assert cache.total_bytes == 5 * slot + 3 * 4 * 16 * (d + 2 * d) + 4 * 32 * (d + d)
 
 
 def _pools(cache, name):
@@ -131,7 +131,7 @@ def test_scattered_slots_get_a_compact_stack_and_freed_slots_are_reused():
     )  # a view of the pool
     _check(near, maps[2:5], [1, 2, 1], blocks, dims)
     far = plan_step(1, stage.lora.modules, [maps[7], maps[0]], [2, 1], cache)
-    assert far.copy_bytes == 2 * 4 * 8 * (d + d)  # 6 empty groups between: 2 slots copied
+    assert far.copy_bytes == 2 * 4 * 16 * (d + d)  # 6 empty groups between: 2 slots copied
     _check(far, [maps[7], maps[0]], [2, 1], blocks, dims)
     version = cache.version
     cache.idle_limit = 0
