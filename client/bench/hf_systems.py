@@ -37,15 +37,15 @@ Say = Callable[[str], None]
 @dataclass(frozen=True, slots=True)
 class HfSpec:
     checkpoints: Mapping[str, Path]  # tenant -> checkpoint folder
-    # LoRA tenants: tenant -> PEFT adapter folder, applied with peft on its checkpoint (the
-    # base) at load and merged (`merge_and_unload`: HF + PEFT serving one adapter at a time)
-    adapters: Mapping[str, Path] = field(default_factory=dict)
     model_bytes: Mapping[str, int]  # tenant -> bytes held whole (for the budget)
     weight_budget_bytes: int
     threads: int | None = None
     dtype: str = "auto"  # torch dtype name of the weights ("auto": the checkpoint's)
     max_batch: int = 32  # hf_batched: rows per generate call
     device: str = "cpu"
+    # LoRA tenants: tenant -> PEFT adapter folder, applied with peft on its checkpoint (the
+    # base) at load and merged (`merge_and_unload`: HF + PEFT serving one adapter at a time)
+    adapters: Mapping[str, Path] = field(default_factory=dict)
 
 
 class _Steps:
