@@ -55,16 +55,20 @@ class RequestFlow:
         self.tries = 0  # route_with_credit calls (what dispatching waiting requests costs)
 
     # -- routing ---------------------------------------------------------------------------
-    def route(self, model: str, views: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
-        """The best route of `model` over `views`: a planner-preferred one if one resolves,
-        else the fewest-hops, least-loaded one (routing.find_route, over the stages the routing
-        index says serve the model: broker/stage_index.py); None if none exists."""
+    def route(
+        self, model: str, views: Mapping[Hashable, WorkerView], idle: bool = False
+    ) -> list[Hop] | None:
+        """The best route of `model` over `views`: a planner-preferred one if one resolves
+        (the one with the fewest running requests per weight), else the fewest-hops,
+        least-loaded one (routing.find_route, over the stages the routing index says serve the
+        model: broker/stage_index.py); None if none exists. `idle`: as if no request ran (the
+        route STATUS shows: broker/shown.py)."""
         spec = self.state.models.get(model)
         if spec is None:
             return None
         planned = self.state.preferred.get(model)
         if planned:
-            running = self.state.running.get(model, {})  # requests per route (set_route)
+            running = {} if idle else self.state.running.get(model, {})  # per route (set_route)
             by_name = self.state.names()
             hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
             if hops is not None:

@@ -86,10 +86,20 @@ def tensor_from_frame(buf: Buffer, meta: TensorMeta) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(meta.shape)
 
 
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per dataclass: its fields, in order
+
+
 def to_wire(value: Any) -> Any:
     """Dataclasses become arrays of their fields; tuples lists; enums their values."""
-    if dataclasses.is_dataclass(value):
-        return [to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    names = _FIELD_NAMES.get(kind)
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(value))
+    if names is not None:
+        return [to_wire(getattr(value, n)) for n in names]
     if isinstance(value, (tuple, list)):
         return [to_wire(v) for v in value]
     if isinstance(value, dict):

@@ -66,9 +66,12 @@ class StageIndex:
         self._family_of_cached: dict[str, Hashable] = {}
         self._watched: dict[str, list[tuple[int, str]]] = {}
         # what was dropped since `take_dropped` (the waiting requests of those models may have
-        # a route now: broker/waiting.py)
+        # a route now: broker/waiting.py), and since `take_shown` (the routes STATUS and STATS
+        # show: broker/status.py ShownRoutes)
         self.dropped: set[str] = set()
         self.dropped_all = False
+        self.shown_dropped: set[str] = set()
+        self.shown_dropped_all = False
 
     # -- freshness ----------------------------------------------------------------------------
     def _fresh(self, workers: Mapping[Hashable, Any], keys_gen: int) -> None:
@@ -203,12 +206,13 @@ class StageIndex:
             if not same:
                 del self._families[fam]
         self.dropped.add(model)
+        self.shown_dropped.add(model)
 
     def _drop_all(self) -> None:
         self._edges, self._coverable, self._families = {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
         self._spans_keyed, self._watched = {}, {}
-        self.dropped_all = True
+        self.dropped_all = self.shown_dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
         """(every model's, else the models whose) cached edges were dropped since the last call,
@@ -216,6 +220,13 @@ class StageIndex:
         self._fresh(workers, keys_gen)
         out = (self.dropped_all, self.dropped)
         self.dropped_all, self.dropped = False, set()
+        return out
+
+    def take_shown(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
+        """As `take_dropped`, for its other reader (broker/status.py ShownRoutes)."""
+        self._fresh(workers, keys_gen)
+        out = (self.shown_dropped_all, self.shown_dropped)
+        self.shown_dropped_all, self.shown_dropped = False, set()
         return out
 
     def peers_of(
@@ -322,18 +333,26 @@ class StageIndex:
 
 class LiveViews(Mapping):
     """`WorkerView`s of the registered workers, each built when first looked up (routing reads
-    only the workers the index names): `available(peer, worker)` says which may take work."""
+    only the workers the index names): `available(peer, worker)` says which may take work;
+    `loaded=False`: every load 0 (the route an idle cluster would give: STATUS, STATS)."""
 
-    def __init__(self, workers: Mapping[Hashable, Any], available: Callable[[Hashable, Any], bool]):
+    def __init__(
+        self,
+        workers: Mapping[Hashable, Any],
+        available: Callable[[Hashable, Any], bool],
+        loaded: bool = True,
+    ):
         self.workers = workers
         self.available = available
+        self.loaded = loaded
         self._views: dict[Hashable, WorkerView] = {}
 
     def __getitem__(self, peer: Hashable) -> WorkerView:
         view = self._views.get(peer)
         if view is None:
             w = self.workers[peer]
-            view = WorkerView(w.live_stages(), w.load(), self.available(peer, w), w.live_keys())
+            load = w.load() if self.loaded else 0.0
+            view = WorkerView(w.live_stages(), load, self.available(peer, w), w.live_keys())
             self._views[peer] = view
         return view
 

@@ -20,6 +20,7 @@ from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Su
 from blockllm.broker.requests import RequestState, split_wire_id
 from blockllm.broker.rewire import signature
 from blockllm.broker.routing import Hop
+from blockllm.broker.shown import ShownRoutes
 from blockllm.broker.stage_index import StageIndex
 from blockllm.broker.stats import Metrics
 from blockllm.broker.status import COUNTERS
@@ -112,6 +113,7 @@ class BrokerState:
         self.key_cache: dict[tuple[str, int, int], str | None] = {}
         self.last_reload = now
         self.catalog_gen = 0  # reloads so far: the planner's catalog version
+        self.shown = ShownRoutes()  # the routes STATUS and STATS show, cached (broker/shown.py)
         self.planner_notes: dict[str, str] = {}  # PLANNER_REPORT: model -> why uncovered
         self.planner_seen: float | None = None  # when the last PLANNER_REPORT came
 

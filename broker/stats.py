@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from blockllm.broker.protocol import ModelStats, ModelStatus, StatsBody
 
 if TYPE_CHECKING:
+    from blockllm.broker.shown import RouteFn, ShownRoutes
     from blockllm.broker.state import BrokerState
-    from blockllm.broker.status import RouteFn
 
 MAX_SAMPLES = 4096  # per model and kind: memory stays bounded whatever the load
 
@@ -92,11 +92,14 @@ class Metrics:
         }
 
 
-def stats_body(b: BrokerState, route_of: RouteFn, now: float) -> StatsBody:
-    """The STATS body: the STATUS body plus demand and latency per model (module docstring)."""
+def stats_body(
+    b: BrokerState, route_of: RouteFn, now: float, shown: ShownRoutes | None = None
+) -> StatsBody:
+    """The STATS body: the STATUS body plus demand and latency per model (module docstring);
+    `shown` as status_body's."""
     from blockllm.broker.status import status_body
 
-    status = status_body(b, route_of, now)
+    status = status_body(b, route_of, now, shown=shown)
     return StatsBody(
         workers=status.workers,
         models={n: model_stats(m, b.metrics.model_stats(n, now)) for n, m in status.models.items()},

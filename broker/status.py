@@ -2,8 +2,9 @@
 
 Each worker's entry (WorkerStatus) is what it registered with and reported last, and what the
 broker knows of it (credit, bans, drains, expiry); each model's (ModelStatus) its coverage (and
-why not, in words an operator can act on), its route now, its requests, the planner's routes
-and its chain substitutions ("the chain really served" is the model's own chain with them
+why not, in words an operator can act on), its route (the one a new request would get from
+idle workers: broker/shown.py, which caches it between builds), its requests, the planner's
+routes and its chain substitutions ("the chain really served" is the model's own chain with them
 applied). `totals` counts what the broker has: a STATUS_REQUEST may filter the lists to one
 model and the workers serving it, or one worker and its models, and a STATUS answer lists one
 page (entries [offset, offset + limit), at most STATUS_PAGE of each list; `page.next` is the
@@ -13,12 +14,10 @@ shows it as `protocol.plain()` renders it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING
 
 from blockllm.broker.protocol import (
     ModelStatus,
-    PlannedHop,
     RequestCounts,
     SpeculationCounts,
     StatusBody,
@@ -26,14 +25,12 @@ from blockllm.broker.protocol import (
     Totals,
     WorkerStatus,
 )
-from blockllm.broker.routing import Hop, WorkerView
-from blockllm.broker.stage_index import LiveViews
+from blockllm.broker.shown import RouteFn, ShownRoutes
 
 if TYPE_CHECKING:
     from blockllm.broker.state import BrokerState
     from blockllm.broker.workers import WorkerState
 
-RouteFn = Callable[[str, Mapping[Hashable, WorkerView]], "list[Hop] | None"]
 
 COUNTERS = (
     "requests",
@@ -102,10 +99,6 @@ def worker_entry(w: WorkerState, now: float) -> WorkerStatus:
     )
 
 
-def _route_entry(b: BrokerState, route: list[Hop]) -> tuple[PlannedHop, ...]:
-    return tuple(PlannedHop(b.workers[h.worker].name, tuple(h.spans)) for h in route)
-
-
 PLANNER_STALE_S = 10.0  # no PLANNER_REPORT for this long: no planner is connected
 
 
@@ -121,24 +114,24 @@ def uncovered_reason(b: BrokerState, name: str, now: float) -> str:
     return b.planner_notes.get(name) or "the planner has not placed it yet"
 
 
-def model_entry(b: BrokerState, route_of: RouteFn, name: str, now: float) -> ModelStatus:
+def model_entry(
+    b: BrokerState, route_of: RouteFn, name: str, now: float, shown: ShownRoutes
+) -> ModelStatus:
+    """`name`'s entry; its route and substitutions from `shown` (refreshed for `now`)."""
     spec = b.models[name]
-    # views built lazily: routing reads only the workers the routing index names for the model
-    unbanned = LiveViews(b.workers, lambda p, w: not w.banned(now))
-    route = route_of(name, unbanned)
-    if route is None:  # show the route banned workers give, if only bans are in the way
-        route = route_of(name, LiveViews(b.workers, lambda p, w: True))
     mine = [r for rid in b.by_model.get(name, ()) if (r := b.requests.get(rid)) is not None]
+    route, substitutions = shown.get(b, route_of, name)
+    running = sum(1 for r in mine if r.route is not None)
     return ModelStatus(
         layers=spec.num_layers,
         chain_len=spec.chain_len,
         covered=route is not None,
         uncovered="" if route is not None else uncovered_reason(b, name, now),
-        route=None if route is None else _route_entry(b, route),
-        running=sum(1 for r in mine if r.route is not None),
-        waiting=sum(1 for r in mine if r.route is None),
-        planned_routes=tuple(b.preferred.get(name, ())),
-        substitutions=tuple(b.substitutions(name)),
+        route=route,
+        running=running,
+        waiting=len(mine) - running,
+        planned_routes=b.preferred.get(name, ()),
+        substitutions=substitutions,
     )
 
 
@@ -154,11 +147,15 @@ def status_body(
     worker: str = "",
     offset: int = 0,
     limit: int | None = None,
+    shown: ShownRoutes | None = None,
 ) -> StatusBody:
     """The body (module docstring). `model`: only that model and the workers with a stage
     serving it; `worker`: only that worker and the models it has a stage of (both: both
     filters); "totals" counts what the broker has, filtered or not. `offset`/`limit`: one
-    page of both lists (None: all, what STATS carries); "page" says where the next starts."""
+    page of both lists (None: all, what STATS carries); "page" says where the next starts.
+    `shown`: the routes shown, cached (broker/shown.py; None: the state's)."""
+    shown = b.shown if shown is None else shown
+    shown.refresh(b, now)
     running = sum(1 for r in b.requests.values() if r.route is not None)
     workers = sorted(b.workers.values(), key=lambda w: w.registered_at)
     names = sorted(b.models)
@@ -178,7 +175,7 @@ def status_body(
         workers, names = workers[offset:end], names[offset:end]
     return StatusBody(
         workers=tuple(worker_entry(w, now) for w in workers),
-        models={name: model_entry(b, route_of, name, now) for name in names},
+        models={name: model_entry(b, route_of, name, now, shown) for name in names},
         requests=RequestCounts(running, len(b.requests) - running),
         counters=dict(b.counters),
         timings=b.timings.snapshot(),

@@ -262,6 +262,10 @@ def run_size(
         "stats_delta_kb_max": round(max(c.delta_bytes, default=0) / 1024, 1),
         "stats_parts_max": c.stats_parts,
         "stats_kb_per_s": round(sum(c.stats_bytes) / 1024 / max(1e-9, duration + 5.0), 1),
+        "stats_ms_p50": round(1000 * pct(c.stats_cpu_s, 0.5), 1),
+        # building the body alone (broker/stats.py; routes cached: broker/shown.py)
+        "stats_build_ms_p50": round(1000 * pct(c.stats_build_s, 0.5), 1),
+        "stats_build_ms_max": round(1000 * max(c.stats_build_s, default=0.0), 1),
         "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
         "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),
         "burst_commands_max": max(c.bursts, default=0),

@@ -153,6 +153,7 @@ class Counters:
     delta_bytes: list[int] = field(default_factory=list)  # the deltas
     stats_parts: int = 1  # the most messages one snapshot took (a full one in parts)
     stats_cpu_s: list[float] = field(default_factory=list)
+    stats_build_s: list[float] = field(default_factory=list)  # the body only (no encoding)
     status_bytes: list[int] = field(default_factory=list)
     hops: dict[str, list[int]] = field(default_factory=dict)  # model -> hops per token
     relayed_bytes: int = 0  # tensor bytes between the broker (node 0) and other nodes
@@ -271,6 +272,7 @@ class Sim:
         the last full one: broker/stats_delta.py), rebuilt on the planner's side."""
         t0 = time.process_time()
         body = self.broker.stats(self.now)
+        self.c.stats_build_s.append(time.process_time() - t0)
         self._stats_seq += 1
         sent = self.deltas.publish(self._stats_seq, body)
         self.c.stats_cpu_s.append(time.process_time() - t0)
