@@ -86,7 +86,7 @@ def test_the_cached_body_is_the_body_built_from_scratch_after_each_change() -> N
     h.send(PLANNER, SetChain("c3", "ft", tuple(chain)))
     assert same_as_from_scratch(h) == 2
     assert h.broker.stats(h.now).models["ft"].substitutions[0].position == 3
-    h.ready(W1, [("base", 3, 6), ("ft", 0, 6)])
+    h.ready(W1, [("base", 3, 6), ("base", 0, 6)])
     assert same_as_from_scratch(h) >= 1
     h.send(W0, Dead("gone"))
     assert same_as_from_scratch(h) >= 1
