@@ -160,28 +160,28 @@ class Commands:
 
     # -- draining ------------------------------------------------------------------------------
     def tick(self, now: float) -> list[Out]:
-        """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up)."""
+        """UNLOAD_STAGE every drained stage no request uses any more (or whose time is up).
+
+        Only the workers that may have one are looked at (`Registry.drains_to_check`): those
+        whose drains changed, or one of whose stages being drained lost its last route
+        (`BrokerState.using`), or whose earliest drain deadline passed; not every pending drain
+        at every tick."""
         out: list[Out] = []
         workers = self.state.workers
-        drains = workers.drains  # the workers whose drains changed: not a scan of every worker
-        for peer in sorted(drains, key=repr):
+        using = self.state.using
+        for peer in workers.drains_to_check(now):
             w = workers.get(peer)
             if w is None or not w.draining:
-                drains.discard(peer)
                 continue
-            running = self.state.requests_on(w.identity)
             for key, deadline in list(w.draining.items()):
-                used = any(
-                    h.worker == w.identity and key in h.stage_keys
-                    for r in running
-                    for h in r.route or ()
-                )
-                if used and now < deadline:
+                if now < deadline and using.get((peer, key), 0) > 0:
                     continue
                 del w.draining[key]
                 w.stages = tuple(s for s in w.stages if s.key != key)  # its READY confirms
                 logger.info("[rewire] unloading %s from %s", key[:12], w.name)
                 out.append(Out(w.identity, UnloadStage(key)))
+            if w.draining:  # still used: looked at again when unused or at the deadline
+                workers.drain_timer(w, min(w.draining.values()))
         return out
 
     def _handle_planner_report(

@@ -92,6 +92,9 @@ class BrokerState:
         # model -> route signature -> its requests on that route (set_route keeps it; the
         # planned routes are chosen by it: broker/rewire.py)
         self.running: dict[str, Counter] = {}
+        # (worker, stage key) -> the hops of routes that run it (set_route keeps it): a drain
+        # ends once its stage is unused (broker/commands.py), with no scan of the requests
+        self.using: dict[tuple[Any, str], int] = {}
         # (deadline, request id) of every request, earliest first: the timer pops the ones
         # past due instead of scanning every request (entries of finished ones are skipped)
         self.deadlines: list[tuple[float, str]] = []
@@ -166,7 +169,8 @@ class BrokerState:
             heapq.heapify(self.deadlines)
 
     def set_route(self, req: RequestState, route: list[Hop] | None) -> None:
-        """Give the request `route` (None: none), counting the model's requests per route."""
+        """Give the request `route` (None: none), counting the model's requests per route and
+        the routes on each (worker, stage key)."""
         counts = self.running.get(req.model)
         if req.route:
             assert counts is not None
@@ -176,9 +180,27 @@ class BrokerState:
                 del counts[sig]
                 if not counts:
                     del self.running[req.model]
+            self._use(req.route, -1)
         req.route = route
         if route:
             self.running.setdefault(req.model, Counter())[signature(route)] += 1
+            self._use(route, 1)
+
+    def _use(self, route: list[Hop], step: int) -> None:
+        """Count `route`'s (worker, stage key) pairs up or down; a stage being drained that no
+        route runs any more puts its worker on the drain timer's list (workers.Registry)."""
+        using = self.using
+        for hop in route:
+            for key in hop.stage_keys:
+                pair = (hop.worker, key)
+                n = using.get(pair, 0) + step
+                if n > 0:
+                    using[pair] = n
+                    continue
+                using.pop(pair, None)
+                w = self.workers.get(hop.worker)
+                if w is not None and key in w.draining:
+                    self.workers.drains.add(hop.worker)
 
     def hop_sent(self, req: RequestState, now: float) -> None:
         """The request's current hop was sent at `now` (what hedging measures lateness from)."""

@@ -119,8 +119,10 @@ class Registry(Watched):
     changed, or that joined or left, since the routing index (broker/stage_index.py) last
     looked: it is updated from those alone. `freed` collects those that may take more work
     (a reservation released, a report that raised their credit, a ban that ended) since the
-    waiting requests (broker/waiting.py) last looked. `drains` holds those whose drains changed
-    (the drain timer looks at them alone: broker/commands.py).
+    waiting requests (broker/waiting.py) last looked. `drains` holds those whose drains may
+    end: their drains changed, or a stage being drained lost its last route
+    (BrokerState.using); with those whose earliest drain deadline passed (`drain_timer`), the
+    drain timer looks at them alone (`drains_to_check`, broker/commands.py).
 
     The broker's timer finds the workers whose ban ended, whose heartbeat expired or that are
     due a ping from heaps (`bans_ended`, `expired`, `pings_due`), not a scan of every worker:
@@ -134,6 +136,8 @@ class Registry(Watched):
         self.bans: Timer = []
         self._expiry: Timer = []
         self._pings: Timer = []
+        self._drain_due: Timer = []
+        self._drain_at: dict[Any, float] = {}  # worker -> its entry in _drain_due
         super().__init__(notify=self.dirty.add)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -188,6 +192,26 @@ class Registry(Watched):
                 out.append(w)
                 due = now + every
             _push(self._pings, due, w)
+        return out
+
+    def drain_timer(self, w: WorkerState, when: float) -> None:
+        """Look at `w`'s drains again at `when` (its earliest drain deadline)."""
+        if self._drain_at.get(w.identity) != when:
+            self._drain_at[w.identity] = when
+            _push(self._drain_due, when, w)
+
+    def drains_to_check(self, now: float) -> list[Any]:
+        """The workers whose drains may end by `now` (`drains`, and those whose drain timer
+        is due), by repr; the list is emptied."""
+        due = self._drain_due
+        while due and due[0][0] <= now:
+            when, _, w = heapq.heappop(due)
+            if self._drain_at.get(w.identity) == when:
+                del self._drain_at[w.identity]
+                if self._current(w):
+                    self.drains.add(w.identity)
+        out = sorted(self.drains, key=repr)
+        self.drains.clear()
         return out
 
 
@@ -258,9 +282,10 @@ class WorkerState:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "draining":
             value = Watched(value, notify=self._drains_changed)
+            self._drains_changed()
         elif name == "inflight":
             value = Inflight(value, freed=self._credit_rose)
-        if name in ("stages", "draining"):
+        if name == "stages":
             self._stages_changed()
         object.__setattr__(self, name, value)
 
