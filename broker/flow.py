@@ -24,7 +24,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.requests import RequestState, token_frame, wire_id
 from blockllm.broker.rewire import best_planned, same_route
-from blockllm.broker.routing import Hop, WorkerView, best_route
+from blockllm.broker.routing import Hop, WorkerView, best_route, best_solo
 from blockllm.broker.stage_index import LiveViews
 from blockllm.broker.state import BrokerState, Out
 
@@ -61,8 +61,9 @@ class RequestFlow:
         """The best route of `model` over `views`: a planner-preferred one if one resolves
         (the one with the fewest running requests per weight), else the fewest-hops,
         least-loaded one (routing.find_route, over the stages the routing index says serve the
-        model: broker/stage_index.py); None if none exists. `idle`: as if no request ran (the
-        route STATUS shows: broker/shown.py)."""
+        model: broker/stage_index.py; when an available worker chains the model alone, the
+        least loaded such worker: routing.best_solo, the same route); None if none exists.
+        `idle`: as if no request ran (the route STATUS shows: broker/shown.py)."""
         spec = self.state.models.get(model)
         if spec is None:
             return None
@@ -73,10 +74,11 @@ class RequestFlow:
             hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
             if hops is not None:
                 return hops
-        edges = self.state.stage_index.edges(
+        edges, solo = self.state.stage_index.solo(
             model, spec.chain_len, self.state.workers, self.state.keys_gen, self.state.key_of
         )
-        return best_route(spec.chain_len, edges, views)
+        hops = best_solo(solo, views) if solo else None  # one worker chains it: one hop
+        return hops if hops is not None else best_route(spec.chain_len, edges, views)
 
     def covered(self, model: str) -> bool:
         """Whether live workers (banned or busy alike) cover the whole chain of `model`."""

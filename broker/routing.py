@@ -203,6 +203,50 @@ def best_route(
     return min(routes, key=lambda r: r[0])[1] if routes else None
 
 
+Solo = tuple[tuple[Hashable, int, tuple[Hop, ...]], ...]
+
+
+def solo_routes(
+    chain_len: int, edges: Mapping[int, Sequence[tuple[Hashable, StageLike]]]
+) -> Solo | None:
+    """The workers whose own stages among `edges` chain the whole model, each with the number
+    of stages and the hop `best_route` would give it alone: (worker, stages, (hop,)), workers
+    in `repr` order; None when the edges' stages are in several dtypes (`best_route` then
+    routes per dtype). What `best_solo` needs, computed once per edges (no loads)."""
+    dtypes = {getattr(st, "dtype", "") for found in edges.values() for _w, st in found}
+    if len(dtypes - {""}) > 1:
+        return None
+    own: dict[Hashable, dict[int, list[tuple[Hashable, StageLike]]]] = {}
+    for start in sorted(edges):
+        for worker, stage in edges[start]:
+            own.setdefault(worker, {}).setdefault(start, []).append((worker, stage))
+    out = []
+    for worker in sorted(own, key=_order):
+        view = {worker: WorkerView((), 0.0, True)}
+        found = _cheapest(chain_len, view, own[worker], with_cost=True)
+        if found is not None:
+            ((_hops, _load, n), _), hops = found
+            out.append((worker, n, tuple(hops)))
+    return tuple(out)
+
+
+def best_solo(solo: Solo, workers_view: Mapping[Hashable, WorkerView]) -> list[Hop] | None:
+    """`best_route` when some available worker chains the whole model alone (None when none
+    does: then `best_route` must run). Its route is one hop, which no route of more hops
+    beats: the cost is (1, the worker's load, its stages), ties to the worker that sorts
+    first, as in `_cheapest` (a one-hop state's cost comes from its own worker's stages
+    alone, on the same path the worker alone gives: `solo_routes`)."""
+    best: tuple[tuple[float, int], list[Hop]] | None = None
+    for worker, n, hops in solo:  # in repr order: the first among equal costs stays
+        view = workers_view.get(worker)
+        if view is None or not view.available:
+            continue
+        cost = (0.0 + view.load, n)
+        if best is None or cost < best[0]:
+            best = (cost, list(hops))
+    return None if best is None else best[1]
+
+
 def _cheapest(
     chain_len: int,
     workers_view: Mapping[Hashable, WorkerView],

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
-from blockllm.broker.routing import WorkerView
+from blockllm.broker.routing import Solo, WorkerView, solo_routes
 
 Edges = dict[int, list[tuple[Hashable, Any]]]
 Entry = tuple[tuple[str, str], Hashable, Any]  # ((repr(worker), dtype), worker, stage)
@@ -54,6 +54,7 @@ class StageIndex:
         self._built = False
         self._edges: dict[str, Edges] = {}
         self._coverable: dict[str, bool] = {}
+        self._solo: dict[str, Solo | None] = {}  # model -> routing.solo_routes of its edges
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
         self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
         # model -> (spans generation, chain length, [(start, key)]): `_span_keys`
@@ -199,6 +200,7 @@ class StageIndex:
             return
         self._chain_len.pop(model, None)
         self._coverable.pop(model, None)
+        self._solo.pop(model, None)
         fam = self._family_of_cached.pop(model, None)
         same = self._families.get(fam)
         if same is not None:
@@ -209,7 +211,7 @@ class StageIndex:
         self.shown_dropped.add(model)
 
     def _drop_all(self) -> None:
-        self._edges, self._coverable, self._families = {}, {}, {}
+        self._edges, self._coverable, self._families, self._solo = {}, {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
         self._spans_keyed, self._watched = {}, {}
         self.dropped_all = self.shown_dropped_all = True
@@ -324,6 +326,21 @@ class StageIndex:
                     reach.update(s.end for _, s in edges.get(pos, ()))
             ok = self._coverable[model] = chain_len in reach
         return ok
+
+    def solo(
+        self,
+        model: str,
+        chain_len: int,
+        workers: Mapping[Hashable, Any],
+        keys_gen: int,
+        key_of: KeyOf,
+    ) -> tuple[Edges, Solo | None]:
+        """The model's edges, and the workers that chain it alone (`routing.solo_routes` of
+        those edges, kept with them)."""
+        edges = self.edges(model, chain_len, workers, keys_gen, key_of)
+        if model not in self._solo:
+            self._solo[model] = solo_routes(chain_len, edges)
+        return edges, self._solo[model]
 
     def peers(self, workers: Mapping[Hashable, Any], keys_gen: int) -> dict[str, Hashable]:
         """Worker name -> peer of the registered workers."""
