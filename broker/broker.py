@@ -267,7 +267,7 @@ class Broker:
 
     def stats(self, now: float) -> StatsBody:
         """The STATS body the broker publishes for the planner (see broker/stats.py)."""
-        return stats_body(self.state, self.flow.route, now)
+        return stats_body(self.state, self.flow.route, now, entries=self.state.stats_entries)
 
     # -- workers -----------------------------------------------------------------------------
     # -- results and worker errors ---------------------------------------------------------

@@ -22,7 +22,7 @@ from blockllm.broker.rewire import signature
 from blockllm.broker.routing import Hop
 from blockllm.broker.shown import ShownRoutes
 from blockllm.broker.stage_index import StageIndex
-from blockllm.broker.stats import Metrics
+from blockllm.broker.stats import Metrics, StatsEntries
 from blockllm.broker.status import COUNTERS
 from blockllm.broker.timings import Timings
 from blockllm.broker.waiting import WaitQueue
@@ -117,6 +117,7 @@ class BrokerState:
         self.last_reload = now
         self.catalog_gen = 0  # reloads so far: the planner's catalog version
         self.shown = ShownRoutes()  # the routes STATUS and STATS show, cached (broker/shown.py)
+        self.stats_entries = StatsEntries()  # STATS' model entries, kept (broker/stats.py)
         self.planner_notes: dict[str, str] = {}  # PLANNER_REPORT: model -> why uncovered
         self.planner_seen: float | None = None  # when the last PLANNER_REPORT came
 

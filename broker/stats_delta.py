@@ -21,7 +21,14 @@ an entry by field name, with their wire values, and applying it validates them (
 `from_fields`: ProtocolError for a malformed one) and yields typed entries again.
 `DeltaPublisher` (the broker process) turns each body into encoded Stats or StatsDelta messages;
 `StatsView` (the planner) turns what it receives back into full bodies: equal to the body the
-broker built (tests/unit/test_stats_delta.py).
+broker built (tests/unit/test_stats_delta.py; tests/unit/test_stats_exact.py over a random
+trace of the broker's state).
+
+What it costs follows what changed, not the cluster: the broker keeps a model's entry (the
+same object) while it does not change (broker/stats.py), an entry that is the base's object is
+skipped, an entry's changed fields and their bytes are kept until the entry changes again,
+and a header is assembled from kept per-entry bytes (broker/stats_wire.py): a full STATS packs
+only the entries that changed since the last full one.
 """
 
 from __future__ import annotations
@@ -29,8 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
-
-import msgpack
 
 from blockllm.broker import frames
 from blockllm.broker.protocol import (
@@ -41,11 +46,21 @@ from blockllm.broker.protocol import (
     StatsDelta,
     WorkerStatus,
 )
+from blockllm.broker.stats_wire import (
+    Packed,
+    delta_header,
+    model_bytes,
+    pack,
+    stats_header,
+    worker_bytes,
+)
 
 FULL_EVERY = 10  # snapshots: a full one every 5 s at the default 0.5 s interval
 PART_BYTES = 512 * 1024  # one STATS / STATS_DELTA header at most (the bound is 1 MiB)
 Encoded = tuple["Stats | StatsDelta", list[Any]]  # a message and its frames
 Entries = tuple[dict[str, WorkerStatus], dict[str, ModelStats]]
+# per name: the entry, its fields that differ from the base's (wire values), their bytes
+Changed = dict[str, tuple[Any, dict[str, Any], bytes]]
 
 
 def _entries(body: StatsBody) -> Entries:
@@ -71,7 +86,7 @@ def _fields(entry: Any, old: Any = None) -> dict[str, Any]:
 class DeltaPublisher:
     """Full STATS every `full_every` snapshots (or when `catalog_gen` moved, or a delta would
     pass `part_bytes`), else STATS_DELTA against the last full one (module docstring). The
-    broker process's loop thread only."""
+    broker process's loop thread only. Kept bytes per entry: module docstring."""
 
     def __init__(self, full_every: int = FULL_EVERY, part_bytes: int = PART_BYTES) -> None:
         self.full_every = max(1, full_every)
@@ -80,46 +95,57 @@ class DeltaPublisher:
         self._base: Entries = ({}, {})
         self._since = 0
         self._catalog: Any = None
+        self._packed = (Packed(worker_bytes), Packed(model_bytes))  # for full ones
+        self._fields: tuple[Changed, Changed] = ({}, {})  # against the base, per name
 
     def publish(self, seq: int, body: StatsBody) -> list[Encoded]:
         """The messages (with their frames) that stand for `body`."""
         self._since += 1
         catalog = body.catalog_gen
+        entries = _entries(body)
         if self._base_seq >= 0 and self._since < self.full_every and catalog == self._catalog:
-            delta = self._delta(seq, body)
-            wire = frames.encode(delta)
-            if len(wire[1]) <= self.part_bytes:
-                return [(delta, wire)]
-        self._base_seq, self._base, self._since = seq, _entries(body), 0
+            delta, header = self._delta(seq, body, entries)
+            if len(header) <= self.part_bytes:
+                return [(delta, [delta.KIND.value, header])]
+        self._base_seq, self._base, self._since = seq, entries, 0
+        self._fields = ({}, {})
         self._catalog = catalog
-        return [(m, frames.encode(m)) for m in self._full(seq, body)]
+        return self._full(seq, body)
 
-    def _full(self, seq: int, body: StatsBody) -> list[Stats]:
+    def _full(self, seq: int, body: StatsBody) -> list[Encoded]:
         """One STATS, or parts of at most about `part_bytes` each when the body is larger."""
-        sizes = [len(msgpack.packb(frames.to_wire(w))) for w in body.workers]
-        models = body.models
-        sizes += [len(msgpack.packb(frames.to_wire(m))) + len(n) for n, m in models.items()]
+        packed_w, packed_m = self._packed
+        wb = [packed_w.get(w.name, w) for w in body.workers]
+        mb = [packed_m.get(n, m) for n, m in body.models.items()]
+        packed_w.keep(w.name for w in body.workers)
+        packed_m.keep(body.models)
+        sizes = [len(b) for b in wb] + [len(b) for b in mb]
         if sum(sizes) <= self.part_bytes:
-            return [Stats(seq, body)]
-        entries: list[tuple[str, Any]] = [("w", w) for w in body.workers]
-        entries += [("m", (n, m)) for n, m in models.items()]
-        chunks: list[list[tuple[str, Any]]] = [[]]
+            msg = Stats(seq, body)
+            return [(msg, [msg.KIND.value, stats_header(msg, wb, mb)])]
+        nw = len(wb)
+        chunks: list[list[int]] = [[]]  # entry indices: the workers', then the models'
         used = 0
-        for entry, size in zip(entries, sizes, strict=True):
+        for i, size in enumerate(sizes):
             if chunks[-1] and used + size > self.part_bytes:
                 chunks.append([])
                 used = 0
-            chunks[-1].append(entry)
+            chunks[-1].append(i)
             used += size
-        out = []
-        for i, chunk in enumerate(chunks):
-            rest = body if i == 0 else StatsBody()
+        names = list(body.models)
+        out: list[Encoded] = []
+        for k, chunk in enumerate(chunks):
+            rest = body if k == 0 else StatsBody()
+            ws = [i for i in chunk if i < nw]
+            ms = [i - nw for i in chunk if i >= nw]
             part = dataclasses.replace(
                 rest,
-                workers=tuple(e for kind, e in chunk if kind == "w"),
-                models={n: m for kind, (n, m) in ((k, e) for k, e in chunk if k == "m")},
+                workers=tuple(body.workers[i] for i in ws),
+                models={names[i]: body.models[names[i]] for i in ms},
             )
-            out.append(Stats(seq, part, i, len(chunks)))
+            msg = Stats(seq, part, k, len(chunks))
+            header = stats_header(msg, [wb[i] for i in ws], [mb[i] for i in ms])
+            out.append((msg, [msg.KIND.value, header]))
         return out
 
     def message(self, seq: int, body: StatsBody) -> Stats | StatsDelta:
@@ -128,35 +154,63 @@ class DeltaPublisher:
         assert not more, "a full snapshot in parts"
         return msg
 
-    def _delta(self, seq: int, body: StatsBody) -> StatsDelta:
-        workers, models = _entries(body)
-        return StatsDelta(
+    def _delta(self, seq: int, body: StatsBody, entries: Entries) -> tuple[StatsDelta, bytes]:
+        w_changed, w_whole, w_gone, w_order, wb = _changes(
+            self._base[0], entries[0], self._fields[0]
+        )
+        m_changed, m_whole, m_gone, m_order, mb = _changes(
+            self._base[1], entries[1], self._fields[1]
+        )
+        delta = StatsDelta(
             seq,
             self._base_seq,
-            *self._changes(self._base[0], workers),
-            *self._changes(self._base[1], models),
+            w_changed,
+            w_whole,
+            w_gone,
+            w_order,
+            m_changed,
+            m_whole,
+            m_gone,
+            m_order,
             dataclasses.replace(body, workers=(), models={}),
         )
+        return delta, delta_header(delta, wb, mb)
 
-    @staticmethod
-    def _changes(
-        base: dict[str, Any], now: dict[str, Any]
-    ) -> tuple[dict[str, dict[str, Any]], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-        """(changed fields per name, names whose entry travels whole: the new ones, names
-        gone, the order of the names when it is not the base's with the gone ones left out)."""
-        changed: dict[str, dict[str, Any]] = {}
-        whole: list[str] = []
-        for name, entry in now.items():
-            old = base.get(name)
-            if old is None:
-                changed[name] = _fields(entry)
-                whole.append(name)
-            elif old is not entry and (fields := _fields(entry, old)):
-                changed[name] = fields
-        gone = tuple(n for n in base if n not in now)
-        merged = [n for n in base if n in now] + [n for n in now if n not in base]
-        order = () if merged == list(now) else tuple(now)
-        return changed, tuple(whole), gone, order
+
+def _changes(
+    base: dict[str, Any], now: dict[str, Any], known: Changed
+) -> tuple[
+    dict[str, dict[str, Any]], tuple[str, ...], tuple[str, ...], tuple[str, ...], list[bytes]
+]:
+    """(changed fields per name, names whose entry travels whole: the new ones, names gone,
+    the order of the names when it is not the base's with the gone ones left out, the bytes
+    of each changed name and its fields). `known`: per name, the entry whose changed fields
+    were last found and them with their bytes (updated: only the names in `now` stay)."""
+    changed: dict[str, dict[str, Any]] = {}
+    whole: list[str] = []
+    data: list[bytes] = []
+    seen: Changed = {}
+    for name, entry in now.items():
+        old = base.get(name)
+        if old is entry:
+            continue
+        hit = known.get(name)
+        if hit is not None and hit[0] is entry:
+            seen[name] = hit
+        else:
+            fields = _fields(entry, old)
+            hit = seen[name] = (entry, fields, pack(name) + pack(fields))
+        if old is None:
+            whole.append(name)
+        if hit[1]:
+            changed[name] = hit[1]
+            data.append(hit[2])
+    known.clear()
+    known.update(seen)
+    gone = tuple(n for n in base if n not in now) if len(base) + len(whole) != len(now) else ()
+    merged = [n for n in base if n in now] + whole if gone else list(base) + whole
+    order = () if merged == list(now) else tuple(now)
+    return changed, tuple(whole), gone, order, data
 
 
 class StatsView:

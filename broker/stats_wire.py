@@ -1,0 +1,119 @@
+"""STATS and STATS_DELTA headers assembled from per-entry encodings, byte for byte what
+`frames.encode` packs (tests/unit/test_stats_exact.py compares them).
+
+A STATS header is a msgpack array `[seq, body, part, parts]` whose body's first two fields are
+the workers' list and the models' map; a STATS_DELTA header carries per worker / model name a
+map of its changed fields. Most entries are the same objects from one snapshot to the next
+(broker/stats.py keeps an unchanged model's entry), so their packed bytes are kept per name
+(`Packed`) and a header is the array and map heads (msgpack's shortest forms, as `packb`
+writes them) joined with those bytes: encoding costs the entries that changed, not the
+cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgpack
+
+from blockllm.broker import frames
+from blockllm.broker.protocol import Stats, StatsBody, StatsDelta
+
+_BODY = tuple(f.name for f in dataclasses.fields(StatsBody))
+_DELTA = tuple(f.name for f in dataclasses.fields(StatsDelta))
+assert _BODY[:2] == ("workers", "models"), "STATS: the lists first"
+assert tuple(f.name for f in dataclasses.fields(Stats)) == ("seq", "body", "part", "parts")
+assert _DELTA[:2] == ("seq", "base") and _DELTA[2] == "workers" and _DELTA[6] == "models"
+assert _DELTA[-1] == "summary" and len(_DELTA) == 11
+
+
+def pack(value: Any) -> bytes:
+    """`value` (already wire-shaped: plain values, lists, dicts) as frames.encode packs it."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def array_head(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def map_head(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 1 << 16:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+class Packed:
+    """Per name: the entry last packed and its bytes (`fn(name, entry)`), reused while the
+    entry is the same object (entries are frozen; a changed one is a new object)."""
+
+    def __init__(self, fn: Callable[[str, Any], bytes]) -> None:
+        self._fn = fn
+        self._by_name: dict[str, tuple[Any, bytes]] = {}
+        self.packed = 0  # entries packed (tests, benches)
+
+    def get(self, name: str, entry: Any) -> bytes:
+        cached = self._by_name.get(name)
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        data = self._fn(name, entry)
+        self._by_name[name] = (entry, data)
+        self.packed += 1
+        return data
+
+    def keep(self, names: Iterable[str]) -> None:
+        """Forget the names not in `names` (the entries gone)."""
+        names = set(names)
+        if len(names) < len(self._by_name):
+            self._by_name = {n: v for n, v in self._by_name.items() if n in names}
+
+    def clear(self) -> None:
+        self._by_name.clear()
+
+
+def worker_bytes(name: str, entry: Any) -> bytes:
+    return pack(frames.to_wire(entry))
+
+
+def model_bytes(name: str, entry: Any) -> bytes:
+    """A models map item: the name, then the entry."""
+    return pack(name) + pack(frames.to_wire(entry))
+
+
+def stats_header(msg: Stats, workers: list[bytes], models: list[bytes]) -> bytes:
+    """`msg`'s header from its entries' bytes (`workers`: worker_bytes of body.workers in
+    order; `models`: model_bytes of body.models' items in order)."""
+    body = msg.body
+    rest = [pack(frames.to_wire(getattr(body, f))) for f in _BODY[2:]]
+    return b"".join(
+        (
+            array_head(4),
+            pack(msg.seq),
+            array_head(len(_BODY)),
+            array_head(len(workers)),
+            *workers,
+            map_head(len(models)),
+            *models,
+            *rest,
+            pack(msg.part),
+            pack(msg.parts),
+        )
+    )
+
+
+def delta_header(msg: StatsDelta, workers: list[bytes], models: list[bytes]) -> bytes:
+    """`msg`'s header from its changed entries' bytes (each: the packed name, then the
+    packed map of its changed fields; in msg.workers' / msg.models' order)."""
+    parts = [array_head(len(_DELTA)), pack(msg.seq), pack(msg.base)]
+    parts += [map_head(len(workers)), *workers]
+    parts += [pack(frames.to_wire(getattr(msg, f))) for f in _DELTA[3:6]]
+    parts += [map_head(len(models)), *models]
+    parts += [pack(frames.to_wire(getattr(msg, f))) for f in _DELTA[7:]]
+    return b"".join(parts)
