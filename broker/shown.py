@@ -11,19 +11,26 @@ requests running on each planned route, which change with every step, are left o
 weighs them for each request), so the route shown stays put between two changes.
 
 What it is computed from, and where a change is seen:
-- the live stages serving the model: the routing index (broker/stage_index.py) drops a model's
-  cached edges when a stage it looked up went, came or was drained, and tells `take_shown`;
-- a worker's name and whether it is banned (bans end with time): compared per worker at each
-  build, and the models whose route could use that worker recomputed;
+- a route shown that is one of the planner's routes (one resolved over the workers not
+  banned) depends only on the workers those routes name: whether a worker has that name, is
+  banned, and its live stage keys, compared per name at each build; the models naming a
+  worker whose figures changed are recomputed (stages coming and going elsewhere are not
+  looked at: a planned route that resolves wins over any other);
+- otherwise, the live stages serving the model: the routing index (broker/stage_index.py)
+  drops a model's cached edges when a stage it looked up went, came or was drained, and tells
+  `take_shown`; and a worker's name and whether it is banned (bans end with time): compared
+  per worker at each build, and the models whose route could use that worker recomputed;
 - the planner's routes of the model (SET_ROUTES): compared per model at each build;
 - the model's spec (a reload that changed it), compared per model; the models' stage keys
-  (reload, SET_CHAIN: `keys_gen`) and names: when they changed, everything is recomputed.
-`tests/unit/test_status_cache.py` pins a cached build to a build from scratch after changes.
+  (reload, SET_CHAIN: `keys_gen`): when they changed, everything is recomputed; a model gone
+  is forgotten (a new one has nothing cached: arriving tenants recompute only themselves).
+`tests/unit/test_status_cache.py` pins a cached build to a build from scratch after changes,
+`tests/unit/test_stats_exact.py` over a random trace.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from blockllm.broker.protocol import PlannedHop, Substitution
@@ -45,11 +52,14 @@ class ShownRoutes:
 
     def __init__(self, scratch: bool = False) -> None:
         self.scratch = scratch
-        # model -> (shown, the planner's routes and the spec it was computed with)
-        self._shown: dict[str, tuple[Shown, Any, Any]] = {}
+        # model -> (shown, the planner's routes and the spec it was computed with, whether
+        # the route shown is a planned one)
+        self._shown: dict[str, tuple[Shown, Any, Any, bool]] = {}
         self._users: dict[Hashable, set[str]] = {}  # worker -> models whose route may use it
         self._seen: dict[Hashable, tuple[str, bool]] = {}  # worker -> (name, banned)
-        self._models: tuple[Any, int] = (None, -1)  # (the models' names, keys_gen)
+        self._named: dict[str, set[str]] = {}  # worker name -> models planned through it
+        self._figures: dict[str, tuple[Any, ...]] = {}  # name -> (peer, banned, live keys)
+        self._keys_gen = -1
         self.computed = 0  # routes computed (tests, benches)
 
     def refresh(self, b: BrokerState, now: float) -> None:
@@ -58,23 +68,39 @@ class ShownRoutes:
             every, dropped = False, set()
         else:
             every, dropped = b.stage_index.take_shown(b.workers, b.keys_gen)
-        if every or self._models[1] != b.keys_gen or self._models[0] != b.models.keys():
-            self._models = (set(b.models), b.keys_gen)
+        if every or self._keys_gen != b.keys_gen:
+            self._keys_gen = b.keys_gen
             self._shown.clear()
             self._users.clear()
+            self._named.clear()
+        if len(self._shown) > len(b.models) or any(m not in b.models for m in dropped):
+            self._shown = {m: v for m, v in self._shown.items() if m in b.models}
         for model in dropped:
-            self._shown.pop(model, None)
+            cached = self._shown.get(model)
+            if cached is not None and not cached[3]:  # a planned route: its workers say
+                del self._shown[model]
         for peer, w in b.workers.items():
             state = (w.name, w.banned(now))
             if self._seen.get(peer) != state:
                 self._seen[peer] = state
-                self._forget(peer)
+                self._forget(self._users.pop(peer, ()))
         for peer in [p for p in self._seen if p not in b.workers]:
             del self._seen[peer]
-            self._forget(peer)
+            self._forget(self._users.pop(peer, ()))
+        figures = {}
+        for name, peer in b.names().items():
+            w = b.workers.get(peer)
+            if w is not None:
+                figures[name] = (peer, self._seen[peer][1], w.live_keys())
+        for name, fig in figures.items():
+            if self._figures.get(name) != fig:
+                self._forget(self._named.pop(name, ()))
+        for name in self._figures.keys() - figures.keys():
+            self._forget(self._named.pop(name, ()))
+        self._figures = figures
 
-    def _forget(self, peer: Hashable) -> None:
-        for model in self._users.pop(peer, ()):
+    def _forget(self, models: Iterable[str]) -> None:
+        for model in models:
             self._shown.pop(model, None)
 
     def get(self, b: BrokerState, route_of: RouteFn, name: str) -> Shown:
@@ -89,24 +115,37 @@ class ShownRoutes:
             and (cached[1] is preferred or cached[1] == preferred)
         ):
             return cached[0]
-        shown = (self._route(b, route_of, name), tuple(b.substitutions(name)))
-        self._shown[name] = (shown, preferred, spec)
+        route, planned = self._route(b, route_of, name, preferred)
+        shown = (route, tuple(b.substitutions(name)))
+        self._shown[name] = (shown, preferred, spec, planned)
         self.computed += 1
+        named = {h.worker for r in preferred or () for h in r.hops}
+        for worker in named:
+            self._named.setdefault(worker, set()).add(name)
+        if planned:
+            return shown
         users = b.stage_index.peers_of(name, spec.chain_len, b.workers, b.keys_gen, b.key_of)
         names = b.names()
-        named = {h.worker for r in preferred or () for h in r.hops}
         users |= {names[n] for n in named if n in names}
         for peer in users:
             self._users.setdefault(peer, set()).add(name)
         return shown
 
-    def _route(self, b: BrokerState, route_of: RouteFn, name: str) -> Any:
+    def _route(
+        self, b: BrokerState, route_of: RouteFn, name: str, preferred: Any
+    ) -> tuple[Any, bool]:
+        """(the route shown, whether it is one of the planner's routes resolved over the
+        workers not banned: then it depends on the workers they name alone, since a planned
+        route that resolves is what `route_of` gives)."""
         seen = self._seen
         unbanned = LiveViews(b.workers, lambda p, w: not seen[p][1], loaded=False)
         route = route_of(name, unbanned, idle=True)
+        first = route is not None
         if route is None:  # show the route banned workers give, if only bans are in the way
             everyone = LiveViews(b.workers, lambda p, w: True, loaded=False)
             route = route_of(name, everyone, idle=True)
         if route is None:
-            return None
-        return tuple(PlannedHop(b.workers[h.worker].name, tuple(h.spans)) for h in route)
+            return None, False
+        shown = tuple(PlannedHop(b.workers[h.worker].name, tuple(h.spans)) for h in route)
+        planned = first and any(r.hops == shown for r in preferred or ())
+        return shown, planned

@@ -99,3 +99,29 @@ def test_the_cached_body_is_the_body_built_from_scratch_after_each_change() -> N
     del catalog["ft"]  # a model went
     h.send(PLANNER, Reload("c6"))
     assert same_as_from_scratch(h) == 1 and list(h.broker.stats(h.now).models) == ["base"]
+
+
+def test_a_planned_route_shown_is_recomputed_only_when_a_worker_it_names_changes() -> None:
+    """A route shown that is one of the planner's routes depends on the workers they name
+    alone: stages coming on other workers, even stages serving the model, leave it."""
+    h = Harness()
+    h.ready(W0, [("base", 0, 6)])
+    h.ready(W1, [("base", 0, 3)])
+    planned = (route(("w0", ((0, 6),))), route(("w2", ((0, 6),)), weight=3.0))
+    assert only(h.send(PLANNER, SetRoutes("c1", {"base": planned})), Ack).msg.ok
+    same_as_from_scratch(h)
+    kept = h.broker.state.shown._shown["base"]
+    assert kept[3] and kept[0][0] == (PlannedHop("w0", ((0, 6),)),)
+    h.ready(W1, [("base", 0, 3), ("base", 3, 6)])  # w1 now chains base too: not named
+    same_as_from_scratch(h)
+    assert h.broker.state.shown._shown["base"] is kept
+    h.ready(W2, [("base", 0, 6)])  # w2 is named (weight 3): its route wins now
+    same_as_from_scratch(h)
+    assert h.broker.stats(h.now).models["base"].route == (PlannedHop("w2", ((0, 6),)),)
+    h.send(PLANNER, UnloadStage(stage_key(BASE, 0, 6), "w2", "c2", 5.0))  # drained
+    same_as_from_scratch(h)
+    assert h.broker.stats(h.now).models["base"].route == (PlannedHop("w0", ((0, 6),)),)
+    h.send(W0, Dead("gone"))  # no planned route resolves: the fewest hops over w1
+    same_as_from_scratch(h)
+    assert h.broker.stats(h.now).models["base"].route == (PlannedHop("w1", ((0, 3), (3, 6))),)
+    assert not h.broker.state.shown._shown["base"][3]
