@@ -38,6 +38,7 @@ class Coverage:
         self._users: dict[tuple[int, int], dict[str | None, list[str]]] = {}
         self._covered: dict[str, bool] = {}
         self._spans: dict[str, list[tuple[int, int, str]]] = {}  # model -> its held spans
+        self._without: dict[tuple[str, str], bool] = {}  # (worker, key) -> still_covered
 
     def covers(self, model: str, without: tuple[str, str] | None = None) -> bool:
         """Whether the held stages chain `model` (without `without` = (worker, key)'s copy).
@@ -87,3 +88,18 @@ class Coverage:
             for m in sorted(models):
                 by_key.setdefault(self.key_of(m, start, end), []).append(m)
         return by_key.get(key, [])
+
+    def still_covered(
+        self, worker: str, key: str, start: int, end: int, models: Collection[str]
+    ) -> bool:
+        """Whether every model of `models` the stage `key` over [start, end) serves that is
+        covered stays covered without `worker`'s copy (memoized: `models` is the same for
+        one Coverage, the target's)."""
+        k = (worker, key)
+        ok = self._without.get(k)
+        if ok is None:
+            users = self.users(start, end, key, models)
+            ok = self._without[k] = all(
+                self.covers(m, (worker, key)) for m in users if self.covers(m)
+            )
+        return ok

@@ -1,6 +1,7 @@
 """Which catalog models can load a block: an index of the planner's catalog by (chain length,
 position, block), so a chain's owners cost its length, not the catalog's size times it; and
-the stage keys of the catalog's models, memoized."""
+the stage keys of the catalog's models, memoized (over catalog re-reads: per model while its
+manifest is equal)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ class Owners:
         self._for: Mapping[str, Any] | None = None
         self._by_block: dict[tuple[int, int, str], list[str]] = {}
         self._keys_for: Mapping[str, Any] | None = None
-        self._keys: dict[tuple[str, int, int], str | None] = {}
+        # model -> (its manifest, its stage keys by span): kept over catalog re-reads while
+        # the model's manifest is equal (a tenant arriving recomputes only its own keys)
+        self._keys: dict[str, tuple[Any, dict[tuple[int, int], str | None]]] = {}
         # what `of` answered, by what its answer depends on (a chain's block at p, and for
         # the head its embedding and tying): a family's models share the answers of its blocks
         self._of: dict[tuple[int, int, str, bool, str | None], tuple[str, ...]] = {}
@@ -40,15 +43,24 @@ class Owners:
     def key(self, manifests: Mapping[str, Any], model: str, start: int, end: int) -> str | None:
         """stage_key of `model` over [start, end) (None: unknown model or span)."""
         if self._keys_for is not manifests:
-            self._keys_for, self._keys = manifests, {}
-        k = (model, start, end)
-        if k not in self._keys:
-            m = manifests.get(model)
+            self._keys_for = manifests
+            if any(n not in manifests for n in self._keys):
+                self._keys = {n: v for n, v in self._keys.items() if n in manifests}
+        m = manifests.get(model)
+        if m is None:
+            return None
+        memo = self._keys.get(model)
+        if memo is None or memo[0] is not m:
+            same = memo is not None and memo[0] == m  # a re-read catalog: an equal manifest
+            memo = self._keys[model] = (m, memo[1] if same else {})
+        keys = memo[1]
+        k = (start, end)
+        if k not in keys:
             try:
-                self._keys[k] = None if m is None else stage_key(m, start, end)
+                keys[k] = stage_key(m, start, end)
             except Exception:
-                self._keys[k] = None
-        return self._keys[k]
+                keys[k] = None
+        return keys[k]
 
     def of(
         self, manifests: Mapping[str, Any], chain: tuple[str, ...], p: int, tied: bool

@@ -325,7 +325,7 @@ class Planner:
         out: list[Message] = []
         missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
         room = Room(self.manifests, workers, self._loading())
-        cov: list[Coverage] = []  # built once, when some load waits for room
+        cov: list[Any] = []  # built once, when some load waits for room: (coverage, kept)
         for k in missing:
             if room.fits(k[0], t.stage_keys[k]):
                 self.waiting_room.pop(k, None)
@@ -333,8 +333,10 @@ class Planner:
                 out += self._load(k, t.stage_keys[k], workers, now)
             else:
                 since = self.waiting_room.setdefault(k, now)
-                cov = cov or [Coverage(workers, self._key, self.manifests)]
-                out += self._make_room(workers[k[0]], cov[0], now - since, now, workers)
+                if not cov:
+                    keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
+                    cov = [Coverage(workers, self._key, self.manifests), keep]
+                out += self._make_room(workers[k[0]], cov[0], cov[1], now - since, now)
         given_up = [
             k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
         ]
@@ -358,23 +360,17 @@ class Planner:
         return out
 
     def _make_room(
-        self,
-        w: WorkerFacts,
-        cov: Coverage,
-        waited: float,
-        now: float,
-        workers: Mapping[str, WorkerFacts],
+        self, w: WorkerFacts, cov: Coverage, keep: set[Key], waited: float, now: float
     ) -> list[Message]:
-        """Unload stages of `w` the target does not keep so that a load fits (see budgets.py),
-        none a covered model needs unless the load waited long; `cov`: the snapshot's coverage."""
+        """Unload stages of `w` the target does not keep (`keep`: the target's, the
+        duplicates' and the pinned stages) so that a load fits (see budgets.py), none a
+        covered model needs unless the load waited long; `cov`: the snapshot's coverage."""
         t = self.target
         assert t is not None
-        keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
 
         def covered_without(worker: str, key: str) -> bool:
             st = w.stages[key]  # only the models this stage serves can lose coverage
-            users = cov.users(st.start, st.end, key, t.models)
-            return all(cov.covers(m, (worker, key)) for m in users if cov.covers(m))
+            return cov.still_covered(worker, key, st.start, st.end, t.models)
 
         force = waited >= self.cfg.load_timeout_s
         out: list[Message] = []
