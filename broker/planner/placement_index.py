@@ -43,7 +43,18 @@ class Chain:
     """What the search reads of one model, computed once: blocks per position, their sizes,
     prefix costs for a worker that holds nothing of it, work per position."""
 
-    __slots__ = ("_suffix", "at", "blocks", "fresh", "info", "owners", "size", "total_work", "work")
+    __slots__ = (
+        "_suffix",
+        "at",
+        "blocks",
+        "fresh",
+        "info",
+        "owners",
+        "size",
+        "total_work",
+        "where",
+        "work",
+    )
 
     def __init__(self, m: ModelInfo) -> None:
         self.info = m
@@ -53,6 +64,10 @@ class Chain:
         for b, nb in zip(m.chain, m.block_bytes, strict=False):
             self.size.setdefault(b, nb)  # ModelInfo.nbytes: the first position's size
         self.blocks = frozenset(m.chain)  # a tied head's embedding is chain[0]
+        self.where: dict[str, list[int]] = {}  # block -> the positions holding it, ascending
+        for p, bs in enumerate(self.at):
+            for b in bs:
+                self.where.setdefault(b, []).append(p)
         self._suffix: dict[int, frozenset[str]] = {}
         self.work = [m.work(p) for p in range(n)]
         self.total_work = sum(self.work) or 1.0
@@ -203,6 +218,32 @@ class Cluster:
         if new <= room and not blocked and kv_ok:  # the rest of the chain fits
             churn = sum(c.nbytes(b) for b in missing if b not in resident)
             return len(c.at), new, churn
+        if blocked:
+            return self._walk(w, c, start, room, kv_room)
+        # only the positions where a missing block first appears cost anything: the segment
+        # ends at the first of them that does not fit (the walk below, without the others)
+        first: dict[int, list[str]] = {}
+        for b in missing:
+            ps = c.where[b]
+            first.setdefault(ps[bisect.bisect_left(ps, start)], []).append(b)
+        n = len(c.at)
+        new = churn = layers = 0
+        for q in sorted(first):
+            extra = first[q]
+            cost = sum(c.nbytes(b) for b in extra)
+            kv = 1 if 1 <= q < n - 1 and c.at[q][0] in extra else 0
+            if new + cost > room or layers + kv > kv_room:
+                return q, new, churn
+            layers += kv
+            new += cost
+            churn += sum(c.nbytes(b) for b in extra if b not in resident)
+        return n, new, churn  # a layer block repeated: counted once here, twice by _kv_new
+
+    def _walk(self, w: str, c: Chain, start: int, room: float, kv_room: int) -> tuple:
+        """`reach` position by position (a worker refused some block of the chain)."""
+        held = self.held[w]
+        resident, refused = self.workers[w].resident, self.workers[w].refused
+        blocked = True
         seen: set[str] = set()
         new = churn = layers = 0
         end = start
