@@ -23,6 +23,10 @@ requests take:
 A worker never gets a position whose block it reported it cannot get (`WorkerInfo.refused`).
 Budgets are never exceeded: a replica that does not fit is not placed (the model is reported
 in `uncovered` when not even one fits).
+4. **Stickiness.** Given the replicas of the placement it replaces (`previous`: the planner's
+   target), each replica that still fits where it is stays there unless the search would cut
+   the chain into fewer segments (placement_keep.py): unchanged inputs give the same layout,
+   and a demand drift moves only what no longer fits or is no longer wanted.
 
 The search is indexed (placement_index.py: the same choices as scanning every worker, ~1 s for
 2,000 models on 256 workers) and the stages and routes are derived in placement_layout.py.
@@ -38,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from blockllm.broker.planner.placement_index import Cluster, Segment, place_replica
+from blockllm.broker.planner.placement_keep import Previous, keep_or_find, offers
 from blockllm.broker.planner.placement_layout import Stage, layout, relayout
 from blockllm.broker.protocol import PlannedRoute
 
@@ -128,9 +133,12 @@ def place(
     workers: Sequence[WorkerInfo],
     *,
     max_replicas: int | None = None,
+    previous: Previous | None = None,
 ) -> Placement:
-    """The placement of `models` on `workers` (module docstring); deterministic."""
-    plan, _ = place_in(models, workers, max_replicas=max_replicas)
+    """The placement of `models` on `workers` (module docstring); deterministic. With
+    `previous` (the replicas of the placement it replaces) replicas stay where they still fit
+    (placement_keep.py)."""
+    plan, _ = place_in(models, workers, max_replicas=max_replicas, previous=previous)
     return plan
 
 
@@ -139,16 +147,32 @@ def place_in(
     workers: Sequence[WorkerInfo],
     *,
     max_replicas: int | None = None,
+    previous: Previous | None = None,
 ) -> tuple[Placement, Cluster]:
     """`place`, and the search state it ends in (what `replace_lost` re-places from).
 
-    Nodes never cost coverage: when the placement with nodes leaves models uncovered, the one
-    without them is made too and taken if it covers more demand (keeping chains inside nodes
-    packs the workers differently: on tight clusters now and then a cold model less)."""
-    plan, c = _place_in(models, workers, max_replicas)
+    Nodes and stickiness never cost coverage: when the placement leaves models uncovered, the
+    one without nodes, and then the one without `previous`, are made too and taken if they
+    cover more demand (keeping chains inside nodes or replicas where they are packs the
+    workers differently: on tight clusters now and then a cold model less)."""
+    plan, c = _place_nodes(models, workers, max_replicas, previous)
+    if plan.uncovered and previous:
+        fresh = _place_nodes(models, workers, max_replicas, None)
+        if _covered(models, fresh[0]) > _covered(models, plan):
+            return fresh
+    return plan, c
+
+
+def _place_nodes(
+    models: Sequence[ModelInfo],
+    workers: Sequence[WorkerInfo],
+    max_replicas: int | None,
+    previous: Previous | None,
+) -> tuple[Placement, Cluster]:
+    plan, c = _place_in(models, workers, max_replicas, previous)
     nodes = {w.node for w in workers}
     if plan.uncovered and len(nodes) > 1 and len(nodes - {""}) < len(workers):
-        blind = _place_in(models, [replace(w, node="") for w in workers], max_replicas)
+        blind = _place_in(models, [replace(w, node="") for w in workers], max_replicas, previous)
         if _covered(models, blind[0]) > _covered(models, plan):
             return blind
     return plan, c
@@ -159,20 +183,30 @@ def _covered(models: Sequence[ModelInfo], plan: Placement) -> float:
 
 
 def _place_in(
-    models: Sequence[ModelInfo], workers: Sequence[WorkerInfo], max_replicas: int | None
+    models: Sequence[ModelInfo],
+    workers: Sequence[WorkerInfo],
+    max_replicas: int | None,
+    previous: Previous | None = None,
 ) -> tuple[Placement, Cluster]:
     order = sorted(models, key=lambda m: (-m.demand, m.name))
     total = sum(max(0.0, m.demand) for m in models)
     c = Cluster(workers, total)
     plan = Placement()
     targets = c.targets = capped_targets(models, len(workers), max_replicas)
+    offered = offers(previous)
     for m in order:  # coverage, hottest first
-        segs = place_replica(c, m, m.demand / targets[m.name], ())
+        share = m.demand / targets[m.name]
+        if offered:
+            segs = keep_or_find(c, m, (), offered)
+            for w, start, end in segs or ():
+                c.add(w, m, start, end, share)
+        else:
+            segs = place_replica(c, m, share, ())
         if segs is None:
             plan.uncovered.append(m.name)
         else:
             plan.replicas[m.name] = [segs]
-    replicate(c, plan, [m for m in order if m.name in plan.replicas], targets)
+    replicate(c, plan, [m for m in order if m.name in plan.replicas], targets, offered)
     layout(c, plan)
     return plan, c
 
@@ -232,10 +266,15 @@ def capped_targets(
 
 
 def replicate(
-    c: Cluster, plan: Placement, live: Sequence[ModelInfo], targets: Mapping[str, int]
+    c: Cluster,
+    plan: Placement,
+    live: Sequence[ModelInfo],
+    targets: Mapping[str, int],
+    offered: dict[str, list[list[Segment]]] | None = None,
 ) -> None:
     """Add replicas up to the targets, the model with the most demand per replica first (ties:
-    the greater name), while memory lasts. A heap keyed by (demand per replica, name)."""
+    the greater name), while memory lasts. A heap keyed by (demand per replica, name).
+    `offered`: previous replicas to keep where they fit (placement_keep.py)."""
     rank = {name: i for i, name in enumerate(sorted(m.name for m in live))}
     heap = [(-m.demand / len(plan.replicas[m.name]), -rank[m.name], m) for m in live]
     heapq.heapify(heap)
@@ -245,7 +284,13 @@ def replicate(
         if len(reps) >= targets[m.name]:
             continue
         hosts = {w for r in reps for w, _, _ in r}
-        segs = place_replica(c, m, m.demand / targets[m.name], hosts)
+        share = m.demand / targets[m.name]
+        if offered:
+            segs = keep_or_find(c, m, hosts, offered)
+            for w, start, end in segs or ():
+                c.add(w, m, start, end, share)
+        else:
+            segs = place_replica(c, m, share, hosts)
         if segs is None:
             continue
         reps.append(segs)

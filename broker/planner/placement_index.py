@@ -374,6 +374,15 @@ def place_replica(
 ) -> list[Segment] | None:
     """Cut one replica of m's chain into the fewest segments that fit; None if none fits.
     The segments are added to the cluster."""
+    segments = find_replica(cl, m, exclude)
+    if segments is not None:
+        for w, start, end in segments:
+            cl.add(w, m, start, end, share)
+    return segments
+
+
+def find_replica(cl: Cluster, m: ModelInfo, exclude: Iterable[str]) -> list[Segment] | None:
+    """The segments `place_replica` would add (the cluster is not changed)."""
     exclude = set(exclude)
     touching = cl.touching(cl.chain(m))
     segments: list[Segment] = []
@@ -388,6 +397,4 @@ def place_replica(
         near = cl.node[w]
         exclude.add(w)  # a replica visits a worker once
         pos = end
-    for w, start, end in segments:
-        cl.add(w, m, start, end, share)
     return segments

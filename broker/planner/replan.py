@@ -1,5 +1,6 @@
 """Re-placing after a lost worker: incrementally when the target's search state still describes
-the cluster, with a full placement only when the incremental one is not acceptable.
+the cluster, with a full placement only when the incremental one is not acceptable. Every
+full placement keeps the target's replicas where they still fit (placement_keep.py).
 
 A full `place` after one lost worker re-decides every replica (seconds at 2,000 models, and
 the tie-breaks by load share move replicas that never touched the lost worker: loads and
@@ -42,9 +43,11 @@ def placement(
     after a lost worker the incremental one (module docstring)."""
     max_replicas = None if planner.cfg.replicate else 1
     states: list[Cluster] = []
+    t = planner.target
+    previous = t.plan.replicas if t is not None else None  # kept where they fit
 
     def full(ns: list[WorkerInfo]) -> Placement:
-        plan, state = place_in(infos, ns, max_replicas=max_replicas)
+        plan, state = place_in(infos, ns, max_replicas=max_replicas, previous=previous)
         states.append(state)
         return plan
 
@@ -52,7 +55,6 @@ def placement(
         # without the spawned workers when the others cover every model (spawn.py)
         return planner.spawns.place(nodes, lambda n: n.name, full), states[-1]
 
-    t = planner.target
     if t is None or t.state is None or why != "workers changed":
         return whole()
     lost = lost_workers(t.state, infos, nodes, planner.spawns.spawned)
