@@ -29,6 +29,7 @@ for every candidate: the placement is the one without nodes.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ class Chain:
 
     __slots__ = (
         "_suffix",
+        "_where",
         "at",
         "blocks",
         "fresh",
@@ -52,27 +54,41 @@ class Chain:
         "owners",
         "size",
         "total_work",
-        "where",
         "work",
     )
 
     def __init__(self, m: ModelInfo) -> None:
         self.info = m
-        n = len(m.chain)
-        self.at = [m.blocks_at(p) for p in range(n)]
-        self.size: dict[str, int] = {}
-        for b, nb in zip(m.chain, m.block_bytes, strict=False):
-            self.size.setdefault(b, nb)  # ModelInfo.nbytes: the first position's size
-        self.blocks = frozenset(m.chain)  # a tied head's embedding is chain[0]
-        self.where: dict[str, list[int]] = {}  # block -> the positions holding it, ascending
-        for p, bs in enumerate(self.at):
-            for b in bs:
-                self.where.setdefault(b, []).append(p)
+        chain = m.chain
+        n = len(chain)
+        self.at = [(b,) for b in chain]  # ModelInfo.blocks_at
+        if m.tied and n:
+            self.at[-1] = (chain[-1], chain[0])
+        k = min(n, len(m.block_bytes))  # ModelInfo.nbytes: the first position's size
+        self.size: dict[str, int] = dict(
+            zip(reversed(chain[:k]), reversed(m.block_bytes[:k]), strict=True)
+        )
+        self.blocks = frozenset(chain)  # a tied head's embedding is chain[0]
+        self._where: dict[str, list[int]] | None = None
         self._suffix: dict[int, frozenset[str]] = {}
-        self.work = [m.work(p) for p in range(n)]
+        given = m.compute or m.block_bytes  # ModelInfo.work
+        if len(given) >= n:
+            self.work = [float(x) for x in given[:n]] if given else [1.0] * n
+        else:
+            self.work = [m.work(p) for p in range(n)]
         self.total_work = sum(self.work) or 1.0
         self.fresh: dict[int, list[int]] = {}
         self.owners: list[frozenset[str]] | None = None
+
+    @property
+    def where(self) -> dict[str, list[int]]:
+        """Block -> the positions holding it, ascending."""
+        if self._where is None:
+            self._where = {}
+            for p, bs in enumerate(self.at):
+                for b in bs:
+                    self._where.setdefault(b, []).append(p)
+        return self._where
 
     def suffix(self, pos: int) -> frozenset[str]:
         """The distinct blocks of positions pos.. (what a segment from pos may add)."""
@@ -92,6 +108,10 @@ class Chain:
     def fresh_costs(self, pos: int) -> list[int]:
         """costs[k]: new bytes of the segment [pos, pos + k + 1) on a worker holding nothing."""
         costs = self.fresh.get(pos)
+        if costs is None and len(self.blocks) == len(self.at) and not self.info.tied:
+            # every position one block, none repeated: the running sum of their sizes
+            sizes = map(self.size.get, self.info.chain[pos:], itertools.repeat(0))
+            costs = self.fresh[pos] = list(itertools.accumulate(sizes))
         if costs is None:
             seen: set[str] = set()
             total = 0
@@ -177,10 +197,10 @@ class Cluster:
     def touching(self, c: Chain) -> set[str]:
         """Workers that hold or have resident some block of the chain, or whose KV arena
         could not take all of its decoder layers (their reach is not a function of room)."""
-        out: set[str] = set()
-        for b in c.blocks:
-            out.update(self.holders.get(b, ()))
-            out.update(self.resident_holders.get(b, ()))
+        none = itertools.repeat(())
+        out: set[str] = set().union(*map(self.holders.get, c.blocks, none))
+        if self.resident_holders:
+            out.update(*map(self.resident_holders.get, c.blocks, none))
         if c.info.kv_row_bytes > 0:
             layers = len(c.at) - 2
             out.update(w for w in self.workers if self.kv_left(w, c) < layers)
@@ -318,21 +338,31 @@ class Cluster:
         c = self.chain(m)
         self._unindex(w)
         held = self.held[w]
-        layers = self._kv_new(c, w, c.blocks, start, end)
+        at, size, holders = c.at, c.size, self.holders
+        last = len(at) - 1
+        added: set[str] = set()  # blocks this segment brings (a layer's is new to w)
+        layers = used = 0
+        for p in range(start, end):
+            bs = at[p]
+            if 1 <= p < last and (bs[0] not in held or bs[0] in added):
+                layers += 1  # a decoder layer whose block w did not hold (_kv_new)
+            for b in bs:
+                if b not in held:
+                    held[b] = 0
+                    added.add(b)
+                    used += size.get(b, 0)
+                    holders.setdefault(b, set()).add(w)
+                held[b] += 1
+        self.used[w] += used
         if layers and c.info.kv_row_bytes > 0 and not self.kv_page[w]:
             self.kv_page[w] = 2 * KV_PAGE_TOKENS * c.info.kv_row_bytes
         self.kv_layers[w] += layers
-        for p in range(start, end):
-            for b in c.at[p]:
-                if b not in held:
-                    held[b] = 0
-                    self.used[w] += c.nbytes(b)
-                    self.holders.setdefault(b, set()).add(w)
-                held[b] += 1
         self.load[w] += share * sum(c.work[start:end]) / c.total_work
         cov = self.covers[w]
+        name = m.name
         for p in range(start, end):
-            cov[(m.name, p)] = cov.get((m.name, p), 0) + 1
+            k = (name, p)
+            cov[k] = cov.get(k, 0) + 1
         self._index(w)
 
     def remove(self, w: str, m: ModelInfo, start: int, end: int, share: float) -> None:

@@ -8,6 +8,7 @@ together; each replica becomes one `PlannedRoute` over its workers' stages.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -59,13 +60,17 @@ def relayout(c: Cluster, plan: Placement, workers: Iterable[str], models: Iterab
 def _intern_owners(c: Cluster) -> None:
     """Owners per position of every chain: one frozenset per distinct tuple of owners."""
     interned: dict[tuple[str, ...], frozenset[str]] = {}
+    by_id: dict[int, frozenset[str]] = {}  # the same tuple object: no hash of its names
     for ch in c.chains.values():
         if ch.owners is None and ch.info.owners:
             ch.owners = []
             for o in ch.info.owners:
-                f = interned.get(o)
+                f = by_id.get(id(o))  # o lives as long as c.chains holds its model
                 if f is None:
-                    f = interned[o] = frozenset(o)
+                    f = interned.get(o)
+                    if f is None:
+                        f = interned[o] = frozenset(o)
+                    by_id[id(o)] = f
                 ch.owners.append(f)
 
 
@@ -85,20 +90,23 @@ def _stages_of(c: Cluster, w: str) -> list[tuple[Stage, frozenset[str]]]:
     """Maximal runs over which the same group of models persists and one model owns every
     block (so the stage can be loaded under its name), each with the models it serves."""
     at: dict[tuple[str, int], dict[int, dict[tuple[str, ...], set[str]]]] = {}
+    last = None
     for name, p in c.covers[w]:  # family -> position -> what p holds -> models
-        ch = c.chains[name]
-        fam = at.setdefault((ch.info.fingerprint, len(ch.at)), {})
+        if name != last:  # a segment's positions come one after the other
+            last, ch = name, c.chains[name]
+            fam = at.setdefault((ch.info.fingerprint, len(ch.at)), {})
         fam.setdefault(p, {}).setdefault(ch.at[p], set()).add(name)
     stages: list[tuple[Stage, frozenset[str]]] = []
     for family in sorted(at):
         runs: dict[frozenset[str], tuple[int, frozenset[str]]] = {}  # group -> (start, owners)
         for p in range(family[1] + 1):
-            here = {
-                frozenset(g): frozenset().union(*{c.chains[n].owners_at(p) for n in g})
-                for g in at[family].get(p, {}).values()
-            }
+            here = {}
+            for g in at[family].get(p, {}).values():
+                each = {c.chains[n].owners_at(p) for n in g}
+                here[frozenset(g)] = each.pop() if len(each) == 1 else frozenset().union(*each)
             for group, (start, owners) in list(runs.items()):
-                still = owners & here.get(group, frozenset())
+                now = here.get(group)
+                still = owners if now is owners else owners & (now or frozenset())
                 if still:
                     runs[group] = (start, still)
                 else:
@@ -117,7 +125,8 @@ def _route_of(
     `spans_of[w][m]`: the spans of w's stages serving m, sorted."""
     hops = []
     for w, start, end in replica:
-        spans = [(s, e) for s, e in spans_of[w].get(model, ()) if start <= s < end]
+        mine = spans_of[w].get(model, [])  # sorted, disjoint: those starting in the segment
+        spans = mine[bisect.bisect_left(mine, (start,)) : bisect.bisect_left(mine, (end,))]
         assert spans and spans[0][0] == start and spans[-1][1] == end, (model, w, spans)
         hops.append(PlannedHop(w, tuple(spans)))
     return PlannedRoute(tuple(hops), 1.0)
