@@ -52,6 +52,7 @@ from blockllm.broker.stats_wire import (
     model_bytes,
     pack,
     stats_header,
+    wire,
     worker_bytes,
 )
 
@@ -79,7 +80,7 @@ def _fields(entry: Any, old: Any = None) -> dict[str, Any]:
     for k in _names(type(entry)):
         v = getattr(entry, k)
         if old is None or v != getattr(old, k):
-            out[k] = frames.to_wire(v)
+            out[k] = wire(v)
     return out
 
 

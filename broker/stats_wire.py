@@ -13,6 +13,8 @@ cluster.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,13 +80,41 @@ class Packed:
         self._by_name.clear()
 
 
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
+def wire(value: Any) -> Any:
+    """frames.to_wire's value (dataclasses as arrays of their fields, tuples as lists, enums
+    as their values), its fields read with one attrgetter per dataclass."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    get = _GETTERS.get(kind)
+    if get is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in dataclasses.fields(value)]
+        if len(names) > 1:
+            get = _GETTERS[kind] = operator.attrgetter(*names)
+        else:  # attrgetter of one name gives the value, of none fails
+            get = _GETTERS[kind] = lambda v, names=names: tuple(getattr(v, n) for n in names)
+    if get is not None:
+        return [v if type(v) in _PLAIN else wire(v) for v in get(value)]
+    if kind is tuple or kind is list or isinstance(value, (tuple, list)):
+        return [v if type(v) in _PLAIN else wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: v if type(v) in _PLAIN else wire(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
 def worker_bytes(name: str, entry: Any) -> bytes:
-    return pack(frames.to_wire(entry))
+    return pack(wire(entry))
 
 
 def model_bytes(name: str, entry: Any) -> bytes:
     """A models map item: the name, then the entry."""
-    return pack(name) + pack(frames.to_wire(entry))
+    return pack(name) + pack(wire(entry))
 
 
 def stats_header(msg: Stats, workers: list[bytes], models: list[bytes]) -> bytes:
