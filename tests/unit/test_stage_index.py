@@ -4,6 +4,7 @@ looks only at the workers that host a stage of the model (not at every worker)."
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import replace
 
@@ -124,3 +125,44 @@ def test_a_route_looks_only_at_the_workers_hosting_the_model() -> None:
     hops = b.flow.route("ft1", LiveViews(b.workers, available))
     assert hops is not None and [h.worker for h in hops] == [b"host"]
     assert looked == [b"host"]
+
+
+def test_stages_that_go_are_taken_out_of_the_cached_routes_as_a_rebuild_would() -> None:
+    """Workers that chain a model alone (cut in 1-3 stages) and others; stages start and stop
+    draining and workers re-register with one stage less, while routes are cached (edges and
+    solo routes): every route equals the scan's after every change."""
+    rng = random.Random(9)
+    models = manifests(4)
+    names = sorted(models)
+    b = broker_with(models)
+
+    def chained(model: str) -> list[tuple[str, int, int]]:
+        cuts = sorted(rng.sample(range(1, CHAIN), rng.randrange(0, 3)))
+        bounds = [0, *cuts, CHAIN]
+        return [(model, a, z) for a, z in itertools.pairwise(bounds)]
+
+    for i in range(10):
+        stages = chained(rng.choice(names)) if i % 3 else []
+        ready(b, models, f"w{i:02d}", stages + random_stages(rng, names)[: rng.randrange(2)])
+    for _ in range(150):
+        peer = rng.choice(sorted(b.workers))
+        w = b.workers[peer]
+        what = rng.random()
+        if what < 0.4 and w.live_stages():  # a stage starts draining
+            w.draining[rng.choice(w.live_stages()).key] = 1e9
+        elif what < 0.55 and w.draining:  # a drain ends (the stage was loaded again)
+            del w.draining[rng.choice(sorted(w.draining))]
+        elif what < 0.8 and w.stages:  # re-registers with one stage less
+            stages = [(s.model, s.start, s.end) for s in w.stages]
+            stages.pop(rng.randrange(len(stages)))
+            ready(b, models, peer.decode(), stages)
+        else:
+            ready(b, models, peer.decode(), chained(rng.choice(names)))
+        for p in sorted(b.workers):
+            queued = {"q": rng.choice((0, 0, 3))}
+            b.handle(p, Heartbeat(free_slots=8, queue_depths=queued), (), 0.0)
+        busy = {p for p in b.workers if rng.random() < 0.2}
+        for model in names:
+            avail = lambda p, w, busy=busy: p not in busy  # noqa: E731
+            assert b.flow.route(model, LiveViews(b.workers, avail)) == scan_route(b, model, avail)
+            assert b.flow.covered(model) == (scan_route(b, model) is not None)
