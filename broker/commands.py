@@ -92,7 +92,7 @@ class Commands:
         worker = self._target(peer, msg, now)
         if not isinstance(worker, WorkerState):
             return worker
-        if msg.key not in worker.stage_keys():
+        if msg.key not in worker.dtypes():  # (its stages' keys, kept until they change)
             return self._ack(peer, msg.command_id, False, f"{worker.name} has no stage {msg.key}")
         drain = msg.drain_s if msg.drain_s > 0 else self.state.cfg.unload_drain_s
         worker.draining.setdefault(msg.key, now + drain)
@@ -173,13 +173,18 @@ class Commands:
             w = workers.get(peer)
             if w is None or not w.draining:
                 continue
-            for key, deadline in list(w.draining.items()):
-                if now < deadline and using.get((peer, key), 0) > 0:
-                    continue
+            ended = [
+                key
+                for key, deadline in w.draining.items()
+                if now >= deadline or using.get((peer, key), 0) <= 0
+            ]
+            for key in ended:
                 del w.draining[key]
-                w.stages = tuple(s for s in w.stages if s.key != key)  # its READY confirms
                 logger.info("[rewire] unloading %s from %s", key[:12], w.name)
                 out.append(Out(w.identity, UnloadStage(key)))
+            if ended:
+                gone = set(ended)
+                w.stages = tuple(s for s in w.stages if s.key not in gone)  # its READY confirms
             if w.draining:  # still used: looked at again when unused or at the deadline
                 workers.drain_timer(w, min(w.draining.values()))
         return out

@@ -105,13 +105,20 @@ class RequestFlow:
         (and `exclude` always), and whether KV bytes (which depend on the request's length)
         were what was missing. A route whose worker lacks the KV bytes is retried without it.
         """
+        route, _need, bytes_short = self.credit_route(req, now, exclude)
+        return route, bytes_short
+
+    def credit_route(
+        self, req: RequestState, now: float, exclude: frozenset[bytes] = frozenset()
+    ) -> tuple[list[Hop] | None, dict[bytes, int], bool]:
+        """`route_with_credit`, with the KV bytes the route reserves per worker (`kv_need`)."""
         bytes_short = False
         st = self.state
         self.tries += 1
         if not st.stage_index.coverable(
             req.model, req.spec.chain_len, st.workers, st.keys_gen, st.key_of
         ):
-            return None, False  # no live stages chain the model: nothing to look at per worker
+            return None, {}, False  # no live stages chain the model: nothing to look at per worker
         for avoid in (req.avoid, set()):
             excluded = set(avoid) | exclude
             while True:
@@ -127,12 +134,12 @@ class RequestFlow:
                 need = self.kv_need(req, route)
                 short = [p for p, n in need.items() if not self.state.workers[p].can_take(n)]
                 if not short:
-                    return route, bytes_short
+                    return route, need, bytes_short
                 bytes_short = True
                 excluded.update(short)
             if not avoid:
                 break
-        return None, bytes_short
+        return None, {}, bytes_short
 
     # -- dispatch --------------------------------------------------------------------------
     def dispatch(self, now: float) -> list[Out]:
@@ -146,14 +153,14 @@ class RequestFlow:
             req = st.requests[rid]
             if req.max_total_len >= failed_at.get(req.model, 1 << 62):
                 continue
-            route, bytes_short = self.route_with_credit(req, now)
+            route, need, bytes_short = self.credit_route(req, now)
             if route is None:
                 # without a route for lack of slots, no request of the model has one: skip them
                 limit = req.max_total_len if bytes_short else 0
                 failed_at[req.model] = min(limit, failed_at.get(req.model, 1 << 62))
                 continue
             st.waiting.remove(rid)
-            for peer, nbytes in self.kv_need(req, route).items():
+            for peer, nbytes in need.items():
                 st.workers[peer].inflight[req.wire_id] = nbytes
             st.set_route(req, route)
             req.routed_gen = st.routes_gen

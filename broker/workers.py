@@ -302,7 +302,10 @@ class WorkerState:
             watch.add(self.identity)
 
     def _drains_changed(self, key: Any = None) -> None:
-        self._stages_changed()
+        object.__setattr__(self, "_keys", None)  # the live stages changed (not the dtypes)
+        watch = getattr(self, "watch", None)
+        if watch is not None:
+            watch.add(self.identity)
         registry = getattr(self, "registry", None)
         if registry is not None:
             registry.drains.add(self.identity)
