@@ -78,7 +78,9 @@ class RequestFlow:
             model, spec.chain_len, self.state.workers, self.state.keys_gen, self.state.key_of
         )
         hops = best_solo(solo, views) if solo else None  # one worker chains it: one hop
-        return hops if hops is not None else best_route(spec.chain_len, edges, views)
+        if hops is not None:
+            return hops
+        return best_route(spec.chain_len, edges, views, one_dtype=solo is not None)
 
     def covered(self, model: str) -> bool:
         """Whether live workers (banned or busy alike) cover the whole chain of `model`."""

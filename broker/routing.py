@@ -179,12 +179,17 @@ def best_route(
     chain_len: int,
     edges: Mapping[int, Sequence[tuple[Hashable, StageLike]]],
     workers_view: Mapping[Hashable, WorkerView],
+    one_dtype: bool = False,
 ) -> list[Hop] | None:
     """`find_route` over given edges (start position -> [(worker, stage)] serving the model,
     in scan order); only the edges' workers are looked up in `workers_view` (unavailable ones
-    skipped), so its cost does not grow with the workers that cannot serve the model."""
+    skipped), so its cost does not grow with the workers that cannot serve the model.
+    `one_dtype`: the caller knows the edges' stages are in one dtype at most (`solo_routes`
+    said so by not being None)."""
     if chain_len < 1:
         return None
+    if one_dtype:
+        return _cheapest(chain_len, workers_view, edges)
     dtypes = {getattr(st, "dtype", "") for found in edges.values() for _w, st in found}
     if len(dtypes - {""}) <= 1:
         return _cheapest(chain_len, workers_view, edges)
@@ -261,7 +266,7 @@ def _cheapest(
     at p whose last worker is not w: the first or the second cheapest (ties: the state reached
     first), so a position costs its states plus its edges, not their product. Among equal
     costs the state reached first wins, as in a scan of every state for every edge."""
-    usable: dict[Hashable, bool] = {}
+    loads: dict[Hashable, float | None] = {}  # worker -> its load (None: unavailable)
     Cost = tuple[int, float, int]
     # state -> (cost, previous state, stage); states reached in order: position -> [state]
     best: dict[tuple[int, Any], tuple[Cost, Any, Any]] = {(0, None): ((0, 0.0, 0), None, None)}
@@ -271,50 +276,59 @@ def _cheapest(
         found = edges.get(pos)
         if not states or not found:
             continue
-        # the two cheapest states at pos (the first reached among equal costs)
+        # the two cheapest states at pos (the first reached among equal costs); no edge from
+        # pos reaches pos, so their costs hold while the edges from pos are looked at
         first = second = None
         for s in states:
             if first is None or best[s][0] < best[first][0]:
                 first, second = s, first
             elif second is None or best[s][0] < best[second][0]:
                 second = s
+        assert first is not None
+        first_worker = first[1]
+        first_hops, first_load, first_n = best[first][0]
+        if second is not None:
+            second_hops, second_load, second_n = best[second][0]
         for worker, stage in found:
-            ok = usable.get(worker)
-            if ok is None:
+            load = loads.get(worker, _UNSEEN)
+            if load is _UNSEEN:
                 view = workers_view.get(worker)
-                ok = usable[worker] = view is not None and view.available
-            if not ok:
+                load = loads[worker] = view.load if view is not None and view.available else None
+            if load is None:
                 continue
-            src = first if first[1] != worker else second
-            pick = None
-            if src is not None:
-                (hops, load, n) = best[src][0]
-                pick = ((hops + 1, load + workers_view[worker].load, n + 1), src)
+            # a new hop from the cheapest state whose worker is not this one
+            if worker != first_worker:
+                src: Any = first
+                cost: Cost | None = (first_hops + 1, first_load + load, first_n + 1)
+            elif second is not None:
+                src, cost = second, (second_hops + 1, second_load + load, second_n + 1)
+            else:
+                src = cost = None
             same = (pos, worker)
-            if same in best:  # go on on the same worker: no new hop
-                (hops, load, n) = best[same][0]
-                cost = (hops, load, n + 1)
-                if (
-                    pick is None
-                    or cost < pick[0]
-                    or (cost == pick[0] and _before(states, same, src))
-                ):
-                    pick = (cost, same)
-            if pick is None:
+            here = best.get(same)
+            if here is not None:  # go on on the same worker: no new hop
+                (hops, on_load, n) = here[0]
+                stay = (hops, on_load, n + 1)
+                if cost is None or stay < cost or (stay == cost and _before(states, same, src)):
+                    src, cost = same, stay
+            if cost is None:
                 continue
-            cost, prev = pick
             state = (stage.end, worker)
-            if state not in best:
+            now = best.get(state)
+            if now is None:
                 at.setdefault(stage.end, []).append(state)
-                best[state] = (cost, prev, stage)
-            elif cost < best[state][0]:
-                best[state] = (cost, prev, stage)
+                best[state] = (cost, src, stage)
+            elif cost < now[0]:
+                best[state] = (cost, src, stage)
     finals = [(best[s][0], _order(s[1]), s) for s in at.get(chain_len, ())]
     if not finals:
         return None
     cost, order, state = min(finals, key=lambda f: (f[0], f[1]))
     hops = _backtrack(best, state)
     return ((cost, order), hops) if with_cost else hops
+
+
+_UNSEEN: Any = object()
 
 
 def _before(states: list[tuple[int, Any]], a: tuple[int, Any], b: Any) -> bool:
