@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from blockllm.broker.planner.placement import ModelInfo, WorkerInfo
 
 Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
+_ZEROS = itertools.repeat(0)  # map(sizes.get, blocks, _ZEROS): a size, 0 when unknown
+_ONES = itertools.repeat(1)
 KV_PAGE_TOKENS = 16  # tokens of the first geometry a worker's KV page holds (WorkerConfig)
 
 
@@ -52,6 +55,7 @@ class Chain:
         "fresh",
         "info",
         "owners",
+        "simple",
         "size",
         "total_work",
         "work",
@@ -69,6 +73,7 @@ class Chain:
             zip(reversed(chain[:k]), reversed(m.block_bytes[:k]), strict=True)
         )
         self.blocks = frozenset(chain)  # a tied head's embedding is chain[0]
+        self.simple = len(self.blocks) == n and not (m.tied and n)  # a block per position, once
         self._where: dict[str, list[int]] | None = None
         self._suffix: dict[int, frozenset[str]] = {}
         given = m.compute or m.block_bytes  # ModelInfo.work
@@ -227,15 +232,22 @@ class Cluster:
     # -- the search ---------------------------------------------------------------------------
     def reach(self, w: str, c: Chain, start: int) -> tuple[int, int, int]:
         """(farthest end, new bytes, bytes not resident) of a segment of c on w from start."""
-        room = self.room(w)
+        info = self.workers[w]
+        room = info.capacity_bytes - self.used[w]
         held = self.held[w]
-        resident, refused = self.workers[w].resident, self.workers[w].refused
-        blocked = bool(refused) and not refused.isdisjoint(c.suffix(start))
-        missing = c.suffix(start).difference(held)
-        new = sum(c.nbytes(b) for b in missing)
-        kv_room = self.kv_left(w, c)
+        resident, refused = info.resident, info.refused
+        suffix = c.suffix(start)
+        blocked = bool(refused) and not refused.isdisjoint(suffix)
+        missing = suffix.difference(held)
+        new = sum(map(c.size.get, missing, _ZEROS))
+        if info.kv_budget_bytes <= 0 or c.info.kv_row_bytes <= 0:
+            kv_room = 1 << 30  # kv_left: not limited
+        else:
+            kv_room = self.kv_left(w, c)
         kv_ok = kv_room >= len(c.at) - 2 or self._kv_new(c, w, missing, start, len(c.at)) <= kv_room
         if new <= room and not blocked and kv_ok:  # the rest of the chain fits
+            if not resident:
+                return len(c.at), new, new
             churn = sum(c.nbytes(b) for b in missing if b not in resident)
             return len(c.at), new, churn
         if blocked:
@@ -243,8 +255,9 @@ class Cluster:
         # only the positions where a missing block first appears cost anything: the segment
         # ends at the first of them that does not fit (the walk below, without the others)
         first: dict[int, list[str]] = {}
+        where = c.where
         for b in missing:
-            ps = c.where[b]
+            ps = where[b]
             first.setdefault(ps[bisect.bisect_left(ps, start)], []).append(b)
         n = len(c.at)
         new = churn = layers = 0
@@ -320,14 +333,18 @@ class Cluster:
         the node of the replica's previous segment (module docstring)."""
         c = self.chain(m)
         best = self.best_plain(c, start, exclude | touching, near)
+        whole = -len(c.at)
         for w in touching:
             if w in exclude:
                 continue
+            cross = self.cross(w, near)
+            load = round(self.load[w] / self.total, 2)
+            if best is not None and best[0][0] == whole and (cross, load) > best[0][1:3]:
+                continue  # no reach beats the whole chain's, and it ranks after on (cross, load)
             end, new, churn = self.reach(w, c, start)
             if end == start:
                 continue
-            load = round(self.load[w] / self.total, 2)
-            rank = (-end, self.cross(w, near), load, new, churn, len(self.covers[w]), w)
+            rank = (-end, cross, load, new, churn, len(self.covers[w]), w)
             if best is None or rank < best[0]:
                 best = (rank, w, end)
         return best
@@ -337,12 +354,45 @@ class Cluster:
         """Place the segment [start, end) of m on w carrying `share` of the demand."""
         c = self.chain(m)
         self._unindex(w)
+        cov = self.covers[w]
+        name = m.name
+        keys = [(name, p) for p in range(start, end)]
+        if c.simple and cov.keys().isdisjoint(keys):
+            self._add_simple(w, c, start, end, keys)
+        else:
+            self._add_each(w, c, start, end)
+        self.load[w] += share * sum(c.work[start:end]) / c.total_work
+        self._index(w)
+
+    def _add_simple(self, w: str, c: Chain, start: int, end: int, keys: list) -> None:
+        """`add` of a segment of a chain whose positions hold one block each, none twice, and
+        that no segment of this model covers on w yet: the same counts from C-level maps."""
+        held = self.held[w]
+        seg = c.info.chain[start:end]
+        new = [b for b in seg if b not in held]
+        held.update(zip(seg, map(operator.add, map(held.get, seg, _ZEROS), _ONES), strict=True))
+        self.covers[w].update(dict.fromkeys(keys, 1))
+        for b in new:
+            self.holders.setdefault(b, set()).add(w)
+        self.used[w] += sum(map(c.size.get, new, _ZEROS))
+        # decoder layers (positions 1..n-2) whose block w did not hold (_kv_new)
+        layers = len(set(new).intersection(c.info.chain[max(1, start) : len(c.at) - 1]))
+        if layers and c.info.kv_row_bytes > 0 and not self.kv_page[w]:
+            self.kv_page[w] = 2 * KV_PAGE_TOKENS * c.info.kv_row_bytes
+        self.kv_layers[w] += layers
+
+    def _add_each(self, w: str, c: Chain, start: int, end: int) -> None:
+        """`add`'s counts position by position (any chain)."""
         held = self.held[w]
         at, size, holders = c.at, c.size, self.holders
         last = len(at) - 1
         added: set[str] = set()  # blocks this segment brings (a layer's is new to w)
         layers = used = 0
+        cov = self.covers[w]
+        name = c.info.name
         for p in range(start, end):
+            k = (name, p)
+            cov[k] = cov.get(k, 0) + 1
             bs = at[p]
             if 1 <= p < last and (bs[0] not in held or bs[0] in added):
                 layers += 1  # a decoder layer whose block w did not hold (_kv_new)
@@ -357,13 +407,6 @@ class Cluster:
         if layers and c.info.kv_row_bytes > 0 and not self.kv_page[w]:
             self.kv_page[w] = 2 * KV_PAGE_TOKENS * c.info.kv_row_bytes
         self.kv_layers[w] += layers
-        self.load[w] += share * sum(c.work[start:end]) / c.total_work
-        cov = self.covers[w]
-        name = m.name
-        for p in range(start, end):
-            k = (name, p)
-            cov[k] = cov.get(k, 0) + 1
-        self._index(w)
 
     def remove(self, w: str, m: ModelInfo, start: int, end: int, share: float) -> None:
         """Undo `add` of the same segment (a block is freed when no segment uses it)."""

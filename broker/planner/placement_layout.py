@@ -63,15 +63,16 @@ def _intern_owners(c: Cluster) -> None:
     by_id: dict[int, frozenset[str]] = {}  # the same tuple object: no hash of its names
     for ch in c.chains.values():
         if ch.owners is None and ch.info.owners:
-            ch.owners = []
-            for o in ch.info.owners:
-                f = by_id.get(id(o))  # o lives as long as c.chains holds its model
+            # o lives as long as c.chains holds its model: its id names it meanwhile
+            got = list(map(by_id.get, map(id, ch.info.owners)))
+            for i, f in enumerate(got):
                 if f is None:
+                    o = ch.info.owners[i]
                     f = interned.get(o)
                     if f is None:
                         f = interned[o] = frozenset(o)
-                    by_id[id(o)] = f
-                ch.owners.append(f)
+                    got[i] = by_id[id(o)] = f
+            ch.owners = got
 
 
 def _restage(c: Cluster, plan: Placement, w: str) -> None:
@@ -89,19 +90,26 @@ def _restage(c: Cluster, plan: Placement, w: str) -> None:
 def _stages_of(c: Cluster, w: str) -> list[tuple[Stage, frozenset[str]]]:
     """Maximal runs over which the same group of models persists and one model owns every
     block (so the stage can be loaded under its name), each with the models it serves."""
-    at: dict[tuple[str, int], dict[int, dict[tuple[str, ...], set[str]]]] = {}
+    at: dict[tuple[str, int], list[dict[tuple[str, ...], set[str]]]] = {}
     last = None
     for name, p in c.covers[w]:  # family -> position -> what p holds -> models
         if name != last:  # a segment's positions come one after the other
             last, ch = name, c.chains[name]
-            fam = at.setdefault((ch.info.fingerprint, len(ch.at)), {})
-        fam.setdefault(p, {}).setdefault(ch.at[p], set()).add(name)
+            key = (ch.info.fingerprint, len(ch.at))
+            fam = at.get(key)
+            if fam is None:
+                fam = at[key] = [{} for _ in range(len(ch.at) + 1)]
+        models = fam[p].get(ch.at[p])
+        if models is None:
+            fam[p][ch.at[p]] = {name}
+        else:
+            models.add(name)
     stages: list[tuple[Stage, frozenset[str]]] = []
     for family in sorted(at):
         runs: dict[frozenset[str], tuple[int, frozenset[str]]] = {}  # group -> (start, owners)
         for p in range(family[1] + 1):
             here = {}
-            for g in at[family].get(p, {}).values():
+            for g in at[family][p].values():
                 each = {c.chains[n].owners_at(p) for n in g}
                 here[frozenset(g)] = each.pop() if len(each) == 1 else frozenset().union(*each)
             for group, (start, owners) in list(runs.items()):
