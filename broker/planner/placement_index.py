@@ -103,9 +103,12 @@ class Chain:
         return out
 
     def owners_at(self, p: int) -> frozenset[str]:
+        return self.owners_per_position()[p]
+
+    def owners_per_position(self) -> list[frozenset[str]]:
         if self.owners is None:
             self.owners = [self.info.owners_at(q) for q in range(len(self.at))]
-        return self.owners[p]
+        return self.owners
 
     def nbytes(self, b: str) -> int:
         return self.size.get(b, 0)

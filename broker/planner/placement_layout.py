@@ -92,9 +92,11 @@ def _stages_of(c: Cluster, w: str) -> list[tuple[Stage, frozenset[str]]]:
     block (so the stage can be loaded under its name), each with the models it serves."""
     at: dict[tuple[str, int], list[dict[tuple[str, ...], set[str]]]] = {}
     last = None
+    owned: dict[str, list[frozenset[str]]] = {}  # model -> owners per position
     for name, p in c.covers[w]:  # family -> position -> what p holds -> models
         if name != last:  # a segment's positions come one after the other
             last, ch = name, c.chains[name]
+            owned[name] = ch.owners_per_position()
             key = (ch.info.fingerprint, len(ch.at))
             fam = at.get(key)
             if fam is None:
@@ -110,7 +112,7 @@ def _stages_of(c: Cluster, w: str) -> list[tuple[Stage, frozenset[str]]]:
         for p in range(family[1] + 1):
             here = {}
             for g in at[family][p].values():
-                each = {c.chains[n].owners_at(p) for n in g}
+                each = {owned[n][p] for n in g}
                 here[frozenset(g)] = each.pop() if len(each) == 1 else frozenset().union(*each)
             for group, (start, owners) in list(runs.items()):
                 now = here.get(group)
