@@ -5,8 +5,10 @@ from C-level maps leaves the state that adding it position by position leaves.""
 
 from __future__ import annotations
 
+import gc
 import random
 
+from blockllm.broker.planner import placement
 from blockllm.broker.planner.placement import ModelInfo, WorkerInfo
 from blockllm.broker.planner.placement_index import Chain, Cluster
 from blockllm.client.bench.scale_synth import MB, make_tenants, model_infos, zipf_demand
@@ -103,3 +105,24 @@ def test_add_from_maps_equals_add_position_by_position() -> None:
         for attr in ("held", "used", "load", "covers", "holders", "kv_layers", "kv_page"):
             assert getattr(fast, attr) == getattr(slow, attr), attr
         assert fast.by_room == slow.by_room and fast.by_tie == slow.by_tie
+
+
+def test_place_pauses_the_collector_and_leaves_it_as_it_found_it() -> None:
+    models, workers = random_cluster(random.Random(7))
+    seen = []
+    original = placement._place_nodes
+
+    def spy(*args: object) -> object:
+        seen.append(gc.isenabled())
+        return original(*args)
+
+    placement._place_nodes = spy
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            placement.place(models, workers)
+            assert gc.isenabled() == enabled
+    finally:
+        placement._place_nodes = original
+        gc.enable()
+    assert seen and not any(seen)
