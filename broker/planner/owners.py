@@ -1,7 +1,7 @@
 """Which catalog models can load a block: an index of the planner's catalog by (chain length,
 position, block), so a chain's owners cost its length, not the catalog's size times it; and
 the stage keys of the catalog's models, memoized (over catalog re-reads: per model while its
-manifest is equal)."""
+manifest is equal; and by what the key is made of, so a family's shared spans hash once)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockllm.zoo.chain import stage_key
+
+MAX_CONTENT_KEYS = 1 << 20  # keys by content kept at most (then forgotten at once)
 
 
 class Owners:
@@ -23,6 +25,7 @@ class Owners:
         # model -> (its manifest, its stage keys by span): kept over catalog re-reads while
         # the model's manifest is equal (a tenant arriving recomputes only its own keys)
         self._keys: dict[str, tuple[Any, dict[tuple[int, int], str | None]]] = {}
+        self._by_content: dict[tuple[Any, ...], str | None] = {}  # what stage_key hashes -> key
         # what `of` answered, by what its answer depends on (a chain's block at p, and for
         # the head its embedding and tying): a family's models share the answers of its blocks
         self._of: dict[tuple[int, int, str, bool, str | None], tuple[str, ...]] = {}
@@ -56,11 +59,31 @@ class Owners:
         keys = memo[1]
         k = (start, end)
         if k not in keys:
-            try:
-                keys[k] = stage_key(m, start, end)
-            except Exception:
-                keys[k] = None
+            keys[k] = self._content_key(m, start, end)
         return keys[k]
+
+    def _content_key(self, m: Any, start: int, end: int) -> str | None:
+        """stage_key(m, start, end), shared by the models whose key is made of the same
+        things (the family fingerprint, the chain's length, the span, its blocks and a tied
+        head's embedding: what stage_key hashes), so a family's shared spans hash once."""
+        fingerprint = getattr(m, "fingerprint", "")
+        content = None
+        # without a fingerprint stage_key derives one from the config: not shared
+        if fingerprint and type(start) is int and type(end) is int:
+            chain = tuple(m.chain)
+            tied = chain[0] if end == len(chain) and m.tie_word_embeddings else None
+            content = (fingerprint, len(chain), start, end, chain[start:end], tied)
+            if content in self._by_content:
+                return self._by_content[content]
+        try:
+            key = stage_key(m, start, end)
+        except Exception:
+            key = None
+        if content is not None:
+            if len(self._by_content) >= MAX_CONTENT_KEYS:
+                self._by_content.clear()
+            self._by_content[content] = key
+        return key
 
     def of(
         self, manifests: Mapping[str, Any], chain: tuple[str, ...], p: int, tied: bool
