@@ -93,14 +93,13 @@ class StageIndex:
             return
         if not dirty:
             return
-        changed: set[str] = set()  # keys of the stages that came (or went, when not `gone`)
-        gone: list[tuple[str, Hashable, str, Any]] = []  # (key, peer, dtype, stage) that went
+        changed: set[str] = set()  # keys of the stages that went or came
         born: set[tuple[Hashable, tuple[int, int]]] = set()  # (family, span) that appeared...
         died: set[tuple[Hashable, tuple[int, int]]] = set()  # ... or went (maybe both)
         for peer in list(dirty):
-            self._reindex(peer, workers.get(peer), changed, born, died, gone)
+            self._reindex(peer, workers.get(peer), changed, born, died)
         dirty.clear()
-        self._after(changed, born - died, {fam for fam, _ in born | died}, gone)
+        self._after(changed, born - died, {fam for fam, _ in born | died})
 
     def _reindex(
         self,
@@ -109,14 +108,13 @@ class StageIndex:
         changed: set[str] | None = None,
         born: set[tuple[Hashable, Any]] | None = None,
         died: set[tuple[Hashable, Any]] | None = None,
-        gone: list[tuple[str, Hashable, str, Any]] | None = None,
     ) -> None:
         """Index `w`'s live stages (None: the worker left) in place of what `peer` had: only
         the stages that came or went are touched (a stage is its (key, dtype): the order of
         one worker's stages changes no route, as two of its stages from one position end at
-        different positions: routing._cheapest). The keys of those that came go to `changed`,
-        those that went to `gone` (to `changed` when None), the (family, span) pairs no stage
-        advertised before to `born`, those none advertises now to `died`."""
+        different positions: routing._cheapest). Their keys go to `changed`, the (family,
+        span) pairs no stage advertised before to `born`, those none advertises now to
+        `died`."""
         changed = set() if changed is None else changed
         born = set() if born is None else born
         died = set() if died is None else died
@@ -129,10 +127,7 @@ class StageIndex:
             if k in now:
                 kept[k] = (s, fam)
                 continue
-            if gone is None:
-                changed.add(s.key)
-            else:
-                gone.append((s.key, peer, k[1], s))
+            changed.add(s.key)
             entries = self.by_key.get(s.key)
             if entries is not None:
                 entries.pop((peer, k[1]), None)
@@ -163,18 +158,12 @@ class StageIndex:
         self.names[w.name] = peer
 
     def _after(
-        self,
-        changed: set[str],
-        born: set[tuple[Hashable, Any]],
-        respan: set[Hashable],
-        gone: list[tuple[str, Hashable, str, Any]] = (),  # type: ignore[assignment]
+        self, changed: set[str], born: set[tuple[Hashable, Any]], respan: set[Hashable]
     ) -> None:
-        """Re-sort the spans of the `respan` families; take the stages that went out of the
-        cached edges that looked up their keys (`_patch`); drop the cached edges that looked
-        up a `changed` key, and, for a span `born` to a family (its models' cached edges did
-        not look it up), those of the family's models whose key over it a stage advertises
-        (the others watch that key from now on); every model's when such a family is
-        unknown."""
+        """Re-sort the spans of the `respan` families; drop the cached edges that looked up a
+        `changed` key, and, for a span `born` to a family (its models' cached edges did not
+        look it up), those of the family's models whose key over it a stage advertises (the
+        others watch that key from now on); every model's when such a family is unknown."""
         families = {fam for fam, _ in born}
         for fam in respan:
             self._span_gen[fam] = self._span_gen.get(fam, 0) + 1
@@ -188,10 +177,6 @@ class StageIndex:
         if None in families:
             self._drop_all()
             return
-        for key, peer, dtype, stage in gone:
-            if key not in changed:  # (else dropped below)
-                for model in self._watch.get(key, ()):
-                    self._patch(model, peer, dtype, stage)
         for key in changed:
             for model in list(self._watch.get(key, ())):
                 self._drop(model)
@@ -206,44 +191,6 @@ class StageIndex:
                     self._drop(model)
                 else:  # nothing serves it there yet: a stage that comes drops its edges
                     self._watch.setdefault(key, set()).add(model)
-
-    def _patch(self, model: str, peer: Hashable, dtype: str, stage: Any) -> None:
-        """A stage went: take it out of the model's cached edges (if it is there) instead of
-        dropping them. What is left is what a rebuild would give but for the stages that no
-        longer chain to the end (nothing serving the model starts where they end any more):
-        such a stage is in no route and changes none (no edge leaves the states it reaches:
-        routing._cheapest), so the routes stay those of a rebuild. Its coverage is found again
-        and its solo routes again for that worker only; a stage that went gives no waiting
-        request a route, so only the shown routes are told (`shown_dropped`)."""
-        edges = self._edges.get(model)
-        found = None if edges is None else edges.get(stage.start)
-        if not found:
-            return
-        key = stage.key
-        kept = [
-            e
-            for e in found
-            if e[0] != peer or e[1].key != key or getattr(e[1], "dtype", "") != dtype
-        ]
-        if len(kept) == len(found):
-            return
-        assert edges is not None
-        if kept:
-            edges[stage.start] = kept
-        else:
-            del edges[stage.start]
-        self._coverable.pop(model, None)
-        solo = self._solo.get(model)
-        if solo and any(w == peer for w, _, _ in solo):
-            own = {}
-            for start, entries in edges.items():
-                mine = [e for e in entries if e[0] == peer]
-                if mine:
-                    own[start] = mine
-            again = solo_routes(self._chain_len[model], own) or ()
-            others = (x for x in solo if x[0] != peer)
-            self._solo[model] = tuple(sorted((*others, *again), key=lambda x: repr(x[0])))
-        self.shown_dropped.add(model)
 
     def _drop(self, model: str) -> None:
         """Forget the model's cached edges (a model without any: nothing). Its watches stay:
