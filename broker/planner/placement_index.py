@@ -48,6 +48,7 @@ class Chain:
     prefix costs for a worker that holds nothing of it, work per position."""
 
     __slots__ = (
+        "_index",
         "_suffix",
         "_where",
         "at",
@@ -75,6 +76,7 @@ class Chain:
         self.blocks = frozenset(chain)  # a tied head's embedding is chain[0]
         self.simple = len(self.blocks) == n and not (m.tied and n)  # a block per position, once
         self._where: dict[str, list[int]] | None = None
+        self._index: dict[str, int] | None = None
         self._suffix: dict[int, frozenset[str]] = {}
         given = m.compute or m.block_bytes  # ModelInfo.work
         if len(given) >= n:
@@ -84,6 +86,12 @@ class Chain:
         self.total_work = sum(self.work) or 1.0
         self.fresh: dict[int, list[int]] = {}
         self.owners: list[frozenset[str]] | None = None
+
+    def index(self) -> dict[str, int]:
+        """Block -> its position (a chain with one block per position, none twice)."""
+        if self._index is None:
+            self._index = dict(zip(self.info.chain, range(len(self.at)), strict=True))
+        return self._index
 
     @property
     def where(self) -> dict[str, list[int]]:
@@ -258,10 +266,15 @@ class Cluster:
         # only the positions where a missing block first appears cost anything: the segment
         # ends at the first of them that does not fit (the walk below, without the others)
         first: dict[int, list[str]] = {}
-        where = c.where
-        for b in missing:
-            ps = where[b]
-            first.setdefault(ps[bisect.bisect_left(ps, start)], []).append(b)
+        if c.simple:  # a block's one position
+            index = c.index()
+            for b in missing:
+                first.setdefault(index[b], []).append(b)
+        else:
+            where = c.where
+            for b in missing:
+                ps = where[b]
+                first.setdefault(ps[bisect.bisect_left(ps, start)], []).append(b)
         n = len(c.at)
         new = churn = layers = 0
         for q in sorted(first):
@@ -359,7 +372,7 @@ class Cluster:
         self._unindex(w)
         cov = self.covers[w]
         name = m.name
-        keys = [(name, p) for p in range(start, end)]
+        keys = list(zip(itertools.repeat(name), range(start, end)))
         if c.simple and cov.keys().isdisjoint(keys):
             self._add_simple(w, c, start, end, keys)
         else:
