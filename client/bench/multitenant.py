@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +188,12 @@ class _Bench:
     mem: _Memory
     budget: int
     say: Say
+    base_only: tuple[list[Outcome], dict[str, Any]] | None = None
 
-    def blockllm(self, mode: str = "off") -> tuple[list[Outcome], dict[str, Any]]:
-        from blockllm.client.bench.systems import ClusterSpec, run_blockllm
+    def blockllm(self, mode: str = "off", base_first: bool = False) -> tuple[list[Outcome], dict]:
+        """`base_first`: the cluster first replays the trace with every request on the base,
+        before any adapter is loaded (its memory holds none): (outcomes, facts) in `base_only`."""
+        from blockllm.client.bench.systems import ClusterSpec, replay_blockllm
 
         self.say(f"blockllm (planner {mode}): starting the cluster and replaying the trace")
         cluster = ClusterSpec(
@@ -203,7 +206,13 @@ class _Bench:
             straggler_delay_s=self.cfg.straggler_delay_s,
             device=self.cfg.device,
         )
-        outcomes, facts = run_blockllm(cluster, self.trace, self.say, self.cfg.saturate)
+        base = self.family.base.name
+        traces = [[replace(r, model=base) for r in self.trace]] if base_first else []
+        *first, (outcomes, facts) = replay_blockllm(
+            cluster, [*traces, self.trace], self.say, self.cfg.saturate
+        )
+        if first:
+            (self.base_only,) = first
         # no baseline gets less memory than the cluster really holds
         self.budget = max(self.budget, facts["resident_bytes"])
         return outcomes, facts
@@ -300,8 +309,9 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
     run = Run({})
     modes: dict[str, Any] = {}
     if "blockllm" in cfg.systems:  # first: its resident bytes may raise the budget
-        modes = _planner_modes(bench, cfg.planner, run, facts, say)
-        if family.mode == "lora":  # the cost of heterogeneity: the same trace, all on the base
+        lora = family.mode == "lora"  # the cost of heterogeneity: the same trace, all on base
+        modes = _planner_modes(bench, cfg.planner, run, facts, say, base_first=lora)
+        if lora:
             _base_only(bench, run, say)
     for name in SYSTEMS[1:]:
         if name in cfg.systems:
@@ -322,13 +332,14 @@ def run_multitenant(cfg: MultitenantConfig, say: Say) -> Run:
 
 
 def _planner_modes(
-    bench: _Bench, modes: Sequence[str], run: Run, facts: dict[str, Any], say: Say
+    bench: _Bench, modes: Sequence[str], run: Run, facts: dict, say: Say, base_first: bool
 ) -> dict[str, Any]:
-    """Run blockllm once per planner mode; the first is "blockllm" in the document."""
+    """Run blockllm once per planner mode; the first is "blockllm" in the document.
+    `base_first`: the "off" run's cluster replays the base-only trace first (`_Bench.blockllm`)."""
     out: dict[str, Any] = {}
     for mode in modes or ("off",):
         mark = _cpu_marks()
-        outcomes, f = bench.blockllm(mode)
+        outcomes, f = bench.blockllm(mode, base_first and mode == "off" and not bench.base_only)
         f["other_processes_cores"] = _other_cores(mark)
         summary = _row(outcomes, f)
         out[mode] = {
@@ -347,19 +358,19 @@ def _planner_modes(
 
 
 def _base_only(bench: _Bench, run: Run, say: Say) -> None:
-    """blockllm again on the same cluster and trace, every request sent to the base model:
-    `meta.blockllm_base_only` (its tokens/s is what the LoRA tenants' run is held to)."""
-    from dataclasses import replace
-
-    base = bench.family.base.name
-    lora_trace = bench.trace
-    bench.trace = [replace(r, model=base) for r in lora_trace]
-    try:
-        budget = bench.budget
-        outcomes, f = bench.blockllm("off")
-        bench.budget = budget
-    finally:
-        bench.trace = lora_trace
+    """The same trace with every request sent to the base model, replayed by the "off" run's
+    cluster before the LoRA trace (or, with no "off" among the planner modes, by a cluster of
+    its own): `blockllm_base_only` (its tokens/s is what the LoRA tenants' run is held to)."""
+    if bench.base_only is None:
+        lora_trace = bench.trace
+        bench.trace = [replace(r, model=bench.family.base.name) for r in lora_trace]
+        try:
+            budget = bench.budget
+            bench.base_only = bench.blockllm("off")
+            bench.budget = budget
+        finally:
+            bench.trace = lora_trace
+    outcomes, f = bench.base_only
     run.doc["blockllm_base_only"] = _row(outcomes, f)
     _report(say, "blockllm, every request on the base", run.doc["blockllm_base_only"])
     gc.collect()
@@ -376,8 +387,6 @@ def _row(outcomes: Sequence[Outcome], facts: dict[str, Any]) -> dict[str, Any]:
 def run_sweep(cfg: MultitenantConfig, rates: Sequence[float], say: Say) -> dict[str, Any]:
     """One open-loop run per rate (same tenants, same seed): {"rates": [{"rate_rps", every
     system's row, "goals"}, ...], "meta": the first run's meta}."""
-    from dataclasses import replace
-
     out: dict[str, Any] = {"rates": []}
     for rate in rates:
         say(f"sweep: rate {rate:g}/s")

@@ -169,7 +169,18 @@ def run_blockllm(
 ) -> tuple[list[Outcome], dict[str, Any]]:
     """Start the cluster, warm it up, replay the trace (closed loop with `clients`), stop it;
     (outcomes, facts with the PSS of the cluster's processes during the replay)."""
-    from blockllm.client.bench.memory import PssSampler
+    return replay_blockllm(spec, [trace], say, clients)[0]
+
+
+def replay_blockllm(
+    spec: ClusterSpec,
+    traces: Sequence[Sequence[TraceRequest]],
+    say: Say,
+    clients: int | None = None,
+) -> list[tuple[list[Outcome], dict[str, Any]]]:
+    """Start the cluster once; replay each trace in turn on it (each warmed up, measured and
+    reported on its own, as `run_blockllm` does one); stop it. A trace finds what the ones
+    before it left (adapters loaded, caches warm): order them accordingly."""
     from blockllm.client.client import Client
     from blockllm.client.launcher import Launcher
 
@@ -178,12 +189,22 @@ def run_blockllm(
         endpoint = start_cluster(launcher, spec)
         say(f"blockllm: broker + {spec.workers} workers ready in {time.monotonic() - t:.1f} s")
         with Client(endpoint, timeout=spec.request_timeout_s) as client:
-            client.generate(trace[0].model, input_ids=list(trace[0].prompt_ids), max_new_tokens=2)
-            before = client.status()
-            sampler = PssSampler().start()
-            outcomes = _replay_client(client, trace, spec.request_timeout_s, clients)
-            pss = sampler.stop()
-            after = client.status()
+            return [_measured_replay(client, spec, trace, clients) for trace in traces]
+
+
+def _measured_replay(
+    client: Any, spec: ClusterSpec, trace: Sequence[TraceRequest], clients: int | None
+) -> tuple[list[Outcome], dict[str, Any]]:
+    """Warm up (2 tokens of the first request's model), replay `trace` with the PSS of the
+    cluster's processes sampled; (outcomes, facts)."""
+    from blockllm.client.bench.memory import PssSampler
+
+    client.generate(trace[0].model, input_ids=list(trace[0].prompt_ids), max_new_tokens=2)
+    before = client.status()
+    sampler = PssSampler().start()
+    outcomes = _replay_client(client, trace, spec.request_timeout_s, clients)
+    pss = sampler.stop()
+    after = client.status()
     resident = max(cluster_resident_bytes(before), cluster_resident_bytes(after))
     workers = {
         str(w.get("name")): {
