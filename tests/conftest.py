@@ -19,24 +19,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # Under `pytest -n 2 --dist loadfile` (README) a test file is the unit of work, and the two
-# processes take files in collection order. These files ran longest (seconds, 2 quiet cores,
-# 2026-12-03: bench_quick 234, guide 115, serve_cli 110, planner ~100, spawn 94, lm-eval 86,
-# worker_death 60, soak 58), so they are collected first, longest first, then the other
-# integration and fault files, then the unit files: short files last fill the gap at the end.
-# A stale entry costs time only, never a check; a file not here is collected in pytest's order.
+# processes take files in collection order. These files ran longest (seconds, all their tests,
+# 2 quiet cores, 2026-12-03 08:11: bench_quick 264, guide 125, spawn 121, worker_death 118,
+# planner 109, serve_cli 106, mixed_tenants 80, speculative 79, lm-eval 70, loopback 65), so
+# they are collected first, longest first, then the other integration and fault files, then the
+# unit files: short files last fill the gap at the end. A stale entry costs time only, never a
+# check; a file not here is collected in pytest's order.
 LONGEST_FIRST = (
     "tests/integration/test_bench_quick.py",
     "tests/integration/test_guide.py",
-    "tests/integration/test_serve_cli.py",
-    "tests/integration/test_planner.py",
     "tests/integration/test_spawn.py",
-    "tests/integration/test_http_lmeval.py",
     "tests/fault/test_worker_death.py",
-    "tests/integration/test_soak_chaos.py",
-    "tests/integration/test_http_cli.py",
+    "tests/integration/test_planner.py",
+    "tests/integration/test_serve_cli.py",
+    "tests/integration/test_mixed_tenants.py",
+    "tests/integration/test_speculative.py",
+    "tests/integration/test_http_lmeval.py",
+    "tests/integration/test_loopback.py",
     "tests/integration/test_engine_parity.py",
-    "tests/integration/test_e2e_parity.py",
-    "tests/integration/test_cluster_acceptance.py",
+    "tests/integration/test_soak_chaos.py",
 )
 
 
