@@ -60,6 +60,7 @@ class ShownRoutes:
         self._named: dict[str, set[str]] = {}  # worker name -> models planned through it
         self._figures: dict[str, tuple[Any, ...]] = {}  # name -> (peer, banned, live keys)
         self._keys_gen = -1
+        self._any_banned = False  # some worker is banned (refresh)
         self.computed = 0  # routes computed (tests, benches)
 
     def refresh(self, b: BrokerState, now: float) -> None:
@@ -87,6 +88,7 @@ class ShownRoutes:
         for peer in [p for p in self._seen if p not in b.workers]:
             del self._seen[peer]
             self._forget(self._users.pop(peer, ()))
+        self._any_banned = any(banned for _name, banned in self._seen.values())
         figures = {}
         for name, peer in b.names().items():
             w = b.workers.get(peer)
@@ -141,7 +143,9 @@ class ShownRoutes:
         unbanned = LiveViews(b.workers, lambda p, w: not seen[p][1], loaded=False)
         route = route_of(name, unbanned, idle=True)
         first = route is not None
-        if route is None:  # show the route banned workers give, if only bans are in the way
+        # show the route banned workers give, if only bans are in the way (with none banned,
+        # those views are the same: no second search)
+        if route is None and self._any_banned:
             everyone = LiveViews(b.workers, lambda p, w: True, loaded=False)
             route = route_of(name, everyone, idle=True)
         if route is None:

@@ -61,6 +61,11 @@ def test_the_cached_body_is_the_body_built_from_scratch_after_each_change() -> N
     h.send(W0, Error(fwd.msg.request_id, "CACHE_FULL", "full", True, fwd.msg.step))
     assert h.broker.workers[W0].banned(h.now)
     assert same_as_from_scratch(h) >= 1
+    shown = h.broker.stats(h.now).models["base"]  # only the ban is in the way: still shown
+    assert shown.covered and shown.route == (
+        PlannedHop("w0", ((0, 3),)),
+        PlannedHop("w1", ((3, 6),)),
+    )
     h.tick(h.broker.workers[W0].banned_until - h.now + 0.01)  # before the workers expire
     assert not h.broker.workers[W0].banned(h.now)
     assert same_as_from_scratch(h) >= 1
