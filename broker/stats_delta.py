@@ -121,14 +121,18 @@ class DeltaPublisher:
         packed_w.keep(w.name for w in body.workers)
         packed_m.keep(body.models)
         sizes = [len(b) for b in wb] + [len(b) for b in mb]
-        if sum(sizes) <= self.part_bytes:
-            msg = Stats(seq, body)
-            return [(msg, [msg.KIND.value, stats_header(msg, wb, mb)])]
+        msg = Stats(seq, body)
+        header = stats_header(msg, wb, mb)
+        if len(header) <= self.part_bytes:
+            return [(msg, [msg.KIND.value, header])]
+        # the entries' share of a part: the bound less what part 0 carries besides them
+        rest = Stats(seq, dataclasses.replace(body, workers=(), models={}), 1 << 16, 1 << 16)
+        share = self.part_bytes - len(stats_header(rest, [], []))
         nw = len(wb)
         chunks: list[list[int]] = [[]]  # entry indices: the workers', then the models'
         used = 0
         for i, size in enumerate(sizes):
-            if chunks[-1] and used + size > self.part_bytes:
+            if chunks[-1] and used + size > share:
                 chunks.append([])
                 used = 0
             chunks[-1].append(i)
