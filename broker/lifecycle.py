@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -80,6 +81,18 @@ def start_process(parent_pid: int | None, log_level: str) -> None:
             level=log_level,
             format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         )
+
+
+def freeze_heap() -> None:
+    """Move every object alive now into the collector's permanent generation (`gc.freeze`).
+
+    Call once a process has imported and built what it keeps for its lifetime. torch and
+    transformers leave about a million tracked objects; without this every full collection
+    walks them again (a pause in the serving loop), and so does the collection at interpreter
+    exit: 1.2-1.5 CPU-s per worker or broker after its last log line, measured. Frozen objects
+    are still freed by reference counting; only cycles among them are never collected, so call
+    this before loading anything the process may later drop (blocks, adapters)."""
+    gc.freeze()
 
 
 def set_process_name(name: str) -> None:

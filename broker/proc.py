@@ -34,6 +34,7 @@ from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
     begin_drain,
+    freeze_heap,
     notify,
     on_stop_signals,
     start_process,
@@ -475,6 +476,7 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     proc: BrokerProc | None = None
     try:
         proc = BrokerProc(cfg)
+        freeze_heap()  # the models' tokenizers are loaded (and transformers with them)
         on_stop_signals(lambda _signum: proc.request_shutdown())
         endpoint = proc.bind()
         _report_ready(cfg, endpoint)

@@ -44,6 +44,7 @@ import torch
 from blockllm.broker.lifecycle import (
     Watchdog,
     begin_drain,
+    freeze_heap,
     on_stop_signals,
     restore_signals,
 )
@@ -438,6 +439,7 @@ def run_worker_process(cfg: WorkerProcConfig) -> int:
     (0 after a graceful stop, 1 after a fatal error, which also sends DEAD)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    freeze_heap()  # torch and transformers are imported; no block is loaded yet
     proc = WorkerProc(cfg)
     previous = on_stop_signals(lambda _signum: proc.request_stop())
     try:

@@ -27,6 +27,7 @@ from blockllm.broker import frames
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
+    freeze_heap,
     notify,
     on_stop_signals,
     start_process,
@@ -400,6 +401,7 @@ def run_planner_process(cfg: PlannerConfig) -> int:
     proc: PlannerProc | None = None
     try:
         proc = PlannerProc(cfg)
+        freeze_heap()
         on_stop_signals(lambda _signum: proc.request_shutdown())
         proc.start_metrics()
         stats = proc.connect_stats()
