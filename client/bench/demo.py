@@ -191,6 +191,7 @@ def http_example(
     request for a model with a chat template, else a completion."""
     import json
     import shlex
+    import urllib.error
     import urllib.request
 
     if chat:
@@ -203,6 +204,9 @@ def http_example(
     data = json.dumps(body)
     curl = f"curl {url}{path} -H 'Content-Type: application/json' -d {shlex.quote(data)}"
     req = urllib.request.Request(url + path, data.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        choice = json.loads(r.read())["choices"][0]
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            choice = json.loads(r.read())["choices"][0]
+    except urllib.error.HTTPError as e:  # say what the server answered, not only the code
+        raise RuntimeError(f"{url}{path} answered {e.code}: {e.read().decode()[:500]}") from e
     return curl, choice["message"]["content"] if chat else choice["text"]

@@ -122,10 +122,10 @@ def authorize(request: Request) -> ApiKey | None:
     return entry
 
 
-def admit(request: Request, key: ApiKey | None, model: str) -> None:
-    """404 / 503 for the model (tenants.check), then the key's requests per minute (429)."""
+async def admit(request: Request, key: ApiKey | None, model: str) -> None:
+    """404 / 503 for the model (tenants.check_fresh), then the key's requests per minute (429)."""
     state = request.app.state
-    state.tenants.check(model, key is None or key.allows(model))
+    await state.tenants.check_fresh(model, key is None or key.allows(model))
     if key is not None:
         wait = state.limiter.admit(key)
         if wait > 0:
@@ -150,7 +150,7 @@ async def _generate(request: Request, schema: type, endpoint: str, handler: Any)
     try:
         key = authorize(request)
         req = parse(schema, await _body(request))
-        admit(request, key, req.model)
+        await admit(request, key, req.model)
         call.model = req.model
         return await handler(call, req, request)
     except ApiError as e:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from blockllm.client.errors import BlockLLMError
-from blockllm.client.http.errors import bad_request, model_not_found, unavailable
+from blockllm.client.http.errors import ApiError, bad_request, model_not_found, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,19 @@ class Tenants:
             raise model_not_found(model)
         if not entry.get("covered"):
             raise unavailable(f"model {model!r} is not served by any worker right now")
+
+    async def check_fresh(self, model: str, allowed: bool) -> None:
+        """`check`, but a 503 only from a fresh STATUS: the view is refreshed every
+        `interval` (and later on a loaded machine), so a model that has just become covered
+        (or a broker that answers again) would be refused on an old view. One more STATUS
+        round trip before refusing; the fast path (a covered model) asks nothing."""
+        try:
+            self.check(model, allowed)
+        except ApiError as e:
+            if e.status != 503:
+                raise
+            await self.refresh()
+            self.check(model, allowed)
 
     # -- manifests, parents, tokenizers ------------------------------------------------------
     async def manifest(self, model: str) -> dict[str, Any]:

@@ -179,3 +179,33 @@ def test_host_port_parsing() -> None:
     for bad in ("a:b", "h:70000", "[::1]x"):
         with pytest.raises(ValueError):
             parse_host_port(bad)
+
+
+def test_an_uncovered_model_is_refused_only_on_a_fresh_status() -> None:
+    """The view is a STATUS up to a second old: a model it shows uncovered gets one more
+    STATUS round trip before the 503 (covered by now: admitted); still uncovered: 503."""
+    import asyncio
+
+    from blockllm.client.http.tenants import Tenants
+
+    class Answers:  # the broker's STATUS answers in order (a unit test of Tenants alone)
+        def __init__(self, *covered: bool) -> None:
+            self.covered, self.asked = list(covered), 0
+
+        async def status(self, timeout: float) -> dict:
+            self.asked += 1
+            return {"models": {"m": {"covered": self.covered.pop(0)}}}
+
+    async def scenario(*covered: bool) -> tuple[int | None, int]:
+        client = Answers(*covered)
+        tenants = Tenants(client)
+        await tenants.refresh()
+        try:
+            await tenants.check_fresh("m", True)
+            return None, client.asked
+        except ApiError as e:
+            return e.status, client.asked
+
+    assert asyncio.run(scenario(False, True)) == (None, 2)  # covered since the last view
+    assert asyncio.run(scenario(False, False)) == (503, 2)  # still not: refused
+    assert asyncio.run(scenario(True)) == (None, 1)  # the fast path asks nothing more
