@@ -23,6 +23,14 @@ class St:
     dtype: str = ""
 
 
+def edges_of(found: list) -> dict[int, list]:
+    """The routing index's edges: each (worker, stage) under its start, workers in name order."""
+    edges: dict[int, list] = {}
+    for peer, s in sorted(found, key=lambda e: repr(e[0])):
+        edges.setdefault(s.start, []).append((peer, s))
+    return edges
+
+
 def random_cluster(rng: random.Random, chain: int, n_workers: int, dtypes: bool):
     """Edges (start -> [(worker, stage)], workers by repr then stage order) and views with
     loads drawn from a few values (ties), some workers unavailable."""
@@ -38,10 +46,7 @@ def random_cluster(rng: random.Random, chain: int, n_workers: int, dtypes: bool)
         load = rng.choice((0.0, 0.0, 0.25, 0.5, 0.125 + 0.001 * rng.randrange(3)))
         views[peer] = WorkerView(stages, load, rng.random() > 0.15)
         found += [(peer, s) for s in stages]
-    edges: dict[int, list] = {}
-    for peer, s in sorted(found, key=lambda e: repr(e[0])):
-        edges.setdefault(s.start, []).append((peer, s))
-    return edges, views
+    return edges_of(found), views
 
 
 @pytest.mark.parametrize("dtypes", [False, True])
@@ -85,10 +90,7 @@ def cluster_with_replicas(rng: random.Random, chain: int, n_workers: int, dtypes
         load = rng.choice((0.0, 0.25, 0.25, 0.5, 0.125 + 0.001 * rng.randrange(3)))
         views[peer] = WorkerView(stages, load, rng.random() > 0.3)
         found += [(peer, s) for s in stages]
-    edges: dict[int, list] = {}
-    for peer, s in sorted(found, key=lambda e: repr(e[0])):
-        edges.setdefault(s.start, []).append((peer, s))
-    return edges, views
+    return edges_of(found), views
 
 
 @pytest.mark.parametrize("dtypes", [False, True])
