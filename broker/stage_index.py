@@ -20,7 +20,9 @@ family looked up, those of the family's models whose key over the span is advert
 others watch that key from then on); all of them when `keys_gen` says the models'
 stage keys may have changed (reload, SET_CHAIN), or a stage of an unknown model brings a span.
 What was dropped is kept for `take_dropped`: the waiting requests of those models may have a
-route now (broker/waiting.py).
+route now (broker/waiting.py). `version(model)` says, without building edges, whether the live
+stages serving a model may have changed since an earlier call (a per-model counter bumped with
+the watches above).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class StageIndex:
         self.dropped_all = False
         self.shown_dropped: set[str] = set()
         self.shown_dropped_all = False
+        # model -> its routing version (`version`): bumped from `_gen` when a key it watches
+        # changes or its span keys do; forgotten with every watch (`_drop_all`)
+        self._ver: dict[str, int] = {}
+        self._gen = 0
 
     # -- freshness ----------------------------------------------------------------------------
     def _fresh(self, workers: Mapping[Hashable, Any], keys_gen: int) -> None:
@@ -179,6 +185,7 @@ class StageIndex:
             return
         for key in changed:
             for model in list(self._watch.get(key, ())):
+                self._bump(model)
                 self._drop(model)
         for fam, (start, end) in born:
             for model in list(self._families.get(fam, ())):
@@ -188,9 +195,14 @@ class StageIndex:
                 if key is None:
                     continue  # no key of the model there: its edges cannot use the span
                 if key in self.by_key:
+                    self._bump(model)
                     self._drop(model)
                 else:  # nothing serves it there yet: a stage that comes drops its edges
                     self._watch.setdefault(key, set()).add(model)
+
+    def _bump(self, model: str) -> None:
+        self._gen += 1
+        self._ver[model] = self._gen
 
     def _drop(self, model: str) -> None:
         """Forget the model's cached edges (a model without any: nothing). Its watches stay:
@@ -213,7 +225,7 @@ class StageIndex:
     def _drop_all(self) -> None:
         self._edges, self._coverable, self._families, self._solo = {}, {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
-        self._spans_keyed, self._watched = {}, {}
+        self._spans_keyed, self._watched, self._ver = {}, {}, {}
         self.dropped_all = self.shown_dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
@@ -262,11 +274,7 @@ class StageIndex:
         if out is None:
             fam = self.family_of(model)
             found: dict[int, list[Entry]] = {}
-            looked = self._span_keys(model, fam, chain_len, key_of)
-            if self._watched.get(model) is not looked:  # (watched since its spans changed)
-                for _, key in looked:
-                    self._watch.setdefault(key, set()).add(model)
-                self._watched[model] = looked
+            looked = self._looked_up(model, fam, chain_len, key_of)
             by_key = self.by_key
             for start, key in looked:
                 entries = by_key.get(key)
@@ -286,6 +294,39 @@ class StageIndex:
             self._family_of_cached[model] = fam
             self._chain_len[model] = chain_len
         return out
+
+    def version(
+        self,
+        model: str,
+        chain_len: int,
+        workers: Mapping[Hashable, Any],
+        keys_gen: int,
+        key_of: KeyOf,
+    ) -> int:
+        """`model`'s routing version: a number that differs from every earlier one it returned
+        whenever the live stages serving the model (its `edges`: what its routes are found
+        from, leaving out loads, availability and bans) may have changed since. Equal numbers
+        mean the same edges. Cheap: no edges are built; the model watches its span keys from
+        the first call on, and a stage that comes, goes or is drained bumps the version of
+        the models watching its key (O(1) each); a change of its family's spans, of its chain
+        length, or of the models' stage keys (`keys_gen`) gives a new number too."""
+        self._key_of = key_of
+        self._fresh(workers, keys_gen)
+        self._looked_up(model, self.family_of(model), chain_len, key_of)
+        return self._ver[model]
+
+    def _looked_up(
+        self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf
+    ) -> list[tuple[int, str]]:
+        """`_span_keys`, the model watching each of them (and a new version when they are
+        not the ones it watched)."""
+        looked = self._span_keys(model, fam, chain_len, key_of)
+        if self._watched.get(model) is not looked:  # (watched since its spans changed)
+            for _, key in looked:
+                self._watch.setdefault(key, set()).add(model)
+            self._watched[model] = looked
+            self._bump(model)
+        return looked
 
     def _span_keys(
         self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf

@@ -12,7 +12,7 @@ from blockllm.broker.broker import Broker
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, Ready, StageRef
 from blockllm.broker.routing import WorkerView, find_route
-from blockllm.broker.stage_index import LiveViews
+from blockllm.broker.stage_index import LiveViews, StageIndex
 from blockllm.zoo.chain import stage_key
 from tests.unit.broker_harness import manifest as base_manifest
 from tests.unit.broker_harness import spec
@@ -166,3 +166,61 @@ def test_stages_that_go_are_taken_out_of_the_cached_routes_as_a_rebuild_would() 
             avail = lambda p, w, busy=busy: p not in busy  # noqa: E731
             assert b.flow.route(model, LiveViews(b.workers, avail)) == scan_route(b, model, avail)
             assert b.flow.covered(model) == (scan_route(b, model) is not None)
+
+
+def scratch_edges(b: Broker, model: str) -> dict:
+    """The model's edges from an index built from scratch over the same workers (each stage
+    as what routes read of it: a re-READY of the same key under another model of the family
+    keeps the indexed stage)."""
+    index = StageIndex(b.state.family_of)
+    st = b.state
+    edges = index.edges(model, CHAIN, dict(b.workers), st.keys_gen, st.key_of)
+    return {
+        start: [(p, (s.key, s.start, s.end, getattr(s, "dtype", ""))) for p, s in found]
+        for start, found in edges.items()
+    }
+
+
+def test_a_models_routing_version_changes_whenever_its_edges_do() -> None:
+    """Stages come, go and drain, workers come and go, a chain is set, while models' versions
+    are read at random times (some models also routed, so some have cached edges and some do
+    not): an unchanged version always means the same edges as a build from scratch."""
+    rng = random.Random(11)
+    models = manifests(6)
+    names = sorted(models)
+    b = broker_with(models)
+    st = b.state
+    for i in range(10):
+        ready(b, models, f"w{i:02d}", random_stages(rng, names))
+    seen: dict[str, tuple[int, dict]] = {}  # model -> (version read, edges then)
+    same = moved = 0
+    for round_ in range(300):
+        peer = rng.choice(sorted(b.workers))
+        w = b.workers[peer]
+        what = rng.random()
+        if what < 0.25 and w.live_stages():
+            w.draining[rng.choice(w.live_stages()).key] = 1e9
+        elif what < 0.35 and w.draining:
+            del w.draining[rng.choice(sorted(w.draining))]
+        elif what < 0.55 and w.stages:
+            stages = [(s.model, s.start, s.end) for s in w.stages]
+            stages.pop(rng.randrange(len(stages)))
+            ready(b, models, peer.decode(), stages + random_stages(rng, names)[:1])
+        elif what < 0.62:
+            b.peer_lost(peer, 0.0)
+        elif what < 0.65:  # SET_CHAIN: new stage keys for every model
+            st.set_chain("ft1", models["base"].chain if rng.random() < 0.5 else ())
+        else:
+            ready(b, models, f"x{round_:03d}", random_stages(rng, names))
+        for model in rng.sample(names, 2):  # routed: its edges cached
+            b.flow.route(model, LiveViews(b.workers, lambda p, w: True))
+        for model in rng.sample(names, 3):
+            v = st.stage_index.version(model, CHAIN, b.workers, st.keys_gen, st.key_of)
+            edges = scratch_edges(b, model)
+            if model in seen and seen[model][0] == v:
+                assert seen[model][1] == edges, (round_, model)
+                same += 1
+            elif model in seen:
+                moved += seen[model][1] != edges
+            seen[model] = (v, edges)
+    assert same > 100 and moved > 50, (same, moved)
