@@ -34,6 +34,13 @@ from blockllm.broker.routing import Solo, WorkerView, solo_routes
 
 Edges = dict[int, list[tuple[Hashable, Any]]]
 Entry = tuple[tuple[str, str], Hashable, Any]  # ((repr(worker), dtype), worker, stage)
+Sorted = tuple["int | None", list[Entry], list[tuple[Hashable, Any]]]  # StageIndex._order
+
+
+def _by_order(entry: Entry) -> tuple[str, str]:
+    return entry[0]
+
+
 KeyOf = Callable[[str, int, int], "str | None"]
 
 
@@ -45,6 +52,7 @@ class StageIndex:
         self.family_of = family_of
         # key -> (peer, dtype) -> its entry
         self.by_key: dict[str, dict[tuple[Hashable, str], Entry]] = {}
+        self._sorted: dict[str, Sorted] = {}  # key -> its entries in scan order (`_order`)
         # family -> span -> stages advertising it (a stage of an unknown model: family None,
         # whose spans every model looks up)
         self.span_count: dict[Hashable, dict[tuple[int, int], int]] = {}
@@ -55,7 +63,6 @@ class StageIndex:
         self._keys_gen = -1
         self._built = False
         self._edges: dict[str, Edges] = {}
-        self._coverable: dict[str, bool] = {}
         self._solo: dict[str, Solo | None] = {}  # model -> routing.solo_routes of its edges
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
         self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
@@ -134,6 +141,7 @@ class StageIndex:
                 kept[k] = (s, fam)
                 continue
             changed.add(s.key)
+            self._sorted.pop(s.key, None)
             entries = self.by_key.get(s.key)
             if entries is not None:
                 entries.pop((peer, k[1]), None)
@@ -154,6 +162,7 @@ class StageIndex:
             fam = self.family_of(s.model)
             kept[k] = (s, fam)
             changed.add(s.key)
+            self._sorted.pop(s.key, None)
             self.by_key.setdefault(s.key, {})[(peer, k[1])] = ((order, k[1]), peer, s)
             counts = self.span_count.setdefault(fam, {})
             span = (s.start, s.end)
@@ -211,7 +220,6 @@ class StageIndex:
         if self._edges.pop(model, None) is None:
             return
         self._chain_len.pop(model, None)
-        self._coverable.pop(model, None)
         self._solo.pop(model, None)
         fam = self._family_of_cached.pop(model, None)
         same = self._families.get(fam)
@@ -223,7 +231,7 @@ class StageIndex:
         self.shown_dropped.add(model)
 
     def _drop_all(self) -> None:
-        self._edges, self._coverable, self._families, self._solo = {}, {}, {}, {}
+        self._edges, self._families, self._solo = {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
         self._spans_keyed, self._watched, self._ver = {}, {}, {}
         self.dropped_all = self.shown_dropped_all = True
@@ -273,27 +281,48 @@ class StageIndex:
         out = self._edges.get(model)
         if out is None:
             fam = self.family_of(model)
-            found: dict[int, list[Entry]] = {}
-            looked = self._looked_up(model, fam, chain_len, key_of)
-            by_key = self.by_key
-            for start, key in looked:
-                entries = by_key.get(key)
-                if entries:
-                    found.setdefault(start, []).extend(entries.values())
+            found: dict[int, list[Sorted]] = {}
+            by_key, ordered = self.by_key, self._sorted
+            for start, key in self._looked_up(model, fam, chain_len, key_of):
+                if key in by_key:
+                    hit = ordered.get(key) or self._order(key)
+                    found.setdefault(start, []).append(hit)
             # only the stages on some chain to the end (one ending where nothing goes on to the
             # end changes no route: routing._cheapest's states there never reach it)
             live = {chain_len}
             out = {}
             for start in sorted(found, reverse=True):
-                kept = [e for e in found[start] if e[2].end in live]
+                hits = found[start]
+                if len(hits) == 1 and hits[0][0] is not None:  # one key, one end: shared
+                    end, _, pairs = hits[0]
+                    if end in live:
+                        live.add(start)
+                        out[start] = pairs
+                    continue
+                kept: list[Entry] = []
+                for end, entries, _ in hits:  # (in the order looked up: ties stay in it)
+                    if end is None:
+                        kept += [e for e in entries if e[2].end in live]
+                    elif end in live:
+                        kept += entries
                 if kept:
                     live.add(start)
-                    out[start] = [(peer, s) for _, peer, s in sorted(kept, key=lambda e: e[0])]
+                    out[start] = [(peer, s) for _, peer, s in sorted(kept, key=_by_order)]
             self._edges[model] = out
             self._families.setdefault(fam, set()).add(model)
             self._family_of_cached[model] = fam
             self._chain_len[model] = chain_len
         return out
+
+    def _order(self, key: str) -> Sorted:
+        """The key's entries in scan order (`_by_order`), as (their end when they all share
+        one else None, entries, [(worker, stage)]): kept until a stage of the key comes or
+        goes, and shared by the edges of every model looking the key up (read-only)."""
+        entries = sorted(self.by_key[key].values(), key=_by_order)
+        ends = {e[2].end for e in entries}
+        end = next(iter(ends)) if len(ends) == 1 else None
+        hit = self._sorted[key] = (end, entries, [(peer, s) for _, peer, s in entries])
+        return hit
 
     def version(
         self,
@@ -359,14 +388,9 @@ class StageIndex:
         a waiting request of a model that is not coverable is not routed again until its
         family's stages change."""
         edges = self.edges(model, chain_len, workers, keys_gen, key_of)
-        ok = self._coverable.get(model)
-        if ok is None:
-            reach = {0}
-            for pos in range(chain_len):
-                if pos in reach:
-                    reach.update(s.end for _, s in edges.get(pos, ()))
-            ok = self._coverable[model] = chain_len in reach
-        return ok
+        # (the edges keep only stages on some chain to the end: position 0 has one iff the
+        # stages chain the model)
+        return chain_len == 0 or 0 in edges
 
     def solo(
         self,

@@ -11,8 +11,8 @@ from dataclasses import replace
 from blockllm.broker.broker import Broker
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.protocol import PROTOCOL_VERSION, Heartbeat, Ready, StageRef
-from blockllm.broker.routing import WorkerView, find_route
-from blockllm.broker.stage_index import LiveViews, StageIndex
+from blockllm.broker.routing import WorkerView, _usable_stages, find_route
+from blockllm.broker.stage_index import LiveViews
 from blockllm.zoo.chain import stage_key
 from tests.unit.broker_harness import manifest as base_manifest
 from tests.unit.broker_harness import spec
@@ -168,17 +168,33 @@ def test_stages_that_go_are_taken_out_of_the_cached_routes_as_a_rebuild_would() 
             assert b.flow.covered(model) == (scan_route(b, model) is not None)
 
 
-def scratch_edges(b: Broker, model: str) -> dict:
-    """The model's edges from an index built from scratch over the same workers (each stage
-    as what routes read of it: a re-READY of the same key under another model of the family
-    keeps the indexed stage)."""
-    index = StageIndex(b.state.family_of)
+def plain_edges(b: Broker, model: str) -> dict:
+    """The model's edges computed plainly: a scan of every worker's live stages
+    (routing._usable_stages), kept when on some chain to the end; each start's stages in
+    worker order, each as what routes read of it (a re-READY of the same key under another
+    model of the family keeps the indexed stage; the order of one worker's stages changes no
+    route)."""
+    views = {p: WorkerView(w.live_stages(), 0.0, True) for p, w in b.workers.items()}
+    found = _usable_stages(model, CHAIN, views, b.state.key_of)
+    live, out = {CHAIN}, {}
+    for start in sorted(found, reverse=True):
+        kept = [(p, s) for p, s in found[start] if s.end in live]
+        if kept:
+            live.add(start)
+            out[start] = sorted(set(normal(kept)))  # (a stage listed twice: once)
+    return out
+
+
+def normal(pairs: list) -> list:
+    return [(repr(p), getattr(s, "dtype", ""), s.key, s.start, s.end) for p, s in pairs]
+
+
+def indexed_edges(b: Broker, model: str) -> dict:
     st = b.state
-    edges = index.edges(model, CHAIN, dict(b.workers), st.keys_gen, st.key_of)
-    return {
-        start: [(p, (s.key, s.start, s.end, getattr(s, "dtype", ""))) for p, s in found]
-        for start, found in edges.items()
-    }
+    edges = st.stage_index.edges(model, CHAIN, b.workers, st.keys_gen, st.key_of)
+    for found in edges.values():  # in worker order
+        assert [e[:2] for e in normal(found)] == sorted(e[:2] for e in normal(found))
+    return {start: sorted(normal(found)) for start, found in edges.items()}
 
 
 def test_a_models_routing_version_changes_whenever_its_edges_do() -> None:
@@ -216,11 +232,16 @@ def test_a_models_routing_version_changes_whenever_its_edges_do() -> None:
             b.flow.route(model, LiveViews(b.workers, lambda p, w: True))
         for model in rng.sample(names, 3):
             v = st.stage_index.version(model, CHAIN, b.workers, st.keys_gen, st.key_of)
-            edges = scratch_edges(b, model)
+            edges = plain_edges(b, model)
             if model in seen and seen[model][0] == v:
                 assert seen[model][1] == edges, (round_, model)
                 same += 1
             elif model in seen:
                 moved += seen[model][1] != edges
             seen[model] = (v, edges)
+        for model in rng.sample(names, 2):  # cached edges (some kept across changes)
+            assert indexed_edges(b, model) == plain_edges(b, model), (round_, model)
+            index = st.stage_index
+            ok = index.coverable(model, CHAIN, b.workers, st.keys_gen, st.key_of)
+            assert ok == (scan_route(b, model) is not None), (round_, model)
     assert same > 100 and moved > 50, (same, moved)
