@@ -14,7 +14,6 @@ lost, a live shadow takes over instead of a replay.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -52,20 +51,22 @@ class Hedging:
 
     def tick(self, now: float) -> list[Out]:
         """Hedge the decode hops sent longer than the deadline ago. The hops come from the
-        state's heap of sent hops (`BrokerState.hop_sent`), not a scan of every request: the
-        ones past the deadline move to `late`, kept while their hop is the current one (a
-        request late but not hedgeable now, e.g. with a shadow that may still fail)."""
+        state's timer of sent hops (`BrokerState.hop_sent`, broker/hop_timer.py), not a scan
+        of every request: the ones past the deadline move to `late`, kept while their hop is
+        the current one (a request late but not hedgeable now, e.g. with a shadow that may
+        still fail)."""
         if self.state.cfg.hedge_after_s <= 0:
             self.state.sent.clear()
             self.late.clear()
             return []
-        deadline = self.hedge_deadline()
-        sent, requests = self.state.sent, self.state.requests
-        while sent and now - sent[0][0] >= deadline:
-            at, rid = heapq.heappop(sent)
+        requests = self.state.requests
+
+        def current(rid: str) -> float | None:
             req = requests.get(rid)
-            if req is not None and req.hop_sent_at == at:
-                self.late[rid] = at
+            return None if req is None else req.hop_sent_at
+
+        for rid, at in self.state.sent.due(now, self.hedge_deadline(), current):
+            self.late[rid] = at
         out: list[Out] = []
         for rid, at in list(self.late.items()):
             req = requests.get(rid)

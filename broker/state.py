@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from blockllm.broker.config import BrokerConfig
+from blockllm.broker.hop_timer import HopTimer
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Substitution
 from blockllm.broker.requests import RequestState, split_wire_id
@@ -98,9 +99,10 @@ class BrokerState:
         # (deadline, request id) of every request, earliest first: the timer pops the ones
         # past due instead of scanning every request (entries of finished ones are skipped)
         self.deadlines: list[tuple[float, str]] = []
-        # (when, request id) of every hop sent while hedging is on: the hedge timer pops the
-        # ones older than its deadline instead of scanning every request (broker/hedge.py)
-        self.sent: list[tuple[float, str]] = []
+        # the hops sent while hedging is on, at most one entry per request: the hedge timer
+        # pops the ones older than its deadline instead of scanning every request
+        # (broker/hop_timer.py, broker/hedge.py)
+        self.sent = HopTimer()
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.metrics = Metrics()
         self.timings = Timings()  # the loop's phases of decode RESULTs (broker/timings.py)
@@ -207,7 +209,7 @@ class BrokerState:
         """The request's current hop was sent at `now` (what hedging measures lateness from)."""
         req.hop_sent_at = now
         if self.cfg.hedge_after_s > 0:
-            heapq.heappush(self.sent, (now, req.rid))
+            self.sent.sent(req.rid, now)
 
     def past_deadline(self, now: float) -> list[RequestState]:
         """The requests whose deadline is `now` or earlier, earliest first (popped from the
