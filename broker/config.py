@@ -59,6 +59,9 @@ class BrokerConfig:
     # a full STATS every this many snapshots (and when the catalog changes); in between a
     # STATS_DELTA with what changed since the last full one (broker/stats_delta.py)
     stats_full_every: int = 10
+    # routes shown recomputed per STATS build at most, the longest out of date first; the
+    # others show their previous route, marked stale (broker/shown.py); 0: no bound
+    stats_routes_per_build: int = 64
     # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
     unload_drain_s: float = 30.0
     # hedging: a decode hop late by max(hedge_after_s, hedge_factor x the fastest worker's
@@ -89,6 +92,8 @@ class BrokerConfig:
             raise ValueError("stats_interval_s must be > 0 and unload_drain_s >= 0")
         if self.stats_full_every < 1:
             raise ValueError("stats_full_every must be >= 1 (1: every STATS is full)")
+        if self.stats_routes_per_build < 0:
+            raise ValueError("stats_routes_per_build must be >= 0 (0: no bound)")
         if any(not tol >= 0 for _, tol in self.speculate):
             raise ValueError("speculation tolerances must be >= 0")
 

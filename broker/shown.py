@@ -26,10 +26,21 @@ What it is computed from, and where a change is seen:
   is forgotten (a new one has nothing cached: arriving tenants recompute only themselves).
 `tests/unit/test_status_cache.py` pins a cached build to a build from scratch after changes,
 `tests/unit/test_stats_exact.py` over a random trace.
+
+Bounded per STATS build: a change above marks the model's route out of date (the models in
+the order their inputs first changed); a STATS build recomputes at most `per_build` of them,
+those out of date longest first (BrokerConfig.stats_routes_per_build), and shows the others'
+previous route marked stale (ModelStats.route_stale; a model never routed yet: no route). So a
+build on the broker's loop costs at most that many routes however much the cluster churns
+(the first placement's loads drop most models' routes at once), and a model's route is at
+most ceil(out of date / per_build) builds late. A STATUS answer (a page of at most 128
+models, on a client's request) recomputes every out-of-date route it shows: what clients wait
+on (coverage) is never stale.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -42,19 +53,24 @@ if TYPE_CHECKING:
 
 RouteFn = Callable[..., "list[Hop] | None"]  # RequestFlow.route
 Shown = tuple[tuple[PlannedHop, ...] | None, tuple[Substitution, ...]]
+NOT_YET: Shown = (None, ())  # what a model never routed yet shows while its route is stale
 
 
 class ShownRoutes:
     """Per model: (route shown, substitutions), and what they were computed from (module
     docstring). Broker loop thread only; one per BrokerState (`shown`), the routing index's
     reader of dropped models. `scratch=True`: a cache for one build from scratch, which leaves
-    the index's drops to that one (tests compare the two)."""
+    the index's drops to that one (tests compare the two). A route out of date keeps its
+    previous value in `_shown` until it is recomputed (stale meanwhile)."""
 
     def __init__(self, scratch: bool = False) -> None:
         self.scratch = scratch
         # model -> (shown, the planner's routes and the spec it was computed with, whether
-        # the route shown is a planned one)
+        # the route shown is a planned one): the last computed, kept while out of date
         self._shown: dict[str, tuple[Shown, Any, Any, bool]] = {}
+        # models whose route is out of date, in the order they became so (oldest first)
+        self._dirty: dict[str, None] = {}
+        self._due: set[str] | None = None  # those `get` recomputes now (None: every one)
         self._users: dict[Hashable, set[str]] = {}  # worker -> models whose route may use it
         self._seen: dict[Hashable, tuple[str, bool]] = {}  # worker -> (name, banned)
         self._named: dict[str, set[str]] = {}  # worker name -> models planned through it
@@ -63,15 +79,17 @@ class ShownRoutes:
         self._any_banned = False  # some worker is banned (refresh)
         self.computed = 0  # routes computed (tests, benches)
 
-    def refresh(self, b: BrokerState, now: float) -> None:
-        """Forget what changed since the last build (call once before a build's entries)."""
+    def refresh(self, b: BrokerState, now: float, per_build: int | None = None) -> None:
+        """Mark out of date what changed since the last build (call once before a build's
+        entries); `per_build`: how many of those routes `get` recomputes in this build, the
+        longest out of date first (None or <= 0: every one it is asked for)."""
         if self.scratch:
             every, dropped = False, set()
         else:
             every, dropped = b.stage_index.take_shown(b.workers, b.keys_gen)
         if every or self._keys_gen != b.keys_gen:
             self._keys_gen = b.keys_gen
-            self._shown.clear()
+            self._forget(list(self._shown))
             self._users.clear()
             self._named.clear()
         if len(self._shown) > len(b.models) or any(m not in b.models for m in dropped):
@@ -79,7 +97,7 @@ class ShownRoutes:
         for model in dropped:
             cached = self._shown.get(model)
             if cached is not None and not cached[3]:  # a planned route: its workers say
-                del self._shown[model]
+                self._dirty.setdefault(model)
         for peer, w in b.workers.items():
             state = (w.name, w.banned(now))
             if self._seen.get(peer) != state:
@@ -100,23 +118,40 @@ class ShownRoutes:
         for name in self._figures.keys() - figures.keys():
             self._forget(self._named.pop(name, ()))
         self._figures = figures
+        dirty, shown, preferred = self._dirty, self._shown, b.preferred
+        for name, spec in b.models.items():  # new models, a changed spec or planned routes
+            cached = shown.get(name)
+            if cached is None or cached[2] is not spec:
+                dirty.setdefault(name)
+            else:
+                planned = preferred.get(name)
+                if cached[1] is not planned and cached[1] != planned:
+                    dirty.setdefault(name)
+        if len(dirty) > len(b.models) or any(m not in b.models for m in dirty):
+            self._dirty = dirty = {m: None for m in dirty if m in b.models}
+        if per_build is None or per_build <= 0 or len(dirty) <= per_build:
+            self._due = None
+        else:
+            self._due = set(itertools.islice(dirty, per_build))
 
     def _forget(self, models: Iterable[str]) -> None:
+        """Mark the routes of `models` out of date (those already so keep their place)."""
         for model in models:
-            self._shown.pop(model, None)
+            if model in self._shown:
+                self._dirty.setdefault(model)
 
-    def get(self, b: BrokerState, route_of: RouteFn, name: str) -> Shown:
-        """`name`'s (route shown, substitutions). `route_of(model, views, idle=True)`: the
-        route with every view's load 0 and no request running (RequestFlow.route)."""
+    def get(self, b: BrokerState, route_of: RouteFn, name: str) -> tuple[Shown, bool]:
+        """(`name`'s (route shown, substitutions), whether that is its previous route, out
+        of date: stale). `route_of(model, views, idle=True)`: the route with every view's load
+        0 and no request running (RequestFlow.route)."""
+        if name not in self._dirty:
+            return self._shown[name][0], False
+        if self._due is not None and name not in self._due:
+            cached = self._shown.get(name)
+            return (NOT_YET if cached is None else cached[0]), True
+        del self._dirty[name]
         preferred = b.preferred.get(name)
         spec = b.models[name]
-        cached = self._shown.get(name)
-        if (
-            cached is not None
-            and cached[2] is spec
-            and (cached[1] is preferred or cached[1] == preferred)
-        ):
-            return cached[0]
         route, planned = self._route(b, route_of, name, preferred)
         shown = (route, tuple(b.substitutions(name)))
         self._shown[name] = (shown, preferred, spec, planned)
@@ -125,13 +160,13 @@ class ShownRoutes:
         for worker in named:
             self._named.setdefault(worker, set()).add(name)
         if planned:
-            return shown
+            return shown, False
         users = b.stage_index.peers_of(name, spec.chain_len, b.workers, b.keys_gen, b.key_of)
         names = b.names()
         users |= {names[n] for n in named if n in names}
         for peer in users:
             self._users.setdefault(peer, set()).add(name)
-        return shown
+        return shown, False
 
     def _route(
         self, b: BrokerState, route_of: RouteFn, name: str, preferred: Any

@@ -191,7 +191,7 @@ class StatsEntries:
     def body(self, b: BrokerState, route_of: RouteFn, now: float, shown: ShownRoutes) -> StatsBody:
         from blockllm.broker.status import worker_entry
 
-        shown.refresh(b, now)
+        shown.refresh(b, now, b.cfg.stats_routes_per_build)
         running = sum(1 for r in b.requests.values() if r.route is not None)
         workers = sorted(b.workers.values(), key=lambda w: w.registered_at)
         models = {n: self._model(b, route_of, n, now, shown) for n in sorted(b.models)}
@@ -217,7 +217,7 @@ class StatsEntries:
         from blockllm.broker.status import uncovered_reason
 
         spec = b.models[name]
-        route, substitutions = shown.get(b, route_of, name)
+        (route, substitutions), stale = shown.get(b, route_of, name)
         running = waiting = 0
         requests = b.requests
         for rid in b.by_model.get(name, ()):
@@ -230,7 +230,7 @@ class StatsEntries:
         uncovered = "" if route is not None else uncovered_reason(b, name, now)
         planned = b.preferred.get(name, ())
         metrics = b.metrics.cached_stats(name, now)
-        key = (spec, route, substitutions, running, waiting, uncovered, planned, metrics)
+        key = (spec, route, stale, substitutions, running, waiting, uncovered, planned, metrics)
         kept = self._models.get(name)
         if kept is not None and kept[0] == key:
             return kept[1]
@@ -245,6 +245,7 @@ class StatsEntries:
             planned_routes=planned,
             substitutions=substitutions,
             **metrics,
+            route_stale=stale,
         )
         self._models[name] = (key, entry)
         self.built += 1

@@ -120,7 +120,7 @@ def model_entry(
     """`name`'s entry; its route and substitutions from `shown` (refreshed for `now`)."""
     spec = b.models[name]
     mine = [r for rid in b.by_model.get(name, ()) if (r := b.requests.get(rid)) is not None]
-    route, substitutions = shown.get(b, route_of, name)
+    (route, substitutions), _stale = shown.get(b, route_of, name)  # never stale: no bound
     running = sum(1 for r in mine if r.route is not None)
     return ModelStatus(
         layers=spec.num_layers,

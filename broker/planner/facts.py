@@ -56,16 +56,20 @@ class WorkerFacts:
 
 def live_routes(models: Mapping[str, ModelStats]) -> dict[str, tuple[PlannedRoute, ...]]:
     """Each model's routes in a STATS body: the planned ones with their weights when the
-    planner set some, else the route the broker picks by itself."""
+    planner set some, else the route the broker picks by itself (not a stale one: the
+    broker's previous route, out of date)."""
     out: dict[str, tuple[PlannedRoute, ...]] = {}
     for name, m in models.items():
         if m.planned_routes:
             out[name] = m.planned_routes
-        elif m.route:
+        elif m.route and not m.route_stale:
             out[name] = (PlannedRoute(m.route),)
     return out
 
 
 def current_routes(models: Mapping[str, ModelStats]) -> dict[str, PlannedRoute]:
-    """Each model's route in a STATS body (the one the broker picks now)."""
-    return {name: PlannedRoute(m.route) for name, m in models.items() if m.route}
+    """Each model's route in a STATS body (the one the broker picks now; a stale one, the
+    broker's previous route out of date, is left out)."""
+    return {
+        name: PlannedRoute(m.route) for name, m in models.items() if m.route and not m.route_stale
+    }

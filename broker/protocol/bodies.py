@@ -115,8 +115,8 @@ class ModelStatus:
 @dataclass(frozen=True, slots=True)
 class ModelStats:
     """One model in STATS: ModelStatus's fields (in its order), then demand and latency over
-    the broker's window (broker/stats.py). A field appended to ModelStatus is appended here
-    too, after the last one."""
+    the broker's window (broker/stats.py), then `route_stale`. A field appended to ModelStatus
+    is appended here too, after the last one."""
 
     layers: int = 0
     chain_len: int = 0
@@ -134,6 +134,10 @@ class ModelStats:
     tpot_ms_p50: float = 0.0
     tpot_ms_p95: float = 0.0
     completed: int = 0
+    # the route shown is the previous one, out of date: its inputs changed and it is
+    # recomputed within a few snapshots (broker/shown.py: a bounded number per STATS); the
+    # planner does not take it for the broker's route now. Never set in STATUS.
+    route_stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)

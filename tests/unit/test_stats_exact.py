@@ -4,23 +4,34 @@ random trace of state changes (workers come, go, get banned and re-register, req
 step and finish, the planner sets routes and unloads stages, time passes windows), at every
 step the broker's body equals a body built afresh, the frames equal `frames.encode`'s, and
 what a subscriber rebuilds from the full STATS and the deltas after it (through the codec)
-equals the fresh body. A cache that misses a change fails it (the last tests)."""
+equals the fresh body. A cache that misses a change fails it (the tests after those).
+
+With the routes recomputed per build bounded (broker/shown.py, one per build here), an entry
+not marked `route_stale` is the fresh build's, a stale one is too but for its route, which is
+the one it showed in the previous build, and no route stays stale longer than the routes out
+of date before it need; the subscriber holds the broker's body. Breaking the bound, the order
+(newest first), the mark or the previous route fails it (the last tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import types
 from typing import Any
 
 import pytest
 
 from blockllm.broker import frames
+from blockllm.broker import shown as shown_module
 from blockllm.broker import stats as stats_module
+from blockllm.broker.planner.facts import current_routes, live_routes
 from blockllm.broker.protocol import (
     Dead,
     Error,
     Forward,
     Heartbeat,
+    ModelStats,
     PlannedHop,
     PlannedRoute,
     SetRoutes,
@@ -30,6 +41,7 @@ from blockllm.broker.protocol import (
 from blockllm.broker.shown import ShownRoutes
 from blockllm.broker.stats import Metrics, stats_body
 from blockllm.broker.stats_delta import DeltaPublisher, StatsView
+from blockllm.broker.status import uncovered_reason
 from blockllm.zoo.chain import stage_key
 from tests.unit.broker_harness import BASE, CHAIN, EOS, FT, W0, W1, W2, Harness
 
@@ -109,21 +121,69 @@ def step(h: Harness, rng: random.Random, pending: list[Any], n: int) -> None:
     pending += [o for o in outs if isinstance(o.msg, Forward)]
 
 
-def run_trace(seed: int, steps: int, full_every: int, part_bytes: int = 1 << 19) -> int:
+ROUTE_FIELDS = ("route", "covered", "uncovered", "substitutions", "route_stale")
+
+
+def check_stale(n: int, h: Harness, body: Any, expected: Any, previous: Any, late: dict) -> None:
+    """With routes recomputed `per_build` at most per build (broker/shown.py): an entry not
+    marked stale is the fresh build's; a stale one is the fresh one but for its route (and
+    what follows from it), which is the one shown in the previous body (none before), and
+    it is not stale for more builds than the models out of date ahead of it need."""
+    b = h.broker.state
+    per_build = h.cfg.stats_routes_per_build
+    for name, got in body.models.items():
+        want = expected.models[name]
+        late.setdefault(name, 0)
+        if not got.route_stale:
+            late[name] = 0
+            assert got == want, f"step {n}: {name}'s fresh entry differs from a fresh build"
+            continue
+        before = previous.models.get(name) if previous is not None else None
+        route, subs = (before.route, before.substitutions) if before else (None, ())
+        assert (got.route, got.substitutions) == (route, subs), f"step {n}: stale != previous"
+        assert got.covered == (route is not None)
+        assert got.uncovered == ("" if route is not None else uncovered_reason(b, name, h.now))
+        same = {f: getattr(want, f) for f in ROUTE_FIELDS}
+        assert dataclasses.replace(got, **same) == want, f"step {n}: {name} differs"
+        late[name] = late.get(name, 0) + 1
+        late[""] = late.get("", 0) + 1  # stale entries seen in all
+        bound = math.ceil((len(body.models) - 1) / per_build) if per_build else 0
+        assert late[name] <= bound, f"step {n}: {name} stale for {late[name]} builds"
+
+
+def run_trace(
+    seed: int,
+    steps: int,
+    full_every: int,
+    part_bytes: int = 1 << 19,
+    per_build: int = 0,
+    late: dict[str, int] | None = None,
+) -> int:
     """The trace (module docstring); returns the deltas applied. AssertionError on the first
-    step where something differs."""
+    step where something differs. `per_build`: routes recomputed per build at most (0: all,
+    then every body is the fresh one); `late`: per model the builds it has been stale for,
+    and under "" the stale entries seen."""
     rng = random.Random(seed)
-    h = Harness()
+    h = Harness(stats_routes_per_build=per_build)
     pub, view = DeltaPublisher(full_every, part_bytes), StatsView()
     pending: list[Any] = []
     applied = 0
+    previous = None
+    late = {} if late is None else late
     for n in range(1, steps + 1):
         for _ in range(rng.choice([1, 1, 2, 5])):
             step(h, rng, pending, n)
         h.now += rng.choice([0.0, 0.01, 0.05, 0.2, 0.5, 1.0])
+        computed = h.broker.state.shown.computed
         body = h.broker.stats(h.now)
+        computed = h.broker.state.shown.computed - computed
         expected = fresh(h)
-        assert body == expected, f"step {n}: the kept entries differ from a fresh build"
+        if per_build:
+            assert computed <= per_build, f"step {n}: {computed} routes computed"
+            check_stale(n, h, body, expected, previous, late)
+        else:
+            assert body == expected, f"step {n}: the kept entries differ from a fresh build"
+        previous = body
         got = None
         for msg, wire in pub.publish(n, body):
             assert wire == frames.encode(msg), f"step {n}: the frames differ from encode's"
@@ -133,7 +193,7 @@ def run_trace(seed: int, steps: int, full_every: int, part_bytes: int = 1 << 19)
             else:
                 got = view.apply(msg)
                 applied += 1
-        assert got == decoded(Stats(n, expected)).body, f"step {n}: the subscriber differs"
+        assert got == decoded(Stats(n, body)).body, f"step {n}: the subscriber differs"
     return applied
 
 
@@ -214,3 +274,56 @@ def test_the_trace_fails_when_a_full_stats_packs_stale_bytes(monkeypatch) -> Non
     monkeypatch.setattr(Packed, "get", by_name)
     with pytest.raises(AssertionError, match="frames differ"):
         run_trace(1, 300, 3)
+
+
+@pytest.mark.parametrize(("seed", "full_every"), [(1, 7), (2, 3)])
+def test_routes_recomputed_a_few_per_build_show_the_previous_one_stale(
+    seed: int, full_every: int
+) -> None:
+    """One route per build at most: the others show their previous route, marked stale."""
+    late: dict[str, int] = {}
+    assert run_trace(seed, 300, full_every, per_build=1, late=late) > 100
+    assert late[""] > 20  # the bound did hold routes back
+
+
+def test_the_bounded_trace_fails_when_a_stale_route_is_not_marked(monkeypatch) -> None:
+    real = ShownRoutes.get
+    monkeypatch.setattr(ShownRoutes, "get", lambda *a: (real(*a)[0], False))
+    with pytest.raises(AssertionError, match="fresh entry differs"):
+        run_trace(1, 300, 7, per_build=1)
+
+
+def test_the_bounded_trace_fails_when_the_bound_is_ignored(monkeypatch) -> None:
+    real = ShownRoutes.refresh
+    monkeypatch.setattr(ShownRoutes, "refresh", lambda self, b, now, k=None: real(self, b, now))
+    with pytest.raises(AssertionError, match="routes computed"):
+        run_trace(1, 300, 7, per_build=1)
+
+
+def test_the_bounded_trace_fails_when_the_newest_go_first(monkeypatch) -> None:
+    newest = types.SimpleNamespace(islice=lambda it, k: list(it)[-k:])
+    monkeypatch.setattr(shown_module, "itertools", newest)
+    with pytest.raises(AssertionError, match="stale for"):
+        run_trace(1, 300, 7, per_build=1)
+
+
+def test_the_bounded_trace_fails_when_a_stale_entry_forgets_its_route(monkeypatch) -> None:
+    real = ShownRoutes.get
+
+    def forgetful(*a: Any) -> Any:
+        shown, stale = real(*a)
+        return (shown_module.NOT_YET if stale else shown), stale
+
+    monkeypatch.setattr(ShownRoutes, "get", forgetful)
+    with pytest.raises(AssertionError, match="stale != previous"):
+        run_trace(1, 300, 7, per_build=1)
+
+
+def test_the_planner_does_not_take_a_stale_route_for_the_brokers() -> None:
+    hop = (PlannedHop("w0", ((0, 6),)),)
+    models = {
+        "a": ModelStats(covered=True, route=hop),
+        "b": ModelStats(covered=True, route=hop, route_stale=True),
+    }
+    assert set(current_routes(models)) == {"a"}
+    assert set(live_routes(models)) == {"a"}
