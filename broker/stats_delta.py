@@ -3,13 +3,17 @@
 At 510 models on 64 workers one STATS body is ~480 kB, twice a second; at 2,000 models it
 passes the protocol's 1 MiB header bound. Most of it does not change between snapshots: the
 workers' stages, budgets and pins, the models' planned routes. So the broker publishes a full
-STATS (as before: what an older planner reads) every `full_every` snapshots (and when the
-catalog changed), and between two of them a STATS_DELTA against the last full one: per worker
+STATS (as before: what an older planner reads) every `full_every` snapshots, and between two
+of them a STATS_DELTA against the last full one: per worker
 (by name) and per model, only the fields whose value differs from that full snapshot's, the
 workers and models gone since, the order of the lists when it changed, and the top-level
-summary (counters, requests, totals, time). A delta is cumulative (against the full snapshot,
-not the previous delta), so a subscriber that drops snapshots (the PUB socket keeps only a few)
-loses nothing: the last full one and the newest delta give the current body.
+summary (counters, requests, totals, time, `catalog_gen`). A delta is cumulative (against the
+full snapshot, not the previous delta), so a subscriber that drops snapshots (the PUB socket
+keeps only a few) loses nothing: the last full one and the newest delta give the current body.
+A catalog change (a reload: an arriving tenant) travels in a delta too, its new models whole
+and `catalog_gen` in the summary: a subscriber with the last full snapshot (the planner's
+StatsView) has all it needs; one without it (just connected) and one that reads only full
+STATS (a planner older than STATS_DELTA) get the next full one within `full_every` snapshots.
 
 Bounded per message: a full body past `PART_BYTES` (at 2,000 models on 256 workers it is ~2 MB,
 past the 1 MiB header bound) travels in several STATS parts of the same seq, each with a share
@@ -85,8 +89,8 @@ def _fields(entry: Any, old: Any = None) -> dict[str, Any]:
 
 
 class DeltaPublisher:
-    """Full STATS every `full_every` snapshots (or when `catalog_gen` moved, or a delta would
-    pass `part_bytes`), else STATS_DELTA against the last full one (module docstring). The
+    """Full STATS every `full_every` snapshots (or when a delta would pass `part_bytes`), else
+    STATS_DELTA against the last full one (module docstring; a catalog change too). The
     broker process's loop thread only. Kept bytes per entry: module docstring."""
 
     def __init__(self, full_every: int = FULL_EVERY, part_bytes: int = PART_BYTES) -> None:
@@ -95,22 +99,19 @@ class DeltaPublisher:
         self._base_seq = -1
         self._base: Entries = ({}, {})
         self._since = 0
-        self._catalog: Any = None
         self._packed = (Packed(worker_bytes), Packed(model_bytes))  # for full ones
         self._fields: tuple[Changed, Changed] = ({}, {})  # against the base, per name
 
     def publish(self, seq: int, body: StatsBody) -> list[Encoded]:
         """The messages (with their frames) that stand for `body`."""
         self._since += 1
-        catalog = body.catalog_gen
         entries = _entries(body)
-        if self._base_seq >= 0 and self._since < self.full_every and catalog == self._catalog:
+        if self._base_seq >= 0 and self._since < self.full_every:
             delta, header = self._delta(seq, body, entries)
             if len(header) <= self.part_bytes:
                 return [(delta, [delta.KIND.value, header])]
         self._base_seq, self._base, self._since = seq, entries, 0
         self._fields = ({}, {})
-        self._catalog = catalog
         return self._full(seq, body)
 
     def _full(self, seq: int, body: StatsBody) -> list[Encoded]:

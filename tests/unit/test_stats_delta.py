@@ -144,8 +144,17 @@ def test_a_delta_carries_only_what_changed() -> None:
     assert sizes[1] * 50 < sizes[0]
     for seq in range(3, 11):
         assert isinstance(pub.message(seq, stats(body)), StatsDelta)
-    assert isinstance(pub.message(11, stats(body)), Stats)  # every full_every snapshots
-    assert isinstance(pub.message(12, stats({**body, "catalog_gen": 2})), Stats)  # a new catalog
+    full = pub.message(11, stats(body))
+    assert isinstance(full, Stats)  # every full_every snapshots
+    # a new catalog (a tenant arriving) is a delta: the new model whole, catalog_gen in summary
+    view = StatsView()
+    view.full(wire(full))
+    body["models"]["m200"] = {"route": [["w1", [[0, 34]]]], "rate_rps": 0.5}
+    arrived = {**body, "catalog_gen": 2}
+    delta = pub.message(13, stats(arrived))
+    assert isinstance(delta, StatsDelta) and delta.whole_models == ("m200",)
+    assert delta.summary.catalog_gen == 2 and set(delta.models) == {"m200"}
+    assert view.apply(wire(delta)) == wire(Stats(13, stats(arrived))).body
 
 
 def test_a_delta_past_the_part_bound_is_sent_as_a_full_snapshot_in_parts() -> None:
