@@ -185,7 +185,7 @@ def _sweep_temps(zoo: Zoo) -> int:
 
 def collect_garbage(zoo: Zoo) -> GcReport:
     """Remove blocks and tokenizers no manifest references, stale temps, dangling records."""
-    from blockllm.zoo.equiv import EquivalenceStore
+    from blockllm.zoo.equiv_store import EquivalenceStore
 
     with zoo.collect_lock(), zoo.manifests_lock():
         manifests = {n: zoo.manifest(n) for n in zoo.list_models()}  # a bad one stops gc

@@ -32,7 +32,8 @@ from blockllm.zoo.hashing import block_id, files_digest
 from blockllm.zoo.manifest import ModelManifest, validate_name
 
 if TYPE_CHECKING:
-    from blockllm.zoo.equiv import EquivalenceRecord, EquivResult
+    from blockllm.zoo.equiv import EquivResult
+    from blockllm.zoo.equiv_store import EquivalenceRecord
     from blockllm.zoo.maintenance import GcReport, VerifyReport
 
 logger = logging.getLogger(__name__)
@@ -322,12 +323,12 @@ class Zoo:
 
     def equivalences(self) -> list[EquivalenceRecord]:
         """Every stored EquivalenceRecord (see zoo/equiv.py)."""
-        from blockllm.zoo.equiv import EquivalenceStore
+        from blockllm.zoo.equiv_store import EquivalenceStore
 
         return EquivalenceStore(self).all()
 
     def equivalence(self, original: str, substitute: str) -> EquivalenceRecord | None:
         """The EquivalenceRecord for substituting `substitute` for `original`, or None."""
-        from blockllm.zoo.equiv import EquivalenceStore
+        from blockllm.zoo.equiv_store import EquivalenceStore
 
         return EquivalenceStore(self).get(check_block_id(original), check_block_id(substitute))

@@ -56,7 +56,7 @@ def zoo_catalog(zoo_dir: str | None) -> Any:
 def parse_catalog(data: bytes) -> Catalog:
     """The broker's catalog document -> (manifests, equivalence records); CatalogUnavailable
     when it is not one."""
-    from blockllm.zoo.equiv import EquivalenceRecord
+    from blockllm.zoo.equiv_store import EquivalenceRecord
     from blockllm.zoo.manifest import ModelManifest
 
     try:

@@ -88,7 +88,8 @@ def heldout_ids(checkpoint: Path, windows: int, length: int) -> Any:
 def measure_pairs(zoo: Any, family: Family, cfg: FullConfig, say: Say) -> int:
     """Score base-block-for-variant-block at every decoder layer of every variant (stored in
     the zoo; pairs already stored are not measured again). Returns how many were measured."""
-    from blockllm.zoo.equiv import EquivalenceStore, Measurer
+    from blockllm.zoo.equiv import Measurer
+    from blockllm.zoo.equiv_store import EquivalenceStore
 
     store = EquivalenceStore(zoo)
     base = zoo.manifest(family.base.name)
