@@ -113,8 +113,13 @@ def want(llama: Path) -> dict[tuple[int, ...], list[int]]:
 
 @pytest.fixture(scope="module")
 def split(zoo: Path) -> Iterator[Cluster]:
-    """m split over two workers (2 hops), as static placement starts it, plus the planner."""
-    with cluster(zoo, {"w0": ["m:0-3"], "w1": ["m:3-6"]}, ["m"], broker=FAST) as c:
+    """m split over two workers (2 hops), as static placement starts it, plus the planner.
+
+    Each step takes 10 ms longer (the test-only fault hook), so 160 tokens last >= 3.2 s: the
+    tests act on requests still running (a re-placement, a SIGKILL), and a tiny model on a fast
+    core would otherwise finish before the planner's first snapshot after they arrive."""
+    kw = {w: {"fault_step_delay_s": 0.01} for w in ("w0", "w1")}
+    with cluster(zoo, {"w0": ["m:0-3"], "w1": ["m:3-6"]}, ["m"], broker=FAST, worker_kw=kw) as c:
         c.launcher.start_planner(planner_cfg(c, replicate=False, min_demand=0.5))
         yield c
 
@@ -133,7 +138,7 @@ def test_demand_rewires_running_requests_to_one_hop_and_output_stays_exact(
     # the old split stages were drained (running requests moved at a step boundary) and gone
     body = wait_status(split, lambda b: spans(b, "m") == [(0, 6)], 30, "old stages gone")
     assert body["counters"]["failed"] == 0
-    moved = body["counters"]["moved"]  # requests really moved while generating: checked last
+    assert body["counters"]["moved"] >= 1  # requests really moved while generating
     assert body["models"]["m"]["planned_routes"]
     # the planner's per-stage batch size reaches the worker
     from blockllm.broker.planner.proc import send_command
@@ -144,8 +149,6 @@ def test_demand_rewires_running_requests_to_one_hop_and_output_stays_exact(
     assert send_command(split.endpoint, SetBatch("b1", w["name"], key, 3)).ok
     limits = lambda b: {x["name"]: x["stage_batch_limits"] for x in b["workers"]}  # noqa: E731
     wait_status(split, lambda b: limits(b)[w["name"]].get(key) == 3, 10, "batch size applied")
-    if moved == 0:  # seen 2 of 3 full-suite runs on 2026-12-03 after the sticky placement landed
-        pytest.xfail("KNOWN, open (issue 17 note): one-hop reached but no running request moved")
 
 
 def test_sigkill_under_load_replaces_the_stages_and_loses_no_request(split: Cluster, want: dict):
