@@ -274,6 +274,11 @@ def run_size(
         "memory_used_max": round(max(used, default=0.0), 3),
         "memory_used_mean": round(sum(used) / max(1, len(used)), 3),
         "waited_for_coverage": c.waited_for_coverage,
+        # requests whose first route was one of the planner's, or the broker's own (its DP or
+        # one worker chaining the model) while the model had planned routes / had none
+        "first_route_planned": c.first_routes.get("planned", 0),
+        "first_route_own_planned": c.first_routes.get("own_planned", 0),
+        "first_route_own_none": c.first_routes.get("own_none", 0),
         "coverage_wait_s_p50": round(pct(c.coverage_wait_s, 0.5), 2),
         # relayed: what the broker on node 0 sends to and gets from other nodes (BlockLLM);
         # hop to hop: what worker-to-worker forwarding would send across nodes (scale_sim)

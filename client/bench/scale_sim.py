@@ -159,6 +159,10 @@ class Counters:
     relayed_bytes: int = 0  # tensor bytes between the broker (node 0) and other nodes
     hop_bytes: int = 0  # tensor bytes from one hop to the next across nodes (module docstring)
     cross_node_hops: int = 0
+    # each request's first route: one of the planner's routes for its model ("planned"), the
+    # broker's own (DP or one worker) while the model had planned routes ("own_planned": none
+    # resolved) or had none ("own_none")
+    first_routes: dict[str, int] = field(default_factory=dict)
     finished: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     waited_for_coverage: int = 0
@@ -200,6 +204,7 @@ class Sim:
             self.add_worker(name, cap)
         self.requests: dict[str, tuple[str, float, bool]] = {}  # rid -> (model, t0, covered)
         self.first_token: set[str] = set()
+        self._first_routed: set[str] = set()  # broker request ids whose first route is counted
         self._rids = itertools.count()
         self._stats_seq = 0
         self.deltas = DeltaPublisher(self.cfg.stats_full_every)
@@ -258,10 +263,23 @@ class Sim:
             self.c.relayed_bytes += nbytes
         req = self.broker.requests.get(split_wire_id(fwd.request_id)[0])
         route = req.route if req is not None else None
+        if route and req.hop == 0 and req.rid not in self._first_routed:
+            self._first_routed.add(req.rid)
+            self._count_first_route(req.model, route)
         if route and 0 < req.hop < len(route) and route[req.hop].worker == w.identity:
             prev = self.workers.get(route[req.hop - 1].worker)
             if prev is not None and prev.node != w.node:
                 self.c.hop_bytes += nbytes
+
+    def _count_first_route(self, model: str, route: Any) -> None:
+        """Counters.first_routes for a request's first FORWARD."""
+        planned = self.broker.state.preferred.get(model, ())
+        hops = tuple((self.workers[h.worker].name, tuple(h.spans)) for h in route)
+        if any(tuple((h.worker, tuple(h.spans)) for h in r.hops) == hops for r in planned):
+            kind = "planned"
+        else:
+            kind = "own_planned" if planned else "own_none"
+        self.c.first_routes[kind] = self.c.first_routes.get(kind, 0) + 1
 
     def _tick(self) -> None:
         self._broker("tick", self.broker.tick, self.now)
