@@ -13,9 +13,10 @@ returns the commands to send it (broker/commands.py). It keeps a **target** plac
    After a lost worker only the replicas it had are re-placed (planner/replan.py), a full
    placement only when that leaves a model uncovered a full one would cover.
 2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
-   budget; the routes (SET_ROUTES) and assembled chains (SET_CHAIN) follow once they are
-   loaded; stages the target no longer has are unloaded (UNLOAD_STAGE, which the broker
-   drains) last, so no model loses its route on the way.
+   budget; each planned route is sent (SET_ROUTES) once every stage it names is hosted, a
+   model keeping its previous routes meanwhile (planner/hosted.py), and the assembled chains
+   (SET_CHAIN) once every load is done; stages the target no longer has are unloaded
+   (UNLOAD_STAGE, which the broker drains) last, so no model loses its route on the way.
 3. **Stragglers** (planner/stragglers.py): a worker much slower than the others gets its stages
    duplicated on a healthy worker and its routes moved there (running requests move at their
    next step); the duplicate is retired once the worker is healthy again.
@@ -36,6 +37,7 @@ from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.coverage import Coverage
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
+from blockllm.broker.planner.hosted import resolves, routes_to_send
 from blockllm.broker.planner.inputs import model_info, worker_info
 from blockllm.broker.planner.owners import Owners
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
@@ -80,8 +82,8 @@ class Target:
     chains: dict[str, tuple[str, ...]]
     at: float
     stage_keys: dict[Key, tuple[str, int, int]] = field(default_factory=dict)
-    routes_sent: bool = False
-    routes_at: float = 0.0
+    complete: bool = False  # every load done or given up (its chains sent)
+    complete_at: float = 0.0
     refused: dict[str, frozenset[str]] = field(default_factory=dict)  # worker -> blocks
     state: Cluster | None = None  # the search state `plan` ends in (replan.py re-places from)
 
@@ -101,6 +103,9 @@ class Planner:
         self.demand: dict[str, float] = {}
         self.target: Target | None = None
         self.chains_sent: dict[str, tuple[str, ...]] = {}
+        # the routes last sent, before the duplicates' twins (None: take the broker's)
+        self.routes_sent: dict[str, tuple[PlannedRoute, ...]] | None = None
+        self.hosted: dict[str, frozenset[str]] = {}  # worker -> keys new routes may use
         self.pending_loads: dict[Key, tuple[float, int]] = {}  # -> (retry at, tries)
         self.pending_unloads: dict[Key, float] = {}
         self.waiting_room: dict[Key, float] = {}  # loads waiting for memory, since when
@@ -125,6 +130,9 @@ class Planner:
         """Commands for one snapshot (module docstring)."""
         workers = self._parse_workers(body)
         models = body.models
+        self.hosted = {n: frozenset(w.stages).difference(w.draining) for n, w in workers.items()}
+        if self.routes_sent is None:  # what the broker has (from a planner before this one)
+            self.routes_sent = {n: m.planned_routes for n, m in models.items() if m.planned_routes}
         self._refresh_catalog(models, now, body.catalog_gen)
         self._update_demand(models, now)
         served = sorted(m for m in models if m in self.manifests)
@@ -340,13 +348,14 @@ class Planner:
         given_up = [
             k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
         ]
-        if len(given_up) == len(missing) and not t.routes_sent:
-            out += self._send_routes(t)
-            t.routes_at = now
+        if len(given_up) == len(missing) and not t.complete:
+            out += self._send_chains(t)
+            t.complete, t.complete_at = True, now
+        unloads: list[Message] = []
         # superseded stages stay a while: the requests routed through them finish there
-        if t.routes_sent and not missing and now - t.routes_at >= self.cfg.unload_delay_s:
-            out += self._unload_extra(workers, have, now)
-        return out
+        if t.complete and not missing and now - t.complete_at >= self.cfg.unload_delay_s:
+            unloads = self._unload_extra(workers, have, now)
+        return out + self._send_routes(t) + unloads  # routes first, without what unloads
 
     def _loading(self) -> dict[str, list[tuple[str, int, int]]]:
         """Stages whose LOAD_STAGE is on its way, per worker (they will take memory)."""
@@ -396,20 +405,53 @@ class Planner:
         return [LoadStage(owner, s, e, 0, k[0], self.command_id())]
 
     def routes(self) -> dict[str, tuple[PlannedRoute, ...]]:
-        """The target's routes with the duplicates' changes (what SET_ROUTES sends)."""
-        planned = dict(self.target.plan.routes) if self.target is not None else {}
-        return self.duplicates.adjust(planned)
+        """The routes sent with the duplicates' changes (what SET_ROUTES sends): of the
+        duplicates' twins, only those the helper hosts."""
+        out = {}
+        trusted, hosted = self._assembled(), self._hosted()
+        for model, rs in self.duplicates.adjust(dict(self.routes_sent or {})).items():
+            if model not in trusted:
+                rs = tuple(r for r in rs if resolves(model, r, hosted, self._key))
+            if rs:
+                out[model] = rs
+        return out
 
-    def _send_routes(self, t: Target, move_running: bool = False) -> list[Message]:
+    def _hosted(self) -> dict[str, frozenset[str]]:
+        """The snapshot's live stages per worker, less those being unloaded (UNLOAD_STAGE sent)."""
+        hosted = dict(self.hosted)
+        for w, key in self.pending_unloads:
+            if key in hosted.get(w, ()):
+                hosted[w] = hosted[w] - {key}
+        return hosted
+
+    def _assembled(self) -> set[str]:
+        """Models served through an assembled chain (the broker keys their spans by it)."""
+        t = self.target
+        return {m for m, c in self.chains_sent.items() if c} | set(t.chains if t else ())
+
+    def _send_chains(self, t: Target) -> list[Message]:
         out: list[Message] = []
         for model in sorted(set(t.chains) | set(self.chains_sent)):
             chain = t.chains.get(model, ())
             if self.chains_sent.get(model, ()) != chain and model in self.manifests:
                 out.append(SetChain(self.command_id(), model, chain))
                 self.chains_sent[model] = chain
-        out.append(SetRoutes(self.command_id(), self.routes(), move_running))
-        t.routes_sent = True
         return out
+
+    def _send_routes(self, t: Target) -> list[Message]:
+        """SET_ROUTES when the routes to send changed (planner/hosted.py)."""
+        new = routes_to_send(
+            t.plan.routes,
+            self.routes_sent or {},
+            self._hosted(),
+            self._key,
+            t.complete,
+            self._assembled(),
+        )
+        if new == self.routes_sent:
+            return []
+        self.routes_sent = new
+        return [SetRoutes(self.command_id(), self.routes(), False)]
 
     def _unload_extra(
         self, workers: Mapping[str, WorkerFacts], have: set[Key], now: float

@@ -208,7 +208,10 @@ def test_a_load_that_does_not_fit_waits_for_room_made_without_losing_coverage() 
     assert p.target is not None
     assert p.target.plan.stages == {"w0": [("ft", 0, 6)], "w1": [("m", 0, 6)]}
     # ft:0-6 does not fit on w0 beside m:0-6: m goes from w0 first (w1 still covers m)
-    assert [(type(c).__name__, c.worker) for c in cmds] == [("UnloadStage", "w0")]
+    (routes,) = [c for c in cmds if isinstance(c, SetRoutes)]  # m's target route is hosted
+    assert {m: [r.hops[0].worker for r in rs] for m, rs in routes.routes.items()} == {"m": ["w1"]}
+    others = [(type(c).__name__, c.worker) for c in cmds if c is not routes]
+    assert others == [("UnloadStage", "w0")]
     assert p.on_stats(snapshot(full, {"ft": False}, hot, budget=6 * MB), 0.5) == []
     room = {"w0": [], "w1": [("m", 0, 6)]}
     cmds = p.on_stats(snapshot(room, {"ft": False}, hot, budget=6 * MB), 1.0)
