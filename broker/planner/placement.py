@@ -26,7 +26,11 @@ in `uncovered` when not even one fits).
 4. **Stickiness.** Given the replicas of the placement it replaces (`previous`: the planner's
    target), each replica that still fits where it is stays there unless the search would cut
    the chain into fewer segments (placement_keep.py): unchanged inputs give the same layout,
-   and a demand drift moves only what no longer fits or is no longer wanted.
+   and a demand drift moves only what no longer fits or is no longer wanted. A kept replica
+   keeps its worker's load, so drifts could pile hot models on one worker: when the sticky
+   placement leaves a worker over (1 + SPREAD) x the mean planned load, it is made again with
+   that worker's heaviest replicas (but its heaviest) searched afresh, and that one is taken
+   if it lowers the highest load by a tenth without covering less demand.
 
 The search is indexed (placement_index.py: the same choices as scanning every worker, about
 0.5 s of CPU for 2,000 models on 256 workers) and the stages and routes are derived in
@@ -44,7 +48,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from blockllm.broker.planner.placement_index import Cluster, Segment, place_replica
-from blockllm.broker.planner.placement_keep import Previous, keep_or_find, offers
+from blockllm.broker.planner.placement_keep import Previous, keep_or_find, offers, overloaded
 from blockllm.broker.planner.placement_layout import Stage, layout, relayout
 from blockllm.broker.protocol import PlannedRoute
 
@@ -165,14 +169,40 @@ def place_in(
     gc.disable()
     try:
         plan, c = _place_nodes(models, workers, max_replicas, previous)
+        if previous:
+            plan, c = _spread(models, workers, max_replicas, previous, plan, c)
         if plan.uncovered and previous:
             fresh = _place_nodes(models, workers, max_replicas, None)
             if _covered(models, fresh[0]) > _covered(models, plan):
-                return fresh
+                plan, c = fresh
+        layout(c, plan)  # of the placement taken only
         return plan, c
     finally:
         if paused:
             gc.enable()
+
+
+def _spread(
+    models: Sequence[ModelInfo],
+    workers: Sequence[WorkerInfo],
+    max_replicas: int | None,
+    previous: Previous,
+    plan: Placement,
+    c: Cluster,
+) -> tuple[Placement, Cluster]:
+    """The sticky placement, or, when it leaves a worker over (1 + SPREAD) x the mean planned
+    load (kept replicas keep their worker's load: demand drifts can pile hot models on one),
+    the one made with that worker's heaviest replicas searched afresh
+    (placement_keep.overloaded), if it lowers the highest load by a tenth without covering
+    less demand."""
+    heavy = overloaded(c, plan.replicas)
+    if not heavy:
+        return plan, c
+    fewer = {n: [r for r in reps if r not in heavy.get(n, ())] for n, reps in previous.items()}
+    again, c2 = _place_nodes(models, workers, max_replicas, fewer)
+    if _peak(c2) < 0.9 * _peak(c) and _covered(models, again) >= _covered(models, plan):
+        return again, c2
+    return plan, c
 
 
 def _place_nodes(
@@ -188,6 +218,10 @@ def _place_nodes(
         if _covered(models, blind[0]) > _covered(models, plan):
             return blind
     return plan, c
+
+
+def _peak(c: Cluster) -> float:
+    return max(c.load.values(), default=0.0)
 
 
 def _covered(models: Sequence[ModelInfo], plan: Placement) -> float:
@@ -219,8 +253,7 @@ def _place_in(
         else:
             plan.replicas[m.name] = [segs]
     replicate(c, plan, [m for m in order if m.name in plan.replicas], targets, offered)
-    layout(c, plan)
-    return plan, c
+    return plan, c  # stages and routes: place_in's layout
 
 
 def replace_lost(plan: Placement, c: Cluster, lost: Iterable[str]) -> Placement:

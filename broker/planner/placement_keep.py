@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from blockllm.broker.planner.placement import ModelInfo
 
 Previous = Mapping[str, Sequence[Sequence[Segment]]]  # model -> its replicas, in order made
+SPREAD = 1.0  # a kept replica may leave a worker at (1 + SPREAD) x the mean load (`peak`)
 
 
 def offers(previous: Previous | None) -> dict[str, list[list[Segment]]]:
@@ -81,3 +82,36 @@ def keep_or_find(
                 return found
         return r
     return find_replica(c, m, exclude)
+
+
+def overloaded(c: Cluster, replicas: Mapping[str, Sequence[Sequence[Segment]]]) -> Previous:
+    """The replicas to search afresh so that no worker stays over (1 + SPREAD) x the mean
+    planned load: on each such worker, its heaviest replicas but the heaviest one first, until
+    the rest is under (the heaviest is searched first, when that worker is still empty, and
+    would come back to it: it holds its blocks; the next ones find it loaded)."""
+    if not c.workers:
+        return {}
+    mean = sum(c.load.values()) / len(c.workers)
+    limit = (1 + SPREAD) * mean
+    hot = {w for w, load in c.load.items() if load > limit}
+    if not hot or mean <= 0:
+        return {}
+    on: dict[str, list[tuple[float, str, int]]] = {w: [] for w in hot}
+    for name, reps in replicas.items():
+        ch = c.chains.get(name)
+        if ch is None:
+            continue
+        share = ch.info.demand / max(1, c.targets.get(name, 1))
+        for i, r in enumerate(reps):
+            for w, s, e in r:
+                if w in hot:
+                    on[w].append((share * sum(ch.work[s:e]) / ch.total_work, name, i))
+    out: dict[str, set[int]] = {}
+    for w in sorted(hot):
+        excess = c.load[w] - limit
+        for load, name, i in sorted(on[w], key=lambda x: (-x[0], x[1], x[2]))[1:]:
+            if excess <= 0:
+                break
+            out.setdefault(name, set()).add(i)
+            excess -= load
+    return {n: [r for i, r in enumerate(replicas[n]) if i in idx] for n, idx in out.items()}
