@@ -30,7 +30,8 @@ in `uncovered` when not even one fits).
    keeps its worker's load, so drifts could pile hot models on one worker: when the sticky
    placement leaves a worker over (1 + SPREAD) x the mean planned load, it is made again with
    that worker's heaviest replicas (but its heaviest) searched afresh, and that one is taken
-   if it lowers the highest load by a tenth without covering less demand.
+   if it lowers the highest load by a tenth without covering less demand or giving a model
+   more hops (`spread`; the planner asks for it in re-placements for demand only: replan.py).
 
 The search is indexed (placement_index.py: the same choices as scanning every worker, about
 0.5 s of CPU for 2,000 models on 256 workers) and the stages and routes are derived in
@@ -154,8 +155,10 @@ def place_in(
     *,
     max_replicas: int | None = None,
     previous: Previous | None = None,
+    spread: bool = True,
 ) -> tuple[Placement, Cluster]:
     """`place`, and the search state it ends in (what `replace_lost` re-places from).
+    `spread`: with `previous`, bound the load kept replicas pile on a worker (`_spread`).
 
     Nodes and stickiness never cost coverage: when the placement leaves models uncovered, the
     one without nodes, and then the one without `previous`, are made too and taken if they
@@ -169,7 +172,7 @@ def place_in(
     gc.disable()
     try:
         plan, c = _place_nodes(models, workers, max_replicas, previous)
-        if previous:
+        if previous and spread:
             plan, c = _spread(models, workers, max_replicas, previous, plan, c)
         if plan.uncovered and previous:
             fresh = _place_nodes(models, workers, max_replicas, None)
@@ -194,15 +197,28 @@ def _spread(
     load (kept replicas keep their worker's load: demand drifts can pile hot models on one),
     the one made with that worker's heaviest replicas searched afresh
     (placement_keep.overloaded), if it lowers the highest load by a tenth without covering
-    less demand."""
+    less demand or more hops for a model (`_more_hops`)."""
     heavy = overloaded(c, plan.replicas)
     if not heavy:
         return plan, c
     fewer = {n: [r for r in reps if r not in heavy.get(n, ())] for n, reps in previous.items()}
     again, c2 = _place_nodes(models, workers, max_replicas, fewer)
-    if _peak(c2) < 0.9 * _peak(c) and _covered(models, again) >= _covered(models, plan):
+    better = _peak(c2) < 0.9 * _peak(c) and not _more_hops(plan, again)
+    if better and _covered(models, again) >= _covered(models, plan):
         return again, c2
     return plan, c
+
+
+def _more_hops(plan: Placement, again: Placement) -> bool:
+    """Whether some model's replicas cross more hops in `again` (counted over as many of its
+    replicas as both have)."""
+    for name, reps in again.replicas.items():
+        was = plan.replicas.get(name)
+        if was:
+            n = min(len(was), len(reps))
+            if sum(len(r) for r in reps[:n]) > sum(len(r) for r in was[:n]):
+                return True
+    return False
 
 
 def _place_nodes(

@@ -48,7 +48,7 @@ from blockllm.broker.planner.placement import (
     replica_targets,
 )
 from blockllm.broker.planner.placement_index import Cluster
-from blockllm.broker.planner.replan import placement
+from blockllm.broker.planner.replan import DEMAND_REASONS, placement
 from blockllm.broker.planner.spawn import SpawnPolicy
 from blockllm.broker.planner.stragglers import Duplicates
 from blockllm.broker.protocol import (
@@ -66,8 +66,6 @@ from blockllm.broker.routing import WorkerView, find_route
 logger = logging.getLogger(__name__)
 
 Catalog = Callable[[], tuple[Mapping[str, Any], list[Any]]]  # -> (manifests, equivalences)
-# re-placements for demand alone: made only when worth their cost (Planner._worth_it)
-DEMAND_REASONS = frozenset({"demand", "demand changed"})
 Key = tuple[str, str]  # (worker name, stage key)
 
 

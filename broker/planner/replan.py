@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from blockllm.broker.planner.planner import Planner
 
 Full = Callable[[], tuple[Placement, Cluster]]
+# re-placements for demand alone: made only when worth their cost (Planner._worth_it); only
+# they bound the load kept replicas pile on a worker (placement._spread: it moves replicas)
+DEMAND_REASONS = frozenset({"demand", "demand changed"})
 
 
 def placement(
@@ -46,9 +49,12 @@ def placement(
     states: list[Cluster] = []
     t = planner.target
     previous = t.plan.replicas if t is not None else None  # kept where they fit
+    spread = why in DEMAND_REASONS
 
     def full(ns: list[WorkerInfo]) -> Placement:
-        plan, state = place_in(infos, ns, max_replicas=max_replicas, previous=previous)
+        plan, state = place_in(
+            infos, ns, max_replicas=max_replicas, previous=previous, spread=spread
+        )
         states.append(state)
         return plan
 

@@ -1,7 +1,8 @@
 """Sticky placement and balance (planner/placement.py `_spread`, placement_keep.overloaded): a
 kept replica keeps its worker's load, so drifts of the demand could pile hot models on one
 worker; a re-placement that leaves a worker over (1 + SPREAD) x the mean planned load searches
-that worker's heaviest replicas afresh (taken when it lowers the highest load by a tenth)."""
+that worker's heaviest replicas but one afresh (taken when it lowers the highest load by a
+tenth, covers as much and gives no model more hops)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def drift_run(n_models: int, n_workers: int, steps: int, seed: int) -> tuple[lis
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_run_of_drifts_keeps_the_load_as_spread_as_a_fresh_placement(seed: int) -> None:
     """25 small drifts on 105 models x 16 workers: the sticky placements' highest load over
-    the mean is on average within 12% of the fresh placements' (without the bound: 15-30%
+    the mean is on average within 12% of the fresh placements' (without the bound: 20-25%
     over), and they move a tenth of the replicas the fresh ones move."""
     sticky, fresh, sticky_moves, fresh_moves = drift_run(105, 16, 25, seed)
     ratio = statistics.mean(s / f for s, f in zip(sticky, fresh, strict=True))
@@ -94,11 +95,14 @@ def test_an_overloaded_worker_sheds_its_heaviest_kept_replica() -> None:
     assert kept == 2  # the others stayed where they were
 
 
-def test_without_the_bound_the_three_stay_piled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the bound is for (the same case, the bound off)."""
-    monkeypatch.setattr(keep, "SPREAD", math.inf)
+@pytest.mark.parametrize("off", ["SPREAD", "spread=False"])
+def test_without_the_bound_the_three_stay_piled(off: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the bound is for (the same case, the bound off; the planner asks for it only in
+    re-placements for demand: replan.py)."""
+    if off == "SPREAD":
+        monkeypatch.setattr(keep, "SPREAD", math.inf)
     models, workers, previous = hot_three_on_one()
-    plan, c = place_in(models, workers, previous=previous)
+    plan, c = place_in(models, workers, previous=previous, spread=off == "SPREAD")
     w0 = workers[0].name
     assert all([(w0, 0, len(m.chain))] in plan.replicas[m.name] for m in models[:3])
     assert c.load[w0] > 2 * statistics.mean(c.load.values())
