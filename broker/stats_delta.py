@@ -78,12 +78,19 @@ def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def _fields(entry: Any, old: Any = None) -> dict[str, Any]:
-    """The fields of `entry` (those that differ from `old`'s when given), as on the wire."""
+def _fields(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
+    """The fields of `entry` (those that differ from `old`'s when given), as on the wire.
+    `last`: (an earlier entry of the same name, its fields against the same `old`): a field
+    whose value is the same object as that entry's is taken from there (a route, a worker's
+    stages: neither compared nor converted again)."""
     out = {}
+    prev, known = last if last is not None else (None, None)
     for k in _names(type(entry)):
         v = getattr(entry, k)
-        if old is None or v != getattr(old, k):
+        if prev is not None and v is getattr(prev, k):
+            if k in known:
+                out[k] = known[k]
+        elif old is None or v != getattr(old, k):
             out[k] = wire(v)
     return out
 
@@ -204,7 +211,7 @@ def _changes(
         if hit is not None and hit[0] is entry:
             seen[name] = hit
         else:
-            fields = _fields(entry, old)
+            fields = _fields(entry, old, hit[:2] if hit is not None else None)
             hit = seen[name] = (entry, fields, pack(name) + pack(fields))
         if old is None:
             whole.append(name)

@@ -358,3 +358,21 @@ def test_the_trace_fails_when_the_routes_own_worker_is_not_looked_at(monkeypatch
     monkeypatch.setattr(ShownRoutes, "_still_solo", blind)
     with pytest.raises(AssertionError, match="kept entries differ"):
         run_trace(1, 300, 7)
+
+
+def test_the_trace_fails_when_a_deltas_fields_are_kept_by_name_alone(monkeypatch) -> None:
+    """A delta takes an entry's unchanged field values (the same objects) from its previous
+    fields (stats_delta._fields); taken whatever the value, the subscriber gets it wrong."""
+    from blockllm.broker import stats_delta
+
+    real = stats_delta._fields
+
+    def by_name(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
+        fields = real(entry, old)
+        if last is not None:
+            fields.update({k: v for k, v in last[1].items() if k != "name"})
+        return fields
+
+    monkeypatch.setattr(stats_delta, "_fields", by_name)
+    with pytest.raises(AssertionError, match="subscriber differs"):
+        run_trace(1, 300, 7)
