@@ -150,7 +150,7 @@ class ShownRoutes:
         else:
             self._due = set(itertools.islice(dirty, per_build))
 
-    def _changed_stages(self, b: BrokerState) -> dict[Hashable, Any]:
+    def _changed_stages(self, b: BrokerState) -> Changes:
         """The workers whose live stages changed since the last refresh (came, went, were
         drained; a worker gone: no stages), with their live stages now."""
         seen, out = self._stages, {}
@@ -163,30 +163,34 @@ class ShownRoutes:
             for peer in [p for p in seen if p not in b.workers]:
                 del seen[peer]
                 out[peer] = ()
-        return out
+        return Changes(b, out)
 
-    def _still_solo(self, b: BrokerState, model: str, changed: dict[Hashable, Any]) -> bool:
+    def _still_solo(self, b: BrokerState, model: str, changes: Changes) -> bool:
         """Whether `model`'s route shown, the one hop `best_solo` gave on worker X, is still
-        what it gives after the stage changes on `changed`: X's stages did not change (so X
+        what it gives after the stage changes `changes`: X's stages did not change (so X
         still chains the model alone, with the same hop), and no changed worker now chains it
         alone with as few stages (one with more cannot beat X: idle, the cost is the stages,
         then the worker's order) nor brings a second stage dtype (then routes are found per
-        dtype). Stages that went elsewhere cannot beat X."""
+        dtype). Stages that went elsewhere cannot beat X. A changed worker is looked at only
+        when it has a stage at position 0 of the model's family serving it (the routing index
+        builds a model's edges from its family's stages alone)."""
         solo = self._solo.get(model)
         if solo is None:
             return False
         worker, n, dtypes = solo
-        if worker in changed:
+        if worker in changes.workers:
             return False
+        dtypes = dtypes | changes.dtypes
+        if len(dtypes) > 1:
+            return False
+        fam = b.family_of(model)
         chain_len = b.models[model].chain_len
-        for live in changed.values():
-            now = dtypes.union(s.dtype for s in live if s.dtype)
-            if len(now) > 1:
-                return False
-            dtypes = frozenset(now)
-            alone = stages_alone(b, model, chain_len, live)
-            if alone is not None and alone <= n:
-                return False
+        for found in (changes.starts.get(fam), changes.starts.get(None)):
+            for stage, live in found or ():
+                if b.key_of(model, 0, stage.end) == stage.key:
+                    alone = stages_alone(b, model, chain_len, live)
+                    if alone is not None and alone <= n:
+                        return False
         self._solo[model] = (worker, n, dtypes)
         return True
 
@@ -260,13 +264,32 @@ class ShownRoutes:
                 return
 
 
+class Changes:
+    """The workers whose live stages changed since the last refresh (`workers`: peer -> its
+    live stages now), the stage dtypes they have (`dtypes`), and their stages at position 0
+    by the family of the model each was loaded for (`starts`: family -> (stage, the worker's
+    live stages); None: a model not in the catalog, looked at for every model)."""
+
+    def __init__(self, b: BrokerState, workers: dict[Hashable, Any]) -> None:
+        self.workers = workers
+        self.dtypes = frozenset(s.dtype for live in workers.values() for s in live if s.dtype)
+        self.starts: dict[Hashable, list[tuple[Any, Any]]] = {}
+        for live in workers.values():
+            for s in live:
+                if s.start == 0:
+                    self.starts.setdefault(b.family_of(s.model), []).append((s, live))
+
+
 def stages_alone(b: BrokerState, model: str, chain_len: int, live: Iterable[Any]) -> int | None:
     """The fewest of the `live` stages (one worker's) that chain `model` whole, None when
-    they do not (no stage of the model's from position 0: at once)."""
-    key_of = b.key_of
-    if not any(s.start == 0 and key_of(model, 0, s.end) == s.key for s in live):
-        return None
-    spans = sorted((s.start, s.end) for s in live if key_of(model, s.start, s.end) == s.key)
+    they do not. Only stages of the model's family (or of a model not in the catalog) are
+    looked at: the routing index serves a model from those alone."""
+    key_of, family_of, fam = b.key_of, b.family_of, b.family_of(model)
+    spans = sorted(
+        (s.start, s.end)
+        for s in live
+        if family_of(s.model) in (fam, None) and key_of(model, s.start, s.end) == s.key
+    )
     fewest = {0: 0}
     for start, end in spans:  # by start: a span's start is reached before it is looked at
         if start in fewest and fewest[start] + 1 < fewest.get(end, chain_len + 1):

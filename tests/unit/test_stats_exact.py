@@ -350,10 +350,11 @@ def test_the_trace_fails_when_the_routes_own_worker_is_not_looked_at(monkeypatch
     """... or though the stages of its own worker changed."""
     real = ShownRoutes._still_solo
 
-    def blind(self: ShownRoutes, b: Any, model: str, changed: dict) -> bool:
+    def blind(self: ShownRoutes, b: Any, model: str, changes: Any) -> bool:
         solo = self._solo.get(model)
         mine = {solo[0]} if solo is not None else set()
-        return real(self, b, model, {p: v for p, v in changed.items() if p not in mine})
+        others = {p: v for p, v in changes.workers.items() if p not in mine}
+        return real(self, b, model, shown_module.Changes(b, others))
 
     monkeypatch.setattr(ShownRoutes, "_still_solo", blind)
     with pytest.raises(AssertionError, match="kept entries differ"):
