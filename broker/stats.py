@@ -15,8 +15,11 @@ not change (`StatsEntries`; its metrics: `Metrics.cached_stats`), so that publis
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,7 @@ class ModelMetrics:
     tpot_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     completed: int = 0
     version: int = 0  # bumped by every sample (and completion): what `cached_stats` keys on
+    ordered: bool = True  # every deque's samples in time order (then `_stats` bisects)
     # (version, now, oldest sample counted in the rate window, in the latency window, stats)
     cached: tuple[int, float, float, float, dict[str, Any]] | None = None
 
@@ -72,6 +76,8 @@ class Metrics:
 
     def on_request(self, model: str, now: float) -> None:
         m = self._of(model)
+        if m.arrivals and now < m.arrivals[-1]:
+            m.ordered = False
         m.arrivals.append(now)
         m.version += 1
 
@@ -81,6 +87,8 @@ class Metrics:
             self.observer.on_token(model, now, created, last_token_at)
         m = self._of(model)
         m.version += 1
+        if m.tokens and now < m.tokens[-1]:  # (ttft and tpot samples are a share of these)
+            m.ordered = False
         m.tokens.append(now)
         if last_token_at <= 0:
             m.ttft_ms.append((now, (now - created) * 1000))
@@ -119,6 +127,8 @@ class Metrics:
     def _stats(self, m: ModelMetrics, now: float) -> tuple[dict[str, Any], float, float]:
         """(model_stats, the oldest sample time counted in the rate window, in the latency
         window; math.inf for none)."""
+        if m.ordered:
+            return self._stats_ordered(m, now)
         since = now - self.window_s
         rate_since = now - self.rate_window_s
         ttft = [(t, v) for t, v in m.ttft_ms if t >= since]
@@ -144,6 +154,44 @@ class Metrics:
             oldest_rate,
             oldest,
         )
+
+    def _stats_ordered(self, m: ModelMetrics, now: float) -> tuple[dict[str, Any], float, float]:
+        """`_stats` when every deque is in time order: a window's samples are a suffix, found
+        by bisection (tests/unit/test_stats_exact.py compares it with the plain scan)."""
+        since = now - self.window_s
+        rate_since = now - self.rate_window_s
+        ttft = _suffix(m.ttft_ms, since, _time)
+        tpot = _suffix(m.tpot_ms, since, _time)
+        arrivals = _suffix(m.arrivals, rate_since, None)
+        tokens = _suffix(m.tokens, rate_since, None)
+        oldest_rate = min(arrivals[0] if arrivals else math.inf, tokens[0] if tokens else math.inf)
+        oldest = min(ttft[0][0] if ttft else math.inf, tpot[0][0] if tpot else math.inf)
+        ttft_ms = sorted([v for _, v in ttft])
+        tpot_ms = sorted([v for _, v in tpot])
+        return (
+            {
+                "rate_rps": len(arrivals) / self.rate_window_s,
+                "token_rate": len(tokens) / self.rate_window_s,
+                "ttft_ms_p50": round(_rank(ttft_ms, 0.5), 3),
+                "ttft_ms_p95": round(_rank(ttft_ms, 0.95), 3),
+                "tpot_ms_p50": round(_rank(tpot_ms, 0.5), 3),
+                "tpot_ms_p95": round(_rank(tpot_ms, 0.95), 3),
+                "completed": m.completed,
+            },
+            oldest_rate,
+            oldest,
+        )
+
+
+_time = operator.itemgetter(0)
+
+
+def _suffix(samples: deque[Any], since: float, key: Any) -> list[Any]:
+    """The samples at `since` or later of a deque in time order."""
+    if not samples or (samples[0] if key is None else key(samples[0])) >= since:
+        return list(samples)
+    i = bisect.bisect_left(samples, since, key=key)
+    return list(itertools.islice(samples, i, None))
 
 
 def stats_body(

@@ -235,6 +235,43 @@ def test_cached_metrics_equal_the_plain_computation_on_random_samples() -> None:
             assert metrics.cached_stats(m, now) == metrics.model_stats(m, now)
 
 
+def plain_stats(metrics: Metrics, model: str, now: float) -> dict[str, Any]:
+    """model_stats by the plain scan of every sample (what the bisection of samples in time
+    order must give)."""
+    m = metrics.models[model]
+    return PLAIN_STATS(metrics, dataclasses.replace(m, ordered=False), now)[0]
+
+
+PLAIN_STATS = Metrics._stats  # (as imported: the test below breaks the attribute)
+
+
+@pytest.mark.parametrize("backwards", [0.0, 0.05])
+def test_metrics_by_bisection_equal_the_plain_scan_on_random_samples(backwards: float) -> None:
+    """Samples in time order are bisected for their window; with some sample times going
+    back (`backwards`: then the plain scan is used) the answer is the same."""
+    rng = random.Random(6)
+    metrics = Metrics(window_s=rng.choice([2.0, 20.0]), rate_window_s=1.0)
+    now = 0.0
+    for _ in range(3000):
+        now += rng.choice([0.0, 0.001, 0.1, 0.5, 1.0, 3.0])
+        t = now - (rng.random() if rng.random() < backwards else 0.0)
+        model = rng.choice("abc")
+        if rng.random() < 0.3:
+            metrics.on_request(model, t)
+        else:
+            metrics.on_token(model, t, t - rng.random(), rng.choice([0.0, t - rng.random()]))
+        for m in metrics.models:
+            assert metrics.model_stats(m, now) == plain_stats(metrics, m, now)
+    assert all(m.ordered for m in metrics.models.values()) == (backwards == 0.0)
+
+
+def test_metrics_by_bisection_fail_when_samples_out_of_order_are_bisected(monkeypatch) -> None:
+    """... which the check above finds when the order flag is ignored."""
+    monkeypatch.setattr(Metrics, "_stats", lambda self, m, now: self._stats_ordered(m, now))
+    with pytest.raises(AssertionError):
+        test_metrics_by_bisection_equal_the_plain_scan_on_random_samples(0.05)
+
+
 def test_the_trace_fails_when_the_metrics_cache_ignores_the_window(monkeypatch) -> None:
     """The trace above can fail: metrics kept while samples leave their window are found."""
 
