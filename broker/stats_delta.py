@@ -53,11 +53,10 @@ from blockllm.broker.protocol import (
 from blockllm.broker.stats_wire import (
     Packed,
     delta_header,
-    model_bytes,
     pack,
+    same,
     stats_header,
     wire,
-    worker_bytes,
 )
 
 FULL_EVERY = 10  # snapshots: a full one every 5 s at the default 0.5 s interval
@@ -81,13 +80,13 @@ def _names(cls: type) -> tuple[str, ...]:
 def _fields(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
     """The fields of `entry` (those that differ from `old`'s when given), as on the wire.
     `last`: (an earlier entry of the same name, its fields against the same `old`): a field
-    whose value is the same object as that entry's is taken from there (a route, a worker's
-    stages: neither compared nor converted again)."""
+    whose value is the same immutable object as that entry's (a route, a worker's stages:
+    `stats_wire.same`) is taken from there, neither compared nor converted again."""
     out = {}
     prev, known = last if last is not None else (None, None)
     for k in _names(type(entry)):
         v = getattr(entry, k)
-        if prev is not None and v is getattr(prev, k):
+        if prev is not None and same(v, getattr(prev, k)):
             if k in known:
                 out[k] = known[k]
         elif old is None or v != getattr(old, k):
@@ -106,7 +105,7 @@ class DeltaPublisher:
         self._base_seq = -1
         self._base: Entries = ({}, {})
         self._since = 0
-        self._packed = (Packed(worker_bytes), Packed(model_bytes))  # for full ones
+        self._packed = (Packed(None), Packed(None, named=True))  # for full ones
         self._fields: tuple[Changed, Changed] = ({}, {})  # against the base, per name
 
     def publish(self, seq: int, body: StatsBody) -> list[Encoded]:

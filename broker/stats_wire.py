@@ -54,19 +54,30 @@ def map_head(n: int) -> bytes:
 
 class Packed:
     """Per name: the entry last packed and its bytes (`fn(name, entry)`), reused while the
-    entry is the same object (entries are frozen; a changed one is a new object)."""
+    entry is the same object (entries are frozen; a changed one is a new object). With
+    `named=True` an entry is packed field by field (`name`, then an array of its fields), and
+    a field whose value is the same immutable object as the previous entry's (a route, a
+    worker's stages) keeps its bytes: a new entry costs its changed fields."""
 
-    def __init__(self, fn: Callable[[str, Any], bytes]) -> None:
+    def __init__(self, fn: Callable[[str, Any], bytes], named: bool = False) -> None:
         self._fn = fn
-        self._by_name: dict[str, tuple[Any, bytes]] = {}
+        self._named = named
+        # name -> (entry, its bytes, its field values, their bytes)
+        self._by_name: dict[str, tuple[Any, bytes, Any, list[bytes]]] = {}
         self.packed = 0  # entries packed (tests, benches)
 
     def get(self, name: str, entry: Any) -> bytes:
         cached = self._by_name.get(name)
         if cached is not None and cached[0] is entry:
             return cached[1]
-        data = self._fn(name, entry)
-        self._by_name[name] = (entry, data)
+        if self._fn is not None and not self._named:
+            data, values, parts = self._fn(name, entry), None, []
+        else:
+            values = fields_of(entry)
+            old = cached[2] if cached is not None else None
+            parts = field_bytes(values, old, cached[3] if old is not None else None)
+            data = b"".join((pack(name) if self._named else b"", array_head(len(parts)), *parts))
+        self._by_name[name] = (entry, data, values, parts)
         self.packed += 1
         return data
 
@@ -106,6 +117,36 @@ def wire(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
+
+
+def fields_of(entry: Any) -> tuple[Any, ...]:
+    """A dataclass entry's field values in order (one attrgetter per class)."""
+    kind = type(entry)
+    get = _GETTERS.get(kind)
+    if get is None:
+        wire(entry)  # (makes the getter)
+        get = _GETTERS[kind]
+    return get(entry)
+
+
+_IMMUTABLE = _PLAIN | {tuple, frozenset}
+
+
+def same(value: Any, old: Any) -> bool:
+    """Whether `value` is `old`, an immutable object (a tuple of frozen entries, a number):
+    then what was computed from `old` holds for it."""
+    return value is old and type(value) in _IMMUTABLE
+
+
+def field_bytes(values: Any, old: Any, old_bytes: list[bytes] | None) -> list[bytes]:
+    """The packed wire value of each of `values`, those that are `same` as `old`'s (the
+    previous entry's values, packed as `old_bytes`) taken from there."""
+    if old is None or old_bytes is None:
+        return [pack(v if type(v) in _PLAIN else wire(v)) for v in values]
+    return [
+        old_bytes[i] if same(v, old[i]) else pack(v if type(v) in _PLAIN else wire(v))
+        for i, v in enumerate(values)
+    ]
 
 
 def worker_bytes(name: str, entry: Any) -> bytes:

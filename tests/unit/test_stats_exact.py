@@ -307,15 +307,28 @@ def test_the_trace_fails_when_a_full_stats_packs_stale_bytes(monkeypatch) -> Non
     """... and a full STATS packed from bytes kept by name alone."""
     from blockllm.broker.stats_wire import Packed
 
+    real = Packed.get
+
     def by_name(self: Packed, name: str, entry: Any) -> bytes:
         cached = self._by_name.get(name)
-        if cached is not None:
-            return cached[1]
-        data = self._fn(name, entry)
-        self._by_name[name] = (entry, data)
-        return data
+        return cached[1] if cached is not None else real(self, name, entry)
 
     monkeypatch.setattr(Packed, "get", by_name)
+    with pytest.raises(AssertionError, match="frames differ"):
+        run_trace(1, 300, 3)
+
+
+def test_the_trace_fails_when_a_full_stats_keeps_field_bytes_by_place_alone(monkeypatch) -> None:
+    """... and an entry's field bytes taken from its previous entry whatever their value
+    (stats_wire.field_bytes keeps those of the same immutable objects only)."""
+    from blockllm.broker import stats_wire
+
+    real = stats_wire.field_bytes
+
+    def by_place(values: Any, old: Any, old_bytes: Any) -> list[bytes]:
+        return list(old_bytes) if old_bytes is not None else real(values, old, old_bytes)
+
+    monkeypatch.setattr(stats_wire, "field_bytes", by_place)
     with pytest.raises(AssertionError, match="frames differ"):
         run_trace(1, 300, 3)
 
