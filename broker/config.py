@@ -61,7 +61,7 @@ class BrokerConfig:
     stats_full_every: int = 10
     # routes shown recomputed per STATS build at most, the longest out of date first; the
     # others show their previous route, marked stale (broker/shown.py); 0: no bound
-    stats_routes_per_build: int = 64
+    stats_routes_per_build: int = 32
     # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
     unload_drain_s: float = 30.0
     # hedging: a decode hop late by max(hedge_after_s, hedge_factor x the fastest worker's

@@ -215,6 +215,9 @@ class ShownRoutes:
         spec = b.models[name]
         route, planned = self._route(b, route_of, name, preferred)
         shown = (route, tuple(b.substitutions(name)))
+        old = self._shown.get(name)
+        if old is not None and old[0] == shown:  # the same objects: kept entries and bytes
+            shown = old[0]
         self._shown[name] = (shown, preferred, spec, planned)
         self.computed += 1
         named = {h.worker for r in preferred or () for h in r.hops}
