@@ -30,17 +30,11 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
+from blockllm.broker.lazy_edges import Entry, LazyEdges, Part, Sorted, by_order
 from blockllm.broker.routing import Solo, WorkerView, solo_routes
 
-Edges = dict[int, list[tuple[Hashable, Any]]]
-Entry = tuple[tuple[str, str], Hashable, Any]  # ((repr(worker), dtype), worker, stage)
-Sorted = tuple["int | None", list[Entry], list[tuple[Hashable, Any]]]  # StageIndex._order
-
-
-def _by_order(entry: Entry) -> tuple[str, str]:
-    return entry[0]
-
-
+Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
+Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
 KeyOf = Callable[[str, int, int], "str | None"]
 
 
@@ -62,13 +56,15 @@ class StageIndex:
         self._indexed: dict[Hashable, tuple[str, dict[tuple[str, str], tuple[Any, Hashable]]]] = {}
         self._keys_gen = -1
         self._built = False
-        self._edges: dict[str, Edges] = {}
+        self._edges: dict[str, LazyEdges] = {}
         self._solo: dict[str, Solo | None] = {}  # model -> routing.solo_routes of its edges
         self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
         self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
         # model -> (spans generation, chain length, [(start, key)]): `_span_keys`
-        self._span_gen: dict[Hashable, int] = {}  # family -> changes of its spans
-        self._spans_keyed: dict[str, tuple[Any, int, list[tuple[int, str]]]] = {}
+        # family -> the spans that were born or died, in order (`_span_keys` reads the ones
+        # since a model's keys were found)
+        self._span_log: dict[Hashable, list[tuple[int, int]]] = {}
+        self._spans_keyed: dict[str, tuple[Any, int, dict, list[tuple[int, str]]]] = {}
         self._key_of: KeyOf = lambda model, start, end: None  # the last `edges` call's
         # key -> models whose edges looked it up (some may have none cached now: `_drop`);
         # model -> the family of its cached edges; model -> the span keys it watches
@@ -112,7 +108,7 @@ class StageIndex:
         for peer in list(dirty):
             self._reindex(peer, workers.get(peer), changed, born, died)
         dirty.clear()
-        self._after(changed, born - died, {fam for fam, _ in born | died})
+        self._after(changed, born - died, born | died)
 
     def _reindex(
         self,
@@ -173,15 +169,20 @@ class StageIndex:
         self.names[w.name] = peer
 
     def _after(
-        self, changed: set[str], born: set[tuple[Hashable, Any]], respan: set[Hashable]
+        self,
+        changed: set[str],
+        born: set[tuple[Hashable, Any]],
+        touched: set[tuple[Hashable, Any]],
     ) -> None:
-        """Re-sort the spans of the `respan` families; drop the cached edges that looked up a
+        """Re-sort the spans of the families whose spans were `touched` (born or died: logged
+        for `_span_keys`); drop the cached edges that looked up a
         `changed` key, and, for a span `born` to a family (its models' cached edges did not
         look it up), those of the family's models whose key over it a stage advertises (the
         others watch that key from now on); every model's when such a family is unknown."""
         families = {fam for fam, _ in born}
-        for fam in respan:
-            self._span_gen[fam] = self._span_gen.get(fam, 0) + 1
+        for fam, span in touched:
+            self._span_log.setdefault(fam, []).append(span)
+        for fam in {fam for fam, _ in touched}:
             counts = self.span_count.get(fam)
             if counts:
                 self._spans[fam] = sorted(counts)
@@ -262,7 +263,7 @@ class StageIndex:
         """The workers advertising a live stage that serves `model` on some chain of them to
         the end (those whose credit a waiting request of it may need)."""
         edges = self.edges(model, chain_len, workers, keys_gen, key_of)
-        return {peer for found in edges.values() for peer, _ in found}
+        return edges.peers()
 
     # -- lookups ------------------------------------------------------------------------------
     def edges(
@@ -272,7 +273,7 @@ class StageIndex:
         workers: Mapping[Hashable, Any],
         keys_gen: int,
         key_of: KeyOf,
-    ) -> Edges:
+    ) -> LazyEdges:
         """Start position -> [(worker, stage)] of the live stages serving `model`: its key
         looked up over each span its family's stages (or stages of unknown models) advertise;
         only those on some chain of them to the end (the others are in no route)."""
@@ -290,24 +291,20 @@ class StageIndex:
             # only the stages on some chain to the end (one ending where nothing goes on to the
             # end changes no route: routing._cheapest's states there never reach it)
             live = {chain_len}
-            out = {}
+            parts: dict[int, list[Part]] = {}
             for start in sorted(found, reverse=True):
-                hits = found[start]
-                if len(hits) == 1 and hits[0][0] is not None:  # one key, one end: shared
-                    end, _, pairs = hits[0]
-                    if end in live:
-                        live.add(start)
-                        out[start] = pairs
-                    continue
-                kept: list[Entry] = []
-                for end, entries, _ in hits:  # (in the order looked up: ties stay in it)
-                    if end is None:
-                        kept += [e for e in entries if e[2].end in live]
+                kept: list[Part] = []
+                for end, entries, pairs in found[start]:  # (in the order looked up)
+                    if end is None:  # (stages of the key ending at several positions)
+                        entries = [e for e in entries if e[2].end in live]
+                        if entries:
+                            kept.append((entries, None))
                     elif end in live:
-                        kept += entries
+                        kept.append((entries, pairs))
                 if kept:
                     live.add(start)
-                    out[start] = [(peer, s) for _, peer, s in sorted(kept, key=_by_order)]
+                    parts[start] = kept
+            out = LazyEdges(parts)
             self._edges[model] = out
             self._families.setdefault(fam, set()).add(model)
             self._family_of_cached[model] = fam
@@ -315,10 +312,10 @@ class StageIndex:
         return out
 
     def _order(self, key: str) -> Sorted:
-        """The key's entries in scan order (`_by_order`), as (their end when they all share
+        """The key's entries in scan order (`by_order`), as (their end when they all share
         one else None, entries, [(worker, stage)]): kept until a stage of the key comes or
         goes, and shared by the edges of every model looking the key up (read-only)."""
-        entries = sorted(self.by_key[key].values(), key=_by_order)
+        entries = sorted(self.by_key[key].values(), key=by_order)
         ends = {e[2].end for e in entries}
         end = next(iter(ends)) if len(ends) == 1 else None
         hit = self._sorted[key] = (end, entries, [(peer, s) for _, peer, s in entries])
@@ -350,9 +347,13 @@ class StageIndex:
         """`_span_keys`, the model watching each of them (and a new version when they are
         not the ones it watched)."""
         looked = self._span_keys(model, fam, chain_len, key_of)
-        if self._watched.get(model) is not looked:  # (watched since its spans changed)
+        old = self._watched.get(model)
+        if old is not looked:  # (watched since its spans changed: watches are never taken
+            # back but with every other, `_drop_all`, so only the new keys are added)
+            had = {key for _, key in old} if old is not None else set()
             for _, key in looked:
-                self._watch.setdefault(key, set()).add(model)
+                if key not in had:
+                    self._watch.setdefault(key, set()).add(model)
             self._watched[model] = looked
             self._bump(model)
         return looked
@@ -361,19 +362,40 @@ class StageIndex:
         self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf
     ) -> list[tuple[int, str]]:
         """(start, the model's key) over each span its family's stages (or stages of unknown
-        models) advertise: kept until those spans change (or the keys: `_drop_all`)."""
-        gen = (self._span_gen.get(fam, 0), self._span_gen.get(None, 0))
+        models) advertise, in span order: kept, and when those spans change, the model's key
+        looked up again over the spans born or died since (from the family's log), not over
+        every span (the keys changing: `_drop_all`)."""
+        logs = self._span_log
+        own = logs.get(fam, [])
+        unknown = logs.get(None, []) if fam is not None else []
+        pos = (len(own), len(unknown))
         hit = self._spans_keyed.get(model)
-        if hit is not None and hit[0] == gen and hit[1] == chain_len:
-            return hit[2]
-        spans = self._spans.get(fam, [])
-        if fam is not None and None in self._spans:
-            spans = sorted({*spans, *self._spans[None]})
-        out = []
-        for start, end in spans:
-            if 0 <= start < end <= chain_len and (key := key_of(model, start, end)) is not None:
-                out.append((start, key))
-        self._spans_keyed[model] = (gen, chain_len, out)
+        if hit is not None and hit[1] == chain_len:
+            if hit[0] == pos:
+                return hit[3]
+            keyed = hit[2]
+            counts = self.span_count.get(fam, {})
+            others = self.span_count.get(None, {}) if fam is not None else {}
+            for span in {*own[hit[0][0] :], *unknown[hit[0][1] :]}:
+                start, end = span
+                key = None
+                if (span in counts or span in others) and 0 <= start < end <= chain_len:
+                    key = key_of(model, start, end)
+                if key is None:
+                    keyed.pop(span, None)
+                else:
+                    keyed[span] = key
+        else:
+            keyed = {}
+            spans = self._spans.get(fam, [])
+            if fam is not None and None in self._spans:
+                spans = sorted({*spans, *self._spans[None]})
+            for start, end in spans:
+                ok = 0 <= start < end <= chain_len
+                if ok and (key := key_of(model, start, end)) is not None:
+                    keyed[(start, end)] = key
+        out = [(span[0], key) for span, key in sorted(keyed.items())]
+        self._spans_keyed[model] = (pos, chain_len, keyed, out)
         return out
 
     def coverable(
