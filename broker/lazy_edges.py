@@ -9,8 +9,9 @@ from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
 Entry = tuple[tuple[str, str], Hashable, Any]  # ((repr(worker), dtype), worker, stage)
-Sorted = tuple["int | None", list[Entry], list[tuple[Hashable, Any]]]  # StageIndex._order
-Part = tuple[list[Entry], "list[tuple[Hashable, Any]] | None"]  # (entries, the key's pairs)
+# (the key's end if all its stages share one, entries, [(worker, stage)] or None): a key's
+# entries in scan order as StageIndex._order keeps them (shared), or some of them (filtered)
+Sorted = tuple["int | None", list[Entry], "list[tuple[Hashable, Any]] | None"]
 
 
 def by_order(entry: Entry) -> tuple[str, str]:
@@ -25,7 +26,7 @@ class LazyEdges(Mapping):
 
     __slots__ = ("_merged", "_parts")
 
-    def __init__(self, parts: dict[int, list[Part]]) -> None:
+    def __init__(self, parts: dict[int, list[Sorted]]) -> None:
         self._parts = parts
         self._merged: dict[int, list[tuple[Hashable, Any]]] = {}
 
@@ -33,10 +34,10 @@ class LazyEdges(Mapping):
         got = self._merged.get(start)
         if got is None:
             parts = self._parts[start]
-            if len(parts) == 1 and parts[0][1] is not None:  # one key's list, shared
-                got = parts[0][1]
+            if len(parts) == 1 and parts[0][2] is not None:  # one key's list, shared
+                got = parts[0][2]
             else:
-                kept = sorted(itertools.chain(*(p[0] for p in parts)), key=by_order)
+                kept = sorted(itertools.chain(*(p[1] for p in parts)), key=by_order)
                 got = [(peer, s) for _, peer, s in kept]
             self._merged[start] = got
         return got
@@ -55,4 +56,4 @@ class LazyEdges(Mapping):
 
     def peers(self) -> set[Hashable]:
         """The workers of every edge."""
-        return {e[1] for parts in self._parts.values() for part in parts for e in part[0]}
+        return {e[1] for parts in self._parts.values() for part in parts for e in part[1]}

@@ -30,12 +30,15 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
-from blockllm.broker.lazy_edges import Entry, LazyEdges, Part, Sorted, by_order
+from blockllm.broker.lazy_edges import Entry, LazyEdges, Sorted, by_order
 from blockllm.broker.routing import Solo, WorkerView, solo_routes
 
 Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
 Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
 KeyOf = Callable[[str, int, int], "str | None"]
+# (starts, keys): the model's key over each span looked up, and the span's start (two lists,
+# not a tuple per span: kept per model, they are a few objects for the garbage collector)
+Looked = tuple[list[int], list[str]]
 
 
 class StageIndex:
@@ -64,13 +67,13 @@ class StageIndex:
         # family -> the spans that were born or died, in order (`_span_keys` reads the ones
         # since a model's keys were found)
         self._span_log: dict[Hashable, list[tuple[int, int]]] = {}
-        self._spans_keyed: dict[str, tuple[Any, int, dict, list[tuple[int, str]]]] = {}
+        self._spans_keyed: dict[str, tuple[Any, int, dict, Looked]] = {}
         self._key_of: KeyOf = lambda model, start, end: None  # the last `edges` call's
         # key -> models whose edges looked it up (some may have none cached now: `_drop`);
         # model -> the family of its cached edges; model -> the span keys it watches
         self._watch: dict[str, set[str]] = {}
         self._family_of_cached: dict[str, Hashable] = {}
-        self._watched: dict[str, list[tuple[int, str]]] = {}
+        self._watched: dict[str, Looked] = {}
         # what was dropped since `take_dropped` (the waiting requests of those models may have
         # a route now: broker/waiting.py), and since `take_shown` (the routes STATUS and STATS
         # show: broker/status.py ShownRoutes)
@@ -284,23 +287,24 @@ class StageIndex:
             fam = self.family_of(model)
             found: dict[int, list[Sorted]] = {}
             by_key, ordered = self.by_key, self._sorted
-            for start, key in self._looked_up(model, fam, chain_len, key_of):
+            starts, keys = self._looked_up(model, fam, chain_len, key_of)
+            for start, key in zip(starts, keys, strict=True):
                 if key in by_key:
                     hit = ordered.get(key) or self._order(key)
                     found.setdefault(start, []).append(hit)
             # only the stages on some chain to the end (one ending where nothing goes on to the
             # end changes no route: routing._cheapest's states there never reach it)
             live = {chain_len}
-            parts: dict[int, list[Part]] = {}
+            parts: dict[int, list[Sorted]] = {}
             for start in sorted(found, reverse=True):
-                kept: list[Part] = []
-                for end, entries, pairs in found[start]:  # (in the order looked up)
-                    if end is None:  # (stages of the key ending at several positions)
-                        entries = [e for e in entries if e[2].end in live]
+                kept: list[Sorted] = []
+                for hit in found[start]:  # (in the order looked up)
+                    if hit[0] is None:  # (stages of the key ending at several positions)
+                        entries = [e for e in hit[1] if e[2].end in live]
                         if entries:
-                            kept.append((entries, None))
-                    elif end in live:
-                        kept.append((entries, pairs))
+                            kept.append((None, entries, None))
+                    elif hit[0] in live:
+                        kept.append(hit)
                 if kept:
                     live.add(start)
                     parts[start] = kept
@@ -341,26 +345,22 @@ class StageIndex:
         self._looked_up(model, self.family_of(model), chain_len, key_of)
         return self._ver[model]
 
-    def _looked_up(
-        self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf
-    ) -> list[tuple[int, str]]:
+    def _looked_up(self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf) -> Looked:
         """`_span_keys`, the model watching each of them (and a new version when they are
         not the ones it watched)."""
         looked = self._span_keys(model, fam, chain_len, key_of)
         old = self._watched.get(model)
         if old is not looked:  # (watched since its spans changed: watches are never taken
             # back but with every other, `_drop_all`, so only the new keys are added)
-            had = {key for _, key in old} if old is not None else set()
-            for _, key in looked:
+            had = set(old[1]) if old is not None else ()
+            for key in looked[1]:
                 if key not in had:
                     self._watch.setdefault(key, set()).add(model)
             self._watched[model] = looked
             self._bump(model)
         return looked
 
-    def _span_keys(
-        self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf
-    ) -> list[tuple[int, str]]:
+    def _span_keys(self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf) -> Looked:
         """(start, the model's key) over each span its family's stages (or stages of unknown
         models) advertise, in span order: kept, and when those spans change, the model's key
         looked up again over the spans born or died since (from the family's log), not over
@@ -390,11 +390,13 @@ class StageIndex:
             spans = self._spans.get(fam, [])
             if fam is not None and None in self._spans:
                 spans = sorted({*spans, *self._spans[None]})
-            for start, end in spans:
+            for span in spans:  # (the span objects themselves: no new ones kept per model)
+                start, end = span
                 ok = 0 <= start < end <= chain_len
                 if ok and (key := key_of(model, start, end)) is not None:
-                    keyed[(start, end)] = key
-        out = [(span[0], key) for span, key in sorted(keyed.items())]
+                    keyed[span] = key
+        order = sorted(keyed)
+        out = ([span[0] for span in order], [keyed[span] for span in order])
         self._spans_keyed[model] = (pos, chain_len, keyed, out)
         return out
 
