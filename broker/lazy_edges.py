@@ -18,6 +18,10 @@ def by_order(entry: Entry) -> tuple[str, str]:
     return entry[0]
 
 
+def _by_entry(entry_pair: tuple[Entry, Any]) -> tuple[str, str]:
+    return entry_pair[0][0]
+
+
 class LazyEdges(Mapping):
     """A model's edges (start -> [(worker, stage)] in scan order), each start's list merged
     from its keys' sorted entries when first read: the keys' own lists when one key serves
@@ -36,9 +40,10 @@ class LazyEdges(Mapping):
             parts = self._parts[start]
             if len(parts) == 1 and parts[0][2] is not None:  # one key's list, shared
                 got = parts[0][2]
-            else:
-                kept = sorted(itertools.chain(*(p[1] for p in parts)), key=by_order)
-                got = [(peer, s) for _, peer, s in kept]
+            else:  # (the keys' own (worker, stage) pairs: none made per model)
+                both = [zip(p[1], p[2] or [e[1:] for e in p[1]], strict=True) for p in parts]
+                kept = sorted(itertools.chain(*both), key=_by_entry)
+                got = [pair for _, pair in kept]
             self._merged[start] = got
         return got
 
