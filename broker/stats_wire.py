@@ -101,6 +101,8 @@ def wire(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
+    if kind is tuple or kind is list:  # (before the dataclass check: the most common)
+        return [v if type(v) in _PLAIN else wire(v) for v in value]
     get = _GETTERS.get(kind)
     if get is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
         names = [f.name for f in dataclasses.fields(value)]
