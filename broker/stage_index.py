@@ -17,8 +17,9 @@ stages or drains changed, or that joined or left; only their entries are re-inde
 the cached edges that looked up the keys of the stages that went or came are dropped (and, for
 a stage over a span its family's stages did not advertise before, which no cached edges of that
 family looked up, those of the family's models whose key over the span is advertised: the
-others watch that key from then on); all of them when `keys_gen` says the models'
-stage keys may have changed (reload, SET_CHAIN), or a stage of an unknown model brings a span.
+others watch that key from then on; of every family's models for a stage of an unknown model,
+whose spans every model looks up); all of them when `keys_gen` says the models' stage keys
+may have changed (reload, SET_CHAIN).
 What was dropped is kept for `take_dropped`: the waiting requests of those models may have a
 route now (broker/waiting.py). `version(model)` says, without building edges, whether the live
 stages serving a model may have changed since an earlier call (a per-model counter bumped with
@@ -181,8 +182,8 @@ class StageIndex:
         for `_span_keys`); drop the cached edges that looked up a
         `changed` key, and, for a span `born` to a family (its models' cached edges did not
         look it up), those of the family's models whose key over it a stage advertises (the
-        others watch that key from now on); every model's when such a family is unknown."""
-        families = {fam for fam, _ in born}
+        others watch that key from now on); of every family's models when the stage's model is
+        unknown (family None, whose spans every model looks up)."""
         for fam, span in touched:
             self._span_log.setdefault(fam, []).append(span)
         for fam in {fam for fam, _ in touched}:
@@ -193,15 +194,14 @@ class StageIndex:
                 self.span_count.pop(fam, None)
                 self._spans.pop(fam, None)
         # (a span that died is no key's any more: the keys of its stages are `changed`)
-        if None in families:
-            self._drop_all()
-            return
         for key in changed:
             for model in list(self._watch.get(key, ())):
                 self._bump(model)
                 self._drop(model)
         for fam, (start, end) in born:
-            for model in list(self._families.get(fam, ())):
+            # (a span of an unknown model's stage: every family's models may look it up)
+            groups = list(self._families.values()) if fam is None else [self._families.get(fam)]
+            for model in [m for models in groups for m in models or ()]:
                 chain_len = self._chain_len.get(model, 0)
                 ok = 0 <= start < end <= chain_len
                 key = self._key_of(model, start, end) if ok else None

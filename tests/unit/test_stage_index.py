@@ -226,6 +226,13 @@ def test_a_models_routing_version_changes_whenever_its_edges_do() -> None:
             b.peer_lost(peer, 0.0)
         elif what < 0.65:  # SET_CHAIN: new stage keys for every model
             st.set_chain("ft1", models["base"].chain if rng.random() < 0.5 else ())
+        elif what < 0.72:  # a stage of a model the broker does not know, with a known key
+            m, start, end = random_stages(rng, names)[0]
+            ghost = StageRef(stage_key(models[m], start, end), "ghost", start, end)
+            msg = Ready(
+                PROTOCOL_VERSION, f"g{round_:03d}", 7, "host", "cpu", (ghost,), free_slots=8
+            )
+            b.handle(f"g{round_:03d}".encode(), msg, (), 0.0)
         else:
             ready(b, models, f"x{round_:03d}", random_stages(rng, names))
         for model in rng.sample(names, 2):  # routed: its edges cached
@@ -245,3 +252,19 @@ def test_a_models_routing_version_changes_whenever_its_edges_do() -> None:
             ok = index.coverable(model, CHAIN, b.workers, st.keys_gen, st.key_of)
             assert ok == (scan_route(b, model) is not None), (round_, model)
     assert same > 100 and moved > 50, (same, moved)
+
+
+def test_a_stage_of_an_unknown_model_over_a_new_span_reaches_the_cached_routes() -> None:
+    """A stage the catalog does not know yet (its model unknown: its spans are every model's)
+    over a span no stage advertised before completes a chain whose edges were cached."""
+    models = manifests(2)
+    b = broker_with(models)
+    st = b.state
+    ready(b, models, "w0", [("base", 0, 3)])
+    assert not b.flow.covered("base")  # (edges cached: not coverable)
+    v = st.stage_index.version("base", CHAIN, b.workers, st.keys_gen, st.key_of)
+    ghost = StageRef(stage_key(models["base"], 3, CHAIN), "ghost", 3, CHAIN)
+    b.handle(b"g", Ready(PROTOCOL_VERSION, "g", 7, "host", "cpu", (ghost,), free_slots=8), (), 0.0)
+    assert b.flow.covered("base") and scan_route(b, "base") is not None
+    assert b.flow.route("base", LiveViews(b.workers, lambda p, w: True)) == scan_route(b, "base")
+    assert st.stage_index.version("base", CHAIN, b.workers, st.keys_gen, st.key_of) != v
