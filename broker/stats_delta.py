@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from blockllm.broker import frames
@@ -52,6 +53,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.stats_wire import (
     Packed,
+    WireMemo,
     delta_header,
     pack,
     same,
@@ -77,7 +79,9 @@ def _names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def _fields(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
+def _fields(
+    entry: Any, old: Any = None, last: Any = None, convert: Callable[[Any], Any] = wire
+) -> dict[str, Any]:
     """The fields of `entry` (those that differ from `old`'s when given), as on the wire.
     `last`: (an earlier entry of the same name, its fields against the same `old`): a field
     whose value is the same immutable object as that entry's (a route, a worker's stages:
@@ -90,7 +94,7 @@ def _fields(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
             if k in known:
                 out[k] = known[k]
         elif old is None or v != getattr(old, k):
-            out[k] = wire(v)
+            out[k] = convert(v)
     return out
 
 
@@ -105,7 +109,9 @@ class DeltaPublisher:
         self._base_seq = -1
         self._base: Entries = ({}, {})
         self._since = 0
-        self._packed = (Packed(None), Packed(None, named=True))  # for full ones
+        self._memo = WireMemo()  # routes and planned routes by identity (stats_wire)
+        memo = self._memo
+        self._packed = (Packed(None, memo=memo), Packed(None, named=True, memo=memo))
         self._fields: tuple[Changed, Changed] = ({}, {})  # against the base, per name
 
     def publish(self, seq: int, body: StatsBody) -> list[Encoded]:
@@ -167,11 +173,12 @@ class DeltaPublisher:
         return msg
 
     def _delta(self, seq: int, body: StatsBody, entries: Entries) -> tuple[StatsDelta, bytes]:
+        memo = self._memo.wire
         w_changed, w_whole, w_gone, w_order, wb = _changes(
-            self._base[0], entries[0], self._fields[0]
+            self._base[0], entries[0], self._fields[0], memo
         )
         m_changed, m_whole, m_gone, m_order, mb = _changes(
-            self._base[1], entries[1], self._fields[1]
+            self._base[1], entries[1], self._fields[1], memo
         )
         delta = StatsDelta(
             seq,
@@ -190,7 +197,7 @@ class DeltaPublisher:
 
 
 def _changes(
-    base: dict[str, Any], now: dict[str, Any], known: Changed
+    base: dict[str, Any], now: dict[str, Any], known: Changed, convert: Callable[[Any], Any]
 ) -> tuple[
     dict[str, dict[str, Any]], tuple[str, ...], tuple[str, ...], tuple[str, ...], list[bytes]
 ]:
@@ -210,7 +217,7 @@ def _changes(
         if hit is not None and hit[0] is entry:
             seen[name] = hit
         else:
-            fields = _fields(entry, old, hit[:2] if hit is not None else None)
+            fields = _fields(entry, old, hit[:2] if hit is not None else None, convert)
             hit = seen[name] = (entry, fields, pack(name) + pack(fields))
         if old is None:
             whole.append(name)

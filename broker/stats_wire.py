@@ -59,9 +59,12 @@ class Packed:
     a field whose value is the same immutable object as the previous entry's (a route, a
     worker's stages) keeps its bytes: a new entry costs its changed fields."""
 
-    def __init__(self, fn: Callable[[str, Any], bytes], named: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[[str, Any], bytes] | None, named: bool = False, memo: Any = None
+    ) -> None:
         self._fn = fn
         self._named = named
+        self._convert = wire if memo is None else memo.wire
         # name -> (entry, its bytes, its field values, their bytes)
         self._by_name: dict[str, tuple[Any, bytes, Any, list[bytes]]] = {}
         self.packed = 0  # entries packed (tests, benches)
@@ -75,7 +78,7 @@ class Packed:
         else:
             values = fields_of(entry)
             old = cached[2] if cached is not None else None
-            parts = field_bytes(values, old, cached[3] if old is not None else None)
+            parts = field_bytes(values, old, None if old is None else cached[3], self._convert)
             data = b"".join((pack(name) if self._named else b"", array_head(len(parts)), *parts))
         self._by_name[name] = (entry, data, values, parts)
         self.packed += 1
@@ -140,15 +143,41 @@ def same(value: Any, old: Any) -> bool:
     return value is old and type(value) in _IMMUTABLE
 
 
-def field_bytes(values: Any, old: Any, old_bytes: list[bytes] | None) -> list[bytes]:
-    """The packed wire value of each of `values`, those that are `same` as `old`'s (the
-    previous entry's values, packed as `old_bytes`) taken from there."""
+def field_bytes(
+    values: Any, old: Any, old_bytes: list[bytes] | None, convert: Callable[[Any], Any] = wire
+) -> list[bytes]:
+    """The packed wire value of each of `values` (`convert`: `wire` or a WireMemo's), those
+    that are `same` as `old`'s (the previous entry's values, packed as `old_bytes`) taken
+    from there."""
     if old is None or old_bytes is None:
-        return [pack(v if type(v) in _PLAIN else wire(v)) for v in values]
+        return [pack(v if type(v) in _PLAIN else convert(v)) for v in values]
     return [
-        old_bytes[i] if same(v, old[i]) else pack(v if type(v) in _PLAIN else wire(v))
+        old_bytes[i] if same(v, old[i]) else pack(v if type(v) in _PLAIN else convert(v))
         for i, v in enumerate(values)
     ]
+
+
+class WireMemo:
+    """`wire` of tuples by identity (a route, a model's planned routes: shared by the entries
+    of many snapshots while they do not change), each object kept with its wire value so
+    that its id is not reused; forgotten past `limit` objects. The values it returns are
+    shared: nothing may change them (msgpack and frames.from_fields only read them)."""
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self._by_id: dict[int, tuple[Any, Any]] = {}
+
+    def wire(self, value: Any) -> Any:
+        if type(value) is not tuple:
+            return wire(value)
+        hit = self._by_id.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if len(self._by_id) >= self.limit:
+            self._by_id.clear()
+        out = wire(value)
+        self._by_id[id(value)] = (value, out)
+        return out
 
 
 def worker_bytes(name: str, entry: Any) -> bytes:

@@ -325,8 +325,8 @@ def test_the_trace_fails_when_a_full_stats_keeps_field_bytes_by_place_alone(monk
 
     real = stats_wire.field_bytes
 
-    def by_place(values: Any, old: Any, old_bytes: Any) -> list[bytes]:
-        return list(old_bytes) if old_bytes is not None else real(values, old, old_bytes)
+    def by_place(values: Any, old: Any, old_bytes: Any, *rest: Any) -> list[bytes]:
+        return list(old_bytes) if old_bytes is not None else real(values, old, old_bytes, *rest)
 
     monkeypatch.setattr(stats_wire, "field_bytes", by_place)
     with pytest.raises(AssertionError, match="frames differ"):
@@ -418,8 +418,8 @@ def test_the_trace_fails_when_a_deltas_fields_are_kept_by_name_alone(monkeypatch
 
     real = stats_delta._fields
 
-    def by_name(entry: Any, old: Any = None, last: Any = None) -> dict[str, Any]:
-        fields = real(entry, old)
+    def by_name(entry: Any, old: Any = None, last: Any = None, *rest: Any) -> dict[str, Any]:
+        fields = real(entry, old, None, *rest)
         if last is not None:
             fields.update({k: v for k, v in last[1].items() if k != "name"})
         return fields
