@@ -28,7 +28,7 @@ in `uncovered` when not even one fits).
    the chain into fewer segments (placement_keep.py): unchanged inputs give the same layout,
    and a demand drift moves only what no longer fits or is no longer wanted. A kept replica
    keeps its worker's load, so drifts could pile hot models on one worker: when the sticky
-   placement leaves a worker over (1 + SPREAD) x the mean planned load, it is made again with
+   placement leaves a worker over (1 + SPREAD = 3) x the mean planned load, it is made again with
    that worker's heaviest replicas (but its heaviest) searched afresh, and that one is taken
    if it lowers the highest load by a tenth without covering less demand or giving a model
    more hops (`spread`; the planner asks for it in re-placements for demand only: replan.py).

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from blockllm.broker.planner.placement import ModelInfo
 
 Previous = Mapping[str, Sequence[Sequence[Segment]]]  # model -> its replicas, in order made
-SPREAD = 1.0  # a kept replica may leave a worker at (1 + SPREAD) x the mean load (`peak`)
+# sticky placements may leave a worker at up to (1 + SPREAD) x the mean planned load
+# (`overloaded`; 3x: a fresh placement's peak is about 2-2.5x the mean)
+SPREAD = 2.0
 
 
 def offers(previous: Previous | None) -> dict[str, list[list[Segment]]]:

@@ -61,34 +61,39 @@ def drift_run(n_models: int, n_workers: int, steps: int, seed: int) -> tuple[lis
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_run_of_drifts_keeps_the_load_as_spread_as_a_fresh_placement(seed: int) -> None:
-    """25 small drifts on 105 models x 16 workers: the sticky placements' highest load over
-    the mean is on average within 12% of the fresh placements' (without the bound: 20-25%
-    over), and they move a tenth of the replicas the fresh ones move."""
-    sticky, fresh, sticky_moves, fresh_moves = drift_run(105, 16, 25, seed)
+def test_a_run_of_drifts_does_not_pile_the_load_on_a_worker() -> None:
+    """25 small drifts on 105 models x 16 workers (a run where kept replicas piled: the
+    highest load reached 3.85x the mean, 1.25x a fresh placement's on average): the sticky
+    placements' highest load stays under 3.5x the mean and within 17% of the fresh
+    placements' on average (3.37x, 1.15x), and they move a tenth of the replicas the fresh
+    ones move."""
+    sticky, fresh, sticky_moves, fresh_moves = drift_run(105, 16, 25, seed=1)
     ratio = statistics.mean(s / f for s, f in zip(sticky, fresh, strict=True))
-    assert ratio <= 1.12, (ratio, statistics.mean(sticky), statistics.mean(fresh))
+    assert max(sticky) <= 3.5 and ratio <= 1.17, (max(sticky), ratio)
     assert sticky_moves * 10 <= fresh_moves, (sticky_moves, fresh_moves)
 
 
-def hot_three_on_one() -> tuple[list, list, dict]:
-    """Three hot models whose previous replicas are all on w0 (roomy workers), cold others."""
+HOT = 4
+
+
+def hot_ones_on_one() -> tuple[list, list, dict]:
+    """Four hot models (a replica each) whose previous replicas are all on w0 (roomy
+    workers: 5.9x the mean load there), cold others."""
     tenants = make_tenants(12, seed=3)
-    demand = {t.name: (1.0 if i < 3 else 0.01) for i, t in enumerate(tenants)}
+    demand = {t.name: (1.0 if i < HOT else 0.01) for i, t in enumerate(tenants)}
     models = model_infos(tenants, demand)
     workers = make_workers(6, capacity=16 * GB)
     w0 = workers[0].name
-    previous = {m.name: [[(w0, 0, len(m.chain))]] for m in models[:3]}
+    previous = {m.name: [[(w0, 0, len(m.chain))]] for m in models[:HOT]}
     return models, workers, previous
 
 
 def test_an_overloaded_worker_sheds_its_heaviest_kept_replica() -> None:
-    models, workers, previous = hot_three_on_one()
+    models, workers, previous = hot_ones_on_one()
     w0 = workers[0].name
     plan, c = place_in(models, workers, previous=previous)
-    on_w0 = [m.name for m in models[:3] if [(w0, 0, len(m.chain))] in plan.replicas[m.name]]
-    assert len(on_w0) == 2  # one of the three went elsewhere: w0 is back under the bound
+    on_w0 = [m.name for m in models[:HOT] if [(w0, 0, len(m.chain))] in plan.replicas[m.name]]
+    assert len(on_w0) == 2  # two of the four went elsewhere: w0 is back under the bound
     mean = statistics.mean(c.load.values())
     assert c.load[w0] <= (1 + keep.SPREAD) * mean
     kept = sum(r in plan.replicas[n] for n, reps in previous.items() for r in reps)
@@ -96,13 +101,13 @@ def test_an_overloaded_worker_sheds_its_heaviest_kept_replica() -> None:
 
 
 @pytest.mark.parametrize("off", ["SPREAD", "spread=False"])
-def test_without_the_bound_the_three_stay_piled(off: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_bound_the_four_stay_piled(off: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the bound is for (the same case, the bound off; the planner asks for it only in
     re-placements for demand: replan.py)."""
     if off == "SPREAD":
         monkeypatch.setattr(keep, "SPREAD", math.inf)
-    models, workers, previous = hot_three_on_one()
+    models, workers, previous = hot_ones_on_one()
     plan, c = place_in(models, workers, previous=previous, spread=off == "SPREAD")
     w0 = workers[0].name
-    assert all([(w0, 0, len(m.chain))] in plan.replicas[m.name] for m in models[:3])
-    assert c.load[w0] > 2 * statistics.mean(c.load.values())
+    assert all([(w0, 0, len(m.chain))] in plan.replicas[m.name] for m in models[:HOT])
+    assert c.load[w0] > (1 + 2.0) * statistics.mean(c.load.values())
