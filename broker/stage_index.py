@@ -234,6 +234,15 @@ class StageIndex:
         self.dropped.add(model)
         self.shown_dropped.add(model)
 
+    def forget(self, models: set[str]) -> None:
+        """Drop what is kept of `models` (tenants that left or arrived: a name may come back
+        with other stage keys) without touching the other models' routes."""
+        for model in models:
+            self._bump(model)
+            self._drop(model)
+            self._spans_keyed.pop(model, None)
+            self._watched.pop(model, None)
+
     def _drop_all(self) -> None:
         self._edges, self._families, self._solo = {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}

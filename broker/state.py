@@ -242,10 +242,16 @@ class BrokerState:
             logger.exception("[models] reading the zoo failed; keeping %d models", len(self.models))
         # forget the stage keys of models that changed or went (and the None cached for a
         # name unknown until now); routes cached over keys are stale only in the first case
-        changed = {n for n, spec in old.items() if _keyed(self.models.get(n)) != _keyed(spec)}
-        drop = changed | (self.models.keys() - old.keys())
+        # (a model that went changes no other model's keys: no `keys_gen`, which drops every
+        # routing cache, for a tenant leaving)
+        went = old.keys() - self.models.keys()
+        changed = {
+            n for n, spec in old.items() if n not in went and _keyed(self.models[n]) != _keyed(spec)
+        }
+        drop = changed | went | (self.models.keys() - old.keys())
         if drop:
             self.key_cache = {k: v for k, v in self.key_cache.items() if k[0] not in drop}
+            self.stage_index.forget(drop)
         if changed:
             self.keys_gen += 1
         logger.info("[models] %d: %s", len(self.models), ", ".join(sorted(self.models)) or "-")

@@ -268,3 +268,26 @@ def test_a_stage_of_an_unknown_model_over_a_new_span_reaches_the_cached_routes()
     assert b.flow.covered("base") and scan_route(b, "base") is not None
     assert b.flow.route("base", LiveViews(b.workers, lambda p, w: True)) == scan_route(b, "base")
     assert st.stage_index.version("base", CHAIN, b.workers, st.keys_gen, st.key_of) != v
+
+
+def test_a_tenant_leaving_keeps_the_other_models_routes_and_versions() -> None:
+    models = manifests(3)
+    b = broker_with(models)
+    st = b.state
+    ready(b, models, "w0", [("base", 0, CHAIN), ("ft1", 0, 2), ("ft2", 0, CHAIN)])
+    ready(b, models, "w1", [("ft1", 2, CHAIN)])
+    index = st.stage_index
+    before = {m: index.version(m, CHAIN, b.workers, st.keys_gen, st.key_of) for m in models}
+    specs = {n: spec(models[n]) for n in ("base", "ft1")}  # ft2 leaves the catalog
+    st.catalog = lambda: specs
+    b.reload(1.0)
+    for m in ("base", "ft1"):
+        assert index.version(m, CHAIN, b.workers, st.keys_gen, st.key_of) == before[m]
+        assert b.flow.route(m, LiveViews(b.workers, lambda p, w: True)) == scan_route(b, m)
+        assert indexed_edges(b, m) == plain_edges(b, m)
+    assert b.flow.route("ft2", LiveViews(b.workers, lambda p, w: True)) is None
+    specs["ft2"] = spec(replace(models["ft2"], chain=models["base"].chain))  # back, changed
+    b.reload(2.0)
+    for m in models:
+        assert b.flow.route(m, LiveViews(b.workers, lambda p, w: True)) == scan_route(b, m)
+        assert indexed_edges(b, m) == plain_edges(b, m)
