@@ -99,8 +99,9 @@ def _fields(
 
 
 class DeltaPublisher:
-    """Full STATS every `full_every` snapshots (or when a delta would pass `part_bytes`), else
-    STATS_DELTA against the last full one (module docstring; a catalog change too). The
+    """Full STATS every `full_every` snapshots (or when a delta would pass `part_bytes`, or
+    the last one came within an eighth of it), else STATS_DELTA against the last full one
+    (module docstring; a catalog change too). The
     broker process's loop thread only. Kept bytes per entry: module docstring."""
 
     def __init__(self, full_every: int = FULL_EVERY, part_bytes: int = PART_BYTES) -> None:
@@ -109,6 +110,7 @@ class DeltaPublisher:
         self._base_seq = -1
         self._base: Entries = ({}, {})
         self._since = 0
+        self._last_delta = 0  # the last delta's header bytes (0: a full one came since)
         self._memo = WireMemo()  # routes and planned routes by identity (stats_wire)
         memo = self._memo
         self._packed = (Packed(None, memo=memo), Packed(None, named=True, memo=memo))
@@ -118,11 +120,16 @@ class DeltaPublisher:
         """The messages (with their frames) that stand for `body`."""
         self._since += 1
         entries = _entries(body)
-        if self._base_seq >= 0 and self._since < self.full_every:
+        # a cumulative delta within an eighth of the bound last time would likely pass it now:
+        # a full one at once, not a delta built to be thrown away (both stand for the body)
+        near = self._last_delta > self.part_bytes - self.part_bytes // 8
+        if self._base_seq >= 0 and self._since < self.full_every and not near:
             delta, header = self._delta(seq, body, entries)
             if len(header) <= self.part_bytes:
+                self._last_delta = len(header)
                 return [(delta, [delta.KIND.value, header])]
         self._base_seq, self._base, self._since = seq, entries, 0
+        self._last_delta = 0
         self._fields = ({}, {})
         return self._full(seq, body)
 

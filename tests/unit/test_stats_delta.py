@@ -198,3 +198,25 @@ def test_a_malformed_delta_is_a_protocol_error(fields: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         view.apply(bad)
     assert view.apply(wire(delta)) == stats(body)  # the good one still applies
+
+
+def test_a_delta_within_an_eighth_of_the_bound_is_followed_by_a_full_one() -> None:
+    """The next cumulative delta would likely pass the bound: a full one is sent at once
+    instead of a delta built and thrown away."""
+    body = {
+        "workers": [{"name": f"w{i}", "stages": STAGES, "steps": 0} for i in range(50)],
+        "models": {},
+        "catalog_gen": 1,
+    }
+    changed = {**body, "workers": [{**w, "steps": 7} for w in body["workers"]]}
+    probe = DeltaPublisher(full_every=100, part_bytes=1 << 20)
+    probe.publish(1, stats(body))
+    ((delta, frames_),) = probe.publish(2, stats(changed))
+    assert isinstance(delta, StatsDelta)
+    pub = DeltaPublisher(full_every=100, part_bytes=len(frames_[1]) + 8)
+    pub.publish(1, stats(body))
+    ((second, _),) = pub.publish(2, stats(changed))
+    assert isinstance(second, StatsDelta)  # within the bound, and within an eighth of it
+    assert all(isinstance(m, Stats) for m, _ in pub.publish(3, stats(changed)))
+    ((fourth, _),) = pub.publish(4, stats(changed))
+    assert isinstance(fourth, StatsDelta)  # nothing changed since that full one
