@@ -194,9 +194,14 @@ class StageIndex:
                 self.span_count.pop(fam, None)
                 self._spans.pop(fam, None)
         # (a span that died is no key's any more: the keys of its stages are `changed`)
+        ver = self._ver
         for key in changed:
-            for model in list(self._watch.get(key, ())):
-                self._bump(model)
+            watchers = self._watch.get(key)
+            if not watchers:
+                continue
+            self._gen += 1  # (one new version for all of them: each still differs from before)
+            ver.update(dict.fromkeys(watchers, self._gen))
+            for model in watchers & self._edges.keys():  # (those with edges cached)
                 self._drop(model)
         for fam, (start, end) in born:
             # (a span of an unknown model's stage: every family's models may look it up)
