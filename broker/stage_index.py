@@ -54,10 +54,13 @@ class StageIndex:
         # family -> span -> stages advertising it (a stage of an unknown model: family None,
         # whose spans every model looks up)
         self.span_count: dict[Hashable, dict[tuple[int, int], int]] = {}
-        self._spans: dict[Hashable, list[tuple[int, int]]] = {}  # sorted, per family
+        self._spans: dict[Hashable, list[tuple[int, int]]] = {}  # sorted, per family (lazily)
         self.names: dict[str, Hashable] = {}  # worker name -> peer
         # peer -> (name, (key, dtype) -> (its live stage, the stage's family when indexed))
         self._indexed: dict[Hashable, tuple[str, dict[tuple[str, str], tuple[Any, Hashable]]]] = {}
+        # peer -> (its stages, its drained keys) when last indexed: when only drains changed,
+        # only the keys drained or undrained since are looked at
+        self._basis: dict[Hashable, tuple[Any, frozenset[str]]] = {}
         self._keys_gen = -1
         self._built = False
         self._edges: dict[str, LazyEdges] = {}
@@ -101,7 +104,7 @@ class StageIndex:
                 self._reindex(peer, workers[peer])
             if dirty is not None:
                 dirty.clear()
-            self._spans = {f: sorted(spans) for f, spans in self.span_count.items()}
+            self._spans = {}  # (sorted when first read: `_sorted_spans`)
             self._drop_all()
             return
         if not dirty:
@@ -131,15 +134,27 @@ class StageIndex:
         changed = set() if changed is None else changed
         born = set() if born is None else born
         died = set() if died is None else died
-        name, old = self._indexed.pop(peer, ("", {}))
-        now = {} if w is None else {(s.key, getattr(s, "dtype", "")): s for s in w.live_stages()}
+        name, kept = self._indexed.pop(peer, ("", {}))
+        basis = self._basis.pop(peer, None)
+        drains = frozenset(() if w is None else w.draining)
+        if w is not None and basis is not None and basis[0] is w.stages and name == w.name:
+            # the same stages, only drains changed: look at the keys drained or undrained
+            diff = basis[1] ^ drains
+            went = [k for k in kept if k[0] in diff and k[0] in drains]
+            came = {
+                (s.key, getattr(s, "dtype", "")): s
+                for s in w.stages
+                if s.key in diff and s.key not in drains
+            }
+        else:
+            live = () if w is None else w.live_stages()
+            now = {(s.key, getattr(s, "dtype", "")): s for s in live}
+            went = [k for k in kept if k not in now]
+            came = {k: s for k, s in now.items() if k not in kept}
         if name and self.names.get(name) == peer and (w is None or w.name != name):
             del self.names[name]
-        kept: dict[tuple[str, str], tuple[Any, Hashable]] = {}
-        for k, (s, fam) in old.items():
-            if k in now:
-                kept[k] = (s, fam)
-                continue
+        for k in went:
+            s, fam = kept.pop(k)
             changed.add(s.key)
             self._sorted.pop(s.key, None)
             entries = self.by_key.get(s.key)
@@ -156,7 +171,7 @@ class StageIndex:
         if w is None:
             return
         order = repr(peer)
-        for k, s in now.items():
+        for k, s in came.items():
             if k in kept:
                 continue
             fam = self.family_of(s.model)
@@ -169,6 +184,7 @@ class StageIndex:
             if span not in counts:
                 born.add((fam, span))
             counts[span] = counts.get(span, 0) + 1
+        self._basis[peer] = (w.stages, drains)
         self._indexed[peer] = (w.name, kept)
         self.names[w.name] = peer
 
@@ -186,13 +202,10 @@ class StageIndex:
         unknown (family None, whose spans every model looks up)."""
         for fam, span in touched:
             self._span_log.setdefault(fam, []).append(span)
-        for fam in {fam for fam, _ in touched}:
-            counts = self.span_count.get(fam)
-            if counts:
-                self._spans[fam] = sorted(counts)
-            else:
+        for fam in {fam for fam, _ in touched}:  # (sorted again when a model's keys are)
+            self._spans.pop(fam, None)
+            if not self.span_count.get(fam):
                 self.span_count.pop(fam, None)
-                self._spans.pop(fam, None)
         # (a span that died is no key's any more: the keys of its stages are `changed`)
         ver = self._ver
         for key in changed:
@@ -374,6 +387,13 @@ class StageIndex:
             self._bump(model)
         return looked
 
+    def _sorted_spans(self, fam: Hashable) -> list[tuple[int, int]]:
+        """The spans the family's stages advertise, sorted (kept until they change)."""
+        spans = self._spans.get(fam)
+        if spans is None:
+            spans = self._spans[fam] = sorted(self.span_count.get(fam, ()))
+        return spans
+
     def _span_keys(self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf) -> Looked:
         """(start, the model's key) over each span its family's stages (or stages of unknown
         models) advertise, in span order: kept, and when those spans change, the model's key
@@ -401,9 +421,9 @@ class StageIndex:
                     keyed[span] = key
         else:
             keyed = {}
-            spans = self._spans.get(fam, [])
-            if fam is not None and None in self._spans:
-                spans = sorted({*spans, *self._spans[None]})
+            spans = self._sorted_spans(fam)
+            if fam is not None and self.span_count.get(None):
+                spans = sorted({*spans, *self._sorted_spans(None)})
             for span in spans:  # (the span objects themselves: no new ones kept per model)
                 start, end = span
                 ok = 0 <= start < end <= chain_len
