@@ -7,10 +7,8 @@ can. The index keeps, per key, the (worker, stage) pairs advertising it (live st
 the ones being drained), and per family how many stages advertise each span. The edges of a
 model (start position -> [(worker, stage)]) are then its key over each span its family's stages
 advertise, looked up: work in the number of distinct spans (at most chain_len^2 / 2), not in
-workers x stages. Edges are listed in the
-order `routing.find_route`'s scan would meet them (workers by `repr`, then each worker's stage
-order, which changes no route: a stage that only moved in its worker's list drops nothing), so
-the same route is chosen.
+workers x stages; listed in the order `routing.find_route`'s scan would meet them (workers by
+`repr`; a worker's own stage order changes no route), so the same route is chosen.
 
 Freshness, without a scan: the worker registry (`workers.Registry`) collects the workers whose
 stages or drains changed, or that joined or left; only their entries are re-indexed, and only
@@ -19,11 +17,9 @@ a stage over a span its family's stages did not advertise before, which no cache
 family looked up, those of the family's models whose key over the span is advertised: the
 others watch that key from then on; of every family's models for a stage of an unknown model,
 whose spans every model looks up); all of them when `keys_gen` says the models' stage keys
-may have changed (reload, SET_CHAIN).
-What was dropped is kept for `take_dropped`: the waiting requests of those models may have a
-route now (broker/waiting.py). `version(model)` says, without building edges, whether the live
-stages serving a model may have changed since an earlier call (a per-model counter bumped with
-the watches above).
+may have changed (reload, SET_CHAIN). What was dropped is kept for `take_dropped`: the waiting
+requests of those models may have a route now (broker/waiting.py). `version(model)`: whether
+the stages serving a model may have changed since an earlier call, without building edges.
 """
 
 from __future__ import annotations
