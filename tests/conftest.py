@@ -141,11 +141,14 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _infrastructure_pids() -> set[int]:
-    """Helper processes multiprocessing keeps for the whole run (never ours to reap)."""
+    """Helper processes multiprocessing keeps for the whole run (never ours to reap): the
+    resource tracker and the workers' fork server."""
     from multiprocessing import resource_tracker
 
-    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
-    return {pid} if pid else set()
+    from blockllm.client.launcher.launcher import forkserver_pid
+
+    pids = {getattr(resource_tracker._resource_tracker, "_pid", None), forkserver_pid()}
+    return {p for p in pids if p}
 
 
 @pytest.fixture(autouse=True)

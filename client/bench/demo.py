@@ -175,12 +175,15 @@ def stream_answers(
 
 def leftover_children() -> list[int]:
     """Pids of this process's children still alive (after a clean stop: none but
-    multiprocessing's own resource tracker, which lives as long as this process)."""
+    multiprocessing's own resource tracker and the workers' fork server, which live as long as
+    this process)."""
     from multiprocessing import resource_tracker
 
     import psutil
 
-    keep = {getattr(resource_tracker._resource_tracker, "_pid", None)}
+    from blockllm.client.launcher.launcher import forkserver_pid
+
+    keep = {getattr(resource_tracker._resource_tracker, "_pid", None), forkserver_pid()}
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in keep]
 
 

@@ -1,7 +1,15 @@
 """Process supervision for `blockllm serve` (and the multi-process tests): one pattern for all.
 
 STYLE 7.8, in order:
-1. children start with `multiprocessing.get_context("spawn")` (torch is not fork-safe);
+1. children start with `multiprocessing.get_context("spawn")` (torch is not fork-safe), except
+   workers: they fork from multiprocessing's fork server (`FORKSERVER`), a process started
+   once (spawn-like, by exec) that imports the worker's modules (`WORKER_PRELOAD`: torch and
+   transformers' decoder layers, ~8 CPU-s) and never runs a tensor op, initialises a device or
+   starts a thread pool; what is unsafe to fork (CUDA, OpenMP pools in use) happens only in
+   the worker, after the fork. A worker (re)start costs a fork instead of the imports (the
+   e2e parity tests: 57 -> 36 user CPU-s). The child is given the launcher's environment and
+   working directory of that moment; its PR_SET_PDEATHSIG names the fork server, which exits
+   when the launcher does (EOF on its pipe), so the chain still ends at the launcher;
 2. a child's first lines arm PR_SET_PDEATHSIG (SIGTERM: it drains and exits when the launcher
    dies, even by SIGKILL) and re-check `os.getppid()` against the pid read before spawning, name
    the process, configure logging, start their own process group (a terminal's Ctrl-C reaches
@@ -44,15 +52,35 @@ from blockllm.broker.lifecycle import (
 logger = logging.getLogger(__name__)
 
 SPAWN = multiprocessing.get_context("spawn")
+# Workers fork from multiprocessing's fork server, which imported the worker's modules once
+# (torch, transformers' decoder layers: ~8 CPU-s a process) and never touched a device.
+FORKSERVER = multiprocessing.get_context("forkserver")
+WORKER_PRELOAD = ["blockllm.worker.proc"]
 BROKER_TARGET = "blockllm.broker.proc:run_broker_process"
 WORKER_TARGET = "blockllm.worker.proc:run_worker_process"
 PLANNER_TARGET = "blockllm.broker.planner.proc:run_planner_process"
 HTTP_TARGET = "blockllm.client.http.server:run_http_process"
 
 
-def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: str) -> None:
-    """Entry point of every spawned child: arm, name, log, then run `target(cfg)`."""
-    arm_parent_death(parent_pid)
+def _child_main(
+    target: str,
+    cfg: Any,
+    parent_pid: int,
+    name: str,
+    log_level: str,
+    forked: tuple[dict[str, str], str] | None = None,
+) -> None:
+    """Entry point of every child: arm, name, log, then run `target(cfg)`. `forked`: (the
+    launcher's environment and working directory when it started this child) for a child of
+    the fork server, which started earlier from whatever they were then."""
+    if forked is None:
+        arm_parent_death(parent_pid)
+    else:
+        _arm_forked(parent_pid)
+        env, cwd = forked
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
     os.setpgid(0, 0)  # own process group: terminal signals go to the launcher only
     set_process_name(f"blockllm-{name}")
     logging.basicConfig(
@@ -63,6 +91,28 @@ def _child_main(target: str, cfg: Any, parent_pid: int, name: str, log_level: st
     module, _, func = target.partition(":")
     run = getattr(importlib.import_module(module), func)
     sys.exit(int(run(cfg) or 0))
+
+
+def _arm_forked(launcher_pid: int) -> None:
+    """A fork server's child: SIGTERM when the server dies (it exits when the launcher does:
+    its end of the launcher's pipe closes), and exit now if the launcher is gone already."""
+    import psutil
+
+    server = os.getppid()
+    arm_parent_death(server)
+    try:
+        ok = psutil.Process(server).ppid() == launcher_pid
+    except psutil.Error:
+        ok = False
+    if not ok:
+        os._exit(1)
+
+
+def forkserver_pid() -> int | None:
+    """The fork server's pid when this process started one (it lives as long as we do)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
 def _stop_groups(
@@ -140,7 +190,7 @@ class Launcher:
         self.stop()
 
     # -- starting ----------------------------------------------------------------------------
-    def _spawn(self, name: str, target: str, cfg: Any) -> BaseProcess:
+    def _spawn(self, name: str, target: str, cfg: Any, fork: bool = False) -> BaseProcess:
         here = threading.current_thread()
         if here is not threading.main_thread():
             # The child's PR_SET_PDEATHSIG would fire when this thread ends: a broker restarted
@@ -149,9 +199,14 @@ class Launcher:
                 f"cannot start {name} from thread {here.name!r}: a child started from a thread "
                 "is SIGTERMed by the kernel when that thread ends; start it from the main thread"
             )
-        proc = SPAWN.Process(
+        args: tuple[Any, ...] = (target, cfg, os.getpid(), name, self.log_level)
+        ctx: Any = SPAWN
+        if fork:
+            FORKSERVER.set_forkserver_preload(WORKER_PRELOAD)  # used when it first starts
+            ctx, args = FORKSERVER, (*args, (dict(os.environ), os.getcwd()))
+        proc = ctx.Process(
             target=_child_main,
-            args=(target, cfg, os.getpid(), name, self.log_level),
+            args=args,
             name=name,
             daemon=False,  # workers may not be daemons' children; we stop them ourselves
         )
@@ -186,7 +241,7 @@ class Launcher:
 
     def start_worker(self, name: str, cfg: Any) -> BaseProcess:
         """Start one worker process (`cfg`: a WorkerProcConfig); readiness: `wait_ready`."""
-        proc = self._spawn(name, WORKER_TARGET, cfg)
+        proc = self._spawn(name, WORKER_TARGET, cfg, fork=True)
         self.workers[name] = proc
         self._workers.append(proc)
         self._start_monitor()
