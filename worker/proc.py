@@ -212,7 +212,8 @@ class WorkerProc:
         self.io.send_last(Dead(reason))
 
     def close(self) -> None:
-        """Stop the loader and IO threads (flushing what is queued), drop the engine's memory.
+        """Stop the loader and IO threads (flushing what is queued, and waiting until it left
+        the process), drop the engine's memory.
 
         The loader is not joined: a load in progress ends with the process (daemon thread)."""
         if self.loader is not None:
@@ -220,6 +221,8 @@ class WorkerProc:
         if self.io.is_alive():
             self.io.stop()
             self.io.join(timeout=self.cfg.dead_linger_ms / 1000 + 5)
+        if not self.io.is_alive() and not self.io.deliver(self.cfg.dead_linger_ms / 1000 + 1):
+            logger.warning("[shutdown] worker %s: messages to the broker may be lost", self.name)
         if self._prom_server is not None:
             self._prom_server.shutdown()
             self._prom_server = None

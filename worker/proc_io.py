@@ -123,7 +123,7 @@ class IOThread(threading.Thread):
         self._pipe_lock = threading.Lock()
         self._pipe_open = True
         os.set_blocking(self._wake_w, False)
-        self._ctx = zmq.Context.instance()
+        self._ctx = zmq.Context()  # its own: `deliver` terminates it at the exit
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # the DEALER's failed handshakes
         self._handshake_logged: str | None = None
@@ -152,6 +152,17 @@ class IOThread(threading.Thread):
         """Flush what is queued, close the socket (with linger) and end the thread."""
         self._stopping = True
         self._wake()
+
+    def deliver(self, timeout_s: float) -> bool:
+        """Once the thread has ended: terminate the ZeroMQ context, so what its closed sockets
+        still hold (the last RESULTs, DEAD) leaves within their linger before the process
+        exits. A process exit does not wait for that (multiprocessing's children end in
+        os._exit; DEAD and a RESULT were lost under load). Bounded by `timeout_s` (a socket left
+        open elsewhere cannot hang the exit); whether it finished."""
+        term = threading.Thread(target=self._ctx.term, name="worker-zmq-term", daemon=True)
+        term.start()
+        term.join(timeout_s)
+        return not term.is_alive()
 
     def fetch(self, msg: Fetch) -> tuple[Message, list[torch.Tensor]]:
         """Send `msg` (a FETCH; its request id is replaced by a fresh one) and wait for the
