@@ -7,6 +7,7 @@ worker and the client gets exactly HF's tokens; without, a typed error arrives, 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -138,5 +139,10 @@ def test_dead_worker_is_replaced_by_one_that_joins_later(zoo: Path, want: list[i
             if ev.index == 0:
                 c.add_worker("w1", ["m:0-6"])
         assert tokens == want[:n]
+        # w1 (forked, ready within a second) may finish the replay before w0 has left
+        assert c.launcher.wait_exit("w0", 30) == EXIT_FATAL
+        deadline = time.monotonic() + 10
+        while not c.launcher.deaths and time.monotonic() < deadline:
+            threading.Event().wait(0.05)  # the monitor thread reports the exit it saw
         deaths = [(d.name, d.exitcode) for d in c.launcher.deaths]
         assert deaths == [("w0", EXIT_FATAL)]
