@@ -9,7 +9,8 @@ STYLE 7.8, in order:
    the worker, after the fork. A worker (re)start costs a fork instead of the imports (the
    e2e parity tests: 57 -> 36 user CPU-s). The child is given the launcher's environment and
    working directory of that moment; its PR_SET_PDEATHSIG names the fork server, which exits
-   when the launcher does (EOF on its pipe), so the chain still ends at the launcher;
+   when the launcher does (EOF on its "alive" pipe, whose copy every forked child closes at
+   once: `_arm_forked`), so the chain still ends at the launcher;
 2. a child's first lines arm PR_SET_PDEATHSIG (SIGTERM: it drains and exits when the launcher
    dies, even by SIGKILL) and re-check `os.getppid()` against the pid read before spawning, name
    the process, configure logging, start their own process group (a terminal's Ctrl-C reaches
@@ -94,12 +95,21 @@ def _child_main(
 
 
 def _arm_forked(launcher_pid: int) -> None:
-    """A fork server's child: SIGTERM when the server dies (it exits when the launcher does:
-    its end of the launcher's pipe closes), and exit now if the launcher is gone already."""
+    """A fork server's child: SIGTERM when the server dies, and exit now if the launcher is
+    gone already. The server exits once no process holds the write end of its "alive" pipe:
+    the launcher, and every child it forked, which inherits a copy. The child closes its
+    copy, so the server (and with it this child) ends with the launcher; kept, a launcher
+    killed outright left its workers and the server running for good."""
+    from multiprocessing import forkserver
+
     import psutil
 
     server = os.getppid()
     arm_parent_death(server)
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
     try:
         ok = psutil.Process(server).ppid() == launcher_pid
     except psutil.Error:
