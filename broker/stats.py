@@ -21,6 +21,7 @@ import itertools
 import math
 import operator
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,21 +140,28 @@ class Metrics:
         oldest = min(
             min((t for t, _ in ttft), default=math.inf), min((t for t, _ in tpot), default=math.inf)
         )
-        ttft_ms = sorted(v for _, v in ttft)
-        tpot_ms = sorted(v for _, v in tpot)
-        return (
-            {
-                "rate_rps": len(arrivals) / self.rate_window_s,
-                "token_rate": len(tokens) / self.rate_window_s,
-                "ttft_ms_p50": round(_rank(ttft_ms, 0.5), 3),
-                "ttft_ms_p95": round(_rank(ttft_ms, 0.95), 3),
-                "tpot_ms_p50": round(_rank(tpot_ms, 0.5), 3),
-                "tpot_ms_p95": round(_rank(tpot_ms, 0.95), 3),
-                "completed": m.completed,
-            },
-            oldest_rate,
-            oldest,
-        )
+        return self._summary(m, ttft, tpot, len(arrivals), len(tokens)), oldest_rate, oldest
+
+    def _summary(
+        self,
+        m: ModelMetrics,
+        ttft: Iterable[tuple[float, float]],
+        tpot: Iterable[tuple[float, float]],
+        arrivals: int,
+        tokens: int,
+    ) -> dict[str, Any]:
+        """model_stats from the samples in the windows (`_stats` and `_stats_ordered`)."""
+        ttft_ms = sorted([v for _, v in ttft])
+        tpot_ms = sorted([v for _, v in tpot])
+        return {
+            "rate_rps": arrivals / self.rate_window_s,
+            "token_rate": tokens / self.rate_window_s,
+            "ttft_ms_p50": round(_rank(ttft_ms, 0.5), 3),
+            "ttft_ms_p95": round(_rank(ttft_ms, 0.95), 3),
+            "tpot_ms_p50": round(_rank(tpot_ms, 0.5), 3),
+            "tpot_ms_p95": round(_rank(tpot_ms, 0.95), 3),
+            "completed": m.completed,
+        }
 
     def _stats_ordered(self, m: ModelMetrics, now: float) -> tuple[dict[str, Any], float, float]:
         """`_stats` when every deque is in time order: a window's samples are a suffix, found
@@ -166,21 +174,7 @@ class Metrics:
         tokens = _suffix(m.tokens, rate_since, None)
         oldest_rate = min(arrivals[0] if arrivals else math.inf, tokens[0] if tokens else math.inf)
         oldest = min(ttft[0][0] if ttft else math.inf, tpot[0][0] if tpot else math.inf)
-        ttft_ms = sorted([v for _, v in ttft])
-        tpot_ms = sorted([v for _, v in tpot])
-        return (
-            {
-                "rate_rps": len(arrivals) / self.rate_window_s,
-                "token_rate": len(tokens) / self.rate_window_s,
-                "ttft_ms_p50": round(_rank(ttft_ms, 0.5), 3),
-                "ttft_ms_p95": round(_rank(ttft_ms, 0.95), 3),
-                "tpot_ms_p50": round(_rank(tpot_ms, 0.5), 3),
-                "tpot_ms_p95": round(_rank(tpot_ms, 0.95), 3),
-                "completed": m.completed,
-            },
-            oldest_rate,
-            oldest,
-        )
+        return self._summary(m, ttft, tpot, len(arrivals), len(tokens)), oldest_rate, oldest
 
 
 _time = operator.itemgetter(0)
