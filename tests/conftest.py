@@ -140,24 +140,15 @@ def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return convert_smollm2(root / "smollm2", dtype="float32")
 
 
-def _infrastructure_pids() -> set[int]:
-    """Helper processes multiprocessing keeps for the whole run (never ours to reap): the
-    resource tracker and the workers' fork server."""
-    from multiprocessing import resource_tracker
-
-    from blockllm.client.launcher.launcher import forkserver_pid
-
-    pids = {getattr(resource_tracker._resource_tracker, "_pid", None), forkserver_pid()}
-    return {p for p in pids if p}
-
-
 @pytest.fixture(autouse=True)
 def _reap_children() -> Iterator[None]:
     """Any child process a test leaves running is terminated, then killed, after it."""
+    from blockllm.client.launcher.launcher import infrastructure_pids
+
     me = psutil.Process()
     before = {c.pid for c in me.children(recursive=True)}
     yield
-    keep = before | _infrastructure_pids()
+    keep = before | infrastructure_pids()
     children = [c for c in me.children(recursive=True) if c.pid not in keep]
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -177,13 +177,11 @@ def leftover_children() -> list[int]:
     """Pids of this process's children still alive (after a clean stop: none but
     multiprocessing's own resource tracker and the workers' fork server, which live as long as
     this process)."""
-    from multiprocessing import resource_tracker
-
     import psutil
 
-    from blockllm.client.launcher.launcher import forkserver_pid
+    from blockllm.client.launcher.launcher import infrastructure_pids
 
-    keep = {getattr(resource_tracker._resource_tracker, "_pid", None), forkserver_pid()}
+    keep = infrastructure_pids()
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in keep]
 
 

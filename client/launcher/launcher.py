@@ -118,11 +118,16 @@ def _arm_forked(launcher_pid: int) -> None:
         os._exit(1)
 
 
-def forkserver_pid() -> int | None:
-    """The fork server's pid when this process started one (it lives as long as we do)."""
-    from multiprocessing import forkserver
+def infrastructure_pids() -> set[int]:
+    """The helper processes multiprocessing keeps for this process's whole life, never ours
+    to stop: its resource tracker and the workers' fork server (those it started)."""
+    from multiprocessing import forkserver, resource_tracker
 
-    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+    pids = {
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+    }
+    return {p for p in pids if p}
 
 
 def _stop_groups(
