@@ -18,8 +18,7 @@ family looked up, those of the family's models whose key over the span is advert
 others watch that key from then on; of every family's models for a stage of an unknown model,
 whose spans every model looks up); all of them when `keys_gen` says the models' stage keys
 may have changed (reload, SET_CHAIN). What was dropped is kept for `take_dropped`: the waiting
-requests of those models may have a route now (broker/waiting.py). `version(model)`: whether
-the stages serving a model may have changed since an earlier call, without building edges.
+requests of those models may have a route now (broker/waiting.py).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from typing import Any
 from blockllm.broker.lazy_edges import Entry, LazyEdges, Sorted, by_order
 from blockllm.broker.routing import Solo, WorkerView, solo_routes
 
-Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
 Edges = Mapping[int, list[tuple[Hashable, Any]]]  # (a LazyEdges)
 KeyOf = Callable[[str, int, int], "str | None"]
 # (starts, keys): the model's key over each span looked up, and the span's start (two lists,
@@ -81,10 +79,6 @@ class StageIndex:
         self.dropped_all = False
         self.shown_dropped: set[str] = set()
         self.shown_dropped_all = False
-        # model -> its routing version (`version`): bumped from `_gen` when a key it watches
-        # changes or its span keys do; forgotten with every watch (`_drop_all`)
-        self._ver: dict[str, int] = {}
-        self._gen = 0
 
     # -- freshness ----------------------------------------------------------------------------
     def _fresh(self, workers: Mapping[Hashable, Any], keys_gen: int) -> None:
@@ -203,15 +197,11 @@ class StageIndex:
             if not self.span_count.get(fam):
                 self.span_count.pop(fam, None)
         # (a span that died is no key's any more: the keys of its stages are `changed`)
-        ver = self._ver
         for key in changed:
             watchers = self._watch.get(key)
-            if not watchers:
-                continue
-            self._gen += 1  # (one new version for all of them: each still differs from before)
-            ver.update(dict.fromkeys(watchers, self._gen))
-            for model in watchers & self._edges.keys():  # (those with edges cached)
-                self._drop(model)
+            if watchers:
+                for model in watchers & self._edges.keys():  # (those with edges cached)
+                    self._drop(model)
         for fam, (start, end) in born:
             # (a span of an unknown model's stage: every family's models may look it up)
             groups = list(self._families.values()) if fam is None else [self._families.get(fam)]
@@ -222,14 +212,9 @@ class StageIndex:
                 if key is None:
                     continue  # no key of the model there: its edges cannot use the span
                 if key in self.by_key:
-                    self._bump(model)
                     self._drop(model)
                 else:  # nothing serves it there yet: a stage that comes drops its edges
                     self._watch.setdefault(key, set()).add(model)
-
-    def _bump(self, model: str) -> None:
-        self._gen += 1
-        self._ver[model] = self._gen
 
     def _drop(self, model: str) -> None:
         """Forget the model's cached edges (a model without any: nothing). Its watches stay:
@@ -252,7 +237,6 @@ class StageIndex:
         """Drop what is kept of `models` (tenants that left or arrived: a name may come back
         with other stage keys) without touching the other models' routes."""
         for model in models:
-            self._bump(model)
             self._drop(model)
             self._spans_keyed.pop(model, None)
             self._watched.pop(model, None)
@@ -260,7 +244,7 @@ class StageIndex:
     def _drop_all(self) -> None:
         self._edges, self._families, self._solo = {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
-        self._spans_keyed, self._watched, self._ver = {}, {}, {}
+        self._spans_keyed, self._watched = {}, {}
         self.dropped_all = self.shown_dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
@@ -348,29 +332,8 @@ class StageIndex:
         hit = self._sorted[key] = (end, entries, [(peer, s) for _, peer, s in entries])
         return hit
 
-    def version(
-        self,
-        model: str,
-        chain_len: int,
-        workers: Mapping[Hashable, Any],
-        keys_gen: int,
-        key_of: KeyOf,
-    ) -> int:
-        """`model`'s routing version: a number that differs from every earlier one it returned
-        whenever the live stages serving the model (its `edges`: what its routes are found
-        from, leaving out loads, availability and bans) may have changed since. Equal numbers
-        mean the same edges. Cheap: no edges are built; the model watches its span keys from
-        the first call on, and a stage that comes, goes or is drained bumps the version of
-        the models watching its key (O(1) each); a change of its family's spans, of its chain
-        length, or of the models' stage keys (`keys_gen`) gives a new number too."""
-        self._key_of = key_of
-        self._fresh(workers, keys_gen)
-        self._looked_up(model, self.family_of(model), chain_len, key_of)
-        return self._ver[model]
-
     def _looked_up(self, model: str, fam: Hashable, chain_len: int, key_of: KeyOf) -> Looked:
-        """`_span_keys`, the model watching each of them (and a new version when they are
-        not the ones it watched)."""
+        """`_span_keys`, the model watching each of them."""
         looked = self._span_keys(model, fam, chain_len, key_of)
         old = self._watched.get(model)
         if old is not looked:  # (watched since its spans changed: watches are never taken
@@ -380,7 +343,6 @@ class StageIndex:
                 if key not in had:
                     self._watch.setdefault(key, set()).add(model)
             self._watched[model] = looked
-            self._bump(model)
         return looked
 
     def _sorted_spans(self, fam: Hashable) -> list[tuple[int, int]]:
