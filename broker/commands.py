@@ -121,7 +121,12 @@ class Commands:
                 why = check_planned(route, spec.chain_len)
                 if why is not None:
                     return self._ack(peer, msg.command_id, False, f"{model}: {why}")
-        self.state.preferred = {m: tuple(r) for m, r in msg.routes.items() if r}
+        # (a model's routes equal to its last ones keep their tuple: what is kept per route,
+        # rewire.PlannedKeys and the shown routes, stays)
+        old = self.state.preferred
+        self.state.preferred = {
+            m: old[m] if old.get(m) == (t := tuple(r)) else t for m, r in msg.routes.items() if r
+        }
         self.state.routes_gen += 1
         self.state.waiting.wake_all()  # the routes the waiting requests would take changed
         if msg.move_running:

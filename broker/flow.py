@@ -71,7 +71,9 @@ class RequestFlow:
         if planned:
             running = {} if idle else self.state.running.get(model, {})  # per route (set_route)
             by_name = self.state.names()
-            hops = best_planned(model, planned, by_name, views, self.state.key_of, running)
+            st = self.state
+            keys = st.planned_keys.of(model, planned, st.keys_gen, st.key_of)
+            hops = best_planned(planned, keys, by_name, views, running)
             if hops is not None:
                 return hops
         edges, solo = self.state.stage_index.solo(
@@ -117,7 +119,8 @@ class RequestFlow:
         bytes_short = False
         st = self.state
         self.tries += 1
-        if not st.stage_index.coverable(
+        # (a model with planned routes tries them first: they need no edges)
+        if not st.preferred.get(req.model) and not st.stage_index.coverable(
             req.model, req.spec.chain_len, st.workers, st.keys_gen, st.key_of
         ):
             return None, {}, False  # no live stages chain the model: nothing to look at per worker

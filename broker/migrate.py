@@ -170,11 +170,13 @@ class Migration:
             for r in self.state.requests.values()
             if r.model == req.model and r.route
         )
-        args = (by_name, views, self.state.key_of, running)
-        stay = planned_score(req.model, planned, signature(req.route), *args, joining=0)
+        st = self.state
+        keys = st.planned_keys.of(req.model, planned, st.keys_gen, st.key_of)
+        args = (by_name, views, running)
+        stay = planned_score(planned, keys, signature(req.route), *args, joining=0)
         if stay is None:
             return False
-        go = planned_score(req.model, planned, signature(new), *args, joining=1)
+        go = planned_score(planned, keys, signature(new), *args, joining=1)
         return go is None or stay <= go
 
     # -- answers of workers ------------------------------------------------------------------

@@ -44,41 +44,73 @@ def check_planned(route: PlannedRoute, chain_len: int) -> str | None:
     return None
 
 
+# a planned route's hops with their stage keys: (worker name, the model's key over each span,
+# None where it has none, the spans), found once per route (`PlannedKeys`)
+Keyed = tuple[tuple[str, tuple["str | None", ...], tuple[Any, ...]], ...]
+
+
+def keyed(model: str, route: PlannedRoute, key_of: KeyOf) -> Keyed:
+    """`route`'s hops with `model`'s stage key over each of their spans."""
+    return tuple(
+        (hop.worker, tuple(key_of(model, start, end) for start, end in hop.spans), tuple(hop.spans))
+        for hop in route.hops
+    )
+
+
+class PlannedKeys:
+    """Per model, its planned routes `keyed`: kept while its routes (the same tuple object:
+    SET_ROUTES keeps a model's tuple when its routes are equal) and the models' stage keys
+    (`keys_gen`: SET_CHAIN, a changed model) stay; `forget` a model that left or arrived (a
+    name may come back with other keys). A GENERATE then resolves its planned routes without
+    keying every hop's spans again."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Sequence[PlannedRoute], int, list[Keyed]]] = {}
+
+    def of(
+        self, model: str, routes: Sequence[PlannedRoute], keys_gen: int, key_of: KeyOf
+    ) -> list[Keyed]:
+        hit = self._kept.get(model)
+        if hit is None or hit[0] is not routes or hit[1] != keys_gen:
+            hit = self._kept[model] = (routes, keys_gen, [keyed(model, r, key_of) for r in routes])
+        return hit[2]
+
+    def forget(self, models: set[str]) -> None:
+        for model in models:
+            self._kept.pop(model, None)
+
+
 def resolve(
-    model: str,
-    route: PlannedRoute,
-    by_name: Mapping[str, Hashable],
-    views: Mapping[Hashable, WorkerView],
-    key_of: KeyOf,
+    hops: Keyed, by_name: Mapping[str, Hashable], views: Mapping[Hashable, WorkerView]
 ) -> list[Hop] | None:
-    """The hops of `route` over `views`, or None when a hop is not hosted or not available."""
-    hops: list[Hop] = []
-    for hop in route.hops:
-        peer = by_name.get(hop.worker)
+    """The `keyed` hops over `views`, or None when a hop is not hosted or not available."""
+    out: list[Hop] = []
+    for name, keys, spans in hops:
+        peer = by_name.get(name)
         view = views.get(peer) if peer is not None else None
         if view is None or not view.available:
             return None
         hosted = view.hosts()
-        keys = tuple(key_of(model, start, end) for start, end in hop.spans)
-        if any(k is None or k not in hosted for k in keys):
-            return None
-        hops.append(Hop(peer, keys, tuple(hop.spans)))  # type: ignore[arg-type]
-    return hops
+        for key in keys:
+            if key is None or key not in hosted:
+                return None
+        out.append(Hop(peer, keys, spans))  # type: ignore[arg-type]
+    return out
 
 
 def best_planned(
-    model: str,
     routes: Sequence[PlannedRoute],
+    keys: Sequence[Keyed],
     by_name: Mapping[str, Hashable],
     views: Mapping[Hashable, WorkerView],
-    key_of: KeyOf,
     running: Mapping[Signature, int],
 ) -> list[Hop] | None:
     """The resolvable planned route with the fewest running requests per weight (ties: the
-    first listed); `running` counts the model's requests on each route signature."""
+    first listed); `keys`: the routes `keyed` (`PlannedKeys.of`); `running` counts the
+    model's requests on each route signature."""
     best: tuple[float, list[Hop]] | None = None
-    for route in routes:
-        hops = resolve(model, route, by_name, views, key_of)
+    for route, hops_keyed in zip(routes, keys, strict=True):
+        hops = resolve(hops_keyed, by_name, views)
         if hops is None:
             continue
         score = (running.get(signature(hops), 0) + 1) / route.weight
@@ -95,21 +127,21 @@ def same_route(a: Sequence[Hop] | None, b: Sequence[Hop] | None) -> bool:
 
 
 def planned_score(
-    model: str,
     routes: Sequence[PlannedRoute],
+    keys: Sequence[Keyed],
     sig: Signature,
     by_name: Mapping[str, Hashable],
     views: Mapping[Hashable, WorkerView],
-    key_of: KeyOf,
     running: Mapping[Signature, int],
     joining: int,
 ) -> float | None:
     """Running requests per weight of the planned route whose hops are `sig` once `joining`
     more requests are on it (0 for the route a request already runs on: it is counted in
-    `running`); the best such score, or None when no planned route resolves to `sig`."""
+    `running`); the best such score, or None when no planned route resolves to `sig`.
+    `keys`: the routes `keyed`."""
     best: float | None = None
-    for route in routes:
-        hops = resolve(model, route, by_name, views, key_of)
+    for route, hops_keyed in zip(routes, keys, strict=True):
+        hops = resolve(hops_keyed, by_name, views)
         if hops is not None and signature(hops) == sig:
             score = (running.get(sig, 0) + joining) / route.weight
             best = score if best is None else min(best, score)

@@ -19,7 +19,7 @@ from blockllm.broker.hop_timer import HopTimer
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Substitution
 from blockllm.broker.requests import RequestState, split_wire_id
-from blockllm.broker.rewire import signature
+from blockllm.broker.rewire import PlannedKeys, signature
 from blockllm.broker.routing import Hop
 from blockllm.broker.shown import ShownRoutes
 from blockllm.broker.stage_index import StageIndex
@@ -111,6 +111,7 @@ class BrokerState:
         # SET_ROUTES: the planner's preferred routes per model; routes_gen bumps on every change,
         # move_gen is the last routes_gen that asked running requests to move
         self.preferred: dict[str, tuple[PlannedRoute, ...]] = {}
+        self.planned_keys = PlannedKeys()  # their hops' stage keys, kept per model
         self.routes_gen = 0
         self.move_gen = 0
         self.chains: dict[str, tuple[str, ...]] = {}  # SET_CHAIN: assembled chains
@@ -252,6 +253,7 @@ class BrokerState:
         if drop:
             self.key_cache = {k: v for k, v in self.key_cache.items() if k[0] not in drop}
             self.stage_index.forget(drop)
+            self.planned_keys.forget(drop)
         if changed:
             self.keys_gen += 1
         logger.info("[models] %d: %s", len(self.models), ", ".join(sorted(self.models)) or "-")

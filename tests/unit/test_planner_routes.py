@@ -10,7 +10,7 @@ import pytest
 
 from blockllm.broker.planner.hosted import routes_to_send
 from blockllm.broker.protocol import LoadStage, PlannedHop, PlannedRoute, SetRoutes
-from blockllm.broker.rewire import resolve
+from blockllm.broker.rewire import keyed, resolve
 from blockllm.broker.stage_index import LiveViews
 from blockllm.client.bench.scale import Trace
 from blockllm.client.bench.scale_sim import PLANNER, Sim
@@ -93,7 +93,7 @@ def unresolved(sim: Sim, routes: dict[str, Any]) -> list[tuple[str, Any]]:
         (model, r)
         for model, rs in routes.items()
         for r in rs
-        if model in st.models and resolve(model, r, by_name, views, st.key_of) is None
+        if model in st.models and resolve(keyed(model, r, st.key_of), by_name, views) is None
     ]
 
 
