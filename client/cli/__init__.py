@@ -14,13 +14,26 @@ import click
 
 from blockllm.client.cli.common import CliError
 
+# Long-running processes started on their own (by hand or by a unit): their lifecycle lines
+# ("[ready] broker listening on ADDR", the planner's placements, a worker's loads) are INFO and
+# are what an operator starting them watches for, so they log at INFO unless told otherwise.
+DAEMONS = frozenset({"broker", "worker", "planner", "http"})
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More logging (-v info, -vv debug). broker, worker, planner and http log at info "
+    "already; $BLOCKLLM_LOG_LEVEL overrides both.",
+)
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """BlockLLM: serve many fine-tuned variants of one LLM from shared blocks."""
+    quiet = "INFO" if ctx.invoked_subcommand in DAEMONS else "WARNING"
     level = os.environ.get("BLOCKLLM_LOG_LEVEL") or (
-        "DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING"
+        "DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else quiet
     )
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
