@@ -279,6 +279,9 @@ def run_size(
         "first_route_planned": c.first_routes.get("planned", 0),
         "first_route_own_planned": c.first_routes.get("own_planned", 0),
         "first_route_own_none": c.first_routes.get("own_none", 0),
+        # first routes over more hops than the model's shortest target route (scale_sim)
+        "first_route_longer": c.longer_routes,
+        "first_route_extra_hops": c.longer_hops,
         "coverage_wait_s_p50": round(pct(c.coverage_wait_s, 0.5), 2),
         # relayed: what the broker on node 0 sends to and gets from other nodes (BlockLLM);
         # hop to hop: what worker-to-worker forwarding would send across nodes (scale_sim)

@@ -163,6 +163,10 @@ class Counters:
     # broker's own (DP or one worker) while the model had planned routes ("own_planned": none
     # resolved) or had none ("own_none")
     first_routes: dict[str, int] = field(default_factory=dict)
+    # first routes with more hops than the shortest of the planner's target routes for the
+    # model (a moving replica's model routed over pieces), and the extra hops they took
+    longer_routes: int = 0
+    longer_hops: int = 0
     finished: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     waited_for_coverage: int = 0
@@ -280,6 +284,11 @@ class Sim:
         else:
             kind = "own_planned" if planned else "own_none"
         self.c.first_routes[kind] = self.c.first_routes.get(kind, 0) + 1
+        target = self.planner.target if self.planner is not None else None
+        want = target.plan.routes.get(model, ()) if target is not None else ()
+        if want and len(route) > min(len(r.hops) for r in want):
+            self.c.longer_routes += 1
+            self.c.longer_hops += len(route) - min(len(r.hops) for r in want)
 
     def _tick(self) -> None:
         self._broker("tick", self.broker.tick, self.now)
