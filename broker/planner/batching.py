@@ -20,11 +20,25 @@ once per `batch_cooldown_s`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.protocol import Message, SetBatch, WorkerStatus
 
 FULL = 0.75  # a stage whose mean batch reaches this share of its limit fills it
+
+
+def shared_keys(
+    workers: Mapping[str, Any], manifests: Mapping[str, Any], key: Callable[..., str | None]
+) -> set[str]:
+    """Stage keys that serve more than one model (their blocks are the same for them)."""
+    shared = set()
+    for w in workers.values():
+        for k, st in w.stages.items():
+            users = [m for m in manifests if key(m, st.start, st.end) == k]
+            if len(users) > 1:
+                shared.add(k)
+    return shared
 
 
 class BatchTuner:

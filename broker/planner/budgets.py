@@ -4,7 +4,8 @@ The target placement fits every budget, but the way there loads new stages befor
 ones go (so no model loses its route). `Room` checks each load against what the worker holds
 now plus the loads already on their way (blocks counted once per worker, as the worker's
 block cache holds them); a load that does not fit waits, and stages the target does not keep
-are unloaded from that worker first, as long as every model stays covered without them. A load
+are unloaded from that worker first, as long as every model stays covered without them and
+no sent route uses them while its model's new routes load (hosted.py `spared`). A load
 that has waited `load_timeout_s` for room may unload even those (a short gap in coverage, the
 requests wait for their route, rather than a placement that never completes).
 """

@@ -71,3 +71,41 @@ def routes_to_send(
         if got:
             out[model] = got
     return out
+
+
+def spared(
+    sent: Mapping[str, tuple[PlannedRoute, ...]],
+    target: Mapping[str, tuple[PlannedRoute, ...]],
+    key: KeyOf,
+    coming: Callable[[str, str], bool],
+) -> set[tuple[str, str]]:
+    """(worker, stage key) of the sent routes that making room spares (planner.py
+    `_make_room`): those of a model whose target routes are all on their way (`coming(worker,
+    key)`: hosted, or its LOAD_STAGE sent and not waiting for room). Unloading one would leave
+    the model to the broker's own routes over whatever pieces still cover it (2-4 hops for a
+    chain that had one) until its new replica loads; once the target's routes are hosted they
+    replace the old ones and the stage is no longer spared. A model whose new stages wait for
+    room themselves (a cycle of moves could wait on each other) or were given up spares
+    nothing: room is made as before (by coverage)."""
+    out: set[tuple[str, str]] = set()
+    for model, routes in sent.items():
+        want = target.get(model, ())
+        old = [r for r in routes if r not in want]
+        if not want or not old or not all(_on_the_way(model, r, key, coming) for r in want):
+            continue
+        for r in old:
+            for hop in r.hops:
+                for start, end in hop.spans:
+                    k = key(model, start, end)
+                    if k is not None:
+                        out.add((hop.worker, k))
+    return out
+
+
+def _on_the_way(model: str, route: PlannedRoute, key: KeyOf, coming: Callable) -> bool:
+    for hop in route.hops:
+        for start, end in hop.spans:
+            k = key(model, start, end)
+            if k is None or not coming(hop.worker, k):
+                return False
+    return True

@@ -13,9 +13,10 @@ returns the commands to send it (broker/commands.py). It keeps a **target** plac
    After a lost worker only the replicas it had are re-placed (planner/replan.py), a full
    placement only when that leaves a model uncovered a full one would cover.
 2. **Coverage first**: missing stages are loaded (LOAD_STAGE) within each worker's memory
-   budget; each planned route is sent (SET_ROUTES) once every stage it names is hosted, a
-   model keeping its previous routes meanwhile (planner/hosted.py), and the assembled chains
-   (SET_CHAIN) once every load is done; stages the target no longer has are unloaded
+   budget (room is not made from a sent route of a model whose new routes are loading); each
+   planned route is sent (SET_ROUTES) once every stage it names is hosted, a model keeping its
+   previous routes meanwhile (planner/hosted.py), and the assembled chains (SET_CHAIN) once
+   every load is done; stages the target no longer has are unloaded
    (UNLOAD_STAGE, which the broker drains) last, so no model loses its route on the way.
 3. **Stragglers** (planner/stragglers.py): a worker much slower than the others gets its stages
    duplicated on a healthy worker and its routes moved there (running requests move at their
@@ -32,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockllm.broker.planner.assembly import assemble
-from blockllm.broker.planner.batching import BatchTuner
+from blockllm.broker.planner.batching import BatchTuner, shared_keys
 from blockllm.broker.planner.budgets import Room, removable
 from blockllm.broker.planner.config import PlannerConfig
 from blockllm.broker.planner.coverage import Coverage
 from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_routes
-from blockllm.broker.planner.hosted import resolves, routes_to_send
+from blockllm.broker.planner.hosted import resolves, routes_to_send, spared
 from blockllm.broker.planner.inputs import model_info, worker_info
 from blockllm.broker.planner.owners import Owners
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
@@ -144,18 +145,9 @@ class Planner:
         self.spawns.step(self, workers, models, served, now)  # actions: PlannerProc
         if self.cfg.batch_target_ms > 0:
             entries = {w.name: w for w in body.workers}
-            out += self.batching.step(entries, self._shared_keys(workers), now, self.command_id)
+            shared = shared_keys(workers, self.manifests, self._key)
+            out += self.batching.step(entries, shared, now, self.command_id)
         return out
-
-    def _shared_keys(self, workers: Mapping[str, WorkerFacts]) -> set[str]:
-        """Stage keys that serve more than one model (their blocks are the same for them)."""
-        shared = set()
-        for w in workers.values():
-            for key, st in w.stages.items():
-                users = [m for m in self.manifests if self._key(m, st.start, st.end) == key]
-                if len(users) > 1:
-                    shared.add(key)
-        return shared
 
     def _parse_workers(self, body: StatsBody) -> dict[str, WorkerFacts]:
         memory = self.cfg.worker_memory_bytes
@@ -331,18 +323,22 @@ class Planner:
         out: list[Message] = []
         missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
         room = Room(self.manifests, workers, self._loading())
-        cov: list[Any] = []  # built once, when some load waits for room: (coverage, kept)
+        waiting: list[Key] = []
         for k in missing:
             if room.fits(k[0], t.stage_keys[k]):
                 self.waiting_room.pop(k, None)
                 room.take(k[0], t.stage_keys[k])
                 out += self._load(k, t.stage_keys[k], workers, now)
             else:
-                since = self.waiting_room.setdefault(k, now)
-                if not cov:
-                    keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
-                    cov = [Coverage(workers, self._key, self.manifests), keep]
-                out += self._make_room(workers[k[0]], cov[0], cov[1], now - since, now)
+                self.waiting_room.setdefault(k, now)
+                waiting.append(k)
+        if waiting:  # room is made once this snapshot's loads are sent (what is on its way)
+            keep = set(t.stage_keys) | self.duplicates.stage_keys() | pinned_keys(workers)
+            cov = Coverage(workers, self._key, self.manifests)
+            spare = self._spared(have)
+            for k in waiting:
+                waited = now - self.waiting_room[k]
+                out += self._make_room(workers[k[0]], cov, keep, spare, waited, now)
         given_up = [
             k for k in missing if self.pending_loads.get(k, (0, 0))[1] > self.cfg.load_tries
         ]
@@ -367,11 +363,19 @@ class Planner:
         return out
 
     def _make_room(
-        self, w: WorkerFacts, cov: Coverage, keep: set[Key], waited: float, now: float
+        self,
+        w: WorkerFacts,
+        cov: Coverage,
+        keep: set[Key],
+        spare: set[Key],
+        waited: float,
+        now: float,
     ) -> list[Message]:
         """Unload stages of `w` the target does not keep (`keep`: the target's, the
         duplicates' and the pinned stages) so that a load fits (see budgets.py), none a
-        covered model needs unless the load waited long; `cov`: the snapshot's coverage."""
+        covered model needs, nor one a sent route uses while its model's new routes are on
+        their way (`spare`, hosted.py `spared`), unless the load waited long; `cov`: the
+        snapshot's coverage."""
         t = self.target
         assert t is not None
 
@@ -380,12 +384,29 @@ class Planner:
             return cov.still_covered(worker, key, st.start, st.end, t.models)
 
         force = waited >= self.cfg.load_timeout_s
+        kept = keep if force else keep | spare
         out: list[Message] = []
-        for key in removable(w, keep, set(self.pending_unloads), covered_without, force):
+        for key in removable(w, kept, set(self.pending_unloads), covered_without, force):
             self.pending_unloads[(w.name, key)] = now + self.cfg.drain_s + self.cfg.load_timeout_s
             logger.info("[planner] unload %s from %s to make room", w.stages[key], w.name)
             out.append(UnloadStage(key, w.name, self.command_id(), self.cfg.drain_s))
         return out
+
+    def _spared(self, have: set[Key]) -> set[Key]:
+        """The stages of sent routes that making room spares (hosted.py `spared`)."""
+        t = self.target
+        assert t is not None
+
+        def coming(worker: str, key: str) -> bool:
+            k = (worker, key)
+            if k in have:
+                return key in self.hosted.get(worker, ())  # live, not draining
+            retry_at = self.pending_loads.get(k, (math.inf, 0))[0]
+            return retry_at != math.inf and k not in self.waiting_room
+
+        trusted = self._assembled()
+        sent = {m: rs for m, rs in (self.routes_sent or {}).items() if m not in trusted}
+        return spared(sent, t.plan.routes, self._key, coming)
 
     def _load(
         self, k: Key, stage: tuple[str, int, int], workers: Mapping[str, WorkerFacts], now: float
