@@ -292,11 +292,13 @@ def serve(**params: Any) -> None:
     `blockllm generate --broker ADDR` takes. With --http, the line
     `blockllm: OpenAI-compatible API at URL` comes first ("http" with --json), once the
     HTTP API answers. Logs go to stderr. Ctrl-C or SIGTERM stops the
-    workers (they finish in-flight steps), then the broker, and exits 0. A worker that dies
-    (a crash, the OOM killer) is logged and restarted with the same stages while the broker
-    replays its requests: accepted requests are still answered. Serve stops everything and
-    exits 1 when it cannot heal: the broker, planner or HTTP API died, or a worker crash-loops
-    (--crash-loop-deaths within --crash-loop-window). The planner may start up to --max-spawn
+    workers (they finish in-flight steps), then the broker, and exits 0. A process that dies
+    (a crash, the OOM killer) is logged and restarted: a worker with the same stages while the
+    broker replays its requests; the broker on the same address (workers register again,
+    clients resume their requests); the planner; the HTTP API on the same port (its open
+    streams fail; new requests are served). Serve stops everything and exits 1 when it cannot
+    heal: a restart fails, or one of them crash-loops (--crash-loop-deaths within
+    --crash-loop-window). The planner may start up to --max-spawn
     more workers; they are its children, retired when unneeded and stopped with it.
     """
     from blockllm.client.launcher import LaunchError, ServeConfig, run_serve

@@ -6,11 +6,19 @@ SIGINT/SIGTERM (or a failure it cannot heal) stops them all.
 weighted by compute per token), starts everything through a `Launcher`, calls `announce` once
 every model is covered, and stops the children in order at the end.
 
-Healing: a worker that dies (SIGKILL by the OOM killer, a crash) is restarted in its slot (same
-name, same stages); meanwhile the broker keeps its requests waiting and replays them on the new
-worker (or wherever the planner moved the stages), so an accepted request is answered. A slot
-that dies `crash_loop_deaths` times within `crash_loop_window_s` is crash-looping: serve stops
-(exit 1), as it does when the broker, the planner or the HTTP API dies (nothing to heal them).
+Healing: every child is restarted in its slot when it dies (SIGKILL by the OOM killer, a crash):
+- a worker with the same name and stages; meanwhile the broker keeps its requests waiting and
+  replays them on the new worker (or wherever the planner moved the stages);
+- the planner with the same flags: its state is soft (it re-reads the cluster from the broker's
+  stats and keeps the routes the broker holds); the workers it spawned die with it;
+- the HTTP API on the port it had bound; requests it was streaming fail with a dropped
+  connection (an HTTP client retries), new ones are served once it answers again;
+- the broker on the endpoint it had bound: workers register again (they keep their stages),
+  clients resume their requests from the tokens they already have (`Generate.resume_ids`), the
+  planner subscribes to the new broker's stats.
+So an accepted request is answered unless the HTTP API itself died under it. A slot that dies
+`crash_loop_deaths` times within `crash_loop_window_s` is crash-looping: serve stops
+everything and exits 1, as it does when a restart fails.
 """
 
 from __future__ import annotations
@@ -63,15 +71,16 @@ class Serving:
     models: tuple[str, ...]
     workers: tuple[tuple[str, int, tuple[str, ...]], ...]  # (name, pid, stages)
     http: str = ""  # the HTTP API's base URL ("": none)
-    configs: dict[str, Any] = field(default_factory=dict)  # worker slot name -> its config
+    configs: dict[str, Any] = field(default_factory=dict)  # slot name -> its child's config
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived while the cluster was still starting."""
 
 
-class WorkerSlots:
-    """The worker slots serve restarts, and the crash-loop rule (pure: no processes).
+class Slots:
+    """The slots serve restarts (workers, "planner", "http", "broker"), and the crash-loop rule
+    (pure: no processes).
 
     `death(name, now)` records a death of slot `name`: True if it may be restarted, False if
     the slot died `deaths` times within `window_s` seconds (or is not a slot: unhealable).
@@ -236,7 +245,7 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
         if state["stop"]:
             return 0
         announce(serving)
-        slots = WorkerSlots(serving.configs, cfg.crash_loop_deaths, cfg.crash_loop_window_s)
+        slots = Slots(serving.configs, cfg.crash_loop_deaths, cfg.crash_loop_window_s)
         seen = 0
         while not state["stop"]:
             multiprocessing.connection.wait([wake.fd])
@@ -244,7 +253,7 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
             while seen < len(launcher.deaths) and not state["stop"]:
                 death = launcher.deaths[seen]
                 seen += 1
-                if not _heal(launcher, slots, serving, death):
+                if not _heal(launcher, slots, serving, death, cfg.ready_timeout_s):
                     return 1
         logger.info("[shutdown] signal received; stopping")
         return 0
@@ -259,24 +268,40 @@ def run_serve(cfg: ServeConfig, announce: Callable[[Serving], None]) -> int:
         wake.close()
 
 
-def _heal(launcher: Launcher, slots: WorkerSlots, serving: Serving, death: Death) -> bool:
-    """Restart the worker slot of `death`; False (logged) when it cannot be healed."""
+def _heal(launcher: Launcher, slots: Slots, serving: Serving, death: Death, timeout: float) -> bool:
+    """Restart the slot of `death` (waiting up to `timeout` s for a broker or HTTP API to be
+    ready); False (logged) when it cannot be healed."""
     if not slots.death(death.name, time.monotonic()):
         if death.name in slots.history:
             why = (
-                f"worker slot {death.name} is crash-looping: {slots.recent(death.name)} deaths "
+                f"{_slot(death.name)} is crash-looping: {slots.recent(death.name)} deaths "
                 f"within {slots.window_s:g} s (--crash-loop-deaths/--crash-loop-window)"
             )
         else:
             why = f"{death}: serve cannot run without it"
         logger.error("[shutdown] stopping: %s", why)
         return False
-    proc = launcher.start_worker(death.name, serving.configs[death.name])
+    cfg = serving.configs[death.name]
+    try:
+        if death.name == "broker":
+            launcher.start_broker(cfg, timeout)
+            how = f"on {launcher.endpoint}; workers register again and clients resume"
+        elif death.name == "planner":
+            launcher.start_planner(cfg)
+            how = "with the same flags; it reads the cluster from the broker's stats"
+        elif death.name == "http":
+            launcher.start_http(cfg, timeout)
+            how = f"at {launcher.http_url}"
+        else:
+            launcher.start_worker(death.name, cfg)
+            how = "with the same stages; the broker replays its requests"
+    except LaunchError as e:
+        logger.error("[shutdown] stopping: %s; restarting it failed: %s", death, e)
+        return False
     logger.warning(
-        "[restart] %s; restarted it as pid %s with the same stages (death %d of %d allowed "
-        "within %g s); the broker replays its requests",
+        "[restart] %s; restarted it %s (death %d of %d allowed within %g s)",
         death,
-        proc.pid,
+        how,
         slots.recent(death.name),
         slots.deaths - 1,
         slots.window_s,
@@ -284,13 +309,17 @@ def _heal(launcher: Launcher, slots: WorkerSlots, serving: Serving, death: Death
     return True
 
 
+def _slot(name: str) -> str:
+    return name if name in ("broker", "planner", "http") else f"worker slot {name}"
+
+
 def _start_cluster(
     launcher: Launcher, cfg: ServeConfig, models: tuple[str, ...], plan: list[tuple[Any, ...]]
 ) -> Serving:
     endpoint = launcher.start_broker(cfg.broker, cfg.ready_timeout_s)
+    configs: dict[str, Any] = {"broker": replace(cfg.broker, bind=endpoint)}  # the same port
     threads = cfg.threads or default_threads(sum(1 for p in plan if p))
     describe: dict[str, str] = {}
-    configs: dict[str, Any] = {}
     for i, stages in enumerate(plan):
         if not stages:
             continue  # more workers than chain positions
@@ -302,9 +331,9 @@ def _start_cluster(
     launcher.wait_ready(list(models), cfg.ready_timeout_s, describe, cfg.worker.keys_dir)
     if cfg.planner is not None:  # it refines the static placement from the live stats
         spare = spare_worker_args(cfg.worker, threads)
-        launcher.start_planner(
-            replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir, spawn_worker_args=spare)
-        )
+        pcfg = replace(cfg.planner, broker=endpoint, zoo_dir=cfg.zoo_dir, spawn_worker_args=spare)
+        launcher.start_planner(pcfg)
+        configs["planner"] = pcfg
     workers = tuple(
         (name, p.pid or 0, tuple(describe[name].removeprefix("stages ").split(", ")))
         for name, p in launcher.workers.items()
@@ -312,4 +341,6 @@ def _start_cluster(
     http = ""
     if cfg.http is not None:  # last: its ready line means every model answers over HTTP
         http = launcher.start_http(replace(cfg.http, broker=endpoint), cfg.ready_timeout_s)
+        bound = int(http.removesuffix("/v1").rpartition(":")[2])
+        configs["http"] = replace(cfg.http, broker=endpoint, port=bound)  # the same port
     return Serving(endpoint, models, workers, http, configs)

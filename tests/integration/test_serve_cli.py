@@ -3,12 +3,14 @@
 The contract tested: the first stdout line ends with the broker address (its last word);
 `blockllm generate --json` against it works; SIGINT (and SIGTERM) stops everything with exit 0
 and leaves no process behind; a config file's values reach the workers; a worker that dies is
-restarted while its streams complete HF-equal; a worker slot that crash-loops, or a broker that
-dies, makes serve stop everything and exit non-zero.
+restarted while its streams complete HF-equal; so are the broker (a stream resumes across it),
+the planner and the HTTP API (same port); a slot that crash-loops makes serve stop everything
+and exit non-zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,17 +180,78 @@ def test_serve_heals_a_sigkilled_worker_then_stops_when_it_crash_loops(serve, ll
     assert not alive, f"left running: {alive}"
 
 
-def test_serve_exits_nonzero_when_the_broker_dies(serve):
-    proc = serve("--workers", "1", "--threads", "1", "--json", "--no-planner")
-    json.loads(read_line(proc, 120))
-    children = descendants(proc.pid)
-    (broker,) = [c for c in children if c.name() == "blockllm-broker"]
-    broker.kill()
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert "broker" in err and "serve cannot run without it" in err
+def child(serve_pid: int, comm: str, timeout: float, other_than: int = 0) -> psutil.Process:
+    """serve's child process named `comm` (pid other than `other_than`), once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in psutil.Process(serve_pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if c.name() == comm and c.pid != other_than and c.status() != "zombie":
+                    return c
+        time.sleep(0.1)  # a bounded poll: a restart has no event to wait on from outside
+    raise TimeoutError(f"no {comm} (pid != {other_than}) under serve within {timeout} s")
+
+
+def http_completion(base: str, prompt: list[int], tokens: int, timeout: float) -> str:
+    """The greedy text of POST /v1/completions, retrying while the API is not answering yet
+    (it is restarting), up to `timeout` s."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    req = urllib.request.Request(
+        f"{base}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["choices"][0]["text"]
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # bounded retries, as an HTTP client's own
+
+
+@pytest.mark.timeout(400)
+def test_serve_heals_its_broker_planner_and_http_api_then_stops_when_the_broker_crash_loops(
+    serve, llama: Path
+):
+    """The broker SIGKILLed under a stream is restarted on the same endpoint and the stream
+    resumes HF-equal; the planner and the HTTP API (same port) are restarted too; the broker's
+    second death within the window is a crash loop: exit 1, nothing left running."""
+    from blockllm.client import Client
+
+    want = hf_greedy(llama, LONG_PROMPT, LONG)
+    args = ("--workers", "1", "--threads", "1", "--json", "--kv-budget", "64MiB")
+    proc = serve(*args, "--http", "127.0.0.1:0", "--crash-loop-deaths", "2")
+    doc = json.loads(read_line(proc, 120))
+    broker = child(proc.pid, "blockllm-broker", 10)
+    tokens: list[int] = []
+    with Client(doc["broker"]) as client:
+        for ev in client.stream("m", input_ids=LONG_PROMPT, max_new_tokens=LONG, timeout=120):
+            tokens.append(ev.token_id)
+            if len(tokens) == 3:
+                broker.kill()
+    assert tokens == want
+    broker = child(proc.pid, "blockllm-broker", 60, other_than=broker.pid)
+    planner = child(proc.pid, "blockllm-planne", 10)
+    planner.kill()
+    child(proc.pid, "blockllm-planne", 60, other_than=planner.pid)
+    http = child(proc.pid, "blockllm-http", 10)
+    text = http_completion(doc["http"], PROMPT_IDS, 6, 60)
+    assert text
+    http.kill()
+    http.wait(10)
+    new_http = child(proc.pid, "blockllm-http", 60, other_than=http.pid)
+    assert http_completion(doc["http"], PROMPT_IDS, 6, 60) == text  # same port, same answer
+    assert proc.poll() is None, "serve stopped instead of healing"
+    children = [*descendants(proc.pid), new_http]
+    broker.kill()  # its second death within the window: crash-looping
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 1, err
+    for what in ("broker", "planner", "http"):
+        assert f"[restart] {what} (pid" in err, err
+    assert "broker is crash-looping: 2 deaths within 60 s" in err
     _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive
+    assert not alive, f"left running: {alive}"
 
 
 def test_serve_without_models_fails_with_one_line(tmp_path: Path):
