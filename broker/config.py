@@ -62,6 +62,9 @@ class BrokerConfig:
     # routes shown recomputed per STATS build at most, the longest out of date first; the
     # others show their previous route, marked stale (broker/shown.py); 0: no bound
     stats_routes_per_build: int = 32
+    # encoding a STATS snapshot takes at most about this long per turn of the broker's loop,
+    # which routes in between (broker/stats_send.py); 0: all of it on one turn
+    stats_turn_s: float = 0.05
     # UNLOAD_STAGE from a planner: requests get this long to leave the stage before it goes
     unload_drain_s: float = 30.0
     # hedging: a decode hop late by max(hedge_after_s, hedge_factor x the fastest worker's
@@ -94,6 +97,8 @@ class BrokerConfig:
             raise ValueError("stats_full_every must be >= 1 (1: every STATS is full)")
         if self.stats_routes_per_build < 0:
             raise ValueError("stats_routes_per_build must be >= 0 (0: no bound)")
+        if self.stats_turn_s < 0:
+            raise ValueError("stats_turn_s must be >= 0 (0: a snapshot encoded on one turn)")
         if any(not tol >= 0 for _, tol in self.speculate):
             raise ValueError("speculation tolerances must be >= 0")
 

@@ -53,7 +53,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.ratelog import RateLimitedLog
 from blockllm.broker.sockets import bound_endpoint, make_socket
-from blockllm.broker.stats_delta import DeltaPublisher
+from blockllm.broker.stats_send import StatsSender
 from blockllm.broker.timings import clock
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class BrokerProc:
         self.sock: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.endpoint = ""
-        self._stats_seq = 0
-        self._deltas = DeltaPublisher(self.cfg.stats_full_every)
+        self.stats: StatsSender | None = None  # with `pub` (bind)
         self._catalog: tuple[int, bytes] | None = None  # (catalog_gen, document)
         self._wake = WakePipe()
         self.shutdown_requested = False
@@ -148,6 +147,7 @@ class BrokerProc:
         stats = stats_endpoint_for(self.cfg)
         if stats:
             self.pub = make_socket(self.ctx, zmq.PUB, stats, bind=True, hwm=STATS_HWM, curve=curve)
+            self.stats = StatsSender(self.cfg, self.broker, self.pub)
             self.broker.stats_endpoint = bound_endpoint(self.pub)
             logger.info("[ready] broker stats on %s", self.broker.stats_endpoint)
         if self.cfg.metrics_port is not None:
@@ -203,6 +203,8 @@ class BrokerProc:
         while True:
             watchdog.kick()
             timeout_ms = max(0.0, min(next_tick, next_stats) - time.monotonic()) * 1000
+            if self.stats is not None and self.stats.busy:
+                timeout_ms = 0  # a snapshot being encoded: a turn of it after the messages
             events = dict(poller.poll(timeout_ms))
             if self._wake.fd in events:
                 self._wake.drain()
@@ -216,8 +218,11 @@ class BrokerProc:
                 next_tick = now + self.cfg.tick_s
                 if self.prom is not None:
                     self.prom.update(self.broker)
-            if now >= next_stats:
-                self._publish(now)
+            if self.stats is not None and self.stats.busy:
+                self.stats.turn()  # (broker/stats_send.py: the snapshot over several turns)
+            elif now >= next_stats:
+                if self.stats is not None:
+                    self.stats.build(now)
                 next_stats = now + self.cfg.stats_interval_s
             if self.shutdown_requested:
                 if drain_until is None:
@@ -254,23 +259,6 @@ class BrokerProc:
         deadline = begin_drain(running, timeout)
         self._send(self.broker.begin_shutdown(now))
         return deadline
-
-    def _publish(self, now: float) -> None:
-        """One STATS snapshot on the PUB socket (a full one, maybe in parts, or a delta:
-        broker/stats_delta.py); dropped, never queued, when nobody keeps up."""
-        if self.pub is None:
-            return
-        self._stats_seq += 1
-        try:
-            body = self.broker.stats(now)
-            messages = self._deltas.publish(self._stats_seq, body)
-        except Exception:  # a stats bug must not take the broker down
-            logger.exception("cannot build the stats snapshot")
-            self.broker.counters["internal_errors"] += 1
-            return
-        for _msg, wire in messages:
-            with contextlib.suppress(zmq.Again):
-                self.pub.send_multipart(wire, flags=zmq.NOBLOCK)
 
     def _summary(self) -> str:
         c = self.broker.counters

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from blockllm.broker import frames
@@ -67,6 +68,8 @@ Encoded = tuple["Stats | StatsDelta", list[Any]]  # a message and its frames
 Entries = tuple[dict[str, WorkerStatus], dict[str, ModelStats]]
 # per name: the entry, its fields that differ from the base's (wire values), their bytes
 Changed = dict[str, tuple[Any, dict[str, Any], bytes]]
+STEP_ENTRIES = 8  # entries encoded between two looks at the clock (Encoding.step)
+Work = Generator[None, None, Any]  # encoding work: yields between entries, returns the result
 
 
 def _entries(body: StatsBody) -> Entries:
@@ -98,6 +101,40 @@ def _fields(
     return out
 
 
+class Encoding:
+    """One snapshot's messages being encoded: `step(budget_s)` encodes entries until
+    `budget_s` seconds (wall clock) have passed, and returns None while there is more to
+    do, then the messages. The broker's loop calls it once per turn, routing in between, so
+    no turn encodes for much longer than the budget (a full STATS at 2,020 models packs
+    ~1 MB of changed entries: several turns). The snapshot's body is immutable (frozen
+    entries, a body built per snapshot), so its encoding does not depend on when it is
+    done: the messages are the same as `DeltaPublisher.publish`'s, byte for byte
+    (tests/unit/test_stats_exact.py encodes the trace a few entries per step). A full
+    snapshot in parts is assembled and sent at the end, all its parts in one turn; a
+    subscriber applies one only with every part of its seq (StatsView.full)."""
+
+    def __init__(self, work: Iterator[None], out: list[Encoded]) -> None:
+        self._work = work
+        self._out = out
+        self.done = False
+        self.steps = 0  # calls of step (tests, benches)
+
+    def step(self, budget_s: float | None = None) -> list[Encoded] | None:
+        """Encode for about `budget_s` seconds (None: to the end); the messages once done."""
+        self.steps += 1
+        if not self.done:
+            if budget_s is None:
+                for _ in self._work:
+                    pass
+            else:
+                deadline = time.perf_counter() + budget_s
+                for _ in self._work:
+                    if time.perf_counter() >= deadline:
+                        return None
+            self.done = True
+        return self._out
+
+
 class DeltaPublisher:
     """Full STATS every `full_every` snapshots (or when a delta would pass `part_bytes`, or
     the last one came within an eighth of it), else STATS_DELTA against the last full one
@@ -116,35 +153,58 @@ class DeltaPublisher:
         self._packed = (Packed(None, memo=memo), Packed(None, named=True, memo=memo))
         self._fields: tuple[Changed, Changed] = ({}, {})  # against the base, per name
 
+    def start(self, seq: int, body: StatsBody) -> Encoding:
+        """The messages (with their frames) that stand for `body`, encoded as `Encoding.step`
+        is called (over several loop turns: Encoding). Nothing else may be started or
+        published before this one is done."""
+        out: list[Encoded] = []
+        return Encoding(self._encode(seq, body, out), out)
+
     def publish(self, seq: int, body: StatsBody) -> list[Encoded]:
-        """The messages (with their frames) that stand for `body`."""
+        """The messages (with their frames) that stand for `body`, encoded at once."""
+        done = self.start(seq, body).step()
+        assert done is not None
+        return done
+
+    def _encode(self, seq: int, body: StatsBody, out: list[Encoded]) -> Work:
         self._since += 1
         entries = _entries(body)
         # a cumulative delta within an eighth of the bound last time would likely pass it now:
         # a full one at once, not a delta built to be thrown away (both stand for the body)
         near = self._last_delta > self.part_bytes - self.part_bytes // 8
         if self._base_seq >= 0 and self._since < self.full_every and not near:
-            delta, header = self._delta(seq, body, entries)
+            delta, header = yield from self._delta(seq, body, entries)
             if len(header) <= self.part_bytes:
                 self._last_delta = len(header)
-                return [(delta, [delta.KIND.value, header])]
+                out.append((delta, [delta.KIND.value, header]))
+                return
         self._base_seq, self._base, self._since = seq, entries, 0
         self._last_delta = 0
         self._fields = ({}, {})
-        return self._full(seq, body)
+        out.extend((yield from self._full(seq, body)))
 
-    def _full(self, seq: int, body: StatsBody) -> list[Encoded]:
-        """One STATS, or parts of at most about `part_bytes` each when the body is larger."""
+    def _full(self, seq: int, body: StatsBody) -> Work:
+        """One STATS, or parts of at most about `part_bytes` each when the body is larger.
+        The entries are packed between yields; the parts are assembled at the end, all at
+        once (from the packed bytes: a copy), so they go out together."""
         packed_w, packed_m = self._packed
-        wb = [packed_w.get(w.name, w) for w in body.workers]
-        mb = [packed_m.get(n, m) for n, m in body.models.items()]
+        wb, mb = [], []
+        for i, w in enumerate(body.workers, 1):
+            wb.append(packed_w.get(w.name, w))
+            if i % STEP_ENTRIES == 0:
+                yield
+        for i, (n, m) in enumerate(body.models.items(), 1):
+            mb.append(packed_m.get(n, m))
+            if i % STEP_ENTRIES == 0:
+                yield
         packed_w.keep(w.name for w in body.workers)
         packed_m.keep(body.models)
         sizes = [len(b) for b in wb] + [len(b) for b in mb]
         msg = Stats(seq, body)
-        header = stats_header(msg, wb, mb)
-        if len(header) <= self.part_bytes:
-            return [(msg, [msg.KIND.value, header])]
+        if sum(sizes) <= self.part_bytes:  # (else the header is past the bound too)
+            header = stats_header(msg, wb, mb)
+            if len(header) <= self.part_bytes:
+                return [(msg, [msg.KIND.value, header])]
         # the entries' share of a part: the bound less what part 0 carries besides them
         rest = Stats(seq, dataclasses.replace(body, workers=(), models={}), 1 << 16, 1 << 16)
         share = self.part_bytes - len(stats_header(rest, [], []))
@@ -179,12 +239,13 @@ class DeltaPublisher:
         assert not more, "a full snapshot in parts"
         return msg
 
-    def _delta(self, seq: int, body: StatsBody, entries: Entries) -> tuple[StatsDelta, bytes]:
+    def _delta(self, seq: int, body: StatsBody, entries: Entries) -> Work:
+        """(the delta, its header), the entries looked at between yields."""
         memo = self._memo.wire
-        w_changed, w_whole, w_gone, w_order, wb = _changes(
+        w_changed, w_whole, w_gone, w_order, wb = yield from _changes(
             self._base[0], entries[0], self._fields[0], memo
         )
-        m_changed, m_whole, m_gone, m_order, mb = _changes(
+        m_changed, m_whole, m_gone, m_order, mb = yield from _changes(
             self._base[1], entries[1], self._fields[1], memo
         )
         delta = StatsDelta(
@@ -205,18 +266,19 @@ class DeltaPublisher:
 
 def _changes(
     base: dict[str, Any], now: dict[str, Any], known: Changed, convert: Callable[[Any], Any]
-) -> tuple[
-    dict[str, dict[str, Any]], tuple[str, ...], tuple[str, ...], tuple[str, ...], list[bytes]
-]:
+) -> Work:
     """(changed fields per name, names whose entry travels whole: the new ones, names gone,
     the order of the names when it is not the base's with the gone ones left out, the bytes
-    of each changed name and its fields). `known`: per name, the entry whose changed fields
-    were last found and them with their bytes (updated: only the names in `now` stay)."""
+    of each changed name and its fields), returned after yielding every few entries.
+    `known`: per name, the entry whose changed fields were last found and them with their
+    bytes (updated at the end: only the names in `now` stay)."""
     changed: dict[str, dict[str, Any]] = {}
     whole: list[str] = []
     data: list[bytes] = []
     seen: Changed = {}
-    for name, entry in now.items():
+    for i, (name, entry) in enumerate(now.items(), 1):
+        if i % STEP_ENTRIES == 0:
+            yield
         old = base.get(name)
         if old is entry:
             continue

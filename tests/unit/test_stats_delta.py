@@ -220,3 +220,33 @@ def test_a_delta_within_an_eighth_of_the_bound_is_followed_by_a_full_one() -> No
     assert all(isinstance(m, Stats) for m, _ in pub.publish(3, stats(changed)))
     ((fourth, _),) = pub.publish(4, stats(changed))
     assert isinstance(fourth, StatsDelta)  # nothing changed since that full one
+
+
+@pytest.mark.parametrize("lost", [0, 1, -1])
+def test_a_full_snapshot_missing_a_part_is_never_applied(lost: int) -> None:
+    """Its parts carry their seq and count: a subscriber applies a full snapshot only with
+    every part of that seq (StatsView.full); one missing a part (the PUB socket dropped it)
+    leaves the view on its previous base, whose deltas it skips, until the next whole one."""
+    body = {
+        "workers": [{"name": f"w{i}", "stages": STAGES, "steps": 0} for i in range(50)],
+        "models": {},
+        "catalog_gen": 1,
+    }
+    pub, view = DeltaPublisher(full_every=3, part_bytes=8 * 1024), StatsView()
+    bodies = []
+    for seq in range(1, 8):
+        body = {**body, "workers": [{**w, "steps": seq} for w in body["workers"]]}
+        bodies.append(wire(Stats(seq, stats(body))).body)
+        sent = [wire(m) for m, _ in pub.publish(seq, stats(body))]
+        if seq == 4:  # a full one in parts: one part lost
+            assert len(sent) >= 3 and all(isinstance(m, Stats) for m in sent)
+            sent.pop(lost)
+        got = [view.full(m) if isinstance(m, Stats) else view.apply(m) for m in sent]
+        if seq < 4:
+            assert got[-1] == bodies[-1]
+        elif seq < 7:  # the full one of seq 4 and the deltas against it: nothing applied
+            assert all(g is None for g in got) and view.base_seq == 1
+        else:  # the next full one, whole
+            assert isinstance(sent[0], Stats) and got[-1] == bodies[-1]
+            assert all(g is None for g in got[:-1])
+    assert view.skipped == 2

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from blockllm.broker import frames
+from blockllm.broker import frames, stats_delta
 from blockllm.broker import shown as shown_module
 from blockllm.broker import stats as stats_module
 from blockllm.broker.planner.facts import current_routes, live_routes
@@ -40,7 +40,7 @@ from blockllm.broker.protocol import (
 )
 from blockllm.broker.shown import ShownRoutes
 from blockllm.broker.stats import Metrics, stats_body
-from blockllm.broker.stats_delta import DeltaPublisher, StatsView
+from blockllm.broker.stats_delta import DeltaPublisher, Encoding, StatsView
 from blockllm.broker.status import uncovered_reason
 from blockllm.zoo.chain import stage_key
 from tests.unit.broker_harness import BASE, CHAIN, EOS, FT, W0, W1, W2, Harness
@@ -158,11 +158,14 @@ def run_trace(
     part_bytes: int = 1 << 19,
     per_build: int = 0,
     late: dict[str, int] | None = None,
+    turns: dict[str, int] | None = None,
 ) -> int:
     """The trace (module docstring); returns the deltas applied. AssertionError on the first
     step where something differs. `per_build`: routes recomputed per build at most (0: all,
     then every body is the fresh one); `late`: per model the builds it has been stale for,
-    and under "" the stale entries seen."""
+    and under "" the stale entries seen. `turns`: each snapshot encoded a few entries per
+    `Encoding.step` (as the broker's loop does over its turns: broker/stats_send.py), the
+    broker's state changing between two steps; counted there ("steps", "snapshots")."""
     rng = random.Random(seed)
     h = Harness(stats_routes_per_build=per_build)
     pub, view = DeltaPublisher(full_every, part_bytes), StatsView()
@@ -185,7 +188,16 @@ def run_trace(
             assert body == expected, f"step {n}: the kept entries differ from a fresh build"
         previous = body
         got = None
-        for msg, wire in pub.publish(n, body):
+        want = decoded(Stats(n, body)).body  # (now: the broker changes before it is sent)
+        if turns is None:
+            sent = pub.publish(n, body)
+        else:
+            encoding = pub.start(n, body)
+            while (sent := encoding.step(0.0)) is None:
+                step(h, rng, pending, n)  # the loop routes between two turns
+            turns["steps"] = turns.get("steps", 0) + encoding.steps
+            turns["snapshots"] = turns.get("snapshots", 0) + 1
+        for msg, wire in sent:
             assert wire == frames.encode(msg), f"step {n}: the frames differ from encode's"
             msg = frames.decode(wire)[0]
             if isinstance(msg, Stats):
@@ -193,7 +205,7 @@ def run_trace(
             else:
                 got = view.apply(msg)
                 applied += 1
-        assert got == decoded(Stats(n, body)).body, f"step {n}: the subscriber differs"
+        assert got == want, f"step {n}: the subscriber differs"
     return applied
 
 
@@ -214,6 +226,33 @@ def test_more_traces_for_the_routes_kept_over_stage_changes(seed: int) -> None:
 def test_in_parts_too() -> None:
     """Full snapshots in parts, deltas past the bound replaced by full ones."""
     assert run_trace(4, 150, 9, part_bytes=700) > 0
+
+
+@pytest.mark.parametrize(("seed", "full_every", "part_bytes"), [(1, 7, 1 << 19), (5, 3, 700)])
+def test_encoded_over_several_turns_the_same_messages(
+    seed: int, full_every: int, part_bytes: int, monkeypatch
+) -> None:
+    """A snapshot encoded an entry per turn, the broker's state changing in between: its
+    messages are the ones it stood for when built (frames and subscriber checked)."""
+    monkeypatch.setattr(stats_delta, "STEP_ENTRIES", 1)
+    turns: dict[str, int] = {}
+    assert run_trace(seed, 200, full_every, part_bytes, turns=turns) > 50
+    assert turns["steps"] > turns["snapshots"]  # spread over turns indeed
+
+
+def test_several_turns_fail_when_a_half_encoded_snapshot_is_sent(monkeypatch) -> None:
+    """... and an encoding that hands out what it has when its turn is up (a full one's
+    parts packed so far) fails it."""
+
+    def hasty(self: Encoding, budget_s: float | None = None) -> Any:
+        for _ in self._work:
+            break
+        return self._out
+
+    monkeypatch.setattr(stats_delta, "STEP_ENTRIES", 1)
+    monkeypatch.setattr(Encoding, "step", hasty)
+    with pytest.raises(AssertionError, match="subscriber differs"):
+        run_trace(1, 200, 7, turns={})
 
 
 def test_cached_metrics_equal_the_plain_computation_on_random_samples() -> None:
