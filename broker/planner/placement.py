@@ -5,7 +5,8 @@ requests take:
 1. **Coverage, hottest chain first.** Models are placed in descending demand. A chain replica
    is cut into as few segments as the workers' free memory allows: at each position the worker
    that reaches farthest (its new blocks still fitting its budget) takes the next segment; ties
-   go to the least loaded worker, then to the one needing the fewest new bytes (it already
+   go to the least loaded worker (loads told apart in steps of a third of the mean worker
+   load: placement_index.py), then to the one needing the fewest new bytes (it already
    holds shared blocks), then to the one that already holds them in the live cluster (fewer
    loads), then to the one covering the fewest positions so far (cold models spread), then
    by name. So the hottest chain crosses the fewest hops, a block shared by

@@ -2,8 +2,8 @@
 does not grow with the number of workers that hold nothing of the chain being placed.
 
 `place` (placement.py) cuts each replica of a chain into segments: at each position the worker
-ranked first by `(-reach, round(load share, 2), new bytes, bytes not resident, positions
-covered, name)` takes the next segment. Scanning every worker at every position costs
+ranked first by `(-reach, load in steps, new bytes, bytes not resident, positions covered,
+name)` takes the next segment. Scanning every worker at every position costs
 O(workers x chain) per segment, 46 s for 2,000 models on 256 workers. Two kinds of worker:
 - **touching** workers hold (or have resident) some block of the chain: their reach depends on
   what they hold, so it is computed for each of them exactly (a set difference first: the
@@ -11,7 +11,7 @@ O(workers x chain) per segment, 46 s for 2,000 models on 256 workers. Two kinds 
 - **plain** workers hold none of it: their reach, new bytes and churn are a function of their
   free room alone (one prefix-cost table per chain and start). The best of them is found from
   two sorted indexes: by free room (the farthest reach any plain worker has) and by the
-  tie-break key `(round(load share, 2), positions covered, name)` (the first plain worker
+  tie-break key `(load in steps, positions covered, name)` (the first plain worker
   whose room reaches that far).
 `Cluster.holders` maps a block to the workers holding it, so the touching workers of a chain
 are found without a scan. Indexes are updated when a segment is added (`Cluster.add`),
@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 Segment = tuple[str, int, int]  # (worker, start, end) of one replica of a chain
 _ZEROS = itertools.repeat(0)  # map(sizes.get, blocks, _ZEROS): a size, 0 when unknown
 _ONES = itertools.repeat(1)
+# the tie-break tells workers' planned loads apart to 1/LOAD_STEPS of the mean worker load, or
+# to 0.01 of the total demand where that is finer (up to 33 workers: as it always was); 0.01 of
+# the total is 2.6x the mean at 256 workers, where it hid most differences (finer still costs
+# block sharing: each worker's load then outranks its new bytes)
+LOAD_STEPS = 3
 KV_PAGE_TOKENS = 16  # tokens of the first geometry a worker's KV page holds (WorkerConfig)
 
 
@@ -154,6 +159,7 @@ class Cluster:
         # worker -> (model, position) -> how many segments cover it there
         self.covers: dict[str, dict[tuple[str, int], int]] = {w: {} for w in self.workers}
         self.total = total_demand or 1.0
+        self.load_unit = self.total / max(100, LOAD_STEPS * len(self.workers))
         self.holders: dict[str, set[str]] = {}  # block -> workers holding it
         self.resident_holders: dict[str, set[str]] = {}  # resident or refused there
         for w in workers:
@@ -162,7 +168,7 @@ class Cluster:
         self._room_key: dict[str, tuple] = {}
         self._tie_key: dict[str, tuple] = {}
         self.by_room: list[tuple] = []  # (-free room, name), ascending: most room first
-        self.by_tie: list[tuple] = []  # (round(load share, 2), positions covered, name)
+        self.by_tie: list[tuple] = []  # (load_key, positions covered, name)
         # node of each worker (unknown: its own), and the tie-break index per node
         self.node: dict[str, str] = {w.name: w.node or f"\0{w.name}" for w in workers}
         self.by_tie_at: dict[str, list[tuple]] = {}
@@ -183,8 +189,12 @@ class Cluster:
     def room(self, w: str) -> float:
         return self.workers[w].capacity_bytes - self.used[w]
 
+    def load_key(self, w: str) -> int:
+        """w's planned load in the tie-break's steps (LOAD_STEPS)."""
+        return round(self.load[w] / self.load_unit)
+
     def tie(self, w: str) -> tuple:
-        return (round(self.load[w] / self.total, 2), len(self.covers[w]), w)
+        return (self.load_key(w), len(self.covers[w]), w)
 
     def _index(self, w: str) -> None:
         rk, tk = (-self.room(w), w), self.tie(w)
@@ -354,7 +364,7 @@ class Cluster:
             if w in exclude:
                 continue
             cross = self.cross(w, near)
-            load = round(self.load[w] / self.total, 2)
+            load = self.load_key(w)
             if best is not None and best[0][0] == whole and (cross, load) > best[0][1:3]:
                 continue  # no reach beats the whole chain's, and it ranks after on (cross, load)
             end, new, churn = self.reach(w, c, start)

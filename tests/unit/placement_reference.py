@@ -1,11 +1,14 @@
 """Today's (pre-index) placement search, kept verbatim as the reference the indexed `place`
-must reproduce exactly (tests/unit/test_placement_index.py). Not imported by the package."""
+must reproduce exactly (tests/unit/test_placement_index.py). Not imported by the package.
+Changed in step with the index since: a worker's load ranks in steps of 1/LOAD_STEPS of the
+mean worker load (0.01 of the total where that is finer), no longer always 0.01 of the total."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from blockllm.broker.planner.placement import ModelInfo, Placement, WorkerInfo, replica_targets
+from blockllm.broker.planner.placement_index import LOAD_STEPS
 from blockllm.broker.protocol import PlannedHop, PlannedRoute
 
 Stage = tuple[str, int, int]  # (model to load it from, start, end)
@@ -73,7 +76,8 @@ def _place_replica(
             end, new, churn = c.reach(w, m, pos)
             if end == pos:
                 continue
-            rank = (-end, round(c.load[w] / c.total, 2), new, churn, len(c.covers[w]), w)
+            load = round(c.load[w] / (c.total / max(100, LOAD_STEPS * len(c.workers))))
+            rank = (-end, load, new, churn, len(c.covers[w]), w)
             if best is None or rank < best[0]:
                 best = (rank, w, end)
         if best is None:

@@ -53,6 +53,8 @@ CASES = [  # models, workers, capacity: roomy, tight (chains split), too small (
     (60, 8, 2 * GB),
     (105, 16, 8 * GB),
     (105, 16, 1.5 * GB),
+    (128, 64, 8 * GB),  # over 33 workers: loads in steps of a third of the mean load
+    (200, 64, 2 * GB),
 ]
 
 
