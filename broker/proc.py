@@ -30,11 +30,11 @@ from blockllm.broker import frames
 from blockllm.broker.broker import Broker, Out
 from blockllm.broker.config import BrokerConfig
 from blockllm.broker.fetch import catalog_document, serve_fetch
+from blockllm.broker.gc_policy import GcPolicy
 from blockllm.broker.lifecycle import (
     WakePipe,
     Watchdog,
     begin_drain,
-    freeze_heap,
     notify,
     on_stop_signals,
     start_process,
@@ -126,6 +126,7 @@ class BrokerProc:
         self.prom: Any = None  # BrokerMetrics when --metrics-port is given
         self._prom_server: Any = None
         self.metrics_port: int | None = None
+        self.gc_policy = GcPolicy()  # started by run_broker_process (its own process)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
@@ -215,6 +216,7 @@ class BrokerProc:
             now = time.monotonic()
             if now >= next_tick:
                 self._send(self.broker.tick(now))
+                self.gc_policy.tick(now)
                 next_tick = now + self.cfg.tick_s
                 if self.prom is not None:
                     self.prom.update(self.broker)
@@ -464,7 +466,9 @@ def run_broker_process(cfg: BrokerConfig) -> None:
     proc: BrokerProc | None = None
     try:
         proc = BrokerProc(cfg)
-        freeze_heap()  # the models' tokenizers are loaded (and transformers with them)
+        # the models' tokenizers are loaded (and transformers with them): frozen; then the
+        # collector's policy for the broker's own state (broker/gc_policy.py)
+        proc.gc_policy.start()
         on_stop_signals(lambda _signum: proc.request_shutdown())
         endpoint = proc.bind()
         _report_ready(cfg, endpoint)

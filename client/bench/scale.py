@@ -10,7 +10,9 @@ Per size (models x workers) it reports:
 - from a day-in-the-life trace over `duration_s` simulated seconds (`trace`): the broker's CPU
   per routed message (each FORWARD of a hop: all its CPU, control messages and timer included,
   over the FORWARDs it routed) and per token, per message of each kind (`broker_us_by_kind`;
-  `broker_us_per_result`: a hop's answer and the FORWARD it routes), the waiting requests it
+  `broker_us_per_result`: a hop's answer and the FORWARD it routes; the part of each spent in
+  the garbage collector's runs that started inside it: `broker_gc_us_by_kind`, under the
+  broker's GC policy, client/bench/scale_gc.py), the waiting requests it
   tried to route (`broker_route_tries`), STATS and STATUS body sizes, the
   planner's command bursts, hops per token of the 10 hottest models, weight memory vs budget,
   requests that arrived for a model no live worker covered (and how long they waited), and
@@ -29,6 +31,7 @@ from typing import Any
 
 import blockllm.broker.planner.replan as replan_module
 from blockllm.broker.planner.placement import place_in, replace_lost
+from blockllm.client.bench import scale_gc
 from blockllm.client.bench.scale_sim import Sim
 from blockllm.client.bench.scale_synth import (
     GB,
@@ -194,9 +197,11 @@ def run_size(
     capacity: int = 8 * GB,
     per_node: int = 8,
     seed: int = 0,
+    gc_policy: bool = True,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """One row of the table (module docstring)."""
+    """One row of the table (module docstring); `gc_policy`: the broker's (broker/gc_policy.py)
+    applied in the simulation's process, as BrokerProc applies it."""
     row: dict[str, Any] = {"models": n_models, "workers": n_workers}
     progress(f"{n_models} models x {n_workers} workers: placement")
     row |= placement_latency(n_models, n_workers, capacity, 3, seed)
@@ -214,25 +219,42 @@ def run_size(
     originals = (replan_module.place_in, replan_module.replace_lost)
     replan_module.place_in = timed(place_in, planned)
     replan_module.replace_lost = timed(replace_lost, relost)
-    try:
-        step = max(1.0, duration / 10)
-        t = 0.0
-        while t < duration + 5.0:
-            t = min(duration + 5.0, t + step)
-            sim.run(t)
-            progress(
-                f"{n_models}x{n_workers}: t={t:.0f}/{duration:.0f} s simulated, "
-                f"{sim.c.tokens} tokens, {len(sim.broker.requests)} running"
-            )
-            sim.status_size()
-    finally:
-        replan_module.place_in, replan_module.replace_lost = originals
+    with scale_gc.measured(sim, gc_policy) as meter:
+        try:
+            _run(sim, n_models, n_workers, duration, progress)
+        finally:
+            replan_module.place_in, replan_module.replace_lost = originals
+        row |= scale_gc.figures(meter, sim.c.broker_by_kind, sim.c.routed)
+        row["gc_policy_freezes"] = sim.gc_policy.frozen if sim.gc_policy else 0
+        row["gc_full_ms"] = scale_gc.full_collection_ms(sim)
+    return row | _figures(sim, duration, capacity, planned, relost)
+
+
+def _run(
+    sim: Sim, n_models: int, n_workers: int, duration: float, progress: Callable[[str], None]
+) -> None:
+    step = max(1.0, duration / 10)
+    t = 0.0
+    while t < duration + 5.0:
+        t = min(duration + 5.0, t + step)
+        sim.run(t)
+        progress(
+            f"{n_models}x{n_workers}: t={t:.0f}/{duration:.0f} s simulated, "
+            f"{sim.c.tokens} tokens, {len(sim.broker.requests)} running"
+        )
+        sim.status_size()
+
+
+def _figures(
+    sim: Sim, duration: float, capacity: int, planned: list[float], relost: list[float]
+) -> dict[str, Any]:
+    """The trace's figures (module docstring)."""
     c = sim.c
     hot = sorted(c.hops, key=lambda m: -len(c.hops[m]))[:10]
     hop_tokens = [h for m in hot for h in c.hops[m]]
     plan = sim.planner.target.plan if sim.planner and sim.planner.target else None
     used = [plan.bytes_used.get(w, 0) / capacity for w in plan.stages] if plan else []
-    row |= {
+    return {
         "planner_place_ms_p50": round(1000 * pct(planned, 0.5), 1),
         "planner_place_ms_max": round(1000 * max(planned, default=0.0), 1),
         "planner_replans": len(planned) + len(relost),
@@ -293,7 +315,6 @@ def run_size(
         "errors": dict(c.errors),
         "simulated_s": duration,
     }
-    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -306,6 +327,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("broker_us_per_message", "broker us/msg"),
         ("broker_us_per_token", "broker us/token"),
         ("broker_us_per_result", "broker us/RESULT"),
+        ("broker_gc_us_per_message", "of which GC us/msg"),
         ("stats_full_kb_max", "STATS full kB"),
         ("stats_delta_kb_max", "STATS delta kB"),
         ("status_kb_max", "STATUS kB"),

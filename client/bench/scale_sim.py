@@ -213,6 +213,8 @@ class Sim:
         self._stats_seq = 0
         self.deltas = DeltaPublisher(self.cfg.stats_full_every)
         self.view = StatsView()
+        self.gc_meter: Any = None  # client/bench/scale_gc.py (set by `measured`)
+        self.gc_policy: Any = None  # broker/gc_policy.py, as BrokerProc applies it
         self.at(0.05, self._tick)
         self.at(0.5, self._stats)
 
@@ -229,9 +231,13 @@ class Sim:
 
     # -- the broker, measured -------------------------------------------------------------------
     def _broker(self, kind: str, call: Callable[..., list], *args: Any) -> None:
+        if self.gc_meter is not None:
+            self.gc_meter.kind = kind
         t0 = time.process_time()
         out = call(*args)
         dt = time.process_time() - t0
+        if self.gc_meter is not None:
+            self.gc_meter.kind = None
         self.c.broker_cpu_s += dt
         self.c.broker_calls += 1
         calls_cpu = self.c.broker_by_kind.setdefault(kind, [0, 0.0])
@@ -292,6 +298,8 @@ class Sim:
 
     def _tick(self) -> None:
         self._broker("tick", self.broker.tick, self.now)
+        if self.gc_policy is not None:
+            self.gc_policy.tick(self.now)
         self.at(self.now + self.cfg.tick_s, self._tick)
 
     def _stats(self) -> None:
