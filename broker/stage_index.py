@@ -59,7 +59,9 @@ class StageIndex:
         self._built = False
         self._edges: dict[str, LazyEdges] = {}
         self._solo: dict[str, Solo | None] = {}  # model -> routing.solo_routes of its edges
-        self._families: dict[Hashable, set[str]] = {}  # family -> models with cached edges
+        # family -> models with cached edges or dropped quietly (`_drop`)
+        self._families: dict[Hashable, set[str]] = {}
+        self._quiet: set[str] = set()  # models whose edges a stage going dropped (not woken)
         self._chain_len: dict[str, int] = {}  # model -> its chain length (cached edges)
         # model -> (spans generation, chain length, [(start, key)]): `_span_keys`
         # family -> the spans that were born or died, in order (`_span_keys` reads the ones
@@ -99,7 +101,7 @@ class StageIndex:
             return
         if not dirty:
             return
-        changed: set[str] = set()  # keys of the stages that went or came
+        changed: dict[str, bool] = {}  # keys of the stages that went or came -> one came
         born: set[tuple[Hashable, tuple[int, int]]] = set()  # (family, span) that appeared...
         died: set[tuple[Hashable, tuple[int, int]]] = set()  # ... or went (maybe both)
         for peer in list(dirty):
@@ -111,7 +113,7 @@ class StageIndex:
         self,
         peer: Hashable,
         w: Any,
-        changed: set[str] | None = None,
+        changed: dict[str, bool] | None = None,
         born: set[tuple[Hashable, Any]] | None = None,
         died: set[tuple[Hashable, Any]] | None = None,
     ) -> None:
@@ -121,7 +123,7 @@ class StageIndex:
         different positions: routing._cheapest). Their keys go to `changed`, the (family,
         span) pairs no stage advertised before to `born`, those none advertises now to
         `died`."""
-        changed = set() if changed is None else changed
+        changed = {} if changed is None else changed
         born = set() if born is None else born
         died = set() if died is None else died
         name, kept = self._indexed.pop(peer, ("", {}))
@@ -145,7 +147,7 @@ class StageIndex:
             del self.names[name]
         for k in went:
             s, fam = kept.pop(k)
-            changed.add(s.key)
+            changed.setdefault(s.key, False)
             self._sorted.pop(s.key, None)
             entries = self.by_key.get(s.key)
             if entries is not None:
@@ -166,7 +168,7 @@ class StageIndex:
                 continue
             fam = self.family_of(s.model)
             kept[k] = (s, fam)
-            changed.add(s.key)
+            changed[s.key] = True
             self._sorted.pop(s.key, None)
             self.by_key.setdefault(s.key, {})[(peer, k[1])] = ((order, k[1]), peer, s)
             counts = self.span_count.setdefault(fam, {})
@@ -180,7 +182,7 @@ class StageIndex:
 
     def _after(
         self,
-        changed: set[str],
+        changed: dict[str, bool],
         born: set[tuple[Hashable, Any]],
         touched: set[tuple[Hashable, Any]],
     ) -> None:
@@ -189,7 +191,10 @@ class StageIndex:
         `changed` key, and, for a span `born` to a family (its models' cached edges did not
         look it up), those of the family's models whose key over it a stage advertises (the
         others watch that key from now on); of every family's models when the stage's model is
-        unknown (family None, whose spans every model looks up)."""
+        unknown (family None, whose spans every model looks up). Only a stage that came wakes
+        the models it drops (`dropped`): stages going or draining give no model a route, so
+        the models they drop are dropped quietly (`_quiet`) and woken by the next stage that
+        comes over a key they watch or a span born to their family."""
         for fam, span in touched:
             self._span_log.setdefault(fam, []).append(span)
         for fam in {fam for fam, _ in touched}:  # (sorted again when a model's keys are)
@@ -197,11 +202,14 @@ class StageIndex:
             if not self.span_count.get(fam):
                 self.span_count.pop(fam, None)
         # (a span that died is no key's any more: the keys of its stages are `changed`)
-        for key in changed:
+        for key, came in changed.items():
             watchers = self._watch.get(key)
             if watchers:
                 for model in watchers & self._edges.keys():  # (those with edges cached)
-                    self._drop(model)
+                    self._drop(model, wake=came)
+                if came and self._quiet:
+                    for model in watchers & self._quiet:
+                        self._drop(model)
         for fam, (start, end) in born:
             # (a span of an unknown model's stage: every family's models may look it up)
             groups = list(self._families.values()) if fam is None else [self._families.get(fam)]
@@ -216,22 +224,35 @@ class StageIndex:
                 else:  # nothing serves it there yet: a stage that comes drops its edges
                     self._watch.setdefault(key, set()).add(model)
 
-    def _drop(self, model: str) -> None:
-        """Forget the model's cached edges (a model without any: nothing). Its watches stay:
-        a key that changes drops only models with cached edges, and a rebuild watches the
-        same keys again unless its family's spans changed."""
+    def _drop(self, model: str, wake: bool = True) -> None:
+        """Forget the model's cached edges (a model without any: nothing, unless `wake` and
+        it was dropped quietly) and, with `wake`, tell `take_dropped` (its waiting requests
+        may have a route now); without, it stays in its family's models (`_quiet`) until a
+        stage that comes wakes it. Its watches stay: a key that changes drops only models
+        with cached edges, and a rebuild watches the same keys again unless its family's
+        spans changed."""
         if self._edges.pop(model, None) is None:
+            if wake and model in self._quiet:
+                self._quiet.discard(model)
+                self._uncache(model)
+                self.dropped.add(model)
             return
-        self._chain_len.pop(model, None)
         self._solo.pop(model, None)
+        self.shown_dropped.add(model)
+        if wake:
+            self._uncache(model)
+            self.dropped.add(model)
+        else:
+            self._quiet.add(model)
+
+    def _uncache(self, model: str) -> None:
+        self._chain_len.pop(model, None)
         fam = self._family_of_cached.pop(model, None)
         same = self._families.get(fam)
         if same is not None:
             same.discard(model)
             if not same:
                 del self._families[fam]
-        self.dropped.add(model)
-        self.shown_dropped.add(model)
 
     def forget(self, models: set[str]) -> None:
         """Drop what is kept of `models` (tenants that left or arrived: a name may come back
@@ -244,7 +265,7 @@ class StageIndex:
     def _drop_all(self) -> None:
         self._edges, self._families, self._solo = {}, {}, {}
         self._watch, self._family_of_cached, self._chain_len = {}, {}, {}
-        self._spans_keyed, self._watched = {}, {}
+        self._spans_keyed, self._watched, self._quiet = {}, {}, set()
         self.dropped_all = self.shown_dropped_all = True
 
     def take_dropped(self, workers: Mapping[Hashable, Any], keys_gen: int) -> tuple[bool, set[str]]:
@@ -317,6 +338,7 @@ class StageIndex:
                     parts[start] = kept
             out = LazyEdges(parts)
             self._edges[model] = out
+            self._quiet.discard(model)
             self._families.setdefault(fam, set()).add(model)
             self._family_of_cached[model] = fam
             self._chain_len[model] = chain_len
