@@ -3,6 +3,8 @@ planner to served tokens, and the report has every figure of the table (short: s
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from blockllm.client.bench.scale import run_size, table
@@ -31,6 +33,11 @@ def test_a_small_day_in_the_life() -> None:
     assert row["broker_us_per_result"] > 0 and row["broker_messages"]["Result"] > 0
     assert row["broker_bad_messages"] == 0  # the simulated workers answer as real ones do
     assert row["status_kb_max"] > 0
+    # the collector's part of each kind is reported beside it (and the process left unfrozen)
+    gc_part = row["broker_gc_us_by_kind"]
+    assert gc_part.keys() == row["broker_us_by_kind"].keys()
+    assert all(0 <= gc_part[k] <= row["broker_us_by_kind"][k] for k in gc_part)
+    assert row["gc_full_ms"] > 0 and gc.get_freeze_count() == 0
     assert set(row["errors"]) <= {"WORKER_LOST", "NO_ROUTE"}, row["errors"]
     text = table([row])
     assert text.splitlines()[2].startswith("| 18 | 4 |")
