@@ -1,13 +1,14 @@
 """LoRA adapters applied per request on shared blocks: the base layer runs once for the batch.
 
-A stage's target projections (q/k/v/o, gate/up/down) become `LoraLinear`s (same weights and
-names). Before a batched forward the engine has the stage's `LoraHooks` plan the step: the
-batch is ordered so each adapter's rows are consecutive, and for each layer and projection the
-runs of rows of the blocks targeting it become the groups of two grouped matmuls adding
-`(x[rows] A^T) (s B)^T` to the projection's output rows (worker/lora_delta.py): a fixed few ops
-per projection per step, no loop over adapters, tokens or requests, and the base weights are
-never touched (no merge). This is PEFT's `result + lora_B(lora_A(x)) * scaling` for exactly
-the rows of that adapter's requests.
+A stage's target projections (zoo.families.LORA_TARGETS: q/k/v/o and gate/up/down, Phi-3's
+fused qkv/gate_up, GPT-2's Conv1D c_attn/c_proj/c_fc) become `LoraLinear`s or `LoraConv1D`s
+(same weights and names). Before a batched forward the engine has the stage's `LoraHooks`
+plan the step: the batch is ordered so each adapter's rows are consecutive, and for each layer
+and projection the runs of rows of the blocks targeting it become the groups of two grouped
+matmuls adding `(x[rows] A^T) (s B)^T` to the projection's output rows (worker/lora_delta.py):
+a fixed few ops per projection per step, no loop over adapters, tokens or requests, and the
+base weights are never touched (no merge). This is PEFT's `result + lora_B(lora_A(x)) *
+scaling` for exactly the rows of that adapter's requests.
 
 Adapter weights live in `AdapterCache`, keyed by adapter block id and refcounted by the requests
 using them (a request holds its adapter blocks from its first item to its release); a block no
@@ -27,14 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from blockllm.worker.errors import BadRequest
 from blockllm.worker.lora_delta import LoraStep, plan_step
 from blockllm.worker.lora_pool import Pool, padded_rank
+from blockllm.zoo.families import LORA_TARGETS
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLANS_KEPT = 4  # step plans kept per stage, by batch shape
 # module (relative to the layer) -> (A [r, in], B [out, r], scaling)
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -265,6 +267,18 @@ class AdapterMap(dict[int, str]):
         self.order: tuple = (tuple(sorted(set(targets))), seq, self.key) if self else ()
 
 
+def _add_deltas(mod: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Add the current step's LoRA deltas for projection `mod` to its output `out`, in place."""
+    step = mod.lora_hooks.step
+    if step is not None:
+        deltas = step.modules.get(mod.lora_key)
+        if deltas is not None:  # x [1, N, in], out [1, N, out] -> flat views
+            xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+            for delta in deltas:
+                delta.apply(xf, of)
+    return out
+
+
 class LoraLinear(nn.Linear):
     """A target projection of a stage: its Linear, plus the current step's delta for it if
     any (set on an existing nn.Linear by `LoraHooks`, weights and names unchanged; no hook)."""
@@ -273,15 +287,21 @@ class LoraLinear(nn.Linear):
     lora_key: tuple[int, str]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        step = self.lora_hooks.step
-        if step is not None:
-            deltas = step.modules.get(self.lora_key)
-            if deltas is not None:  # x [1, N, in], out [1, N, out] -> flat views
-                xf, of = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-                for delta in deltas:
-                    delta.apply(xf, of)
-        return out
+        return _add_deltas(self, x, F.linear(x, self.weight, self.bias))
+
+
+class LoraConv1D(Conv1D):
+    """The same for GPT-2's Conv1D projections (weight [in, out]): PEFT's delta is the same
+    `lora_B(lora_A(x)) * scaling` (its fan_in_fan_out only matters when merging)."""
+
+    lora_hooks: LoraHooks
+    lora_key: tuple[int, str]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_deltas(self, x, super().forward(x))
+
+
+_LORA_CLASS: dict[type, type] = {nn.Linear: LoraLinear, Conv1D: LoraConv1D}
 
 
 class LoraHooks:
@@ -294,9 +314,10 @@ class LoraHooks:
         self.modules: dict[int, dict[str, nn.Module]] = {}
         for j, layer in enumerate(layers):
             for name, mod in layer.named_modules():
-                if type(mod) is nn.Linear and name.rpartition(".")[2] in LORA_TARGETS:
+                cls = _LORA_CLASS.get(type(mod))
+                if cls is not None and name.rpartition(".")[2] in LORA_TARGETS:
                     self.modules.setdefault(j, {})[name] = mod
-                    mod.__class__ = LoraLinear  # as torch.nn.utils.parametrize does
+                    mod.__class__ = cls  # as torch.nn.utils.parametrize does
                     mod.lora_hooks, mod.lora_key = self, (j, name)
         # the last few plans by batch shape (micro-batch groups alternate: worker/groups.py),
         # valid while the adapter pools keep their `version`

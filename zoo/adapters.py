@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from blockllm.zoo.errors import CheckpointError, UnknownModelError, UnsupportedModelError
-from blockllm.zoo.families import Layout, layout
+from blockllm.zoo.families import CONV1D_FAMILIES, LORA_TARGETS, Layout, layout
 from blockllm.zoo.fsutil import atomic_write, atomic_write_bytes
 from blockllm.zoo.manifest import ModelManifest, validate_name
 from blockllm.zoo.store import ModelExistsError, Progress, Zoo
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # config fields of LoRA variants we do not serve: any truthy value is refused by name
 _REFUSED = {
@@ -41,7 +40,6 @@ _REFUSED = {
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "lora_bias": "LoRA with a trained bias",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D targets such as GPT-2's)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
@@ -145,8 +143,8 @@ def _module_position(lay: Layout, module: str) -> tuple[int, str]:
                 break
             return p, rel
     raise UnsupportedModelError(
-        f"LoRA on {module!r} is not supported: only the q/k/v/o and gate/up/down projections "
-        "of decoder layers are"
+        f"LoRA on {module!r} is not supported: only these projections of decoder layers are: "
+        + ", ".join(LORA_TARGETS)
     )
 
 
@@ -189,6 +187,8 @@ def adapter_blocks(
         if spec is None or len(spec[1].shape) != 2:
             raise CheckpointError(f"adapter module {module} is not a Linear of the base")
         out_f, in_f = spec[1].shape
+        if lay.model_type in CONV1D_FAMILIES:
+            in_f, out_f = out_f, in_f
         r, scaling = lora_scaling(cfg, module)
         if a.dtype not in DTYPES or b.dtype != a.dtype:
             raise CheckpointError(f"adapter module {module}: dtypes {a.dtype}, {b.dtype}")

@@ -73,6 +73,15 @@ FAMILIES: dict[str, Traits] = {
     ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# The projections of a decoder layer that take LoRA (PEFT's target_modules), by their last
+# name: the separate ones (Llama, Qwen, Gemma, Mistral, OLMo2, Granite), Phi-3's fused
+# qkv_proj and gate_up_proj, and GPT-2's Conv1D c_attn, c_proj (attention and MLP) and c_fc.
+LORA_TARGETS = (
+    *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    *("qkv_proj", "gate_up_proj"),
+    *("c_attn", "c_proj", "c_fc"),
+)
+CONV1D_FAMILIES = ("gpt2",)  # their projections are Conv1D: weight [in, out], not [out, in]
 # rope types whose frequencies depend on the sequence length (HF recomputes them per call, and
 # for longrope re-prefills mid-generation): a batch of ragged requests cannot reproduce that
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")

@@ -37,7 +37,15 @@ from blockllm.zoo.models import (
 )
 
 LORA_RECORD = ".blockllm-lora.json"
-DEFAULT_TARGETS = ("q_proj", "v_proj")
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's own default for Llama-like models
+# where the attention's input projections are one fused module
+FUSED_DEFAULT_TARGETS = {"phi3": ("qkv_proj",), "gpt2": ("c_attn",)}
+
+
+def default_targets(model_type: str) -> tuple[str, ...]:
+    """The projections an adapter of a `model_type` model targets unless told: the query and
+    value projections, or the fused module that holds them (Phi-3, GPT-2)."""
+    return FUSED_DEFAULT_TARGETS.get(model_type, DEFAULT_TARGETS)
 
 
 def _peft() -> Any:
@@ -69,7 +77,7 @@ def _quiet_hub() -> Iterator[None]:
 
 
 def _check(targets: Sequence[str], rank: int, steps: int, lr: float) -> None:
-    from blockllm.zoo.adapters import LORA_TARGETS
+    from blockllm.zoo.families import LORA_TARGETS
 
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if not targets or bad:
@@ -87,7 +95,7 @@ def train_lora(
     *,
     rank: int = 8,
     alpha: float | None = None,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
     rslora: bool = False,
     steps: int = 20,
     text: str | Path | None = None,
@@ -99,8 +107,9 @@ def train_lora(
     progress: Progress | None = None,
     rank_pattern: dict[str, int] | None = None,
 ) -> Path:
-    """Train a LoRA adapter (rank `rank`, alpha `alpha` [2 * rank], on `targets` of decoder
-    layers a..b, 0-based inclusive; every layer with `layers=None`) on the checkpoint
+    """Train a LoRA adapter (rank `rank`, alpha `alpha` [2 * rank], on `targets` [the
+    model's `default_targets`] of decoder layers a..b, 0-based inclusive; every layer with
+    `layers=None`) on the checkpoint
     `base_dir` for `steps` AdamW steps and save it as a PEFT adapter folder `out_dir`.
 
     `steps=0` trains nothing and keeps PEFT's `init_lora_weights=False` initialisation (lora_B
@@ -113,6 +122,8 @@ def train_lora(
     peft = _peft()
     base, out = Path(base_dir), Path(out_dir)
     lay = _layout(base)
+    if targets is None:
+        targets = default_targets(lay.model_type)
     if layers is not None:
         _check_layers(layers, False, lay.num_layers)
     _check(targets, rank, steps, lr)

@@ -240,9 +240,10 @@ def tiny_cmd(
 )
 @click.option(
     "--targets",
-    default="q_proj,v_proj",
-    show_default=True,
-    help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.",
+    default=None,
+    help="Comma-separated projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+    "(Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj; GPT-2: c_attn,c_proj,c_fc) "
+    "[default: q_proj,v_proj; Phi-3 qkv_proj; GPT-2 c_attn].",
 )
 @click.option("--rslora", is_flag=True, help="rsLoRA scaling (alpha / sqrt(rank)).")
 @click.option(
@@ -259,7 +260,7 @@ def lora_cmd(
     layers_spec: str,
     rank: int,
     alpha: float | None,
-    targets: str,
+    targets: str | None,
     rslora: bool,
     steps: int,
     text: Path | None,
@@ -289,7 +290,9 @@ def lora_cmd(
             layers,
             rank=rank,
             alpha=alpha,
-            targets=[t.strip() for t in targets.split(",") if t.strip()],
+            targets=None
+            if targets is None
+            else [t.strip() for t in targets.split(",") if t.strip()],
             rslora=rslora,
             steps=steps,
             text=text,

@@ -16,10 +16,17 @@ from blockllm.worker.worker import Worker, WorkerConfig, WorkItem, stage_key
 from blockllm.zoo import Zoo
 from blockllm.zoo.lora import train_lora
 
-ADAPTERS = {  # name -> (layers, rank, targets, rslora)
-    "a1": ((0, 3), 4, ("q_proj", "v_proj"), False),
-    "a2": ((1, 2), 8, ("o_proj", "gate_proj", "up_proj", "down_proj"), True),
-    "a3": ((3, 3), 2, ("k_proj",), False),
+ADAPTERS = {  # name -> (layers, rank, rslora)
+    "a1": ((0, 3), 4, False),
+    "a2": ((1, 2), 8, True),
+    "a3": ((3, 3), 2, False),
+}
+SEPARATE = (("q_proj", "v_proj"), ("o_proj", "gate_proj", "up_proj", "down_proj"), ("k_proj",))
+TARGETS = {  # family -> the projections of a1, a2, a3
+    "llama": SEPARATE,
+    "qwen2": SEPARATE,
+    "phi3": (("qkv_proj",), ("o_proj", "gate_up_proj", "down_proj"), ("qkv_proj",)),
+    "gpt2": (("c_attn",), ("c_proj", "c_fc"), ("c_attn",)),  # Conv1D, in attention and MLP
 }
 PROMPTS = {"base": [1, 2, 3, 4, 5], "a1": [7, 8, 9], "a2": [10, 11, 12, 13], "a3": [5, 6, 7, 8]}
 
@@ -27,8 +34,10 @@ PROMPTS = {"base": [1, 2, 3, 4, 5], "a1": [7, 8, 9], "a2": [10, 11, 12, 13], "a3
 def _setup(tmp: Path, family: str, tiny_checkpoint) -> tuple[Zoo, Path, dict[str, Path]]:
     base = tiny_checkpoint(family)
     folders = {
-        n: train_lora(base, tmp / n, layers, rank=r, targets=t, rslora=rs, steps=0, seed=i)
-        for i, (n, (layers, r, t, rs)) in enumerate(ADAPTERS.items())
+        n: train_lora(
+            base, tmp / n, layers, rank=r, targets=TARGETS[family][i], rslora=rs, steps=0, seed=i
+        )
+        for i, (n, (layers, r, rs)) in enumerate(ADAPTERS.items())
     }
     z = Zoo(tmp / "zoo")
     z.import_checkpoint(base, "base")
@@ -61,11 +70,17 @@ def _worker(z: Zoo) -> tuple[Worker, tuple[str, str]]:
     return w, (stage_key(m, 0, 3), stage_key(m, 3, n))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def _weight(layer: torch.nn.Module, target: str) -> torch.Tensor:
+    return next(m.weight for n, m in layer.named_modules() if n.endswith(target))
+
+
+@pytest.mark.parametrize("family", list(TARGETS))
 def test_base_and_adapters_batched_in_one_forward_equal_hf_peft(tmp_path, tiny_checkpoint, family):
+    """Phi-3's fused qkv_proj/gate_up_proj and GPT-2's Conv1D projections included."""
     z, base, folders = _setup(tmp_path, family, tiny_checkpoint)
     w, keys = _worker(z)
-    q_before = w.stage_model(keys[0]).layers[0].self_attn.q_proj.weight.clone()
+    first = TARGETS[family][0][0]
+    q_before = _weight(w.stage_model(keys[0]).layers[0], first).clone()
     steps = 8
     toks = {k: list(v) for k, v in PROMPTS.items()}
     for step in range(steps):
@@ -100,7 +115,7 @@ def test_base_and_adapters_batched_in_one_forward_equal_hf_peft(tmp_path, tiny_c
     for name in ("a1", "a2"):  # the adapters change outputs (else parity proves nothing)
         assert toks[name][len(PROMPTS[name]) :] != _hf_peft(base, None, PROMPTS[name], steps)
     # no merge: the shared base weights are untouched
-    assert torch.equal(w.stage_model(keys[0]).layers[0].self_attn.q_proj.weight, q_before)
+    assert torch.equal(_weight(w.stage_model(keys[0]).layers[0], first), q_before)
 
 
 def test_adapter_blocks_are_refcounted_per_request_and_kept_idle(tmp_path, tiny_checkpoint):
