@@ -234,3 +234,24 @@ def test_models_lora_cli_trains_a_real_adapter(tmp_path, base):
     # B is zero at init and trained for two steps: the adapter is not a no-op
     block = z.load_block(z.manifest("tr").adapter_blocks[0][1])
     assert block["self_attn.k_proj.lora_B"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "want"), [("llama", ["q_proj", "v_proj"]), ("phi3", ["qkv_proj"])]
+)
+def test_models_lora_default_targets_are_the_models_own(tmp_path, tiny_checkpoint, family, want):
+    """Phi-3 has no q_proj/v_proj (one fused qkv_proj): without --targets the CLI used to end in
+    a peft traceback there; the default is the module that exists, and the adapter imports."""
+    from click.testing import CliRunner
+
+    from blockllm.client.cli import cli
+
+    ckpt, out = tiny_checkpoint(family), tmp_path / "ad"
+    r = CliRunner().invoke(cli, ["models", "lora", str(ckpt), str(out), "--steps", "0"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == want
+    z = Zoo(tmp_path / "zoo")
+    z.import_checkpoint(ckpt, "base")
+    m = z.import_adapter(out, "ad")
+    assert len(m.adapter_blocks) == len(z.manifest("base").chain) - 2  # every decoder layer
