@@ -139,15 +139,16 @@ class Duplicates:
             if now - since >= self.cfg.dup_confirm_s:
                 self._launch(planner, workers, routes, name, now)
         changed = False
+        moves: list[bool] = []  # per duplicate routed now: whether running requests move
         for dup in list(self.active.values()):
             if dup.slow not in workers or dup.helper not in workers:
                 del self.active[dup.slow]  # a lost worker: the re-placement takes over
                 changed = True
                 continue
-            out += self._progress(planner, workers, dup, now)
+            out += self._progress(planner, workers, dup, now, moves)
             changed |= self._maybe_retire(dup, workers, slow_now, now)
-        if changed:
-            out.append(SetRoutes(planner.command_id(), planner.routes(), False))
+        if changed or moves:  # one SET_ROUTES, every model's routes, for all of them
+            out.append(SetRoutes(planner.command_id(), planner.routes(), any(moves)))
         return out
 
     def _launch(
@@ -204,9 +205,15 @@ class Duplicates:
         )
 
     def _progress(
-        self, planner: Planner, workers: Mapping[str, WorkerFacts], dup: Dup, now: float
+        self,
+        planner: Planner,
+        workers: Mapping[str, WorkerFacts],
+        dup: Dup,
+        now: float,
+        moves: list[bool],
     ) -> list[Message]:
-        """Load the duplicate's missing stages; route through it once all are there."""
+        """Load the duplicate's missing stages; route through it once all are there (`moves`
+        gets whether its running requests move: `step` sends the routes once per snapshot)."""
         hosted = set(workers[dup.helper].stages)
         missing = [k for k in dup.stages if k[1] not in hosted]
         out: list[Message] = []
@@ -221,7 +228,7 @@ class Duplicates:
                 dup.helper,
                 "move" if move else "stay",
             )
-            out.append(SetRoutes(planner.command_id(), planner.routes(), move))
+            moves.append(move)
         return out
 
     def hold_s(self, worker: str) -> float:

@@ -434,3 +434,26 @@ BAD_SETTINGS = [
 def test_the_cost_rules_settings_are_checked(bad: dict) -> None:
     with pytest.raises(ValueError):
         cfg(**bad)
+
+
+def test_duplicates_ready_in_one_snapshot_are_routed_by_one_set_routes() -> None:
+    """Each SET_ROUTES carries every model's routes: two duplicates that finish loading in the
+    same snapshot get one, with both twins (86 finished in one snapshot at 2,020 x 256)."""
+    p = planner(dup_step_ms=100.0)
+    routes = {"m": [["w0", [[0, 6]]]], "ft": [["w1", [[0, 6]]]]}
+    before = {"w0": [("m", 0, 6)], "w1": [("ft", 0, 6)], "w2": [], "w3": []}
+    slow = {"w0": 300.0, "w1": 300.0}
+    full = {"w0": {"weight_bytes": 6 * MB}, "w1": {"weight_bytes": 6 * MB}}
+    cmds = p.on_stats(snapshot(before, p50=slow, routes=routes, budget=6 * MB, extra=full), 0.0)
+    loads = [c for c in cmds if isinstance(c, LoadStage)]  # not on w0 nor w1: they are full
+    assert sorted(c.model for c in loads) == ["ft", "m"] and p.duplicates.slow == {"w0", "w1"}
+    assert {c.worker for c in loads} <= {"w2", "w3"}
+    after = {**before}
+    for c in loads:
+        after[c.worker] = [*after[c.worker], (c.model, c.start, c.end)]
+    cmds = p.on_stats(snapshot(after, p50=slow, routes=routes, budget=6 * MB, extra=full), 0.5)
+    (sent,) = [c for c in cmds if isinstance(c, SetRoutes)]
+    assert sent.move_running
+    for model, slow_worker in (("m", "w0"), ("ft", "w1")):
+        weights = {r.hops[0].worker: r.weight for r in sent.routes[model]}
+        assert weights[slow_worker] < 0.1 and max(weights.values()) == 1.0, (model, weights)
