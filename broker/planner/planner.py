@@ -253,14 +253,16 @@ class Planner:
         return False
 
     def _replica_targets(self, served: list[str], n_workers: int) -> dict[str, int]:
-        infos = [ModelInfo(m, (), (), demand=self._demand_of(m)) for m in served]
+        demand = self._demands(served)
+        infos = [ModelInfo(m, (), (), demand=demand[m]) for m in served]
         targets = replica_targets(infos, n_workers)
         if not self.cfg.replicate:
             return dict.fromkeys(targets, 1)
         return targets
 
-    def _demand_of(self, model: str) -> float:
-        return self.demand.get(model, 0.0) if self._hot() else 0.0
+    def _demands(self, models: list[str]) -> dict[str, float]:
+        hot = self._hot()  # once: it sums every model's demand
+        return {m: self.demand.get(m, 0.0) if hot else 0.0 for m in models}
 
     def _adopt(
         self,
@@ -272,9 +274,8 @@ class Planner:
     ) -> None:
         chains = {m: assemble(self, m) for m in served}
         mine = [m for m in served if not pin_covered(self, m, workers)]  # pins.py
-        infos = [
-            model_info(self.manifests, self.owners, m, chains[m], self._demand_of(m)) for m in mine
-        ]
+        demand = self._demands(mine)
+        infos = [model_info(self.manifests, self.owners, m, chains[m], demand[m]) for m in mine]
         infos = [i for i in infos if i is not None]
         nodes = [
             worker_info(self.manifests, w)
@@ -397,12 +398,11 @@ class Planner:
         t = self.target
         assert t is not None
 
-        def coming(worker: str, key: str) -> bool:
-            k = (worker, key)
-            if k in have:
+        def coming(worker: str, key: str) -> bool:  # hosted, or loading (not waiting for room)
+            if (worker, key) in have:
                 return key in self.hosted.get(worker, ())  # live, not draining
-            retry_at = self.pending_loads.get(k, (math.inf, 0))[0]
-            return retry_at != math.inf and k not in self.waiting_room
+            loading = self.pending_loads.get((worker, key), (math.inf, 0))[0] != math.inf
+            return loading and (worker, key) not in self.waiting_room
 
         trusted = self._assembled()
         sent = {m: rs for m, rs in (self.routes_sent or {}).items() if m not in trusted}

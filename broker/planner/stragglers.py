@@ -133,11 +133,12 @@ class Duplicates:
             del self.slow_since[name]
         self.no_helper &= slow_now - set(self.active)
         out: list[Message] = []
+        resident: dict[str, set[str]] = {}  # per helper, once per snapshot (many may launch)
         for name in sorted(slow_now - set(self.active)):
             # a slow snapshot or two (a GC pause, a neighbour's burst) launches nothing
             since = self.slow_since.setdefault(name, now)
             if now - since >= self.cfg.dup_confirm_s:
-                self._launch(planner, workers, routes, name, now)
+                self._launch(planner, workers, routes, name, now, resident)
         changed = False
         moves: list[bool] = []  # per duplicate routed now: whether running requests move
         for dup in list(self.active.values()):
@@ -158,6 +159,7 @@ class Duplicates:
         routes: Mapping[str, PlannedRoute],
         slow: str,
         now: float,
+        resident_of: dict[str, set[str]],
     ) -> None:
         if planner.target is not None:
             stages = list(planner.target.plan.stages.get(slow) or [])
@@ -167,15 +169,13 @@ class Duplicates:
             return
         helpers = [w for n, w in workers.items() if n != slow and n not in self.active]
         best = None
+        blocks = {b for owner, s, e in stages for b in tuple(planner.manifests[owner].chain)[s:e]}
+        size = {b: _block_bytes(planner, b) for b in blocks}
         for w in helpers:
-            resident = resident_blocks(planner.manifests, w)
-            new = {
-                b
-                for owner, s, e in stages
-                for b in tuple(planner.manifests[owner].chain)[s:e]
-                if b not in resident
-            }
-            nbytes = sum(_block_bytes(planner, b) for b in new)
+            resident = resident_of.get(w.name)
+            if resident is None:
+                resident = resident_of[w.name] = resident_blocks(planner.manifests, w)
+            nbytes = sum(size[b] for b in blocks.difference(resident))
             if nbytes + w.weight_bytes > w.capacity:
                 continue
             rank = (nbytes, w.queued, w.name)
