@@ -29,12 +29,16 @@ class Coverage:
         self.key_of = key_of
         self.manifests = manifests  # a model's chain length (an unknown model: not covered)
         self.holders: dict[str, set[str]] = {}  # stage key -> workers holding it
-        ends: dict[int, set[int]] = {}
+        # the spans held per family (a stage key hashes its family's fingerprint: a model's
+        # key matches only stages of its family), None: stages of unknown or unfingerprinted
+        # models, looked at for every model: family -> start -> ends
+        self._held_by: dict[str | None, dict[int, set[int]]] = {}
         for w in workers.values():
             for key, st in w.stages.items():
                 self.holders.setdefault(key, set()).add(w.name)
-                ends.setdefault(st.start, set()).add(st.end)
-        self.ends = {start: sorted(e) for start, e in ends.items()}
+                by = self._held_by.setdefault(self._family(st.model), {})
+                by.setdefault(st.start, set()).add(st.end)
+        self._ends: dict[str | None, dict[int, list[int]]] = {}  # family -> start -> ends
         self._users: dict[tuple[int, int], dict[str | None, list[str]]] = {}
         self._covered: dict[str, bool] = {}
         self._spans: dict[str, list[tuple[int, int, str]]] = {}  # model -> its held spans
@@ -65,13 +69,30 @@ class Coverage:
             self._covered[model] = ok
         return ok
 
+    def _family(self, model: str) -> str | None:
+        return getattr(self.manifests.get(model), "fingerprint", "") or None
+
+    def _ends_of(self, family: str | None) -> dict[int, list[int]]:
+        """start -> the ends held there that a model of `family` may have keys over (None:
+        a model without a fingerprint, whose key derives from its config: every span held)."""
+        ends = self._ends.get(family)
+        if ends is None:
+            merged: dict[int, set[int]] = {}
+            groups = self._held_by if family is None else (family, None)
+            for f in groups:
+                for start, e in self._held_by.get(f, {}).items():
+                    merged.setdefault(start, set()).update(e)
+            ends = self._ends[family] = {start: sorted(e) for start, e in merged.items()}
+        return ends
+
     def _held(self, model: str, n: int) -> list[tuple[int, int, str]]:
         """(start, end, key) of the spans some worker holds with `model`'s key, by start."""
         spans = self._spans.get(model)
         if spans is None:
             spans = []
+            held = self._ends_of(self._family(model))
             for start in range(n):
-                for end in self.ends.get(start, ()):
+                for end in held.get(start, ()):
                     if end > n:
                         continue
                     key = self.key_of(model, start, end)
