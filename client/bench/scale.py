@@ -225,7 +225,7 @@ def run_size(
         finally:
             replan_module.place_in, replan_module.replace_lost = originals
         row |= scale_gc.figures(meter, sim.c.broker_by_kind, sim.c.routed)
-        row["gc_policy_freezes"] = sim.gc_policy.frozen if sim.gc_policy else 0
+        row["gc_policy_fulls"] = sim.gc_policy.fulls if sim.gc_policy else 0
         row["gc_full_ms"] = scale_gc.full_collection_ms(sim)
     return row | _figures(sim, duration, capacity, planned, relost)
 

@@ -29,6 +29,7 @@ class GcMeter:
         self.kind: str | None = None
         self.by_kind: dict[str, list[float]] = {}
         self.by_generation: dict[int, int] = {}
+        self.longest_s = 0.0  # the longest collection inside a broker call
         self._t0 = 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -38,8 +39,10 @@ class GcMeter:
             self._t0 = time.process_time()
             return
         acc = self.by_kind.setdefault(self.kind, [0, 0.0])
+        dt = time.process_time() - self._t0
         acc[0] += 1
-        acc[1] += time.process_time() - self._t0
+        acc[1] += dt
+        self.longest_s = max(self.longest_s, dt)
         gen = int(info.get("generation", -1))
         self.by_generation[gen] = self.by_generation.get(gen, 0) + 1
 
@@ -74,6 +77,7 @@ def figures(meter: GcMeter, by_kind: dict[str, list[float]], routed: int) -> dic
         },
         "broker_gc_us_per_message": round(1e6 * total / max(1, routed), 1),
         "broker_gc_collections": {str(g): n for g, n in sorted(meter.by_generation.items())},
+        "broker_gc_ms_max": round(1000 * meter.longest_s, 1),
     }
 
 
