@@ -39,7 +39,8 @@ class Coverage:
                 by = self._held_by.setdefault(self._family(st.model), {})
                 by.setdefault(st.start, set()).add(st.end)
         self._ends: dict[str | None, dict[int, list[int]]] = {}  # family -> start -> ends
-        self._users: dict[tuple[int, int], dict[str | None, list[str]]] = {}
+        self._users: dict[tuple[int, int, str | None], dict[str | None, list[str]]] = {}
+        self._of_family: dict[str | None, list[str]] = {}  # users' candidates per family
         self._covered: dict[str, bool] = {}
         self._spans: dict[str, list[tuple[int, int, str]]] = {}  # model -> its held spans
         self._without: dict[tuple[str, str], bool] = {}  # (worker, key) -> still_covered
@@ -101,25 +102,47 @@ class Coverage:
             self._spans[model] = spans
         return spans
 
-    def users(self, start: int, end: int, key: str, models: Collection[str]) -> list[str]:
-        """The models (of `models`, sorted) whose key over [start, end) is `key`."""
-        by_key = self._users.get((start, end))
+    def users(
+        self, start: int, end: int, key: str, models: Collection[str], under: str | None = None
+    ) -> list[str]:
+        """The models (of `models`, sorted) whose key over [start, end) is `key`; `under`: the
+        model the stage was loaded under, whose family's models (and those without a
+        fingerprint) are the only ones whose key can be it (`models`: the same for one
+        Coverage)."""
+        family = None if under is None else self._family(under)
+        by_key = self._users.get((start, end, family))
         if by_key is None:
-            by_key = self._users[(start, end)] = {}
-            for m in sorted(models):
+            by_key = self._users[(start, end, family)] = {}
+            for m in self._candidates(models, family):
                 by_key.setdefault(self.key_of(m, start, end), []).append(m)
         return by_key.get(key, [])
 
+    def _candidates(self, models: Collection[str], family: str | None) -> list[str]:
+        """`models` sorted, only `family`'s and those without a fingerprint (None: all)."""
+        got = self._of_family.get(family)
+        if got is None:
+            got = sorted(models)
+            if family is not None:
+                got = [m for m in got if self._family(m) in (family, None)]
+            self._of_family[family] = got
+        return got
+
     def still_covered(
-        self, worker: str, key: str, start: int, end: int, models: Collection[str]
+        self,
+        worker: str,
+        key: str,
+        start: int,
+        end: int,
+        models: Collection[str],
+        under: str | None = None,
     ) -> bool:
         """Whether every model of `models` the stage `key` over [start, end) serves that is
         covered stays covered without `worker`'s copy (memoized: `models` is the same for
-        one Coverage, the target's)."""
+        one Coverage, the target's); `under`: the model it was loaded under (`users`)."""
         k = (worker, key)
         ok = self._without.get(k)
         if ok is None:
-            users = self.users(start, end, key, models)
+            users = self.users(start, end, key, models, under)
             ok = self._without[k] = all(
                 self.covers(m, (worker, key)) for m in users if self.covers(m)
             )

@@ -382,7 +382,7 @@ class Planner:
 
         def covered_without(worker: str, key: str) -> bool:
             st = w.stages[key]  # only the models this stage serves can lose coverage
-            return cov.still_covered(worker, key, st.start, st.end, t.models)
+            return cov.still_covered(worker, key, st.start, st.end, t.models, st.model)
 
         force = waited >= self.cfg.load_timeout_s
         kept = keep if force else keep | spare

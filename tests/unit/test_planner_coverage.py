@@ -60,6 +60,10 @@ def test_coverage_equals_routing_every_model(seed: int, gone: int) -> None:
                 assert cov.covers(m, (w.name, key)) == p.covered(m, rest), (seed, w.name, m)
             users = [m for m in models if p._key(m, st.start, st.end) == key]
             assert cov.users(st.start, st.end, key, models) == users
+            # of the stage's family only (its key hashes the family): the same models
+            assert cov.users(st.start, st.end, key, models, st.model) == users
+            kept = all(p.covered(m, rest) for m in users if m in covered)
+            assert cov.still_covered(w.name, key, st.start, st.end, models, st.model) == kept
     assert cov.covers("no such model") is False
 
 
