@@ -92,7 +92,9 @@ class RequestFlow:
         """KV bytes the request reserves on each worker of `route` (estimate)."""
         need: dict[bytes, int] = {}
         for hop in route:
-            layers = sum(req.spec.decoder_layers_in(a, b) for a, b in hop.spans)
+            # (a hop's spans are consecutive stages of the chain: its layers are those of the
+            # span from its first start to its last end)
+            layers = req.spec.decoder_layers_in(hop.spans[0][0], hop.spans[-1][1])
             w = self.state.workers.get(hop.worker)
             # in the dtype the worker serves the hop's stages in, in its arena's pages
             dtypes = w.dtypes() if w is not None else {}

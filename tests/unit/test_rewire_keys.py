@@ -10,9 +10,11 @@ import itertools
 import random
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 from blockllm.broker.broker import Broker
 from blockllm.broker.config import BrokerConfig
+from blockllm.broker.models import kv_reservation
 from blockllm.broker.protocol import (
     PROTOCOL_VERSION,
     PlannedHop,
@@ -64,6 +66,20 @@ def plain_key_of(b: Broker):
             return None
 
     return key_of
+
+
+def kv_need_per_span(b: Broker, req: SimpleNamespace, route: list) -> dict:
+    """`RequestFlow.kv_need` with each span's layers counted apart."""
+    need: dict = {}
+    for hop in route:
+        layers = sum(req.spec.decoder_layers_in(a, e) for a, e in hop.spans)
+        w = b.workers.get(hop.worker)
+        dtypes = w.dtypes() if w is not None else {}
+        dtype = next((dtypes[k] for k in hop.stage_keys if dtypes.get(k)), "")
+        geometries = w.kv_geometries if w is not None else ()
+        nbytes = kv_reservation(req.spec, geometries, dtype, layers, req.max_total_len)
+        need[hop.worker] = need.get(hop.worker, 0) + nbytes
+    return need
 
 
 def random_routes(rng: random.Random, names: list[str], workers: list[str]) -> tuple:
@@ -161,6 +177,11 @@ def test_kept_planned_keys_resolve_as_keying_every_call() -> None:
             got = best_planned(planned, keys, by_name, views, running)
             assert got == ref.best_planned(m, planned, by_name, views, key_of, running), (step, m)
             resolved += got is not None
+            own = b.flow.route(m, views)  # (planned, else the broker's own)
+            for hops in (got, own):
+                if hops is not None and m in st.models:
+                    req = SimpleNamespace(spec=st.models[m], max_total_len=64)
+                    assert b.flow.kv_need(req, hops) == kv_need_per_span(b, req, hops)
             for r in planned:
                 hops = ref.resolve(m, r, by_name, views, key_of)
                 if hops is None:
