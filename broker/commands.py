@@ -23,6 +23,7 @@ from blockllm.broker.protocol import (
     Ack,
     Kind,
     LoadStage,
+    PlannedRoute,
     Reload,
     SetBatch,
     SetChain,
@@ -44,6 +45,8 @@ class Commands:
 
     def __init__(self, state: BrokerState) -> None:
         self.state = state
+        # model -> the spec its kept planned routes were checked against (SET_ROUTES)
+        self._checked: dict[str, Any] = {}
 
     def handlers(self) -> dict[Kind, Handler]:
         return {
@@ -115,18 +118,27 @@ class Commands:
     ) -> list[Out]:
         if peer in self.state.workers:
             return self.state.bad_message(peer, "a worker sent SET_ROUTES", now)
+        # a model's routes equal to its last ones keep their tuple (what is kept per route,
+        # rewire.PlannedKeys and the shown routes, stays) and, checked against the same
+        # spec, are not checked again
+        old, checked = self.state.preferred, self._checked
+        preferred: dict[str, tuple[PlannedRoute, ...]] = {}
         for model, routes in msg.routes.items():
+            if not routes:
+                continue
             spec = self.state.models.get(model)
-            for route in routes if spec is not None else ():
+            kept, new = old.get(model), tuple(routes)
+            if kept is not None and kept == new:
+                preferred[model] = kept
+                if checked.get(model) is spec:
+                    continue
+            for route in new if spec is not None else ():
                 why = check_planned(route, spec.chain_len)
                 if why is not None:
                     return self._ack(peer, msg.command_id, False, f"{model}: {why}")
-        # (a model's routes equal to its last ones keep their tuple: what is kept per route,
-        # rewire.PlannedKeys and the shown routes, stays)
-        old = self.state.preferred
-        self.state.preferred = {
-            m: old[m] if old.get(m) == (t := tuple(r)) else t for m, r in msg.routes.items() if r
-        }
+            preferred.setdefault(model, new)
+        self._checked = {m: self.state.models.get(m) for m in preferred}
+        self.state.preferred = preferred
         self.state.routes_gen += 1
         self.state.waiting.wake_all()  # the routes the waiting requests would take changed
         if msg.move_running:

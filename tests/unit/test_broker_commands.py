@@ -3,6 +3,8 @@ batch sizes, assembled chains, reload, and the stats body. No sockets, no sleeps
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from blockllm.broker.protocol import (
     Ack,
     Forward,
@@ -70,6 +72,18 @@ def test_preferred_route_is_validated_and_skipped_when_not_hosted() -> None:
     assert fwd.peer == W2 and len(fwd.msg.stage_keys) == 2
     del h.broker.workers[W2]  # the planned route no longer resolves: the broker routes itself
     assert only(h.generate("r2"), Forward).peer in (W0, W1)
+
+
+def test_routes_equal_to_the_last_are_kept_and_checked_again_only_for_a_new_spec() -> None:
+    h = two_full()
+    st = h.broker.state
+    assert ack(h.send(PLANNER, SetRoutes("c1", {"base": (route(("w0", [(0, 6)])),)}))).ok
+    kept = st.preferred["base"]
+    again = {"base": (route(("w0", [(0, 6)])),)}  # equal routes, other objects
+    assert ack(h.send(PLANNER, SetRoutes("c2", again))).ok and st.preferred["base"] is kept
+    st.models["base"] = replace(st.models["base"], chain_len=8)  # its chain changed
+    assert not ack(h.send(PLANNER, SetRoutes("c3", again))).ok  # checked against the new one
+    assert st.preferred["base"] is kept
 
 
 def test_running_request_moves_at_its_next_step_without_losing_a_token() -> None:
