@@ -36,11 +36,14 @@ What it is computed from, and where a change is seen:
 
 Bounded per STATS build: a change above marks the model's route out of date (the models in
 the order their inputs first changed); a STATS build recomputes at most `per_build` of them,
-those out of date longest first (BrokerConfig.stats_routes_per_build), and shows the others'
-previous route marked stale (ModelStats.route_stale; a model never routed yet: no route). So a
-build on the broker's loop costs at most that many routes however much the cluster churns
-(the first placement's loads drop most models' routes at once), and a model's route is at
-most ceil(out of date / per_build) builds late. A STATUS answer (a page of at most 128
+those never shown a route first (a tenant that just arrived, which has no previous route to
+show), then those out of date longest first (BrokerConfig.stats_routes_per_build), and shows
+the others' previous route marked stale (ModelStats.route_stale; a model never routed yet: no
+route). So a build on the broker's loop costs at most that many routes however much the
+cluster churns (the first placement's loads drop most models' routes at once), a new tenant's
+route is shown in the first build after it arrives (unless more than `per_build` arrive at
+once), and a model's route is at most ceil((out of date ahead of it + tenants arriving
+meanwhile) / per_build) builds late. A STATUS answer (a page of at most 128
 models, on a client's request) recomputes every out-of-date route it shows: what clients wait
 on (coverage) is never stale.
 """
@@ -148,7 +151,16 @@ class ShownRoutes:
         if per_build is None or per_build <= 0 or len(dirty) <= per_build:
             self._due = None
         else:
-            self._due = set(itertools.islice(dirty, per_build))
+            self._due = set(self._due_first(dirty, per_build))
+
+    def _due_first(self, dirty: dict[str, None], k: int) -> list[str]:
+        """The `k` routes out of date a bounded build recomputes: those never shown first (a
+        tenant that just arrived: no previous route to show), then the oldest out of date."""
+        shown = self._shown
+        due = [m for m in dirty if m not in shown][:k]
+        if len(due) < k:
+            due += itertools.islice((m for m in dirty if m in shown), k - len(due))
+        return due
 
     def _changed_stages(self, b: BrokerState) -> Changes:
         """The workers whose live stages changed since the last refresh (came, went, were

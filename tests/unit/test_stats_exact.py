@@ -403,6 +403,39 @@ def test_the_bounded_trace_fails_when_the_newest_go_first(monkeypatch) -> None:
         run_trace(1, 300, 7, per_build=1)
 
 
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_new_tenants_route_is_shown_first(broken: bool, monkeypatch) -> None:
+    """A tenant arriving while more routes are out of date than a build recomputes shows its
+    route in the next build, not no route (uncovered, stale) for several; the others wait.
+    `broken`: the oldest out of date first whatever was shown (it fails)."""
+    if broken:
+        monkeypatch.setattr(ShownRoutes, "_due_first", lambda self, dirty, k: list(dirty)[:k])
+    h = Harness(stats_routes_per_build=1)
+    h.ready(W0, [("base", 0, 6), ("ft", 0, 6)])
+    for _ in range(2):  # one route per build: both shown after two
+        h.now += 0.5
+        body = h.broker.stats(h.now)
+    assert not any(m.route_stale for m in body.models.values())
+    hop = (PlannedHop("w0", ((0, 6),)),)
+    routes = {m: (PlannedRoute(hop, 2.0),) for m in ("base", "ft")}
+    h.send(PLANNER, SetRoutes("c1", routes, True))  # both out of date
+    specs = dict(h.broker.state.catalog())
+    specs["new"] = dataclasses.replace(specs["base"], name="new")  # arrives: the base's chain
+    h.broker.state.catalog = lambda: specs
+    h.broker.reload(h.now)
+    h.now += 0.5
+    body = h.broker.stats(h.now)
+    new = body.models["new"]
+    if broken:
+        assert new.route_stale and not new.covered
+        return
+    assert not new.route_stale and new.covered and new.route == hop
+    assert [m.route_stale for m in (body.models["base"], body.models["ft"])] == [True, True]
+    h.now += 0.5
+    body = h.broker.stats(h.now)  # then the oldest out of date
+    assert not body.models["base"].route_stale and body.models["ft"].route_stale
+
+
 def test_the_bounded_trace_fails_when_a_stale_entry_forgets_its_route(monkeypatch) -> None:
     real = ShownRoutes.get
 
