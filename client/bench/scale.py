@@ -284,11 +284,22 @@ def _figures(
         "stats_delta_kb_max": round(max(c.delta_bytes, default=0) / 1024, 1),
         "stats_parts_max": c.stats_parts,
         "stats_kb_per_s": round(sum(c.stats_bytes) / 1024 / max(1e-9, duration + 5.0), 1),
-        "stats_ms_p50": round(1000 * pct(c.stats_cpu_s, 0.5), 1),
+        # the broker loop's stall on STATS: a snapshot's longest turn (its build, or a turn
+        # of its encoding: broker/stats_send.py), p50 over snapshots and the longest of all
+        "stats_ms_p50": round(1000 * pct(c.stats_turn_max_s, 0.5), 1),
+        "stats_ms_max": round(1000 * max(c.stats_turn_max_s, default=0.0), 1),
+        # ... its garbage collections left out (in this process they sweep the planner's and the
+        # simulated cluster's objects too), and the most GC time in one STATS turn
+        "stats_ms_max_less_gc": round(1000 * max(c.stats_turn_max_less_gc_s, default=0.0), 1),
+        "stats_gc_ms_max": round(1000 * max(c.stats_gc_s, default=0.0), 1),
         # building the body alone (broker/stats.py; routes cached: broker/shown.py)
         "stats_build_ms_p50": round(1000 * pct(c.stats_build_s, 0.5), 1),
         "stats_build_ms_max": round(1000 * max(c.stats_build_s, default=0.0), 1),
-        "stats_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
+        # a snapshot's build and encoding, all its turns together (CPU, the loop's routing
+        # between them left out): from its build to its last message (a full one's last part)
+        "stats_snapshot_ms_p50": round(1000 * pct(c.stats_cpu_s, 0.5), 1),
+        "stats_snapshot_ms_max": round(1000 * max(c.stats_cpu_s, default=0.0), 1),
+        "stats_turns_max": max(c.stats_turns, default=0),
         "status_kb_max": round(max(c.status_bytes, default=0) / 1024, 1),
         "burst_commands_max": max(c.bursts, default=0),
         "burst_kb_max": round(max(c.burst_bytes, default=0) / 1024, 1),

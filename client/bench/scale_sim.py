@@ -46,14 +46,13 @@ from blockllm.broker.protocol import (
     Release,
     Result,
     StageRef,
-    StatsDelta,
     Status,
     TensorMeta,
     Token,
     UnloadStage,
 )
 from blockllm.broker.requests import split_wire_id
-from blockllm.broker.stats_delta import DeltaPublisher, StatsView
+from blockllm.client.bench.scale_stats import SimStats
 from blockllm.client.bench.scale_synth import GB, Tenant, node_of
 from blockllm.zoo.chain import stage_key
 from blockllm.zoo.manifest import ModelManifest
@@ -152,8 +151,15 @@ class Counters:
     full_bytes: list[int] = field(default_factory=list)  # the full ones
     delta_bytes: list[int] = field(default_factory=list)  # the deltas
     stats_parts: int = 1  # the most messages one snapshot took (a full one in parts)
+    # per snapshot, CPU (client/bench/scale_stats.py): its longest turn of the broker's loop,
+    # that less its GC time, the most GC time in one of its turns, all its turns (build to
+    # last message), the build alone; how many turns it took
+    stats_turn_max_s: list[float] = field(default_factory=list)
+    stats_turn_max_less_gc_s: list[float] = field(default_factory=list)
+    stats_gc_s: list[float] = field(default_factory=list)
     stats_cpu_s: list[float] = field(default_factory=list)
-    stats_build_s: list[float] = field(default_factory=list)  # the body only (no encoding)
+    stats_build_s: list[float] = field(default_factory=list)
+    stats_turns: list[int] = field(default_factory=list)
     status_bytes: list[int] = field(default_factory=list)
     hops: dict[str, list[int]] = field(default_factory=dict)  # model -> hops per token
     relayed_bytes: int = 0  # tensor bytes between the broker (node 0) and other nodes
@@ -210,9 +216,7 @@ class Sim:
         self.first_token: set[str] = set()
         self._first_routed: set[str] = set()  # broker request ids whose first route is counted
         self._rids = itertools.count()
-        self._stats_seq = 0
-        self.deltas = DeltaPublisher(self.cfg.stats_full_every)
-        self.view = StatsView()
+        self.stats = SimStats(self)
         self.gc_meter: Any = None  # client/bench/scale_gc.py (set by `measured`)
         self.gc_policy: Any = None  # broker/gc_policy.py, as BrokerProc applies it
         self.at(0.05, self._tick)
@@ -223,10 +227,11 @@ class Sim:
         heapq.heappush(self._events, (t, next(self._seq), fn, args))
 
     def run(self, until: float) -> None:
-        while self._events and self._events[0][0] <= until:
-            t, _, fn, args = heapq.heappop(self._events)
-            self.now = max(self.now, t)
-            fn(*args)
+        with self.stats.gc:
+            while self._events and self._events[0][0] <= until:
+                t, _, fn, args = heapq.heappop(self._events)
+                self.now = max(self.now, t)
+                fn(*args)
         self.now = until
 
     # -- the broker, measured -------------------------------------------------------------------
@@ -303,35 +308,22 @@ class Sim:
         self.at(self.now + self.cfg.tick_s, self._tick)
 
     def _stats(self) -> None:
-        """A STATS snapshot as the broker process publishes it (a full one or a delta against
-        the last full one: broker/stats_delta.py), rebuilt on the planner's side."""
-        t0 = time.process_time()
-        body = self.broker.stats(self.now)
-        self.c.stats_build_s.append(time.process_time() - t0)
-        self._stats_seq += 1
-        sent = self.deltas.publish(self._stats_seq, body)
-        self.c.stats_cpu_s.append(time.process_time() - t0)
-        body = None
-        for msg, wire in sent:
-            nbytes = len(wire[1])
-            self.c.stats_bytes.append(nbytes)
-            if isinstance(msg, StatsDelta):
-                self.c.delta_bytes.append(nbytes)
-                body = self.view.apply(msg)
-            else:
-                self.c.full_bytes.append(nbytes)
-                body = self.view.full(msg)
-        self.c.stats_parts = max(self.c.stats_parts, len(sent))
-        if self.planner is not None and body is not None:
-            t0 = time.process_time()
-            cmds = self.planner.on_stats(body, self.now)
-            self.c.planner_cpu_s.append(time.process_time() - t0)
-            if cmds:
-                self.c.bursts.append(len(cmds))
-                self.c.burst_bytes.append(sum(len(frames.encode(m)[1]) for m in cmds))
-            for m in cmds:
-                self.at(self.now + self.intra_s, self.to_broker, PLANNER, m)
+        """A STATS snapshot as the broker process publishes it (client/bench/scale_stats.py)."""
         self.at(self.now + self.cfg.stats_interval_s, self._stats)
+        self.stats.snapshot()
+
+    def on_stats(self, body: Any) -> None:
+        """The planner's turn with a body its StatsView rebuilt."""
+        if self.planner is None:
+            return
+        t0 = time.process_time()
+        cmds = self.planner.on_stats(body, self.now)
+        self.c.planner_cpu_s.append(time.process_time() - t0)
+        if cmds:
+            self.c.bursts.append(len(cmds))
+            self.c.burst_bytes.append(sum(len(frames.encode(m)[1]) for m in cmds))
+        for m in cmds:
+            self.at(self.now + self.intra_s, self.to_broker, PLANNER, m)
 
     def status_size(self) -> int:
         body = self.broker.status(self.now)
