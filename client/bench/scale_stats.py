@@ -13,6 +13,7 @@ import gc
 import time
 from typing import TYPE_CHECKING, Any
 
+from blockllm.broker import frames
 from blockllm.broker.protocol import StatsDelta
 from blockllm.broker.stats_delta import DeltaPublisher, StatsView
 
@@ -80,6 +81,7 @@ class SimStats:
         for msg, wire in sent:
             nbytes = len(wire[1])
             c.stats_bytes.append(nbytes)
+            msg = frames.decode(wire)[0]  # what the planner's socket gives it
             if isinstance(msg, StatsDelta):
                 c.delta_bytes.append(nbytes)
                 body = self.view.apply(msg)
