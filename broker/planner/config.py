@@ -36,6 +36,9 @@ class PlannerConfig:
     catalog_interval_s: float = 1.0  # re-read the zoo at most this often (unknown models)
     load_timeout_s: float = 60.0  # a LOAD_STAGE not visible after this is sent again
     load_tries: int = 3
+    # LOAD_STAGEs on their way to one worker at most (a worker queues 64: worker/loader.py);
+    # the rest go as those arrive, so thousands of stages for one worker are never refused
+    loads_in_flight: int = 32
     drain_s: float = 30.0  # requests get this long to leave a stage being unloaded
     # speculative duplicates of stragglers
     duplicates: bool = True

@@ -41,6 +41,7 @@ from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_rout
 from blockllm.broker.planner.hosted import resolves, routes_to_send, spared
 from blockllm.broker.planner.inputs import model_info, worker_info
 from blockllm.broker.planner.owners import Owners
+from blockllm.broker.planner.pacing import load_order, loads_on_way, paced
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
 from blockllm.broker.planner.placement import (
     ModelInfo,
@@ -300,6 +301,7 @@ class Planner:
                 key = self._key(owner, s, e)
                 if key is not None:
                     target.stage_keys[(w, key)] = (owner, s, e)
+        target.stage_keys = load_order(target.stage_keys, plan.routes, self._key, demand)
         self.target = target
         self.replans += 1
         hops = ", ".join(f"{m}:{len(r)}x{plan.hops(m)}" for m, r in sorted(plan.replicas.items()))
@@ -325,11 +327,16 @@ class Planner:
         missing = [k for k in t.stage_keys if k not in have and k[0] in workers]
         room = Room(self.manifests, workers, self._loading())
         waiting: list[Key] = []
+        on_way = loads_on_way(self.pending_loads, now)
         for k in missing:
             if room.fits(k[0], t.stage_keys[k]):
                 self.waiting_room.pop(k, None)
+                if paced(self.pending_loads, k, on_way, now, self.cfg.loads_in_flight):
+                    continue  # a later snapshot sends it (pacing.py)
                 room.take(k[0], t.stage_keys[k])
-                out += self._load(k, t.stage_keys[k], workers, now)
+                sent = self._load(k, t.stage_keys[k], workers, now)
+                on_way[k[0]] += len(sent)
+                out += sent
             else:
                 self.waiting_room.setdefault(k, now)
                 waiting.append(k)
