@@ -1,11 +1,12 @@
 """Rate-limited logging for what peers can trigger at will (bad messages, refused kinds): at
 most one line per key per interval, with a count of what was held back, so a hostile or
-broken peer cannot flood the log. The table of keys is bounded."""
+broken peer cannot flood the log. The table of keys is bounded. `few` shortens long lists."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 MAX_KEYS = 256
 
@@ -34,3 +35,11 @@ class RateLimitedLog:
         self.logger.log(self.level, "%s%s", fmt % args if args else fmt, more)
         self._last[key] = (now, 0)
         return True
+
+
+def few(items: Iterable[object], n: int = 8, sep: str = ", ") -> str:
+    """At most `n` items joined by `sep`, then "(and K more)": a log line or an error about
+    thousands of tenants names a few, not all of them (one line of 100 kB helps no one)."""
+    items = list(items)
+    head = sep.join(map(str, items[:n]))
+    return f"{head}{sep}(and {len(items) - n} more)" if len(items) > n else head

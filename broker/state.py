@@ -18,6 +18,7 @@ from blockllm.broker.config import BrokerConfig
 from blockllm.broker.hop_timer import HopTimer
 from blockllm.broker.models import Catalog, ModelSpec
 from blockllm.broker.protocol import Error, ErrorCode, Message, PlannedRoute, Substitution
+from blockllm.broker.ratelog import few
 from blockllm.broker.requests import RequestState, split_wire_id
 from blockllm.broker.rewire import PlannedKeys, signature
 from blockllm.broker.routing import Hop
@@ -256,7 +257,7 @@ class BrokerState:
             self.planned_keys.forget(drop)
         if changed:
             self.keys_gen += 1
-        logger.info("[models] %d: %s", len(self.models), ", ".join(sorted(self.models)) or "-")
+        logger.info("[models] %d: %s", len(self.models), few(sorted(self.models)) or "-")
 
     def reload_for(
         self, names: Sequence[str], now: float, want: str | None = None

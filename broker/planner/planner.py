@@ -63,6 +63,7 @@ from blockllm.broker.protocol import (
     StatsBody,
     UnloadStage,
 )
+from blockllm.broker.ratelog import few
 from blockllm.broker.routing import WorkerView, find_route
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class Planner:
             return "a straggler is retried"
         if t is None:
             if uncovered:
-                return f"not covered: {', '.join(uncovered)}"
+                return f"not covered: {few(uncovered)}"
             return "demand" if settled and self._may_reconsider(now) else None
         if t.workers != frozenset(workers):
             return "workers changed"
@@ -304,10 +305,10 @@ class Planner:
         target.stage_keys = load_order(target.stage_keys, plan.routes, self._key, demand)
         self.target = target
         self.replans += 1
-        hops = ", ".join(f"{m}:{len(r)}x{plan.hops(m)}" for m, r in sorted(plan.replicas.items()))
+        hops = few(f"{m}:{len(r)}x{plan.hops(m)}" for m, r in sorted(plan.replicas.items()))
         logger.info("[planner] new placement (%s): replicas x hops %s", why, hops or "-")
         if plan.uncovered:
-            logger.warning("[planner] cannot place %s within the budgets", plan.uncovered)
+            logger.warning("[planner] cannot place %s within the budgets", few(plan.uncovered))
 
     def _key(self, model: str, start: int, end: int) -> str | None:
         return self.owners.key(self.manifests, model, start, end)  # memoized per catalog

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from blockllm.broker.ratelog import few
 from blockllm.client.cli.common import CliError, echo_json, json_option
 from blockllm.client.client import Client
 from blockllm.client.demux import require_covered
@@ -246,7 +247,7 @@ def status(
             f"{m} ({models[m]['uncovered']})" if models[m].get("uncovered") else m
             for m in uncovered
         ]
-        raise CliError(f"models not covered by workers: {'; '.join(why)}", EXIT_FAILED)
+        raise CliError(f"models not covered by workers: {few(why, sep='; ')}", EXIT_FAILED)
 
 
 # ---- the readable table ---------------------------------------------------------------------

@@ -49,6 +49,7 @@ from blockllm.broker.lifecycle import (
     set_process_name,
     stop_processes,
 )
+from blockllm.broker.ratelog import few
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class Launcher:
                 multiprocessing.connection.wait(sentinels, timeout=min(0.1, max(left, 0)))
         parts = [f"workers not registered: {', '.join(missing)}"] if missing else []
         if uncovered:
-            parts.append(f"models not covered: {', '.join(uncovered)}")
+            parts.append(f"models not covered: {few(uncovered)}")
         detail = "; ".join(parts) or "broker did not answer STATUS"
         loading = "".join(f"\n  {n}: {d}" for n, d in (describe or {}).items() if n in missing)
         raise LaunchError(
