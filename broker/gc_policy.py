@@ -9,26 +9,29 @@ message happened to allocate past the thresholds (at 2,020 models x 256 workers,
 simulated cluster in the same process, 0.14 s inside a GENERATE). The policy:
 
 - `start()`, once the process has built what it keeps for good (imports, tokenizers): freeze it
-  (`gc.freeze`: out of every collection's reach; still freed by reference counting);
+  (`gc.freeze`: out of every collection's reach; still freed by reference counting), and leave
+  the oldest generation to the policy: the collector's own full collections are off (its third
+  threshold out of reach), the youngest two generations collect as CPython sets them;
 - `first_s` after the start (the cluster has registered, the first placement is loaded), then
   every `every_s`, at a `tick`: collect everything, frozen objects included, and freeze the
-  survivors (`full`). The collector's own full collections then walk only what was kept since
-  (and come after a quarter of the whole heap is new: CPython counts the collected heap, not
-  the frozen part); the cycles among frozen objects that died are reclaimed at the next
-  `full`, so memory stays bounded. Its pause (`last_full_s`) is one full collection per
-  period, at a tick rather than inside some message.
+  survivors (`full`). Reference cycles that died, frozen or old, are reclaimed then, so memory
+  stays bounded (by what the broker keeps plus the cycles one period leaves); the pause
+  (`last_full_s`) is one full collection per period, at a tick rather than inside whatever
+  message crossed the collector's thresholds.
 
 Freezing after each of the collector's own full collections was tried and dropped: CPython
 then counts only the unfrozen survivors as the long-lived heap, so the next full collection
 comes after a quarter of that, ever sooner (59 of them in a 45 s simulation at 2,020 x 256).
-The youngest generations are left as CPython sets them: what they walk is what was allocated
-since, whatever the size of the broker's state.
+What the youngest generations walk is what was allocated since, whatever the size of the
+broker's state.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+
+NO_FULL = 1 << 30  # the oldest generation's threshold while the policy runs: never reached
 
 
 class GcPolicy:
@@ -41,17 +44,23 @@ class GcPolicy:
         self.started = False  # `tick` does nothing before `start` (a BrokerProc in a test)
         self.fulls = 0  # full collections made (`full`)
         self.last_full_s = 0.0  # CPU seconds of the last one
+        self._thresholds = gc.get_threshold()  # (put back by `stop`)
 
     def start(self) -> None:
-        """Freeze what is alive now; `tick` collects from then on."""
+        """Freeze what is alive now and turn the collector's own full collections off; `tick`
+        makes them from then on."""
         gc.freeze()
+        self._thresholds = gc.get_threshold()
+        young, middle, _ = self._thresholds
+        gc.set_threshold(young, middle, NO_FULL)
         self.started = True
         self._next = None
 
     def stop(self) -> None:
-        """Hand every frozen object back to the collector (a simulation ending in a process
-        that goes on)."""
+        """Hand every frozen object back to the collector and its thresholds back (a
+        simulation ending in a process that goes on)."""
         gc.unfreeze()
+        gc.set_threshold(*self._thresholds)
         self.started = False
 
     def tick(self, now: float) -> None:

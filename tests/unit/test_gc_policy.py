@@ -55,3 +55,35 @@ def test_frozen_cycles_that_die_are_reclaimed_at_the_periodic_full_collection() 
     finally:
         policy.stop()
     assert gc.get_freeze_count() == 0
+
+
+def full_collections_while_kept(n: int) -> int:
+    """How many full collections the collector makes by itself while `n` lists are made and
+    kept (they reach the oldest generation)."""
+    seen = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+
+    gc.callbacks.append(watch)
+    try:
+        kept = [[i] for i in range(n)]
+    finally:
+        gc.callbacks.remove(watch)
+    del kept
+    return len(seen)
+
+
+def test_the_collector_makes_no_full_collection_itself_while_the_policy_runs() -> None:
+    thresholds = gc.get_threshold()
+    gc.collect()
+    assert full_collections_while_kept(400_000) > 0  # (without the policy it does)
+    policy = GcPolicy()
+    try:
+        policy.start()
+        assert gc.get_threshold()[:2] == thresholds[:2]  # the young generations as they were
+        assert full_collections_while_kept(400_000) == 0
+    finally:
+        policy.stop()
+    assert gc.get_threshold() == thresholds
