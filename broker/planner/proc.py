@@ -414,6 +414,13 @@ def run_planner_process(cfg: PlannerConfig) -> int:
     except Refused as e:
         logger.error("[shutdown] %s", e)
         return EXIT_REFUSED
+    except TimeoutError as e:  # no broker there: one line, not a traceback
+        logger.error(
+            "[shutdown] planner: %s; is a broker running there? (`blockllm broker` logs "
+            "'[ready] broker listening on ADDR'; give that ADDR as --broker)",
+            e,
+        )
+        return 1
     except Exception:
         logger.exception("[shutdown] planner failed")
         return 1
