@@ -117,7 +117,10 @@ class BrokerState:
         self.move_gen = 0
         self.chains: dict[str, tuple[str, ...]] = {}  # SET_CHAIN: assembled chains
         self.stats_endpoint = ""  # set by BrokerProc once its PUB socket is bound
-        self.key_cache: dict[tuple[str, int, int], str | None] = {}
+        # model -> (start, end) -> its stage key (`key_of`): per model, so that a model that
+        # changed or went is forgotten alone, and the cache stays one long-lived object (a
+        # copy of it, 130,000 keys at 2,020 models, was walked by every young collection)
+        self.key_cache: dict[str, dict[tuple[int, int], str | None]] = {}
         self.last_reload = now
         self.catalog_gen = 0  # reloads so far: the planner's catalog version
         self.shown = ShownRoutes()  # the routes STATUS and STATS show, cached (broker/shown.py)
@@ -252,7 +255,8 @@ class BrokerState:
         }
         drop = changed | went | (self.models.keys() - old.keys())
         if drop:
-            self.key_cache = {k: v for k, v in self.key_cache.items() if k[0] not in drop}
+            for name in drop:
+                self.key_cache.pop(name, None)
             self.stage_index.forget(drop)
             self.planned_keys.forget(drop)
         if changed:
@@ -271,17 +275,20 @@ class BrokerState:
     def key_of(self, model: str, start: int, end: int) -> str | None:
         """stage_key over the chain `model` is served with (its own, or the assembled one of
         SET_CHAIN), memoized; None for an unknown model or span."""
-        k = (model, start, end)
-        if k not in self.key_cache:
+        keys = self.key_cache.get(model)
+        if keys is None:
+            keys = self.key_cache[model] = {}
+        k = (start, end)
+        if k not in keys:
             spec = self.models.get(model)
             manifest = None if spec is None else spec.manifest
             if manifest is not None and model in self.chains:
                 manifest = ChainView(manifest, self.chains[model])
             try:
-                self.key_cache[k] = None if spec is None else self.stage_key(manifest, start, end)
+                keys[k] = None if spec is None else self.stage_key(manifest, start, end)
             except Exception:  # a span the model does not have
-                self.key_cache[k] = None
-        return self.key_cache[k]
+                keys[k] = None
+        return keys[k]
 
     def own_key(self, spec: ModelSpec, start: int, end: int) -> str | None:
         """stage_key over the model's own chain (what a worker loading it computes)."""
