@@ -171,6 +171,50 @@ def test_parent_is_the_closest_more_central_model() -> None:
     assert parents_of(same) == {"smollm2": None, "smollm2-chat": "smollm2"}
 
 
+def _parents_all_pairs(manifests: dict[str, dict]) -> dict[str, str | None]:
+    """The definition, every pair compared (what parents_of did before it scaled)."""
+    from blockllm.client.http.tenants import _earlier
+
+    chains = {m: set(d["chain"]) for m, d in manifests.items()}
+    fam = {m: d["fingerprint"] for m, d in manifests.items()}
+
+    def shared(a: str, b: str) -> int:
+        return len(chains[a] & chains[b]) if fam[a] == fam[b] else 0
+
+    central = {m: sum(shared(m, o) for o in chains if o != m) for m in chains}
+    stamp = {m: manifests[m]["source"]["imported_at"] for m in chains}
+    rank = {m: (central[m], _earlier(stamp[m]), _earlier(m)) for m in chains}
+    return {
+        m: max(
+            (o for o in chains if o != m and shared(m, o) > 0 and rank[o] > rank[m]),
+            key=lambda o: (shared(m, o), rank[o]),
+            default=None,
+        )
+        for m in chains
+    }
+
+
+@pytest.mark.parametrize("size", [40, 600])
+def test_parents_of_a_large_family_as_every_pair_compared(size: int) -> None:
+    """A base, fine-tunes of one or two layers, fine-tunes of those, and a few full
+    fine-tunes; 600 models is past EXACT_FAMILY (candidates bounded), 40 is not."""
+    import random
+
+    from blockllm.client.http.tenants import EXACT_FAMILY
+
+    rng = random.Random(size)
+    base = [f"b{i}" for i in range(12)]
+    ms = {"base": _manifest(base, "2026-01-01")}
+    for k in range(size):
+        parent = ms[rng.choice(list(ms))]["chain"] if k % 5 == 4 else base
+        chain = list(parent)
+        for p in rng.sample(range(12), 12 if k % 97 == 3 else rng.choice((1, 2))):
+            chain[p] = f"t{k}.{p}"
+        ms[f"t{k:04d}"] = _manifest(chain, f"2026-02-{1 + k % 28:02d}")
+    assert (size > EXACT_FAMILY) == (size == 600)
+    assert parents_of(ms) == _parents_all_pairs(ms)
+
+
 def test_host_port_parsing() -> None:
     assert parse_host_port("127.0.0.1:8000") == ("127.0.0.1", 8000)
     assert parse_host_port(":9000") == ("127.0.0.1", 9000)
