@@ -11,13 +11,33 @@ was covered (2,001 tenants on 4 workers, real processes: 0 covered after 6 minut
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from blockllm.broker.protocol import PlannedRoute
 
+logger = logging.getLogger(__name__)
+
 Key = tuple[str, str]  # (worker, stage key)
+
+
+def take_load(
+    pending: dict[Key, tuple[float, int]], k: Key, stage: object, now: float, cfg: Any
+) -> bool:
+    """Whether `k`'s LOAD_STAGE goes now, noted in `pending` (resend at, tries): not while one
+    is on its way (`cfg.load_timeout_s`); given up, logged, after `cfg.load_tries` tries."""
+    retry_at, tries = pending.get(k, (0.0, 0))
+    if now < retry_at or tries > cfg.load_tries:
+        return False
+    if tries == cfg.load_tries:
+        logger.warning("[planner] giving up loading %s on %s", stage, k[0])
+        pending[k] = (math.inf, tries + 1)
+        return False
+    pending[k] = (now + cfg.load_timeout_s, tries + 1)
+    return True
 
 
 def loads_on_way(pending: Mapping[Key, tuple[float, int]], now: float) -> Counter[str]:

@@ -41,7 +41,7 @@ from blockllm.broker.planner.facts import WorkerFacts, current_routes, live_rout
 from blockllm.broker.planner.hosted import resolves, routes_to_send, spared
 from blockllm.broker.planner.inputs import model_info, worker_info
 from blockllm.broker.planner.owners import Owners
-from blockllm.broker.planner.pacing import load_order, loads_on_way, paced
+from blockllm.broker.planner.pacing import load_order, loads_on_way, paced, take_load
 from blockllm.broker.planner.pins import pin_covered, pinned_keys
 from blockllm.broker.planner.placement import (
     ModelInfo,
@@ -419,14 +419,8 @@ class Planner:
     def _load(
         self, k: Key, stage: tuple[str, int, int], workers: Mapping[str, WorkerFacts], now: float
     ) -> list[Message]:
-        retry_at, tries = self.pending_loads.get(k, (0.0, 0))
-        if now < retry_at or tries > self.cfg.load_tries:
+        if not take_load(self.pending_loads, k, stage, now, self.cfg):
             return []
-        if tries == self.cfg.load_tries:
-            logger.warning("[planner] giving up loading %s on %s", stage, k[0])
-            self.pending_loads[k] = (math.inf, tries + 1)
-            return []
-        self.pending_loads[k] = (now + self.cfg.load_timeout_s, tries + 1)
         owner, s, e = stage
         logger.info("[planner] load %s:%d-%d on %s", owner, s, e, k[0])
         return [LoadStage(owner, s, e, 0, k[0], self.command_id())]
