@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from blockllm.zoo.errors import CheckpointError, UnknownModelError, UnsupportedModelError
-from blockllm.zoo.families import CONV1D_FAMILIES, LORA_TARGETS, Layout, layout
+from blockllm.zoo.families import FAMILIES, LORA_TARGETS, Layout, layout
 from blockllm.zoo.fsutil import atomic_write, atomic_write_bytes
 from blockllm.zoo.manifest import ModelManifest, validate_name
 from blockllm.zoo.store import ModelExistsError, Progress, Zoo
@@ -187,7 +187,7 @@ def adapter_blocks(
         if spec is None or len(spec[1].shape) != 2:
             raise CheckpointError(f"adapter module {module} is not a Linear of the base")
         out_f, in_f = spec[1].shape
-        if lay.model_type in CONV1D_FAMILIES:
+        if FAMILIES[lay.model_type].conv1d:
             in_f, out_f = out_f, in_f
         r, scaling = lora_scaling(cfg, module)
         if a.dtype not in DTYPES or b.dtype != a.dtype:

@@ -44,13 +44,18 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class Traits:
-    """What a family's `forward` does outside the modules it is built from (config key names)."""
+    """What a family's `forward` does outside the modules it is built from (config key names),
+    and what its projections are to a LoRA adapter."""
 
     embed_multiplier: str | None = None  # embedding output * config[key] (Granite)
     logits_divisor: str | None = None  # logits / config[key] (Granite logits_scaling)
     logits_softcap: str | None = None  # cap * tanh(logits / cap) when set (Gemma 2/3)
     learned_positions: bool = False  # token embedding + position embedding (GPT-2 wte + wpe)
     refuse: tuple[Refusal, ...] = ()
+    conv1d: bool = False  # its projections are Conv1D: weight [in, out], not [out, in] (GPT-2)
+    # the projections an adapter targets unless told: query and value, or the fused module
+    # that holds them (Phi-3 qkv_proj, GPT-2 c_attn)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
 
 # The declared difference sets. Everything else is read off the HF class (see module doc).
@@ -64,11 +69,13 @@ FAMILIES: dict[str, Traits] = {
         logits_softcap="final_logit_softcapping",
         refuse=(Refusal("use_bidirectional_attention", "bidirectional attention"),),
     ),
-    "phi3": Traits(),
+    "phi3": Traits(lora_targets=("qkv_proj",)),
     "olmo2": Traits(),
     "granite": Traits(embed_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
     "gpt2": Traits(
         learned_positions=True,
+        conv1d=True,
+        lora_targets=("c_attn",),
         refuse=(Refusal("add_cross_attention", "cross-attention layers (add_cross_attention)"),),
     ),
 }
@@ -81,7 +88,6 @@ LORA_TARGETS = (
     *("qkv_proj", "gate_up_proj"),
     *("c_attn", "c_proj", "c_fc"),
 )
-CONV1D_FAMILIES = ("gpt2",)  # their projections are Conv1D: weight [in, out], not [out, in]
 # rope types whose frequencies depend on the sequence length (HF recomputes them per call, and
 # for longrope re-prefills mid-generation): a batch of ragged requests cannot reproduce that
 _SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")

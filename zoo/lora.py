@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from blockllm.zoo.families import FAMILIES
 from blockllm.zoo.finetune import (
     _batches,
     _check_layers,
@@ -37,15 +38,6 @@ from blockllm.zoo.models import (
 )
 
 LORA_RECORD = ".blockllm-lora.json"
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's own default for Llama-like models
-# where the attention's input projections are one fused module
-FUSED_DEFAULT_TARGETS = {"phi3": ("qkv_proj",), "gpt2": ("c_attn",)}
-
-
-def default_targets(model_type: str) -> tuple[str, ...]:
-    """The projections an adapter of a `model_type` model targets unless told: the query and
-    value projections, or the fused module that holds them (Phi-3, GPT-2)."""
-    return FUSED_DEFAULT_TARGETS.get(model_type, DEFAULT_TARGETS)
 
 
 def _peft() -> Any:
@@ -108,7 +100,7 @@ def train_lora(
     rank_pattern: dict[str, int] | None = None,
 ) -> Path:
     """Train a LoRA adapter (rank `rank`, alpha `alpha` [2 * rank], on `targets` [the
-    model's `default_targets`] of decoder layers a..b, 0-based inclusive; every layer with
+    family's `Traits.lora_targets`] of decoder layers a..b, 0-based inclusive; every layer with
     `layers=None`) on the checkpoint
     `base_dir` for `steps` AdamW steps and save it as a PEFT adapter folder `out_dir`.
 
@@ -123,7 +115,7 @@ def train_lora(
     base, out = Path(base_dir), Path(out_dir)
     lay = _layout(base)
     if targets is None:
-        targets = default_targets(lay.model_type)
+        targets = FAMILIES[lay.model_type].lora_targets
     if layers is not None:
         _check_layers(layers, False, lay.num_layers)
     _check(targets, rank, steps, lr)
