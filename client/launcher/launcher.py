@@ -188,6 +188,7 @@ class Launcher:
         self._https: list[BaseProcess] = []
         self.http: BaseProcess | None = None  # the HTTP API process (start_http)
         self.http_url: str | None = None
+        self.http_port: int | None = None  # the port it bound (a restart binds it again)
         self._stopping = threading.Event()
         # multiprocessing's Process.exitcode reaps with waitpid and is not thread-safe: two
         # threads polling one child can make one of them see None for a dead child.
@@ -292,6 +293,7 @@ class Launcher:
             what = f"exited with code {code}" if code is not None else "not answering"
             raise LaunchError(f"HTTP API {what} on {cfg.host}:{cfg.port}; see its log above")
         host, _, port = bound.rpartition(":")
+        self.http_port = int(port)
         self.http_url = f"http://{url_host(host)}:{port}/v1"
         logger.info("[ready] HTTP API at %s", self.http_url)
         self._start_monitor()

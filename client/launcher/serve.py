@@ -285,22 +285,25 @@ def _heal(launcher: Launcher, slots: Slots, serving: Serving, death: Death, time
     try:
         if death.name == "broker":
             launcher.start_broker(cfg, timeout)
+            proc = launcher.broker
             how = f"on {launcher.endpoint}; workers register again and clients resume"
         elif death.name == "planner":
-            launcher.start_planner(cfg)
+            proc = launcher.start_planner(cfg)
             how = "with the same flags; it reads the cluster from the broker's stats"
         elif death.name == "http":
             launcher.start_http(cfg, timeout)
+            proc = launcher.http
             how = f"at {launcher.http_url}"
         else:
-            launcher.start_worker(death.name, cfg)
+            proc = launcher.start_worker(death.name, cfg)
             how = "with the same stages; the broker replays its requests"
     except LaunchError as e:
         logger.error("[shutdown] stopping: %s; restarting it failed: %s", death, e)
         return False
     logger.warning(
-        "[restart] %s; restarted it %s (death %d of %d allowed within %g s)",
+        "[restart] %s; restarted it as pid %s %s (death %d of %d allowed within %g s)",
         death,
+        proc.pid if proc is not None else "?",
         how,
         slots.recent(death.name),
         slots.deaths - 1,
@@ -341,6 +344,5 @@ def _start_cluster(
     http = ""
     if cfg.http is not None:  # last: its ready line means every model answers over HTTP
         http = launcher.start_http(replace(cfg.http, broker=endpoint), cfg.ready_timeout_s)
-        bound = int(http.removesuffix("/v1").rpartition(":")[2])
-        configs["http"] = replace(cfg.http, broker=endpoint, port=bound)  # the same port
+        configs["http"] = replace(cfg.http, broker=endpoint, port=launcher.http_port)  # its port
     return Serving(endpoint, models, workers, http, configs)
