@@ -22,24 +22,34 @@ from blockllm.broker.gc_policy import GcPolicy
 
 
 class GcMeter:
-    """CPU time of the collections that run while `kind` is set (gc.callbacks): per kind,
-    [collections, CPU s], and per generation the collections counted."""
+    """CPU time of the collections while entered (gc.callbacks): `spent` in all of them (the
+    STATS turns read it: client/bench/scale_stats.py), and of those that run while `kind` is
+    set (a broker call): per kind, [collections, CPU s], per generation the collections."""
 
     def __init__(self) -> None:
         self.kind: str | None = None
+        self.spent = 0.0
         self.by_kind: dict[str, list[float]] = {}
         self.by_generation: dict[int, int] = {}
         self.longest_s = 0.0  # the longest collection inside a broker call
         self._t0 = 0.0
 
+    def __enter__(self) -> GcMeter:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self)
+
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if self.kind is None:
-            return
         if phase == "start":
             self._t0 = time.process_time()
             return
-        acc = self.by_kind.setdefault(self.kind, [0, 0.0])
         dt = time.process_time() - self._t0
+        self.spent += dt
+        if self.kind is None:
+            return
+        acc = self.by_kind.setdefault(self.kind, [0, 0.0])
         acc[0] += 1
         acc[1] += dt
         self.longest_s = max(self.longest_s, dt)
@@ -49,21 +59,18 @@ class GcMeter:
 
 @contextmanager
 def measured(sim: Any, policy: bool = True) -> Iterator[GcMeter]:
-    """Meter the collections inside `sim`'s broker calls (and apply the broker's GC policy,
-    `policy`) until the block ends; the collector is left as it was."""
-    meter = GcMeter()
-    sim.gc_meter = meter
+    """`sim`'s meter of the collections inside its broker calls (`Sim.gc_meter`, entered
+    while it runs), with the broker's GC policy applied (`policy`) until the block ends; the
+    collector is left as it was."""
     if policy:
         sim.gc_policy = GcPolicy()
         sim.gc_policy.start()
-    gc.callbacks.append(meter)
     try:
-        yield meter
+        yield sim.gc_meter
     finally:
-        gc.callbacks.remove(meter)
         if sim.gc_policy is not None:
             sim.gc_policy.stop()
-        sim.gc_meter = sim.gc_policy = None
+        sim.gc_policy = None
 
 
 def figures(meter: GcMeter, by_kind: dict[str, list[float]], routed: int) -> dict[str, Any]:

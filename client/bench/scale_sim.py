@@ -52,6 +52,7 @@ from blockllm.broker.protocol import (
     UnloadStage,
 )
 from blockllm.broker.requests import split_wire_id
+from blockllm.client.bench.scale_gc import GcMeter
 from blockllm.client.bench.scale_stats import SimStats
 from blockllm.client.bench.scale_synth import GB, Tenant, node_of
 from blockllm.zoo.chain import stage_key
@@ -217,7 +218,7 @@ class Sim:
         self._first_routed: set[str] = set()  # broker request ids whose first route is counted
         self._rids = itertools.count()
         self.stats = SimStats(self)
-        self.gc_meter: Any = None  # client/bench/scale_gc.py (set by `measured`)
+        self.gc_meter = GcMeter()  # the collections' CPU, entered while it runs (scale_gc.py)
         self.gc_policy: Any = None  # broker/gc_policy.py, as BrokerProc applies it
         self.at(0.05, self._tick)
         self.at(0.5, self._stats)
@@ -227,7 +228,7 @@ class Sim:
         heapq.heappush(self._events, (t, next(self._seq), fn, args))
 
     def run(self, until: float) -> None:
-        with self.stats.gc:
+        with self.gc_meter:
             while self._events and self._events[0][0] <= until:
                 t, _, fn, args = heapq.heappop(self._events)
                 self.now = max(self.now, t)
@@ -236,13 +237,11 @@ class Sim:
 
     # -- the broker, measured -------------------------------------------------------------------
     def _broker(self, kind: str, call: Callable[..., list], *args: Any) -> None:
-        if self.gc_meter is not None:
-            self.gc_meter.kind = kind
+        self.gc_meter.kind = kind
         t0 = time.process_time()
         out = call(*args)
         dt = time.process_time() - t0
-        if self.gc_meter is not None:
-            self.gc_meter.kind = None
+        self.gc_meter.kind = None
         self.c.broker_cpu_s += dt
         self.c.broker_calls += 1
         calls_cpu = self.c.broker_by_kind.setdefault(kind, [0, 0.0])

@@ -3,13 +3,12 @@ broker process does (broker/stats_send.py), a snapshot is built on one turn of t
 encoded over the turns after it, at most about `stats_turn_s` each, the loop going on in
 between (here: the events due at the same simulated time); its messages go to the planner's
 StatsView on the turn that finishes them. Each turn's CPU time is measured, and the garbage
-collector's within it (`GcClock`: in this process it sweeps the planner's and the simulated
-cluster's objects too, which a broker process does not hold).
+collector's within it (the Sim's `GcMeter`, client/bench/scale_gc.py: in this process it sweeps
+the planner's and the simulated cluster's objects too, which a broker process does not hold).
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,27 +20,6 @@ if TYPE_CHECKING:
     from blockllm.client.bench.scale_sim import Sim
 
 
-class GcClock:
-    """CPU time in the garbage collector while entered (`spent`), from gc.callbacks."""
-
-    def __init__(self) -> None:
-        self.spent = 0.0
-        self._started = 0.0
-
-    def _on(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.process_time()
-        else:
-            self.spent += time.process_time() - self._started
-
-    def __enter__(self) -> GcClock:
-        gc.callbacks.append(self._on)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        gc.callbacks.remove(self._on)
-
-
 class SimStats:
     """The broker's STATS in a Sim: `snapshot()` when one is due."""
 
@@ -50,24 +28,23 @@ class SimStats:
         self.seq = 0
         self.deltas = DeltaPublisher(sim.cfg.stats_full_every)
         self.view = StatsView()
-        self.gc = GcClock()
 
     def snapshot(self) -> None:
         """The build: this turn; its encoding: `_turn` from the next on."""
         sim = self.sim
-        t0, gc0 = time.process_time(), self.gc.spent
+        t0, gc0 = time.process_time(), sim.gc_meter.spent
         body = sim.broker.stats(sim.now)
         build = time.process_time() - t0
         self.seq += 1
         encoding = self.deltas.start(self.seq, body)
-        sim.at(sim.now, self._turn, encoding, [(build, self.gc.spent - gc0)])
+        sim.at(sim.now, self._turn, encoding, [(build, sim.gc_meter.spent - gc0)])
 
     def _turn(self, encoding: Any, turns: list[tuple[float, float]]) -> None:
         """One turn of a snapshot's encoding; `turns`: each turn's CPU and GC time so far."""
         sim, c = self.sim, self.sim.c
-        t0, gc0 = time.process_time(), self.gc.spent
+        t0, gc0 = time.process_time(), sim.gc_meter.spent
         sent = encoding.step(sim.cfg.stats_turn_s or None)
-        turns.append((time.process_time() - t0, self.gc.spent - gc0))
+        turns.append((time.process_time() - t0, sim.gc_meter.spent - gc0))
         if sent is None:
             sim.at(sim.now, self._turn, encoding, turns)
             return
